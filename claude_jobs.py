@@ -1,0 +1,2757 @@
+"""claude-jobs: a durable job queue on PostgreSQL for unattended Claude Code runs.
+
+Queue prompts for the Claude Code CLI (``claude -p``) and let workers, on one machine or many,
+run them from one PostgreSQL database. Workers claim jobs with ``FOR UPDATE SKIP LOCKED``, wake
+on LISTEN/NOTIFY, hold a session advisory lock for as long as they live so that a dead worker's
+jobs go back to the queue within seconds, retry failed attempts with exponential backoff, and
+fence every update on the claim they hold. Python code can register its own job kinds.
+
+Quick start (with no DATABASE_URL, an embedded PostgreSQL is kept in CLAUDE_JOBS_HOME)::
+
+    claude-jobs enqueue --payload '{"prompt": "explain this code", "cwd": "."}'
+    claude-jobs worker --burst
+    claude-jobs show <job id>
+
+From Python::
+
+    import psycopg, claude_jobs
+
+    with psycopg.connect(url) as conn:      # the job commits with the caller's transaction
+        claude_jobs.enqueue(conn, {"prompt": "fix the failing test", "cwd": "/src/app"})
+
+    @claude_jobs.handler("resize")
+    def resize(job: claude_jobs.Job) -> dict:
+        return {"done": job.payload["path"]}
+
+    claude_jobs.Worker(url, queues=["high", "default"]).run()
+
+Environment: DATABASE_URL (or CLAUDE_JOBS_DATABASE_URL), CLAUDE_JOBS_HOME, and a CLAUDE_JOBS_*
+variable for every command-line option (``claude-jobs COMMAND --help`` names each one).
+
+Sections, top to bottom; data flows down the page and nothing calls upward:
+    constants · exceptions · data model · schema · queries · database helpers ·
+    handler registry · queue API · execution (backoff, the claude handler) · worker ·
+    logging · command line
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import enum
+import heapq
+import importlib
+import json
+import logging
+import os
+import queue as queue_module
+import random
+import re
+import selectors
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import traceback
+import uuid
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import psycopg
+import psycopg.conninfo
+import psycopg.errors
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "ClaudeHandler",
+    "ConfigError",
+    "DatabaseUnavailable",
+    "InvalidJob",
+    "Job",
+    "JobFailed",
+    "JobNotFound",
+    "JobStatus",
+    "JobsError",
+    "PermanentError",
+    "RunContext",
+    "SchemaError",
+    "Worker",
+    "backoff_delay",
+    "connect",
+    "default_handlers",
+    "enqueue",
+    "enqueue_many",
+    "get_job",
+    "handler",
+    "mask_url",
+    "migrate",
+    "parse_duration",
+    "schema_sql",
+]
+
+logger = logging.getLogger(__name__)
+
+
+###############################################################################
+# Constants and defaults
+###############################################################################
+
+NOTIFY_CHANNEL = "claude_jobs"
+#: First key of every advisory lock we take ("cjob"); the second key is 0 for
+#: migrations and a worker's lock_key otherwise.
+LOCK_NAMESPACE = 0x636A6F62
+MIGRATION_LOCK_KEY = 0
+
+DEFAULT_QUEUE = "default"
+DEFAULT_KIND = "claude"
+DEFAULT_MAX_ATTEMPTS = 5
+DEFAULT_CONCURRENCY = 5
+DEFAULT_POLL_INTERVAL = 5.0
+DEFAULT_HEARTBEAT_TIMEOUT = 60.0
+DEFAULT_BACKOFF_BASE = 5.0
+DEFAULT_BACKOFF_MAX = 300.0
+DEFAULT_CLAUDE_TIMEOUT = 3600.0
+DEFAULT_CLAUDE_BIN = "claude"
+
+#: A worker writes its heartbeat this often, on the connection that holds its lock.
+HEARTBEAT_INTERVAL = 1.0
+#: A worker whose lock is free and whose heartbeat is older than this is dead:
+#: its running jobs go back to the queue. Crash recovery takes at most about
+#: LOCK_GRACE + SWEEP_INTERVAL.
+LOCK_GRACE = 5.0
+#: How often each worker looks for dead workers.
+SWEEP_INTERVAL = 1.0
+#: A worker stops its own jobs this long before others may take them over.
+FENCE_MARGIN = 2.0
+#: After SIGTERM to a claude process group, SIGKILL follows after this long.
+KILL_GRACE = 10.0
+#: The same on a forced shutdown (the second signal), where waiting is unwelcome.
+FORCED_KILL_GRACE = 3.0
+#: Keep this much of a claude transcript (the tail) on the job.
+TRANSCRIPT_LIMIT = 1024 * 1024
+#: Flush a running job's transcript to the database at most this often.
+TRANSCRIPT_FLUSH_INTERVAL = 0.5
+
+PG_INT_MIN, PG_INT_MAX = -(2**31), 2**31 - 1
+
+CLAUDE_ARGS = (
+    "--dangerously-skip-permissions",
+    "-p",
+    "--output-format",
+    "stream-json",
+    "--verbose",
+)
+CLAUDE_PAYLOAD_KEYS = frozenset({"prompt", "cwd"})
+
+
+###############################################################################
+# Exceptions
+###############################################################################
+
+
+class JobsError(Exception):
+    """claude-jobs failed."""
+
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class ConfigError(JobsError):
+    """The configuration is not usable."""
+
+
+class InvalidJob(JobsError):
+    """The job's options or payload are not valid; nothing was enqueued."""
+
+
+class SchemaError(JobsError):
+    """The database has no claude-jobs schema, or an older one: run `claude-jobs migrate`."""
+
+
+class DatabaseUnavailable(JobsError):
+    """The database cannot be reached."""
+
+
+class JobNotFound(JobsError):
+    """No such job."""
+
+
+class JobFailed(JobsError):
+    """The attempt failed; the job is retried while it has attempts left.
+
+    ``result``, when given, is stored on the job (the claude handler stores the CLI's
+    result object, so a failed run still shows what claude said and what it cost).
+    """
+
+    def __init__(self, message: str | None = None, *, result: Any = None) -> None:
+        super().__init__(message)
+        self.result = result
+
+
+class PermanentError(JobFailed):
+    """The job cannot succeed: it fails at once, without further attempts."""
+
+
+class _Interrupted(Exception):
+    """The attempt was stopped from outside (shutdown, or the claim was lost)."""
+
+
+###############################################################################
+# Data model
+###############################################################################
+
+
+class JobStatus(enum.StrEnum):
+    QUEUED = "queued"  # ready, or waiting for run_at
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"  # attempts exhausted, or a permanent error
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class Job:
+    """One row of ``claude_jobs``. Handlers receive it, with ``context`` set."""
+
+    id: uuid.UUID
+    queue: str
+    kind: str
+    priority: int
+    payload: dict[str, Any]
+    status: JobStatus
+    run_at: datetime
+    attempts: int
+    max_attempts: int
+    timeout: float | None
+    last_error: str | None
+    errors: list[dict[str, Any]]
+    worker_id: uuid.UUID | None
+    worker: str | None
+    result: Any
+    session_id: str | None
+    cost_usd: float
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    transcript: str | None = None
+    claim: uuid.UUID | None = field(default=None, repr=False)
+    context: RunContext | None = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Job:
+        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls) if f.name != "context"}
+        values["status"] = JobStatus(values["status"])
+        values["cost_usd"] = float(values["cost_usd"] or 0)
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as JSON-able values (ISO 8601 times, string ids)."""
+        skip = {"claim", "context"}
+        return {
+            f.name: _jsonable(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name not in skip
+        }
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, Decimal):
+        return float(value)
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+###############################################################################
+# Schema
+###############################################################################
+
+#: Every schema change, in order. A released migration never changes; a new one is appended.
+MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (
+        1,
+        """\
+CREATE TABLE claude_jobs (
+    id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    queue         text NOT NULL DEFAULT 'default',
+    kind          text NOT NULL DEFAULT 'claude',
+    priority      integer NOT NULL DEFAULT 0,         -- higher runs first
+    payload       jsonb NOT NULL,
+    status        text NOT NULL DEFAULT 'queued' CHECK (status IN
+                      ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    run_at        timestamptz NOT NULL DEFAULT now(), -- not claimed before then
+    attempts      integer NOT NULL DEFAULT 0,         -- attempts started
+    max_attempts  integer NOT NULL DEFAULT 5 CHECK (max_attempts >= 1),
+    timeout       double precision CHECK (timeout > 0), -- seconds; NULL: handler's default
+    last_error    text,
+    errors        jsonb NOT NULL DEFAULT '[]',        -- one object per failed attempt
+    worker_id     uuid,                               -- the worker running (or last ran) it
+    worker        text,                               -- that worker as host:pid
+    claim         uuid,                               -- fencing token of the current claim
+    result        jsonb,                              -- the handler's result
+    session_id    text,                               -- claude: the session, to resume it
+    cost_usd      numeric NOT NULL DEFAULT 0,         -- claude: cost of all attempts
+    transcript    text,                               -- claude: stream-json tail
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    started_at    timestamptz,
+    finished_at   timestamptz,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+-- The claim query walks these: ready jobs only, in claim order.
+CREATE INDEX claude_jobs_ready_in_queue ON claude_jobs (queue, priority DESC, run_at)
+    WHERE status = 'queued';
+CREATE INDEX claude_jobs_ready ON claude_jobs (priority DESC, run_at)
+    WHERE status = 'queued';
+-- Idle workers learn when the next scheduled job is due through this one.
+CREATE INDEX claude_jobs_scheduled ON claude_jobs (run_at) WHERE status = 'queued';
+-- Recovery finds a dead worker's jobs through this one.
+CREATE INDEX claude_jobs_running ON claude_jobs (worker_id) WHERE status = 'running';
+
+CREATE TABLE claude_jobs_workers (
+    id              uuid PRIMARY KEY,
+    lock_key        integer NOT NULL UNIQUE, -- holds advisory lock (namespace, lock_key)
+    host            text NOT NULL,
+    pid             integer NOT NULL,
+    queues          text[] NOT NULL,
+    kinds           text[] NOT NULL,
+    concurrency     integer NOT NULL,
+    backend_pid     integer,                 -- the PostgreSQL session holding the lock
+    started_at      timestamptz NOT NULL DEFAULT now(),
+    last_heartbeat  timestamptz NOT NULL DEFAULT now()
+);
+CREATE SEQUENCE claude_jobs_worker_keys AS integer MINVALUE 1 CYCLE;
+""",
+    ),
+)
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+_SCHEMA_HEADER = """\
+-- The claude-jobs schema, version {version}.
+-- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
+-- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
+CREATE TABLE IF NOT EXISTS claude_jobs_schema (
+    version     integer PRIMARY KEY,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+"""
+
+_MIGRATION_BLOCK = """
+-- version {version}
+DO $migration_{version}$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = {version}) THEN
+{body}
+INSERT INTO claude_jobs_schema (version) VALUES ({version});
+END IF;
+END $migration_{version}$;
+"""
+
+
+def schema_sql(migrations: Sequence[tuple[int, str]] = MIGRATIONS) -> str:
+    """The schema as one idempotent SQL script; ``migrations.sql`` holds the same text."""
+    blocks = [_SCHEMA_HEADER.format(version=migrations[-1][0])]
+    for version, body in migrations:
+        blocks.append(_MIGRATION_BLOCK.format(version=version, body=body.rstrip("\n")))
+    return "BEGIN;\n" + "".join(blocks) + "COMMIT;\n"
+
+
+###############################################################################
+# Queries
+###############################################################################
+
+_JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, max_attempts,
+    timeout, last_error, errors, worker_id, worker, result, session_id, cost_usd, created_at,
+    started_at, finished_at, updated_at, claim"""
+
+SCHEMA_VERSION_QUERY = """
+-- schema_version: the newest schema version applied to this database
+SELECT max(version) AS version FROM claude_jobs_schema
+"""
+
+LOCK_MIGRATIONS = """
+-- lock_migrations: one migrate at a time, until the end of its transaction
+SELECT pg_advisory_xact_lock(%(namespace)s, %(key)s)
+"""
+
+ENQUEUE = f"""
+-- enqueue: insert one job and wake the workers of its queue, in one statement
+WITH job AS (
+    INSERT INTO claude_jobs (queue, kind, priority, payload, run_at, max_attempts, timeout)
+    VALUES (%(queue)s, %(kind)s, %(priority)s, %(payload)s, coalesce(%(run_at)s, now()),
+            %(max_attempts)s, %(timeout)s)
+    RETURNING {_JOB_COLUMNS}
+)
+SELECT job.*, pg_notify(%(channel)s, json_build_object(
+    'queue', job.queue,
+    'at', CASE WHEN job.run_at > now() THEN extract(epoch FROM job.run_at) END)::text)
+FROM job
+"""
+
+COPY_JOBS = """
+-- copy_jobs: bulk insert (enqueue_many), inside the caller's transaction
+COPY claude_jobs (id, queue, kind, priority, payload, run_at, max_attempts, timeout)
+FROM STDIN
+"""
+
+NOTIFY_QUEUE = """
+-- notify_queue: wake the workers of a queue; `at` is when its first job becomes ready
+SELECT pg_notify(%(channel)s, json_build_object(
+    'queue', %(queue)s::text,
+    'at', CASE WHEN %(run_at)s::timestamptz > now()
+               THEN extract(epoch FROM %(run_at)s::timestamptz) END)::text)
+"""
+
+GET_JOB = f"""
+-- get_job: one job with its transcript
+SELECT {_JOB_COLUMNS}, transcript FROM claude_jobs WHERE id = %(id)s
+"""
+
+_CLAIM = f"""
+-- claim: take up to `limit` ready jobs of the kinds this worker handles, highest priority
+-- first, then oldest run_at; skip rows other workers are claiming right now.
+WITH me AS (
+    -- a worker declared dead must not claim; the share lock makes its reaper wait for us
+    SELECT id FROM claude_jobs_workers WHERE id = %(worker_id)s FOR KEY SHARE
+), ready AS (
+    SELECT id FROM claude_jobs
+    WHERE status = 'queued' AND run_at <= now() {{queue_filter}}
+      AND kind = ANY(%(kinds)s) AND EXISTS (SELECT FROM me)
+    ORDER BY priority DESC, run_at
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE claude_jobs j
+SET status = 'running', attempts = j.attempts + 1, claim = gen_random_uuid(),
+    worker_id = %(worker_id)s, worker = %(worker)s, started_at = now(), finished_at = NULL,
+    updated_at = now()
+FROM ready WHERE j.id = ready.id
+RETURNING {", ".join("j." + c.strip() for c in _JOB_COLUMNS.split(","))}
+"""
+CLAIM_FROM_QUEUE = _CLAIM.format(queue_filter="AND queue = %(queue)s")
+CLAIM_FROM_ANY_QUEUE = _CLAIM.format(queue_filter="")
+
+NEXT_DUE = """
+-- next_due: when the next job of these kinds (and queues; NULL: any) becomes ready
+SELECT min(run_at) - now() AS due_in FROM claude_jobs
+WHERE status = 'queued' AND run_at > now() AND kind = ANY(%(kinds)s)
+  AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+"""
+
+SUCCEED = """
+-- succeed: record the result of an attempt, fenced on the claim
+UPDATE claude_jobs
+SET status = 'succeeded', result = %(result)s::jsonb, claim = NULL, finished_at = now(),
+    updated_at = now()
+WHERE id = %(id)s AND claim = %(claim)s
+RETURNING status
+"""
+
+FAIL = """
+-- fail: record a failed attempt, fenced on the claim; retry at now() + delay while attempts
+-- remain, unless the error is permanent. Every attempt's error is kept in `errors`.
+UPDATE claude_jobs
+SET status = CASE WHEN %(permanent)s::boolean OR attempts >= max_attempts
+                  THEN 'failed' ELSE 'queued' END,
+    run_at = CASE WHEN %(permanent)s OR attempts >= max_attempts
+                  THEN run_at ELSE now() + make_interval(secs => %(delay)s) END,
+    finished_at = CASE WHEN %(permanent)s OR attempts >= max_attempts THEN now() END,
+    last_error = %(error)s::text,
+    errors = errors || jsonb_build_array(jsonb_build_object(
+        'attempt', attempts, 'at', now(), 'worker', worker, 'error', %(error)s::text,
+        'permanent', %(permanent)s::boolean, 'traceback', %(traceback)s::text)),
+    result = coalesce(%(result)s::jsonb, result),
+    claim = NULL, updated_at = now()
+WHERE id = %(id)s AND claim = %(claim)s
+RETURNING status, run_at
+"""
+
+RELEASE = """
+-- release: put claimed jobs back unspent (forced shutdown, or a claim we never started)
+UPDATE claude_jobs j
+SET status = 'queued', attempts = j.attempts - 1, run_at = now(), claim = NULL,
+    worker_id = NULL, worker = NULL, started_at = NULL, updated_at = now()
+FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[]) AS mine(id, claim)
+WHERE j.id = mine.id AND j.claim = mine.claim
+RETURNING j.id, j.queue
+"""
+
+APPEND_TRANSCRIPT = """
+-- append_transcript: add stream-json lines to a running job, keeping the last `limit` chars
+UPDATE claude_jobs SET transcript = right(coalesce(transcript, '') || %(text)s, %(limit)s)
+WHERE id = %(id)s AND claim = %(claim)s
+"""
+
+RECORD_SESSION = """
+-- record_session: what a running claude job has learned (its session id, what it cost)
+UPDATE claude_jobs
+SET session_id = coalesce(%(session_id)s, session_id),
+    cost_usd = cost_usd + coalesce(%(cost_usd)s, 0), updated_at = now()
+WHERE id = %(id)s AND claim = %(claim)s
+"""
+
+MY_RUNNING_JOBS = """
+-- my_running_jobs: what the database thinks this worker runs (to find lost claim replies)
+SELECT id, claim FROM claude_jobs WHERE status = 'running' AND worker_id = %(worker_id)s
+"""
+
+NEXT_WORKER_KEY = """
+-- next_worker_key: a fresh advisory lock key for a new worker
+SELECT nextval('claude_jobs_worker_keys')::integer AS key
+"""
+
+TRY_LOCK = """
+-- try_lock: take a worker's session advisory lock (held until the connection ends)
+SELECT pg_try_advisory_lock(%(namespace)s, %(key)s) AS locked
+"""
+
+REGISTER_WORKER = """
+-- register_worker: announce a worker (it already holds its lock)
+INSERT INTO claude_jobs_workers
+    (id, lock_key, host, pid, queues, kinds, concurrency, backend_pid)
+VALUES (%(id)s, %(key)s, %(host)s, %(pid)s, %(queues)s, %(kinds)s, %(concurrency)s,
+        pg_backend_pid())
+"""
+
+HEARTBEAT = """
+-- heartbeat: I am alive (no row: another worker declared me dead)
+UPDATE claude_jobs_workers SET last_heartbeat = now(), backend_pid = pg_backend_pid()
+WHERE id = %(id)s
+"""
+
+DEREGISTER_WORKER = """
+-- deregister_worker: a worker leaves (its jobs are finished or were put back first)
+DELETE FROM claude_jobs_workers WHERE id = %(id)s
+"""
+
+UNLOCK_ALL = """
+-- unlock_all: give up every session advisory lock of this connection
+SELECT pg_advisory_unlock_all()
+"""
+
+STALE_WORKERS = """
+-- stale_workers: workers silent for longer than the grace period (a server restart counts as
+-- a heartbeat, so workers get time to reconnect); `vanished` ones are silent past the timeout
+SELECT id, lock_key, backend_pid, host, pid,
+       greatest(last_heartbeat, pg_postmaster_start_time())
+           < now() - make_interval(secs => %(timeout)s) AS vanished
+FROM claude_jobs_workers
+WHERE greatest(last_heartbeat, pg_postmaster_start_time())
+      < now() - make_interval(secs => %(grace)s)
+"""
+
+TRY_LOCK_FOR_REAPING = """
+-- try_lock_for_reaping: free only if the worker's session is gone; held until commit, so the
+-- worker cannot come back in the middle of its own recovery
+SELECT pg_try_advisory_xact_lock(%(namespace)s, %(key)s) AS locked
+"""
+
+TERMINATE_BACKEND = """
+-- terminate_backend: end the session of a worker whose host vanished, freeing its lock
+SELECT pg_terminate_backend(%(pid)s)
+"""
+
+REAP_WORKER = """
+-- reap_worker: forget a dead worker, if it is still silent (it waits for its running claims)
+DELETE FROM claude_jobs_workers
+WHERE id = %(id)s
+  AND greatest(last_heartbeat, pg_postmaster_start_time())
+      < now() - make_interval(secs => %(grace)s)
+RETURNING host, pid
+"""
+
+_REQUEUE_INTERRUPTED = """
+-- {purpose}
+UPDATE claude_jobs
+SET status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+    finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
+    run_at = now(), claim = NULL, updated_at = now(),
+    last_error = 'interrupted: worker ' || coalesce(worker, '?') || ' {why}',
+    errors = errors || jsonb_build_array(jsonb_build_object(
+        'attempt', attempts, 'at', now(), 'worker', worker,
+        'error', 'interrupted: worker ' || coalesce(worker, '?') || ' {why}'))
+WHERE status = 'running' AND {condition}
+RETURNING id, queue, kind, attempts, max_attempts, status, worker
+"""
+RECOVER_JOBS_OF = _REQUEUE_INTERRUPTED.format(
+    purpose="recover_jobs_of: a dead worker's running jobs go back, the attempt counted",
+    why="stopped before finishing the attempt",
+    condition="worker_id = %(worker_id)s",
+)
+RECOVER_ORPHANS = _REQUEUE_INTERRUPTED.format(
+    purpose="recover_orphans: running jobs whose worker is not registered at all",
+    why="is no longer registered",
+    condition="NOT EXISTS (SELECT FROM claude_jobs_workers w WHERE w.id = worker_id)",
+)
+
+
+###############################################################################
+# Database helpers
+###############################################################################
+
+_ConnT = TypeVar("_ConnT", bound=psycopg.Connection)
+
+#: Detect a dead peer on TCP connections (libpq ignores these on Unix sockets).
+_CONNECT_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,
+}
+
+
+def mask_url(url: str) -> str:
+    """``url`` (a URI or a key=value conninfo string) with any password replaced by ***."""
+    if re.match(r"[a-z][a-z0-9+.-]*://", url, flags=re.I):
+        url = re.sub(r"^([^:]+://[^:@/?#]*:)[^@/?#]*@", r"\1***@", url)
+        return re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.I)
+    return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url, flags=re.I)
+
+
+def _scrub(message: str, url: str) -> str:
+    """An error message that cannot leak the password of ``url``."""
+    with contextlib.suppress(psycopg.Error):
+        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
+        if password:
+            message = message.replace(str(password), "***")
+    return " ".join(message.split())
+
+
+def check_conninfo(url: str) -> None:
+    """Raise ConfigError when ``url`` is not a valid PostgreSQL URL or conninfo string."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(url)
+    except psycopg.ProgrammingError as error:
+        reason = _scrub(str(error), url)
+        raise ConfigError(f"invalid database URL {mask_url(url)}: {reason}") from None
+
+
+def connect(url: str, *, autocommit: bool = False, **options: Any) -> psycopg.Connection:
+    """A connection to ``url``; a failure raises DatabaseUnavailable with the password masked."""
+    check_conninfo(url)
+    try:
+        return psycopg.connect(url, autocommit=autocommit, **{**_CONNECT_OPTIONS, **options})
+    except psycopg.OperationalError as error:
+        raise DatabaseUnavailable(
+            f"cannot connect to {mask_url(url)}: {_scrub(str(error), url)}"
+        ) from None
+
+
+def schema_version(conn: psycopg.Connection) -> int | None:
+    """The schema version of the database, or None when claude-jobs was never migrated."""
+    try:
+        with conn.transaction():
+            row = conn.execute(SCHEMA_VERSION_QUERY).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return None
+    return row[0] if row else None
+
+
+def check_schema(conn: psycopg.Connection) -> None:
+    """Raise SchemaError unless the database has exactly the schema this code needs."""
+    version = schema_version(conn)
+    if version is None:
+        raise SchemaError("this database has no claude-jobs schema: run `claude-jobs migrate`")
+    if version < SCHEMA_VERSION:
+        raise SchemaError(
+            f"the database schema is version {version}, this claude-jobs needs "
+            f"{SCHEMA_VERSION}: run `claude-jobs migrate`"
+        )
+    if version > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the database schema is version {version}, newer than this claude-jobs "
+            f"({SCHEMA_VERSION}): upgrade claude-jobs"
+        )
+
+
+def migrate(
+    conn: psycopg.Connection, migrations: Sequence[tuple[int, str]] = MIGRATIONS
+) -> tuple[int | None, int]:
+    """Bring the schema up to date; returns (version before, version after).
+
+    Idempotent, and safe when several processes migrate at once: they take turns on an
+    advisory lock, and each version is applied once, in one transaction.
+    """
+    target = migrations[-1][0]
+    before = schema_version(conn)
+    if before is not None and before > target:
+        raise SchemaError(
+            f"the database schema is version {before}, newer than this claude-jobs "
+            f"({target}): upgrade claude-jobs"
+        )
+    script = schema_sql(migrations).removeprefix("BEGIN;\n").removesuffix("COMMIT;\n")
+    with conn.transaction():
+        conn.execute(LOCK_MIGRATIONS, {"namespace": LOCK_NAMESPACE, "key": MIGRATION_LOCK_KEY})
+        conn.execute(script)  # type: ignore[arg-type]  # a script, not a parametrized query
+    return before, target
+
+
+def default_home() -> Path:
+    """Where the embedded database lives: CLAUDE_JOBS_HOME, else the user data directory."""
+    if home := os.environ.get("CLAUDE_JOBS_HOME"):
+        return Path(home).expanduser()
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Application Support" / "claude-jobs"
+    data = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(data) / "claude-jobs"
+
+
+def start_embedded(home: Path) -> str:
+    """Start (or join) the embedded PostgreSQL kept in ``home``; returns its URL.
+
+    The server runs while any claude-jobs process uses it and stops after the last one exits;
+    its data stays in ``home/pgdata``.
+    """
+    try:
+        import pgserver  # type: ignore[import-untyped]
+    except ImportError:
+        raise DatabaseUnavailable(
+            "no database configured: set DATABASE_URL (or --database-url), or install the "
+            "embedded PostgreSQL with: pip install 'claude-jobs[embedded]'"
+        ) from None
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
+            server = pgserver.get_server(home / "pgdata", cleanup_mode="stop")
+    except Exception as error:  # pgserver raises whatever initdb or pg_ctl raised
+        raise DatabaseUnavailable(
+            f"cannot start the embedded PostgreSQL in {home}: {error} "
+            f"(its log: {home / 'pgdata' / 'log'})"
+        ) from None
+    return server.get_uri()
+
+
+###############################################################################
+# Handler registry
+###############################################################################
+
+Handler = Callable[[Job], Any]
+_HandlerT = TypeVar("_HandlerT", bound=Handler)
+
+#: Python job kinds registered with @handler, by kind. Workers run these and "claude".
+_registry: dict[str, Handler] = {}
+
+
+def handler(kind: str) -> Callable[[_HandlerT], _HandlerT]:
+    """Register a function as the handler of jobs of ``kind``.
+
+    The function receives the Job (``job.context`` gives the stop event and deadline) and may
+    return a JSON-able value, stored as the job's result. Raising retries the job with backoff;
+    raising PermanentError fails it at once.
+    """
+    if not kind or kind == DEFAULT_KIND:
+        raise ConfigError(f"cannot register a handler for kind {kind!r}")
+
+    def register(fn: _HandlerT) -> _HandlerT:
+        _registry[kind] = fn
+        return fn
+
+    return register
+
+
+def registered_kinds() -> list[str]:
+    """Every kind this process can run: claude and the registered Python kinds."""
+    return sorted({DEFAULT_KIND, *_registry})
+
+
+###############################################################################
+# Queue API
+###############################################################################
+
+_DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text``: ``90``, ``1.5``, ``30s``, ``5m``, ``1h30m``, ``2d``, ``250ms``."""
+    text = text.strip().lower()
+    try:
+        seconds: float | None = float(text)
+    except ValueError:
+        seconds = None
+    if seconds is not None:
+        if not 0 <= seconds < float("inf"):  # NaN fails too
+            raise InvalidJob(f"invalid duration {text!r}: it must be a number of seconds >= 0")
+        return seconds
+    match = _DURATION.fullmatch(text)
+    if not text or not match or not any(match.groups()):
+        raise InvalidJob(f"invalid duration {text!r} (examples: 30s, 5m, 1h30m, 2d)")
+    days, hours, minutes, seconds, millis = match.groups()
+    return (
+        int(days or 0) * 86400
+        + int(hours or 0) * 3600
+        + int(minutes or 0) * 60
+        + float(seconds or 0)
+        + int(millis or 0) / 1000
+    )
+
+
+def parse_time(text: str) -> datetime:
+    """An ISO 8601 time; without a zone it is local time."""
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise InvalidJob(
+            f"invalid time {text!r}: use ISO 8601, e.g. 2026-11-24T09:00:00+01:00"
+        ) from None
+    return when if when.tzinfo else when.astimezone()
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """What applies to a job besides its payload; validated when built."""
+
+    kind: str = DEFAULT_KIND
+    queue: str = DEFAULT_QUEUE
+    priority: int = 0
+    run_at: datetime | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    timeout: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in registered_kinds():
+            raise InvalidJob(
+                f"unknown kind {self.kind!r}: known kinds are {', '.join(registered_kinds())} "
+                "(a Python kind is known once the module that registers it is imported)"
+            )
+        if not self.queue or "," in self.queue or self.queue == "*" or len(self.queue) > 200:
+            raise InvalidJob(f"invalid queue name {self.queue!r}")
+        if not PG_INT_MIN <= self.priority <= PG_INT_MAX:
+            raise InvalidJob(
+                f"priority {self.priority} is out of range [{PG_INT_MIN}, {PG_INT_MAX}]"
+            )
+        if not 1 <= self.max_attempts <= PG_INT_MAX:
+            raise InvalidJob(f"max attempts must be at least 1, not {self.max_attempts}")
+        if self.timeout is not None and not self.timeout > 0:
+            raise InvalidJob(f"timeout must be positive, not {self.timeout}")
+        if self.run_at is not None and self.run_at.tzinfo is None:
+            raise InvalidJob("run_at needs a time zone")
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        kind: str = DEFAULT_KIND,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        run_at: datetime | None = None,
+        delay: float | timedelta | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        timeout: float | timedelta | None = None,
+    ) -> JobOptions:
+        if run_at is not None and delay is not None:
+            raise InvalidJob("give a delay or a run_at time, not both")
+        if delay is not None:
+            seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+            if seconds < 0:
+                raise InvalidJob(f"delay must not be negative, not {seconds}")
+            run_at = datetime.now(UTC) + timedelta(seconds=seconds)
+        if isinstance(timeout, timedelta):
+            timeout = timeout.total_seconds()
+        return cls(kind, queue, priority, run_at, max_attempts, timeout)
+
+
+def prepare_payload(kind: str, payload: Any, base_dir: str | Path | None = None) -> dict[str, Any]:
+    """Check a payload for ``kind`` and return it ready to store.
+
+    For claude jobs: ``prompt`` is a non-empty string; ``cwd``, when given, is made absolute
+    against ``base_dir`` (default: the current directory) and must be an existing directory.
+    """
+    if not isinstance(payload, dict):
+        raise InvalidJob(f"the payload must be a JSON object, not {_json_type(payload)}")
+    _check_storable(payload)
+    if kind != DEFAULT_KIND:
+        return payload
+    unknown = sorted(set(payload) - CLAUDE_PAYLOAD_KEYS)
+    if unknown:
+        raise InvalidJob(
+            f"unknown payload key {', '.join(map(repr, unknown))} for a claude job "
+            f"(allowed: {', '.join(sorted(CLAUDE_PAYLOAD_KEYS))})"
+        )
+    prompt = payload.get("prompt")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidJob('a claude job needs "prompt": a non-empty string')
+    cwd = payload.get("cwd")
+    if cwd is None:
+        return payload
+    if not isinstance(cwd, str) or not cwd:
+        raise InvalidJob('"cwd" must be a non-empty string')
+    path = Path(base_dir or os.getcwd(), os.path.expanduser(cwd)).resolve()
+    if not path.is_dir():
+        raise InvalidJob(f'"cwd" is not an existing directory: {path}')
+    return {**payload, "cwd": str(path)}
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number")
+
+
+def _check_storable(payload: dict[str, Any]) -> None:
+    """PostgreSQL's jsonb holds neither NUL characters nor unpaired surrogates."""
+    text = json.dumps(payload, ensure_ascii=False)
+    if "\\u0000" in text:
+        raise InvalidJob("the payload contains a NUL character, which PostgreSQL cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidJob("the payload contains text that is not valid Unicode") from None
+
+
+def enqueue(
+    conn: psycopg.Connection,
+    payload: Mapping[str, Any],
+    *,
+    kind: str = DEFAULT_KIND,
+    queue: str = DEFAULT_QUEUE,
+    priority: int = 0,
+    run_at: datetime | None = None,
+    delay: float | timedelta | None = None,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    timeout: float | timedelta | None = None,
+    base_dir: str | Path | None = None,
+) -> Job:
+    """Queue one job on ``conn`` and return it.
+
+    The insert and the NOTIFY that wakes idle workers are one statement, run in the caller's
+    transaction: the job exists once the caller commits and vanishes if it rolls back.
+    """
+    options = JobOptions.build(
+        kind=kind,
+        queue=queue,
+        priority=priority,
+        run_at=run_at,
+        delay=delay,
+        max_attempts=max_attempts,
+        timeout=timeout,
+    )
+    prepared = prepare_payload(options.kind, dict(payload), base_dir)
+    params = {**dataclasses.asdict(options), "payload": Jsonb(prepared), "channel": NOTIFY_CHANNEL}
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(ENQUEUE, params).fetchone()
+    assert row is not None
+    return Job.from_row(row)
+
+
+def enqueue_many(
+    conn: psycopg.Connection,
+    payloads: Iterable[Mapping[str, Any]],
+    *,
+    kind: str = DEFAULT_KIND,
+    queue: str = DEFAULT_QUEUE,
+    priority: int = 0,
+    run_at: datetime | None = None,
+    delay: float | timedelta | None = None,
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    timeout: float | timedelta | None = None,
+    base_dir: str | Path | None = None,
+) -> list[uuid.UUID]:
+    """Queue many jobs with the same options, all or nothing; returns their ids in order.
+
+    Every payload is checked before anything is written; a bad one raises InvalidJob naming
+    its position (1-based). The rows go in with one COPY, followed by one NOTIFY.
+    """
+    options = JobOptions.build(
+        kind=kind,
+        queue=queue,
+        priority=priority,
+        run_at=run_at,
+        delay=delay,
+        max_attempts=max_attempts,
+        timeout=timeout,
+    )
+    prepared = []
+    for number, payload in enumerate(payloads, 1):
+        try:
+            prepared.append(prepare_payload(options.kind, payload, base_dir))
+        except InvalidJob as error:
+            raise InvalidJob(f"job {number}: {error}") from None
+    ids = [uuid.uuid4() for _ in prepared]
+    if not prepared:
+        return ids
+    run_at_value = options.run_at or datetime.now(UTC)
+    with _atomic(conn), conn.cursor() as cur:
+        with cur.copy(COPY_JOBS) as copy:
+            for job_id, payload in zip(ids, prepared, strict=True):
+                copy.write_row(
+                    (
+                        job_id,
+                        options.queue,
+                        options.kind,
+                        options.priority,
+                        Jsonb(payload),
+                        run_at_value,
+                        options.max_attempts,
+                        options.timeout,
+                    )
+                )
+        cur.execute(
+            NOTIFY_QUEUE,
+            {"channel": NOTIFY_CHANNEL, "queue": options.queue, "run_at": options.run_at},
+        )
+    return ids
+
+
+def _atomic(conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
+    """A transaction of our own on an autocommit connection; else the caller's transaction."""
+    return conn.transaction() if conn.autocommit else contextlib.nullcontext()
+
+
+def get_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> Job:
+    """One job, with its transcript; JobNotFound when there is none."""
+    try:
+        key = job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id).strip())
+    except ValueError:
+        raise JobNotFound(f"no job {job_id!r}: a job id is a UUID") from None
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(GET_JOB, {"id": key}).fetchone()
+    if row is None:
+        raise JobNotFound(f"no job {key}")
+    return Job.from_row(row)
+
+
+###############################################################################
+# Execution: backoff, the run context, the claude handler
+###############################################################################
+
+#: Why a running attempt was told to stop.
+STOP_SHUTDOWN = "shutdown"  # forced shutdown: the job goes back unspent
+STOP_LOST = "lost"  # the claim is gone (or about to be): write nothing, someone else runs it
+
+
+def backoff_delay(
+    attempt: int, base: float = DEFAULT_BACKOFF_BASE, maximum: float = DEFAULT_BACKOFF_MAX
+) -> float:
+    """Seconds to wait after failed attempt number ``attempt`` (1-based):
+    ``min(base * 2^(attempt-1), maximum)`` plus up to 10% of that as jitter."""
+    delay = min(base * 2.0 ** min(max(attempt, 1) - 1, 64), maximum)
+    return delay + random.uniform(0, delay / 10)
+
+
+class RunContext:
+    """A running attempt as its handler sees it, through ``job.context``.
+
+    ``stop`` is set when the handler must give up at once (a forced shutdown, or this worker
+    lost its claim); ``deadline`` is the attempt's time limit on the ``time.monotonic()``
+    clock, or None. The write methods change this job only while the worker still holds its
+    claim, and return False (and set ``stop``) once it does not.
+    """
+
+    def __init__(self, job: Job, pool: ConnectionPool | None, timeout: float | None) -> None:
+        self.job_id = job.id
+        self.attempt = job.attempts
+        self.deadline = time.monotonic() + timeout if timeout else None
+        self.stop = threading.Event()
+        self.stop_reason: str | None = None
+        self._claim = job.claim
+        self._pool = pool
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+        self.stop.set()
+
+    def append_transcript(self, text: str) -> bool:
+        """Add output to the job's transcript (its last TRANSCRIPT_LIMIT characters are kept)."""
+        clean = text.replace("\x00", "")
+        return self._write(APPEND_TRANSCRIPT, {"text": clean, "limit": TRANSCRIPT_LIMIT})
+
+    def record(self, *, session_id: str | None = None, cost_usd: float | None = None) -> bool:
+        """Store the claude session id, and add to the job's cost."""
+        return self._write(RECORD_SESSION, {"session_id": session_id, "cost_usd": cost_usd})
+
+    def _write(self, query: str, params: dict[str, Any]) -> bool:
+        if self._pool is None:  # run outside a worker, e.g. a handler called directly
+            return True
+        with self._pool.connection() as conn:
+            cur = conn.execute(query, {**params, "id": self.job_id, "claim": self._claim})
+        if cur.rowcount == 0:
+            self.request_stop(STOP_LOST)
+        return cur.rowcount == 1
+
+
+@dataclass
+class _ProcessExit:
+    returncode: int
+    stderr: str  # its tail
+    timed_out: bool = False
+    stopped: str | None = None  # the stop reason, when stopped from outside
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A preexec_fn that makes the child get SIGKILL when its parent dies (Linux only), so a
+    claude process does not outlive a worker killed with SIGKILL while another worker runs its
+    job again."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        if os.getppid() != parent:  # the parent died before that took effect
+            os._exit(1)
+
+    return preexec
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def _run_process(
+    argv: Sequence[str],
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    stdin: bytes,
+    context: RunContext,
+    on_line: Callable[[bytes], None],
+    on_tick: Callable[[], None],
+    kill_grace: float,
+) -> _ProcessExit:
+    """Run ``argv`` in a process group of its own, without a shell.
+
+    ``stdin`` is written to the process and then closed; each stdout line goes to ``on_line``
+    as it arrives, and ``on_tick`` runs a few times a second. At the deadline, or when the
+    context's stop is set, the whole group gets SIGTERM, then SIGKILL after ``kill_grace``
+    seconds (at once when the claim is lost). Whatever of the group outlives its leader is
+    killed too, so no stray process keeps running after the job.
+    """
+    process = subprocess.Popen(
+        argv,
+        cwd=cwd,
+        env=dict(env),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(),
+    )
+    assert process.stdin and process.stdout and process.stderr
+    selector = selectors.DefaultSelector()
+    pending = memoryview(stdin)
+    if pending:
+        os.set_blocking(process.stdin.fileno(), False)
+        selector.register(process.stdin, selectors.EVENT_WRITE)
+    else:
+        process.stdin.close()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    selector.register(process.stderr, selectors.EVENT_READ)
+    line = bytearray()
+    stderr_tail = bytearray()
+    result = _ProcessExit(returncode=0, stderr="")
+    kill_at: float | None = None
+    leader_gone_at: float | None = None
+
+    def close(stream: Any) -> None:
+        selector.unregister(stream)
+        stream.close()
+
+    try:
+        while selector.get_map():
+            now = time.monotonic()
+            if kill_at is None:
+                if context.stop.is_set():
+                    result.stopped = context.stop_reason
+                    _signal_group(process, signal.SIGTERM)
+                    grace = 0.0 if context.stop_reason == STOP_LOST else FORCED_KILL_GRACE
+                    kill_at = now + min(grace, kill_grace)
+                elif context.deadline is not None and now >= context.deadline:
+                    result.timed_out = True
+                    _signal_group(process, signal.SIGTERM)
+                    kill_at = now + kill_grace
+            elif now >= kill_at:
+                _signal_group(process, signal.SIGKILL)
+                kill_at = float("inf")
+            if leader_gone_at is None and process.poll() is not None:
+                leader_gone_at = now
+            elif leader_gone_at is not None and now - leader_gone_at > 1.0:
+                _signal_group(process, signal.SIGKILL)  # leftovers holding our pipes
+                if now - leader_gone_at > 3.0:
+                    break  # something outside the group holds them: stop reading
+            for key, _ in selector.select(timeout=0.1):
+                stream = key.fileobj
+                if stream is process.stdin:
+                    try:
+                        written = os.write(process.stdin.fileno(), pending[:65536])
+                    except BrokenPipeError:
+                        written = len(pending)  # it stopped reading; what it got, it got
+                    pending = pending[written:]
+                    if not pending:
+                        close(stream)
+                    continue
+                data = os.read(key.fd, 65536)
+                if not data:
+                    close(stream)
+                elif stream is process.stderr:
+                    stderr_tail = (stderr_tail + data)[-8192:]
+                else:
+                    line += data
+                    while (end := line.find(b"\n")) >= 0:
+                        on_line(bytes(line[:end]))
+                        del line[: end + 1]
+            on_tick()
+    finally:
+        for stream in list(selector.get_map().values()):
+            stream.fileobj.close()  # type: ignore[union-attr]
+        selector.close()
+        if process.poll() is None:
+            _signal_group(process, signal.SIGKILL)
+        process.wait()
+    if line:
+        on_line(bytes(line))
+    result.returncode = process.returncode
+    result.stderr = stderr_tail.decode("utf-8", "replace")
+    return result
+
+
+class _ClaudeStream:
+    """Reads claude's stream-json output as it comes: its session, its result, the transcript,
+    which it writes to the job a couple of times a second."""
+
+    def __init__(self, context: RunContext) -> None:
+        self.context = context
+        self.session_id: str | None = None
+        self.result: dict[str, Any] | None = None
+        self.plain: list[str] = []  # lines that are not JSON (error messages, mostly)
+        self._session_recorded = False
+        self._pending: list[str] = []
+        self._pending_size = 0
+        self._flushed_at = time.monotonic()
+
+    def feed(self, raw: bytes) -> None:
+        text = raw.decode("utf-8", "replace").rstrip("\r")
+        self._pending.append(text + "\n")
+        self._pending_size += len(text) + 1
+        while self._pending_size > TRANSCRIPT_LIMIT and len(self._pending) > 1:
+            self._pending_size -= len(self._pending.pop(0))
+        try:
+            event = json.loads(text)
+        except ValueError:
+            if text.strip():
+                self.plain = [*self.plain[-20:], text]
+            return
+        if not isinstance(event, dict):
+            return
+        if event.get("type") == "system" and event.get("subtype") == "init":
+            self.session_id = self.session_id or event.get("session_id")
+        elif event.get("type") == "result":
+            self.result = event
+            self.session_id = event.get("session_id") or self.session_id
+
+    def flush(self, force: bool = False) -> None:
+        """Write what is new to the job; a database hiccup only delays it."""
+        if not force and time.monotonic() - self._flushed_at < TRANSCRIPT_FLUSH_INTERVAL:
+            return
+        self._flushed_at = time.monotonic()
+        if self.context.stop_reason == STOP_LOST:
+            return
+        try:
+            if self.session_id and not self._session_recorded:
+                self.context.record(session_id=self.session_id)
+                self._session_recorded = True
+            if self._pending:
+                self.context.append_transcript("".join(self._pending))
+                self._pending.clear()
+                self._pending_size = 0
+        except (psycopg.Error, PoolTimeout) as error:
+            logger.debug("cannot save the transcript of job %s yet: %s", self.context.job_id, error)
+
+
+#: Errors that no retry can fix, as claude prints them, with what to tell the operator.
+_PERMANENT_CLAUDE_ERRORS = (
+    (
+        "Not logged in",
+        "claude is not logged in: log in as the worker's user (run `claude`, then /login) "
+        "or give the worker ANTHROPIC_API_KEY",
+    ),
+    ("Invalid API key", "claude's API key is invalid"),
+    ("Credit balance is too low", "the API account's credit balance is too low"),
+    (
+        "cannot be used with root/sudo privileges",
+        "claude refuses --dangerously-skip-permissions as root: run the worker as a normal "
+        "user, or set IS_SANDBOX=1 in its environment",
+    ),
+)
+_PERMANENT_CLAUDE_SUBTYPES = ("error_max_turns", "error_max_budget_usd")
+
+
+def claude_outcome(exit: _ProcessExit, result: dict[str, Any] | None, plain: Sequence[str]) -> Any:
+    """The job's result from how claude ended: the CLI's result object on success.
+
+    Raises PermanentError for what no retry can fix (not logged in, a bad API key, no credit,
+    the root refusal, a turn or budget limit) and JobFailed for everything else.
+    """
+    said = (result or {}).get("result")
+    said = said if isinstance(said, str) else ""
+    errors = (result or {}).get("errors") or []
+    detail = said or "; ".join(map(str, errors))
+    if exit.timed_out:
+        raise JobFailed("timed out: claude's process group was terminated", result=result)
+    if exit.returncode == 0 and result is not None and result.get("is_error") is False:
+        return result
+    evidence = "\n".join([said, exit.stderr, *plain])
+    for marker, explanation in _PERMANENT_CLAUDE_ERRORS:
+        if marker in evidence:
+            raise PermanentError(f"{explanation} (claude said: {marker})", result=result)
+    subtype = (result or {}).get("subtype")
+    if subtype in _PERMANENT_CLAUDE_SUBTYPES:
+        raise PermanentError(f"claude stopped: {subtype}: {detail}", result=result)
+    if result is not None and detail:
+        raise JobFailed(f"claude failed: {detail}", result=result)
+    last_words = " ".join((exit.stderr.strip().splitlines() or plain or ["no output"])[-1:])
+    if exit.returncode < 0:
+        how = f"was killed by signal {-exit.returncode}"
+    else:
+        how = f"exited with status {exit.returncode}"
+    raise JobFailed(f"claude {how} without a result: {last_words[:500]}", result=result)
+
+
+class ClaudeHandler:
+    """Runs claude jobs: ``claude --dangerously-skip-permissions -p --output-format stream-json
+    --verbose`` in the job's cwd, without a shell, the prompt fed on stdin and then closed.
+
+    The transcript and session id are saved as they arrive; the final result object is the
+    job's result and its cost is added to the job. ``allow_dirs``, when given, confines jobs to
+    those directory trees.
+    """
+
+    def __init__(
+        self,
+        claude_bin: str = DEFAULT_CLAUDE_BIN,
+        *,
+        default_timeout: float = DEFAULT_CLAUDE_TIMEOUT,
+        allow_dirs: Sequence[str | Path] = (),
+        kill_grace: float = KILL_GRACE,
+    ) -> None:
+        self.claude_bin = claude_bin
+        self.default_timeout = default_timeout
+        self.allow_dirs = [Path(d).expanduser().resolve() for d in allow_dirs]
+        self.kill_grace = kill_grace
+
+    def __call__(self, job: Job) -> Any:
+        context = job.context or RunContext(job, None, job.timeout or self.default_timeout)
+        if context.deadline is None:
+            context.deadline = time.monotonic() + (job.timeout or self.default_timeout)
+        cwd = self._working_directory(job)
+        executable = shutil.which(self.claude_bin)
+        if executable is None:
+            raise PermanentError(
+                f"claude executable not found: {self.claude_bin!r} "
+                "(install Claude Code, or point the worker's --claude-bin at it)"
+            )
+        env = {
+            **os.environ,
+            "CLAUDE_JOBS_JOB_ID": str(job.id),
+            "CLAUDE_JOBS_ATTEMPT": str(job.attempts),
+        }
+        stream = _ClaudeStream(context)
+        try:
+            exit = _run_process(
+                [executable, *CLAUDE_ARGS],
+                cwd=cwd,
+                env=env,
+                stdin=job.payload["prompt"].encode("utf-8"),
+                context=context,
+                on_line=stream.feed,
+                on_tick=stream.flush,
+                kill_grace=self.kill_grace,
+            )
+        except OSError as error:
+            raise PermanentError(f"cannot run {executable}: {error.strerror or error}") from None
+        stream.flush(force=True)
+        if stream.result and stream.result.get("total_cost_usd"):
+            with contextlib.suppress(psycopg.Error, PoolTimeout):
+                context.record(cost_usd=float(stream.result["total_cost_usd"]))
+        if exit.stopped:
+            raise _Interrupted(exit.stopped)
+        return claude_outcome(exit, stream.result, stream.plain)
+
+    def _working_directory(self, job: Job) -> str:
+        cwd = Path(job.payload.get("cwd") or os.getcwd())
+        if not cwd.is_dir():
+            raise PermanentError(f"the job's cwd is not a directory on this worker: {cwd}")
+        resolved = cwd.resolve()
+        if self.allow_dirs and not any(resolved.is_relative_to(d) for d in self.allow_dirs):
+            allowed = ", ".join(map(str, self.allow_dirs))
+            raise PermanentError(f"the job's cwd {resolved} is outside the allowed {allowed}")
+        return str(resolved)
+
+
+def default_handlers(
+    *,
+    claude_bin: str = DEFAULT_CLAUDE_BIN,
+    allow_dirs: Sequence[str | Path] = (),
+) -> dict[str, Handler]:
+    """The handlers a worker runs by default: claude and every registered Python kind."""
+    return {**_registry, DEFAULT_KIND: ClaudeHandler(claude_bin, allow_dirs=allow_dirs)}
+
+
+###############################################################################
+# Worker
+###############################################################################
+
+
+class _Backoff:
+    """Reconnection delays: ``start`` doubling up to ``cap`` seconds, with jitter."""
+
+    def __init__(self, start: float = 0.25, cap: float = 30.0) -> None:
+        self.start, self.cap, self.failures = start, cap, 0
+
+    def next(self) -> float:
+        delay = min(self.start * 2 ** min(self.failures, 20), self.cap)
+        self.failures += 1
+        return delay * random.uniform(0.8, 1.0)
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+class _Busy(Exception):
+    """This worker's advisory lock is held elsewhere for a moment: try again shortly."""
+
+
+def _log_job(event: str, job: Job, level: int = logging.INFO, **details: Any) -> None:
+    """One log line per job event, with the job's id, queue, kind and attempt."""
+    fields = {
+        "event": event,
+        "job": str(job.id),
+        "queue": job.queue,
+        "kind": job.kind,
+        "attempt": f"{job.attempts}/{job.max_attempts}",
+        **{k: v for k, v in details.items() if v is not None},
+    }
+    text = " ".join(f"{k}={_log_value(v)}" for k, v in fields.items() if k != "event")
+    logger.log(level, "%s %s", event, text, extra={"fields": fields})
+
+
+def _log_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if not text or " " in text else text
+
+
+def _parse_queues(queues: str | Sequence[str]) -> tuple[str, ...]:
+    names = [q.strip() for q in (queues.split(",") if isinstance(queues, str) else queues)]
+    names = [q for q in names if q]
+    if not names:
+        raise ConfigError("no queue given: name queues, or use * for every queue")
+    if "*" in names and len(names) > 1:
+        raise ConfigError("* means every queue and cannot be combined with queue names")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a queue is named twice in {','.join(names)}")
+    return tuple(names)
+
+
+@dataclass
+class _Attempt:
+    """A claimed job that this worker is running."""
+
+    job: Job
+    context: RunContext
+    started: float = field(default_factory=time.monotonic)
+
+
+class _Session(threading.Thread):
+    """The worker's own PostgreSQL session, on a thread of its own.
+
+    It holds the worker's session advisory lock, so that others can tell at once when this
+    process is gone; LISTENs for new jobs; writes the heartbeat; and sweeps, putting back the
+    running jobs of workers it finds dead. After any error it reconnects with backoff and takes
+    its lock again; if meanwhile another worker declared it dead (and took its jobs), or the
+    worker declared itself dead, it says so and registers as a new worker.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        identity: Mapping[str, Any],
+        options: Mapping[str, Any],
+        on_notify: Callable[[str], None],
+        on_reaped: Callable[[], None],
+        grace: float,
+        heartbeat_timeout: float,
+    ) -> None:
+        super().__init__(name="claude-jobs-session", daemon=True)
+        self._conninfo = conninfo
+        self._identity = identity
+        self._options = options
+        self._on_notify = on_notify
+        self._on_reaped = on_reaped
+        self._grace = grace
+        self._heartbeat_timeout = heartbeat_timeout
+        self._closing = threading.Event()
+        self._lock_key: int | None = None
+        self.ready = threading.Event()  # registered, locked and listening
+        self.fatal: JobsError | None = None
+        self.worker_id: uuid.UUID | None = None
+        self.last_ok = time.monotonic()  # when a heartbeat last reached the database
+        self.broken = False  # the connection failed and is not back yet
+        self.declared_dead = False
+
+    def declare_dead(self) -> None:
+        """The worker gave up its claims: come back as a new worker, putting the old jobs back."""
+        self.declared_dead = True
+        self.ready.clear()
+
+    def close(self) -> None:
+        self._closing.set()
+
+    def run(self) -> None:
+        delay = _Backoff()
+        while not self._closing.is_set():
+            try:
+                with connect(self._conninfo, autocommit=True, **self._options) as conn:
+                    self._establish(conn)
+                    if self.broken:
+                        logger.info("database connection restored")
+                    self.broken = False
+                    delay.reset()
+                    if self._serve(conn):
+                        self._leave(conn)
+                        return
+            except SchemaError as error:
+                self.fatal = error
+                return
+            except (JobsError, psycopg.Error, _Busy) as error:
+                self.ready.clear()
+                self.broken = True
+                if self._closing.is_set():
+                    break
+                wait = delay.next()
+                reason = _scrub(str(error), self._conninfo)
+                logger.warning(
+                    "database session lost: %s; reconnecting in %.1fs",
+                    reason,
+                    wait,
+                    extra={"fields": {"event": "db unavailable", "error": reason}},
+                )
+                self._closing.wait(wait)
+        with (
+            contextlib.suppress(JobsError, psycopg.Error),
+            connect(self._conninfo, autocommit=True, connect_timeout=5) as conn,
+        ):
+            self._leave(conn)
+
+    def _establish(self, conn: psycopg.Connection) -> None:
+        """Lock, register (or confirm the registration) and listen."""
+        check_schema(conn)
+        if self.worker_id is not None and not self.declared_dead:
+            key = {"namespace": LOCK_NAMESPACE, "key": self._lock_key}
+            if not conn.execute(TRY_LOCK, key).fetchone()[0]:  # type: ignore[index]
+                raise _Busy("this worker's lock is held by another session for now")
+            if conn.execute(HEARTBEAT, {"id": self.worker_id}).rowcount != 1:
+                conn.execute(UNLOCK_ALL)
+                self._reaped()
+                self._register(conn)
+        else:
+            if self.worker_id is not None:
+                self._leave(conn)  # put back the jobs this worker gave up
+            self._register(conn)
+        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        self.last_ok = time.monotonic()
+        self.ready.set()
+
+    def _register(self, conn: psycopg.Connection) -> None:
+        while True:
+            key = conn.execute(NEXT_WORKER_KEY).fetchone()[0]  # type: ignore[index]
+            lock = {"namespace": LOCK_NAMESPACE, "key": key}
+            if conn.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
+                break
+        worker_id = uuid.uuid4()
+        conn.execute(REGISTER_WORKER, {"id": worker_id, "key": key, **self._identity})
+        self.worker_id, self._lock_key, self.declared_dead = worker_id, key, False
+        logger.debug("registered as worker %s (lock key %s)", worker_id, key)
+
+    def _reaped(self) -> None:
+        logger.error(
+            "another worker declared this one dead (its heartbeat stopped) and took over its "
+            "running jobs; continuing as a new worker"
+        )
+        self._on_reaped()
+
+    def _serve(self, conn: psycopg.Connection) -> bool:
+        """Listen, heartbeat and sweep until closing (True) or declared dead (False)."""
+        next_sweep = 0.0
+        while not self._closing.is_set():
+            for notice in conn.notifies(timeout=HEARTBEAT_INTERVAL):
+                self._on_notify(notice.payload)
+            if self.declared_dead:
+                return False
+            if conn.execute(HEARTBEAT, {"id": self.worker_id}).rowcount != 1:
+                conn.execute(UNLOCK_ALL)
+                self._reaped()
+                self._register(conn)
+            self.last_ok = time.monotonic()
+            if time.monotonic() >= next_sweep:
+                self._sweep(conn)
+                next_sweep = time.monotonic() + SWEEP_INTERVAL
+        return True
+
+    def _leave(self, conn: psycopg.Connection) -> None:
+        """Deregister; any job still marked running under this worker goes back, counted."""
+        if self.worker_id is None:
+            return
+        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": self.worker_id}).fetchall()
+            _notify_queues(cur, jobs)
+            cur.execute(DEREGISTER_WORKER, {"id": self.worker_id})
+        conn.execute(UNLOCK_ALL)
+        for job in jobs:
+            _log_recovered(job)
+
+    def _sweep(self, conn: psycopg.Connection) -> None:
+        """Put back the running jobs of dead workers, and of jobs whose worker is unknown."""
+        params = {"grace": self._grace, "timeout": self._heartbeat_timeout}
+        with conn.cursor(row_factory=dict_row) as cur:
+            stale = cur.execute(STALE_WORKERS, params).fetchall()
+        for worker in stale:
+            if worker["id"] != self.worker_id:
+                self._reap(conn, worker)
+        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            orphans = cur.execute(RECOVER_ORPHANS).fetchall()
+            _notify_queues(cur, orphans)
+        for job in orphans:
+            _log_recovered(job)
+
+    def _reap(self, conn: psycopg.Connection, worker: Mapping[str, Any]) -> None:
+        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            key = {"namespace": LOCK_NAMESPACE, "key": worker["lock_key"]}
+            if not cur.execute(TRY_LOCK_FOR_REAPING, key).fetchone()["locked"]:  # type: ignore[index]
+                if not worker["vanished"]:
+                    return  # its session still holds the lock: alive, only slow
+                # Its host is gone but its session lingers: end the session (when allowed).
+                with contextlib.suppress(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                    cur.execute(TERMINATE_BACKEND, {"pid": worker["backend_pid"]})
+            reaped = cur.execute(REAP_WORKER, {"id": worker["id"], "grace": self._grace}).fetchone()
+            if reaped is None:
+                return  # it came back
+            jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": worker["id"]}).fetchall()
+            _notify_queues(cur, jobs)
+        why = "no heartbeat within the timeout" if worker["vanished"] else "its session ended"
+        logger.warning(
+            "worker %s:%s is dead (%s): %d running job(s) put back",
+            worker["host"],
+            worker["pid"],
+            why,
+            len(jobs),
+            extra={
+                "fields": {
+                    "event": "worker dead",
+                    "worker": f"{worker['host']}:{worker['pid']}",
+                    "reason": why,
+                    "jobs": len(jobs),
+                }
+            },
+        )
+        for job in jobs:
+            _log_recovered(job)
+
+
+def _notify_queues(cur: psycopg.Cursor[Any], jobs: Iterable[Mapping[str, Any]]) -> None:
+    for queue in sorted({job["queue"] for job in jobs}):
+        cur.execute(NOTIFY_QUEUE, {"channel": NOTIFY_CHANNEL, "queue": queue, "run_at": None})
+
+
+def _log_recovered(job: Mapping[str, Any]) -> None:
+    fields = {
+        "event": "recovered",
+        "job": str(job["id"]),
+        "queue": job["queue"],
+        "kind": job["kind"],
+        "attempt": f"{job['attempts']}/{job['max_attempts']}",
+        "from_worker": job["worker"],
+        "status": job["status"],
+    }
+    text = " ".join(f"{k}={_log_value(v)}" for k, v in fields.items() if k != "event")
+    logger.warning("recovered %s", text, extra={"fields": fields})
+
+
+class Worker:
+    """Runs queued jobs with a pool of threads until stopped.
+
+    One thread per unit of ``concurrency`` runs jobs; the session thread holds the worker's
+    advisory lock, listens for new jobs, heartbeats and recovers dead workers' jobs; a watchdog
+    stops this worker's own jobs if its heartbeat cannot reach the database for so long that
+    others may take them over. ``run()`` works until ``stop()``; ``run_once()`` runs what is
+    ready now. Use it as a context manager (or call ``close()``) after ``run_once()``.
+    """
+
+    def __init__(
+        self,
+        database_url: str,
+        *,
+        queues: str | Sequence[str] = ("*",),
+        concurrency: int = DEFAULT_CONCURRENCY,
+        poll_interval: float = DEFAULT_POLL_INTERVAL,
+        handlers: Mapping[str, Handler] | None = None,
+        claude_bin: str = DEFAULT_CLAUDE_BIN,
+        allow_dirs: Sequence[str | Path] = (),
+        shutdown_timeout: float | None = None,
+        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
+        backoff_base: float = DEFAULT_BACKOFF_BASE,
+        backoff_max: float = DEFAULT_BACKOFF_MAX,
+        burst: bool = False,
+        lock_grace: float = LOCK_GRACE,
+    ) -> None:
+        check_conninfo(database_url)
+        if not 1 <= concurrency <= 1000:
+            raise ConfigError(f"concurrency must be between 1 and 1000, not {concurrency}")
+        if not poll_interval > 0:
+            raise ConfigError(f"the poll interval must be positive, not {poll_interval}")
+        if heartbeat_timeout < lock_grace or lock_grace <= FENCE_MARGIN + HEARTBEAT_INTERVAL:
+            raise ConfigError(
+                f"the heartbeat timeout must be at least {lock_grace}s "
+                f"and the lock grace more than {FENCE_MARGIN + HEARTBEAT_INTERVAL}s"
+            )
+        self.queues = _parse_queues(queues)
+        self.concurrency = concurrency
+        self.handlers: dict[str, Handler] = (
+            dict(handlers)
+            if handlers is not None
+            else default_handlers(claude_bin=claude_bin, allow_dirs=allow_dirs)
+        )
+        if not self.handlers:
+            raise ConfigError("a worker needs at least one handler")
+        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self._conninfo = database_url
+        self._claim_queues: tuple[str | None, ...] = (
+            (None,) if self.queues == ("*",) else self.queues
+        )
+        self._kinds = sorted(self.handlers)
+        self._poll_interval = poll_interval
+        self._shutdown_timeout = shutdown_timeout
+        self._heartbeat_timeout = heartbeat_timeout
+        self._lock_grace = lock_grace
+        self._backoff = (backoff_base, backoff_max)
+        self._burst = burst
+        self._stop = threading.Event()  # stop claiming
+        self._force = threading.Event()  # stop running jobs too
+        self._wake = threading.Event()  # something to do: a notice, a finished job, a stop
+        self._closed = threading.Event()
+        self._lock = threading.Lock()
+        self._running: dict[uuid.UUID, _Attempt] = {}
+        self._wakeups: list[float] = []  # heap of time.monotonic() times with jobs due
+        self._inbox: queue_module.SimpleQueue[_Attempt | None] = queue_module.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._pool: ConnectionPool | None = None
+        self._session: _Session | None = None
+        self._claims_uncertain = False
+
+    # -- public API -----------------------------------------------------------------------
+
+    @property
+    def id(self) -> uuid.UUID | None:
+        """This worker's current registration, once connected."""
+        return self._session.worker_id if self._session else None
+
+    def run(self) -> None:
+        """Work until stop() (in burst mode: until nothing is ready), then shut down cleanly:
+        running jobs finish, or on a forced stop go back to the queue unspent."""
+        try:
+            if self._open():
+                self._loop()
+            self._drain()
+        finally:
+            self.close()
+
+    def run_once(self) -> int:
+        """Claim the jobs that are ready now (up to the concurrency), run them to the end, and
+        return how many there were."""
+        if not self._open():
+            return 0
+        claimed = self._claim()
+        while self._running_count():
+            self._wake.wait(0.1)
+            self._wake.clear()
+        return claimed
+
+    def stop(self, force: bool = False) -> None:
+        """Stop claiming and let running jobs finish; with ``force``, stop them now and put
+        them back in the queue without spending an attempt. Safe from any thread."""
+        self._stop.set()
+        if force:
+            self._force.set()
+        self._wake.set()
+
+    def close(self) -> None:
+        """Leave: stop the threads, deregister, close the connections. Idempotent."""
+        if self._closed.is_set() or self._session is None:
+            self._closed.set()
+            return
+        self._closed.set()
+        for _ in self._threads:
+            self._inbox.put(None)
+        for thread in self._threads:
+            thread.join(timeout=2.0)  # a handler that ignores its stop event is left behind
+        self._session.close()
+        self._session.join(timeout=10.0)
+        assert self._pool is not None
+        self._pool.close(timeout=5.0)
+        logger.info("worker %s stopped", self.name, extra={"fields": {"event": "stopped"}})
+
+    def __enter__(self) -> Worker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _open(self) -> bool:
+        """Start the threads once; wait until registered. False when stopped before that."""
+        if self._session is None:
+            self._start()
+        assert self._session is not None
+        while not self._session.ready.wait(0.1):
+            if self._session.fatal:
+                raise self._session.fatal
+            if self._stop.is_set():
+                return False
+        return True
+
+    def _start(self) -> None:
+        options = {"application_name": f"claude-jobs worker {self.name}"[:63]}
+        self._pool = ConnectionPool(
+            self._conninfo,
+            min_size=1,
+            max_size=self.concurrency + 1,
+            open=False,
+            kwargs={"autocommit": True, **_CONNECT_OPTIONS, **options},
+            name="claude-jobs",
+            timeout=10.0,
+        )
+        self._pool.open(wait=False)
+        self._session = _Session(
+            self._conninfo,
+            identity={
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "queues": list(self.queues),
+                "kinds": self._kinds,
+                "concurrency": self.concurrency,
+            },
+            options=options,
+            on_notify=self._on_notify,
+            on_reaped=self._on_reaped,
+            grace=self._lock_grace,
+            heartbeat_timeout=self._heartbeat_timeout,
+        )
+        self._session.start()
+        for number in range(1, self.concurrency + 1):
+            self._spawn(self._job_loop, f"claude-jobs-job-{number}")
+        self._spawn(self._watch, "claude-jobs-watchdog")
+        if (
+            DEFAULT_KIND in self.handlers
+            and os.geteuid() == 0
+            and os.environ.get("IS_SANDBOX") != "1"
+        ):
+            logger.warning(
+                "running as root without IS_SANDBOX=1: claude refuses "
+                "--dangerously-skip-permissions as root, so every claude job would fail; "
+                "run the worker as a normal user, or set IS_SANDBOX=1",
+                extra={"fields": {"event": "root without IS_SANDBOX"}},
+            )
+        logger.info(
+            "worker %s started: queues=%s kinds=%s concurrency=%d",
+            self.name,
+            ",".join(self.queues),
+            ",".join(self._kinds),
+            self.concurrency,
+            extra={
+                "fields": {
+                    "event": "started",
+                    "worker": self.name,
+                    "queues": self.queues,
+                    "kinds": self._kinds,
+                    "concurrency": self.concurrency,
+                }
+            },
+        )
+
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _loop(self) -> None:
+        """The claim loop: claim when there is room and something may be ready, else wait."""
+        failures = _Backoff(start=0.5)
+        next_poll = 0.0
+        while not self._stop.is_set():
+            self._wake.clear()
+            try:
+                if self._claims_uncertain:
+                    self._put_back_unknown_claims()
+                claimed = self._claim()
+                if time.monotonic() >= next_poll:
+                    next_poll = time.monotonic() + self._poll_interval
+                    self._learn_next_due()
+                failures.reset()
+            except (psycopg.OperationalError, PoolTimeout) as error:
+                wait = failures.next()
+                logger.warning(
+                    "cannot claim jobs: %s; retrying in %.1fs",
+                    _scrub(str(error), self._conninfo),
+                    wait,
+                    extra={"fields": {"event": "db unavailable"}},
+                )
+                self._stop.wait(wait)
+                continue
+            if self._burst and claimed == 0 and not self._running_count():
+                logger.info("nothing is ready: stopping (burst)")
+                break
+            self._wake.wait(self._idle_wait(next_poll))
+        if self._running_count():
+            logger.info(
+                "stopping: waiting for %d running job(s) to finish%s",
+                self._running_count(),
+                f" (at most {self._shutdown_timeout:g}s)" if self._shutdown_timeout else "",
+                extra={"fields": {"event": "stopping"}},
+            )
+
+    def _drain(self) -> None:
+        """Wait for running jobs; at the shutdown timeout or a forced stop, stop them and put
+        them back in the queue unspent."""
+        deadline = (
+            time.monotonic() + self._shutdown_timeout
+            if self._shutdown_timeout is not None
+            else None
+        )
+        while self._running_count() and not self._force.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                logger.warning("the shutdown timeout has passed")
+                break
+            self._wake.wait(0.2)
+            self._wake.clear()
+        if not self._running_count():
+            return
+        logger.warning(
+            "stopping %d running job(s) now; they go back to the queue",
+            self._running_count(),
+            extra={"fields": {"event": "forced stop"}},
+        )
+        for attempt in self._attempts():
+            attempt.context.request_stop(STOP_SHUTDOWN)
+        end = time.monotonic() + FORCED_KILL_GRACE + 2.0
+        while self._running_count() and time.monotonic() < end:
+            self._wake.wait(0.1)
+            self._wake.clear()
+        if leftovers := self._attempts():  # handlers that do not heed their stop event
+            self._release(leftovers)
+
+    # -- claiming -------------------------------------------------------------------------
+
+    def _claim(self) -> int:
+        """Claim up to the free slots, earlier queues first, and start each job."""
+        session = self._session
+        assert session is not None and self._pool is not None
+        worker_id = session.worker_id
+        free = self.concurrency - self._running_count()
+        if free <= 0 or worker_id is None or not session.ready.is_set():
+            return 0
+        claimed = 0
+        params = {"worker_id": worker_id, "worker": self.name, "kinds": self._kinds}
+        with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+            for queue in self._claim_queues:
+                query = CLAIM_FROM_ANY_QUEUE if queue is None else CLAIM_FROM_QUEUE
+                self._claims_uncertain = True  # until the reply is in hand
+                rows = cur.execute(query, {**params, "queue": queue, "limit": free - claimed})
+                for row in rows.fetchall():
+                    self._begin(Job.from_row(row))
+                    claimed += 1
+                self._claims_uncertain = False
+                if claimed >= free:
+                    break
+        return claimed
+
+    def _begin(self, job: Job) -> None:
+        assert self._pool is not None
+        attempt = _Attempt(job, RunContext(job, self._pool, job.timeout))
+        with self._lock:
+            self._running[job.id] = attempt
+        self._inbox.put(attempt)
+
+    def _put_back_unknown_claims(self) -> None:
+        """A claim whose reply was lost may have committed: put back such jobs, unspent."""
+        assert self._pool is not None and self._session is not None
+        with self._pool.connection() as conn:
+            rows = conn.execute(MY_RUNNING_JOBS, {"worker_id": self._session.worker_id}).fetchall()
+            with self._lock:
+                unknown = [(job_id, claim) for job_id, claim in rows if job_id not in self._running]
+            if unknown:
+                ids, claims = zip(*unknown, strict=True)
+                conn.execute(RELEASE, {"ids": list(ids), "claims": list(claims)})
+                logger.warning("put back %d job(s) claimed while the connection failed", len(ids))
+        self._claims_uncertain = False
+
+    def _learn_next_due(self) -> None:
+        """Ask when the next scheduled job is due (one enqueued with a delay before this worker
+        listened, or a retry scheduled by another worker), to wake up right then."""
+        assert self._pool is not None
+        queues = None if self._claim_queues == (None,) else list(self.queues)
+        with self._pool.connection() as conn:
+            row = conn.execute(NEXT_DUE, {"kinds": self._kinds, "queues": queues}).fetchone()
+        if row and row[0] is not None:
+            self._wake_in(row[0].total_seconds())
+
+    def _idle_wait(self, next_poll: float) -> float:
+        """Seconds until the next poll, or sooner when a known job becomes due."""
+        with self._lock:
+            now = time.monotonic()
+            while self._wakeups and self._wakeups[0] <= now:
+                heapq.heappop(self._wakeups)
+            due = self._wakeups[0] if self._wakeups else next_poll
+        return max(0.0, min(next_poll, due) - now)
+
+    def _wake_in(self, seconds: float) -> None:
+        with self._lock:
+            heapq.heappush(self._wakeups, time.monotonic() + seconds)
+        self._wake.set()  # recompute the wait
+
+    def _on_notify(self, payload: str) -> None:
+        """A job was queued (or became ready) somewhere: wake if it is for us."""
+        try:
+            notice = json.loads(payload)
+            queue, at = notice["queue"], notice.get("at")
+        except (ValueError, KeyError, TypeError):
+            self._wake.set()
+            return
+        if self._claim_queues != (None,) and queue not in self.queues:
+            return
+        if at is None or at <= time.time():
+            self._wake.set()
+        else:
+            self._wake_in(at - time.time())
+
+    # -- running --------------------------------------------------------------------------
+
+    def _running_count(self) -> int:
+        with self._lock:
+            return len(self._running)
+
+    def _attempts(self) -> list[_Attempt]:
+        with self._lock:
+            return list(self._running.values())
+
+    def _job_loop(self) -> None:
+        while (attempt := self._inbox.get()) is not None:
+            try:
+                self._execute(attempt)
+            except Exception:
+                logger.exception("internal error while running job %s", attempt.job.id)
+            finally:
+                with self._lock:
+                    self._running.pop(attempt.job.id, None)
+                self._wake.set()
+
+    def _execute(self, attempt: _Attempt) -> None:
+        """Run one attempt and record its outcome, fenced on the claim."""
+        job, context = attempt.job, attempt.context
+        _log_job("claimed", job, worker=self.name)
+        failure: BaseException | None = None
+        trace: str | None = None
+        interrupted = False
+        result = "null"
+        try:
+            value = self.handlers[job.kind](dataclasses.replace(job, context=context))
+        except _Interrupted:
+            interrupted = True
+        except JobFailed as error:
+            failure = error
+        except Exception as error:
+            failure, trace = error, traceback.format_exc()[-8000:]
+        else:
+            try:
+                result = json.dumps(value)
+            except (TypeError, ValueError) as error:
+                failure = PermanentError(f"the handler's result is not JSON: {error}")
+        if context.stop_reason == STOP_LOST:
+            _log_job("abandoned", job, logging.WARNING, reason="the claim was lost")
+        elif interrupted:
+            self._release([attempt])
+        elif failure is None:
+            self._succeed(attempt, result)
+        else:
+            self._fail(attempt, failure, trace)
+
+    def _succeed(self, attempt: _Attempt, result: str) -> None:
+        params = {"id": attempt.job.id, "claim": attempt.job.claim, "result": result}
+        if self._record(attempt, SUCCEED, params):
+            duration = time.monotonic() - attempt.started
+            _log_job("succeeded", attempt.job, duration=duration)
+
+    def _fail(self, attempt: _Attempt, failure: BaseException, trace: str | None) -> None:
+        job = attempt.job
+        permanent = isinstance(failure, PermanentError)
+        if isinstance(failure, JobFailed):
+            message, stored = str(failure), failure.result
+        else:
+            message, stored = f"{type(failure).__name__}: {failure}", None
+        delay = backoff_delay(job.attempts, *self._backoff)
+        params = {
+            "id": job.id,
+            "claim": job.claim,
+            "permanent": permanent,
+            "delay": delay,
+            "error": message,
+            "traceback": trace,
+            "result": None if stored is None else json.dumps(stored),
+        }
+        row = self._record(attempt, FAIL, params)
+        if row is None:
+            return
+        duration = time.monotonic() - attempt.started
+        if row[0] == JobStatus.QUEUED:
+            _log_job(
+                "retry scheduled",
+                job,
+                logging.WARNING,
+                duration=duration,
+                retry_in=delay,
+                error=message,
+            )
+            self._wake_in(delay)
+        else:
+            _log_job(
+                "failed",
+                job,
+                logging.ERROR,
+                duration=duration,
+                error=message,
+                permanent=permanent or None,
+            )
+
+    def _record(self, attempt: _Attempt, query: str, params: Mapping[str, Any]) -> tuple | None:
+        """Write an outcome, retrying while the database is away; None if the claim is lost."""
+        assert self._pool is not None
+        retry = _Backoff(start=0.5, cap=10.0)
+        while True:
+            if attempt.context.stop_reason == STOP_LOST:
+                _log_job("abandoned", attempt.job, logging.WARNING, reason="the claim was lost")
+                return None
+            try:
+                with self._pool.connection() as conn:
+                    row = conn.execute(query, params).fetchone()
+                break
+            except (psycopg.OperationalError, PoolTimeout) as error:
+                if self._force.is_set():
+                    _log_job(
+                        "abandoned",
+                        attempt.job,
+                        logging.ERROR,
+                        reason="cannot record the outcome; the job will run again",
+                    )
+                    return None
+                wait = retry.next()
+                logger.warning(
+                    "cannot record the outcome of job %s yet: %s; retrying in %.1fs",
+                    attempt.job.id,
+                    _scrub(str(error), self._conninfo),
+                    wait,
+                )
+                self._force.wait(wait)
+        if row is None:
+            _log_job(
+                "abandoned",
+                attempt.job,
+                logging.WARNING,
+                reason="another worker owns the job now; this outcome is discarded",
+            )
+        return row
+
+    def _release(self, attempts: Sequence[_Attempt]) -> None:
+        """Put jobs back in the queue without spending the attempt (forced shutdown)."""
+        assert self._pool is not None
+        params = {"ids": [a.job.id for a in attempts], "claims": [a.job.claim for a in attempts]}
+        try:
+            with self._pool.connection(timeout=5.0) as conn:
+                released = {row[0] for row in conn.execute(RELEASE, params).fetchall()}
+        except (psycopg.OperationalError, PoolTimeout) as error:
+            logger.error(
+                "cannot put %d job(s) back (%s); other workers will recover them",
+                len(attempts),
+                _scrub(str(error), self._conninfo),
+            )
+            return
+        for attempt in attempts:
+            if attempt.job.id in released:
+                _log_job("released", attempt.job, logging.WARNING, reason="forced shutdown")
+
+    # -- liveness -------------------------------------------------------------------------
+
+    def _watch(self) -> None:
+        """Stop this worker's jobs before others may take them over: when its heartbeat has
+        not reached the database for nearly as long as the others wait."""
+        while not self._closed.wait(0.5):
+            session = self._session
+            if session is None or session.worker_id is None or session.declared_dead:
+                continue
+            limit = self._heartbeat_timeout
+            if session.broken:  # its lock is gone too
+                limit = min(limit, self._lock_grace)
+            silent = time.monotonic() - session.last_ok
+            if silent > limit - FENCE_MARGIN:
+                stopped = self._abandon_all()
+                session.declare_dead()
+                logger.error(
+                    "no heartbeat reached the database for %.1fs: stopped %d running job(s), "
+                    "which other workers may run now",
+                    silent,
+                    stopped,
+                    extra={"fields": {"event": "lease lost", "jobs": stopped}},
+                )
+
+    def _on_reaped(self) -> None:
+        self._abandon_all()
+
+    def _abandon_all(self) -> int:
+        attempts = self._attempts()
+        for attempt in attempts:
+            attempt.context.request_stop(STOP_LOST)
+        return len(attempts)
+
+
+###############################################################################
+# Logging
+###############################################################################
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object a line: time, level, the event's fields and the message."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = datetime.fromtimestamp(record.created, UTC)
+        data = {
+            "time": when.isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            **getattr(record, "fields", {}),
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(_jsonable(data), ensure_ascii=False, default=str)
+
+
+def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
+    """Log to stderr as text or JSON lines. The library never calls this; the CLI does."""
+    stream = logging.StreamHandler(sys.stderr)
+    if log_format == "json":
+        stream.setFormatter(_JsonFormatter())
+    else:
+        stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [stream]
+    root.setLevel(logging.WARNING)
+    logger.setLevel(level)
+    # The pool reports each failed reconnection; the worker already says the database is away.
+    logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+
+
+###############################################################################
+# Command line
+###############################################################################
+
+
+class _Cli(click.Group):
+    """Every error is one line on stderr, never a traceback: exit status 2 for bad input,
+    1 for an operation that failed."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            outcome = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+            code = outcome if isinstance(outcome, int) else 0
+        except click.UsageError as error:
+            code = _fail(error.format_message(), 2)
+        except click.ClickException as error:
+            code = _fail(error.format_message(), error.exit_code)
+        except click.Abort:
+            code = _fail("aborted", 1)
+        except (InvalidJob, ConfigError) as error:
+            code = _fail(str(error), 2)
+        except JobsError as error:
+            code = _fail(str(error), 1)
+        except psycopg.Error as error:
+            code = _fail(f"database error: {error}", 1)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _fail(message: str, code: int) -> int:
+    click.echo(f"Error: {' '.join(message.split())}", err=True)
+    return code
+
+
+@dataclass
+class _Config:
+    """What the command group knows: where the database is."""
+
+    database_url: str | None
+    home: Path
+    _url: str | None = None
+
+    def url(self) -> str:
+        """The database URL; with none given, the embedded server's (started and migrated)."""
+        if self._url is None:
+            if self.database_url:
+                check_conninfo(self.database_url)
+                self._url = self.database_url
+            else:
+                url = start_embedded(self.home)
+                with connect(url, autocommit=True) as conn:
+                    migrate(conn)
+                self._url = url
+        return self._url
+
+    def connect(self) -> psycopg.Connection:
+        """An autocommit connection to a database with the current schema."""
+        conn = connect(self.url(), autocommit=True)
+        try:
+            check_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+
+class _DurationType(click.ParamType):
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int | float):
+            return float(value)
+        try:
+            return parse_duration(value)
+        except InvalidJob as error:
+            self.fail(str(error), param, ctx)
+
+
+class _TimeType(click.ParamType):
+    name = "time"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, datetime):
+            return value
+        try:
+            return parse_time(value)
+        except InvalidJob as error:
+            self.fail(str(error), param, ctx)
+
+
+_DURATION_TYPE = _DurationType()
+_TIME_TYPE = _TimeType()
+
+
+def _setting(*decls: str, env: str, **kwargs: Any) -> Callable[[Any], Any]:
+    """An option with its CLAUDE_JOBS_* environment variable, shown in --help."""
+    return click.option(*decls, envvar=f"CLAUDE_JOBS_{env}", show_envvar=True, **kwargs)
+
+
+_import_option = _setting(
+    "--import",
+    "imports",
+    env="IMPORT",
+    multiple=True,
+    metavar="MODULE",
+    help="Import MODULE first, so the job kinds it registers with @handler are known (repeatable).",
+)
+
+
+def _import_modules(names: Sequence[str]) -> None:
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # as `python -m` would: modules of the project at hand
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except Exception as error:
+            raise ConfigError(f"cannot import {name}: {type(error).__name__}: {error}") from None
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--database-url",
+    envvar=["CLAUDE_JOBS_DATABASE_URL", "DATABASE_URL"],
+    show_envvar=True,
+    metavar="URL",
+    help="PostgreSQL URL or conninfo. Without one, an embedded PostgreSQL "
+    "kept in --home is used (pip install 'claude-jobs[embedded]').",
+)
+@_setting(
+    "--home",
+    env="HOME",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=default_home,
+    show_default="~/.local/share/claude-jobs",
+    help="Where the embedded PostgreSQL keeps its data.",
+)
+@click.pass_context
+def cli(ctx: click.Context, database_url: str | None, home: Path) -> None:
+    """A durable job queue on PostgreSQL for unattended Claude Code (`claude -p`) runs.
+
+    \b
+    Example:
+      claude-jobs enqueue --payload '{"prompt": "explain this code", "cwd": "."}'
+      claude-jobs worker --burst
+      claude-jobs show 6f1c2e9a-...
+    """
+    ctx.obj = _Config(database_url or None, home)
+
+
+@cli.command("migrate")
+@click.option(
+    "--print-sql",
+    is_flag=True,
+    help="Print the schema script (the text of migrations.sql) instead of applying it.",
+)
+@click.pass_obj
+def migrate_command(config: _Config, print_sql: bool) -> None:
+    """Create the schema, or upgrade an older one in place.
+
+    Idempotent, and safe to run from several machines at once.
+
+    \b
+    Example:
+      claude-jobs --database-url postgresql://me@db/app migrate
+      claude-jobs migrate --print-sql > migrations.sql
+    """
+    if print_sql:
+        click.echo(schema_sql(), nl=False)
+        return
+    url = config.url()
+    with connect(url, autocommit=True) as conn:
+        before, after = migrate(conn)
+    if before == after:
+        click.echo(f"the schema of {mask_url(url)} is up to date (version {after})")
+    else:
+        click.echo(f"migrated {mask_url(url)} from version {before or 'none'} to {after}")
+
+
+@cli.command("enqueue")
+@click.option("--payload", metavar="JSON", help="The job's payload, a JSON object.")
+@click.option(
+    "--file",
+    "payload_file",
+    type=click.File("r", encoding="utf-8"),
+    metavar="PATH",
+    help="JSON Lines, one payload object a line ('-': stdin); all are queued or none.",
+)
+@_setting("--queue", env="QUEUE", default=DEFAULT_QUEUE, show_default=True, help="Queue name.")
+@_setting(
+    "--priority",
+    env="PRIORITY",
+    type=click.IntRange(PG_INT_MIN, PG_INT_MAX),
+    default=0,
+    show_default=True,
+    help="Higher runs first.",
+)
+@_setting(
+    "--delay",
+    env="DELAY",
+    type=_DURATION_TYPE,
+    help="Run no sooner than this from now: 30s, 5m, 1h30m.",
+)
+@_setting("--run-at", env="RUN_AT", type=_TIME_TYPE, help="Run no sooner than this ISO 8601 time.")
+@_setting(
+    "--max-attempts",
+    env="MAX_ATTEMPTS",
+    type=click.IntRange(1, PG_INT_MAX),
+    default=DEFAULT_MAX_ATTEMPTS,
+    show_default=True,
+    help="Attempts before the job fails.",
+)
+@_setting("--kind", env="KIND", default=DEFAULT_KIND, show_default=True, help="Job kind.")
+@_setting(
+    "--timeout",
+    env="TIMEOUT",
+    type=_DURATION_TYPE,
+    help="Time limit of each attempt (claude jobs: 1h).",
+)
+@_import_option
+@click.option("--json", "as_json", is_flag=True, help="Print the new job as JSON, not its id.")
+@click.pass_obj
+def enqueue_command(
+    config: _Config,
+    payload: str | None,
+    payload_file: Any,
+    imports: Sequence[str],
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Queue a job (or a file of jobs) and print its id.
+
+    A claude job's payload holds "prompt" and optionally "cwd", a directory resolved against
+    where you run this ("." means here); without one the job runs in the worker's directory.
+
+    \b
+    Examples:
+      claude-jobs enqueue --payload '{"prompt": "explain this code", "cwd": "."}'
+      claude-jobs enqueue --file reviews.jsonl --queue nightly --delay 8h --priority 10
+    """
+    _import_modules(imports)
+    if (payload is None) == (payload_file is None):
+        raise InvalidJob("give either --payload JSON or --file PATH")
+    JobOptions.build(**options)  # complain about the options before reading any input
+    if payload is not None:
+        payloads = [prepare_payload(options["kind"], _parse_json(payload, "--payload"))]
+    else:
+        payloads = _read_json_lines(payload_file, options["kind"])
+    with config.connect() as conn:
+        if payload is not None:
+            jobs = [enqueue(conn, payloads[0], **options)]
+        else:
+            ids = enqueue_many(conn, payloads, **options)
+            jobs = [get_job(conn, job_id) for job_id in ids] if as_json else []
+            if not as_json:
+                click.echo("".join(f"{job_id}\n" for job_id in ids), nl=False)
+    for job in jobs:
+        click.echo(json.dumps(job.to_dict(), ensure_ascii=False) if as_json else job.id)
+
+
+def _parse_json(text: str, where: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as error:
+        reason = getattr(error, "msg", str(error))
+        raise InvalidJob(f"{where} is not valid JSON: {reason}") from None
+
+
+def _read_json_lines(stream: Any, kind: str) -> list[dict[str, Any]]:
+    """Every payload of a JSON Lines stream, checked; an error names its line."""
+    payloads = []
+    for number, line in enumerate(stream, 1):
+        if not line.strip():
+            continue
+        try:
+            payloads.append(prepare_payload(kind, _parse_json(line, "it")))
+        except InvalidJob as error:
+            raise InvalidJob(f"line {number} of {stream.name}: {error}") from None
+    return payloads
+
+
+@cli.command("worker")
+@_setting(
+    "--concurrency",
+    "-c",
+    env="CONCURRENCY",
+    type=click.IntRange(1, 1000),
+    default=DEFAULT_CONCURRENCY,
+    show_default=True,
+    help="Jobs run at once (threads).",
+)
+@_setting(
+    "--queues",
+    "-q",
+    env="QUEUES",
+    default="*",
+    show_default=True,
+    help="Comma-separated queues, earlier ones first; * for every queue.",
+)
+@_setting(
+    "--poll-interval",
+    env="POLL_INTERVAL",
+    type=_DURATION_TYPE,
+    default="5s",
+    show_default=True,
+    help="Look for ready jobs this often even without a notification.",
+)
+@_setting("--burst", env="BURST", is_flag=True, help="Exit once nothing is ready.")
+@_import_option
+@_setting(
+    "--shutdown-timeout",
+    env="SHUTDOWN_TIMEOUT",
+    type=_DURATION_TYPE,
+    help="On SIGINT/SIGTERM, wait this long for running jobs, then stop them and put them "
+    "back [default: as long as they take].",
+)
+@_setting(
+    "--claude-bin",
+    env="CLAUDE_BIN",
+    default=DEFAULT_CLAUDE_BIN,
+    show_default=True,
+    help="The claude executable.",
+)
+@_setting(
+    "--allow-dir",
+    "allow_dirs",
+    env="ALLOW_DIRS",
+    multiple=True,
+    type=click.Path(exists=True, file_okay=False),
+    metavar="DIR",
+    help="Run claude jobs only in DIR or below (repeatable) [default: anywhere].",
+)
+@_setting(
+    "--heartbeat-timeout",
+    env="HEARTBEAT_TIMEOUT",
+    type=_DURATION_TYPE,
+    default="60s",
+    show_default=True,
+    help="A worker silent this long is dead even if its session lingers.",
+)
+@_setting(
+    "--backoff-base",
+    env="BACKOFF_BASE",
+    type=_DURATION_TYPE,
+    default="5s",
+    show_default=True,
+    help="Retry delay after the first failure; it doubles.",
+)
+@_setting(
+    "--backoff-max",
+    env="BACKOFF_MAX",
+    type=_DURATION_TYPE,
+    default="5m",
+    show_default=True,
+    help="Longest retry delay.",
+)
+@_setting(
+    "--log-format",
+    env="LOG_FORMAT",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+)
+@click.pass_obj
+def worker_command(
+    config: _Config, imports: Sequence[str], log_format: str, **options: Any
+) -> None:
+    """Run jobs until SIGINT/SIGTERM (a second signal stops running jobs at once and puts them
+    back in the queue unspent).
+
+    \b
+    Examples:
+      claude-jobs worker --concurrency 3 --queues urgent,default
+      claude-jobs worker --burst --import myapp.jobs
+    """
+    configure_logging(log_format)
+    _import_modules(imports)
+    worker = Worker(config.url(), **options)
+    _stop_on_signals(worker)
+    worker.run()
+
+
+def _stop_on_signals(worker: Worker) -> None:
+    """First SIGINT/SIGTERM: stop claiming and let jobs finish. Second: stop them now."""
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        worker.stop(force=len(received) > 1)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+
+@cli.command("show")
+@click.argument("job_id", metavar="ID")
+@click.option("--json", "as_json", is_flag=True, help="Print the job as one JSON object.")
+@click.pass_obj
+def show_command(config: _Config, job_id: str, as_json: bool) -> None:
+    """Show one job: its payload, status, attempts and errors, result and transcript tail.
+
+    \b
+    Example:
+      claude-jobs show 6f1c2e9a-3b7d-4c1e-9f3a-2b8e5d7c4a10 --json
+    """
+    with config.connect() as conn:
+        job = get_job(conn, job_id)
+    click.echo(json.dumps(job.to_dict(), ensure_ascii=False) if as_json else _describe(job))
+
+
+def _describe(job: Job) -> str:
+    """A job as a person reads it."""
+
+    def when(moment: datetime | None) -> str:
+        return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "-"
+
+    outcome = f"{job.status} (attempt {job.attempts} of {job.max_attempts})"
+    if job.status == JobStatus.QUEUED and job.run_at > datetime.now(UTC):
+        outcome += f", runs at {when(job.run_at)}"
+    rows = [
+        ("job", f"{job.id}  {job.kind} · queue {job.queue} · priority {job.priority}"),
+        ("status", outcome),
+        ("created", when(job.created_at)),
+        ("started", when(job.started_at)),
+        ("finished", when(job.finished_at)),
+        ("worker", job.worker or "-"),
+    ]
+    if job.started_at and job.finished_at:
+        rows.append(("took", f"{(job.finished_at - job.started_at).total_seconds():.1f}s"))
+    if job.kind == DEFAULT_KIND:
+        rows.append(("cwd", job.payload.get("cwd") or "(the worker's directory)"))
+        rows.append(("prompt", job.payload.get("prompt", "")))
+    else:
+        rows.append(("payload", json.dumps(job.payload, ensure_ascii=False)))
+    result = job.result
+    if isinstance(result, dict) and result.get("type") == "result":
+        rows.append(("result", result.get("result") or "; ".join(result.get("errors") or [])))
+        rows.append(("turns", str(result.get("num_turns", "-"))))
+    elif result is not None:
+        rows.append(("result", json.dumps(result, ensure_ascii=False)))
+    if job.kind == DEFAULT_KIND:
+        rows.append(("cost", f"${job.cost_usd:.4f}"))
+        rows.append(("session", job.session_id or "-"))
+    lines = [f"{name:<9} {_indent(str(value), 10)}" for name, value in rows]
+    for entry in job.errors:
+        lines.append(
+            f"error     attempt {entry.get('attempt')}: {_indent(str(entry.get('error')), 10)}"
+        )
+    if job.transcript:
+        tail = job.transcript.rstrip("\n").splitlines()[-10:]
+        lines.append("transcript (last lines):")
+        lines.extend(f"  {line[:300]}" for line in tail)
+    return "\n".join(lines)
+
+
+def _indent(text: str, width: int) -> str:
+    return text.replace("\n", "\n" + " " * width)
+
+
+def main() -> None:
+    """The `claude-jobs` console script."""
+    cli.main(prog_name="claude-jobs")
+
+
+if __name__ == "__main__":
+    # Run the importable module rather than this __main__ copy, so that the handlers which
+    # --import modules register land in the registry the worker reads.
+    import claude_jobs
+
+    claude_jobs.main()

@@ -1,0 +1,65 @@
+BEGIN;
+-- The claude-jobs schema, version 1.
+-- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
+-- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
+CREATE TABLE IF NOT EXISTS claude_jobs_schema (
+    version     integer PRIMARY KEY,
+    applied_at  timestamptz NOT NULL DEFAULT now()
+);
+
+-- version 1
+DO $migration_1$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 1) THEN
+CREATE TABLE claude_jobs (
+    id            uuid PRIMARY KEY DEFAULT gen_random_uuid(),
+    queue         text NOT NULL DEFAULT 'default',
+    kind          text NOT NULL DEFAULT 'claude',
+    priority      integer NOT NULL DEFAULT 0,         -- higher runs first
+    payload       jsonb NOT NULL,
+    status        text NOT NULL DEFAULT 'queued' CHECK (status IN
+                      ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
+    run_at        timestamptz NOT NULL DEFAULT now(), -- not claimed before then
+    attempts      integer NOT NULL DEFAULT 0,         -- attempts started
+    max_attempts  integer NOT NULL DEFAULT 5 CHECK (max_attempts >= 1),
+    timeout       double precision CHECK (timeout > 0), -- seconds; NULL: handler's default
+    last_error    text,
+    errors        jsonb NOT NULL DEFAULT '[]',        -- one object per failed attempt
+    worker_id     uuid,                               -- the worker running (or last ran) it
+    worker        text,                               -- that worker as host:pid
+    claim         uuid,                               -- fencing token of the current claim
+    result        jsonb,                              -- the handler's result
+    session_id    text,                               -- claude: the session, to resume it
+    cost_usd      numeric NOT NULL DEFAULT 0,         -- claude: cost of all attempts
+    transcript    text,                               -- claude: stream-json tail
+    created_at    timestamptz NOT NULL DEFAULT now(),
+    started_at    timestamptz,
+    finished_at   timestamptz,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+-- The claim query walks these: ready jobs only, in claim order.
+CREATE INDEX claude_jobs_ready_in_queue ON claude_jobs (queue, priority DESC, run_at)
+    WHERE status = 'queued';
+CREATE INDEX claude_jobs_ready ON claude_jobs (priority DESC, run_at)
+    WHERE status = 'queued';
+-- Idle workers learn when the next scheduled job is due through this one.
+CREATE INDEX claude_jobs_scheduled ON claude_jobs (run_at) WHERE status = 'queued';
+-- Recovery finds a dead worker's jobs through this one.
+CREATE INDEX claude_jobs_running ON claude_jobs (worker_id) WHERE status = 'running';
+
+CREATE TABLE claude_jobs_workers (
+    id              uuid PRIMARY KEY,
+    lock_key        integer NOT NULL UNIQUE, -- holds advisory lock (namespace, lock_key)
+    host            text NOT NULL,
+    pid             integer NOT NULL,
+    queues          text[] NOT NULL,
+    kinds           text[] NOT NULL,
+    concurrency     integer NOT NULL,
+    backend_pid     integer,                 -- the PostgreSQL session holding the lock
+    started_at      timestamptz NOT NULL DEFAULT now(),
+    last_heartbeat  timestamptz NOT NULL DEFAULT now()
+);
+CREATE SEQUENCE claude_jobs_worker_keys AS integer MINVALUE 1 CYCLE;
+INSERT INTO claude_jobs_schema (version) VALUES (1);
+END IF;
+END $migration_1$;
+COMMIT;

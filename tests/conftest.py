@@ -1,0 +1,286 @@
+"""Shared fixtures: a throwaway PostgreSQL, a fake `claude`, and real worker processes.
+
+PostgreSQL: one throwaway server per test session, started with pgserver (which runs it as an
+unprivileged user when the tests run as root), and pytest-postgresql's `postgresql_noproc`
+pointed at it. pytest-postgresql migrates a template database once; every test gets a fresh
+copy of it as `postgresql` (a psycopg connection), and `db_url` is the URL of that copy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pgserver
+import psycopg
+import pytest
+from pytest_postgresql import factories
+
+import claude_jobs
+
+TESTS = Path(__file__).parent
+FIXTURES = TESTS / "fixtures" / "claude-cli"
+
+
+@dataclass
+class Server:
+    """What pytest-postgresql's noproc factory reads from the fixture it depends on."""
+
+    host: str
+    port: int
+    pgdata: Path
+    user: str = "postgres"
+    password: str | None = None
+    options: str = ""
+    maintenance_dbname: str = "postgres"
+    template_dbname: str | None = None
+
+    def url(self, dbname: str) -> str:
+        return f"postgresql://{self.user}@/{dbname}?host={self.host}&port={self.port}"
+
+
+@pytest.fixture(scope="session")
+def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    pgdata = tmp_path_factory.mktemp("postgres") / "data"
+    server = pgserver.get_server(pgdata, cleanup_mode="delete")
+    info = server.get_postmaster_info()
+    yield Server(host=str(info.socket_dir), port=info.port, pgdata=pgdata)
+    server.cleanup()
+
+
+def load_schema(host: str, port: int, user: str, dbname: str, password: str | None, **_: Any):
+    with psycopg.connect(
+        host=host, port=port, user=user, dbname=dbname, password=password, autocommit=True
+    ) as conn:
+        claude_jobs.migrate(conn)
+
+
+postgresql_noproc = factories.postgresql_noproc(depends_on="pg_server", load=[load_schema])
+postgresql = factories.postgresql("postgresql_noproc")
+unmigrated_noproc = factories.postgresql_noproc(depends_on="pg_server", dbname="unmigrated")
+unmigrated = factories.postgresql("unmigrated_noproc")
+
+
+@pytest.fixture
+def db_url(pg_server: Server, postgresql: psycopg.Connection) -> str:
+    """The URL of this test's database (a fresh copy of the migrated template)."""
+    postgresql.autocommit = True
+    return pg_server.url(postgresql.info.dbname)
+
+
+@pytest.fixture
+def conn(postgresql: psycopg.Connection) -> psycopg.Connection:
+    """This test's database, autocommit."""
+    postgresql.autocommit = True
+    return postgresql
+
+
+def wait_for(
+    condition: Callable[[], Any], timeout: float = 15.0, what: str = "the condition"
+) -> Any:
+    """Poll `condition` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def job_row(conn: psycopg.Connection, job_id: Any) -> dict[str, Any]:
+    with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
+        row = cur.execute("SELECT * FROM claude_jobs WHERE id = %s", (job_id,)).fetchone()
+    assert row is not None
+    return row
+
+
+def status_of(conn: psycopg.Connection, job_id: Any) -> str:
+    return job_row(conn, job_id)["status"]
+
+
+# -- the fake claude ----------------------------------------------------------------------
+
+FAKE_CLAUDE = '''\
+#!{python}
+"""A stand-in for the Claude Code CLI. It records how it was run in $FAKE_CLAUDE_LOG, then
+behaves as the prompt says: a prompt starting with "FAKE:" holds a JSON object of directives,
+any other prompt gets a successful stream-json run answering "echo: <prompt start>".
+
+Directives: emit (a fixture file to print to stdout), stdout / stderr (text to print),
+sleep (seconds, before finishing), child (spawn a grandchild that sleeps, recording its pid),
+exit (the exit status, default 0), result (the result text of the default success run),
+ignore_term (ignore SIGTERM), cost (total_cost_usd).
+"""
+import base64, json, os, signal, subprocess, sys, time, uuid
+
+prompt = sys.stdin.buffer.read()
+log = os.environ.get("FAKE_CLAUDE_LOG")
+record = {{
+    "argv": sys.argv, "cwd": os.getcwd(), "pid": os.getpid(), "pgid": os.getpgid(0),
+    "stdin": base64.b64encode(prompt).decode(), "stdin_closed": sys.stdin.buffer.read() == b"",
+    "env": {{k: os.environ.get(k) for k in ("CLAUDE_JOBS_JOB_ID", "CLAUDE_JOBS_ATTEMPT",
+            "IS_SANDBOX", "FAKE_MARKER")}},
+}}
+text = prompt.decode("utf-8", "replace")
+directives = json.loads(text[5:]) if text.startswith("FAKE:") else {{}}
+if directives.get("ignore_term"):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+if directives.get("child"):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    record["child"] = child.pid
+if log:
+    env = record["env"]
+    name = f"{{env['CLAUDE_JOBS_JOB_ID']}}-{{env['CLAUDE_JOBS_ATTEMPT']}}-{{os.getpid()}}.json"
+    with open(os.path.join(log, name), "w") as f:
+        json.dump(record, f)
+session = str(uuid.uuid4())
+if "emit" in directives:
+    with open(os.path.join({fixtures!r}, directives["emit"])) as f:
+        sys.stdout.write(f.read())
+elif "stdout" not in directives:
+    lines = [
+        {{"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": session,
+          "tools": ["Bash"], "model": "fake"}},
+        {{"type": "assistant", "session_id": session, "message": {{"role": "assistant",
+          "content": [{{"type": "text", "text": "working on it"}}]}}}},
+    ]
+    for line in lines:
+        print(json.dumps(line), flush=True)
+if "stdout" in directives:
+    sys.stdout.write(directives["stdout"])
+if "stderr" in directives:
+    sys.stderr.write(directives["stderr"])
+sys.stdout.flush()
+time.sleep(directives.get("sleep", 0))
+if "emit" not in directives and "stdout" not in directives:
+    result = directives.get("result", "echo: " + text[:40])
+    print(json.dumps({{"type": "result", "subtype": "success", "is_error": False,
+        "result": result, "session_id": session, "total_cost_usd": directives.get("cost", 0.0125),
+        "num_turns": 2, "duration_ms": 12, "usage": {{"input_tokens": 10, "output_tokens": 5}}}}),
+        flush=True)
+sys.exit(directives.get("exit", 0))
+'''
+
+
+@pytest.fixture(scope="session")
+def fake_claude(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The path of the fake `claude` executable."""
+    path = tmp_path_factory.mktemp("bin") / "claude"
+    path.write_text(FAKE_CLAUDE.format(python=sys.executable, fixtures=str(FIXTURES)))
+    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return path
+
+
+@pytest.fixture
+def claude_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Where the fake claude records each run (one JSON file a run)."""
+    log = tmp_path / "claude-runs"
+    log.mkdir()
+    monkeypatch.setenv("FAKE_CLAUDE_LOG", str(log))
+    monkeypatch.setenv("IS_SANDBOX", "1")
+    return log
+
+
+def claude_runs(log: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in sorted(log.glob("*.json"))]
+
+
+def fake(**directives: Any) -> str:
+    """A prompt that makes the fake claude behave as told."""
+    return "FAKE:" + json.dumps(directives)
+
+
+# -- worker processes -----------------------------------------------------------------------
+
+
+class WorkerProcess:
+    """`claude-jobs worker` as a real process, its log in a file."""
+
+    def __init__(self, db_url: str, args: list[str], log: Path, env: dict[str, str]) -> None:
+        self.log_path = log
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "claude_jobs", "--database-url", db_url, "worker", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, text: str, timeout: float = 15.0) -> None:
+        wait_for(lambda: text in self.log(), timeout, f"{text!r} in the worker log:\n{self.log()}")
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def wait(self, timeout: float = 30.0) -> int:
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the worker did not exit within {timeout}s; its log:\n{self.log()}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+            self.process.wait()
+        self._log.close()
+
+
+@pytest.fixture
+def start_worker(
+    db_url: str, fake_claude: Path, tmp_path: Path
+) -> Iterator[Callable[..., WorkerProcess]]:
+    """Start `claude-jobs worker` processes on this test's database (killed at the end)."""
+    started: list[WorkerProcess] = []
+
+    def start(*args: str, url: str | None = None, **env: str) -> WorkerProcess:
+        environment = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(TESTS.parent), str(TESTS)]),
+            "CLAUDE_JOBS_CLAUDE_BIN": str(fake_claude),
+            "IS_SANDBOX": "1",
+            **env,
+        }
+        log = tmp_path / f"worker-{len(started) + 1}.log"
+        worker = WorkerProcess(url or db_url, list(args), log, environment)
+        started.append(worker)
+        return worker
+
+    yield start
+    for worker in started:
+        worker.stop()
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie counts as dead: it has exited and waits for its parent to reap it.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def dedent(text: str) -> str:
+    return textwrap.dedent(text).lstrip()

@@ -1,0 +1,96 @@
+"""The schema: migrations.sql matches the module, and migrate is versioned, idempotent,
+safe to run concurrently and upgrades an older schema in place."""
+
+import threading
+from pathlib import Path
+
+import psycopg
+from click.testing import CliRunner
+
+import claude_jobs
+
+ROOT = Path(__file__).parent.parent
+
+
+def test_migrations_sql_is_the_schema_of_the_module() -> None:
+    assert (ROOT / "migrations.sql").read_text() == claude_jobs.schema_sql()
+
+
+def test_migrate_print_sql_prints_migrations_sql() -> None:
+    result = CliRunner().invoke(claude_jobs.cli, ["migrate", "--print-sql"])
+    assert result.exit_code == 0
+    assert result.output == (ROOT / "migrations.sql").read_text()
+
+
+def test_migrate_records_the_version_and_is_idempotent(unmigrated: psycopg.Connection) -> None:
+    unmigrated.autocommit = True
+    assert claude_jobs.schema_version(unmigrated) is None
+    assert claude_jobs.migrate(unmigrated) == (None, claude_jobs.SCHEMA_VERSION)
+    assert claude_jobs.schema_version(unmigrated) == claude_jobs.SCHEMA_VERSION
+    claude_jobs.enqueue(unmigrated, {"prompt": "keep me"})
+    assert claude_jobs.migrate(unmigrated) == (claude_jobs.SCHEMA_VERSION,) * 2
+    versions = unmigrated.execute("SELECT version FROM claude_jobs_schema").fetchall()
+    assert versions == [(v,) for v, _ in claude_jobs.MIGRATIONS]
+    assert unmigrated.execute("SELECT count(*) FROM claude_jobs").fetchone() == (1,)
+
+
+def test_concurrent_migrates_apply_each_version_once(unmigrated: psycopg.Connection) -> None:
+    url = unmigrated.info.dsn
+    errors: list[BaseException] = []
+    start = threading.Barrier(4)
+
+    def run() -> None:
+        try:
+            with psycopg.connect(url, autocommit=True) as conn:
+                start.wait()
+                claude_jobs.migrate(conn)
+        except BaseException as error:  # reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    unmigrated.autocommit = True
+    assert claude_jobs.schema_version(unmigrated) == claude_jobs.SCHEMA_VERSION
+    count = unmigrated.execute("SELECT count(*) FROM claude_jobs_schema").fetchone()
+    assert count == (len(claude_jobs.MIGRATIONS),)
+
+
+def test_migrate_upgrades_an_older_schema_in_place(unmigrated: psycopg.Connection) -> None:
+    unmigrated.autocommit = True
+    claude_jobs.migrate(unmigrated)
+    job = claude_jobs.enqueue(unmigrated, {"prompt": "survive the upgrade"})
+    newer = (
+        *claude_jobs.MIGRATIONS,
+        (claude_jobs.SCHEMA_VERSION + 1, "ALTER TABLE claude_jobs ADD COLUMN label text;"),
+    )
+    before, after = claude_jobs.migrate(unmigrated, newer)
+    assert (before, after) == (claude_jobs.SCHEMA_VERSION, claude_jobs.SCHEMA_VERSION + 1)
+    row = unmigrated.execute("SELECT payload, label FROM claude_jobs WHERE id = %s", [job.id])
+    assert row.fetchone() == ({"prompt": "survive the upgrade"}, None)
+    # the code of the older version now refuses to run on the newer schema
+    try:
+        claude_jobs.check_schema(unmigrated)
+    except claude_jobs.SchemaError as error:
+        assert "newer than this claude-jobs" in str(error)
+    else:
+        raise AssertionError("check_schema accepted a newer schema")
+
+
+def test_commands_ask_for_migrate_when_the_schema_is_missing(
+    pg_server, unmigrated: psycopg.Connection
+) -> None:
+    url = pg_server.url(unmigrated.info.dbname)
+    result = CliRunner().invoke(
+        claude_jobs.cli, ["--database-url", url, "enqueue", "--payload", '{"prompt": "x"}']
+    )
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: this database has no claude-jobs schema: run `claude-jobs migrate`\n"
+    )
+    result = CliRunner().invoke(claude_jobs.cli, ["--database-url", url, "migrate"])
+    assert result.exit_code == 0, result.output
+    assert "from version none to 1" in result.output

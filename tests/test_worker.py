@@ -1,0 +1,423 @@
+"""The worker: claim order, NOTIFY wake-up, retries and backoff, permanent failures, kinds,
+exactly-once across processes, crash recovery, shutdown, and losing the database."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import fake, job_row, status_of, wait_for
+from handlers import EXECUTIONS_TABLE
+from tcp_proxy import TcpProxy
+
+import claude_jobs
+from claude_jobs import PermanentError, Worker
+
+ran: list[str] = []
+
+
+@claude_jobs.handler("note")
+def note(job: claude_jobs.Job) -> dict[str, Any]:
+    ran.append(job.payload["name"])
+    return {"noted": job.payload["name"]}
+
+
+@claude_jobs.handler("flaky")
+def flaky(job: claude_jobs.Job) -> None:
+    raise RuntimeError(f"attempt {job.attempts} broke")
+
+
+@claude_jobs.handler("doomed")
+def doomed(job: claude_jobs.Job) -> None:
+    raise PermanentError("this can never work")
+
+
+@claude_jobs.handler("unhandled")
+def unhandled(job: claude_jobs.Job) -> None:
+    raise AssertionError("no worker in these tests runs this kind")
+
+
+@pytest.fixture(autouse=True)
+def clear_ran() -> None:
+    ran.clear()
+
+
+class Running:
+    """A Worker running in a thread of this process."""
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.thread = threading.Thread(target=worker.run, name="test-worker")
+        self.thread.start()
+        wait_for(lambda: worker.id is not None, what="the worker to register")
+
+    def stop(self, force: bool = False) -> None:
+        self.worker.stop(force)
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def run_worker(db_url: str) -> Iterator[Any]:
+    running: list[Running] = []
+
+    def start(**options: Any) -> Running:
+        options.setdefault("handlers", {"note": note})
+        running.append(Running(Worker(db_url, **options)))
+        return running[-1]
+
+    yield start
+    for each in running:
+        each.stop(force=True)
+
+
+def test_claims_earlier_queues_first_then_priority_then_run_at(
+    conn: psycopg.Connection, db_url: str
+) -> None:
+    now = datetime.now(UTC)
+    for name, queue, priority, age in [
+        ("low-old", "low", 0, 30),
+        ("high-p0-new", "high", 0, 1),
+        ("high-p0-old", "high", 0, 20),
+        ("high-p5", "high", 5, 0),
+        ("low-p9", "low", 9, 0),
+        ("other", "other", 100, 100),
+    ]:
+        claude_jobs.enqueue(
+            conn,
+            {"name": name},
+            kind="note",
+            queue=queue,
+            priority=priority,
+            run_at=now - timedelta(seconds=age),
+        )
+    with Worker(db_url, queues="high,low", concurrency=1, handlers={"note": note}) as worker:
+        while worker.run_once():
+            pass
+    assert ran == ["high-p5", "high-p0-old", "high-p0-new", "low-p9", "low-old"]
+    assert conn.execute("SELECT status FROM claude_jobs WHERE queue = 'other'").fetchone() == (
+        "queued",
+    )
+
+
+def test_a_job_is_not_claimed_before_its_run_at(conn: psycopg.Connection, run_worker) -> None:
+    job = claude_jobs.enqueue(conn, {"name": "later"}, kind="note", delay=1.5)
+    run_worker(poll_interval=60)
+    wait_for(lambda: status_of(conn, job.id) == "succeeded", what="the delayed job to run")
+    row = job_row(conn, job.id)
+    assert row["started_at"] >= row["run_at"]
+
+
+def test_an_idle_worker_wakes_on_notify_not_polling(conn: psycopg.Connection, run_worker) -> None:
+    run_worker(poll_interval=60)
+    time.sleep(0.3)  # let it go idle: its next poll is a minute away
+    job = claude_jobs.enqueue(conn, {"name": "now"}, kind="note")
+    wait_for(lambda: status_of(conn, job.id) == "succeeded", timeout=10, what="NOTIFY wake-up")
+
+
+def test_failed_attempts_retry_with_backoff_then_fail_keeping_every_error(
+    conn: psycopg.Connection, run_worker
+) -> None:
+    job = claude_jobs.enqueue(conn, {}, kind="flaky", max_attempts=3)
+    run_worker(handlers={"flaky": flaky}, backoff_base=0.4, backoff_max=10, poll_interval=60)
+    wait_for(lambda: status_of(conn, job.id) == "failed", what="the job to fail")
+    row = job_row(conn, job.id)
+    assert row["attempts"] == 3
+    assert [e["error"] for e in row["errors"]] == [
+        f"RuntimeError: attempt {n} broke" for n in (1, 2, 3)
+    ]
+    assert row["last_error"] == "RuntimeError: attempt 3 broke"
+    assert "Traceback" in row["errors"][0]["traceback"]
+    times = [datetime.fromisoformat(e["at"]) for e in row["errors"]]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(times)]
+    assert gaps[0] >= 0.4 and gaps[1] >= 0.8  # base * 2^(attempt-1), plus jitter
+
+
+def test_backoff_doubles_up_to_the_maximum_with_jitter() -> None:
+    for attempt, expected in [(1, 5), (2, 10), (3, 20), (7, 300), (50, 300), (10**6, 300)]:
+        delay = claude_jobs.backoff_delay(attempt, 5, 300)
+        assert expected <= delay <= expected * 1.1
+
+
+def test_a_permanent_error_fails_at_once(conn: psycopg.Connection, run_worker) -> None:
+    job = claude_jobs.enqueue(conn, {}, kind="doomed", max_attempts=5)
+    run_worker(handlers={"doomed": doomed})
+    wait_for(lambda: status_of(conn, job.id) == "failed", what="the job to fail")
+    row = job_row(conn, job.id)
+    assert row["attempts"] == 1
+    assert row["errors"][0]["permanent"] is True
+    assert row["last_error"] == "this can never work"
+
+
+def test_a_worker_claims_only_kinds_it_has_a_handler_for(
+    conn: psycopg.Connection, db_url: str
+) -> None:
+    mine = claude_jobs.enqueue(conn, {"name": "mine"}, kind="note")
+    other = claude_jobs.enqueue(conn, {}, kind="unhandled", priority=10)
+    Worker(db_url, burst=True, handlers={"note": note}).run()
+    assert status_of(conn, mine.id) == "succeeded"
+    assert job_row(conn, other.id)["status"] == "queued"
+    assert job_row(conn, other.id)["attempts"] == 0
+
+
+def test_the_result_of_a_handler_is_stored(conn: psycopg.Connection, db_url: str) -> None:
+    job = claude_jobs.enqueue(conn, {"name": "x"}, kind="note")
+    Worker(db_url, burst=True, handlers={"note": note}).run()
+    assert job_row(conn, job.id)["result"] == {"noted": "x"}
+
+
+def test_a_result_that_is_not_json_fails_the_job(conn: psycopg.Connection, db_url: str) -> None:
+    job = claude_jobs.enqueue(conn, {"name": "x"}, kind="note")
+    Worker(db_url, burst=True, handlers={"note": lambda job: {"when": object()}}).run()
+    row = job_row(conn, job.id)
+    assert row["status"] == "failed"
+    assert "not JSON" in row["last_error"]
+
+
+def test_enqueue_commits_and_rolls_back_with_the_callers_transaction(
+    postgresql: psycopg.Connection,
+) -> None:
+    postgresql.autocommit = False
+    rolled_back = claude_jobs.enqueue(postgresql, {"prompt": "never"})
+    postgresql.rollback()
+    kept = claude_jobs.enqueue(postgresql, {"prompt": "kept"})
+    many = claude_jobs.enqueue_many(postgresql, [{"prompt": "a"}, {"prompt": "b"}])
+    postgresql.commit()
+    ids = {row[0] for row in postgresql.execute("SELECT id FROM claude_jobs")}
+    assert ids == {kept.id, *many}
+    assert rolled_back.id not in ids
+
+
+def test_stop_is_thread_safe_and_run_returns(db_url: str) -> None:
+    worker = Worker(db_url, handlers={"note": note}, poll_interval=60)
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    wait_for(lambda: worker.id is not None, what="registration")
+    worker.stop()
+    thread.join(10)
+    assert not thread.is_alive()
+
+
+def test_workers_register_and_remove_themselves(conn: psycopg.Connection, run_worker) -> None:
+    running = run_worker(queues="a,b", concurrency=3)
+    rows = conn.execute("SELECT host, pid, queues, concurrency FROM claude_jobs_workers")
+    host, pid, queues, concurrency = rows.fetchone()
+    assert (queues, concurrency) == (["a", "b"], 3)
+    assert f"{host}:{pid}" == running.worker.name
+    running.stop()
+    assert conn.execute("SELECT count(*) FROM claude_jobs_workers").fetchone() == (0,)
+
+
+def test_exactly_once_with_four_worker_processes(
+    conn: psycopg.Connection, db_url: str, start_worker
+) -> None:
+    conn.execute(EXECUTIONS_TABLE)
+    ids = claude_jobs.enqueue_many(conn, [{"n": n} for n in range(2000)], kind="record")
+    workers = [
+        start_worker("--import", "handlers", "--concurrency", "8", RECORD_URL=db_url)
+        for _ in range(4)
+    ]
+
+    def finished() -> bool:
+        counts = conn.execute("SELECT count(*) FROM claude_jobs WHERE status = 'succeeded'")
+        return counts.fetchone()[0] == len(ids)
+
+    wait_for(finished, timeout=120, what="all jobs to succeed")
+    runs = conn.execute(
+        "SELECT job_id, count(*), count(DISTINCT pid) FROM executions GROUP BY job_id"
+    ).fetchall()
+    assert len(runs) == len(ids)
+    assert {count for _, count, _ in runs} == {1}
+    pids = conn.execute("SELECT count(DISTINCT pid) FROM executions").fetchone()[0]
+    assert pids >= 2, "the jobs were shared between processes"
+    for worker in workers:
+        worker.signal(signal.SIGTERM)
+    assert [worker.wait() for worker in workers] == [0, 0, 0, 0]
+
+
+def test_jobs_of_a_worker_killed_with_sigkill_are_recovered_within_10s(
+    conn: psycopg.Connection, start_worker, claude_log, tmp_path
+) -> None:
+    jobs = [
+        claude_jobs.enqueue(conn, {"prompt": fake(sleep=600), "cwd": str(tmp_path)})
+        for _ in range(5)
+    ]
+    doomed = start_worker("--concurrency", "5")
+    wait_for(
+        lambda: (
+            conn.execute("SELECT count(*) FROM claude_jobs WHERE status = 'running'").fetchone()[0]
+            == 5
+        ),
+        what="5 running jobs",
+    )
+    doomed_claudes = wait_for(
+        lambda: len(list(claude_log.glob("*.json"))) == 5 and [r["pid"] for r in _runs(claude_log)]
+    )
+    conn.execute(
+        "UPDATE claude_jobs SET payload = jsonb_set(payload, '{prompt}', %s)",
+        [psycopg.types.json.Jsonb(fake(sleep=0))],
+    )
+    survivor = start_worker("--concurrency", "5")
+    survivor.wait_for_log("started")
+    doomed.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+    wait_for(
+        lambda: (
+            conn.execute("SELECT count(*) FROM claude_jobs WHERE status = 'succeeded'").fetchone()[
+                0
+            ]
+            == 5
+        ),
+        what="the survivor to finish every job",
+    )
+    recovered_after = time.monotonic() - killed_at
+    assert recovered_after < 10, f"recovery took {recovered_after:.1f}s"
+    for job in jobs:
+        row = job_row(conn, job.id)
+        assert row["attempts"] == 2
+        assert row["errors"][0]["error"].startswith("interrupted: worker")
+    from conftest import pid_alive
+
+    assert not any(pid_alive(pid) for pid in doomed_claudes), "claude outlived its worker"
+    assert "recovered" in survivor.log()
+
+
+def _runs(log):
+    from conftest import claude_runs
+
+    return claude_runs(log)
+
+
+def test_sigterm_stops_claiming_and_lets_running_jobs_finish(
+    conn: psycopg.Connection, start_worker, claude_log, tmp_path
+) -> None:
+    running = claude_jobs.enqueue(conn, {"prompt": fake(sleep=2), "cwd": str(tmp_path)})
+    worker = start_worker()
+    wait_for(lambda: status_of(conn, running.id) == "running", what="the job to start")
+    worker.signal(signal.SIGTERM)
+    worker.wait_for_log("stopping: waiting for 1 running job(s)")
+    later = claude_jobs.enqueue(conn, {"prompt": "not now", "cwd": str(tmp_path)})
+    assert worker.wait() == 0
+    assert status_of(conn, running.id) == "succeeded"
+    assert job_row(conn, later.id)["attempts"] == 0
+    assert conn.execute("SELECT count(*) FROM claude_jobs_workers").fetchone() == (0,)
+
+
+def test_a_second_signal_kills_claude_process_groups_and_puts_jobs_back_unspent(
+    conn: psycopg.Connection, start_worker, claude_log, tmp_path
+) -> None:
+    from conftest import claude_runs, pid_alive
+
+    job = claude_jobs.enqueue(conn, {"prompt": fake(sleep=600, child=True), "cwd": str(tmp_path)})
+    worker = start_worker()
+    run = wait_for(lambda: claude_runs(claude_log), what="claude to start")[0]
+    worker.signal(signal.SIGTERM)
+    worker.wait_for_log("stopping: waiting")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0
+    row = job_row(conn, job.id)
+    assert (row["status"], row["attempts"], row["worker_id"]) == ("queued", 0, None)
+    wait_for(
+        lambda: not pid_alive(run["pid"]) and not pid_alive(run["child"]),
+        timeout=5,
+        what="claude and its child to be gone",
+    )
+    assert "released" in worker.log()
+
+
+def test_the_shutdown_timeout_stops_jobs_that_run_too_long(
+    conn: psycopg.Connection, start_worker, claude_log, tmp_path
+) -> None:
+    job = claude_jobs.enqueue(conn, {"prompt": fake(sleep=600), "cwd": str(tmp_path)})
+    worker = start_worker("--shutdown-timeout", "1s")
+    wait_for(lambda: status_of(conn, job.id) == "running", what="the job to start")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait(timeout=20) == 0
+    assert (status_of(conn, job.id), job_row(conn, job.id)["attempts"]) == ("queued", 0)
+
+
+def test_the_listen_connection_comes_back_after_it_drops(
+    conn: psycopg.Connection, run_worker
+) -> None:
+    running = run_worker(poll_interval=60)
+    backend = conn.execute("SELECT backend_pid FROM claude_jobs_workers").fetchone()[0]
+    conn.execute("SELECT pg_terminate_backend(%s)", [backend])
+
+    def reconnected() -> bool:
+        row = conn.execute("SELECT backend_pid FROM claude_jobs_workers").fetchone()
+        return row is not None and row[0] != backend
+
+    wait_for(reconnected, what="the session to reconnect")
+    assert running.worker.id == conn.execute("SELECT id FROM claude_jobs_workers").fetchone()[0]
+    job = claude_jobs.enqueue(conn, {"name": "after"}, kind="note")
+    wait_for(lambda: status_of(conn, job.id) == "succeeded", timeout=10, what="NOTIFY wake-up")
+
+
+@pytest.fixture
+def proxy(pg_server) -> Iterator[TcpProxy]:
+    proxy = TcpProxy(f"{pg_server.host}/.s.PGSQL.{pg_server.port}")
+    yield proxy
+    proxy.close()
+
+
+def test_a_worker_waits_for_an_unreachable_database_and_carries_on(
+    conn: psycopg.Connection, proxy: TcpProxy, start_worker, claude_log, tmp_path
+) -> None:
+    job = claude_jobs.enqueue(conn, {"prompt": "hello", "cwd": str(tmp_path)})
+    worker = start_worker(url=proxy.url(conn.info.dbname))
+    worker.wait_for_log("database session lost")
+    assert "Connection refused" in worker.log()
+    proxy.listen()
+    wait_for(lambda: status_of(conn, job.id) == "succeeded", what="the job to run")
+    assert worker.process.poll() is None
+
+
+def test_a_worker_that_loses_the_database_while_running_records_when_it_returns(
+    conn: psycopg.Connection, proxy: TcpProxy, start_worker, claude_log, tmp_path
+) -> None:
+    proxy.listen()
+    job = claude_jobs.enqueue(conn, {"prompt": fake(sleep=2), "cwd": str(tmp_path)})
+    worker = start_worker(url=proxy.url(conn.info.dbname))
+    wait_for(lambda: status_of(conn, job.id) == "running", what="the job to start")
+    proxy.drop()  # every connection drops and nothing listens, for about a second
+    worker.wait_for_log("database session lost")
+    time.sleep(0.5)
+    proxy.listen()
+    wait_for(lambda: status_of(conn, job.id) == "succeeded", what="the outcome to be recorded")
+    assert job_row(conn, job.id)["attempts"] == 1
+
+
+def test_a_vanished_worker_is_recovered_by_heartbeat_and_cannot_overwrite_when_back(
+    conn: psycopg.Connection, start_worker, claude_log, tmp_path
+) -> None:
+    job = claude_jobs.enqueue(
+        conn, {"prompt": fake(sleep=3, result="from the frozen worker"), "cwd": str(tmp_path)}
+    )
+    frozen = start_worker("--heartbeat-timeout", "6s")
+    wait_for(lambda: status_of(conn, job.id) == "running", what="the job to start")
+    frozen.signal(signal.SIGSTOP)  # its connections stay open and its lock stays held
+    conn.execute(
+        "UPDATE claude_jobs SET payload = jsonb_set(payload, '{prompt}', %s)",
+        [psycopg.types.json.Jsonb(fake(sleep=0, result="from the survivor"))],
+    )
+    survivor = start_worker("--heartbeat-timeout", "6s")
+    wait_for(lambda: status_of(conn, job.id) == "succeeded", timeout=30, what="the takeover")
+    taken = job_row(conn, job.id)
+    assert taken["result"]["result"] == "from the survivor"
+    assert taken["errors"][0]["error"].startswith("interrupted")
+    frozen.signal(signal.SIGCONT)
+    frozen.wait_for_log("abandoned")
+    time.sleep(1)  # it has had its chance to write; nothing it wrote may stick
+    assert job_row(conn, job.id) == taken
+    assert "no heartbeat within the timeout" in survivor.log()
+    wait_for(
+        lambda: conn.execute("SELECT count(*) FROM claude_jobs_workers").fetchone()[0] == 2,
+        what="the frozen worker to come back as a new worker",
+    )
