@@ -74,6 +74,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 __all__ = [
+    "MIGRATIONS",
     "SCHEMA_VERSION",
     "ClaudeHandler",
     "ConfigError",
@@ -82,6 +83,7 @@ __all__ = [
     "Job",
     "JobFailed",
     "JobNotFound",
+    "JobOptions",
     "JobStatus",
     "JobsError",
     "PermanentError",
@@ -89,16 +91,28 @@ __all__ = [
     "SchemaError",
     "Worker",
     "backoff_delay",
+    "check_conninfo",
+    "check_schema",
+    "claude_outcome",
+    "cli",
+    "configure_logging",
     "connect",
     "default_handlers",
+    "default_home",
     "enqueue",
     "enqueue_many",
     "get_job",
     "handler",
+    "main",
     "mask_url",
     "migrate",
     "parse_duration",
+    "parse_time",
+    "prepare_payload",
+    "registered_kinds",
     "schema_sql",
+    "schema_version",
+    "start_embedded",
 ]
 
 logger = logging.getLogger(__name__)
@@ -409,9 +423,13 @@ FROM job
 """
 
 COPY_JOBS = """
--- copy_jobs: bulk insert (enqueue_many), inside the caller's transaction
-COPY claude_jobs (id, queue, kind, priority, payload, run_at, max_attempts, timeout)
-FROM STDIN
+-- copy_jobs: bulk insert (enqueue_many) of jobs ready now, by the database's clock
+COPY claude_jobs (id, queue, kind, priority, payload, max_attempts, timeout) FROM STDIN
+"""
+
+COPY_SCHEDULED_JOBS = """
+-- copy_scheduled_jobs: bulk insert (enqueue_many) of jobs that wait for their run_at
+COPY claude_jobs (id, queue, kind, priority, payload, max_attempts, timeout, run_at) FROM STDIN
 """
 
 NOTIFY_QUEUE = """
@@ -552,7 +570,7 @@ SELECT pg_advisory_unlock_all()
 STALE_WORKERS = """
 -- stale_workers: workers silent for longer than the grace period (a server restart counts as
 -- a heartbeat, so workers get time to reconnect); `vanished` ones are silent past the timeout
-SELECT id, lock_key, backend_pid, host, pid,
+SELECT id, lock_key, host, pid,
        greatest(last_heartbeat, pg_postmaster_start_time())
            < now() - make_interval(secs => %(timeout)s) AS vanished
 FROM claude_jobs_workers
@@ -566,9 +584,11 @@ TRY_LOCK_FOR_REAPING = """
 SELECT pg_try_advisory_xact_lock(%(namespace)s, %(key)s) AS locked
 """
 
-TERMINATE_BACKEND = """
--- terminate_backend: end the session of a worker whose host vanished, freeing its lock
-SELECT pg_terminate_backend(%(pid)s)
+TERMINATE_LOCK_HOLDER = """
+-- terminate_lock_holder: end the session holding a vanished worker's lock, freeing it
+SELECT pg_terminate_backend(pid) FROM pg_locks
+WHERE locktype = 'advisory' AND granted AND classid = %(namespace)s AND objid = %(key)s
+  AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 
 REAP_WORKER = """
@@ -609,7 +629,8 @@ RECOVER_ORPHANS = _REQUEUE_INTERRUPTED.format(
 # Database helpers
 ###############################################################################
 
-_ConnT = TypeVar("_ConnT", bound=psycopg.Connection)
+#: Errors after which an operation is worth trying again: the database went away.
+_TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
 
 #: Detect a dead peer on TCP connections (libpq ignores these on Unix sockets).
 _CONNECT_OPTIONS: dict[str, Any] = {
@@ -993,22 +1014,13 @@ def enqueue_many(
     ids = [uuid.uuid4() for _ in prepared]
     if not prepared:
         return ids
-    run_at_value = options.run_at or datetime.now(UTC)
+    common = (options.queue, options.kind, options.priority)
+    limits = (options.max_attempts, options.timeout)
+    scheduled = () if options.run_at is None else (options.run_at,)
     with _atomic(conn), conn.cursor() as cur:
-        with cur.copy(COPY_JOBS) as copy:
+        with cur.copy(COPY_SCHEDULED_JOBS if scheduled else COPY_JOBS) as copy:
             for job_id, payload in zip(ids, prepared, strict=True):
-                copy.write_row(
-                    (
-                        job_id,
-                        options.queue,
-                        options.kind,
-                        options.priority,
-                        Jsonb(payload),
-                        run_at_value,
-                        options.max_attempts,
-                        options.timeout,
-                    )
-                )
+                copy.write_row((job_id, *common, Jsonb(payload), *limits, *scheduled))
         cur.execute(
             NOTIFY_QUEUE,
             {"channel": NOTIFY_CHANNEL, "queue": options.queue, "run_at": options.run_at},
@@ -1304,7 +1316,7 @@ _PERMANENT_CLAUDE_ERRORS = (
 _PERMANENT_CLAUDE_SUBTYPES = ("error_max_turns", "error_max_budget_usd")
 
 
-def claude_outcome(exit: _ProcessExit, result: dict[str, Any] | None, plain: Sequence[str]) -> Any:
+def claude_outcome(ended: _ProcessExit, result: dict[str, Any] | None, plain: Sequence[str]) -> Any:
     """The job's result from how claude ended: the CLI's result object on success.
 
     Raises PermanentError for what no retry can fix (not logged in, a bad API key, no credit,
@@ -1314,11 +1326,11 @@ def claude_outcome(exit: _ProcessExit, result: dict[str, Any] | None, plain: Seq
     said = said if isinstance(said, str) else ""
     errors = (result or {}).get("errors") or []
     detail = said or "; ".join(map(str, errors))
-    if exit.timed_out:
+    if ended.timed_out:
         raise JobFailed("timed out: claude's process group was terminated", result=result)
-    if exit.returncode == 0 and result is not None and result.get("is_error") is False:
+    if ended.returncode == 0 and result is not None and result.get("is_error") is False:
         return result
-    evidence = "\n".join([said, exit.stderr, *plain])
+    evidence = "\n".join([said, ended.stderr, *plain])
     for marker, explanation in _PERMANENT_CLAUDE_ERRORS:
         if marker in evidence:
             raise PermanentError(f"{explanation} (claude said: {marker})", result=result)
@@ -1327,11 +1339,11 @@ def claude_outcome(exit: _ProcessExit, result: dict[str, Any] | None, plain: Seq
         raise PermanentError(f"claude stopped: {subtype}: {detail}", result=result)
     if result is not None and detail:
         raise JobFailed(f"claude failed: {detail}", result=result)
-    last_words = " ".join((exit.stderr.strip().splitlines() or plain or ["no output"])[-1:])
-    if exit.returncode < 0:
-        how = f"was killed by signal {-exit.returncode}"
+    last_words = " ".join((ended.stderr.strip().splitlines() or plain or ["no output"])[-1:])
+    if ended.returncode < 0:
+        how = f"was killed by signal {-ended.returncode}"
     else:
-        how = f"exited with status {exit.returncode}"
+        how = f"exited with status {ended.returncode}"
     raise JobFailed(f"claude {how} without a result: {last_words[:500]}", result=result)
 
 
@@ -1375,7 +1387,7 @@ class ClaudeHandler:
         }
         stream = _ClaudeStream(context)
         try:
-            exit = _run_process(
+            ended = _run_process(
                 [executable, *CLAUDE_ARGS],
                 cwd=cwd,
                 env=env,
@@ -1391,9 +1403,9 @@ class ClaudeHandler:
         if stream.result and stream.result.get("total_cost_usd"):
             with contextlib.suppress(psycopg.Error, PoolTimeout):
                 context.record(cost_usd=float(stream.result["total_cost_usd"]))
-        if exit.stopped:
-            raise _Interrupted(exit.stopped)
-        return claude_outcome(exit, stream.result, stream.plain)
+        if ended.stopped:
+            raise _Interrupted(ended.stopped)
+        return claude_outcome(ended, stream.result, stream.plain)
 
     def _working_directory(self, job: Job) -> str:
         cwd = Path(job.payload.get("cwd") or os.getcwd())
@@ -1528,6 +1540,13 @@ class _Session(threading.Thread):
         self._closing.set()
 
     def run(self) -> None:
+        try:
+            self._run()
+        except Exception as error:  # a bug: stop the worker rather than run it without a lease
+            logger.exception("the worker's database session failed")
+            self.fatal = JobsError(f"the worker's database session failed: {error}")
+
+    def _run(self) -> None:
         delay = _Backoff()
         while not self._closing.is_set():
             try:
@@ -1543,7 +1562,7 @@ class _Session(threading.Thread):
             except SchemaError as error:
                 self.fatal = error
                 return
-            except (JobsError, psycopg.Error, _Busy) as error:
+            except (DatabaseUnavailable, psycopg.Error, _Busy) as error:
                 self.ready.clear()
                 self.broken = True
                 if self._closing.is_set():
@@ -1652,7 +1671,7 @@ class _Session(threading.Thread):
                     return  # its session still holds the lock: alive, only slow
                 # Its host is gone but its session lingers: end the session (when allowed).
                 with contextlib.suppress(psycopg.errors.InsufficientPrivilege), conn.transaction():
-                    cur.execute(TERMINATE_BACKEND, {"pid": worker["backend_pid"]})
+                    cur.execute(TERMINATE_LOCK_HOLDER, key)
             reaped = cur.execute(REAP_WORKER, {"id": worker["id"], "grace": self._grace}).fetchone()
             if reaped is None:
                 return  # it came back
@@ -1784,6 +1803,8 @@ class Worker:
             self._drain()
         finally:
             self.close()
+        if self._session and self._session.fatal:
+            raise self._session.fatal
 
     def run_once(self) -> int:
         """Claim the jobs that are ready now (up to the concurrency), run them to the end, and
@@ -1910,6 +1931,14 @@ class Worker:
         next_poll = 0.0
         while not self._stop.is_set():
             self._wake.clear()
+            session = self._session
+            assert session is not None
+            if session.fatal:
+                logger.error("stopping: %s", session.fatal)
+                break
+            if not session.ready.is_set():  # reconnecting: nothing can be claimed
+                self._wake.wait(0.2)
+                continue
             try:
                 if self._claims_uncertain:
                     self._put_back_unknown_claims()
@@ -1918,7 +1947,7 @@ class Worker:
                     next_poll = time.monotonic() + self._poll_interval
                     self._learn_next_due()
                 failures.reset()
-            except (psycopg.OperationalError, PoolTimeout) as error:
+            except _TRANSIENT as error:
                 wait = failures.next()
                 logger.warning(
                     "cannot claim jobs: %s; retrying in %.1fs",
@@ -2089,7 +2118,7 @@ class Worker:
             interrupted = True
         except JobFailed as error:
             failure = error
-        except Exception as error:
+        except (Exception, SystemExit) as error:
             failure, trace = error, traceback.format_exc()[-8000:]
         else:
             try:
@@ -2164,7 +2193,7 @@ class Worker:
                 with self._pool.connection() as conn:
                     row = conn.execute(query, params).fetchone()
                 break
-            except (psycopg.OperationalError, PoolTimeout) as error:
+            except _TRANSIENT as error:
                 if self._force.is_set():
                     _log_job(
                         "abandoned",
@@ -2197,7 +2226,7 @@ class Worker:
         try:
             with self._pool.connection(timeout=5.0) as conn:
                 released = {row[0] for row in conn.execute(RELEASE, params).fetchall()}
-        except (psycopg.OperationalError, PoolTimeout) as error:
+        except _TRANSIENT as error:
             logger.error(
                 "cannot put %d job(s) back (%s); other workers will recover them",
                 len(attempts),

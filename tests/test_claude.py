@@ -279,3 +279,17 @@ def test_the_real_claude_cli_runs_a_job_whose_bash_tool_creates_a_file(
     assert float(row["cost_usd"]) > 0
     assert "tool_use" in row["transcript"] and str(workdir) in row["transcript"]
     assert len(api.turns) == 2
+
+
+def test_the_transcript_keeps_the_last_mebibyte(
+    conn: psycopg.Connection, db_url: str, fake_claude: Path, claude_log: Path, tmp_path: Path
+) -> None:
+    chatter = "".join(
+        f'{{"type": "assistant", "n": {n}, "pad": "{"x" * 100}"}}\n' for n in range(15000)
+    )
+    job = claude_jobs.enqueue(conn, {"prompt": fake(stdout=chatter), "cwd": str(tmp_path)})
+    run_jobs(db_url, fake_claude)
+    transcript = job_row(conn, job.id)["transcript"]
+    assert len(chatter) > claude_jobs.TRANSCRIPT_LIMIT
+    assert claude_jobs.TRANSCRIPT_LIMIT - 200 < len(transcript) <= claude_jobs.TRANSCRIPT_LIMIT
+    assert chatter.endswith(transcript)

@@ -94,3 +94,13 @@ def test_commands_ask_for_migrate_when_the_schema_is_missing(
     result = CliRunner().invoke(claude_jobs.cli, ["--database-url", url, "migrate"])
     assert result.exit_code == 0, result.output
     assert "from version none to 1" in result.output
+
+
+def test_commands_ask_for_migrate_when_the_schema_is_older(db_url: str, conn) -> None:
+    conn.execute("UPDATE claude_jobs_schema SET version = 0")
+    result = CliRunner().invoke(claude_jobs.cli, ["--database-url", db_url, "show", "x"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "Error: the database schema is version 0, this claude-jobs needs "
+        f"{claude_jobs.SCHEMA_VERSION}: run `claude-jobs migrate`\n"
+    )

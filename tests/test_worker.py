@@ -421,3 +421,57 @@ def test_a_vanished_worker_is_recovered_by_heartbeat_and_cannot_overwrite_when_b
         lambda: conn.execute("SELECT count(*) FROM claude_jobs_workers").fetchone()[0] == 2,
         what="the frozen worker to come back as a new worker",
     )
+
+
+def test_polling_finds_jobs_queued_without_a_notification(
+    conn: psycopg.Connection, run_worker
+) -> None:
+    run_worker(poll_interval=0.5)
+    time.sleep(0.3)
+    job_id = conn.execute(  # a bare INSERT: no NOTIFY, as from a tool that knows only the table
+        """INSERT INTO claude_jobs (kind, payload) VALUES ('note', '{"name": "quiet"}')
+           RETURNING id"""
+    ).fetchone()[0]
+    wait_for(lambda: status_of(conn, job_id) == "succeeded", timeout=10, what="the poll")
+
+
+def test_json_logs_have_one_object_per_job_event(
+    conn: psycopg.Connection, start_worker, claude_log, tmp_path
+) -> None:
+    ok = claude_jobs.enqueue(conn, {"prompt": "fine", "cwd": str(tmp_path)})
+    bad = claude_jobs.enqueue(
+        conn,
+        {"prompt": fake(emit="server-error-500.json", exit=1), "cwd": str(tmp_path)},
+        max_attempts=2,
+    )
+    worker = start_worker("--log-format", "json", "--backoff-base", "0.2s")
+    wait_for(lambda: status_of(conn, bad.id) == "failed", what="the failing job to fail")
+    wait_for(lambda: status_of(conn, ok.id) == "succeeded", what="the good job")
+    worker.signal(signal.SIGTERM)
+    assert worker.wait() == 0
+    import json
+
+    events = [json.loads(line) for line in worker.log().splitlines()]
+    by_event = {(e["event"], e.get("job")) for e in events}
+    for event, job in [
+        ("claimed", ok.id),
+        ("succeeded", ok.id),
+        ("retry scheduled", bad.id),
+        ("failed", bad.id),
+    ]:
+        assert (event, str(job)) in by_event
+    succeeded = next(e for e in events if e["event"] == "succeeded")
+    assert {"time", "level", "job", "queue", "kind", "attempt", "duration"} <= set(succeeded)
+    assert succeeded["queue"] == "default" and succeeded["kind"] == "claude"
+
+
+def test_a_worker_refuses_a_database_without_the_schema(
+    pg_server, unmigrated: psycopg.Connection, start_worker
+) -> None:
+    worker = start_worker(url=pg_server.url(unmigrated.info.dbname))
+    assert worker.wait() == 1
+    assert (
+        worker.log()
+        .rstrip()
+        .endswith("Error: this database has no claude-jobs schema: run `claude-jobs migrate`")
+    )
