@@ -63,7 +63,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 import click
 import psycopg
@@ -84,6 +84,7 @@ __all__ = [
     "JobFailed",
     "JobNotFound",
     "JobOptions",
+    "JobSettings",
     "JobStatus",
     "JobsError",
     "PermanentError",
@@ -266,7 +267,8 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Job:
-        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls) if f.name != "context"}
+        names = [f.name for f in dataclasses.fields(cls) if f.name != "context"]
+        values: dict[str, Any] = {name: row.get(name) for name in names}
         values["status"] = JobStatus(values["status"])
         values["cost_usd"] = float(values["cost_usd"] or 0)
         return cls(**values)
@@ -745,17 +747,19 @@ def start_embedded(home: Path) -> str:
     The server runs while any claude-jobs process uses it and stops after the last one exits;
     its data stays in ``home/pgdata``.
     """
-    try:
-        import pgserver  # type: ignore[import-untyped]
-    except ImportError:
-        raise DatabaseUnavailable(
-            "no database configured: set DATABASE_URL (or --database-url), or install the "
-            "embedded PostgreSQL with: pip install 'claude-jobs[embedded]'"
-        ) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pgserver's platformdirs warns without XDG_RUNTIME_DIR
+        try:
+            import pgserver  # type: ignore[import-untyped]
+        except ImportError:
+            raise DatabaseUnavailable(
+                "no database configured: set DATABASE_URL (or --database-url), or install the "
+                "embedded PostgreSQL with: pip install 'claude-jobs[embedded]'"
+            ) from None
     try:
         home.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR
+            warnings.simplefilter("ignore")
             server = pgserver.get_server(home / "pgdata", cleanup_mode="stop")
     except Exception as error:  # pgserver raises whatever initdb or pg_ctl raised
         raise DatabaseUnavailable(
@@ -819,12 +823,12 @@ def parse_duration(text: str) -> float:
     match = _DURATION.fullmatch(text)
     if not text or not match or not any(match.groups()):
         raise InvalidJob(f"invalid duration {text!r} (examples: 30s, 5m, 1h30m, 2d)")
-    days, hours, minutes, seconds, millis = match.groups()
+    days, hours, minutes, secs, millis = match.groups()
     return (
         int(days or 0) * 86400
         + int(hours or 0) * 3600
         + int(minutes or 0) * 60
-        + float(seconds or 0)
+        + float(secs or 0)
         + int(millis or 0) / 1000
     )
 
@@ -838,6 +842,18 @@ def parse_time(text: str) -> datetime:
             f"invalid time {text!r}: use ISO 8601, e.g. 2026-11-24T09:00:00+01:00"
         ) from None
     return when if when.tzinfo else when.astimezone()
+
+
+class JobSettings(TypedDict, total=False):
+    """The keyword options of enqueue() and enqueue_many(); JobOptions.build has the defaults."""
+
+    kind: str
+    queue: str
+    priority: int
+    run_at: datetime | None
+    delay: float | timedelta | None
+    max_attempts: int
+    timeout: float | timedelta | None
 
 
 @dataclass(frozen=True)
@@ -947,29 +963,19 @@ def enqueue(
     conn: psycopg.Connection,
     payload: Mapping[str, Any],
     *,
-    kind: str = DEFAULT_KIND,
-    queue: str = DEFAULT_QUEUE,
-    priority: int = 0,
-    run_at: datetime | None = None,
-    delay: float | timedelta | None = None,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    timeout: float | timedelta | None = None,
     base_dir: str | Path | None = None,
+    **settings: Unpack[JobSettings],
 ) -> Job:
     """Queue one job on ``conn`` and return it.
+
+    ``settings``: kind (default "claude"), queue ("default"), priority (0), run_at or delay
+    (seconds or a timedelta), max_attempts (5), timeout (the handler's default). A relative
+    cwd in a claude payload is resolved against ``base_dir`` (default: the current directory).
 
     The insert and the NOTIFY that wakes idle workers are one statement, run in the caller's
     transaction: the job exists once the caller commits and vanishes if it rolls back.
     """
-    options = JobOptions.build(
-        kind=kind,
-        queue=queue,
-        priority=priority,
-        run_at=run_at,
-        delay=delay,
-        max_attempts=max_attempts,
-        timeout=timeout,
-    )
+    options = JobOptions.build(**settings)
     prepared = prepare_payload(options.kind, dict(payload), base_dir)
     params = {**dataclasses.asdict(options), "payload": Jsonb(prepared), "channel": NOTIFY_CHANNEL}
     with conn.cursor(row_factory=dict_row) as cur:
@@ -982,29 +988,17 @@ def enqueue_many(
     conn: psycopg.Connection,
     payloads: Iterable[Mapping[str, Any]],
     *,
-    kind: str = DEFAULT_KIND,
-    queue: str = DEFAULT_QUEUE,
-    priority: int = 0,
-    run_at: datetime | None = None,
-    delay: float | timedelta | None = None,
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-    timeout: float | timedelta | None = None,
     base_dir: str | Path | None = None,
+    **settings: Unpack[JobSettings],
 ) -> list[uuid.UUID]:
-    """Queue many jobs with the same options, all or nothing; returns their ids in order.
+    """Queue many jobs with the same settings (those of enqueue), all or nothing; returns
+    their ids in order.
 
     Every payload is checked before anything is written; a bad one raises InvalidJob naming
-    its position (1-based). The rows go in with one COPY, followed by one NOTIFY.
+    its position (1-based). The rows go in with one COPY, followed by one NOTIFY, in the
+    caller's transaction (or one of their own on an autocommit connection).
     """
-    options = JobOptions.build(
-        kind=kind,
-        queue=queue,
-        priority=priority,
-        run_at=run_at,
-        delay=delay,
-        max_attempts=max_attempts,
-        timeout=timeout,
-    )
+    options = JobOptions.build(**settings)
     prepared = []
     for number, payload in enumerate(payloads, 1):
         try:
@@ -1232,8 +1226,8 @@ def _run_process(
                         del line[: end + 1]
             on_tick()
     finally:
-        for stream in list(selector.get_map().values()):
-            stream.fileobj.close()  # type: ignore[union-attr]
+        for key in list(selector.get_map().values()):
+            key.fileobj.close()  # type: ignore[union-attr]
         selector.close()
         if process.poll() is None:
             _signal_group(process, signal.SIGKILL)
