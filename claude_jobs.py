@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import heapq
 import importlib
 import json
@@ -160,6 +161,8 @@ TRANSCRIPT_LIMIT = 1024 * 1024
 TRANSCRIPT_FLUSH_INTERVAL = 0.5
 
 PG_INT_MIN, PG_INT_MAX = -(2**31), 2**31 - 1
+#: The longest duration anything accepts (ten years).
+MAX_DURATION = 10 * 365 * 86400.0
 
 CLAUDE_ARGS = (
     "--dangerously-skip-permissions",
@@ -339,8 +342,10 @@ CREATE INDEX claude_jobs_ready_in_queue ON claude_jobs (queue, priority DESC, ru
     WHERE status = 'queued';
 CREATE INDEX claude_jobs_ready ON claude_jobs (priority DESC, run_at)
     WHERE status = 'queued';
--- Idle workers learn when the next scheduled job is due through this one.
-CREATE INDEX claude_jobs_scheduled ON claude_jobs (run_at) WHERE status = 'queued';
+-- Idle workers learn when the next delayed or retried job is due through this one. Only
+-- jobs waiting for a later run_at match its predicate, so the claim never uses it.
+CREATE INDEX claude_jobs_scheduled ON claude_jobs (run_at)
+    WHERE status = 'queued' AND run_at > created_at;
 -- Recovery finds a dead worker's jobs through this one.
 CREATE INDEX claude_jobs_running ON claude_jobs (worker_id) WHERE status = 'running';
 
@@ -357,6 +362,13 @@ CREATE TABLE claude_jobs_workers (
     last_heartbeat  timestamptz NOT NULL DEFAULT now()
 );
 CREATE SEQUENCE claude_jobs_worker_keys AS integer MINVALUE 1 CYCLE;
+
+-- A queue table churns: vacuum and analyze it far more often than the defaults, and give
+-- the planner statistics from the start, so that the claim walks its index from the first
+-- bulk insert on.
+ALTER TABLE claude_jobs SET (autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_insert_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
+ANALYZE claude_jobs;
 """,
     ),
 )
@@ -367,6 +379,8 @@ _SCHEMA_HEADER = """\
 -- The claude-jobs schema, version {version}.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
+-- One migration at a time (the lock lasts until the end of the transaction):
+SELECT pg_advisory_xact_lock({namespace}, {key});
 CREATE TABLE IF NOT EXISTS claude_jobs_schema (
     version     integer PRIMARY KEY,
     applied_at  timestamptz NOT NULL DEFAULT now()
@@ -386,7 +400,10 @@ END $migration_{version}$;
 
 def schema_sql(migrations: Sequence[tuple[int, str]] = MIGRATIONS) -> str:
     """The schema as one idempotent SQL script; ``migrations.sql`` holds the same text."""
-    blocks = [_SCHEMA_HEADER.format(version=migrations[-1][0])]
+    header = _SCHEMA_HEADER.format(
+        version=migrations[-1][0], namespace=LOCK_NAMESPACE, key=MIGRATION_LOCK_KEY
+    )
+    blocks = [header]
     for version, body in migrations:
         blocks.append(_MIGRATION_BLOCK.format(version=version, body=body.rstrip("\n")))
     return "BEGIN;\n" + "".join(blocks) + "COMMIT;\n"
@@ -403,11 +420,6 @@ _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, 
 SCHEMA_VERSION_QUERY = """
 -- schema_version: the newest schema version applied to this database
 SELECT max(version) AS version FROM claude_jobs_schema
-"""
-
-LOCK_MIGRATIONS = """
--- lock_migrations: one migrate at a time, until the end of its transaction
-SELECT pg_advisory_xact_lock(%(namespace)s, %(key)s)
 """
 
 ENQUEUE = f"""
@@ -474,60 +486,79 @@ CLAIM_FROM_ANY_QUEUE = _CLAIM.format(queue_filter="")
 NEXT_DUE = """
 -- next_due: when the next job of these kinds (and queues; NULL: any) becomes ready
 SELECT min(run_at) - now() AS due_in FROM claude_jobs
-WHERE status = 'queued' AND run_at > now() AND kind = ANY(%(kinds)s)
+WHERE status = 'queued' AND run_at > created_at AND run_at > now() AND kind = ANY(%(kinds)s)
   AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
 """
 
-SUCCEED = """
--- succeed: record the result of an attempt, fenced on the claim
-UPDATE claude_jobs
-SET status = 'succeeded', result = %(result)s::jsonb, claim = NULL, finished_at = now(),
-    updated_at = now()
-WHERE id = %(id)s AND claim = %(claim)s
-RETURNING status
+# The columns of a batch of outcomes or progress, one array per column (see the recorder).
+_PROGRESS_COLUMNS = "%(transcripts)s::text[], %(sessions)s::text[], %(costs)s::numeric[]"
+_PROGRESS_NAMES = "transcript, session_id, cost_usd"
+_SAVE_PROGRESS = """transcript = CASE WHEN o.transcript IS NULL THEN j.transcript
+        ELSE right(coalesce(j.transcript, '') || o.transcript, %(limit)s) END,
+    session_id = coalesce(o.session_id, j.session_id),
+    cost_usd = j.cost_usd + coalesce(o.cost_usd, 0), updated_at = now()"""
+
+SAVE_PROGRESS = f"""
+-- save_progress: what running attempts produced so far (transcript tail, claude session,
+-- cost), each row fenced on its claim
+UPDATE claude_jobs j SET {_SAVE_PROGRESS}
+FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
+    AS o(id, claim, {_PROGRESS_NAMES})
+WHERE j.id = o.id AND j.claim = o.claim AND j.status = 'running'
+RETURNING j.id, j.status, j.run_at
 """
 
-FAIL = """
--- fail: record a failed attempt, fenced on the claim; retry at now() + delay while attempts
--- remain, unless the error is permanent. Every attempt's error is kept in `errors`.
-UPDATE claude_jobs
-SET status = CASE WHEN %(permanent)s::boolean OR attempts >= max_attempts
+SUCCEED = f"""
+-- succeed: record finished attempts and their results, each row fenced on its claim
+UPDATE claude_jobs j
+SET status = 'succeeded', result = o.result, finished_at = now(), {_SAVE_PROGRESS}
+FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(results)s::jsonb[], {_PROGRESS_COLUMNS})
+    AS o(id, claim, result, {_PROGRESS_NAMES})
+WHERE j.id = o.id AND j.claim = o.claim AND j.status = 'running'
+RETURNING j.id, j.status, j.run_at
+"""
+
+FAIL = f"""
+-- fail: record failed attempts, each row fenced on its claim: back to the queue at
+-- now() + delay while attempts remain, unless permanent; every attempt's error is kept
+UPDATE claude_jobs j
+SET status = CASE WHEN o.permanent OR j.attempts >= j.max_attempts
                   THEN 'failed' ELSE 'queued' END,
-    run_at = CASE WHEN %(permanent)s OR attempts >= max_attempts
-                  THEN run_at ELSE now() + make_interval(secs => %(delay)s) END,
-    finished_at = CASE WHEN %(permanent)s OR attempts >= max_attempts THEN now() END,
-    last_error = %(error)s::text,
-    errors = errors || jsonb_build_array(jsonb_build_object(
-        'attempt', attempts, 'at', now(), 'worker', worker, 'error', %(error)s::text,
-        'permanent', %(permanent)s::boolean, 'traceback', %(traceback)s::text)),
-    result = coalesce(%(result)s::jsonb, result),
-    claim = NULL, updated_at = now()
-WHERE id = %(id)s AND claim = %(claim)s
-RETURNING status, run_at
+    run_at = CASE WHEN o.permanent OR j.attempts >= j.max_attempts
+                  THEN j.run_at ELSE now() + make_interval(secs => o.delay) END,
+    finished_at = CASE WHEN o.permanent OR j.attempts >= j.max_attempts THEN now() END,
+    last_error = o.error,
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempts, 'at', now(), 'worker', j.worker, 'error', o.error,
+        'permanent', o.permanent, 'traceback', o.traceback)),
+    result = coalesce(o.result, j.result), {_SAVE_PROGRESS}
+FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(permanents)s::boolean[],
+            %(delays)s::float8[], %(errors)s::text[], %(tracebacks)s::text[],
+            %(results)s::jsonb[], {_PROGRESS_COLUMNS})
+    AS o(id, claim, permanent, delay, error, traceback, result, {_PROGRESS_NAMES})
+WHERE j.id = o.id AND j.claim = o.claim AND j.status = 'running'
+RETURNING j.id, j.status, j.run_at
 """
 
-RELEASE = """
--- release: put claimed jobs back unspent (forced shutdown, or a claim we never started)
+RELEASE = f"""
+-- release: put claimed jobs back unspent (a forced shutdown, or a claim that never ran),
+-- each row fenced on its claim
 UPDATE claude_jobs j
 SET status = 'queued', attempts = j.attempts - 1, run_at = now(), claim = NULL,
-    worker_id = NULL, worker = NULL, started_at = NULL, updated_at = now()
-FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[]) AS mine(id, claim)
-WHERE j.id = mine.id AND j.claim = mine.claim
-RETURNING j.id, j.queue
+    worker_id = NULL, worker = NULL, started_at = NULL, {_SAVE_PROGRESS}
+FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
+    AS o(id, claim, {_PROGRESS_NAMES})
+WHERE j.id = o.id AND j.claim = o.claim AND j.status = 'running'
+RETURNING j.id, j.status, j.run_at
 """
 
-APPEND_TRANSCRIPT = """
--- append_transcript: add stream-json lines to a running job, keeping the last `limit` chars
-UPDATE claude_jobs SET transcript = right(coalesce(transcript, '') || %(text)s, %(limit)s)
-WHERE id = %(id)s AND claim = %(claim)s
-"""
-
-RECORD_SESSION = """
--- record_session: what a running claude job has learned (its session id, what it cost)
-UPDATE claude_jobs
-SET session_id = coalesce(%(session_id)s, session_id),
-    cost_usd = cost_usd + coalesce(%(cost_usd)s, 0), updated_at = now()
-WHERE id = %(id)s AND claim = %(claim)s
+ALREADY_RECORDED = """
+-- already_recorded: which of these claims were finished by an earlier write whose reply was
+-- lost (so a retry that matches nothing is not a lost claim)
+SELECT j.id FROM claude_jobs j
+JOIN unnest(%(ids)s::uuid[], %(claims)s::uuid[]) AS o(id, claim)
+    ON j.id = o.id AND j.claim = o.claim
+WHERE j.status <> 'running'
 """
 
 MY_RUNNING_JOBS = """
@@ -572,7 +603,7 @@ SELECT pg_advisory_unlock_all()
 STALE_WORKERS = """
 -- stale_workers: workers silent for longer than the grace period (a server restart counts as
 -- a heartbeat, so workers get time to reconnect); `vanished` ones are silent past the timeout
-SELECT id, lock_key, host, pid,
+SELECT id, lock_key, backend_pid, host, pid,
        greatest(last_heartbeat, pg_postmaster_start_time())
            < now() - make_interval(secs => %(timeout)s) AS vanished
 FROM claude_jobs_workers
@@ -587,10 +618,12 @@ SELECT pg_try_advisory_xact_lock(%(namespace)s, %(key)s) AS locked
 """
 
 TERMINATE_LOCK_HOLDER = """
--- terminate_lock_holder: end the session holding a vanished worker's lock, freeing it
+-- terminate_lock_holder: end a vanished worker's lingering session, freeing its lock: only
+-- the session it registered, and only while that session holds the lock (not a reaper's)
 SELECT pg_terminate_backend(pid) FROM pg_locks
 WHERE locktype = 'advisory' AND granted AND classid = %(namespace)s AND objid = %(key)s
-  AND objsubid = 2 AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+  AND objsubid = 2 AND pid = %(backend_pid)s
+  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
 """
 
 REAP_WORKER = """
@@ -633,6 +666,8 @@ RECOVER_ORPHANS = _REQUEUE_INTERRUPTED.format(
 
 #: Errors after which an operation is worth trying again: the database went away.
 _TRANSIENT = (psycopg.OperationalError, psycopg.InterfaceError, PoolTimeout)
+#: Errors of a statement the database refuses whatever the retries (bad data in it).
+_REFUSED = (psycopg.DataError, psycopg.IntegrityError, psycopg.ProgrammingError)
 
 #: Detect a dead peer on TCP connections (libpq ignores these on Unix sockets).
 _CONNECT_OPTIONS: dict[str, Any] = {
@@ -648,13 +683,15 @@ _CONNECT_OPTIONS: dict[str, Any] = {
 def mask_url(url: str) -> str:
     """``url`` (a URI or a key=value conninfo string) with any password replaced by ***."""
     if re.match(r"[a-z][a-z0-9+.-]*://", url, flags=re.I):
-        url = re.sub(r"^([^:]+://[^:@/?#]*:)[^@/?#]*@", r"\1***@", url)
-        return re.sub(r"([?&]password=)[^&#]*", r"\1***", url, flags=re.I)
-    return re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url, flags=re.I)
+        masked = re.sub(r"^([^:]+://[^:@/]*:)[^@/]*@", r"\1***@", url)
+        masked = re.sub(r"([?&]password=)[^&#]*", r"\1***", masked, flags=re.I)
+    else:
+        masked = re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url, flags=re.I)
+    return _scrub(masked, url)  # whatever the patterns missed
 
 
 def _scrub(message: str, url: str) -> str:
-    """An error message that cannot leak the password of ``url``."""
+    """A message that cannot leak the password of ``url``, on one line."""
     with contextlib.suppress(psycopg.Error):
         password = psycopg.conninfo.conninfo_to_dict(url).get("password")
         if password:
@@ -726,7 +763,6 @@ def migrate(
         )
     script = schema_sql(migrations).removeprefix("BEGIN;\n").removesuffix("COMMIT;\n")
     with conn.transaction():
-        conn.execute(LOCK_MIGRATIONS, {"namespace": LOCK_NAMESPACE, "key": MIGRATION_LOCK_KEY})
         conn.execute(script)  # type: ignore[arg-type]  # a script, not a parametrized query
     return before, target
 
@@ -816,32 +852,32 @@ def parse_duration(text: str) -> float:
         seconds: float | None = float(text)
     except ValueError:
         seconds = None
-    if seconds is not None:
-        if not 0 <= seconds < float("inf"):  # NaN fails too
-            raise InvalidJob(f"invalid duration {text!r}: it must be a number of seconds >= 0")
-        return seconds
-    match = _DURATION.fullmatch(text)
-    if not text or not match or not any(match.groups()):
-        raise InvalidJob(f"invalid duration {text!r} (examples: 30s, 5m, 1h30m, 2d)")
-    days, hours, minutes, secs, millis = match.groups()
-    return (
-        int(days or 0) * 86400
-        + int(hours or 0) * 3600
-        + int(minutes or 0) * 60
-        + float(secs or 0)
-        + int(millis or 0) / 1000
-    )
+    if seconds is None:
+        match = _DURATION.fullmatch(text)
+        if not text or not match or not any(match.groups()):
+            raise InvalidJob(f"invalid duration {text!r} (examples: 30s, 5m, 1h30m, 2d)")
+        days, hours, minutes, secs, millis = match.groups()
+        seconds = (
+            int(days or 0) * 86400
+            + int(hours or 0) * 3600
+            + int(minutes or 0) * 60
+            + float(secs or 0)
+            + int(millis or 0) / 1000
+        )
+    if not 0 <= seconds <= MAX_DURATION:  # NaN fails too
+        raise InvalidJob(f"invalid duration {text!r}: from 0 up to ten years")
+    return seconds
 
 
 def parse_time(text: str) -> datetime:
     """An ISO 8601 time; without a zone it is local time."""
     try:
         when = datetime.fromisoformat(text.strip())
-    except ValueError:
+        return when if when.tzinfo else when.astimezone()
+    except (ValueError, OverflowError):
         raise InvalidJob(
             f"invalid time {text!r}: use ISO 8601, e.g. 2026-11-24T09:00:00+01:00"
         ) from None
-    return when if when.tzinfo else when.astimezone()
 
 
 class JobSettings(TypedDict, total=False):
@@ -902,11 +938,13 @@ class JobOptions:
             raise InvalidJob("give a delay or a run_at time, not both")
         if delay is not None:
             seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-            if seconds < 0:
-                raise InvalidJob(f"delay must not be negative, not {seconds}")
+            if not 0 <= seconds <= MAX_DURATION:
+                raise InvalidJob(f"delay must be from 0 up to ten years, not {seconds}")
             run_at = datetime.now(UTC) + timedelta(seconds=seconds)
         if isinstance(timeout, timedelta):
             timeout = timeout.total_seconds()
+        if timeout is not None and timeout > MAX_DURATION:
+            raise InvalidJob(f"timeout must be at most ten years, not {timeout}")
         return cls(kind, queue, priority, run_at, max_attempts, timeout)
 
 
@@ -1032,7 +1070,7 @@ def get_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> Job:
     try:
         key = job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id).strip())
     except ValueError:
-        raise JobNotFound(f"no job {job_id!r}: a job id is a UUID") from None
+        raise InvalidJob(f"{job_id!r} is not a job id (a UUID)") from None
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(GET_JOB, {"id": key}).fetchone()
     if row is None:
@@ -1058,46 +1096,88 @@ def backoff_delay(
     return delay + random.uniform(0, delay / 10)
 
 
+def _storable(value: Any) -> Any:
+    """``value`` with what PostgreSQL cannot store in text or jsonb (NUL characters, unpaired
+    surrogates) replaced."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
+
+
+def _to_json(value: Any) -> str:
+    """A handler's result as JSON text PostgreSQL accepts; ValueError when there is none."""
+    try:
+        return json.dumps(_storable(value), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as error:
+        raise ValueError(f"the handler's result is not JSON: {error}") from None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a running attempt produced that is not written yet."""
+
+    transcript: str | None = None
+    session_id: str | None = None
+    cost_usd: float = 0.0
+
+    def __add__(self, later: Progress) -> Progress:
+        text = (self.transcript or "") + (later.transcript or "")
+        return Progress(
+            text[-TRANSCRIPT_LIMIT:] or None,
+            later.session_id or self.session_id,
+            self.cost_usd + later.cost_usd,
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.transcript or self.session_id or self.cost_usd)
+
+
 class RunContext:
     """A running attempt as its handler sees it, through ``job.context``.
 
-    ``stop`` is set when the handler must give up at once (a forced shutdown, or this worker
-    lost its claim); ``deadline`` is the attempt's time limit on the ``time.monotonic()``
-    clock, or None. The write methods change this job only while the worker still holds its
-    claim, and return False (and set ``stop``) once it does not.
+    ``stop`` is set when the handler must give up at once: a forced shutdown, or this worker
+    lost (or is about to lose) its claim. ``deadline`` is the attempt's time limit on the
+    ``time.monotonic()`` clock, or None. ``append_transcript`` and ``record`` only gather: the
+    worker writes what they gathered twice a second and with the outcome, fenced on the
+    claim, so a handler never waits for the database.
     """
 
-    def __init__(self, job: Job, pool: ConnectionPool | None, timeout: float | None) -> None:
+    def __init__(self, job: Job, timeout: float | None = None) -> None:
         self.job_id = job.id
         self.attempt = job.attempts
+        self.claim = job.claim
         self.deadline = time.monotonic() + timeout if timeout else None
         self.stop = threading.Event()
         self.stop_reason: str | None = None
-        self._claim = job.claim
-        self._pool = pool
+        self._lock = threading.Lock()
+        self._gathered = Progress()
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.stop.set()
 
-    def append_transcript(self, text: str) -> bool:
+    def append_transcript(self, text: str) -> None:
         """Add output to the job's transcript (its last TRANSCRIPT_LIMIT characters are kept)."""
-        clean = text.replace("\x00", "")
-        return self._write(APPEND_TRANSCRIPT, {"text": clean, "limit": TRANSCRIPT_LIMIT})
+        self._gather(Progress(transcript=_storable(text)))
 
-    def record(self, *, session_id: str | None = None, cost_usd: float | None = None) -> bool:
-        """Store the claude session id, and add to the job's cost."""
-        return self._write(RECORD_SESSION, {"session_id": session_id, "cost_usd": cost_usd})
+    def record(self, *, session_id: str | None = None, cost_usd: float | None = None) -> None:
+        """Note the claude session id, or a cost to add to the job's."""
+        self._gather(Progress(session_id=_storable(session_id), cost_usd=cost_usd or 0.0))
 
-    def _write(self, query: str, params: dict[str, Any]) -> bool:
-        if self._pool is None:  # run outside a worker, e.g. a handler called directly
-            return True
-        with self._pool.connection() as conn:
-            cur = conn.execute(query, {**params, "id": self.job_id, "claim": self._claim})
-        if cur.rowcount == 0:
-            self.request_stop(STOP_LOST)
-        return cur.rowcount == 1
+    def take_progress(self) -> Progress:
+        """What was gathered since the last call (for the worker to write)."""
+        with self._lock:
+            gathered, self._gathered = self._gathered, Progress()
+        return gathered
+
+    def _gather(self, progress: Progress) -> None:
+        with self._lock:
+            self._gathered += progress
 
 
 @dataclass
@@ -1109,9 +1189,8 @@ class _ProcessExit:
 
 
 def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGKILL when its parent dies (Linux only), so a
-    claude process does not outlive a worker killed with SIGKILL while another worker runs its
-    job again."""
+    """A preexec_fn that makes the child get SIGKILL when the worker thread that started it
+    dies (Linux only), so that claude does not outlive a worker killed with SIGKILL."""
     if not sys.platform.startswith("linux"):
         return None
     import ctypes
@@ -1127,6 +1206,16 @@ def _die_with_parent() -> Callable[[], None] | None:
     return preexec
 
 
+def _leader_exited(process: subprocess.Popen[bytes]) -> bool:
+    """Has the process exited? Without reaping it: while it is an unreaped zombie, its pid
+    (the id of its process group) cannot be reused, so signalling the group stays safe."""
+    try:
+        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
+        return os.waitid(os.P_PID, process.pid, flags) is not None
+    except ChildProcessError:
+        return True
+
+
 def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, sig)
@@ -1140,16 +1229,15 @@ def _run_process(
     stdin: bytes,
     context: RunContext,
     on_line: Callable[[bytes], None],
-    on_tick: Callable[[], None],
     kill_grace: float,
 ) -> _ProcessExit:
     """Run ``argv`` in a process group of its own, without a shell.
 
     ``stdin`` is written to the process and then closed; each stdout line goes to ``on_line``
-    as it arrives, and ``on_tick`` runs a few times a second. At the deadline, or when the
-    context's stop is set, the whole group gets SIGTERM, then SIGKILL after ``kill_grace``
-    seconds (at once when the claim is lost). Whatever of the group outlives its leader is
-    killed too, so no stray process keeps running after the job.
+    as it arrives. At the deadline, or when the context's stop is set, the whole group gets
+    SIGTERM, then SIGKILL after ``kill_grace`` seconds (at once when the claim is lost). When
+    the leader exits, whatever is left of its group is killed, so no stray process of the job
+    keeps running.
     """
     process = subprocess.Popen(
         argv,
@@ -1197,7 +1285,7 @@ def _run_process(
             elif now >= kill_at:
                 _signal_group(process, signal.SIGKILL)
                 kill_at = float("inf")
-            if leader_gone_at is None and process.poll() is not None:
+            if leader_gone_at is None and _leader_exited(process):
                 leader_gone_at = now
             elif leader_gone_at is not None and now - leader_gone_at > 1.0:
                 _signal_group(process, signal.SIGKILL)  # leftovers holding our pipes
@@ -1224,13 +1312,11 @@ def _run_process(
                     while (end := line.find(b"\n")) >= 0:
                         on_line(bytes(line[:end]))
                         del line[: end + 1]
-            on_tick()
     finally:
         for key in list(selector.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
         selector.close()
-        if process.poll() is None:
-            _signal_group(process, signal.SIGKILL)
+        _signal_group(process, signal.SIGKILL)  # the group's leftovers, or all of it
         process.wait()
     if line:
         on_line(bytes(line))
@@ -1240,25 +1326,18 @@ def _run_process(
 
 
 class _ClaudeStream:
-    """Reads claude's stream-json output as it comes: its session, its result, the transcript,
-    which it writes to the job a couple of times a second."""
+    """Reads claude's stream-json output as it comes: the transcript and session go to the
+    run context as they arrive; the final result object is kept."""
 
     def __init__(self, context: RunContext) -> None:
         self.context = context
         self.session_id: str | None = None
         self.result: dict[str, Any] | None = None
         self.plain: list[str] = []  # lines that are not JSON (error messages, mostly)
-        self._session_recorded = False
-        self._pending: list[str] = []
-        self._pending_size = 0
-        self._flushed_at = time.monotonic()
 
     def feed(self, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
-        self._pending.append(text + "\n")
-        self._pending_size += len(text) + 1
-        while self._pending_size > TRANSCRIPT_LIMIT and len(self._pending) > 1:
-            self._pending_size -= len(self._pending.pop(0))
+        self.context.append_transcript(text + "\n")
         try:
             event = json.loads(text)
         except ValueError:
@@ -1267,29 +1346,15 @@ class _ClaudeStream:
             return
         if not isinstance(event, dict):
             return
-        if event.get("type") == "system" and event.get("subtype") == "init":
-            self.session_id = self.session_id or event.get("session_id")
-        elif event.get("type") == "result":
+        session_id = event.get("session_id")
+        if isinstance(session_id, str) and session_id != self.session_id:
+            self.session_id = session_id
+            self.context.record(session_id=session_id)
+        if event.get("type") == "result":
             self.result = event
-            self.session_id = event.get("session_id") or self.session_id
-
-    def flush(self, force: bool = False) -> None:
-        """Write what is new to the job; a database hiccup only delays it."""
-        if not force and time.monotonic() - self._flushed_at < TRANSCRIPT_FLUSH_INTERVAL:
-            return
-        self._flushed_at = time.monotonic()
-        if self.context.stop_reason == STOP_LOST:
-            return
-        try:
-            if self.session_id and not self._session_recorded:
-                self.context.record(session_id=self.session_id)
-                self._session_recorded = True
-            if self._pending:
-                self.context.append_transcript("".join(self._pending))
-                self._pending.clear()
-                self._pending_size = 0
-        except (psycopg.Error, PoolTimeout) as error:
-            logger.debug("cannot save the transcript of job %s yet: %s", self.context.job_id, error)
+            cost = event.get("total_cost_usd")
+            if isinstance(cost, int | float) and not isinstance(cost, bool) and cost > 0:
+                self.context.record(cost_usd=float(cost))
 
 
 #: Errors that no retry can fix, as claude prints them, with what to tell the operator.
@@ -1364,7 +1429,7 @@ class ClaudeHandler:
         self.kill_grace = kill_grace
 
     def __call__(self, job: Job) -> Any:
-        context = job.context or RunContext(job, None, job.timeout or self.default_timeout)
+        context = job.context or RunContext(job)
         if context.deadline is None:
             context.deadline = time.monotonic() + (job.timeout or self.default_timeout)
         cwd = self._working_directory(job)
@@ -1388,15 +1453,10 @@ class ClaudeHandler:
                 stdin=job.payload["prompt"].encode("utf-8"),
                 context=context,
                 on_line=stream.feed,
-                on_tick=stream.flush,
                 kill_grace=self.kill_grace,
             )
         except OSError as error:
             raise PermanentError(f"cannot run {executable}: {error.strerror or error}") from None
-        stream.flush(force=True)
-        if stream.result and stream.result.get("total_cost_usd"):
-            with contextlib.suppress(psycopg.Error, PoolTimeout):
-                context.record(cost_usd=float(stream.result["total_cost_usd"]))
         if ended.stopped:
             raise _Interrupted(ended.stopped)
         return claude_outcome(ended, stream.result, stream.plain)
@@ -1425,9 +1485,17 @@ def default_handlers(
 # Worker
 ###############################################################################
 
+#: The clock of leases: unlike time.monotonic() on Linux, it keeps counting while the machine
+#: sleeps, so a worker waking from suspend knows how long it was away.
+_lease_clock: Callable[[], float] = (
+    functools.partial(time.clock_gettime, time.CLOCK_BOOTTIME)
+    if hasattr(time, "CLOCK_BOOTTIME")
+    else time.monotonic
+)
+
 
 class _Backoff:
-    """Reconnection delays: ``start`` doubling up to ``cap`` seconds, with jitter."""
+    """Delays for retrying: ``start`` doubling up to ``cap`` seconds, with jitter."""
 
     def __init__(self, start: float = 0.25, cap: float = 30.0) -> None:
         self.start, self.cap, self.failures = start, cap, 0
@@ -1466,236 +1534,6 @@ def _log_value(value: Any) -> str:
     return json.dumps(text, ensure_ascii=False) if not text or " " in text else text
 
 
-def _parse_queues(queues: str | Sequence[str]) -> tuple[str, ...]:
-    names = [q.strip() for q in (queues.split(",") if isinstance(queues, str) else queues)]
-    names = [q for q in names if q]
-    if not names:
-        raise ConfigError("no queue given: name queues, or use * for every queue")
-    if "*" in names and len(names) > 1:
-        raise ConfigError("* means every queue and cannot be combined with queue names")
-    if len(set(names)) != len(names):
-        raise ConfigError(f"a queue is named twice in {','.join(names)}")
-    return tuple(names)
-
-
-@dataclass
-class _Attempt:
-    """A claimed job that this worker is running."""
-
-    job: Job
-    context: RunContext
-    started: float = field(default_factory=time.monotonic)
-
-
-class _Session(threading.Thread):
-    """The worker's own PostgreSQL session, on a thread of its own.
-
-    It holds the worker's session advisory lock, so that others can tell at once when this
-    process is gone; LISTENs for new jobs; writes the heartbeat; and sweeps, putting back the
-    running jobs of workers it finds dead. After any error it reconnects with backoff and takes
-    its lock again; if meanwhile another worker declared it dead (and took its jobs), or the
-    worker declared itself dead, it says so and registers as a new worker.
-    """
-
-    def __init__(
-        self,
-        conninfo: str,
-        *,
-        identity: Mapping[str, Any],
-        options: Mapping[str, Any],
-        on_notify: Callable[[str], None],
-        on_reaped: Callable[[], None],
-        grace: float,
-        heartbeat_timeout: float,
-    ) -> None:
-        super().__init__(name="claude-jobs-session", daemon=True)
-        self._conninfo = conninfo
-        self._identity = identity
-        self._options = options
-        self._on_notify = on_notify
-        self._on_reaped = on_reaped
-        self._grace = grace
-        self._heartbeat_timeout = heartbeat_timeout
-        self._closing = threading.Event()
-        self._lock_key: int | None = None
-        self.ready = threading.Event()  # registered, locked and listening
-        self.fatal: JobsError | None = None
-        self.worker_id: uuid.UUID | None = None
-        self.last_ok = time.monotonic()  # when a heartbeat last reached the database
-        self.broken = False  # the connection failed and is not back yet
-        self.declared_dead = False
-
-    def declare_dead(self) -> None:
-        """The worker gave up its claims: come back as a new worker, putting the old jobs back."""
-        self.declared_dead = True
-        self.ready.clear()
-
-    def close(self) -> None:
-        self._closing.set()
-
-    def run(self) -> None:
-        try:
-            self._run()
-        except Exception as error:  # a bug: stop the worker rather than run it without a lease
-            logger.exception("the worker's database session failed")
-            self.fatal = JobsError(f"the worker's database session failed: {error}")
-
-    def _run(self) -> None:
-        delay = _Backoff()
-        while not self._closing.is_set():
-            try:
-                with connect(self._conninfo, autocommit=True, **self._options) as conn:
-                    self._establish(conn)
-                    if self.broken:
-                        logger.info("database connection restored")
-                    self.broken = False
-                    delay.reset()
-                    if self._serve(conn):
-                        self._leave(conn)
-                        return
-            except SchemaError as error:
-                self.fatal = error
-                return
-            except (DatabaseUnavailable, psycopg.Error, _Busy) as error:
-                self.ready.clear()
-                self.broken = True
-                if self._closing.is_set():
-                    break
-                wait = delay.next()
-                reason = _scrub(str(error), self._conninfo)
-                logger.warning(
-                    "database session lost: %s; reconnecting in %.1fs",
-                    reason,
-                    wait,
-                    extra={"fields": {"event": "db unavailable", "error": reason}},
-                )
-                self._closing.wait(wait)
-        with (
-            contextlib.suppress(JobsError, psycopg.Error),
-            connect(self._conninfo, autocommit=True, connect_timeout=5) as conn,
-        ):
-            self._leave(conn)
-
-    def _establish(self, conn: psycopg.Connection) -> None:
-        """Lock, register (or confirm the registration) and listen."""
-        check_schema(conn)
-        if self.worker_id is not None and not self.declared_dead:
-            key = {"namespace": LOCK_NAMESPACE, "key": self._lock_key}
-            if not conn.execute(TRY_LOCK, key).fetchone()[0]:  # type: ignore[index]
-                raise _Busy("this worker's lock is held by another session for now")
-            if conn.execute(HEARTBEAT, {"id": self.worker_id}).rowcount != 1:
-                conn.execute(UNLOCK_ALL)
-                self._reaped()
-                self._register(conn)
-        else:
-            if self.worker_id is not None:
-                self._leave(conn)  # put back the jobs this worker gave up
-            self._register(conn)
-        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-        self.last_ok = time.monotonic()
-        self.ready.set()
-
-    def _register(self, conn: psycopg.Connection) -> None:
-        while True:
-            key = conn.execute(NEXT_WORKER_KEY).fetchone()[0]  # type: ignore[index]
-            lock = {"namespace": LOCK_NAMESPACE, "key": key}
-            if conn.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
-                break
-        worker_id = uuid.uuid4()
-        conn.execute(REGISTER_WORKER, {"id": worker_id, "key": key, **self._identity})
-        self.worker_id, self._lock_key, self.declared_dead = worker_id, key, False
-        logger.debug("registered as worker %s (lock key %s)", worker_id, key)
-
-    def _reaped(self) -> None:
-        logger.error(
-            "another worker declared this one dead (its heartbeat stopped) and took over its "
-            "running jobs; continuing as a new worker"
-        )
-        self._on_reaped()
-
-    def _serve(self, conn: psycopg.Connection) -> bool:
-        """Listen, heartbeat and sweep until closing (True) or declared dead (False)."""
-        next_sweep = 0.0
-        while not self._closing.is_set():
-            for notice in conn.notifies(timeout=HEARTBEAT_INTERVAL):
-                self._on_notify(notice.payload)
-            if self.declared_dead:
-                return False
-            if conn.execute(HEARTBEAT, {"id": self.worker_id}).rowcount != 1:
-                conn.execute(UNLOCK_ALL)
-                self._reaped()
-                self._register(conn)
-            self.last_ok = time.monotonic()
-            if time.monotonic() >= next_sweep:
-                self._sweep(conn)
-                next_sweep = time.monotonic() + SWEEP_INTERVAL
-        return True
-
-    def _leave(self, conn: psycopg.Connection) -> None:
-        """Deregister; any job still marked running under this worker goes back, counted."""
-        if self.worker_id is None:
-            return
-        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": self.worker_id}).fetchall()
-            _notify_queues(cur, jobs)
-            cur.execute(DEREGISTER_WORKER, {"id": self.worker_id})
-        conn.execute(UNLOCK_ALL)
-        for job in jobs:
-            _log_recovered(job)
-
-    def _sweep(self, conn: psycopg.Connection) -> None:
-        """Put back the running jobs of dead workers, and of jobs whose worker is unknown."""
-        params = {"grace": self._grace, "timeout": self._heartbeat_timeout}
-        with conn.cursor(row_factory=dict_row) as cur:
-            stale = cur.execute(STALE_WORKERS, params).fetchall()
-        for worker in stale:
-            if worker["id"] != self.worker_id:
-                self._reap(conn, worker)
-        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            orphans = cur.execute(RECOVER_ORPHANS).fetchall()
-            _notify_queues(cur, orphans)
-        for job in orphans:
-            _log_recovered(job)
-
-    def _reap(self, conn: psycopg.Connection, worker: Mapping[str, Any]) -> None:
-        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            key = {"namespace": LOCK_NAMESPACE, "key": worker["lock_key"]}
-            if not cur.execute(TRY_LOCK_FOR_REAPING, key).fetchone()["locked"]:  # type: ignore[index]
-                if not worker["vanished"]:
-                    return  # its session still holds the lock: alive, only slow
-                # Its host is gone but its session lingers: end the session (when allowed).
-                with contextlib.suppress(psycopg.errors.InsufficientPrivilege), conn.transaction():
-                    cur.execute(TERMINATE_LOCK_HOLDER, key)
-            reaped = cur.execute(REAP_WORKER, {"id": worker["id"], "grace": self._grace}).fetchone()
-            if reaped is None:
-                return  # it came back
-            jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": worker["id"]}).fetchall()
-            _notify_queues(cur, jobs)
-        why = "no heartbeat within the timeout" if worker["vanished"] else "its session ended"
-        logger.warning(
-            "worker %s:%s is dead (%s): %d running job(s) put back",
-            worker["host"],
-            worker["pid"],
-            why,
-            len(jobs),
-            extra={
-                "fields": {
-                    "event": "worker dead",
-                    "worker": f"{worker['host']}:{worker['pid']}",
-                    "reason": why,
-                    "jobs": len(jobs),
-                }
-            },
-        )
-        for job in jobs:
-            _log_recovered(job)
-
-
-def _notify_queues(cur: psycopg.Cursor[Any], jobs: Iterable[Mapping[str, Any]]) -> None:
-    for queue in sorted({job["queue"] for job in jobs}):
-        cur.execute(NOTIFY_QUEUE, {"channel": NOTIFY_CHANNEL, "queue": queue, "run_at": None})
-
-
 def _log_recovered(job: Mapping[str, Any]) -> None:
     fields = {
         "event": "recovered",
@@ -1710,14 +1548,486 @@ def _log_recovered(job: Mapping[str, Any]) -> None:
     logger.warning("recovered %s", text, extra={"fields": fields})
 
 
+def _parse_queues(queues: str | Sequence[str]) -> tuple[str, ...]:
+    names = [q.strip() for q in (queues.split(",") if isinstance(queues, str) else queues)]
+    names = [q for q in names if q]
+    if not names:
+        raise ConfigError("no queue given: name queues, or use * for every queue")
+    if "*" in names and len(names) > 1:
+        raise ConfigError("* means every queue and cannot be combined with queue names")
+    if len(set(names)) != len(names):
+        raise ConfigError(f"a queue is named twice in {','.join(names)}")
+    return tuple(names)
+
+
+def _kill_leftovers(job_ids: Iterable[Any]) -> int:
+    """Kill the processes of this machine still running for these jobs: found by the
+    CLAUDE_JOBS_JOB_ID that claude passes down to every process it starts. A worker killed
+    with SIGKILL takes claude with it, but not what claude had started."""
+    wanted = {f"CLAUDE_JOBS_JOB_ID={job_id}".encode() for job_id in job_ids}
+    if not wanted or not os.path.isdir("/proc"):
+        return 0
+    killed = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environment = Path(entry.path, "environ").read_bytes().split(b"\0")
+            if wanted.intersection(environment):
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed += 1
+        except OSError:
+            continue  # gone, or not ours to read
+    return killed
+
+
+@dataclass
+class _Attempt:
+    """A claimed job that this worker runs, from its claim until its outcome is written."""
+
+    job: Job
+    context: RunContext
+    started: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Outcome:
+    """What an attempt came to, for the recorder to write: ``query`` is SUCCEED, FAIL or
+    RELEASE, ``fields`` that statement's own columns for this row."""
+
+    attempt: _Attempt
+    query: str
+    fields: dict[str, Any]
+    progress: Progress
+
+
+class _Recorder:
+    """The one writer of what running attempts produce: their progress (transcript, claude
+    session, cost) twice a second, and their outcomes as they come, in batches of one
+    statement per kind, every row fenced on its claim. Job threads hand it outcomes and move
+    on; while the database is away it keeps them and tries again."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        *,
+        attempts: Callable[[], list[_Attempt]],
+        on_written: Callable[[_Outcome, str | None], None],
+        give_up: threading.Event,
+        describe_error: Callable[[BaseException], str],
+    ) -> None:
+        self._pool = pool
+        self._attempts = attempts
+        self._on_written = on_written
+        self._give_up = give_up
+        self._describe_error = describe_error
+        self._inbox: queue_module.SimpleQueue[_Outcome] = queue_module.SimpleQueue()
+        self._waiting: list[_Outcome] = []  # taken from the inbox, not written yet
+        self._unsaved: dict[uuid.UUID, Progress] = {}  # progress taken, not written yet
+        self._closing = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="claude-jobs-recorder", daemon=True)
+
+    def submit(self, outcome: _Outcome) -> None:
+        self._inbox.put(outcome)
+
+    def close(self, timeout: float) -> None:
+        """Write what is left (giving up at once if the worker gave up), then stop."""
+        self._closing.set()
+        self._inbox.put(None)  # type: ignore[arg-type]  # wakes the thread
+        self.thread.join(timeout)
+
+    def _run(self) -> None:
+        retry = _Backoff(start=0.5, cap=10.0)
+        next_save = time.monotonic() + TRANSCRIPT_FLUSH_INTERVAL
+        while True:
+            self._collect(timeout=max(0.0, next_save - time.monotonic()))
+            if self._closing.is_set() and not self._waiting and self._inbox.empty():
+                with contextlib.suppress(*_TRANSIENT):
+                    self._save_progress()
+                return
+            try:
+                if time.monotonic() >= next_save:
+                    next_save = time.monotonic() + TRANSCRIPT_FLUSH_INTERVAL
+                    self._save_progress()
+                if self._waiting:
+                    self._write(self._waiting)
+                    self._waiting = []
+                retry.reset()
+            except _REFUSED:
+                self._write_one_by_one(self._waiting)  # find what the database refuses
+                self._waiting = []
+            except _TRANSIENT as error:
+                if self._give_up.is_set():
+                    for outcome in self._waiting:  # recovered (and run again) after we exit
+                        self._on_written(outcome, None)
+                    self._waiting = []
+                    continue
+                wait = retry.next()
+                logger.warning(
+                    "cannot record %d outcome(s) yet: %s; retrying in %.1fs",
+                    len(self._waiting), self._describe_error(error), wait,
+                )  # fmt: skip
+                self._give_up.wait(wait)
+
+    def _collect(self, timeout: float) -> None:
+        """Move outcomes from the inbox to the waiting list: block until one comes (or the
+        timeout), then take whatever else is there."""
+        try:
+            item = self._inbox.get(timeout=timeout if not self._waiting else 0.0)
+        except queue_module.Empty:
+            return
+        while item is not None:
+            self._waiting.append(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue_module.Empty:
+                return
+
+    def _save_progress(self) -> None:
+        rows = []
+        for attempt in self._attempts():
+            progress = self._unsaved.pop(attempt.job.id, Progress())
+            progress += attempt.context.take_progress()
+            if progress:
+                self._unsaved[attempt.job.id] = progress  # until it is written
+                rows.append((attempt, progress))
+        if rows:
+            with self._pool.connection() as conn:
+                conn.execute(SAVE_PROGRESS, self._columns([(a, {}, p) for a, p in rows]))
+            for attempt, _ in rows:
+                self._unsaved.pop(attempt.job.id, None)
+
+    def _write(self, outcomes: list[_Outcome]) -> None:
+        for outcome in outcomes:  # progress saved by neither a save nor this write yet
+            unsaved = self._unsaved.pop(outcome.attempt.job.id, Progress())
+            outcome.progress = unsaved + outcome.progress
+        by_query: dict[str, list[_Outcome]] = {}
+        for outcome in outcomes:
+            by_query.setdefault(outcome.query, []).append(outcome)
+        written: dict[uuid.UUID, str] = {}
+        with self._pool.connection() as conn, conn.transaction():
+            for query, group in by_query.items():
+                params = self._columns([(o.attempt, o.fields, o.progress) for o in group])
+                for job_id, status, _ in conn.execute(query, params).fetchall():
+                    written[job_id] = status
+            missing = [o for o in outcomes if o.attempt.job.id not in written]
+            if missing:  # a retry after a lost reply finds its own earlier write
+                ids = [o.attempt.job.id for o in missing]
+                claims = [o.attempt.job.claim for o in missing]
+                done = conn.execute(ALREADY_RECORDED, {"ids": ids, "claims": claims})
+                written.update({row[0]: "" for row in done.fetchall()})
+        for outcome in outcomes:
+            self._on_written(outcome, written.get(outcome.attempt.job.id))
+
+    def _write_one_by_one(self, outcomes: list[_Outcome]) -> None:
+        """Write each outcome alone; one the database refuses becomes a failure saying why,
+        and if even that is refused, the job goes back to the queue (or, should that fail
+        too, stays claimed until the claim loop puts it back)."""
+        for outcome in outcomes:
+            try:
+                self._write([outcome])
+                continue
+            except _REFUSED as error:
+                refused = error
+            except _TRANSIENT:
+                self._on_written(outcome, None)
+                continue
+            logger.error("the database refused the outcome of job %s: %s",
+                         outcome.attempt.job.id, refused)  # fmt: skip
+            message = _storable(f"cannot record the outcome: {refused}")[:2000]
+            fields = {"permanents": True, "delays": 0.0, "errors": message,
+                      "tracebacks": None, "results": None}  # fmt: skip
+            for fallback in (
+                _Outcome(outcome.attempt, FAIL, fields, Progress()),
+                _Outcome(outcome.attempt, RELEASE, {}, Progress()),
+            ):
+                with contextlib.suppress(psycopg.Error):
+                    self._write([fallback])
+                    break
+            else:
+                self._on_written(outcome, None)
+
+    @staticmethod
+    def _columns(rows: list[tuple[_Attempt, dict[str, Any], Progress]]) -> dict[str, Any]:
+        """One array per column, as the batch statements unnest them."""
+        columns: dict[str, list[Any]] = {
+            "ids": [a.job.id for a, _, _ in rows],
+            "claims": [a.job.claim for a, _, _ in rows],
+            "transcripts": [p.transcript for _, _, p in rows],
+            "sessions": [p.session_id for _, _, p in rows],
+            "costs": [p.cost_usd for _, _, p in rows],
+        }
+        for name in rows[0][1]:
+            columns[name] = [fields[name] for _, fields, _ in rows]
+        return {**columns, "limit": TRANSCRIPT_LIMIT}
+
+
+class _Session(threading.Thread):
+    """The worker's own PostgreSQL session, on a thread of its own.
+
+    It holds the worker's session advisory lock, so that others can tell at once when this
+    process is gone; LISTENs for new jobs; writes the heartbeat; and sweeps, putting back the
+    running jobs of workers it finds dead. After any error it reconnects with backoff and takes
+    its lock again.
+
+    Its registration is a lease, numbered by ``epoch``: the worker claims and runs jobs only
+    under a live lease. When the lease is lost (another worker declared this one dead, or the
+    watchdog did because no heartbeat got through), the jobs claimed under it are stopped,
+    and the session puts back whatever of them is still marked running and registers anew.
+    ``lease_lock`` guards the lease; whoever takes it also takes the worker's lock, after it.
+    """
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        identity: Mapping[str, Any],
+        options: Mapping[str, Any],
+        on_notify: Callable[[str], None],
+        on_reaped: Callable[[int], None],
+        grace: float,
+        heartbeat_timeout: float,
+    ) -> None:
+        super().__init__(name="claude-jobs-session", daemon=True)
+        self._conninfo = conninfo
+        self._identity = identity
+        self._options = options
+        self._on_notify = on_notify
+        self._on_reaped = on_reaped
+        self._grace = grace
+        self._heartbeat_timeout = heartbeat_timeout
+        self._closing = threading.Event()
+        self._leave_on_close = True
+        self._lock_key: int | None = None
+        self.lease_lock = threading.Lock()
+        self.epoch = 0  # bumped by every registration
+        self.alive = False  # the lease of the current registration holds
+        self.worker_id: uuid.UUID | None = None
+        self.ready = threading.Event()  # alive, connected and listening
+        self.last_ok = _lease_clock()  # when a heartbeat last reached the database
+        self.fatal: JobsError | None = None
+        self.broken = False  # the connection failed and is not back yet
+
+    def lease(self) -> tuple[uuid.UUID, int] | None:
+        """(worker id, epoch) while jobs may be claimed; None otherwise."""
+        with self.lease_lock:
+            if self.alive and self.ready.is_set() and self.worker_id is not None:
+                return self.worker_id, self.epoch
+        return None
+
+    def end_lease(self, epoch: int) -> bool:
+        """Give up the lease ``epoch`` (the caller holds lease_lock); False if already over."""
+        if not self.alive or self.epoch != epoch:
+            return False
+        self.alive = False
+        self.ready.clear()
+        return True
+
+    def close(self, leave: bool = True) -> None:
+        """Stop; with ``leave``, deregister (else leave the registration to the reapers)."""
+        self._leave_on_close = leave
+        self._closing.set()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as error:  # a bug: stop the worker rather than run it without a lease
+            logger.exception("the worker's database session failed")
+            self.broken = True
+            self.fatal = JobsError(f"the worker's database session failed: {error}")
+
+    def _run(self) -> None:
+        delay = _Backoff()
+        while not self._closing.is_set():
+            try:
+                with connect(self._conninfo, autocommit=True, **self._options) as conn:
+                    self._establish(conn)
+                    if self.broken:
+                        logger.info("database connection restored")
+                    self.broken = False
+                    delay.reset()
+                    if self._serve(conn):
+                        if self._leave_on_close:
+                            self._leave(conn)
+                        return
+            except SchemaError as error:
+                self.fatal = error
+                return
+            except (DatabaseUnavailable, psycopg.Error, _Busy) as error:
+                self.ready.clear()
+                self.broken = True
+                if self._closing.is_set():
+                    break
+                # While the lease may still hold, try again at once: each second counts.
+                quick = self.alive and _lease_clock() - self.last_ok < self._grace
+                wait = random.uniform(0.1, 0.25) if quick else delay.next()
+                reason = _scrub(str(error), self._conninfo)
+                logger.warning(
+                    "database session lost: %s; reconnecting in %.1fs",
+                    reason,
+                    wait,
+                    extra={"fields": {"event": "db unavailable", "error": reason}},
+                )
+                self._closing.wait(wait)
+        if self._leave_on_close:
+            with (
+                contextlib.suppress(JobsError, psycopg.Error),
+                connect(self._conninfo, autocommit=True, connect_timeout=5) as conn,
+            ):
+                self._leave(conn)
+
+    def _establish(self, conn: psycopg.Connection) -> None:
+        """Listen, then take the lock again and confirm the lease, or register anew."""
+        check_schema(conn)
+        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # first: no notice is missed from here on
+        with self.lease_lock:
+            alive, epoch = self.alive, self.epoch
+        if self.worker_id is not None and alive:
+            key = {"namespace": LOCK_NAMESPACE, "key": self._lock_key}
+            if not conn.execute(TRY_LOCK, key).fetchone()[0]:  # type: ignore[index]
+                raise _Busy("this worker's lock is held by another session for now")
+            stamp = _lease_clock()
+            if conn.execute(HEARTBEAT, {"id": self.worker_id}).rowcount == 1:
+                self.last_ok = stamp
+            else:
+                conn.execute(UNLOCK_ALL)
+                self._reaped(epoch)
+                self._register(conn)
+        else:
+            self._leave(conn)  # put back what the lost lease left marked running
+            self._register(conn)
+        with self.lease_lock:
+            if self.alive:
+                self.ready.set()
+
+    def _register(self, conn: psycopg.Connection) -> None:
+        while True:
+            key = conn.execute(NEXT_WORKER_KEY).fetchone()[0]  # type: ignore[index]
+            lock = {"namespace": LOCK_NAMESPACE, "key": key}
+            if conn.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
+                break
+        worker_id = uuid.uuid4()
+        conn.execute(REGISTER_WORKER, {"id": worker_id, "key": key, **self._identity})
+        with self.lease_lock:
+            self.worker_id, self._lock_key = worker_id, key
+            self.epoch += 1
+            self.alive = True
+            self.last_ok = _lease_clock()
+        logger.debug("registered as worker %s (lock key %s)", worker_id, key)
+
+    def _reaped(self, epoch: int) -> None:
+        logger.error(
+            "another worker declared this one dead (its heartbeat stopped) and took over its "
+            "running jobs; continuing as a new worker",
+            extra={"fields": {"event": "declared dead"}},
+        )
+        self._on_reaped(epoch)
+
+    def _serve(self, conn: psycopg.Connection) -> bool:
+        """Listen, heartbeat and sweep until closing (True) or the lease is lost (False)."""
+        next_sweep = 0.0
+        while not self._closing.is_set():
+            for notice in conn.notifies(timeout=HEARTBEAT_INTERVAL):
+                try:
+                    self._on_notify(notice.payload)
+                except Exception:  # a notice must never take the session down
+                    logger.exception("cannot handle the notice %r", notice.payload)
+            with self.lease_lock:
+                alive, epoch = self.alive, self.epoch
+            if not alive:
+                return False
+            stamp = _lease_clock()
+            if conn.execute(HEARTBEAT, {"id": self.worker_id}).rowcount == 1:
+                self.last_ok = stamp
+            else:
+                conn.execute(UNLOCK_ALL)
+                self._reaped(epoch)
+                self._register(conn)
+                with self.lease_lock:
+                    if self.alive:
+                        self.ready.set()
+            if time.monotonic() >= next_sweep:
+                self._sweep(conn)
+                next_sweep = time.monotonic() + SWEEP_INTERVAL
+        return True
+
+    def _leave(self, conn: psycopg.Connection) -> None:
+        """Deregister, then put back any job still marked running under this registration
+        (the attempt counted: it was interrupted) and kill what it left on this machine."""
+        if self.worker_id is None:
+            return
+        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(DEREGISTER_WORKER, {"id": self.worker_id})
+            jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": self.worker_id}).fetchall()
+            _notify_queues(cur, jobs)
+        conn.execute(UNLOCK_ALL)
+        _kill_leftovers(job["id"] for job in jobs)
+        for job in jobs:
+            _log_recovered(job)
+
+    def _sweep(self, conn: psycopg.Connection) -> None:
+        """Put back the running jobs of dead workers, and of jobs whose worker is unknown."""
+        params = {"grace": self._grace, "timeout": self._heartbeat_timeout}
+        with conn.cursor(row_factory=dict_row) as cur:
+            stale = cur.execute(STALE_WORKERS, params).fetchall()
+        for worker in stale:
+            if worker["id"] != self.worker_id:
+                self._reap(conn, worker)
+        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            orphans = cur.execute(RECOVER_ORPHANS).fetchall()
+            _notify_queues(cur, orphans)
+        _kill_leftovers(job["id"] for job in orphans)
+        for job in orphans:
+            _log_recovered(job)
+
+    def _reap(self, conn: psycopg.Connection, worker: Mapping[str, Any]) -> None:
+        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            key = {"namespace": LOCK_NAMESPACE, "key": worker["lock_key"]}
+            if not cur.execute(TRY_LOCK_FOR_REAPING, key).fetchone()["locked"]:  # type: ignore[index]
+                if not worker["vanished"]:
+                    return  # its session holds the lock: alive, only slow (or being reaped)
+                # Its host is gone but its session lingers: end the session (when allowed).
+                with contextlib.suppress(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                    cur.execute(
+                        TERMINATE_LOCK_HOLDER, {**key, "backend_pid": worker["backend_pid"]}
+                    )
+            reaped = cur.execute(REAP_WORKER, {"id": worker["id"], "grace": self._grace}).fetchone()
+            if reaped is None:
+                return  # it came back
+            jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": worker["id"]}).fetchall()
+            _notify_queues(cur, jobs)
+        _kill_leftovers(job["id"] for job in jobs)
+        why = "no heartbeat within the timeout" if worker["vanished"] else "its session ended"
+        name = f"{worker['host']}:{worker['pid']}"
+        logger.warning(
+            "worker %s is dead (%s): %d running job(s) put back",
+            name,
+            why,
+            len(jobs),
+            extra={
+                "fields": {"event": "worker dead", "worker": name, "reason": why, "jobs": len(jobs)}
+            },
+        )
+        for job in jobs:
+            _log_recovered(job)
+
+
+def _notify_queues(cur: psycopg.Cursor[Any], jobs: Iterable[Mapping[str, Any]]) -> None:
+    for queue in sorted({job["queue"] for job in jobs}):
+        cur.execute(NOTIFY_QUEUE, {"channel": NOTIFY_CHANNEL, "queue": queue, "run_at": None})
+
+
 class Worker:
     """Runs queued jobs with a pool of threads until stopped.
 
-    One thread per unit of ``concurrency`` runs jobs; the session thread holds the worker's
-    advisory lock, listens for new jobs, heartbeats and recovers dead workers' jobs; a watchdog
-    stops this worker's own jobs if its heartbeat cannot reach the database for so long that
-    others may take them over. ``run()`` works until ``stop()``; ``run_once()`` runs what is
-    ready now. Use it as a context manager (or call ``close()``) after ``run_once()``.
+    Its threads, all named and owned by it: one per unit of ``concurrency`` runs handlers; the
+    main thread (the one calling ``run()``) claims; the session thread holds the worker's
+    advisory lock, listens for new jobs, heartbeats and recovers dead workers' jobs; the
+    recorder writes outcomes and progress; a watchdog stops this worker's jobs when its
+    heartbeat has not reached the database for so long that others may take them over.
+
+    ``run()`` works until ``stop()``; ``run_once()`` runs what is ready now (then use the
+    worker as a context manager, or call ``close()``).
     """
 
     def __init__(
@@ -1740,12 +2050,20 @@ class Worker:
         check_conninfo(database_url)
         if not 1 <= concurrency <= 1000:
             raise ConfigError(f"concurrency must be between 1 and 1000, not {concurrency}")
-        if not poll_interval > 0:
-            raise ConfigError(f"the poll interval must be positive, not {poll_interval}")
+        durations = {
+            "poll interval": poll_interval,
+            "heartbeat timeout": heartbeat_timeout,
+            "backoff base": backoff_base,
+            "backoff max": backoff_max,
+            "shutdown timeout": shutdown_timeout or 1.0,
+        }
+        for name, seconds in durations.items():
+            if not 0 < seconds <= MAX_DURATION:
+                raise ConfigError(f"the {name} must be between 0 and {MAX_DURATION:g}s")
         if heartbeat_timeout < lock_grace or lock_grace <= FENCE_MARGIN + HEARTBEAT_INTERVAL:
             raise ConfigError(
-                f"the heartbeat timeout must be at least {lock_grace}s "
-                f"and the lock grace more than {FENCE_MARGIN + HEARTBEAT_INTERVAL}s"
+                f"the heartbeat timeout must be at least {lock_grace:g}s "
+                f"and the lock grace more than {FENCE_MARGIN + HEARTBEAT_INTERVAL:g}s"
             )
         self.queues = _parse_queues(queues)
         self.concurrency = concurrency
@@ -1770,16 +2088,18 @@ class Worker:
         self._burst = burst
         self._stop = threading.Event()  # stop claiming
         self._force = threading.Event()  # stop running jobs too
-        self._wake = threading.Event()  # something to do: a notice, a finished job, a stop
+        self._wake = threading.Event()  # something to do: a notice, a free thread, a stop
         self._closed = threading.Event()
         self._lock = threading.Lock()
-        self._running: dict[uuid.UUID, _Attempt] = {}
+        self._running: dict[uuid.UUID, _Attempt] = {}  # claimed, outcome not written yet
+        self._busy = 0  # attempts whose handler runs now (the rest wait for the recorder)
         self._wakeups: list[float] = []  # heap of time.monotonic() times with jobs due
         self._inbox: queue_module.SimpleQueue[_Attempt | None] = queue_module.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._pool: ConnectionPool | None = None
         self._session: _Session | None = None
-        self._claims_uncertain = False
+        self._recorder: _Recorder | None = None
+        self._check_claims = False  # a claim's reply was lost: compare with the database
 
     # -- public API -----------------------------------------------------------------------
 
@@ -1794,9 +2114,12 @@ class Worker:
         try:
             if self._open():
                 self._loop()
-            self._drain()
+        except BaseException:
+            self.stop(force=True)  # going down on an error: stop the jobs, put them back
+            raise
         finally:
-            self.close()
+            leftovers = self._drain()
+            self.close(leave=not leftovers)
         if self._session and self._session.fatal:
             raise self._session.fatal
 
@@ -1805,7 +2128,7 @@ class Worker:
         return how many there were."""
         if not self._open():
             return 0
-        claimed = self._claim()
+        claimed = self._claim() or 0
         while self._running_count():
             self._wake.wait(0.1)
             self._wake.clear()
@@ -1819,19 +2142,22 @@ class Worker:
             self._force.set()
         self._wake.set()
 
-    def close(self) -> None:
-        """Leave: stop the threads, deregister, close the connections. Idempotent."""
+    def close(self, leave: bool = True) -> None:
+        """Stop the threads, deregister (unless ``leave`` is False: then the registration is
+        left for other workers to reap) and close the connections. Idempotent."""
         if self._closed.is_set() or self._session is None:
             self._closed.set()
             return
         self._closed.set()
-        for _ in self._threads:
+        assert self._pool is not None and self._recorder is not None
+        for _ in range(self.concurrency):
             self._inbox.put(None)
-        for thread in self._threads:
-            thread.join(timeout=2.0)  # a handler that ignores its stop event is left behind
-        self._session.close()
-        self._session.join(timeout=10.0)
-        assert self._pool is not None
+        deadline = time.monotonic() + 2.0
+        for thread in self._threads:  # a handler that ignores its stop event is left behind
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
+        self._recorder.close(timeout=5.0)
+        self._session.close(leave)
+        self._session.join(timeout=5.0)
         self._pool.close(timeout=5.0)
         logger.info("worker %s stopped", self.name, extra={"fields": {"event": "stopped"}})
 
@@ -1860,13 +2186,20 @@ class Worker:
         self._pool = ConnectionPool(
             self._conninfo,
             min_size=1,
-            max_size=self.concurrency + 1,
+            max_size=self.concurrency + 2,
             open=False,
             kwargs={"autocommit": True, **_CONNECT_OPTIONS, **options},
             name="claude-jobs",
             timeout=10.0,
         )
         self._pool.open(wait=False)
+        self._recorder = _Recorder(
+            self._pool,
+            attempts=self._attempts,
+            on_written=self._written,
+            give_up=self._force,
+            describe_error=lambda error: _scrub(str(error), self._conninfo),
+        )
         self._session = _Session(
             self._conninfo,
             identity={
@@ -1878,11 +2211,12 @@ class Worker:
             },
             options=options,
             on_notify=self._on_notify,
-            on_reaped=self._on_reaped,
+            on_reaped=lambda epoch: self._fence(epoch, "another worker declared it dead"),
             grace=self._lock_grace,
             heartbeat_timeout=self._heartbeat_timeout,
         )
         self._session.start()
+        self._recorder.thread.start()
         for number in range(1, self.concurrency + 1):
             self._spawn(self._job_loop, f"claude-jobs-job-{number}")
         self._spawn(self._watch, "claude-jobs-watchdog")
@@ -1920,28 +2254,29 @@ class Worker:
         self._threads.append(thread)
 
     def _loop(self) -> None:
-        """The claim loop: claim when there is room and something may be ready, else wait."""
+        """The claim loop: claim while there are free threads and ready jobs, else wait for a
+        notice, a free thread, a job coming due or the next poll."""
+        session = self._session
+        assert session is not None
         failures = _Backoff(start=0.5)
         next_poll = 0.0
         while not self._stop.is_set():
             self._wake.clear()
-            session = self._session
-            assert session is not None
             if session.fatal:
                 logger.error("stopping: %s", session.fatal)
+                self._fence(session.epoch, "its database session failed")
                 break
-            if not session.ready.is_set():  # reconnecting: nothing can be claimed
-                self._wake.wait(0.2)
-                continue
             try:
-                if self._claims_uncertain:
+                polling = time.monotonic() >= next_poll
+                if polling or self._check_claims:
                     self._put_back_unknown_claims()
                 claimed = self._claim()
-                if time.monotonic() >= next_poll:
+                if polling and claimed is not None:
                     next_poll = time.monotonic() + self._poll_interval
                     self._learn_next_due()
                 failures.reset()
             except _TRANSIENT as error:
+                self._check_claims = True
                 wait = failures.next()
                 logger.warning(
                     "cannot claim jobs: %s; retrying in %.1fs",
@@ -1950,6 +2285,9 @@ class Worker:
                     extra={"fields": {"event": "db unavailable"}},
                 )
                 self._stop.wait(wait)
+                continue
+            if claimed is None:  # no lease: reconnecting
+                self._wake.wait(0.2)
                 continue
             if self._burst and claimed == 0 and not self._running_count():
                 logger.info("nothing is ready: stopping (burst)")
@@ -1963,9 +2301,12 @@ class Worker:
                 extra={"fields": {"event": "stopping"}},
             )
 
-    def _drain(self) -> None:
-        """Wait for running jobs; at the shutdown timeout or a forced stop, stop them and put
-        them back in the queue unspent."""
+    def _drain(self) -> int:
+        """Wait for running jobs to finish and their outcomes to be written; at the shutdown
+        timeout, or on a forced stop, stop them (they go back to the queue unspent). Returns
+        how many are still running in handlers that ignore their stop event."""
+        if self._session is None:
+            return 0
         deadline = (
             time.monotonic() + self._shutdown_timeout
             if self._shutdown_timeout is not None
@@ -1974,69 +2315,108 @@ class Worker:
         while self._running_count() and not self._force.is_set():
             if deadline is not None and time.monotonic() >= deadline:
                 logger.warning("the shutdown timeout has passed")
+                self._force.set()
                 break
             self._wake.wait(0.2)
             self._wake.clear()
         if not self._running_count():
-            return
-        logger.warning(
-            "stopping %d running job(s) now; they go back to the queue",
-            self._running_count(),
-            extra={"fields": {"event": "forced stop"}},
-        )
+            return 0
+        self._force.set()
+        if self._busy_count():
+            logger.warning(
+                "stopping %d running job(s) now; they go back to the queue",
+                self._busy_count(),
+                extra={"fields": {"event": "forced stop"}},
+            )
         for attempt in self._attempts():
             attempt.context.request_stop(STOP_SHUTDOWN)
         end = time.monotonic() + FORCED_KILL_GRACE + 2.0
         while self._running_count() and time.monotonic() < end:
             self._wake.wait(0.1)
             self._wake.clear()
-        if leftovers := self._attempts():  # handlers that do not heed their stop event
-            self._release(leftovers)
+        leftovers = self._busy_count()
+        if leftovers:
+            logger.error(
+                "%d handler(s) ignore their stop event and still run; their jobs stay "
+                "claimed until this process exits, then other workers recover them",
+                leftovers,
+            )
+        return leftovers
 
     # -- claiming -------------------------------------------------------------------------
 
-    def _claim(self) -> int:
-        """Claim up to the free slots, earlier queues first, and start each job."""
+    def _claim(self) -> int | None:
+        """Claim up to the free threads, earlier queues first, and start each job; None when
+        this worker holds no lease (nothing can be claimed)."""
         session = self._session
         assert session is not None and self._pool is not None
-        worker_id = session.worker_id
-        free = self.concurrency - self._running_count()
-        if free <= 0 or worker_id is None or not session.ready.is_set():
+        lease = session.lease()
+        if lease is None:
+            return None
+        worker_id, epoch = lease
+        free = self.concurrency - self._busy_count()
+        if free <= 0:
             return 0
         claimed = 0
         params = {"worker_id": worker_id, "worker": self.name, "kinds": self._kinds}
         with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             for queue in self._claim_queues:
-                query = CLAIM_FROM_ANY_QUEUE if queue is None else CLAIM_FROM_QUEUE
-                self._claims_uncertain = True  # until the reply is in hand
+                query = CLAIM_FROM_QUEUE if queue else CLAIM_FROM_ANY_QUEUE
+                self._check_claims = True  # until the reply is in hand
                 rows = cur.execute(query, {**params, "queue": queue, "limit": free - claimed})
-                for row in rows.fetchall():
-                    self._begin(Job.from_row(row))
-                    claimed += 1
-                self._claims_uncertain = False
+                jobs = [Job.from_row(row) for row in rows.fetchall()]
+                self._check_claims = False
+                stale = [job for job in jobs if not self._begin(job, epoch)]
+                if stale:  # the lease ended while claiming: these never run here
+                    self._release_claims(conn, [(job.id, job.claim) for job in stale])
+                claimed += len(jobs) - len(stale)
                 if claimed >= free:
                     break
         return claimed
 
-    def _begin(self, job: Job) -> None:
-        assert self._pool is not None
-        attempt = _Attempt(job, RunContext(job, self._pool, job.timeout))
-        with self._lock:
-            self._running[job.id] = attempt
+    def _begin(self, job: Job, epoch: int) -> bool:
+        """Hand a claimed job to a thread, if the lease it was claimed under still holds."""
+        assert self._session is not None
+        attempt = _Attempt(job, RunContext(job, job.timeout))
+        with self._session.lease_lock:
+            if not (self._session.alive and self._session.epoch == epoch):
+                return False
+            with self._lock:
+                self._running[job.id] = attempt
+                self._busy += 1
         self._inbox.put(attempt)
+        return True
 
     def _put_back_unknown_claims(self) -> None:
-        """A claim whose reply was lost may have committed: put back such jobs, unspent."""
+        """Jobs the database says this worker runs but it does not know of (a claim whose
+        reply was lost, or that committed after the error) go back to the queue unspent."""
         assert self._pool is not None and self._session is not None
+        lease = self._session.lease()
+        if lease is None:  # the session puts back what a lost lease left
+            return
         with self._pool.connection() as conn:
-            rows = conn.execute(MY_RUNNING_JOBS, {"worker_id": self._session.worker_id}).fetchall()
+            rows = conn.execute(MY_RUNNING_JOBS, {"worker_id": lease[0]}).fetchall()
             with self._lock:
                 unknown = [(job_id, claim) for job_id, claim in rows if job_id not in self._running]
             if unknown:
-                ids, claims = zip(*unknown, strict=True)
-                conn.execute(RELEASE, {"ids": list(ids), "claims": list(claims)})
-                logger.warning("put back %d job(s) claimed while the connection failed", len(ids))
-        self._claims_uncertain = False
+                self._release_claims(conn, unknown)
+                logger.warning("put back %d job(s) this worker claimed but never ran", len(unknown))
+        self._check_claims = False
+
+    @staticmethod
+    def _release_claims(conn: psycopg.Connection, claims: Sequence[tuple[Any, Any]]) -> None:
+        progress = [None] * len(claims)
+        conn.execute(
+            RELEASE,
+            {
+                "ids": [job_id for job_id, _ in claims],
+                "claims": [claim for _, claim in claims],
+                "transcripts": progress,
+                "sessions": progress,
+                "costs": [0] * len(claims),
+                "limit": TRANSCRIPT_LIMIT,
+            },
+        )
 
     def _learn_next_due(self) -> None:
         """Ask when the next scheduled job is due (one enqueued with a delay before this worker
@@ -2059,20 +2439,23 @@ class Worker:
 
     def _wake_in(self, seconds: float) -> None:
         with self._lock:
-            heapq.heappush(self._wakeups, time.monotonic() + seconds)
+            heapq.heappush(self._wakeups, time.monotonic() + min(seconds, MAX_DURATION))
         self._wake.set()  # recompute the wait
 
     def _on_notify(self, payload: str) -> None:
-        """A job was queued (or became ready) somewhere: wake if it is for us."""
+        """A job was queued (or became ready) somewhere: wake up if it is for us. Whatever
+        the payload, this only ever wakes the worker."""
         try:
             notice = json.loads(payload)
             queue, at = notice["queue"], notice.get("at")
+            if not isinstance(queue, str) or not isinstance(at, int | float | None):
+                raise TypeError
         except (ValueError, KeyError, TypeError):
             self._wake.set()
             return
         if self._claim_queues != (None,) and queue not in self.queues:
             return
-        if at is None or at <= time.time():
+        if at is None or not at > time.time():
             self._wake.set()
         else:
             self._wake_in(at - time.time())
@@ -2083,6 +2466,10 @@ class Worker:
         with self._lock:
             return len(self._running)
 
+    def _busy_count(self) -> int:
+        with self._lock:
+            return self._busy
+
     def _attempts(self) -> list[_Attempt]:
         with self._lock:
             return list(self._running.values())
@@ -2090,16 +2477,21 @@ class Worker:
     def _job_loop(self) -> None:
         while (attempt := self._inbox.get()) is not None:
             try:
-                self._execute(attempt)
-            except Exception:
+                outcome = self._execute(attempt)
+            except Exception:  # a bug; the job stays claimed until reconciled or recovered
                 logger.exception("internal error while running job %s", attempt.job.id)
-            finally:
-                with self._lock:
+                outcome = None
+            with self._lock:
+                self._busy -= 1
+                if outcome is None:
                     self._running.pop(attempt.job.id, None)
-                self._wake.set()
+            if outcome is not None:
+                assert self._recorder is not None
+                self._recorder.submit(outcome)
+            self._wake.set()
 
-    def _execute(self, attempt: _Attempt) -> None:
-        """Run one attempt and record its outcome, fenced on the claim."""
+    def _execute(self, attempt: _Attempt) -> _Outcome | None:
+        """Run one attempt; what it came to (None: nothing may be written)."""
         job, context = attempt.job, attempt.context
         _log_job("claimed", job, worker=self.name)
         failure: BaseException | None = None
@@ -2116,53 +2508,59 @@ class Worker:
             failure, trace = error, traceback.format_exc()[-8000:]
         else:
             try:
-                result = json.dumps(value)
-            except (TypeError, ValueError) as error:
-                failure = PermanentError(f"the handler's result is not JSON: {error}")
+                result = _to_json(value)
+            except ValueError as error:
+                failure = PermanentError(str(error))
+        progress = context.take_progress()
         if context.stop_reason == STOP_LOST:
             _log_job("abandoned", job, logging.WARNING, reason="the claim was lost")
-        elif interrupted:
-            self._release([attempt])
-        elif failure is None:
-            self._succeed(attempt, result)
-        else:
-            self._fail(attempt, failure, trace)
-
-    def _succeed(self, attempt: _Attempt, result: str) -> None:
-        params = {"id": attempt.job.id, "claim": attempt.job.claim, "result": result}
-        if self._record(attempt, SUCCEED, params):
-            duration = time.monotonic() - attempt.started
-            _log_job("succeeded", attempt.job, duration=duration)
-
-    def _fail(self, attempt: _Attempt, failure: BaseException, trace: str | None) -> None:
-        job = attempt.job
-        permanent = isinstance(failure, PermanentError)
+            return None
+        if interrupted or (context.stop_reason == STOP_SHUTDOWN and failure is not None):
+            return _Outcome(attempt, RELEASE, {}, progress)
+        if failure is None:
+            return _Outcome(attempt, SUCCEED, {"results": result}, progress)
         if isinstance(failure, JobFailed):
             message, stored = str(failure), failure.result
         else:
             message, stored = f"{type(failure).__name__}: {failure}", None
-        delay = backoff_delay(job.attempts, *self._backoff)
-        params = {
-            "id": job.id,
-            "claim": job.claim,
-            "permanent": permanent,
-            "delay": delay,
-            "error": message,
-            "traceback": trace,
-            "result": None if stored is None else json.dumps(stored),
+        try:
+            stored_json = None if stored is None else _to_json(stored)
+        except ValueError:
+            stored_json = None
+        fields = {
+            "permanents": isinstance(failure, PermanentError),
+            "delays": backoff_delay(job.attempts, *self._backoff),
+            "errors": _storable(message),
+            "tracebacks": _storable(trace),
+            "results": stored_json,
         }
-        row = self._record(attempt, FAIL, params)
-        if row is None:
-            return
+        return _Outcome(attempt, FAIL, fields, progress)
+
+    def _written(self, outcome: _Outcome, status: str | None) -> None:
+        """The recorder wrote an outcome (status: the job's new status, "" for a write an
+        earlier reply already made, None if the claim was lost): log it, free its place."""
+        attempt, job = outcome.attempt, outcome.attempt.job
         duration = time.monotonic() - attempt.started
-        if row[0] == JobStatus.QUEUED:
+        if status is None:
+            _log_job(
+                "abandoned",
+                job,
+                logging.WARNING,
+                reason="another worker owns the job now; this outcome is discarded",
+            )
+        elif outcome.query == RELEASE:
+            _log_job("released", job, logging.WARNING, reason="forced shutdown")
+        elif outcome.query == SUCCEED:
+            _log_job("succeeded", job, duration=duration)
+        elif status == JobStatus.QUEUED:
+            delay = outcome.fields["delays"]
             _log_job(
                 "retry scheduled",
                 job,
                 logging.WARNING,
                 duration=duration,
                 retry_in=delay,
-                error=message,
+                error=outcome.fields["errors"],
             )
             self._wake_in(delay)
         else:
@@ -2171,98 +2569,46 @@ class Worker:
                 job,
                 logging.ERROR,
                 duration=duration,
-                error=message,
-                permanent=permanent or None,
+                error=outcome.fields["errors"],
+                permanent=outcome.fields["permanents"] or None,
             )
-
-    def _record(self, attempt: _Attempt, query: str, params: Mapping[str, Any]) -> tuple | None:
-        """Write an outcome, retrying while the database is away; None if the claim is lost."""
-        assert self._pool is not None
-        retry = _Backoff(start=0.5, cap=10.0)
-        while True:
-            if attempt.context.stop_reason == STOP_LOST:
-                _log_job("abandoned", attempt.job, logging.WARNING, reason="the claim was lost")
-                return None
-            try:
-                with self._pool.connection() as conn:
-                    row = conn.execute(query, params).fetchone()
-                break
-            except _TRANSIENT as error:
-                if self._force.is_set():
-                    _log_job(
-                        "abandoned",
-                        attempt.job,
-                        logging.ERROR,
-                        reason="cannot record the outcome; the job will run again",
-                    )
-                    return None
-                wait = retry.next()
-                logger.warning(
-                    "cannot record the outcome of job %s yet: %s; retrying in %.1fs",
-                    attempt.job.id,
-                    _scrub(str(error), self._conninfo),
-                    wait,
-                )
-                self._force.wait(wait)
-        if row is None:
-            _log_job(
-                "abandoned",
-                attempt.job,
-                logging.WARNING,
-                reason="another worker owns the job now; this outcome is discarded",
-            )
-        return row
-
-    def _release(self, attempts: Sequence[_Attempt]) -> None:
-        """Put jobs back in the queue without spending the attempt (forced shutdown)."""
-        assert self._pool is not None
-        params = {"ids": [a.job.id for a in attempts], "claims": [a.job.claim for a in attempts]}
-        try:
-            with self._pool.connection(timeout=5.0) as conn:
-                released = {row[0] for row in conn.execute(RELEASE, params).fetchall()}
-        except _TRANSIENT as error:
-            logger.error(
-                "cannot put %d job(s) back (%s); other workers will recover them",
-                len(attempts),
-                _scrub(str(error), self._conninfo),
-            )
-            return
-        for attempt in attempts:
-            if attempt.job.id in released:
-                _log_job("released", attempt.job, logging.WARNING, reason="forced shutdown")
+        with self._lock:
+            self._running.pop(job.id, None)
+        self._wake.set()
 
     # -- liveness -------------------------------------------------------------------------
 
     def _watch(self) -> None:
-        """Stop this worker's jobs before others may take them over: when its heartbeat has
-        not reached the database for nearly as long as the others wait."""
-        while not self._closed.wait(0.5):
-            session = self._session
-            if session is None or session.worker_id is None or session.declared_dead:
-                continue
-            limit = self._heartbeat_timeout
-            if session.broken:  # its lock is gone too
-                limit = min(limit, self._lock_grace)
-            silent = time.monotonic() - session.last_ok
-            if silent > limit - FENCE_MARGIN:
-                stopped = self._abandon_all()
-                session.declare_dead()
-                logger.error(
-                    "no heartbeat reached the database for %.1fs: stopped %d running job(s), "
-                    "which other workers may run now",
-                    silent,
-                    stopped,
-                    extra={"fields": {"event": "lease lost", "jobs": stopped}},
+        """Stop this worker's jobs before others may take them over: when no heartbeat has
+        reached the database for nearly the lock grace period."""
+        session = self._session
+        assert session is not None
+        while not self._closed.wait(0.25):
+            with session.lease_lock:
+                alive, epoch, silent = (
+                    session.alive,
+                    session.epoch,
+                    _lease_clock() - session.last_ok,
                 )
+            if alive and silent > self._lock_grace - FENCE_MARGIN:
+                self._fence(epoch, f"no heartbeat reached the database for {silent:.1f}s")
 
-    def _on_reaped(self) -> None:
-        self._abandon_all()
-
-    def _abandon_all(self) -> int:
-        attempts = self._attempts()
+    def _fence(self, epoch: int, why: str) -> None:
+        """End the lease ``epoch`` and stop every job claimed under it, now: other workers
+        may run them from here on."""
+        assert self._session is not None
+        with self._session.lease_lock:
+            if not self._session.end_lease(epoch):
+                return
+            attempts = self._attempts()
         for attempt in attempts:
             attempt.context.request_stop(STOP_LOST)
-        return len(attempts)
+        logger.error(
+            "%s: stopped %d running job(s), which other workers may run now",
+            why,
+            len(attempts),
+            extra={"fields": {"event": "lease lost", "jobs": len(attempts)}},
+        )
 
 
 ###############################################################################
@@ -2492,7 +2838,7 @@ def migrate_command(config: _Config, print_sql: bool) -> None:
 @click.option(
     "--file",
     "payload_file",
-    type=click.File("r", encoding="utf-8"),
+    type=click.File("rb"),
     metavar="PATH",
     help="JSON Lines, one payload object a line ('-': stdin); all are queued or none.",
 )
@@ -2579,13 +2925,16 @@ def _parse_json(text: str, where: str) -> Any:
 def _read_json_lines(stream: Any, kind: str) -> list[dict[str, Any]]:
     """Every payload of a JSON Lines stream, checked; an error names its line."""
     payloads = []
-    for number, line in enumerate(stream, 1):
-        if not line.strip():
-            continue
+    name = getattr(stream, "name", "<stdin>")
+    for number, raw in enumerate(stream, 1):
         try:
-            payloads.append(prepare_payload(kind, _parse_json(line, "it")))
+            line = raw.decode("utf-8")
+            if line.strip():
+                payloads.append(prepare_payload(kind, _parse_json(line, "it")))
+        except UnicodeDecodeError:
+            raise InvalidJob(f"line {number} of {name} is not UTF-8 text") from None
         except InvalidJob as error:
-            raise InvalidJob(f"line {number} of {stream.name}: {error}") from None
+            raise InvalidJob(f"line {number} of {name}: {error}") from None
     return payloads
 
 

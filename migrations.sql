@@ -2,6 +2,8 @@ BEGIN;
 -- The claude-jobs schema, version 1.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
+-- One migration at a time (the lock lasts until the end of the transaction):
+SELECT pg_advisory_xact_lock(1667919714, 0);
 CREATE TABLE IF NOT EXISTS claude_jobs_schema (
     version     integer PRIMARY KEY,
     applied_at  timestamptz NOT NULL DEFAULT now()
@@ -41,8 +43,10 @@ CREATE INDEX claude_jobs_ready_in_queue ON claude_jobs (queue, priority DESC, ru
     WHERE status = 'queued';
 CREATE INDEX claude_jobs_ready ON claude_jobs (priority DESC, run_at)
     WHERE status = 'queued';
--- Idle workers learn when the next scheduled job is due through this one.
-CREATE INDEX claude_jobs_scheduled ON claude_jobs (run_at) WHERE status = 'queued';
+-- Idle workers learn when the next delayed or retried job is due through this one. Only
+-- jobs waiting for a later run_at match its predicate, so the claim never uses it.
+CREATE INDEX claude_jobs_scheduled ON claude_jobs (run_at)
+    WHERE status = 'queued' AND run_at > created_at;
 -- Recovery finds a dead worker's jobs through this one.
 CREATE INDEX claude_jobs_running ON claude_jobs (worker_id) WHERE status = 'running';
 
@@ -59,6 +63,13 @@ CREATE TABLE claude_jobs_workers (
     last_heartbeat  timestamptz NOT NULL DEFAULT now()
 );
 CREATE SEQUENCE claude_jobs_worker_keys AS integer MINVALUE 1 CYCLE;
+
+-- A queue table churns: vacuum and analyze it far more often than the defaults, and give
+-- the planner statistics from the start, so that the claim walks its index from the first
+-- bulk insert on.
+ALTER TABLE claude_jobs SET (autovacuum_vacuum_scale_factor = 0.02,
+    autovacuum_vacuum_insert_scale_factor = 0.02, autovacuum_analyze_scale_factor = 0.02);
+ANALYZE claude_jobs;
 INSERT INTO claude_jobs_schema (version) VALUES (1);
 END IF;
 END $migration_1$;

@@ -143,8 +143,9 @@ if directives.get("child"):
 if log:
     env = record["env"]
     name = f"{{env['CLAUDE_JOBS_JOB_ID']}}-{{env['CLAUDE_JOBS_ATTEMPT']}}-{{os.getpid()}}.json"
-    with open(os.path.join(log, name), "w") as f:
+    with open(os.path.join(log, name + ".tmp"), "w") as f:
         json.dump(record, f)
+    os.replace(os.path.join(log, name + ".tmp"), os.path.join(log, name))  # whole, or not there
 session = str(uuid.uuid4())
 if "emit" in directives:
     with open(os.path.join({fixtures!r}, directives["emit"])) as f:

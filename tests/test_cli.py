@@ -106,6 +106,10 @@ BAD_INPUT = [
     (["--payload", "{}", "--file", "-"], "give either --payload JSON or --file PATH"),
     (["--file", "/no/such/file.jsonl"], "No such file"),
     (["--payload", '{"prompt": "x"}', "--bogus"], "No such option"),
+    (["--payload", '{"prompt": "x"}', "--delay", "1e12"], "up to ten years"),
+    (["--payload", '{"prompt": "x"}', "--delay", "99999999d"], "up to ten years"),
+    (["--payload", '{"prompt": "x"}', "--run-at", "0001-01-01T00:00:00"], "invalid time"),
+    (["--payload", '{"prompt": "x"}', "--timeout", "nan"], "invalid duration"),
 ]
 
 
@@ -162,6 +166,15 @@ def test_a_bad_line_names_its_number_and_nothing_is_written(
     assert count(conn) == 0
 
 
+def test_a_file_that_is_not_utf8_is_refused_by_line(invoke, conn, tmp_path: Path) -> None:
+    path = tmp_path / "latin1.jsonl"
+    path.write_bytes(b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n')
+    result = invoke("enqueue", "--file", str(path))
+    assert result.exit_code == 2
+    assert result.output == f"Error: line 2 of {path} is not UTF-8 text\n"
+    assert count(conn) == 0
+
+
 def test_a_failing_bulk_insert_writes_nothing(conn: psycopg.Connection) -> None:
     conn.execute(
         "ALTER TABLE claude_jobs ADD CONSTRAINT short CHECK (length(payload->>'prompt') < 5)"
@@ -191,11 +204,12 @@ def test_show_prints_a_summary_and_json(invoke, conn: psycopg.Connection) -> Non
     } <= set(data)
 
 
-def test_show_of_an_unknown_job_exits_1(invoke) -> None:
+def test_show_of_an_unknown_job_exits_1_and_of_a_malformed_id_2(invoke) -> None:
     result = invoke("show", str(uuid.uuid4()))
     assert result.exit_code == 1 and result.output.startswith("Error: no job ")
     result = invoke("show", "not-an-id")
-    assert result.exit_code == 1 and "a job id is a UUID" in result.output
+    assert result.exit_code == 2
+    assert result.output == "Error: 'not-an-id' is not a job id (a UUID)\n"
 
 
 @pytest.mark.parametrize(
@@ -207,6 +221,8 @@ def test_show_of_an_unknown_job_exits_1(invoke) -> None:
         ("host=db user=me password=s3cret dbname=app", "host=db user=me password=*** dbname=app"),
         ("host=db password='s3 cret' dbname=app", "host=db password=*** dbname=app"),
         ("postgresql://me@db:5432/app", "postgresql://me@db:5432/app"),
+        ("postgresql://me:se?cret@db/app", "postgresql://me:***@db/app"),
+        ("postgresql://me:se#cret@db/app", "postgresql://me:***@db/app"),
     ],
 )
 def test_mask_url_hides_the_password(url: str, masked: str) -> None:

@@ -1,0 +1,489 @@
+"""Benchmarks for claude-jobs: enqueue, drain, the claude subprocess path, pickup latency,
+backlog, the raw-SQL floor and a worker's memory. Prints a table and writes JSON.
+
+    python benchmarks/bench.py                      # on a throwaway PostgreSQL, 3 runs each
+    python benchmarks/bench.py --quick              # smaller counts, 1 run: a smoke test
+    python benchmarks/bench.py --only drain,floor   # some of them
+    python benchmarks/bench.py --database-url postgresql://me@host/empty_db
+
+Every figure is the median of --runs runs, with min and max. Workers are real
+`claude-jobs worker` processes; drain rates come from the database's own timestamps (from the
+first job started to the last one finished), so process start-up is not counted.
+With --database-url, the database must be one the benchmark may fill and empty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psycopg
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import bench_handlers  # noqa: E402, F401  (registers the "noop" kind here too)
+
+import claude_jobs  # noqa: E402
+
+FAKE_CLAUDE = """#!/bin/sh
+cat > /dev/null
+echo '{"type":"system","subtype":"init","session_id":"bench"}'
+echo '{"type":"result","subtype":"success","is_error":false,"result":"ok",'\
+'"session_id":"bench","total_cost_usd":0,"num_turns":1}'
+"""
+
+# (figure, comparison, target, what the issue asks)
+TARGETS = [
+    ("drain c10", ">=", 5000, "no-op drain, concurrency 10: at least 5,000 jobs/s"),
+    ("drain c10 / floor", ">=", 0.5, "no-op drain: at least 50% of the raw-SQL floor"),
+    ("latency p50", "<", 5, "pickup latency p50 under 5 ms"),
+    ("latency p99", "<", 25, "pickup latency p99 under 25 ms"),
+    ("enqueue_many", ">=", 50000, "bulk enqueue at least 50,000 jobs/s"),
+    ("backlog 1M / 10k", ">=", 0.8, "drain at a 1M backlog at least 80% of the 10k figure"),
+    ("claude / raw spawn", ">=", 0.8, "the subprocess path within 80% of the raw spawn rate"),
+    ("memory idle", "<", 60, "an idle worker under 60 MB resident"),
+]
+
+
+@dataclass
+class Figure:
+    name: str
+    unit: str
+    values: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "unit": self.unit,
+            "median": self.median,
+            "min": min(self.values),
+            "max": max(self.values),
+            "runs": self.values,
+        }
+
+
+class Bench:
+    """The database, worker processes, and the figures collected so far."""
+
+    def __init__(self, url: str | None, runs: int, quick: bool, workdir: Path) -> None:
+        self.runs = runs
+        self.quick = quick
+        self.workdir = workdir
+        self.figures: dict[str, Figure] = {}
+        self._server = None
+        if url is None:
+            import pgserver
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                self._server = pgserver.get_server(workdir / "pgdata", cleanup_mode="delete")
+            url = self._server.get_uri()
+        self.url = url
+        with psycopg.connect(url, autocommit=True) as conn:
+            claude_jobs.migrate(conn)
+            self.postgres = conn.execute("SHOW server_version").fetchone()[0]
+        self.fake_claude = workdir / "claude"
+        self.fake_claude.write_text(FAKE_CLAUDE)
+        self.fake_claude.chmod(0o755)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+
+    # -- recording ------------------------------------------------------------------------
+
+    def record(self, name: str, unit: str, value: float) -> None:
+        self.figures.setdefault(name, Figure(name, unit)).values.append(value)
+        print(f"  {name}: {value:,.2f} {unit}", flush=True)
+
+    def ratio(self, name: str, numerator: str, denominator: str) -> None:
+        if numerator in self.figures and denominator in self.figures:
+            value = self.figures[numerator].median / self.figures[denominator].median
+            self.figures[name] = Figure(name, "ratio", [value])
+
+    # -- database -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[psycopg.Connection]:
+        with psycopg.connect(self.url, autocommit=True) as conn:
+            yield conn
+
+    def reset(self) -> None:
+        """An empty queue, with fresh statistics."""
+        with self.connection() as conn:
+            conn.execute("TRUNCATE claude_jobs, claude_jobs_workers")
+            conn.execute("VACUUM ANALYZE claude_jobs")
+
+    def fill(self, count: int, kind: str = "noop", status: str = "queued") -> None:
+        """`count` jobs straight into the table (faster than enqueue for big backlogs)."""
+        with self.connection() as conn:
+            conn.execute(
+                """INSERT INTO claude_jobs (kind, payload, status, finished_at)
+                   SELECT %s, '{"prompt": "bench"}', %s,
+                          CASE WHEN %s <> 'queued' THEN now() END
+                   FROM generate_series(1, %s)""",
+                [kind, status, status, count],
+            )
+
+    def count(self, status: str) -> int:
+        with self.connection() as conn:
+            query = "SELECT count(*) FROM claude_jobs WHERE status = %s"
+            return conn.execute(query, [status]).fetchone()[0]
+
+    def count_workers(self) -> int:
+        with self.connection() as conn:
+            return conn.execute("SELECT count(*) FROM claude_jobs_workers").fetchone()[0]
+
+    def drain_rate(self, limit: int | None = None) -> float:
+        """Jobs per second, from the first start to the last (or `limit`-th) finish."""
+        with self.connection() as conn:
+            rows = conn.execute(
+                """SELECT min(started_at) OVER (), finished_at FROM claude_jobs
+                   WHERE status = 'succeeded' AND started_at IS NOT NULL
+                   ORDER BY finished_at LIMIT %s""",
+                [limit],
+            ).fetchall()
+        first, last = rows[0][0], rows[-1][1]
+        return len(rows) / (last - first).total_seconds()
+
+    # -- workers --------------------------------------------------------------------------
+
+    def worker(self, *args: str, log: str = "worker.log") -> subprocess.Popen[bytes]:
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]),
+            "IS_SANDBOX": "1",
+        }
+        with open(self.workdir / log, "ab") as out:
+            return subprocess.Popen(
+                [sys.executable, "-m", "claude_jobs", "--database-url", self.url, "worker",
+                 "--import", "bench_handlers", *args],
+                stdout=out, stderr=subprocess.STDOUT, env=env,
+            )  # fmt: skip
+
+    def wait_for(self, condition: Callable[[], bool], timeout: float, what: str) -> None:
+        deadline = time.monotonic() + timeout
+        while not condition():
+            if time.monotonic() > deadline:
+                raise SystemExit(f"benchmark stuck: {what} (see {self.workdir})")
+            time.sleep(0.02)
+
+    def run_burst(self, *args: str, sample_memory: bool = False) -> float:
+        """Run a burst worker to the end; returns its peak resident memory in MB."""
+        worker = self.worker("--burst", *args)
+        peak = 0.0
+        while worker.poll() is None:
+            if sample_memory:
+                peak = max(peak, rss_mb(worker.pid))
+            time.sleep(0.05)
+        if worker.returncode != 0:
+            raise SystemExit(f"the worker failed (see {self.workdir / 'worker.log'})")
+        return peak
+
+
+def rss_mb(pid: int) -> float:
+    with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def percentile(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+# -- the benchmarks -----------------------------------------------------------------------
+
+
+def bench_enqueue(b: Bench) -> None:
+    """1. single enqueue() calls from one thread, and bulk enqueue of 100,000 jobs."""
+    singles = 500 if b.quick else 3000
+    bulk = 20_000 if b.quick else 100_000
+    lines = b.workdir / "jobs.jsonl"
+    lines.write_text("".join(json.dumps({"prompt": f"job {n}"}) + "\n" for n in range(bulk)))
+    for _ in range(b.runs):
+        b.reset()
+        with b.connection() as conn:
+            started = time.perf_counter()
+            for n in range(singles):
+                claude_jobs.enqueue(conn, {"n": n}, kind="noop")
+            b.record("enqueue single", "calls/s", singles / (time.perf_counter() - started))
+            payloads = [{"prompt": f"job {n}"} for n in range(bulk)]
+            started = time.perf_counter()
+            claude_jobs.enqueue_many(conn, payloads)
+            b.record("enqueue_many", "jobs/s", bulk / (time.perf_counter() - started))
+        started = time.perf_counter()
+        done = subprocess.run(
+            [sys.executable, "-m", "claude_jobs", "--database-url", b.url, "enqueue",
+             "--file", str(lines)],
+            capture_output=True, cwd=HERE.parent, check=True,
+        )  # fmt: skip
+        elapsed = time.perf_counter() - started
+        assert len(done.stdout.splitlines()) == bulk
+        b.record("enqueue --file", "jobs/s", bulk / elapsed)
+
+
+def bench_drain(b: Bench) -> None:
+    """2 and 7. 50,000 no-op jobs drained by one worker process at concurrency 10 and 50, and
+    the worker's resident memory at concurrency 50."""
+    count = 5_000 if b.quick else 50_000
+    for concurrency in (10, 50):
+        for _ in range(b.runs):
+            b.reset()
+            b.fill(count)
+            peak = b.run_burst("--concurrency", str(concurrency), sample_memory=True)
+            assert b.count("succeeded") == count
+            b.record(f"drain c{concurrency}", "jobs/s", b.drain_rate())
+            if concurrency == 50:
+                b.record("memory c50", "MB", peak)
+
+
+def bench_floor(b: Bench) -> None:
+    """6. The same drain as the simplest raw SQL loop: claim a batch with SKIP LOCKED (the
+    batch as large as the worker's concurrency, 10), mark it done, on one connection."""
+    count = 5_000 if b.quick else 50_000
+    for _ in range(b.runs):
+        b.reset()
+        b.fill(count)
+        with b.connection() as conn:
+            started = time.perf_counter()
+            while True:
+                rows = conn.execute(
+                    """WITH batch AS (
+                           SELECT id FROM claude_jobs WHERE status = 'queued'
+                           ORDER BY priority DESC, run_at LIMIT 10 FOR UPDATE SKIP LOCKED)
+                       UPDATE claude_jobs j SET status = 'running', started_at = now()
+                       FROM batch WHERE j.id = batch.id RETURNING j.id"""
+                ).fetchall()
+                if not rows:
+                    break
+                conn.execute(
+                    "UPDATE claude_jobs SET status = 'succeeded', finished_at = now() "
+                    "WHERE id = ANY(%s)",
+                    [[row[0] for row in rows]],
+                )
+            b.record("floor", "jobs/s", count / (time.perf_counter() - started))
+
+
+def bench_claude(b: Bench) -> None:
+    """3. The claude handler with a fake claude that exits at once, against spawning that
+    executable as often with the same parallelism."""
+    count = 300 if b.quick else 2_000
+    concurrency = 10
+    for _ in range(b.runs):
+        b.reset()
+        with b.connection() as conn:
+            claude_jobs.enqueue_many(conn, [{"prompt": "bench", "cwd": str(b.workdir)}] * count)
+        b.run_burst("--concurrency", str(concurrency), "--claude-bin", str(b.fake_claude))
+        assert b.count("succeeded") == count
+        b.record("claude", "jobs/s", b.drain_rate())
+
+        def spawn(_: int) -> None:
+            subprocess.run(
+                [str(b.fake_claude), *claude_jobs.CLAUDE_ARGS], input=b"bench",
+                capture_output=True, cwd=b.workdir, start_new_session=True, check=True,
+            )  # fmt: skip
+
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            list(pool.map(spawn, range(count)))
+        b.record("raw spawn", "spawns/s", count / (time.perf_counter() - started))
+
+
+def bench_latency(b: Bench) -> None:
+    """4. An idle worker; 500 jobs enqueued 10 ms apart; start minus enqueue."""
+    count = 100 if b.quick else 500
+    for _ in range(b.runs):
+        b.reset()
+        worker = b.worker("--concurrency", "10")
+        try:
+            b.wait_for(lambda: b.count_workers() == 1, 30, "the worker to register")
+            time.sleep(1.0)  # idle: no poll is due soon, so NOTIFY is what wakes it
+            with b.connection() as conn:
+                for n in range(count):
+                    claude_jobs.enqueue(conn, {"n": n}, kind="noop")
+                    time.sleep(0.01)
+            b.wait_for(lambda: b.count("succeeded") == count, 60, "the jobs to run")
+            with b.connection() as conn:
+                latencies = [
+                    row[0] * 1000
+                    for row in conn.execute(
+                        "SELECT extract(epoch FROM started_at - created_at) FROM claude_jobs"
+                    )
+                ]
+        finally:
+            worker.terminate()
+            worker.wait()
+        for p in (50, 95, 99):
+            b.record(f"latency p{p}", "ms", float(percentile(latencies, p)))
+
+
+def bench_backlog(b: Bench) -> None:
+    """5. Drain rate and claim-query time with 10,000 queued, and with 1,000,000 queued plus
+    1,000,000 finished jobs in the table."""
+    measured = 5_000 if b.quick else 10_000
+    big = 100_000 if b.quick else 1_000_000
+    for label, queued, finished in (("10k", measured, 0), ("1M", big, big)):
+        b.reset()
+        print(f"  (filling: {queued:,} queued, {finished:,} finished)", flush=True)
+        b.fill(finished, status="succeeded")
+        b.fill(queued)
+        with b.connection() as conn:
+            conn.execute("VACUUM ANALYZE claude_jobs")
+        for _ in range(b.runs):
+            b.record(f"claim query {label}", "ms", claim_query_ms(b))
+            with b.connection() as conn:
+                conn.execute("UPDATE claude_jobs SET started_at = NULL WHERE status = 'succeeded'")
+                conn.execute("DELETE FROM claude_jobs_workers")
+            worker = b.worker("--concurrency", "10")
+            goal = finished + measured
+            try:
+                b.wait_for(lambda g=goal: b.count("succeeded") >= g, 600, "the backlog drain")
+            finally:
+                worker.terminate()
+                worker.wait()
+            b.record(f"backlog {label}", "jobs/s", b.drain_rate(limit=measured))
+            with b.connection() as conn:  # top the backlog up again
+                conn.execute(
+                    "UPDATE claude_jobs SET status = 'queued', attempts = 0 "
+                    "WHERE status <> 'queued' AND started_at IS NOT NULL"
+                )
+                conn.execute("VACUUM ANALYZE claude_jobs")
+
+
+def claim_query_ms(b: Bench) -> float:
+    """The median execution time of the claim query (10 jobs), rolled back each time."""
+    times = []
+    with b.connection() as conn:
+        worker_id = uuid.uuid4()
+        conn.execute(
+            "INSERT INTO claude_jobs_workers (id, lock_key, host, pid, queues, kinds, "
+            "concurrency) VALUES (%s, -1, 'bench', 0, '{*}', '{noop}', 10)",
+            [worker_id],
+        )
+        params = {"worker_id": worker_id, "worker": "bench", "kinds": ["noop"], "limit": 10}
+        for _ in range(21):
+            with contextlib.suppress(_Rollback), conn.transaction():
+                plan = conn.execute(
+                    "EXPLAIN (ANALYZE, FORMAT JSON) " + claude_jobs.CLAIM_FROM_ANY_QUEUE, params
+                ).fetchone()[0]
+                times.append(plan[0]["Execution Time"])
+                raise _Rollback
+        conn.execute("DELETE FROM claude_jobs_workers WHERE id = %s", [worker_id])
+    return statistics.median(times)
+
+
+class _Rollback(Exception):
+    pass
+
+
+def bench_memory(b: Bench) -> None:
+    """7. An idle worker's resident memory (the busy figure comes from the c50 drain)."""
+    for _ in range(b.runs):
+        b.reset()
+        worker = b.worker("--concurrency", "5")
+        try:
+            b.wait_for(lambda: b.count_workers() == 1, 30, "the worker to register")
+            time.sleep(2.0)
+            b.record("memory idle", "MB", rss_mb(worker.pid))
+        finally:
+            worker.terminate()
+            worker.wait()
+
+
+BENCHMARKS: dict[str, Callable[[Bench], None]] = {
+    "enqueue": bench_enqueue,
+    "drain": bench_drain,
+    "floor": bench_floor,
+    "claude": bench_claude,
+    "latency": bench_latency,
+    "backlog": bench_backlog,
+    "memory": bench_memory,
+}
+
+
+def report(b: Bench, started: datetime, settings: dict[str, object]) -> dict[str, object]:
+    b.ratio("drain c10 / floor", "drain c10", "floor")
+    b.ratio("backlog 1M / 10k", "backlog 1M", "backlog 10k")
+    b.ratio("claude / raw spawn", "claude", "raw spawn")
+    print(f"\n{'figure':<22} {'median':>12} {'min':>12} {'max':>12}  unit")
+    for figure in b.figures.values():
+        values = figure.values
+        print(
+            f"{figure.name:<22} {figure.median:>12,.2f} {min(values):>12,.2f} "
+            f"{max(values):>12,.2f}  {figure.unit}"
+        )
+    print(f"\n{'target':<54} {'measured':>12}  met")
+    verdicts = []
+    for name, op, target, what in TARGETS:
+        if name not in b.figures:
+            continue
+        value = b.figures[name].median
+        met = value >= target if op == ">=" else value < target
+        verdicts.append({"figure": name, "target": f"{op} {target}", "value": value, "met": met})
+        print(f"{what:<54} {value:>12,.2f}  {'yes' if met else 'NO'}")
+    return {
+        "date": started.isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "postgresql": b.postgres,
+            "psycopg": psycopg.__version__,
+        },
+        "settings": settings,
+        "figures": {name: figure.as_dict() for name, figure in b.figures.items()},
+        "targets": verdicts,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--database-url", help="an empty database to use (default: throwaway)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per figure (default 3)")
+    parser.add_argument("--quick", action="store_true", help="small counts and 1 run")
+    parser.add_argument("--only", help=f"comma-separated subset of {','.join(BENCHMARKS)}")
+    parser.add_argument("--json", type=Path, default=HERE / "results.json", help="output file")
+    args = parser.parse_args()
+    runs = 1 if args.quick else args.runs
+    chosen = args.only.split(",") if args.only else list(BENCHMARKS)
+    unknown = set(chosen) - set(BENCHMARKS)
+    if unknown:
+        parser.error(f"unknown benchmark {', '.join(sorted(unknown))}")
+    started = datetime.now(UTC)
+    with tempfile.TemporaryDirectory(prefix="claude-jobs-bench-") as tmp:
+        b = Bench(args.database_url, runs, args.quick, Path(tmp))
+        try:
+            for name in chosen:
+                print(f"{name}: {BENCHMARKS[name].__doc__.splitlines()[0]}", flush=True)
+                BENCHMARKS[name](b)
+            settings = {"runs": runs, "quick": args.quick, "benchmarks": chosen}
+            result = report(b, started, settings)
+        finally:
+            b.close()
+    args.json.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
