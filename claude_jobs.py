@@ -159,6 +159,8 @@ FORCED_KILL_GRACE = 3.0
 TRANSCRIPT_LIMIT = 1024 * 1024
 #: Flush a running job's transcript to the database at most this often.
 TRANSCRIPT_FLUSH_INTERVAL = 0.5
+#: Write at most this many outcomes in one statement.
+RECORD_BATCH = 500
 
 PG_INT_MIN, PG_INT_MAX = -(2**31), 2**31 - 1
 #: The longest duration anything accepts (ten years).
@@ -269,12 +271,11 @@ class Job:
     context: RunContext | None = field(default=None, repr=False, compare=False)
 
     @classmethod
-    def from_row(cls, row: Mapping[str, Any]) -> Job:
-        names = [f.name for f in dataclasses.fields(cls) if f.name != "context"]
-        values: dict[str, Any] = {name: row.get(name) for name in names}
+    def from_row(cls, row: Mapping[str, Any], context: RunContext | None = None) -> Job:
+        values: dict[str, Any] = {name: row.get(name) for name in _JOB_FIELDS}
         values["status"] = JobStatus(values["status"])
         values["cost_usd"] = float(values["cost_usd"] or 0)
-        return cls(**values)
+        return cls(**values, context=context)
 
     def to_dict(self) -> dict[str, Any]:
         """The job as JSON-able values (ISO 8601 times, string ids)."""
@@ -284,6 +285,9 @@ class Job:
             for f in dataclasses.fields(self)
             if f.name not in skip
         }
+
+
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job) if f.name != "context")
 
 
 def _jsonable(value: Any) -> Any:
@@ -491,6 +495,8 @@ WHERE status = 'queued' AND run_at > created_at AND run_at > now() AND kind = AN
 """
 
 # The columns of a batch of outcomes or progress, one array per column (see the recorder).
+# Each statement also matches `j.id = ANY(ids)`, so that the plan stays a walk of the primary
+# key whatever the planner guesses of the unnest (it guesses 100 rows).
 _PROGRESS_COLUMNS = "%(transcripts)s::text[], %(sessions)s::text[], %(costs)s::numeric[]"
 _PROGRESS_NAMES = "transcript, session_id, cost_usd"
 _SAVE_PROGRESS = """transcript = CASE WHEN o.transcript IS NULL THEN j.transcript
@@ -504,7 +510,8 @@ SAVE_PROGRESS = f"""
 UPDATE claude_jobs j SET {_SAVE_PROGRESS}
 FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
     AS o(id, claim, {_PROGRESS_NAMES})
-WHERE j.id = o.id AND j.claim = o.claim AND j.status = 'running'
+WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
+  AND j.status = 'running'
 RETURNING j.id, j.status, j.run_at
 """
 
@@ -514,7 +521,8 @@ UPDATE claude_jobs j
 SET status = 'succeeded', result = o.result, finished_at = now(), {_SAVE_PROGRESS}
 FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(results)s::jsonb[], {_PROGRESS_COLUMNS})
     AS o(id, claim, result, {_PROGRESS_NAMES})
-WHERE j.id = o.id AND j.claim = o.claim AND j.status = 'running'
+WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
+  AND j.status = 'running'
 RETURNING j.id, j.status, j.run_at
 """
 
@@ -536,7 +544,8 @@ FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(permanents)s::boolean[],
             %(delays)s::float8[], %(errors)s::text[], %(tracebacks)s::text[],
             %(results)s::jsonb[], {_PROGRESS_COLUMNS})
     AS o(id, claim, permanent, delay, error, traceback, result, {_PROGRESS_NAMES})
-WHERE j.id = o.id AND j.claim = o.claim AND j.status = 'running'
+WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
+  AND j.status = 'running'
 RETURNING j.id, j.status, j.run_at
 """
 
@@ -548,7 +557,8 @@ SET status = 'queued', attempts = j.attempts - 1, run_at = now(), claim = NULL,
     worker_id = NULL, worker = NULL, started_at = NULL, {_SAVE_PROGRESS}
 FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
     AS o(id, claim, {_PROGRESS_NAMES})
-WHERE j.id = o.id AND j.claim = o.claim AND j.status = 'running'
+WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
+  AND j.status = 'running'
 RETURNING j.id, j.status, j.run_at
 """
 
@@ -1146,10 +1156,16 @@ class RunContext:
     claim, so a handler never waits for the database.
     """
 
-    def __init__(self, job: Job, timeout: float | None = None) -> None:
-        self.job_id = job.id
-        self.attempt = job.attempts
-        self.claim = job.claim
+    def __init__(
+        self,
+        job_id: uuid.UUID,
+        attempt: int = 1,
+        claim: uuid.UUID | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.claim = claim
         self.deadline = time.monotonic() + timeout if timeout else None
         self.stop = threading.Event()
         self.stop_reason: str | None = None
@@ -1429,7 +1445,7 @@ class ClaudeHandler:
         self.kill_grace = kill_grace
 
     def __call__(self, job: Job) -> Any:
-        context = job.context or RunContext(job)
+        context = job.context or RunContext(job.id, job.attempts, job.claim)
         if context.deadline is None:
             context.deadline = time.monotonic() + (job.timeout or self.default_timeout)
         cwd = self._working_directory(job)
@@ -1515,16 +1531,17 @@ class _Busy(Exception):
 
 def _log_job(event: str, job: Job, level: int = logging.INFO, **details: Any) -> None:
     """One log line per job event, with the job's id, queue, kind and attempt."""
-    fields = {
-        "event": event,
-        "job": str(job.id),
-        "queue": job.queue,
-        "kind": job.kind,
-        "attempt": f"{job.attempts}/{job.max_attempts}",
-        **{k: v for k, v in details.items() if v is not None},
-    }
-    text = " ".join(f"{k}={_log_value(v)}" for k, v in fields.items() if k != "event")
-    logger.log(level, "%s %s", event, text, extra={"fields": fields})
+    if not logger.isEnabledFor(level):
+        return
+    attempt = f"{job.attempts}/{job.max_attempts}"
+    details = {k: v for k, v in details.items() if v is not None}
+    text = f"job={job.id} queue={job.queue} kind={job.kind} attempt={attempt}"
+    for name, value in details.items():
+        text += f" {name}={_log_value(value)}"
+    fields = {"event": event, "job": str(job.id), "queue": job.queue, "kind": job.kind}
+    logger.log(
+        level, "%s %s", event, text, extra={"fields": {**fields, "attempt": attempt, **details}}
+    )
 
 
 def _log_value(value: Any) -> str:
@@ -1678,6 +1695,8 @@ class _Recorder:
             return
         while item is not None:
             self._waiting.append(item)
+            if len(self._waiting) >= RECORD_BATCH:
+                return
             try:
                 item = self._inbox.get_nowait()
             except queue_module.Empty:
@@ -2012,6 +2031,13 @@ class _Session(threading.Thread):
             _log_recovered(job)
 
 
+def _configure_worker_connection(conn: psycopg.Connection) -> None:
+    """The claim must walk its index in claim order, whatever the statistics say: right
+    after a bulk insert they can be so stale (a table analyzed while empty) that the planner
+    prefers sorting every ready job, on every claim. No other query of the worker sorts."""
+    conn.execute("SET enable_sort = off")
+
+
 def _notify_queues(cur: psycopg.Cursor[Any], jobs: Iterable[Mapping[str, Any]]) -> None:
     for queue in sorted({job["queue"] for job in jobs}):
         cur.execute(NOTIFY_QUEUE, {"channel": NOTIFY_CHANNEL, "queue": queue, "run_at": None})
@@ -2189,6 +2215,7 @@ class Worker:
             max_size=self.concurrency + 2,
             open=False,
             kwargs={"autocommit": True, **_CONNECT_OPTIONS, **options},
+            configure=_configure_worker_connection,
             name="claude-jobs",
             timeout=10.0,
         )
@@ -2354,7 +2381,8 @@ class Worker:
         if lease is None:
             return None
         worker_id, epoch = lease
-        free = self.concurrency - self._busy_count()
+        with self._lock:  # threads free now, and no more than a batch of outcomes unwritten
+            free = min(self.concurrency - self._busy, 2 * self.concurrency - len(self._running))
         if free <= 0:
             return 0
         claimed = 0
@@ -2364,7 +2392,12 @@ class Worker:
                 query = CLAIM_FROM_QUEUE if queue else CLAIM_FROM_ANY_QUEUE
                 self._check_claims = True  # until the reply is in hand
                 rows = cur.execute(query, {**params, "queue": queue, "limit": free - claimed})
-                jobs = [Job.from_row(row) for row in rows.fetchall()]
+                jobs = [
+                    Job.from_row(
+                        row, RunContext(row["id"], row["attempts"], row["claim"], row["timeout"])
+                    )
+                    for row in rows.fetchall()
+                ]
                 self._check_claims = False
                 stale = [job for job in jobs if not self._begin(job, epoch)]
                 if stale:  # the lease ended while claiming: these never run here
@@ -2376,14 +2409,15 @@ class Worker:
 
     def _begin(self, job: Job, epoch: int) -> bool:
         """Hand a claimed job to a thread, if the lease it was claimed under still holds."""
-        assert self._session is not None
-        attempt = _Attempt(job, RunContext(job, job.timeout))
+        assert self._session is not None and job.context is not None
+        attempt = _Attempt(job, job.context)
         with self._session.lease_lock:
             if not (self._session.alive and self._session.epoch == epoch):
                 return False
             with self._lock:
                 self._running[job.id] = attempt
                 self._busy += 1
+        _log_job("claimed", job, worker=self.name)
         self._inbox.put(attempt)
         return True
 
@@ -2398,15 +2432,15 @@ class Worker:
             rows = conn.execute(MY_RUNNING_JOBS, {"worker_id": lease[0]}).fetchall()
             with self._lock:
                 unknown = [(job_id, claim) for job_id, claim in rows if job_id not in self._running]
-            if unknown:
-                self._release_claims(conn, unknown)
-                logger.warning("put back %d job(s) this worker claimed but never ran", len(unknown))
+            if unknown and (released := self._release_claims(conn, unknown)):
+                logger.warning("put back %d job(s) this worker claimed but never ran", released)
         self._check_claims = False
 
     @staticmethod
-    def _release_claims(conn: psycopg.Connection, claims: Sequence[tuple[Any, Any]]) -> None:
+    def _release_claims(conn: psycopg.Connection, claims: Sequence[tuple[Any, Any]]) -> int:
+        """Put claims back unspent (fenced: a job that finished meanwhile stays as it is)."""
         progress = [None] * len(claims)
-        conn.execute(
+        return conn.execute(
             RELEASE,
             {
                 "ids": [job_id for job_id, _ in claims],
@@ -2416,7 +2450,7 @@ class Worker:
                 "costs": [0] * len(claims),
                 "limit": TRANSCRIPT_LIMIT,
             },
-        )
+        ).rowcount
 
     def _learn_next_due(self) -> None:
         """Ask when the next scheduled job is due (one enqueued with a delay before this worker
@@ -2493,13 +2527,12 @@ class Worker:
     def _execute(self, attempt: _Attempt) -> _Outcome | None:
         """Run one attempt; what it came to (None: nothing may be written)."""
         job, context = attempt.job, attempt.context
-        _log_job("claimed", job, worker=self.name)
         failure: BaseException | None = None
         trace: str | None = None
         interrupted = False
         result = "null"
         try:
-            value = self.handlers[job.kind](dataclasses.replace(job, context=context))
+            value = self.handlers[job.kind](job)
         except _Interrupted:
             interrupted = True
         except JobFailed as error:
@@ -2616,6 +2649,21 @@ class Worker:
 ###############################################################################
 
 
+class _TextFormatter(logging.Formatter):
+    """``time level message``, the time formatted once a second (a worker logs a lot)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s")
+        self._second, self._stamp = -1, ""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        second = int(record.created)
+        if second != self._second:
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+        return f"{self._stamp},{int(record.msecs):03d}"
+
+
 class _JsonFormatter(logging.Formatter):
     """One JSON object a line: time, level, the event's fields and the message."""
 
@@ -2635,10 +2683,9 @@ class _JsonFormatter(logging.Formatter):
 def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
     """Log to stderr as text or JSON lines. The library never calls this; the CLI does."""
     stream = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        stream.setFormatter(_JsonFormatter())
-    else:
-        stream.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s"))
+    stream.setFormatter(_JsonFormatter() if log_format == "json" else _TextFormatter())
+    # Nothing we print uses them, and a busy worker logs thousands of lines a second.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [stream]
     root.setLevel(logging.WARNING)
