@@ -71,7 +71,6 @@ import psycopg
 import psycopg.conninfo
 import psycopg.errors
 from psycopg.rows import dict_row
-from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 __all__ = [
@@ -430,7 +429,7 @@ ENQUEUE = f"""
 -- enqueue: insert one job and wake the workers of its queue, in one statement
 WITH job AS (
     INSERT INTO claude_jobs (queue, kind, priority, payload, run_at, max_attempts, timeout)
-    VALUES (%(queue)s, %(kind)s, %(priority)s, %(payload)s, coalesce(%(run_at)s, now()),
+    VALUES (%(queue)s, %(kind)s, %(priority)s, %(payload)s::jsonb, coalesce(%(run_at)s, now()),
             %(max_attempts)s, %(timeout)s)
     RETURNING {_JOB_COLUMNS}
 )
@@ -964,9 +963,18 @@ def prepare_payload(kind: str, payload: Any, base_dir: str | Path | None = None)
     For claude jobs: ``prompt`` is a non-empty string; ``cwd``, when given, is made absolute
     against ``base_dir`` (default: the current directory) and must be an existing directory.
     """
+    return _prepare(kind, payload, base_dir)[0]
+
+
+def _prepare(kind: str, payload: Any, base_dir: str | Path | None) -> tuple[dict[str, Any], str]:
+    """The checked payload, and its JSON text as stored."""
+    checked = _checked_payload(kind, payload, base_dir)
+    return checked, _payload_json(checked)
+
+
+def _checked_payload(kind: str, payload: Any, base_dir: str | Path | None) -> dict[str, Any]:
     if not isinstance(payload, dict):
         raise InvalidJob(f"the payload must be a JSON object, not {_json_type(payload)}")
-    _check_storable(payload)
     if kind != DEFAULT_KIND:
         return payload
     unknown = sorted(set(payload) - CLAUDE_PAYLOAD_KEYS)
@@ -996,15 +1004,27 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), "a number")
 
 
-def _check_storable(payload: dict[str, Any]) -> None:
-    """PostgreSQL's jsonb holds neither NUL characters nor unpaired surrogates."""
-    text = json.dumps(payload, ensure_ascii=False)
-    if "\\u0000" in text:
+#: A JSON escape of NUL (after an even number of backslashes, so not an escaped backslash).
+_NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
+#: One encoder for every payload (json.dumps with options would build one a call).
+_PAYLOAD_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+
+
+def _payload_json(payload: dict[str, Any]) -> str:
+    """The payload as JSON text jsonb accepts: no NaN, no NUL character, valid Unicode."""
+    try:
+        text = _PAYLOAD_ENCODER.encode(payload)
+    except ValueError:
+        raise InvalidJob("the payload holds NaN or Infinity, which JSON does not allow") from None
+    except TypeError as error:
+        raise InvalidJob(f"the payload is not JSON: {error}") from None
+    if "\\u0000" in text and _NUL_ESCAPE.search(text):
         raise InvalidJob("the payload contains a NUL character, which PostgreSQL cannot store")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidJob("the payload contains text that is not valid Unicode") from None
+    return text
 
 
 def enqueue(
@@ -1024,8 +1044,8 @@ def enqueue(
     transaction: the job exists once the caller commits and vanishes if it rolls back.
     """
     options = JobOptions.build(**settings)
-    prepared = prepare_payload(options.kind, dict(payload), base_dir)
-    params = {**dataclasses.asdict(options), "payload": Jsonb(prepared), "channel": NOTIFY_CHANNEL}
+    _, text = _prepare(options.kind, dict(payload), base_dir)
+    params = {**dataclasses.asdict(options), "payload": text, "channel": NOTIFY_CHANNEL}
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(ENQUEUE, params).fetchone()
     assert row is not None
@@ -1047,22 +1067,29 @@ def enqueue_many(
     caller's transaction (or one of their own on an autocommit connection).
     """
     options = JobOptions.build(**settings)
-    prepared = []
+    texts = []
     for number, payload in enumerate(payloads, 1):
         try:
-            prepared.append(prepare_payload(options.kind, payload, base_dir))
+            texts.append(_prepare(options.kind, payload, base_dir)[1])
         except InvalidJob as error:
             raise InvalidJob(f"job {number}: {error}") from None
-    ids = [uuid.uuid4() for _ in prepared]
-    if not prepared:
+    return _copy_jobs(conn, options, texts)
+
+
+def _copy_jobs(
+    conn: psycopg.Connection, options: JobOptions, payloads: list[str]
+) -> list[uuid.UUID]:
+    """Insert jobs whose payloads are checked JSON texts with one COPY, then NOTIFY."""
+    ids = [uuid.uuid4() for _ in payloads]
+    if not payloads:
         return ids
     common = (options.queue, options.kind, options.priority)
     limits = (options.max_attempts, options.timeout)
     scheduled = () if options.run_at is None else (options.run_at,)
     with _atomic(conn), conn.cursor() as cur:
         with cur.copy(COPY_SCHEDULED_JOBS if scheduled else COPY_JOBS) as copy:
-            for job_id, payload in zip(ids, prepared, strict=True):
-                copy.write_row((job_id, *common, Jsonb(payload), *limits, *scheduled))
+            for job_id, payload in zip(ids, payloads, strict=True):
+                copy.write_row((job_id, *common, payload, *limits, *scheduled))
         cur.execute(
             NOTIFY_QUEUE,
             {"channel": NOTIFY_CHANNEL, "queue": options.queue, "run_at": options.run_at},
@@ -1204,22 +1231,13 @@ class _ProcessExit:
     stopped: str | None = None  # the stop reason, when stopped from outside
 
 
-def _die_with_parent() -> Callable[[], None] | None:
-    """A preexec_fn that makes the child get SIGKILL when the worker thread that started it
-    dies (Linux only), so that claude does not outlive a worker killed with SIGKILL."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import ctypes
-
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
-    parent = os.getpid()
-
-    def preexec() -> None:
-        prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        if os.getppid() != parent:  # the parent died before that took effect
-            os._exit(1)
-
-    return preexec
+def _dying_with_the_worker(argv: Sequence[str]) -> list[str]:
+    """``argv`` run so that the process gets SIGKILL when the worker thread that started it
+    dies (Linux, through util-linux's setpriv): claude does not outlive a worker killed with
+    SIGKILL. Where setpriv is missing, ``argv`` as it is: recovery on the same machine still
+    kills a dead worker's leftovers (see _kill_leftovers)."""
+    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
+    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else list(argv)
 
 
 def _leader_exited(process: subprocess.Popen[bytes]) -> bool:
@@ -1263,7 +1281,6 @@ def _run_process(
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         start_new_session=True,
-        preexec_fn=_die_with_parent(),
     )
     assert process.stdin and process.stdout and process.stderr
     selector = selectors.DefaultSelector()
@@ -1463,7 +1480,7 @@ class ClaudeHandler:
         stream = _ClaudeStream(context)
         try:
             ended = _run_process(
-                [executable, *CLAUDE_ARGS],
+                _dying_with_the_worker([executable, *CLAUDE_ARGS]),
                 cwd=cwd,
                 env=env,
                 stdin=job.payload["prompt"].encode("utf-8"),
@@ -1682,8 +1699,10 @@ class _Recorder:
                 wait = retry.next()
                 logger.warning(
                     "cannot record %d outcome(s) yet: %s; retrying in %.1fs",
-                    len(self._waiting), self._describe_error(error), wait,
-                )  # fmt: skip
+                    len(self._waiting),
+                    self._describe_error(error),
+                    wait,
+                )
                 self._give_up.wait(wait)
 
     def _collect(self, timeout: float) -> None:
@@ -1751,11 +1770,17 @@ class _Recorder:
             except _TRANSIENT:
                 self._on_written(outcome, None)
                 continue
-            logger.error("the database refused the outcome of job %s: %s",
-                         outcome.attempt.job.id, refused)  # fmt: skip
+            logger.error(
+                "the database refused the outcome of job %s: %s", outcome.attempt.job.id, refused
+            )
             message = _storable(f"cannot record the outcome: {refused}")[:2000]
-            fields = {"permanents": True, "delays": 0.0, "errors": message,
-                      "tracebacks": None, "results": None}  # fmt: skip
+            fields = {
+                "permanents": True,
+                "delays": 0.0,
+                "errors": message,
+                "tracebacks": None,
+                "results": None,
+            }
             for fallback in (
                 _Outcome(outcome.attempt, FAIL, fields, Progress()),
                 _Outcome(outcome.attempt, RELEASE, {}, Progress()),
@@ -2944,19 +2969,19 @@ def enqueue_command(
     _import_modules(imports)
     if (payload is None) == (payload_file is None):
         raise InvalidJob("give either --payload JSON or --file PATH")
-    JobOptions.build(**options)  # complain about the options before reading any input
+    job_options = JobOptions.build(**options)  # the options first, before reading input
     if payload is not None:
-        payloads = [prepare_payload(options["kind"], _parse_json(payload, "--payload"))]
+        checked = prepare_payload(job_options.kind, _parse_json(payload, "--payload"))
+        with config.connect() as conn:
+            jobs = [enqueue(conn, checked, **options)]
     else:
-        payloads = _read_json_lines(payload_file, options["kind"])
-    with config.connect() as conn:
-        if payload is not None:
-            jobs = [enqueue(conn, payloads[0], **options)]
-        else:
-            ids = enqueue_many(conn, payloads, **options)
-            jobs = [get_job(conn, job_id) for job_id in ids] if as_json else []
+        texts = _read_json_lines(payload_file, job_options.kind)
+        with config.connect() as conn:
+            ids = _copy_jobs(conn, job_options, texts)
             if not as_json:
                 click.echo("".join(f"{job_id}\n" for job_id in ids), nl=False)
+                return
+            jobs = [get_job(conn, job_id) for job_id in ids]
     for job in jobs:
         click.echo(json.dumps(job.to_dict(), ensure_ascii=False) if as_json else job.id)
 
@@ -2969,15 +2994,15 @@ def _parse_json(text: str, where: str) -> Any:
         raise InvalidJob(f"{where} is not valid JSON: {reason}") from None
 
 
-def _read_json_lines(stream: Any, kind: str) -> list[dict[str, Any]]:
-    """Every payload of a JSON Lines stream, checked; an error names its line."""
+def _read_json_lines(stream: Any, kind: str) -> list[str]:
+    """Every payload of a JSON Lines stream, checked, as JSON text; an error names its line."""
     payloads = []
     name = getattr(stream, "name", "<stdin>")
     for number, raw in enumerate(stream, 1):
         try:
             line = raw.decode("utf-8")
             if line.strip():
-                payloads.append(prepare_payload(kind, _parse_json(line, "it")))
+                payloads.append(_prepare(kind, _parse_json(line, "it"), None)[1])
         except UnicodeDecodeError:
             raise InvalidJob(f"line {number} of {name} is not UTF-8 text") from None
         except InvalidJob as error:
@@ -3079,9 +3104,9 @@ def worker_command(
       claude-jobs worker --concurrency 3 --queues urgent,default
       claude-jobs worker --burst --import myapp.jobs
     """
-    configure_logging(log_format)
     _import_modules(imports)
     worker = Worker(config.url(), **options)
+    configure_logging(log_format)
     _stop_on_signals(worker)
     worker.run()
 

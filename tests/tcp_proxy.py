@@ -90,6 +90,7 @@ class TcpProxy:
         except OSError:
             pass
         finally:
+            self._forwarding.wait()  # a cut network carries no FIN either
             for sock in (source, sink):
                 with contextlib.suppress(OSError):
                     sock.shutdown(socket.SHUT_RDWR)

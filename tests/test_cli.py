@@ -60,6 +60,13 @@ def test_enqueue_options_land_on_the_job(invoke, conn: psycopg.Connection) -> No
     assert job_row(conn, at.output.strip())["run_at"] == datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
+def test_a_backslash_u0000_that_is_text_is_not_a_nul(invoke, conn: psycopg.Connection) -> None:
+    result = invoke("enqueue", "--payload", '{"prompt": "the escape \\\\u0000 in C"}')
+    assert result.exit_code == 0, result.output
+    prompt = job_row(conn, result.output.strip())["payload"]["prompt"]
+    assert prompt == "the escape \\u0000 in C"
+
+
 def test_enqueue_json_prints_the_row(invoke) -> None:
     result = invoke("enqueue", "--payload", '{"prompt": "x"}', "--json")
     assert result.exit_code == 0

@@ -181,6 +181,20 @@ def test_a_result_that_is_not_json_fails_the_job(conn: psycopg.Connection, db_ur
     assert "not JSON" in row["last_error"]
 
 
+def test_payloads_jsonb_cannot_hold_are_refused_at_enqueue(conn: psycopg.Connection) -> None:
+    for payload, message in [
+        ({"n": float("nan")}, "NaN or Infinity"),
+        ({"text": "a\x00b"}, "NUL character"),
+        ({"text": "\ud800"}, "not valid Unicode"),
+        ({"when": object()}, "not JSON"),
+    ]:
+        with pytest.raises(claude_jobs.InvalidJob, match=message):
+            claude_jobs.enqueue(conn, payload, kind="note")
+        with pytest.raises(claude_jobs.InvalidJob, match=f"job 2: .*{message}"):
+            claude_jobs.enqueue_many(conn, [{"fine": 1}, payload], kind="note")
+    assert conn.execute("SELECT count(*) FROM claude_jobs").fetchone() == (0,)
+
+
 def test_enqueue_commits_and_rolls_back_with_the_callers_transaction(
     postgresql: psycopg.Connection,
 ) -> None:
