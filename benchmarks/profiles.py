@@ -1,0 +1,230 @@
+"""Where the time goes: the measurements behind the misses reported in the README.
+
+    python benchmarks/profiles.py                 # all of them, on a throwaway PostgreSQL
+    python benchmarks/profiles.py drain spawn     # some of them
+
+drain    a worker's CPU per no-op job, with and without its log lines, and its busiest functions
+spawn    starting the fake claude: bare, under setpriv, and through the worker's process runner
+enqueue  enqueue_many of 100,000 jobs under cProfile
+backlog  claim and completion round trips while draining 10,000 jobs from 10k and 1M backlogs
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import cProfile
+import logging
+import os
+import pstats
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import bench_handlers  # noqa: E402
+from bench import FAKE_CLAUDE  # noqa: E402
+
+import claude_jobs  # noqa: E402
+
+
+def server(workdir: Path) -> Any:
+    import pgserver
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return pgserver.get_server(workdir / f"pg-{uuid.uuid4().hex[:8]}", cleanup_mode="delete")
+
+
+def fresh(url: str, queued: int, finished: int = 0) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        claude_jobs.migrate(conn)
+        conn.execute("TRUNCATE claude_jobs, claude_jobs_workers")
+        for status, count in (("succeeded", finished), ("queued", queued)):
+            conn.execute(
+                """INSERT INTO claude_jobs (kind, payload, status, finished_at)
+                   SELECT 'noop', '{}', %s, CASE WHEN %s <> 'queued' THEN now() END
+                   FROM generate_series(1, %s)""",
+                [status, status, count],
+            )
+        conn.execute("VACUUM ANALYZE claude_jobs")
+
+
+def timed(stats: dict[str, list[tuple[float, int]]], cls: type, name: str, key: str) -> None:
+    """Record the duration (and item count) of every call of cls.name."""
+    original = getattr(cls, name)
+
+    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        result = original(self, *args, **kwargs)
+        items = len(args[0]) if args and isinstance(args[0], list) else (result or 0)
+        stats[key].append((time.perf_counter() - started, items))
+        return result
+
+    setattr(cls, name, wrapper)
+
+
+def drain_in_process(url: str, count: int, until: int | None = None) -> float:
+    """Drain with a Worker in this process (concurrency 10); returns jobs per second."""
+    worker = claude_jobs.Worker(url, handlers={"noop": bench_handlers.noop}, concurrency=10)
+    thread = threading.Thread(target=worker.run)
+    started = time.perf_counter()
+    thread.start()
+    with psycopg.connect(url, autocommit=True) as conn:
+        query = "SELECT count(*) FROM claude_jobs WHERE status = 'succeeded'"
+        while conn.execute(query).fetchone()[0] < (until or count):
+            time.sleep(0.05)
+    elapsed = time.perf_counter() - started
+    worker.stop()
+    thread.join()
+    return count / elapsed
+
+
+def profile_drain(workdir: Path) -> None:
+    """CPU of the worker per no-op job, with and without logging; its busiest functions."""
+    srv = server(workdir)
+    url = srv.get_uri()
+    count = 20_000
+    for label, log in (("without log lines", False), ("with its INFO log lines", True)):
+        fresh(url, count)
+        logging.getLogger().handlers.clear()
+        if log:
+            devnull = open(os.devnull, "w")  # noqa: SIM115
+            stderr, sys.stderr = sys.stderr, devnull
+            claude_jobs.configure_logging("text")
+        else:
+            logging.getLogger("claude_jobs").setLevel(logging.WARNING)
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        rate = drain_in_process(url, count)
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        if log:
+            sys.stderr = stderr
+            logging.getLogger().handlers.clear()
+        cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+        print(f"  {label}: {rate:,.0f} jobs/s, {cpu / count * 1e6:.0f} µs of worker CPU a job")
+    try:
+        import yappi  # thread-aware; cProfile would see the calling thread only
+    except ImportError:
+        print("  (pip install yappi to see the busiest functions across the worker's threads)")
+        srv.cleanup()
+        return
+    fresh(url, count)
+    logging.getLogger("claude_jobs").setLevel(logging.WARNING)
+    yappi.set_clock_type("cpu")
+    yappi.start()
+    drain_in_process(url, count)
+    yappi.stop()
+    print("  busiest functions across the worker's threads (own CPU time, under yappi):")
+    functions = yappi.get_func_stats()
+    functions.sort("tsub")
+    for entry in list(functions)[:12]:
+        where = f"{Path(entry.module).name}:{entry.lineno} {entry.name}"
+        print(f"    {entry.tsub:6.2f}s {entry.ncall:8d}  {where}")
+    srv.cleanup()
+
+
+def profile_spawn(workdir: Path) -> None:
+    """Starting the fake claude 300 times, 10 at a time: what each layer costs."""
+    fake = workdir / "claude"
+    fake.write_text(FAKE_CLAUDE)
+    fake.chmod(0o755)
+    argv = [str(fake), *claude_jobs.CLAUDE_ARGS]
+    setpriv = shutil.which("setpriv")
+
+    def bare(_: int) -> None:
+        subprocess.run(argv, input=b"x", capture_output=True, start_new_session=True)
+
+    def under_setpriv(_: int) -> None:
+        command = [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
+        subprocess.run(command, input=b"x", capture_output=True, start_new_session=True)
+
+    def runner(_: int) -> None:
+        context = claude_jobs.RunContext(uuid.uuid4(), 1, None, 60)
+        claude_jobs._run_process(
+            claude_jobs._dying_with_the_worker(argv), cwd=str(workdir), env=os.environ,
+            stdin=b"x", context=context, on_line=lambda line: None, kill_grace=1,
+        )  # fmt: skip
+
+    cases: list[tuple[str, Callable[[int], None]]] = [
+        ("subprocess.run", bare),
+        ("subprocess.run under setpriv", under_setpriv),
+        ("the worker's process runner", runner),
+    ]
+    for label, spawn in cases:
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            list(pool.map(spawn, range(300)))
+        print(f"  {label}: {300 / (time.perf_counter() - started):,.0f} spawns/s")
+
+
+def profile_enqueue(workdir: Path) -> None:
+    """enqueue_many of 100,000 payloads under cProfile."""
+    srv = server(workdir)
+    with psycopg.connect(srv.get_uri(), autocommit=True) as conn:
+        claude_jobs.migrate(conn)
+        payloads = [{"prompt": f"job {n}"} for n in range(100_000)]
+        profiler = cProfile.Profile()
+        profiler.enable()
+        claude_jobs.enqueue_many(conn, payloads)
+        profiler.disable()
+    stats = pstats.Stats(profiler)
+    rows = sorted(stats.stats.items(), key=lambda item: item[1][2], reverse=True)[:8]  # type: ignore[attr-defined]
+    for (filename, line, function), (_, calls, own, _total, _) in rows:
+        print(f"    {own:6.2f}s {calls:8d}  {Path(filename).name}:{line} {function}")
+    srv.cleanup()
+
+
+def profile_backlog(workdir: Path) -> None:
+    """Claim and completion round trips while 10,000 jobs drain from each backlog."""
+    logging.getLogger("claude_jobs").setLevel(logging.WARNING)
+    stats: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    timed(stats, claude_jobs.Worker, "_claim", "claim")
+    timed(stats, claude_jobs._Recorder, "_write", "completion batch")
+    for label, queued, finished in (("10k", 10_000, 0), ("1M", 1_000_000, 1_000_000)):
+        srv = server(workdir)
+        url = srv.get_uri()
+        fresh(url, queued, finished)
+        stats.clear()
+        rate = drain_in_process(url, 10_000, until=finished + 10_000)
+        print(f"  {label} backlog: {rate:,.0f} jobs/s")
+        for key, values in stats.items():
+            durations = [d * 1000 for d, _ in values]
+            print(
+                f"    {key}: median {statistics.median(durations):.2f} ms, "
+                f"mean {statistics.mean(durations):.2f} ms, "
+                f"p95 {sorted(durations)[len(durations) * 95 // 100]:.2f} ms"
+            )
+        srv.cleanup()
+
+
+PROFILES = {
+    "drain": profile_drain,
+    "spawn": profile_spawn,
+    "enqueue": profile_enqueue,
+    "backlog": profile_backlog,
+}
+
+
+def main() -> None:
+    chosen = sys.argv[1:] or list(PROFILES)
+    with tempfile.TemporaryDirectory(prefix="claude-jobs-profile-") as tmp:
+        for name in chosen:
+            print(f"{name}: {PROFILES[name].__doc__}", flush=True)
+            PROFILES[name](Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
