@@ -59,7 +59,7 @@ import time
 import traceback
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -123,7 +123,8 @@ logger = logging.getLogger(__name__)
 # Constants and defaults
 ###############################################################################
 
-NOTIFY_CHANNEL = "claude_jobs"
+NOTIFY_CHANNEL = "claude_jobs"  # new jobs (payload: queue and when ready), and cancels
+OUTPUT_CHANNEL = "claude_jobs_output"  # a job's transcript grew, or it moved on (payload: id)
 #: First key of every advisory lock we take ("cjob"); the second key is 0 for
 #: migrations and a worker's lock_key otherwise.
 LOCK_NAMESPACE = 0x636A6F62
@@ -139,6 +140,11 @@ DEFAULT_BACKOFF_BASE = 5.0
 DEFAULT_BACKOFF_MAX = 300.0
 DEFAULT_CLAUDE_TIMEOUT = 3600.0
 DEFAULT_CLAUDE_BIN = "claude"
+DEFAULT_RETENTION = 14 * 86400.0  # workers delete succeeded and cancelled jobs older than this
+#: How often a worker looks for jobs past the retention (one worker at a time deletes), and
+#: how soon after it starts.
+JANITOR_INTERVAL = 300.0
+JANITOR_FIRST_PASS = 10.0
 
 #: A worker writes its heartbeat this often, on the connection that holds its lock.
 HEARTBEAT_INTERVAL = 1.0
@@ -207,6 +213,10 @@ class JobNotFound(JobsError):
     """No such job."""
 
 
+class WrongState(JobsError):
+    """The job is not in a state that allows this; nothing was changed."""
+
+
 class JobFailed(JobsError):
     """The attempt failed; the job is retried while it has attempts left.
 
@@ -265,7 +275,9 @@ class Job:
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    cancel_requested_at: datetime | None = None
     transcript: str | None = None
+    transcript_size: int = 0  # characters ever written to the transcript (it keeps the tail)
     claim: uuid.UUID | None = field(default=None, repr=False)
     context: RunContext | None = field(default=None, repr=False, compare=False)
 
@@ -274,6 +286,7 @@ class Job:
         values: dict[str, Any] = {name: row.get(name) for name in _JOB_FIELDS}
         values["status"] = JobStatus(values["status"])
         values["cost_usd"] = float(values["cost_usd"] or 0)
+        values["transcript_size"] = values["transcript_size"] or 0
         return cls(**values, context=context)
 
     def to_dict(self) -> dict[str, Any]:
@@ -374,6 +387,23 @@ ALTER TABLE claude_jobs SET (autovacuum_vacuum_scale_factor = 0.02,
 ANALYZE claude_jobs;
 """,
     ),
+    (
+        2,
+        """\
+-- Operating the queue: follow transcripts, cancel running jobs, pause queues, clean up.
+ALTER TABLE claude_jobs
+    ADD COLUMN transcript_size bigint NOT NULL DEFAULT 0, -- characters ever appended
+    ADD COLUMN cancel_requested_at timestamptz;          -- `cancel` of a running job
+-- cleanup deletes finished jobs by age through this one
+CREATE INDEX claude_jobs_finished ON claude_jobs (finished_at)
+    WHERE status IN ('succeeded', 'failed', 'cancelled');
+CREATE TABLE claude_jobs_queues (
+    queue      text PRIMARY KEY,
+    paused_at  timestamptz,                              -- NULL: not paused
+    paused_by  text
+);
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -418,7 +448,7 @@ def schema_sql(migrations: Sequence[tuple[int, str]] = MIGRATIONS) -> str:
 
 _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, max_attempts,
     timeout, last_error, errors, worker_id, worker, result, session_id, cost_usd, created_at,
-    started_at, finished_at, updated_at, claim"""
+    started_at, finished_at, updated_at, cancel_requested_at, transcript_size, claim"""
 
 SCHEMA_VERSION_QUERY = """
 -- schema_version: the newest schema version applied to this database
@@ -462,6 +492,164 @@ GET_JOB = f"""
 SELECT {_JOB_COLUMNS}, transcript FROM claude_jobs WHERE id = %(id)s
 """
 
+JOBS_IN_RANGE = """
+-- jobs_in_range: ids between two ids (an id prefix, padded with 0s and with fs)
+SELECT id FROM claude_jobs WHERE id BETWEEN %(low)s AND %(high)s ORDER BY id LIMIT 6
+"""
+
+LIST_JOBS = f"""
+-- list_jobs: jobs newest first, filtered
+SELECT {_JOB_COLUMNS} FROM claude_jobs
+WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
+  AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
+ORDER BY created_at DESC, id
+LIMIT %(limit)s
+"""
+
+CANCEL_QUEUED = """
+-- cancel_queued: a queued job is cancelled at once
+UPDATE claude_jobs
+SET status = 'cancelled', finished_at = now(), updated_at = now(),
+    last_error = 'cancelled before it ran'
+WHERE id = %(id)s AND status = 'queued'
+RETURNING id
+"""
+
+REQUEST_CANCEL = """
+-- request_cancel: ask the worker running a job to stop it; NOTIFY tells it at once
+WITH asked AS (
+    UPDATE claude_jobs
+    SET cancel_requested_at = coalesce(cancel_requested_at, now()), updated_at = now()
+    WHERE id = %(id)s AND status = 'running'
+    RETURNING id, worker
+)
+SELECT id, worker, pg_notify(%(channel)s, json_build_object('cancel', id)::text) FROM asked
+"""
+
+RETRY = """
+-- retry: failed or cancelled jobs (these ids, or all of a status and queue) back to the
+-- queue now, with fresh attempts; their errors stay on record
+WITH again AS (
+    UPDATE claude_jobs
+    SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
+        cancel_requested_at = NULL, claim = NULL, worker_id = NULL, worker = NULL,
+        updated_at = now()
+    WHERE status IN ('failed', 'cancelled') AND status = ANY(%(statuses)s::text[])
+      AND (%(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[]))
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+    RETURNING id, queue
+)
+SELECT id, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM again
+"""
+
+QUEUE_STATS = """
+-- queue_stats: per queue: jobs by status, the oldest ready job, the last hour, run times of
+-- the last day, what claude cost; paused queues even when empty
+WITH jobs AS (
+    SELECT queue,
+        count(*) FILTER (WHERE status = 'queued' AND run_at <= now()) AS ready,
+        count(*) FILTER (WHERE status = 'queued' AND run_at > now()) AS scheduled,
+        count(*) FILTER (WHERE status = 'running') AS running,
+        count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+        count(*) FILTER (WHERE status = 'failed') AS failed,
+        count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
+        count(*) FILTER (WHERE status = 'succeeded' AND finished_at > now() - interval '1 hour')
+            AS succeeded_last_hour,
+        count(*) FILTER (WHERE status = 'failed' AND finished_at > now() - interval '1 hour')
+            AS failed_last_hour,
+        extract(epoch FROM now() - min(run_at) FILTER (
+            WHERE status = 'queued' AND run_at <= now())) AS oldest_ready_seconds,
+        percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))
+            FILTER (WHERE status = 'succeeded' AND finished_at > now() - interval '1 day')
+            AS median_run_seconds,
+        percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))
+            FILTER (WHERE status = 'succeeded' AND finished_at > now() - interval '1 day')
+            AS p95_run_seconds,
+        sum(cost_usd) AS cost_usd
+    FROM claude_jobs GROUP BY queue
+)
+SELECT coalesce(jobs.queue, q.queue) AS queue, q.queue IS NOT NULL AS paused,
+    coalesce(ready, 0) AS ready, coalesce(scheduled, 0) AS scheduled,
+    coalesce(running, 0) AS running, coalesce(succeeded, 0) AS succeeded,
+    coalesce(failed, 0) AS failed, coalesce(cancelled, 0) AS cancelled,
+    coalesce(succeeded_last_hour, 0) AS succeeded_last_hour,
+    coalesce(failed_last_hour, 0) AS failed_last_hour,
+    oldest_ready_seconds, median_run_seconds, p95_run_seconds,
+    coalesce(cost_usd, 0) AS cost_usd
+FROM jobs FULL JOIN (SELECT queue FROM claude_jobs_queues WHERE paused_at IS NOT NULL) q
+    ON q.queue = jobs.queue
+ORDER BY 1
+"""
+
+LIST_WORKERS = """
+-- list_workers: every registered worker, the jobs it runs now, how long it has been silent
+SELECT w.id, w.host, w.pid, w.queues, w.kinds, w.concurrency, w.started_at, w.last_heartbeat,
+    extract(epoch FROM now() - w.last_heartbeat) AS silent_seconds,
+    (SELECT count(*) FROM claude_jobs j WHERE j.status = 'running' AND j.worker_id = w.id)
+        AS running
+FROM claude_jobs_workers w ORDER BY w.started_at
+"""
+
+PAUSE_QUEUE = """
+-- pause_queue: workers claim nothing more from this queue (true: it was not paused yet)
+INSERT INTO claude_jobs_queues AS q (queue, paused_at, paused_by)
+VALUES (%(queue)s, now(), %(by)s)
+ON CONFLICT (queue) DO UPDATE
+SET paused_at = coalesce(q.paused_at, now()), paused_by = coalesce(q.paused_by, %(by)s)
+RETURNING (SELECT paused_at IS NULL FROM claude_jobs_queues WHERE queue = %(queue)s)
+    IS NOT false AS newly
+"""
+
+RESUME_QUEUE = """
+-- resume_queue: workers claim from this queue again, woken at once (a row: it was paused)
+WITH resumed AS (
+    UPDATE claude_jobs_queues SET paused_at = NULL, paused_by = NULL
+    WHERE queue = %(queue)s AND paused_at IS NOT NULL
+    RETURNING queue
+)
+SELECT queue, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM resumed
+"""
+
+CLEANUP_BATCH = """
+-- cleanup_batch: delete up to `batch` jobs of these statuses finished before `before`
+DELETE FROM claude_jobs WHERE id IN (
+    SELECT id FROM claude_jobs
+    WHERE status IN ('succeeded', 'failed', 'cancelled') AND status = ANY(%(statuses)s::text[])
+      AND finished_at < %(before)s
+    LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+"""
+
+TRY_CLEANUP_LOCK = """
+-- try_cleanup_lock: one worker at a time cleans up, for the rest of the transaction
+SELECT pg_try_advisory_xact_lock(%(namespace)s, -1)
+"""
+
+PAUSED_QUEUES = """
+-- paused_queues: the queues workers do not claim from
+SELECT queue FROM claude_jobs_queues WHERE paused_at IS NOT NULL
+"""
+
+COUNT_QUEUED = """
+-- count_queued: how many jobs wait in a queue
+SELECT count(*) FROM claude_jobs WHERE queue = %(queue)s AND status = 'queued'
+"""
+
+PURGE_BATCH = """
+-- purge_batch: delete up to `batch` queued jobs of a queue
+DELETE FROM claude_jobs WHERE id IN (
+    SELECT id FROM claude_jobs WHERE queue = %(queue)s AND status = 'queued'
+    LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+"""
+
+FOLLOW_JOB = """
+-- follow_job: a job's state and what its transcript gained since `seen` characters
+SELECT status, transcript_size, attempts, max_attempts, last_error, run_at, worker, queue,
+    right(transcript, least(transcript_size - %(seen)s, length(transcript))::integer) AS new
+FROM claude_jobs WHERE id = %(id)s
+"""
+
 _CLAIM = f"""
 -- claim: take up to `limit` ready jobs of the kinds this worker handles, highest priority
 -- first, then oldest run_at; skip rows other workers are claiming right now.
@@ -472,6 +660,8 @@ WITH me AS (
     SELECT id FROM claude_jobs
     WHERE status = 'queued' AND run_at <= now() {{queue_filter}}
       AND kind = ANY(%(kinds)s) AND EXISTS (SELECT FROM me)
+      AND NOT EXISTS (SELECT FROM claude_jobs_queues q
+                      WHERE q.queue = claude_jobs.queue AND q.paused_at IS NOT NULL)
     ORDER BY priority DESC, run_at
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
@@ -500,6 +690,7 @@ _PROGRESS_COLUMNS = "%(transcripts)s::text[], %(sessions)s::text[], %(costs)s::n
 _PROGRESS_NAMES = "transcript, session_id, cost_usd"
 _SAVE_PROGRESS = """transcript = CASE WHEN o.transcript IS NULL THEN j.transcript
         ELSE right(coalesce(j.transcript, '') || o.transcript, %(limit)s) END,
+    transcript_size = j.transcript_size + coalesce(length(o.transcript), 0),
     session_id = coalesce(o.session_id, j.session_id),
     cost_usd = j.cost_usd + coalesce(o.cost_usd, 0), updated_at = now()"""
 
@@ -511,7 +702,9 @@ FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
     AS o(id, claim, {_PROGRESS_NAMES})
 WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
   AND j.status = 'running'
-RETURNING j.id, j.status, j.run_at
+RETURNING j.id, j.status, j.run_at,
+    -- `logs -f` listens: tell it when a job with a transcript moves on
+    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END
 """
 
 SUCCEED = f"""
@@ -522,18 +715,23 @@ FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(results)s::jsonb[], {_PROGRES
     AS o(id, claim, result, {_PROGRESS_NAMES})
 WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
   AND j.status = 'running'
-RETURNING j.id, j.status, j.run_at
+RETURNING j.id, j.status, j.run_at,
+    -- `logs -f` listens: tell it when a job with a transcript moves on
+    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END
 """
 
 FAIL = f"""
 -- fail: record failed attempts, each row fenced on its claim: back to the queue at
 -- now() + delay while attempts remain, unless permanent; every attempt's error is kept
 UPDATE claude_jobs j
-SET status = CASE WHEN o.permanent OR j.attempts >= j.max_attempts
-                  THEN 'failed' ELSE 'queued' END,
-    run_at = CASE WHEN o.permanent OR j.attempts >= j.max_attempts
-                  THEN j.run_at ELSE now() + make_interval(secs => o.delay) END,
-    finished_at = CASE WHEN o.permanent OR j.attempts >= j.max_attempts THEN now() END,
+SET status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+                  WHEN o.permanent OR j.attempts >= j.max_attempts THEN 'failed'
+                  ELSE 'queued' END,
+    run_at = CASE WHEN j.cancel_requested_at IS NULL
+                   AND NOT (o.permanent OR j.attempts >= j.max_attempts)
+                  THEN now() + make_interval(secs => o.delay) ELSE j.run_at END,
+    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL OR o.permanent
+                            OR j.attempts >= j.max_attempts THEN now() END,
     last_error = o.error,
     errors = j.errors || jsonb_build_array(jsonb_build_object(
         'attempt', j.attempts, 'at', now(), 'worker', j.worker, 'error', o.error,
@@ -545,20 +743,42 @@ FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(permanents)s::boolean[],
     AS o(id, claim, permanent, delay, error, traceback, result, {_PROGRESS_NAMES})
 WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
   AND j.status = 'running'
-RETURNING j.id, j.status, j.run_at
+RETURNING j.id, j.status, j.run_at,
+    -- `logs -f` listens: tell it when a job with a transcript moves on
+    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END
 """
 
 RELEASE = f"""
 -- release: put claimed jobs back unspent (a forced shutdown, or a claim that never ran),
--- each row fenced on its claim
+-- each row fenced on its claim; one whose cancel was asked for is cancelled instead
 UPDATE claude_jobs j
-SET status = 'queued', attempts = j.attempts - 1, run_at = now(), claim = NULL,
+SET status = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued' ELSE 'cancelled' END,
+    finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
+    attempts = j.attempts - 1, run_at = now(), claim = NULL,
     worker_id = NULL, worker = NULL, started_at = NULL, {_SAVE_PROGRESS}
 FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
     AS o(id, claim, {_PROGRESS_NAMES})
 WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
   AND j.status = 'running'
-RETURNING j.id, j.status, j.run_at
+RETURNING j.id, j.status, j.run_at,
+    -- `logs -f` listens: tell it when a job with a transcript moves on
+    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END
+"""
+
+CANCELLED = f"""
+-- cancelled: record attempts that `cancel` stopped, each row fenced on its claim
+UPDATE claude_jobs j
+SET status = 'cancelled', finished_at = now(), last_error = 'cancelled while running',
+    errors = j.errors || jsonb_build_array(jsonb_build_object(
+        'attempt', j.attempts, 'at', now(), 'worker', j.worker,
+        'error', 'cancelled while running')),
+    {_SAVE_PROGRESS}
+FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
+    AS o(id, claim, {_PROGRESS_NAMES})
+WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
+  AND j.status = 'running'
+RETURNING j.id, j.status, j.run_at,
+    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END
 """
 
 ALREADY_RECORDED = """
@@ -571,8 +791,10 @@ WHERE j.status <> 'running'
 """
 
 MY_RUNNING_JOBS = """
--- my_running_jobs: what the database thinks this worker runs (to find lost claim replies)
-SELECT id, claim FROM claude_jobs WHERE status = 'running' AND worker_id = %(worker_id)s
+-- my_running_jobs: what the database thinks this worker runs (to find claims whose reply was
+-- lost, and cancels whose notice was missed)
+SELECT id, claim, cancel_requested_at IS NOT NULL AS cancel
+FROM claude_jobs WHERE status = 'running' AND worker_id = %(worker_id)s
 """
 
 NEXT_WORKER_KEY = """
@@ -647,8 +869,10 @@ RETURNING host, pid
 _REQUEUE_INTERRUPTED = """
 -- {purpose}
 UPDATE claude_jobs
-SET status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
-    finished_at = CASE WHEN attempts >= max_attempts THEN now() END,
+SET status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
+                  WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,
+    finished_at = CASE WHEN cancel_requested_at IS NOT NULL OR attempts >= max_attempts
+                       THEN now() END,
     run_at = now(), claim = NULL, updated_at = now(),
     last_error = 'interrupted: worker ' || coalesce(worker, '?') || ' {why}',
     errors = errors || jsonb_build_array(jsonb_build_object(
@@ -1102,17 +1326,231 @@ def _atomic(conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
     return conn.transaction() if conn.autocommit else contextlib.nullcontext()
 
 
+def resolve_job_id(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID:
+    """The job whose id is ``text``, or starts with it (at least 6 hex digits, as git does).
+
+    InvalidJob for what cannot be an id; JobNotFound when no job matches, or several do.
+    """
+    if isinstance(text, uuid.UUID):
+        return text
+    digits = text.strip().lower().replace("-", "")
+    if len(digits) == 32 and re.fullmatch(r"[0-9a-f]{32}", digits):
+        return uuid.UUID(digits)
+    if not re.fullmatch(r"[0-9a-f]{6,31}", digits):
+        raise InvalidJob(f"{text!r} is not a job id: give an id, or its first 6 or more digits")
+    bounds = {"low": digits.ljust(32, "0"), "high": digits.ljust(32, "f")}
+    ids = [row[0] for row in conn.execute(JOBS_IN_RANGE, bounds).fetchall()]
+    if not ids:
+        raise JobNotFound(f"no job {text.strip()}")
+    if len(ids) > 1:
+        shown = ", ".join(str(job_id)[:13] for job_id in ids[:5])
+        shown += ", ..." if len(ids) > 5 else ""
+        raise JobNotFound(f"{text.strip()} is ambiguous: it begins {shown}")
+    return ids[0]
+
+
 def get_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> Job:
-    """One job, with its transcript; JobNotFound when there is none."""
-    try:
-        key = job_id if isinstance(job_id, uuid.UUID) else uuid.UUID(str(job_id).strip())
-    except ValueError:
-        raise InvalidJob(f"{job_id!r} is not a job id (a UUID)") from None
+    """One job (by id or unique prefix), with its transcript; JobNotFound when there is none."""
+    key = resolve_job_id(conn, job_id)
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(GET_JOB, {"id": key}).fetchone()
     if row is None:
         raise JobNotFound(f"no job {key}")
     return Job.from_row(row)
+
+
+def list_jobs(
+    conn: psycopg.Connection,
+    *,
+    statuses: Sequence[str] | None = None,
+    queue: str | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+    limit: int = 50,
+) -> list[Job]:
+    """Jobs newest first (without their transcripts), filtered by each given argument."""
+    params = {
+        "statuses": list(statuses) if statuses else None,
+        "queue": queue,
+        "kind": kind,
+        "since": since,
+        "limit": limit,
+    }
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [Job.from_row(row) for row in cur.execute(LIST_JOBS, params).fetchall()]
+
+
+def paused_queues(conn: psycopg.Connection) -> set[str]:
+    """The queues that workers do not claim from."""
+    return {row[0] for row in conn.execute(PAUSED_QUEUES).fetchall()}
+
+
+_FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> JobStatus:
+    """Cancel a job. A queued one is cancelled at once (returns CANCELLED); a running one is
+    stopped by the worker that runs it, told by NOTIFY (returns RUNNING: the cancel is under
+    way, and the job ends cancelled, not retried). WrongState for a finished job."""
+    key = resolve_job_id(conn, job_id)
+    with _atomic(conn):
+        if conn.execute(CANCEL_QUEUED, {"id": key}).fetchone():
+            return JobStatus.CANCELLED
+        if conn.execute(REQUEST_CANCEL, {"id": key, "channel": NOTIFY_CHANNEL}).fetchone():
+            return JobStatus.RUNNING
+    job = get_job(conn, key)
+    raise WrongState(f"job {key} is {job.status}: only queued or running jobs can be cancelled")
+
+
+def retry_jobs(
+    conn: psycopg.Connection,
+    ids: Sequence[uuid.UUID | str] | None = None,
+    *,
+    status: str | None = None,
+    queue: str | None = None,
+) -> list[uuid.UUID]:
+    """Put failed or cancelled jobs back in the queue now, with fresh attempts: these
+    ``ids`` (all of them, or WrongState and nothing changes), or every job of ``status``
+    (failed or cancelled) in ``queue`` (any when None). Returns the ids requeued."""
+    keys = [resolve_job_id(conn, job_id) for job_id in ids] if ids is not None else None
+    if keys is None and status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+        raise InvalidJob("retry takes failed or cancelled jobs: give --status failed or cancelled")
+    params = {
+        "ids": keys,
+        "statuses": [status] if status else [JobStatus.FAILED, JobStatus.CANCELLED],
+        "queue": queue,
+        "channel": NOTIFY_CHANNEL,
+    }
+    with conn.transaction():  # all of these ids, or none
+        again = [row[0] for row in conn.execute(RETRY, params).fetchall()]
+        if keys is not None and len(again) < len(set(keys)):
+            wrong = [get_job(conn, key) for key in keys if key not in again]
+            states = ", ".join(f"{job.id} is {job.status}" for job in wrong)
+            raise WrongState(f"{states}: only failed or cancelled jobs can be retried")
+    return again
+
+
+def queue_stats(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Per queue: jobs by status, the oldest ready job's age, the last hour's outcomes, the
+    median and p95 run time of the last day, and the cost of its claude jobs."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(QUEUE_STATS).fetchall()
+
+
+def list_workers(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Registered workers: host, pid, queues, jobs running now, started, last heartbeat and
+    ``lost`` (no heartbeat within the lock grace period: dead, or cut off)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        workers = cur.execute(LIST_WORKERS).fetchall()
+    for worker in workers:
+        worker["lost"] = worker["silent_seconds"] > LOCK_GRACE
+    return workers
+
+
+def pause_queue(conn: psycopg.Connection, queue: str, by: str | None = None) -> bool:
+    """Stop workers claiming from ``queue`` (its jobs stay queued; running ones finish).
+    False when it was paused already."""
+    row = conn.execute(PAUSE_QUEUE, {"queue": queue, "by": by}).fetchone()
+    return bool(row and row[0])
+
+
+def resume_queue(conn: psycopg.Connection, queue: str) -> bool:
+    """Let workers claim from ``queue`` again; False when it was not paused."""
+    params = {"queue": queue, "channel": NOTIFY_CHANNEL}
+    return conn.execute(RESUME_QUEUE, params).fetchone() is not None
+
+
+def cleanup_jobs(
+    conn: psycopg.Connection,
+    older_than: float | timedelta,
+    *,
+    include_failed: bool = False,
+    batch: int = 1000,
+    exclusive: bool = False,
+) -> int:
+    """Delete succeeded and cancelled (and, with ``include_failed``, failed) jobs that
+    finished more than ``older_than`` (seconds) ago, ``batch`` at a time, each batch its own
+    short transaction; returns how many. ``exclusive``: give way (stop) whenever another
+    exclusive cleanup is at work, as workers do."""
+    seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
+    statuses = [JobStatus.SUCCEEDED, JobStatus.CANCELLED]
+    if include_failed:
+        statuses.append(JobStatus.FAILED)
+    before = datetime.now(UTC) - timedelta(seconds=seconds)
+    params = {"statuses": statuses, "before": before, "batch": batch}
+    lock = {"namespace": LOCK_NAMESPACE}
+    deleted = 0
+    while True:
+        with conn.transaction():
+            if exclusive and not conn.execute(TRY_CLEANUP_LOCK, lock).fetchone()[0]:  # type: ignore[index]
+                return deleted
+            count = conn.execute(CLEANUP_BATCH, params).rowcount
+        deleted += count
+        if count < batch:
+            return deleted
+
+
+def purge_queue(conn: psycopg.Connection, queue: str, *, batch: int = 1000) -> int:
+    """Delete every queued job of ``queue``, ``batch`` at a time; returns how many."""
+    deleted = 0
+    while (count := conn.execute(PURGE_BATCH, {"queue": queue, "batch": batch}).rowcount) > 0:
+        deleted += count
+    return deleted
+
+
+def count_queued(conn: psycopg.Connection, queue: str) -> int:
+    """How many jobs wait in ``queue``."""
+    return conn.execute(COUNT_QUEUED, {"queue": queue}).fetchone()[0]  # type: ignore[index]
+
+
+@dataclass(frozen=True)
+class FollowUpdate:
+    """What changed in a followed job: its state, and the transcript text it gained."""
+
+    status: JobStatus
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    run_at: datetime
+    worker: str | None
+    queue: str
+    text: str  # new transcript text
+    skipped: int  # characters of transcript that went past unseen (the kept tail is bounded)
+
+    @property
+    def finished(self) -> bool:
+        return self.status in _FINISHED
+
+
+def follow_job(
+    conn: psycopg.Connection, job_id: uuid.UUID | str, *, since: int = 0, poll: float = 5.0
+) -> Iterator[FollowUpdate]:
+    """Follow a job until it finishes: an update when its transcript grows (the worker's
+    NOTIFY wakes us) or its state changes (also looked at every ``poll`` seconds); the last
+    one is the finished job. ``since``: transcript characters already seen. ``conn`` must be
+    in autocommit mode (notifications arrive between transactions)."""
+    key = resolve_job_id(conn, job_id)
+    conn.execute(f"LISTEN {OUTPUT_CHANNEL}")
+    seen, last_state = since, None
+    while True:
+        with conn.cursor(row_factory=dict_row) as cur:
+            row = cur.execute(FOLLOW_JOB, {"id": key, "seen": seen}).fetchone()
+        if row is None:
+            raise JobNotFound(f"job {key} was deleted")
+        text = row.pop("new") or ""
+        size = row.pop("transcript_size")
+        skipped, seen = max(0, size - seen - len(text)), size
+        status = JobStatus(row.pop("status"))
+        update = FollowUpdate(status=status, text=text, skipped=skipped, **row)
+        state = (update.status, update.attempts, update.run_at, update.worker)
+        if text or skipped or state != last_state:
+            yield update
+        if update.finished:
+            return
+        last_state = state
+        for notice in conn.notifies(timeout=poll):
+            if notice.payload == str(key):
+                break
 
 
 ###############################################################################
@@ -1122,6 +1560,7 @@ def get_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> Job:
 #: Why a running attempt was told to stop.
 STOP_SHUTDOWN = "shutdown"  # forced shutdown: the job goes back unspent
 STOP_LOST = "lost"  # the claim is gone (or about to be): write nothing, someone else runs it
+STOP_CANCEL = "cancel"  # `claude-jobs cancel`: the job ends cancelled
 
 
 def backoff_delay(
@@ -1582,6 +2021,14 @@ def _log_recovered(job: Mapping[str, Any]) -> None:
     logger.warning("recovered %s", text, extra={"fields": fields})
 
 
+def _duration_text(seconds: float) -> str:
+    """``seconds`` as people say it: 45s, 12m, 3h, 14d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
 def _parse_queues(queues: str | Sequence[str]) -> tuple[str, ...]:
     names = [q.strip() for q in (queues.split(",") if isinstance(queues, str) else queues)]
     names = [q for q in names if q]
@@ -1659,7 +2106,10 @@ class _Recorder:
         self._waiting: list[_Outcome] = []  # taken from the inbox, not written yet
         self._unsaved: dict[uuid.UUID, Progress] = {}  # progress taken, not written yet
         self._closing = threading.Event()
-        self.thread = threading.Thread(target=self._run, name="claude-jobs-recorder", daemon=True)
+        self.failure: JobsError | None = None  # set if the recorder died of a bug
+        self.thread = threading.Thread(
+            target=self._guarded, name="claude-jobs-recorder", daemon=True
+        )
 
     def submit(self, outcome: _Outcome) -> None:
         self._inbox.put(outcome)
@@ -1669,6 +2119,13 @@ class _Recorder:
         self._closing.set()
         self._inbox.put(None)  # type: ignore[arg-type]  # wakes the thread
         self.thread.join(timeout)
+
+    def _guarded(self) -> None:
+        try:
+            self._run()
+        except Exception as error:  # a bug: nothing gets recorded any more; stop the worker
+            logger.exception("the worker's recorder failed")
+            self.failure = JobsError(f"the worker's recorder failed: {error}")
 
     def _run(self) -> None:
         retry = _Backoff(start=0.5, cap=10.0)
@@ -1746,7 +2203,7 @@ class _Recorder:
         with self._pool.connection() as conn, conn.transaction():
             for query, group in by_query.items():
                 params = self._columns([(o.attempt, o.fields, o.progress) for o in group])
-                for job_id, status, _ in conn.execute(query, params).fetchall():
+                for job_id, status, *_ in conn.execute(query, params).fetchall():
                     written[job_id] = status
             missing = [o for o in outcomes if o.attempt.job.id not in written]
             if missing:  # a retry after a lost reply finds its own earlier write
@@ -2096,6 +2553,7 @@ class Worker:
         backoff_base: float = DEFAULT_BACKOFF_BASE,
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         burst: bool = False,
+        retention: float = DEFAULT_RETENTION,
         lock_grace: float = LOCK_GRACE,
     ) -> None:
         check_conninfo(database_url)
@@ -2107,6 +2565,7 @@ class Worker:
             "backoff base": backoff_base,
             "backoff max": backoff_max,
             "shutdown timeout": shutdown_timeout or 1.0,
+            "retention": retention or 1.0,
         }
         for name, seconds in durations.items():
             if not 0 < seconds <= MAX_DURATION:
@@ -2137,6 +2596,7 @@ class Worker:
         self._lock_grace = lock_grace
         self._backoff = (backoff_base, backoff_max)
         self._burst = burst
+        self._retention = retention
         self._stop = threading.Event()  # stop claiming
         self._force = threading.Event()  # stop running jobs too
         self._wake = threading.Event()  # something to do: a notice, a free thread, a stop
@@ -2171,8 +2631,12 @@ class Worker:
         finally:
             leftovers = self._drain()
             self.close(leave=not leftovers)
-        if self._session and self._session.fatal:
-            raise self._session.fatal
+        for failure in (
+            self._session and self._session.fatal,
+            self._recorder and self._recorder.failure,
+        ):
+            if failure:
+                raise failure
 
     def run_once(self) -> int:
         """Claim the jobs that are ready now (up to the concurrency), run them to the end, and
@@ -2272,6 +2736,8 @@ class Worker:
         for number in range(1, self.concurrency + 1):
             self._spawn(self._job_loop, f"claude-jobs-job-{number}")
         self._spawn(self._watch, "claude-jobs-watchdog")
+        if self._retention:
+            self._spawn(self._clean_up, "claude-jobs-janitor")
         if (
             DEFAULT_KIND in self.handlers
             and os.geteuid() == 0
@@ -2318,10 +2784,14 @@ class Worker:
                 logger.error("stopping: %s", session.fatal)
                 self._fence(session.epoch, "its database session failed")
                 break
+            if self._recorder and self._recorder.failure:
+                logger.error("stopping: %s", self._recorder.failure)
+                self._fence(session.epoch, "its recorder failed")
+                break
             try:
                 polling = time.monotonic() >= next_poll
                 if polling or self._check_claims:
-                    self._put_back_unknown_claims()
+                    self._reconcile()
                 claimed = self._claim()
                 if polling and claimed is not None:
                     next_poll = time.monotonic() + self._poll_interval
@@ -2446,9 +2916,10 @@ class Worker:
         self._inbox.put(attempt)
         return True
 
-    def _put_back_unknown_claims(self) -> None:
-        """Jobs the database says this worker runs but it does not know of (a claim whose
-        reply was lost, or that committed after the error) go back to the queue unspent."""
+    def _reconcile(self) -> None:
+        """Compare what the database says this worker runs with what it runs: jobs it does
+        not know of (a claim whose reply was lost, or that committed after the error) go back
+        to the queue unspent; a cancel whose notice was missed is acted on."""
         assert self._pool is not None and self._session is not None
         lease = self._session.lease()
         if lease is None:  # the session puts back what a lost lease left
@@ -2456,7 +2927,12 @@ class Worker:
         with self._pool.connection() as conn:
             rows = conn.execute(MY_RUNNING_JOBS, {"worker_id": lease[0]}).fetchall()
             with self._lock:
-                unknown = [(job_id, claim) for job_id, claim in rows if job_id not in self._running]
+                unknown = [
+                    (job_id, claim) for job_id, claim, _ in rows if job_id not in self._running
+                ]
+            for job_id, _, cancel in rows:
+                if cancel:
+                    self._cancel(job_id)
             if unknown and (released := self._release_claims(conn, unknown)):
                 logger.warning("put back %d job(s) this worker claimed but never ran", released)
         self._check_claims = False
@@ -2502,14 +2978,17 @@ class Worker:
         self._wake.set()  # recompute the wait
 
     def _on_notify(self, payload: str) -> None:
-        """A job was queued (or became ready) somewhere: wake up if it is for us. Whatever
-        the payload, this only ever wakes the worker."""
+        """A job was queued (or became ready) somewhere: wake up if it is for us; or a job
+        is to be cancelled: stop it if it runs here. Whatever else arrives only wakes."""
         try:
             notice = json.loads(payload)
+            if isinstance(notice, dict) and "cancel" in notice:
+                self._cancel(uuid.UUID(str(notice["cancel"])))
+                return
             queue, at = notice["queue"], notice.get("at")
             if not isinstance(queue, str) or not isinstance(at, int | float | None):
                 raise TypeError
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             self._wake.set()
             return
         if self._claim_queues != (None,) and queue not in self.queues:
@@ -2518,6 +2997,14 @@ class Worker:
             self._wake.set()
         else:
             self._wake_in(at - time.time())
+
+    def _cancel(self, job_id: uuid.UUID) -> None:
+        """Stop a job that `cancel` asked to stop, if it runs here."""
+        with self._lock:
+            attempt = self._running.get(job_id)
+        if attempt is not None and attempt.context.stop_reason is None:
+            _log_job("cancelling", attempt.job, logging.WARNING)
+            attempt.context.request_stop(STOP_CANCEL)
 
     # -- running --------------------------------------------------------------------------
 
@@ -2573,6 +3060,8 @@ class Worker:
         if context.stop_reason == STOP_LOST:
             _log_job("abandoned", job, logging.WARNING, reason="the claim was lost")
             return None
+        if context.stop_reason == STOP_CANCEL and (interrupted or failure is not None):
+            return _Outcome(attempt, CANCELLED, {}, progress)
         if interrupted or (context.stop_reason == STOP_SHUTDOWN and failure is not None):
             return _Outcome(attempt, RELEASE, {}, progress)
         if failure is None:
@@ -2596,9 +3085,13 @@ class Worker:
 
     def _written(self, outcome: _Outcome, status: str | None) -> None:
         """The recorder wrote an outcome (status: the job's new status, "" for a write an
-        earlier reply already made, None if the claim was lost): log it, free its place."""
+        earlier lost reply had made, None if the claim was lost): log it, free its place."""
         attempt, job = outcome.attempt, outcome.attempt.job
         duration = time.monotonic() - attempt.started
+        if status == "":  # written before: what it came to is what the query set
+            status = {SUCCEED: "succeeded", RELEASE: "queued", CANCELLED: "cancelled"}.get(
+                outcome.query, "recorded"
+            )
         if status is None:
             _log_job(
                 "abandoned",
@@ -2606,9 +3099,11 @@ class Worker:
                 logging.WARNING,
                 reason="another worker owns the job now; this outcome is discarded",
             )
+        elif status == JobStatus.CANCELLED:
+            _log_job("cancelled", job, logging.WARNING, duration=duration)
         elif outcome.query == RELEASE:
             _log_job("released", job, logging.WARNING, reason="forced shutdown")
-        elif outcome.query == SUCCEED:
+        elif status == JobStatus.SUCCEEDED:
             _log_job("succeeded", job, duration=duration)
         elif status == JobStatus.QUEUED:
             delay = outcome.fields["delays"]
@@ -2627,8 +3122,8 @@ class Worker:
                 job,
                 logging.ERROR,
                 duration=duration,
-                error=outcome.fields["errors"],
-                permanent=outcome.fields["permanents"] or None,
+                error=outcome.fields.get("errors"),
+                permanent=outcome.fields.get("permanents") or None,
             )
         with self._lock:
             self._running.pop(job.id, None)
@@ -2650,6 +3145,29 @@ class Worker:
                 )
             if alive and silent > self._lock_grace - FENCE_MARGIN:
                 self._fence(epoch, f"no heartbeat reached the database for {silent:.1f}s")
+
+    def _clean_up(self) -> None:
+        """Now and then, delete succeeded and cancelled jobs older than the retention (failed
+        ones stay for people to look at): one worker at a time, in small batches."""
+        assert self._pool is not None
+        wait = JANITOR_FIRST_PASS
+        while not self._closed.wait(wait):
+            wait = JANITOR_INTERVAL
+            try:
+                with self._pool.connection() as conn:
+                    deleted = cleanup_jobs(conn, self._retention, exclusive=True)
+            except _TRANSIENT:
+                continue
+            except Exception:  # a bug, or a database refusing: try again next time
+                logger.exception("cannot clean up finished jobs")
+                continue
+            if deleted:
+                logger.info(
+                    "deleted %d succeeded or cancelled job(s) past the retention of %s",
+                    deleted,
+                    _duration_text(self._retention),
+                    extra={"fields": {"event": "cleanup", "deleted": deleted}},
+                )
 
     def _fence(self, epoch: int, why: str) -> None:
         """End the lease ``epoch`` and stop every job claimed under it, now: other workers
@@ -2947,6 +3465,10 @@ def migrate_command(config: _Config, print_sql: bool) -> None:
 )
 @_import_option
 @click.option("--json", "as_json", is_flag=True, help="Print the new job as JSON, not its id.")
+@click.option(
+    "--wait", is_flag=True,
+    help="Then follow the job like `logs -f`; exit 0 only if it succeeded.",
+)  # fmt: skip
 @click.pass_obj
 def enqueue_command(
     config: _Config,
@@ -2954,6 +3476,7 @@ def enqueue_command(
     payload_file: Any,
     imports: Sequence[str],
     as_json: bool,
+    wait: bool,
     **options: Any,
 ) -> None:
     """Queue a job (or a file of jobs) and print its id.
@@ -2965,15 +3488,21 @@ def enqueue_command(
     Examples:
       claude-jobs enqueue --payload '{"prompt": "explain this code", "cwd": "."}'
       claude-jobs enqueue --file reviews.jsonl --queue nightly --delay 8h --priority 10
+      claude-jobs enqueue --wait --payload '{"prompt": "fix the build", "cwd": "."}'
     """
     _import_modules(imports)
     if (payload is None) == (payload_file is None):
         raise InvalidJob("give either --payload JSON or --file PATH")
+    if wait and payload is None:
+        raise InvalidJob("--wait follows one job: give --payload, not --file")
     job_options = JobOptions.build(**options)  # the options first, before reading input
     if payload is not None:
         checked = prepare_payload(job_options.kind, _parse_json(payload, "--payload"))
         with config.connect() as conn:
             jobs = [enqueue(conn, checked, **options)]
+            if wait:
+                click.echo(f"queued job {jobs[0].id}", err=True)
+                sys.exit(_follow(conn, jobs[0].id, since=0))
     else:
         texts = _read_json_lines(payload_file, job_options.kind)
         with config.connect() as conn:
@@ -3086,6 +3615,14 @@ def _read_json_lines(stream: Any, kind: str) -> list[str]:
     help="Longest retry delay.",
 )
 @_setting(
+    "--retention",
+    env="RETENTION",
+    type=_DURATION_TYPE,
+    default="14d",
+    show_default=True,
+    help="Delete succeeded and cancelled jobs that finished longer ago (0: keep everything).",
+)
+@_setting(
     "--log-format",
     env="LOG_FORMAT",
     type=click.Choice(["text", "json"]),
@@ -3123,33 +3660,314 @@ def _stop_on_signals(worker: Worker) -> None:
     signal.signal(signal.SIGTERM, on_signal)
 
 
+# -- seeing jobs ------------------------------------------------------------------------------
+
+_STATUS_COLORS = {
+    "queued": "cyan",
+    "running": "yellow",
+    "succeeded": "green",
+    "failed": "red",
+    "cancelled": "magenta",
+    "paused": "blue",
+}
+
+
+def _stdout_is_terminal() -> bool:
+    return sys.stdout.isatty()
+
+
+def _color() -> bool:
+    """Colour only on a terminal, and never with NO_COLOR set (https://no-color.org)."""
+    return _stdout_is_terminal() and not os.environ.get("NO_COLOR")
+
+
+def _paint(text: str, status: str) -> str:
+    color = _STATUS_COLORS.get(status)
+    return click.style(text, fg=color) if color and _color() else text
+
+
+def _ago(moment: datetime | None, now: datetime | None = None) -> str:
+    """``moment`` relative to now: 45s ago, 3m ago, in 2h."""
+    if moment is None:
+        return "-"
+    seconds = ((now or datetime.now(UTC)) - moment).total_seconds()
+    text = _duration_text(abs(seconds))
+    return f"in {text}" if seconds < -0.5 else f"{text} ago"
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], paint: int | None = None) -> str:
+    """Aligned columns fitting the terminal: the last column gets what is left, cut with …;
+    column ``paint`` (a status) is coloured."""
+    width = shutil.get_terminal_size((120, 24)).columns
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers[:-1])]
+    room = max(10, width - sum(w + 2 for w in widths))
+    lines = []
+    for number, row in enumerate([headers, *rows]):
+        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)]
+        if paint is not None and number > 0:
+            cells[paint] = _paint(cells[paint], row[paint].strip())
+        last = row[-1] if len(row[-1]) <= room else row[-1][: room - 1] + "…"
+        lines.append("  ".join([*cells, last]).rstrip())
+    return "\n".join(lines)
+
+
+def _excerpt(job: Job) -> str:
+    """A job's prompt (claude) or payload, on one line."""
+    text = job.payload.get("prompt") if job.kind == DEFAULT_KIND else None
+    if not isinstance(text, str):
+        text = json.dumps(job.payload, ensure_ascii=False)
+    return " ".join(text.split())
+
+
+def _status_of(job: Job, paused: set[str]) -> str:
+    return "paused" if job.status == JobStatus.QUEUED and job.queue in paused else job.status
+
+
+def _when(job: Job, now: datetime) -> str:
+    """When a job last moved: run_at when it waits for it, else its latest timestamp."""
+    if job.status == JobStatus.QUEUED and job.run_at > now:
+        return _ago(job.run_at, now)
+    return _ago(job.finished_at or job.started_at or job.created_at, now)
+
+
+def _render_event(line: str, last_words: str = "") -> tuple[list[str], str | None]:
+    """One line of claude's stream-json transcript, as a person reads it, and claude's new
+    last words when the line is a message of claude's. The result repeats ``last_words``:
+    they are not printed twice."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return ([line] if line.strip() else []), None
+    if not isinstance(event, dict):
+        return [line], None
+    shown = _render_parsed(event, last_words)
+    return shown, "\n".join(shown) if event.get("type") == "assistant" else None
+
+
+def _render_parsed(event: Mapping[str, Any], last_words: str) -> list[str]:
+    kind, subtype = event.get("type"), event.get("subtype")
+    if kind == "system" and subtype == "init":
+        model, cwd = event.get("model", "?"), event.get("cwd", "?")
+        return [f"· session {event.get('session_id', '?')} · model {model} · {cwd}"]
+    if kind == "system" and subtype == "api_retry":
+        return [
+            f"· API error {event.get('error_status', '?')} ({event.get('error', '?')}): "
+            f"retry {event.get('attempt', '?')} of {event.get('max_retries', '?')}"
+        ]
+    if kind == "rate_limit_event":
+        info = event.get("rate_limit_info") or {}
+        resets = info.get("resetsAt")
+        if isinstance(resets, int | float):
+            resets = f"{datetime.fromtimestamp(resets).astimezone():%Y-%m-%d %H:%M %Z}"
+        return [f"· rate limit {info.get('status', '?')}, resets {resets or '?'}"]
+    if kind in ("assistant", "user"):
+        content = (event.get("message") or {}).get("content")
+        blocks = content if isinstance(content, list) else []
+        return [
+            text for block in blocks if isinstance(block, dict) for text in _render_block(block)
+        ]
+    if kind == "result":
+        said = event.get("result")
+        said = said if isinstance(said, str) else "; ".join(map(str, event.get("errors") or []))
+        if said.strip() == last_words.strip():
+            said = ""
+        cost = event.get("total_cost_usd") or 0
+        summary = (
+            f"· {event.get('subtype', 'result')}"
+            f"{' (error)' if event.get('is_error') else ''} · {event.get('num_turns', '?')} "
+            f"turns · ${cost:.4f} · {(event.get('duration_ms') or 0) / 1000:.1f}s"
+        )
+        return [*said.splitlines(), summary]
+    return []
+
+
+def _render_block(block: Mapping[str, Any]) -> list[str]:
+    kind = block.get("type")
+    if kind == "text":
+        return str(block.get("text", "")).splitlines()
+    if kind == "tool_use":
+        arguments = block.get("input") or {}
+        shown = next(
+            (str(arguments[k]) for k in ("command", "file_path", "pattern", "url", "path")
+             if k in arguments),
+            json.dumps(arguments, ensure_ascii=False),
+        )  # fmt: skip
+        return [f"→ {block.get('name', 'tool')}: {' '.join(shown.split())[:200]}"]
+    if kind == "tool_result":
+        result = block.get("content")
+        if isinstance(result, list):
+            result = " ".join(
+                str(part.get("text", "")) for part in result if isinstance(part, dict)
+            )
+        lines = str(result or "").splitlines() or [""]
+        more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
+        mark = "✗" if block.get("is_error") else "←"
+        return [f"  {mark} {lines[0][:160]}{more}"]
+    return []
+
+
+class _TranscriptPrinter:
+    """Turns transcript text, however it arrives in pieces, into readable lines."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+        self._last_words = ""  # the text of claude's last message
+
+    def feed(self, text: str) -> list[str]:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        return [shown for line in lines for shown in self._render(line)]
+
+    def flush(self) -> list[str]:
+        rest, self._partial = self._partial, ""
+        return self._render(rest) if rest else []
+
+    def _render(self, line: str) -> list[str]:
+        shown, last_words = _render_event(line, self._last_words)
+        if last_words is not None:
+            self._last_words = last_words
+        return shown
+
+
+def _stored_transcript(job: Job) -> list[str]:
+    """The kept tail of a job's transcript, rendered; its first line may have been cut."""
+    text = job.transcript or ""
+    lines = []
+    if job.transcript_size > len(text):
+        lines.append(f"… ({job.transcript_size - len(text):,} earlier characters not kept)")
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+    printer = _TranscriptPrinter()
+    return [*lines, *printer.feed(text), *printer.flush()]
+
+
+def _follow(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> int:
+    """Print a job's transcript as it grows and say what happens to it, until it finishes;
+    returns its exit status: 0 when it succeeded, else 1."""
+    printer = _TranscriptPrinter()
+    said = ""
+    for update in follow_job(conn, job_id, since=since):
+        if update.skipped:
+            click.echo(f"… ({update.skipped:,} characters went by unseen)", err=True)
+        for line in printer.feed(update.text):
+            click.echo(line)
+        note = _progress_note(update)
+        if note and note != said:
+            click.echo(note, err=True)
+            said = note
+        if update.finished:
+            for line in printer.flush():
+                click.echo(line)
+            outcome = f"job {job_id} {_paint(update.status, update.status)}"
+            if update.status != JobStatus.SUCCEEDED and update.last_error:
+                outcome += f": {update.last_error}"
+            click.echo(outcome, err=True)
+            return 0 if update.status == JobStatus.SUCCEEDED else 1
+    return 1
+
+
+def _progress_note(update: FollowUpdate) -> str:
+    """What a followed job is waiting for, if anything."""
+    if update.status != JobStatus.QUEUED:
+        return ""
+    waiting = "waiting for a worker of queue " + update.queue
+    if update.run_at > datetime.now(UTC):
+        waiting += f", at {update.run_at.astimezone():%H:%M:%S}"
+    if update.attempts:
+        failed = f"attempt {update.attempts} of {update.max_attempts} failed"
+        return f"{failed}: {update.last_error}; {waiting}"
+    return waiting
+
+
+def _job_ids_argument(function: Callable[..., Any]) -> Callable[..., Any]:
+    return click.argument("job_ids", metavar="ID...", nargs=-1, required=True)(function)
+
+
+@cli.command("list")
+@click.option(
+    "--status", "statuses", multiple=True, metavar="STATUS",
+    type=click.Choice([s.value for s in JobStatus]), help="Only jobs in this status (repeatable).",
+)  # fmt: skip
+@click.option("--queue", help="Only jobs of this queue.")
+@click.option("--kind", help="Only jobs of this kind.")
+@click.option("--since", type=_DURATION_TYPE, help="Only jobs enqueued this recently: 30m, 2h, 7d.")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one job a line.")
+@click.pass_obj
+def list_command(
+    config: _Config,
+    statuses: Sequence[str],
+    queue: str | None,
+    kind: str | None,
+    since: float | None,
+    limit: int,
+    as_json: bool,
+) -> None:
+    """List jobs, newest first.
+
+    \b
+    Examples:
+      claude-jobs list
+      claude-jobs list --status failed --queue nightly --since 1d
+      claude-jobs list --status running --json | jq -r .id
+    """
+    after = datetime.now(UTC) - timedelta(seconds=since) if since is not None else None
+    with config.connect() as conn:
+        jobs = list_jobs(conn, statuses=statuses, queue=queue, kind=kind, since=after, limit=limit)
+        paused = paused_queues(conn)
+    if as_json:
+        for job in jobs:
+            data = {**job.to_dict(), "paused": job.queue in paused}
+            data.pop("transcript")
+            click.echo(json.dumps(data, ensure_ascii=False))
+        return
+    if not jobs:
+        click.echo("no jobs", err=True)
+        return
+    now = datetime.now(UTC)
+    rows = [
+        [
+            str(job.id)[:8], job.queue, job.kind, _status_of(job, paused), str(job.priority),
+            f"{job.attempts}/{job.max_attempts}", _when(job, now), _excerpt(job),
+        ]
+        for job in jobs
+    ]  # fmt: skip
+    headers = ["ID", "QUEUE", "KIND", "STATUS", "PRI", "TRIES", "WHEN", "PROMPT / PAYLOAD"]
+    click.echo(_table(headers, rows, paint=3))
+
+
 @cli.command("show")
 @click.argument("job_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as one JSON object.")
 @click.pass_obj
 def show_command(config: _Config, job_id: str, as_json: bool) -> None:
-    """Show one job: its payload, status, attempts and errors, result and transcript tail.
+    """Show everything about one job: payload, every attempt and its error, worker, times,
+    claude's answer, cost, session and the end of its transcript. ID may be a prefix.
 
     \b
     Example:
-      claude-jobs show 6f1c2e9a-3b7d-4c1e-9f3a-2b8e5d7c4a10 --json
+      claude-jobs show 6f1c2e9a
+      claude-jobs show 6f1c2e9a --json | jq .result.result
     """
     with config.connect() as conn:
         job = get_job(conn, job_id)
-    click.echo(json.dumps(job.to_dict(), ensure_ascii=False) if as_json else _describe(job))
+        paused = paused_queues(conn)
+    click.echo(json.dumps(job.to_dict(), ensure_ascii=False) if as_json else _describe(job, paused))
 
 
-def _describe(job: Job) -> str:
+def _describe(job: Job, paused: set[str]) -> str:
     """A job as a person reads it."""
 
     def when(moment: datetime | None) -> str:
-        return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC") if moment else "-"
+        return f"{moment.astimezone():%Y-%m-%d %H:%M:%S %Z} ({_ago(moment)})" if moment else "-"
 
-    outcome = f"{job.status} (attempt {job.attempts} of {job.max_attempts})"
+    status = _status_of(job, paused)
+    outcome = f"{_paint(status, status)}, attempt {job.attempts} of {job.max_attempts}"
     if job.status == JobStatus.QUEUED and job.run_at > datetime.now(UTC):
-        outcome += f", runs at {when(job.run_at)}"
+        outcome += f", runs {_ago(job.run_at)}"
+    if job.cancel_requested_at and job.status == JobStatus.RUNNING:
+        outcome += ", cancel requested"
     rows = [
-        ("job", f"{job.id}  {job.kind} · queue {job.queue} · priority {job.priority}"),
+        ("job", f"{job.id} · {job.kind} · queue {job.queue} · priority {job.priority}"),
         ("status", outcome),
         ("created", when(job.created_at)),
         ("started", when(job.started_at)),
@@ -3165,7 +3983,8 @@ def _describe(job: Job) -> str:
         rows.append(("payload", json.dumps(job.payload, ensure_ascii=False)))
     result = job.result
     if isinstance(result, dict) and result.get("type") == "result":
-        rows.append(("result", result.get("result") or "; ".join(result.get("errors") or [])))
+        said = result.get("result") or "; ".join(map(str, result.get("errors") or []))
+        rows.append(("result", said))
         rows.append(("turns", str(result.get("num_turns", "-"))))
     elif result is not None:
         rows.append(("result", json.dumps(result, ensure_ascii=False)))
@@ -3174,18 +3993,255 @@ def _describe(job: Job) -> str:
         rows.append(("session", job.session_id or "-"))
     lines = [f"{name:<9} {_indent(str(value), 10)}" for name, value in rows]
     for entry in job.errors:
+        at = datetime.fromisoformat(entry["at"]) if entry.get("at") else None
         lines.append(
-            f"error     attempt {entry.get('attempt')}: {_indent(str(entry.get('error')), 10)}"
+            f"attempt {entry.get('attempt')} ({entry.get('worker') or '?'}, {_ago(at)}): "
+            f"{_indent(str(entry.get('error')), 4)}"
         )
     if job.transcript:
-        tail = job.transcript.rstrip("\n").splitlines()[-10:]
-        lines.append("transcript (last lines):")
-        lines.extend(f"  {line[:300]}" for line in tail)
+        lines.append("transcript (the end):")
+        lines.extend(f"  {line}" for line in _stored_transcript(job)[-15:])
     return "\n".join(lines)
 
 
 def _indent(text: str, width: int) -> str:
     return text.replace("\n", "\n" + " " * width)
+
+
+@cli.command("logs")
+@click.argument("job_id", metavar="ID")
+@click.option(
+    "-f", "--follow", is_flag=True,
+    help="Keep printing as the job runs, until it ends; exit 0 only if it succeeded.",
+)  # fmt: skip
+@click.pass_obj
+def logs_command(config: _Config, job_id: str, follow: bool) -> None:
+    """Print a job's transcript as a person reads it: claude's text, one line per tool call,
+    tool results cut short, the result and its cost.
+
+    \b
+    Examples:
+      claude-jobs logs 6f1c2e9a
+      claude-jobs logs -f 6f1c2e9a
+    """
+    with config.connect() as conn:
+        job = get_job(conn, job_id)
+        for line in _stored_transcript(job):
+            click.echo(line)
+        if follow:
+            sys.exit(_follow(conn, job.id, since=job.transcript_size))
+    if not job.transcript:
+        click.echo(f"job {job.id} has no transcript yet ({job.kind}, {job.status})", err=True)
+
+
+@cli.command("cancel")
+@_job_ids_argument
+@click.option("--no-wait", is_flag=True, help="Do not wait for running jobs to stop.")
+@click.pass_obj
+def cancel_command(config: _Config, job_ids: Sequence[str], no_wait: bool) -> None:
+    """Cancel jobs: a queued one at once; a running one is stopped by its worker (its claude
+    process group is terminated) and is not retried.
+
+    \b
+    Example:
+      claude-jobs cancel 6f1c2e9a 0b3d77c1
+    """
+    failures = []
+    with config.connect() as conn:
+        keys = [resolve_job_id(conn, job_id) for job_id in job_ids]
+        for key in keys:
+            try:
+                status = cancel_job(conn, key)
+            except WrongState as error:
+                failures.append(str(error))
+                continue
+            if status == JobStatus.CANCELLED:
+                click.echo(f"{key} cancelled")
+            elif no_wait:
+                click.echo(f"{key} is running: its worker was asked to stop it")
+            else:
+                click.echo(f"{key} is running: waiting for its worker to stop it", err=True)
+                ended = list(follow_job(conn, key, poll=0.5))[-1]
+                click.echo(f"{key} {ended.status}")
+    for failure in failures:
+        click.echo(f"Error: {failure}", err=True)
+    if failures:
+        sys.exit(1)
+
+
+@cli.command("retry")
+@click.argument("job_ids", metavar="[ID...]", nargs=-1)
+@click.option("--all", "everything", is_flag=True, help="Every job of --status (and --queue).")
+@click.option(
+    "--status", type=click.Choice([JobStatus.FAILED.value, JobStatus.CANCELLED.value]),
+    default="failed",
+    show_default=True, help="With --all: which jobs.",
+)  # fmt: skip
+@click.option("--queue", help="With --all: only this queue.")
+@click.pass_obj
+def retry_command(
+    config: _Config, job_ids: Sequence[str], everything: bool, status: str, queue: str | None
+) -> None:
+    """Put failed or cancelled jobs back in the queue now, with fresh attempts.
+
+    \b
+    Examples:
+      claude-jobs retry 6f1c2e9a
+      claude-jobs retry --all --status failed --queue nightly
+    """
+    if bool(job_ids) == everything:
+        raise InvalidJob("give job ids, or --all (with --status and --queue)")
+    with config.connect() as conn:
+        if everything:
+            again = retry_jobs(conn, status=status, queue=queue)
+            click.echo(f"retried {len(again)} {status} job(s)")
+        else:
+            for job_id in retry_jobs(conn, job_ids):
+                click.echo(f"{job_id} queued again")
+
+
+@cli.command("stats")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one queue a line.")
+@click.pass_obj
+def stats_command(config: _Config, as_json: bool) -> None:
+    """Per queue: jobs by status, the oldest ready job's age, running now, the last hour's
+    successes and failures, median and p95 run time (last day) and total cost.
+
+    \b
+    Example:
+      claude-jobs stats
+    """
+    with config.connect() as conn:
+        queues = queue_stats(conn)
+    if as_json:
+        for queue in queues:
+            click.echo(json.dumps(_jsonable(queue), ensure_ascii=False))
+        return
+    if not queues:
+        click.echo("no jobs", err=True)
+        return
+
+    def seconds(value: float | None) -> str:
+        return "-" if value is None else _duration_text(value) if value >= 60 else f"{value:.1f}s"
+
+    rows = [
+        [
+            q["queue"], "paused" if q["paused"] else "active",
+            *(str(q[k] or 0) for k in ("ready", "scheduled", "running", "succeeded", "failed",
+                                       "cancelled", "succeeded_last_hour", "failed_last_hour")),
+            seconds(q["oldest_ready_seconds"]), seconds(q["median_run_seconds"]),
+            seconds(q["p95_run_seconds"]), f"${float(q['cost_usd'] or 0):.2f}",
+        ]
+        for q in queues
+    ]  # fmt: skip
+    headers = ["QUEUE", "STATE", "READY", "LATER", "RUNNING", "SUCCEEDED", "FAILED",
+               "CANCELLED", "OK/1H", "FAIL/1H", "OLDEST", "MEDIAN", "P95", "COST"]  # fmt: skip
+    click.echo(_table(headers, rows, paint=1))
+
+
+@cli.command("workers")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one worker a line.")
+@click.pass_obj
+def workers_command(config: _Config, as_json: bool) -> None:
+    """Registered workers: host, pid, queues, concurrency, jobs running now, started, last
+    heartbeat; one that stopped heartbeating shows as lost.
+
+    \b
+    Example:
+      claude-jobs workers
+    """
+    with config.connect() as conn:
+        workers = list_workers(conn)
+    if as_json:
+        for worker in workers:
+            click.echo(json.dumps(_jsonable(worker), ensure_ascii=False))
+        return
+    if not workers:
+        click.echo("no workers", err=True)
+        return
+    rows = [
+        [
+            str(w["id"])[:8], w["host"], str(w["pid"]), "lost" if w["lost"] else "alive",
+            f"{w['running']}/{w['concurrency']}", _ago(w["started_at"]),
+            _ago(w["last_heartbeat"]), ",".join(w["queues"]),
+        ]
+        for w in workers
+    ]  # fmt: skip
+    headers = ["ID", "HOST", "PID", "STATE", "RUNNING", "STARTED", "HEARTBEAT", "QUEUES"]
+    click.echo(_table(headers, rows))
+
+
+@cli.command("pause")
+@click.argument("queue")
+@click.pass_obj
+def pause_command(config: _Config, queue: str) -> None:
+    """Stop workers taking jobs from QUEUE; its jobs stay queued, running ones finish.
+
+    \b
+    Example:
+      claude-jobs pause nightly
+    """
+    with config.connect() as conn:
+        newly = pause_queue(conn, queue, by=f"{socket.gethostname()}:{os.getpid()}")
+        waiting = count_queued(conn, queue)
+    state = "paused" if newly else "was already paused"
+    click.echo(f"queue {queue} {state}: {waiting} queued job(s) wait for `claude-jobs resume`")
+
+
+@cli.command("resume")
+@click.argument("queue")
+@click.pass_obj
+def resume_command(config: _Config, queue: str) -> None:
+    """Let workers take jobs from QUEUE again.
+
+    \b
+    Example:
+      claude-jobs resume nightly
+    """
+    with config.connect() as conn:
+        resumed = resume_queue(conn, queue)
+    click.echo(f"queue {queue} {'resumed' if resumed else 'was not paused'}")
+
+
+@cli.command("cleanup")
+@_setting(
+    "--older-than", env="CLEANUP_OLDER_THAN", type=_DURATION_TYPE, default="14d",
+    show_default=True, help="Delete jobs that finished longer ago than this.",
+)  # fmt: skip
+@click.option("--include-failed", is_flag=True, help="Delete failed jobs too.")
+@click.pass_obj
+def cleanup_command(config: _Config, older_than: float, include_failed: bool) -> None:
+    """Delete succeeded and cancelled jobs (and, with --include-failed, failed ones) that
+    finished before then, in small batches that never hold long locks.
+
+    \b
+    Example:
+      claude-jobs cleanup --older-than 7d
+    """
+    with config.connect() as conn:
+        deleted = cleanup_jobs(conn, older_than, include_failed=include_failed)
+    kinds = "succeeded, cancelled or failed" if include_failed else "succeeded or cancelled"
+    click.echo(f"deleted {deleted} {kinds} job(s) older than {_duration_text(older_than)}")
+
+
+@cli.command("purge")
+@click.argument("queue")
+@click.option("--yes", is_flag=True, help="Really delete; without it, only say what it would.")
+@click.pass_obj
+def purge_command(config: _Config, queue: str, yes: bool) -> None:
+    """Delete every queued job of QUEUE (running and finished ones stay).
+
+    \b
+    Example:
+      claude-jobs purge experiments --yes
+    """
+    with config.connect() as conn:
+        if not yes:
+            waiting = count_queued(conn, queue)
+            click.echo(f"would delete {waiting} queued job(s) of queue {queue}: add --yes to do it")
+            return
+        deleted = purge_queue(conn, queue)
+    click.echo(f"deleted {deleted} queued job(s) of queue {queue}")
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 1.
+-- The claude-jobs schema, version 2.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -73,4 +73,23 @@ ANALYZE claude_jobs;
 INSERT INTO claude_jobs_schema (version) VALUES (1);
 END IF;
 END $migration_1$;
+
+-- version 2
+DO $migration_2$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 2) THEN
+-- Operating the queue: follow transcripts, cancel running jobs, pause queues, clean up.
+ALTER TABLE claude_jobs
+    ADD COLUMN transcript_size bigint NOT NULL DEFAULT 0, -- characters ever appended
+    ADD COLUMN cancel_requested_at timestamptz;          -- `cancel` of a running job
+-- cleanup deletes finished jobs by age through this one
+CREATE INDEX claude_jobs_finished ON claude_jobs (finished_at)
+    WHERE status IN ('succeeded', 'failed', 'cancelled');
+CREATE TABLE claude_jobs_queues (
+    queue      text PRIMARY KEY,
+    paused_at  timestamptz,                              -- NULL: not paused
+    paused_by  text
+);
+INSERT INTO claude_jobs_schema (version) VALUES (2);
+END IF;
+END $migration_2$;
 COMMIT;

@@ -119,6 +119,7 @@ behaves as the prompt says: a prompt starting with "FAKE:" holds a JSON object o
 any other prompt gets a successful stream-json run answering "echo: <prompt start>".
 
 Directives: emit (a fixture file to print to stdout), stdout / stderr (text to print),
+stream (lines to print one by one, `interval` seconds apart, before the usual result),
 sleep (seconds, before finishing), child (spawn a grandchild that sleeps, recording its pid),
 exit (the exit status, default 0), result (the result text of the default success run),
 ignore_term (ignore SIGTERM), cost (total_cost_usd).
@@ -159,6 +160,9 @@ elif "stdout" not in directives:
     ]
     for line in lines:
         print(json.dumps(line), flush=True)
+for line in directives.get("stream", []):
+    print(json.dumps(line) if not isinstance(line, str) else line, flush=True)
+    time.sleep(directives.get("interval", 0))
 if "stdout" in directives:
     sys.stdout.write(directives["stdout"])
 if "stderr" in directives:

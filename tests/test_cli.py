@@ -195,7 +195,7 @@ def test_show_prints_a_summary_and_json(invoke, conn: psycopg.Connection) -> Non
     job = claude_jobs.enqueue(conn, {"prompt": "explain this code"})
     text = invoke("show", str(job.id))
     assert text.exit_code == 0
-    assert str(job.id) in text.output and "queued (attempt 0 of 5)" in text.output
+    assert str(job.id) in text.output and "queued, attempt 0 of 5" in text.output
     assert "explain this code" in text.output
     as_json = invoke("show", str(job.id), "--json")
     data = json.loads(as_json.output)
@@ -216,7 +216,9 @@ def test_show_of_an_unknown_job_exits_1_and_of_a_malformed_id_2(invoke) -> None:
     assert result.exit_code == 1 and result.output.startswith("Error: no job ")
     result = invoke("show", "not-an-id")
     assert result.exit_code == 2
-    assert result.output == "Error: 'not-an-id' is not a job id (a UUID)\n"
+    assert result.output == (
+        "Error: 'not-an-id' is not a job id: give an id, or its first 6 or more digits\n"
+    )
 
 
 @pytest.mark.parametrize(

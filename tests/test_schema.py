@@ -93,14 +93,32 @@ def test_commands_ask_for_migrate_when_the_schema_is_missing(
     )
     result = CliRunner().invoke(claude_jobs.cli, ["--database-url", url, "migrate"])
     assert result.exit_code == 0, result.output
-    assert "from version none to 1" in result.output
+    assert f"from version none to {claude_jobs.SCHEMA_VERSION}" in result.output
 
 
 def test_commands_ask_for_migrate_when_the_schema_is_older(db_url: str, conn) -> None:
-    conn.execute("UPDATE claude_jobs_schema SET version = 0")
+    conn.execute("DELETE FROM claude_jobs_schema WHERE version = %s", [claude_jobs.SCHEMA_VERSION])
     result = CliRunner().invoke(claude_jobs.cli, ["--database-url", db_url, "show", "x"])
     assert result.exit_code == 1
     assert result.output == (
-        "Error: the database schema is version 0, this claude-jobs needs "
-        f"{claude_jobs.SCHEMA_VERSION}: run `claude-jobs migrate`\n"
+        f"Error: the database schema is version {claude_jobs.SCHEMA_VERSION - 1}, this "
+        f"claude-jobs needs {claude_jobs.SCHEMA_VERSION}: run `claude-jobs migrate`\n"
     )
+
+
+def test_a_version_1_database_is_upgraded_in_place_with_its_jobs(
+    unmigrated: psycopg.Connection,
+) -> None:
+    unmigrated.autocommit = True
+    claude_jobs.migrate(unmigrated, claude_jobs.MIGRATIONS[:1])
+    job_id = unmigrated.execute(
+        """INSERT INTO claude_jobs (payload, status, transcript)
+           VALUES ('{"prompt": "from version 1"}', 'failed', 'old output') RETURNING id"""
+    ).fetchone()[0]
+    assert claude_jobs.migrate(unmigrated) == (1, claude_jobs.SCHEMA_VERSION)
+    job = claude_jobs.get_job(unmigrated, job_id)
+    assert (job.payload, job.status, job.transcript) == (
+        {"prompt": "from version 1"}, "failed", "old output",
+    )  # fmt: skip
+    assert (job.transcript_size, job.cancel_requested_at) == (0, None)
+    assert claude_jobs.retry_jobs(unmigrated, [job_id]) == [job_id]
