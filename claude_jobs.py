@@ -59,9 +59,10 @@ import time
 import traceback
 import uuid
 import warnings
+import zoneinfo
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, TypedDict, TypeVar, Unpack
@@ -74,6 +75,7 @@ from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
 __all__ = [
+    "CLAUDE_PAYLOAD",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "ClaudeHandler",
@@ -88,13 +90,18 @@ __all__ = [
     "JobStatus",
     "JobsError",
     "PermanentError",
+    "Postpone",
     "RunContext",
     "SchemaError",
+    "UsageLimitReached",
     "Worker",
+    "WorkerUnfit",
     "backoff_delay",
+    "cancel_job",
     "check_conninfo",
     "check_schema",
     "claude_outcome",
+    "cleanup_jobs",
     "cli",
     "configure_logging",
     "connect",
@@ -102,15 +109,24 @@ __all__ = [
     "default_home",
     "enqueue",
     "enqueue_many",
+    "follow_job",
     "get_job",
     "handler",
+    "list_jobs",
+    "list_workers",
     "main",
     "mask_url",
     "migrate",
     "parse_duration",
     "parse_time",
+    "pause_queue",
     "prepare_payload",
+    "purge_queue",
+    "queue_stats",
     "registered_kinds",
+    "resolve_job_id",
+    "resume_queue",
+    "retry_jobs",
     "schema_sql",
     "schema_version",
     "start_embedded",
@@ -128,6 +144,8 @@ OUTPUT_CHANNEL = "claude_jobs_output"  # a job's transcript grew, or it moved on
 #: First key of every advisory lock we take ("cjob"); the second key is 0 for
 #: migrations and a worker's lock_key otherwise.
 LOCK_NAMESPACE = 0x636A6F62
+#: First key of the admission lock of a concurrency key ("ckey"); the second, its hash.
+KEY_LOCK_NAMESPACE = 0x636B6579
 MIGRATION_LOCK_KEY = 0
 
 DEFAULT_QUEUE = "default"
@@ -141,6 +159,9 @@ DEFAULT_BACKOFF_MAX = 300.0
 DEFAULT_CLAUDE_TIMEOUT = 3600.0
 DEFAULT_CLAUDE_BIN = "claude"
 DEFAULT_RETENTION = 14 * 86400.0  # workers delete succeeded and cancelled jobs older than this
+#: A worker unfit for claude jobs (not logged in, no credit...) starts none for this long,
+#: doubling while it stays unfit, up to the second figure.
+UNFIT_BACKOFF = (300.0, 3600.0)
 #: How often a worker looks for jobs past the retention (one worker at a time deletes), and
 #: how soon after it starts.
 JANITOR_INTERVAL = 300.0
@@ -171,14 +192,15 @@ PG_INT_MIN, PG_INT_MAX = -(2**31), 2**31 - 1
 #: The longest duration anything accepts (ten years).
 MAX_DURATION = 10 * 365 * 86400.0
 
+#: claude's arguments on every run; the options of the job and the worker follow (and
+#: SKIP_PERMISSIONS, unless they give a permission mode).
 CLAUDE_ARGS = (
-    "--dangerously-skip-permissions",
     "-p",
     "--output-format",
     "stream-json",
     "--verbose",
 )
-CLAUDE_PAYLOAD_KEYS = frozenset({"prompt", "cwd"})
+SKIP_PERMISSIONS = "--dangerously-skip-permissions"
 
 
 ###############################################################################
@@ -233,6 +255,29 @@ class PermanentError(JobFailed):
     """The job cannot succeed: it fails at once, without further attempts."""
 
 
+class Postpone(JobsError):
+    """The job cannot run now, through no fault of its own: it goes back to the queue without
+    spending the attempt, to run at ``run_at`` (default: at once)."""
+
+    def __init__(
+        self, message: str | None = None, *, run_at: datetime | None = None, result: Any = None
+    ) -> None:
+        super().__init__(message)
+        self.run_at = run_at
+        self.result = result
+
+
+class UsageLimitReached(Postpone):
+    """claude's subscription usage limit was reached: no worker starts a claude job before it
+    resets (``run_at``), and this one runs again then."""
+
+
+class WorkerUnfit(Postpone):
+    """This worker cannot run claude jobs (claude is not logged in, or has no credit, or is
+    missing...): the job goes back to the queue and the worker stops taking claude jobs for a
+    while."""
+
+
 class _Interrupted(Exception):
     """The attempt was stopped from outside (shutdown, or the claim was lost)."""
 
@@ -276,6 +321,12 @@ class Job:
     finished_at: datetime | None
     updated_at: datetime
     cancel_requested_at: datetime | None = None
+    concurrency_key: str | None = None
+    concurrency_limit: int = 1
+    after: list[uuid.UUID] | None = None
+    continue_from: uuid.UUID | None = None
+    worktree: dict[str, Any] | None = None
+    resumes: dict[str, Any] | None = None  # claimed continuations: what they continue
     transcript: str | None = None
     transcript_size: int = 0  # characters ever written to the transcript (it keeps the tail)
     claim: uuid.UUID | None = field(default=None, repr=False)
@@ -287,6 +338,8 @@ class Job:
         values["status"] = JobStatus(values["status"])
         values["cost_usd"] = float(values["cost_usd"] or 0)
         values["transcript_size"] = values["transcript_size"] or 0
+        if values["concurrency_limit"] is None:
+            values["concurrency_limit"] = 1
         return cls(**values, context=context)
 
     def to_dict(self) -> dict[str, Any]:
@@ -303,7 +356,7 @@ _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job) if f.name != "contex
 
 
 def _jsonable(value: Any) -> Any:
-    if isinstance(value, datetime):
+    if isinstance(value, datetime | date):
         return value.isoformat()
     if isinstance(value, uuid.UUID):
         return str(value)
@@ -404,6 +457,35 @@ CREATE TABLE claude_jobs_queues (
 );
 """,
     ),
+    (
+        3,
+        """\
+-- Claude at scale: concurrency keys, worktrees, chains, usage limits.
+ALTER TABLE claude_jobs
+    ADD COLUMN concurrency_key text,           -- at most concurrency_limit such jobs run at once
+    ADD COLUMN concurrency_limit integer NOT NULL DEFAULT 1 CHECK (concurrency_limit >= 0),
+    ADD COLUMN key_held boolean NOT NULL DEFAULT false, -- this running job holds a slot of its key
+    ADD COLUMN after uuid[],                   -- runs once all of these succeeded
+    ADD COLUMN continue_from uuid,             -- resumes that job's claude session
+    ADD COLUMN worktree jsonb;                 -- the git worktree and branch it ran in
+-- admission counts the slots held per key through this one
+CREATE INDEX claude_jobs_keys_held ON claude_jobs (concurrency_key)
+    WHERE status = 'running' AND key_held;
+-- the (few) queued jobs that wait for others
+CREATE INDEX claude_jobs_waiting ON claude_jobs (id)
+    WHERE status = 'queued' AND (after IS NOT NULL OR continue_from IS NOT NULL);
+-- A hold stops every worker starting jobs of a kind until a time (a usage limit of claude).
+CREATE TABLE claude_jobs_holds (
+    kind    text PRIMARY KEY,
+    until   timestamptz NOT NULL,
+    reason  text NOT NULL,
+    set_at  timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE claude_jobs_workers
+    ADD COLUMN claude_paused_until timestamptz,  -- this worker starts no claude job until then
+    ADD COLUMN claude_paused_reason text;
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -448,7 +530,13 @@ def schema_sql(migrations: Sequence[tuple[int, str]] = MIGRATIONS) -> str:
 
 _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, max_attempts,
     timeout, last_error, errors, worker_id, worker, result, session_id, cost_usd, created_at,
-    started_at, finished_at, updated_at, cancel_requested_at, transcript_size, claim"""
+    started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
+    concurrency_limit, after, continue_from, worktree, claim"""
+
+JOB_STATUSES = """
+-- job_statuses: the status of each of these jobs
+SELECT id, status FROM claude_jobs WHERE id = ANY(%(ids)s::uuid[])
+"""
 
 SCHEMA_VERSION_QUERY = """
 -- schema_version: the newest schema version applied to this database
@@ -458,9 +546,11 @@ SELECT max(version) AS version FROM claude_jobs_schema
 ENQUEUE = f"""
 -- enqueue: insert one job and wake the workers of its queue, in one statement
 WITH job AS (
-    INSERT INTO claude_jobs (queue, kind, priority, payload, run_at, max_attempts, timeout)
+    INSERT INTO claude_jobs (queue, kind, priority, payload, run_at, max_attempts, timeout,
+        concurrency_key, concurrency_limit, after, continue_from)
     VALUES (%(queue)s, %(kind)s, %(priority)s, %(payload)s::jsonb, coalesce(%(run_at)s, now()),
-            %(max_attempts)s, %(timeout)s)
+            %(max_attempts)s, %(timeout)s, %(concurrency_key)s, %(concurrency_limit)s,
+            %(after)s::uuid[], %(continue_from)s)
     RETURNING {_JOB_COLUMNS}
 )
 SELECT job.*, pg_notify(%(channel)s, json_build_object(
@@ -471,12 +561,14 @@ FROM job
 
 COPY_JOBS = """
 -- copy_jobs: bulk insert (enqueue_many) of jobs ready now, by the database's clock
-COPY claude_jobs (id, queue, kind, priority, payload, max_attempts, timeout) FROM STDIN
+COPY claude_jobs (id, queue, kind, priority, max_attempts, payload, timeout, concurrency_key,
+    concurrency_limit, after) FROM STDIN
 """
 
 COPY_SCHEDULED_JOBS = """
 -- copy_scheduled_jobs: bulk insert (enqueue_many) of jobs that wait for their run_at
-COPY claude_jobs (id, queue, kind, priority, payload, max_attempts, timeout, run_at) FROM STDIN
+COPY claude_jobs (id, queue, kind, priority, max_attempts, payload, timeout, concurrency_key,
+    concurrency_limit, after, run_at) FROM STDIN
 """
 
 NOTIFY_QUEUE = """
@@ -588,7 +680,11 @@ LIST_WORKERS = """
 SELECT w.id, w.host, w.pid, w.queues, w.kinds, w.concurrency, w.started_at, w.last_heartbeat,
     extract(epoch FROM now() - w.last_heartbeat) AS silent_seconds,
     (SELECT count(*) FROM claude_jobs j WHERE j.status = 'running' AND j.worker_id = w.id)
-        AS running
+        AS running,
+    -- it starts no claude job until then, and why (unfit for them, or its budget is spent)
+    CASE WHEN w.claude_paused_until > now() THEN w.claude_paused_until END AS claude_paused_until,
+    CASE WHEN w.claude_paused_until > now() THEN w.claude_paused_reason END
+        AS claude_paused_reason
 FROM claude_jobs_workers w ORDER BY w.started_at
 """
 
@@ -651,29 +747,45 @@ FROM claude_jobs WHERE id = %(id)s
 """
 
 _CLAIM = f"""
--- claim: take up to `limit` ready jobs of the kinds this worker handles, highest priority
+-- claim: take up to `limit` ready jobs of the kinds this worker may start, highest priority
 -- first, then oldest run_at; skip rows other workers are claiming right now.
 WITH me AS (
     -- a worker declared dead must not claim; the share lock makes its reaper wait for us
     SELECT id FROM claude_jobs_workers WHERE id = %(worker_id)s FOR KEY SHARE
 ), ready AS (
-    SELECT id FROM claude_jobs
-    WHERE status = 'queued' AND run_at <= now() {{queue_filter}}
-      AND kind = ANY(%(kinds)s) AND EXISTS (SELECT FROM me)
+    SELECT c.id FROM claude_jobs c
+    WHERE c.status = 'queued' AND c.run_at <= now() {{queue_filter}}
+      AND c.kind = ANY(%(kinds)s) AND EXISTS (SELECT FROM me)
       AND NOT EXISTS (SELECT FROM claude_jobs_queues q
-                      WHERE q.queue = claude_jobs.queue AND q.paused_at IS NOT NULL)
-    ORDER BY priority DESC, run_at
+                      WHERE q.queue = c.queue AND q.paused_at IS NOT NULL)
+      -- jobs it waits for all succeeded
+      AND (c.after IS NULL OR NOT EXISTS (
+          SELECT FROM unnest(c.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
+          WHERE d.status IS DISTINCT FROM 'succeeded'))
+      -- the job it continues finished, and ran on this host (where its session is kept)
+      AND (c.continue_from IS NULL OR EXISTS (
+          SELECT FROM claude_jobs p
+          WHERE p.id = c.continue_from AND p.status IN ('succeeded', 'failed', 'cancelled')
+            AND (p.session_id IS NULL OR split_part(p.worker, ':', 1) = %(host)s)))
+      -- its concurrency key has a free slot (taking it, admission makes sure)
+      AND (c.concurrency_key IS NULL OR c.concurrency_limit = 0 OR c.concurrency_limit > (
+          SELECT count(*) FROM claude_jobs r
+          WHERE r.status = 'running' AND r.key_held AND r.concurrency_key = c.concurrency_key))
+    ORDER BY c.priority DESC, c.run_at
     LIMIT %(limit)s
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF c SKIP LOCKED
 )
 UPDATE claude_jobs j
 SET status = 'running', attempts = j.attempts + 1, claim = gen_random_uuid(),
     worker_id = %(worker_id)s, worker = %(worker)s, started_at = now(), finished_at = NULL,
-    updated_at = now()
+    key_held = false, updated_at = now()
 FROM ready WHERE j.id = ready.id
-RETURNING {", ".join("j." + c.strip() for c in _JOB_COLUMNS.split(","))}
+RETURNING {", ".join("j." + c.strip() for c in _JOB_COLUMNS.split(","))},
+    -- a continuation gets the session and worktree of the job it continues
+    (SELECT jsonb_build_object('id', p.id, 'session_id', p.session_id, 'worktree', p.worktree)
+     FROM claude_jobs p WHERE p.id = j.continue_from) AS resumes
 """
-CLAIM_FROM_QUEUE = _CLAIM.format(queue_filter="AND queue = %(queue)s")
+CLAIM_FROM_QUEUE = _CLAIM.format(queue_filter="AND c.queue = %(queue)s")
 CLAIM_FROM_ANY_QUEUE = _CLAIM.format(queue_filter="")
 
 NEXT_DUE = """
@@ -686,13 +798,28 @@ WHERE status = 'queued' AND run_at > created_at AND run_at > now() AND kind = AN
 # The columns of a batch of outcomes or progress, one array per column (see the recorder).
 # Each statement also matches `j.id = ANY(ids)`, so that the plan stays a walk of the primary
 # key whatever the planner guesses of the unnest (it guesses 100 rows).
-_PROGRESS_COLUMNS = "%(transcripts)s::text[], %(sessions)s::text[], %(costs)s::numeric[]"
-_PROGRESS_NAMES = "transcript, session_id, cost_usd"
+_PROGRESS_COLUMNS = (
+    "%(transcripts)s::text[], %(sessions)s::text[], %(costs)s::numeric[], %(worktrees)s::jsonb[]"
+)
+_PROGRESS_NAMES = "transcript, session_id, cost_usd, worktree"
 _SAVE_PROGRESS = """transcript = CASE WHEN o.transcript IS NULL THEN j.transcript
         ELSE right(coalesce(j.transcript, '') || o.transcript, %(limit)s) END,
     transcript_size = j.transcript_size + coalesce(length(o.transcript), 0),
     session_id = coalesce(o.session_id, j.session_id),
-    cost_usd = j.cost_usd + coalesce(o.cost_usd, 0), updated_at = now()"""
+    cost_usd = j.cost_usd + coalesce(o.cost_usd, 0),
+    worktree = coalesce(o.worktree, j.worktree), updated_at = now()"""
+
+# What every batch statement returns per row: the job's id, new status and run_at; on the way
+# it tells `logs -f` that a job with a transcript moved on, and wakes the workers when a job
+# may run now that this one is over: one that waits for it, or one of its concurrency key (a
+# notice without a queue wakes every worker).
+_OUTCOME_RETURNING = """RETURNING j.id, j.status, j.run_at,
+    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END,
+    CASE WHEN j.status <> 'running' AND (j.key_held OR EXISTS (
+        SELECT FROM claude_jobs w
+        WHERE w.status = 'queued' AND (w.after IS NOT NULL OR w.continue_from IS NOT NULL)
+          AND (j.id = ANY(w.after) OR w.continue_from = j.id)))
+        THEN pg_notify('claude_jobs', '{"queue": null}') END"""
 
 SAVE_PROGRESS = f"""
 -- save_progress: what running attempts produced so far (transcript tail, claude session,
@@ -702,9 +829,7 @@ FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
     AS o(id, claim, {_PROGRESS_NAMES})
 WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
   AND j.status = 'running'
-RETURNING j.id, j.status, j.run_at,
-    -- `logs -f` listens: tell it when a job with a transcript moves on
-    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END
+{_OUTCOME_RETURNING}
 """
 
 SUCCEED = f"""
@@ -715,9 +840,7 @@ FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(results)s::jsonb[], {_PROGRES
     AS o(id, claim, result, {_PROGRESS_NAMES})
 WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
   AND j.status = 'running'
-RETURNING j.id, j.status, j.run_at,
-    -- `logs -f` listens: tell it when a job with a transcript moves on
-    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END
+{_OUTCOME_RETURNING}
 """
 
 FAIL = f"""
@@ -743,26 +866,104 @@ FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(permanents)s::boolean[],
     AS o(id, claim, permanent, delay, error, traceback, result, {_PROGRESS_NAMES})
 WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
   AND j.status = 'running'
-RETURNING j.id, j.status, j.run_at,
-    -- `logs -f` listens: tell it when a job with a transcript moves on
-    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END
+{_OUTCOME_RETURNING}
 """
 
 RELEASE = f"""
--- release: put claimed jobs back unspent (a forced shutdown, or a claim that never ran),
+-- release: put claimed jobs back unspent, to run at run_at (default now), saying why in
+-- note: a forced shutdown, a claim that never ran, a busy concurrency key, a usage limit;
 -- each row fenced on its claim; one whose cancel was asked for is cancelled instead
 UPDATE claude_jobs j
 SET status = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued' ELSE 'cancelled' END,
     finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
-    attempts = j.attempts - 1, run_at = now(), claim = NULL,
+    attempts = j.attempts - 1, run_at = coalesce(o.run_at, now()), claim = NULL,
+    last_error = coalesce(o.note, j.last_error),
     worker_id = NULL, worker = NULL, started_at = NULL, {_SAVE_PROGRESS}
-FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
-    AS o(id, claim, {_PROGRESS_NAMES})
+FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(run_ats)s::timestamptz[],
+            %(notes)s::text[], {_PROGRESS_COLUMNS})
+    AS o(id, claim, run_at, note, {_PROGRESS_NAMES})
 WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
   AND j.status = 'running'
-RETURNING j.id, j.status, j.run_at,
-    -- `logs -f` listens: tell it when a job with a transcript moves on
-    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END
+{_OUTCOME_RETURNING}
+"""
+
+ADMIT = """
+-- admit: a claimed job takes a slot of its concurrency key, if fewer than its limit are
+-- taken; run after taking the key's lock, so that the count sees every slot taken before
+UPDATE claude_jobs SET key_held = true
+WHERE id = %(id)s AND claim = %(claim)s AND status = 'running'
+  AND concurrency_limit > (SELECT count(*) FROM claude_jobs r
+                           WHERE r.status = 'running' AND r.key_held
+                             AND r.concurrency_key = %(key)s)
+RETURNING id
+"""
+
+LOCK_KEY = """
+-- lock_key: one admission at a time per concurrency key, until the end of the transaction
+SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(key)s))
+"""
+
+CANCEL_BLOCKED = """
+-- cancel_blocked: queued jobs that wait for a job that failed, was cancelled or is gone, or
+-- that continue a job that is gone, are cancelled, saying which
+UPDATE claude_jobs j
+SET status = 'cancelled', finished_at = now(), updated_at = now(), last_error = blocked.reason
+FROM (
+    SELECT w.id, min('cancelled: it waits for job ' || a.id || ', which '
+                     || CASE WHEN d.id IS NULL THEN 'is gone'
+                             WHEN d.status = 'failed' THEN 'failed'
+                             ELSE 'was cancelled' END) AS reason
+    FROM claude_jobs w CROSS JOIN LATERAL unnest(w.after) AS a(id)
+    LEFT JOIN claude_jobs d ON d.id = a.id
+    WHERE w.status = 'queued' AND w.after IS NOT NULL
+      AND (d.id IS NULL OR d.status IN ('failed', 'cancelled'))
+    GROUP BY w.id
+    UNION ALL
+    SELECT w.id, 'cancelled: it continues job ' || w.continue_from || ', which is gone'
+    FROM claude_jobs w
+    WHERE w.status = 'queued' AND w.continue_from IS NOT NULL
+      AND NOT EXISTS (SELECT FROM claude_jobs p WHERE p.id = w.continue_from)
+) blocked
+WHERE j.id = blocked.id AND j.status = 'queued'
+RETURNING j.id, j.queue, j.kind, j.last_error, pg_notify('claude_jobs_output', j.id::text)
+"""
+
+SET_HOLD = """
+-- set_hold: no worker starts jobs of this kind before `until` (a hold only ever lengthens)
+INSERT INTO claude_jobs_holds AS h (kind, until, reason) VALUES (%(kind)s, %(until)s, %(reason)s)
+ON CONFLICT (kind) DO UPDATE
+SET until = greatest(h.until, excluded.until), reason = excluded.reason, set_at = now()
+"""
+
+HOLDS = """
+-- holds: the kinds no worker starts now, until when (and for how many seconds more) and why
+SELECT kind, until, extract(epoch FROM until - now())::float8 AS remaining, reason
+FROM claude_jobs_holds WHERE until > now() ORDER BY kind
+"""
+
+PAUSE_WORKER_KIND = """
+-- pause_worker_kind: show in `workers` that this worker starts no claude job until then
+UPDATE claude_jobs_workers SET claude_paused_until = %(until)s, claude_paused_reason = %(reason)s
+WHERE id = %(id)s
+"""
+
+SPENT_TODAY = """
+-- spent_today: what the jobs that finished since midnight UTC cost, and the running ones so far
+SELECT (SELECT coalesce(sum(cost_usd), 0) FROM claude_jobs
+        WHERE status IN ('succeeded', 'failed', 'cancelled')
+          AND finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
+     + (SELECT coalesce(sum(cost_usd), 0) FROM claude_jobs WHERE status = 'running')
+"""
+
+COST_STATS = """
+-- cost_stats: what the jobs that finished in the last `days` UTC days cost, per day and queue
+SELECT (finished_at AT TIME ZONE 'UTC')::date AS day, queue, count(*) AS jobs,
+    count(*) FILTER (WHERE cost_usd > 0) AS costed, sum(cost_usd) AS cost_usd
+FROM claude_jobs
+WHERE status IN ('succeeded', 'failed', 'cancelled')
+  AND finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
+                     - make_interval(days => %(days)s - 1)
+GROUP BY 1, 2 ORDER BY 1 DESC, 2
 """
 
 CANCELLED = f"""
@@ -777,8 +978,7 @@ FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
     AS o(id, claim, {_PROGRESS_NAMES})
 WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
   AND j.status = 'running'
-RETURNING j.id, j.status, j.run_at,
-    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END
+{_OUTCOME_RETURNING}
 """
 
 ALREADY_RECORDED = """
@@ -1123,11 +1323,21 @@ class JobSettings(TypedDict, total=False):
     delay: float | timedelta | None
     max_attempts: int
     timeout: float | timedelta | None
+    concurrency_key: str | None
+    concurrency_limit: int
+    after: Sequence[uuid.UUID | str]
+    continue_from: uuid.UUID | str | None
 
 
 @dataclass(frozen=True)
 class JobOptions:
-    """What applies to a job besides its payload; validated when built."""
+    """What applies to a job besides its payload; validated when built.
+
+    ``concurrency_key``: at most ``concurrency_limit`` jobs with the same key run at once,
+    across all workers (a claude job's key is its absolute cwd unless it says otherwise; a
+    limit of 0 means no key). ``after``: jobs that must all succeed first.
+    ``continue_from``: a claude job whose session this one resumes, once it finished.
+    """
 
     kind: str = DEFAULT_KIND
     queue: str = DEFAULT_QUEUE
@@ -1135,6 +1345,10 @@ class JobOptions:
     run_at: datetime | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     timeout: float | None = None
+    concurrency_key: str | None = None
+    concurrency_limit: int = 1
+    after: tuple[uuid.UUID | str, ...] = ()
+    continue_from: uuid.UUID | str | None = None
 
     def __post_init__(self) -> None:
         if self.kind not in registered_kinds():
@@ -1154,6 +1368,12 @@ class JobOptions:
             raise InvalidJob(f"timeout must be positive, not {self.timeout}")
         if self.run_at is not None and self.run_at.tzinfo is None:
             raise InvalidJob("run_at needs a time zone")
+        if not 0 <= self.concurrency_limit <= PG_INT_MAX:
+            raise InvalidJob(f"concurrency limit must be 0 or more, not {self.concurrency_limit}")
+        if self.concurrency_key is not None and not self.concurrency_key.strip():
+            raise InvalidJob("a concurrency key must not be empty")
+        if self.continue_from is not None and self.kind != DEFAULT_KIND:
+            raise InvalidJob("only claude jobs can continue another job's session")
 
     @classmethod
     def build(
@@ -1166,6 +1386,10 @@ class JobOptions:
         delay: float | timedelta | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         timeout: float | timedelta | None = None,
+        concurrency_key: str | None = None,
+        concurrency_limit: int = 1,
+        after: Sequence[uuid.UUID | str] = (),
+        continue_from: uuid.UUID | str | None = None,
     ) -> JobOptions:
         if run_at is not None and delay is not None:
             raise InvalidJob("give a delay or a run_at time, not both")
@@ -1178,22 +1402,168 @@ class JobOptions:
             timeout = timeout.total_seconds()
         if timeout is not None and timeout > MAX_DURATION:
             raise InvalidJob(f"timeout must be at most ten years, not {timeout}")
-        return cls(kind, queue, priority, run_at, max_attempts, timeout)
+        return cls(
+            kind, queue, priority, run_at, max_attempts, timeout, concurrency_key,
+            concurrency_limit, tuple(after), continue_from,
+        )  # fmt: skip
+
+
+# -- claude payloads ----------------------------------------------------------------------------
+
+PERMISSION_MODES = ("acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan")
+
+
+def _check_text(name: str, value: Any, base_dir: Path) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidJob(f'"{name}" must be a non-empty string')
+    return value
+
+
+def _check_prompt(name: str, value: Any, base_dir: Path) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidJob('a claude job needs "prompt": a non-empty string')
+    return value
+
+
+def _check_flag(name: str, value: Any, base_dir: Path) -> bool:
+    if not isinstance(value, bool):
+        raise InvalidJob(f'"{name}" must be true or false')
+    return value
+
+
+def _check_count(name: str, value: Any, base_dir: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidJob(f'"{name}" must be a whole number of 1 or more')
+    return value
+
+
+def _check_amount(name: str, value: Any, base_dir: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < 1e9:
+        raise InvalidJob(f'"{name}" must be a positive number')
+    return value
+
+
+def _check_tools(name: str, value: Any, base_dir: Path) -> list[str]:
+    tools = [value] if isinstance(value, str) else value
+    if not (
+        isinstance(tools, list) and tools and all(isinstance(t, str) and t.strip() for t in tools)
+    ):
+        raise InvalidJob(
+            f'"{name}" must be a tool or a list of tools, e.g. ["Read", "Bash(git:*)"]'
+        )
+    return tools
+
+
+def _check_permission_mode(name: str, value: Any, base_dir: Path) -> str:
+    if value not in PERMISSION_MODES:
+        raise InvalidJob(f'"{name}" must be one of {", ".join(PERMISSION_MODES)}')
+    return str(value)
+
+
+def _check_dir(name: str, value: Any, base_dir: Path) -> str:
+    """A directory, made absolute against ``base_dir``; it must exist."""
+    path = Path(base_dir, os.path.expanduser(_check_text(name, value, base_dir))).resolve()
+    if not path.is_dir():
+        raise InvalidJob(f'"{name}" is not an existing directory: {path}')
+    return str(path)
+
+
+def _check_dirs(name: str, value: Any, base_dir: Path) -> list[str]:
+    if not isinstance(value, list) or not value:
+        raise InvalidJob(f'"{name}" must be a list of directories')
+    return [_check_dir(name, each, base_dir) for each in value]
+
+
+def _check_env(name: str, value: Any, base_dir: Path) -> dict[str, str]:
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", k) and isinstance(v, str)
+        for k, v in value.items()
+    ):
+        raise InvalidJob(f'"{name}" must map variable names to strings, e.g. {{"DEBUG": "1"}}')
+    return value
+
+
+def _check_mcp_config(name: str, value: Any, base_dir: Path) -> str:
+    """An MCP configuration: JSON (an object, or its text), or a file, made absolute."""
+    if isinstance(value, dict):
+        return json.dumps(value)
+    text = _check_text(name, value, base_dir)
+    if text.lstrip().startswith("{"):
+        return text
+    path = Path(base_dir, os.path.expanduser(text)).resolve()
+    if not path.is_file():
+        raise InvalidJob(f'"{name}" is neither JSON nor an existing file: {path}')
+    return str(path)
+
+
+def _check_timeout(name: str, value: Any, base_dir: Path) -> float:
+    try:
+        seconds = parse_duration(value) if isinstance(value, str) else value
+    except InvalidJob:
+        seconds = None
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+        raise InvalidJob(f'"{name}" must be a duration: seconds, or like "30m"')
+    return float(seconds)
+
+
+def _check_key(name: str, value: Any, base_dir: Path) -> str | None:
+    return None if value is None else _check_text(name, value, base_dir)
+
+
+Check = Callable[[str, Any, Path], Any]
+
+#: What a claude job's payload may hold: how each key is checked (and stored), and the claude
+#: flag it becomes. Any other key is refused, so that a typo does not pass unseen.
+CLAUDE_PAYLOAD: dict[str, tuple[Check, str | None]] = {
+    "prompt": (_check_prompt, None),
+    "cwd": (_check_dir, None),
+    "worktree": (_check_flag, None),  # run in a fresh git worktree on a branch of its own
+    "base": (_check_text, None),  # the worktree's starting point (default: HEAD)
+    "concurrency_key": (_check_key, None),  # stored on the job, not in the payload
+    "timeout": (_check_timeout, None),  # stored on the job, not in the payload
+    "env": (_check_env, None),  # extra environment for claude
+    "model": (_check_text, "--model"),
+    "fallback_model": (_check_text, "--fallback-model"),
+    "max_turns": (_check_count, "--max-turns"),
+    "max_budget_usd": (_check_amount, "--max-budget-usd"),
+    "allowed_tools": (_check_tools, "--allowedTools"),
+    "disallowed_tools": (_check_tools, "--disallowedTools"),
+    "append_system_prompt": (_check_text, "--append-system-prompt"),
+    "system_prompt": (_check_text, "--system-prompt"),
+    "permission_mode": (_check_permission_mode, "--permission-mode"),
+    "add_dirs": (_check_dirs, "--add-dir"),
+    "mcp_config": (_check_mcp_config, "--mcp-config"),
+    "effort": (_check_text, "--effort"),
+}
+#: Payload keys that are the job's settings rather than claude's.
+_JOB_KEYS = ("concurrency_key", "timeout")
 
 
 def prepare_payload(kind: str, payload: Any, base_dir: str | Path | None = None) -> dict[str, Any]:
     """Check a payload for ``kind`` and return it ready to store.
 
-    For claude jobs: ``prompt`` is a non-empty string; ``cwd``, when given, is made absolute
-    against ``base_dir`` (default: the current directory) and must be an existing directory.
+    For claude jobs (see CLAUDE_PAYLOAD): ``prompt`` is a non-empty string; ``cwd`` and the
+    other paths are made absolute against ``base_dir`` (default: the current directory) and
+    must exist; unknown keys are refused.
     """
-    return _prepare(kind, payload, base_dir)[0]
+    return _checked_payload(kind, payload, base_dir)
 
 
-def _prepare(kind: str, payload: Any, base_dir: str | Path | None) -> tuple[dict[str, Any], str]:
-    """The checked payload, and its JSON text as stored."""
+@dataclass(frozen=True)
+class _Prepared:
+    """A checked payload as stored, with the job settings it carried."""
+
+    payload: dict[str, Any]
+    text: str  # the payload's JSON
+    settings: dict[str, Any]  # concurrency_key and timeout, when the payload gave them
+
+
+def _prepare(kind: str, payload: Any, base_dir: str | Path | None) -> _Prepared:
     checked = _checked_payload(kind, payload, base_dir)
-    return checked, _payload_json(checked)
+    settings = {
+        key: checked.pop(key) for key in _JOB_KEYS if kind == DEFAULT_KIND and key in checked
+    }
+    return _Prepared(checked, _payload_json(checked), settings)
 
 
 def _checked_payload(kind: str, payload: Any, base_dir: str | Path | None) -> dict[str, Any]:
@@ -1201,24 +1571,68 @@ def _checked_payload(kind: str, payload: Any, base_dir: str | Path | None) -> di
         raise InvalidJob(f"the payload must be a JSON object, not {_json_type(payload)}")
     if kind != DEFAULT_KIND:
         return payload
-    unknown = sorted(set(payload) - CLAUDE_PAYLOAD_KEYS)
+    unknown = sorted(set(payload) - set(CLAUDE_PAYLOAD))
     if unknown:
         raise InvalidJob(
             f"unknown payload key {', '.join(map(repr, unknown))} for a claude job "
-            f"(allowed: {', '.join(sorted(CLAUDE_PAYLOAD_KEYS))})"
+            f"(allowed: {', '.join(CLAUDE_PAYLOAD)})"
         )
-    prompt = payload.get("prompt")
-    if not isinstance(prompt, str) or not prompt.strip():
+    if "prompt" not in payload:
         raise InvalidJob('a claude job needs "prompt": a non-empty string')
-    cwd = payload.get("cwd")
-    if cwd is None:
-        return payload
-    if not isinstance(cwd, str) or not cwd:
-        raise InvalidJob('"cwd" must be a non-empty string')
-    path = Path(base_dir or os.getcwd(), os.path.expanduser(cwd)).resolve()
-    if not path.is_dir():
-        raise InvalidJob(f'"cwd" is not an existing directory: {path}')
-    return {**payload, "cwd": str(path)}
+    if "base" in payload and not payload.get("worktree"):
+        raise InvalidJob('"base" is the starting point of a worktree: it needs "worktree": true')
+    base = Path(base_dir or os.getcwd())
+    return {key: CLAUDE_PAYLOAD[key][0](key, value, base) for key, value in payload.items()}
+
+
+def _concurrency_key(options: JobOptions, prepared: _Prepared) -> str | None:
+    """The key a job runs under: none with a limit of 0; else the payload's, the options',
+    or (for a claude job outside a worktree) its cwd."""
+    if options.concurrency_limit == 0:
+        return None
+    if "concurrency_key" in prepared.settings:
+        return prepared.settings["concurrency_key"]
+    if options.concurrency_key is not None:
+        return options.concurrency_key
+    payload = prepared.payload
+    if options.kind == DEFAULT_KIND and not payload.get("worktree"):
+        return payload.get("cwd")
+    return None
+
+
+def _row(options: JobOptions, prepared: _Prepared) -> dict[str, Any]:
+    """The columns of one job."""
+    return {
+        "payload": prepared.text,
+        "timeout": prepared.settings.get("timeout", options.timeout),
+        "concurrency_key": _concurrency_key(options, prepared),
+        "concurrency_limit": options.concurrency_limit,
+    }
+
+
+def _chain(
+    conn: psycopg.Connection, options: JobOptions
+) -> tuple[list[uuid.UUID] | None, Job | None]:
+    """The jobs this one waits for (they must exist, and not have failed or been cancelled)
+    and the claude job it continues."""
+    after = [resolve_job_id(conn, job_id) for job_id in options.after] or None
+    for job_id in after or ():
+        status = get_job(conn, job_id).status
+        if status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise InvalidJob(f"cannot wait for job {job_id}: it is {status}")
+    previous = get_job(conn, options.continue_from) if options.continue_from else None
+    if previous is not None and previous.kind != DEFAULT_KIND:
+        raise InvalidJob(f"job {previous.id} is not a claude job: there is no session to continue")
+    return after, previous
+
+
+def _continuing(payload: Mapping[str, Any], previous: Job | None) -> dict[str, Any]:
+    """A continuation's payload: the previous job's cwd and worktree unless it gives its own."""
+    if previous is None:
+        return dict(payload)
+    keys = ("cwd", "worktree")
+    inherited: dict[str, Any] = {k: previous.payload[k] for k in keys if k in previous.payload}
+    return {**inherited, **payload}
 
 
 def _json_type(value: Any) -> str:
@@ -1261,15 +1675,24 @@ def enqueue(
     """Queue one job on ``conn`` and return it.
 
     ``settings``: kind (default "claude"), queue ("default"), priority (0), run_at or delay
-    (seconds or a timedelta), max_attempts (5), timeout (the handler's default). A relative
-    cwd in a claude payload is resolved against ``base_dir`` (default: the current directory).
+    (seconds or a timedelta), max_attempts (5), timeout (the handler's default),
+    concurrency_key and concurrency_limit (1; 0: none), after (job ids), continue_from (a
+    claude job id). A relative cwd in a claude payload is resolved against ``base_dir``
+    (default: the current directory).
 
     The insert and the NOTIFY that wakes idle workers are one statement, run in the caller's
     transaction: the job exists once the caller commits and vanishes if it rolls back.
     """
     options = JobOptions.build(**settings)
-    _, text = _prepare(options.kind, dict(payload), base_dir)
-    params = {**dataclasses.asdict(options), "payload": text, "channel": NOTIFY_CHANNEL}
+    after, previous = _chain(conn, options)
+    prepared = _prepare(options.kind, _continuing(payload, previous), base_dir)
+    params = {
+        **dataclasses.asdict(options),
+        **_row(options, prepared),
+        "after": after,
+        "continue_from": previous.id if previous else None,
+        "channel": NOTIFY_CHANNEL,
+    }
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(ENQUEUE, params).fetchone()
     assert row is not None
@@ -1283,37 +1706,43 @@ def enqueue_many(
     base_dir: str | Path | None = None,
     **settings: Unpack[JobSettings],
 ) -> list[uuid.UUID]:
-    """Queue many jobs with the same settings (those of enqueue), all or nothing; returns
-    their ids in order.
+    """Queue many jobs with the same settings (those of enqueue, but continue_from), all or
+    nothing; returns their ids in order.
 
     Every payload is checked before anything is written; a bad one raises InvalidJob naming
     its position (1-based). The rows go in with one COPY, followed by one NOTIFY, in the
     caller's transaction (or one of their own on an autocommit connection).
     """
     options = JobOptions.build(**settings)
-    texts = []
+    prepared = []
     for number, payload in enumerate(payloads, 1):
         try:
-            texts.append(_prepare(options.kind, payload, base_dir)[1])
+            prepared.append(_prepare(options.kind, payload, base_dir))
         except InvalidJob as error:
             raise InvalidJob(f"job {number}: {error}") from None
-    return _copy_jobs(conn, options, texts)
+    return _copy_jobs(conn, options, prepared)
 
 
 def _copy_jobs(
-    conn: psycopg.Connection, options: JobOptions, payloads: list[str]
+    conn: psycopg.Connection, options: JobOptions, prepared: list[_Prepared]
 ) -> list[uuid.UUID]:
-    """Insert jobs whose payloads are checked JSON texts with one COPY, then NOTIFY."""
-    ids = [uuid.uuid4() for _ in payloads]
-    if not payloads:
+    """Insert checked jobs with one COPY, then NOTIFY."""
+    if options.continue_from is not None:
+        raise InvalidJob("a continuation is one job: enqueue it alone")
+    after, _ = _chain(conn, options)
+    ids = [uuid.uuid4() for _ in prepared]
+    if not prepared:
         return ids
-    common = (options.queue, options.kind, options.priority)
-    limits = (options.max_attempts, options.timeout)
+    common = (options.queue, options.kind, options.priority, options.max_attempts)
     scheduled = () if options.run_at is None else (options.run_at,)
     with _atomic(conn), conn.cursor() as cur:
         with cur.copy(COPY_SCHEDULED_JOBS if scheduled else COPY_JOBS) as copy:
-            for job_id, payload in zip(ids, payloads, strict=True):
-                copy.write_row((job_id, *common, payload, *limits, *scheduled))
+            for job_id, each in zip(ids, prepared, strict=True):
+                row = _row(options, each)
+                copy.write_row(
+                    (job_id, *common, row["payload"], row["timeout"], row["concurrency_key"],
+                     row["concurrency_limit"], after, *scheduled)
+                )  # fmt: skip
         cur.execute(
             NOTIFY_QUEUE,
             {"channel": NOTIFY_CHANNEL, "queue": options.queue, "run_at": options.run_at},
@@ -1437,9 +1866,26 @@ def queue_stats(conn: psycopg.Connection) -> list[dict[str, Any]]:
         return cur.execute(QUEUE_STATS).fetchall()
 
 
+def cost_stats(conn: psycopg.Connection, days: int = 7) -> list[dict[str, Any]]:
+    """What the jobs that finished in the last ``days`` UTC days (today included) cost, per
+    day and queue, newest day first: day, queue, jobs, costed (jobs with a cost), cost_usd."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(COST_STATS, {"days": days}).fetchall()
+
+
+def list_holds(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """The kinds no worker starts now (a usage limit of claude): kind, until, reason."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [
+            {k: row[k] for k in ("kind", "until", "reason")}
+            for row in cur.execute(HOLDS).fetchall()
+        ]
+
+
 def list_workers(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    """Registered workers: host, pid, queues, jobs running now, started, last heartbeat and
-    ``lost`` (no heartbeat within the lock grace period: dead, or cut off)."""
+    """Registered workers: host, pid, queues, jobs running now, started, last heartbeat,
+    ``lost`` (no heartbeat within the lock grace period: dead, or cut off), and until when and
+    why it starts no claude job (claude_paused_until, claude_paused_reason)."""
     with conn.cursor(row_factory=dict_row) as cur:
         workers = cur.execute(LIST_WORKERS).fetchall()
     for worker in workers:
@@ -1599,6 +2045,7 @@ class Progress:
     transcript: str | None = None
     session_id: str | None = None
     cost_usd: float = 0.0
+    worktree: str | None = None  # JSON: the git worktree and branch the job runs in
 
     def __add__(self, later: Progress) -> Progress:
         text = (self.transcript or "") + (later.transcript or "")
@@ -1606,10 +2053,11 @@ class Progress:
             text[-TRANSCRIPT_LIMIT:] or None,
             later.session_id or self.session_id,
             self.cost_usd + later.cost_usd,
+            later.worktree or self.worktree,
         )
 
     def __bool__(self) -> bool:
-        return bool(self.transcript or self.session_id or self.cost_usd)
+        return bool(self.transcript or self.session_id or self.cost_usd or self.worktree)
 
 
 class RunContext:
@@ -1650,6 +2098,10 @@ class RunContext:
     def record(self, *, session_id: str | None = None, cost_usd: float | None = None) -> None:
         """Note the claude session id, or a cost to add to the job's."""
         self._gather(Progress(session_id=_storable(session_id), cost_usd=cost_usd or 0.0))
+
+    def note_worktree(self, worktree: Mapping[str, Any]) -> None:
+        """Note the git worktree and branch the job runs in."""
+        self._gather(Progress(worktree=json.dumps(_storable(dict(worktree)))))
 
     def take_progress(self) -> Progress:
         """What was gathered since the last call (for the worker to write)."""
@@ -1806,6 +2258,7 @@ class _ClaudeStream:
         self.session_id: str | None = None
         self.result: dict[str, Any] | None = None
         self.plain: list[str] = []  # lines that are not JSON (error messages, mostly)
+        self.rate_limit_reset: float | None = None  # a usage limit was hit: when it resets
 
     def feed(self, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
@@ -1822,6 +2275,10 @@ class _ClaudeStream:
         if isinstance(session_id, str) and session_id != self.session_id:
             self.session_id = session_id
             self.context.record(session_id=session_id)
+        if event.get("type") == "rate_limit_event":
+            info = event.get("rate_limit_info") or {}
+            if info.get("status") == "rejected":
+                self.rate_limit_reset = info.get("resetsAt") or self.rate_limit_reset
         if event.get("type") == "result":
             self.result = event
             cost = event.get("total_cost_usd")
@@ -1829,14 +2286,16 @@ class _ClaudeStream:
                 self.context.record(cost_usd=float(cost))
 
 
-#: Errors that no retry can fix, as claude prints them, with what to tell the operator.
-_PERMANENT_CLAUDE_ERRORS = (
+#: What tells that claude cannot run on this worker at all, as it prints it, with what to tell
+#: the operator: no job can succeed here until someone fixes the worker.
+_UNFIT_CLAUDE_ERRORS = (
     (
         "Not logged in",
         "claude is not logged in: log in as the worker's user (run `claude`, then /login) "
         "or give the worker ANTHROPIC_API_KEY",
     ),
     ("Invalid API key", "claude's API key is invalid"),
+    ("OAuth token has expired", "claude's login has expired: log in again"),
     ("Credit balance is too low", "the API account's credit balance is too low"),
     (
         "cannot be used with root/sudo privileges",
@@ -1845,13 +2304,77 @@ _PERMANENT_CLAUDE_ERRORS = (
     ),
 )
 _PERMANENT_CLAUDE_SUBTYPES = ("error_max_turns", "error_max_budget_usd")
+#: A subscription usage limit, as claude says it: "You've hit your 5-hour limit · resets Mar 17,
+#: 2030, 5:46pm (UTC)", and in older versions "Claude AI usage limit reached|<epoch seconds>".
+_USAGE_LIMIT_TEXT = re.compile(
+    r"(?:You've )?hit your [^·\n]*limit(?:\s*·\s*resets\s+([^()\n]+?)\s*\(([^)\n]+)\))?"
+)
+_OLD_USAGE_LIMIT_TEXT = re.compile(r"Claude AI usage limit reached(?:\|(\d+))?")
+_RESET_FORMATS = ("%b %d, %Y, %I:%M%p", "%b %d, %Y, %I%p", "%b %d, %I:%M%p", "%b %d, %I%p",
+                  "%I:%M%p", "%I%p")  # fmt: skip
+#: When claude gives no reset time for a usage limit, claude jobs wait this long.
+USAGE_LIMIT_UNKNOWN_RESET = 1800.0
 
 
-def claude_outcome(ended: _ProcessExit, result: dict[str, Any] | None, plain: Sequence[str]) -> Any:
+def _reset_time(text: str, zone: str, now: datetime | None = None) -> datetime | None:
+    """The moment a "resets ..." text means (the next one, when it gives no year or date)."""
+    try:
+        tz = zoneinfo.ZoneInfo(zone.strip())
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        return None
+    now = (now or datetime.now(UTC)).astimezone(tz)
+    text = re.sub(r"\s*([ap]m)$", r"\1", " ".join(text.split()), flags=re.IGNORECASE)
+    for form in _RESET_FORMATS:
+        try:
+            parsed = datetime.strptime(text, form)
+        except ValueError:
+            continue
+        if "%Y" in form:
+            return parsed.replace(tzinfo=tz)
+        if "%b" in form:
+            moment = parsed.replace(year=now.year, tzinfo=tz)
+            return moment if moment > now else moment.replace(year=now.year + 1)
+        moment = now.replace(hour=parsed.hour, minute=parsed.minute, second=0, microsecond=0)
+        return moment if moment > now else moment + timedelta(days=1)
+    return None
+
+
+def _usage_limit(result: Mapping[str, Any], evidence: str, reset: float | None) -> Postpone | None:
+    """A usage limit, if claude hit one (``reset``: from its rate_limit_event), with when it
+    resets."""
+    info = (result.get("api_error_params") or {}).get("rate_limit_info") or {}
+    reset = reset or info.get("resetsAt")
+    text, old = _USAGE_LIMIT_TEXT.search(evidence), _OLD_USAGE_LIMIT_TEXT.search(evidence)
+    if not (reset or result.get("api_error") == "usage_limit_reached" or text or old):
+        return None
+    at = None
+    if isinstance(reset, int | float) and not isinstance(reset, bool) and reset > 0:
+        at = datetime.fromtimestamp(reset, UTC)
+    elif text and text.group(1):
+        at = _reset_time(text.group(1), text.group(2))
+    elif old and old.group(1):
+        at = datetime.fromtimestamp(int(old.group(1)), UTC)
+    found = text or old
+    said = found.group(0) if found else "usage limit reached"
+    if at is None:
+        at = datetime.now(UTC) + timedelta(seconds=USAGE_LIMIT_UNKNOWN_RESET)
+        said += " (no reset time given)"
+    return UsageLimitReached(f"claude's usage limit: {said}", run_at=at)
+
+
+def claude_outcome(
+    ended: _ProcessExit,
+    result: dict[str, Any] | None,
+    plain: Sequence[str],
+    rate_limit_reset: float | None = None,
+) -> Any:
     """The job's result from how claude ended: the CLI's result object on success.
 
-    Raises PermanentError for what no retry can fix (not logged in, a bad API key, no credit,
-    the root refusal, a turn or budget limit) and JobFailed for everything else.
+    Raises UsageLimitReached when the subscription's usage limit was hit (``rate_limit_reset``:
+    the resetsAt of a rejecting rate_limit_event), WorkerUnfit for what is wrong with the
+    worker rather than the job (not logged in, a bad API key, no credit, the root refusal),
+    PermanentError for what no retry can fix (a turn or budget limit) and JobFailed for
+    everything else (API errors, overload: retried with backoff).
     """
     said = (result or {}).get("result")
     said = said if isinstance(said, str) else ""
@@ -1862,9 +2385,13 @@ def claude_outcome(ended: _ProcessExit, result: dict[str, Any] | None, plain: Se
     if ended.returncode == 0 and result is not None and result.get("is_error") is False:
         return result
     evidence = "\n".join([said, ended.stderr, *plain])
-    for marker, explanation in _PERMANENT_CLAUDE_ERRORS:
+    limit = _usage_limit(result or {}, evidence, rate_limit_reset)
+    if limit is not None:
+        limit.result = result
+        raise limit
+    for marker, explanation in _UNFIT_CLAUDE_ERRORS:
         if marker in evidence:
-            raise PermanentError(f"{explanation} (claude said: {marker})", result=result)
+            raise WorkerUnfit(f"{explanation} (claude said: {marker})", result=result)
     subtype = (result or {}).get("subtype")
     if subtype in _PERMANENT_CLAUDE_SUBTYPES:
         raise PermanentError(f"claude stopped: {subtype}: {detail}", result=result)
@@ -1878,13 +2405,187 @@ def claude_outcome(ended: _ProcessExit, result: dict[str, Any] | None, plain: Se
     raise JobFailed(f"claude {how} without a result: {last_words[:500]}", result=result)
 
 
-class ClaudeHandler:
-    """Runs claude jobs: ``claude --dangerously-skip-permissions -p --output-format stream-json
-    --verbose`` in the job's cwd, without a shell, the prompt fed on stdin and then closed.
+# -- git worktrees ------------------------------------------------------------------------------
 
-    The transcript and session id are saved as they arrive; the final result object is the
-    job's result and its cost is added to the job. ``allow_dirs``, when given, confines jobs to
-    those directory trees.
+#: `git worktree` changes of one repository, one at a time in this process (git's own locks
+#: make a concurrent one fail rather than wait).
+_git_locks: dict[str, threading.Lock] = {}
+_git_locks_guard = threading.Lock()
+
+
+class _GitError(Exception):
+    pass
+
+
+def _git(cwd: str | Path, *args: str) -> str:
+    """Run git in ``cwd``; its output, stripped. Raises _GitError with what git said."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+        )
+    except FileNotFoundError:
+        raise WorkerUnfit("git is not installed on this worker (a worktree job needs it)") from None
+    except subprocess.TimeoutExpired:
+        raise _GitError(f"git {args[0]} took more than 5 minutes") from None
+    if done.returncode != 0:
+        said = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        raise _GitError(f"git {args[0]}: {said[-1] if said else f'status {done.returncode}'}")
+    return done.stdout.strip()
+
+
+@contextlib.contextmanager
+def _repository_lock(common_dir: str) -> Iterator[None]:
+    with _git_locks_guard:
+        lock = _git_locks.setdefault(common_dir, threading.Lock())
+    with lock:
+        yield
+
+
+def _git_retrying(common_dir: str, cwd: str | Path, *args: str) -> str:
+    """A git command that changes the repository's worktrees or refs, under the repository's
+    lock; tried again a few times when another process holds one of git's locks."""
+    for delay in (0.2, 0.5, 1.0, 2.0, None):
+        try:
+            with _repository_lock(common_dir):
+                return _git(cwd, *args)
+        except _GitError as error:
+            if delay is None or ".lock" not in str(error):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+@dataclass
+class _Worktree:
+    """The git worktree a job runs in, on a branch of its own."""
+
+    repo: str  # the repository's top level
+    common_dir: str  # its .git directory
+    path: str
+    branch: str
+    base: str  # the commit the branch started from
+    subdir: str  # where the job's cwd is within the repository
+
+    @property
+    def cwd(self) -> str:
+        return str(Path(self.path, self.subdir))
+
+    def record(self, **more: Any) -> dict[str, Any]:
+        return {"repo": self.repo, "path": self.path, "branch": self.branch, "base": self.base,
+                **more}  # fmt: skip
+
+
+def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | None) -> _Worktree:
+    """Make (or find again) the job's worktree: a fresh one on a new branch from the base, or
+    the one of the job it continues (its branch, at the same path, so that claude finds the
+    session); a retry finds its own branch and goes on with it."""
+    try:
+        top = _git(cwd, "rev-parse", "--show-toplevel")
+        common = str(Path(cwd, _git(cwd, "rev-parse", "--git-common-dir")).resolve())
+    except _GitError:
+        raise PermanentError(f'"worktree" needs a cwd inside a git repository: {cwd}') from None
+    subdir = os.path.relpath(cwd, top)
+    if resumed:
+        tree = _Worktree(top, common, resumed["path"], resumed["branch"], resumed["base"], subdir)
+    else:
+        ref = job.payload.get("base", "HEAD")
+        try:
+            base = _git(top, "rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
+        except _GitError:
+            raise PermanentError(f"the worktree's base is not a commit in {top}: {ref}") from None
+        name = f"{Path(top).name}-{job.id.hex[:8]}"
+        tree = _Worktree(top, common, str(root / name), f"claude-jobs/{job.id.hex[:8]}", base,
+                         subdir)  # fmt: skip
+    try:
+        _git_retrying(common, top, "worktree", "prune")
+        if Path(tree.path, ".git").exists():
+            if _git(tree.path, "branch", "--show-current") != tree.branch:
+                raise PermanentError(f"{tree.path} is a worktree, but not on {tree.branch}")
+        elif _git_ok(top, "rev-parse", "--verify", "--quiet", f"refs/heads/{tree.branch}"):
+            _git_retrying(common, top, "worktree", "add", tree.path, tree.branch)
+        else:
+            _git_retrying(common, top, "worktree", "add", "-b", tree.branch, tree.path, tree.base)
+    except _GitError as error:
+        raise JobFailed(f"cannot make the worktree {tree.path}: {error}") from None
+    if not Path(tree.cwd).is_dir():
+        raise PermanentError(f"{subdir} is not in the worktree of {tree.branch} ({tree.path})")
+    return tree
+
+
+def _git_ok(cwd: str | Path, *args: str) -> bool:
+    try:
+        _git(cwd, *args)
+    except _GitError:
+        return False
+    return True
+
+
+def _close_worktree(tree: _Worktree, keep: bool) -> dict[str, Any]:
+    """What became of the worktree: its branch's new commits, and whether the directory was
+    removed (never with uncommitted changes in it: those stay for review, like the branch)."""
+    try:
+        commits = int(_git(tree.repo, "rev-list", "--count", f"{tree.base}..{tree.branch}"))
+        dirty = bool(_git(tree.path, "status", "--porcelain"))
+        if not (keep or dirty):
+            _git_retrying(tree.common_dir, tree.repo, "worktree", "remove", tree.path)
+    except (_GitError, WorkerUnfit, ValueError) as error:
+        logger.warning("cannot tidy up the worktree %s: %s", tree.path, error)
+        return tree.record()
+    return tree.record(commits=commits, kept=keep or dirty, uncommitted=dirty)
+
+
+# -- the claude handler -------------------------------------------------------------------------
+
+#: Flags the worker sets itself, which --claude-arg may not.
+_RESERVED_CLAUDE_FLAGS = frozenset(
+    {"-p", "--print", "--output-format", "--input-format", "--verbose", "-r", "--resume",
+     "-c", "--continue", "--session-id", "-w", "--worktree"}
+)  # fmt: skip
+_PAYLOAD_FLAGS = {flag: key for key, (_, flag) in CLAUDE_PAYLOAD.items() if flag}
+_FLAG_SPELLINGS = {"--allowed-tools": "--allowedTools", "--disallowed-tools": "--disallowedTools"}
+
+
+def _claude_arg_units(args: Sequence[str]) -> list[tuple[str | None, list[str]]]:
+    """Worker-level claude arguments, grouped into (payload key or None, the arguments):
+    ``--model opus`` and ``--model=opus`` both become ("model", [...]), which a job's own
+    ``model`` replaces."""
+    units: list[tuple[str | None, list[str]]] = []
+    items = list(args)
+    while items:
+        item = items.pop(0)
+        flag = _FLAG_SPELLINGS.get(item.split("=", 1)[0], item.split("=", 1)[0])
+        if flag in _RESERVED_CLAUDE_FLAGS:
+            raise ConfigError(f"--claude-arg {item}: the worker sets {flag} itself")
+        key = _PAYLOAD_FLAGS.get(flag)
+        if key is not None and "=" not in item:
+            if not items or items[0].startswith("-"):
+                raise ConfigError(f"--claude-arg {item} needs a value: --claude-arg={item}=VALUE")
+            units.append((key, [item, items.pop(0)]))
+        else:
+            units.append((key, [item]))
+    return units
+
+
+def _flag_arguments(key: str, value: Any) -> list[str]:
+    """A payload option as claude arguments."""
+    flag = CLAUDE_PAYLOAD[key][1]
+    assert flag is not None
+    if isinstance(value, list):  # variadic: --allowedTools Read "Bash(git log:*)"
+        return [flag, *map(str, value)]
+    return [flag, str(value)]
+
+
+class ClaudeHandler:
+    """Runs claude jobs: ``claude -p --output-format stream-json --verbose`` (with
+    ``--dangerously-skip-permissions`` unless a permission mode is given) in the job's cwd,
+    without a shell, the prompt fed on stdin and then closed.
+
+    The payload's options become claude's flags, after the worker's own ``claude_args`` (and
+    ``model``), which they override. A continuation runs with ``--resume`` and the session of
+    the job it continues; a ``worktree`` job in a git worktree of its own under
+    ``worktree_dir``. The transcript and session id are saved as they arrive; the final result
+    object is the job's result and its cost is added to the job. ``allow_dirs``, when given,
+    confines jobs to those directory trees.
     """
 
     def __init__(
@@ -1893,11 +2594,18 @@ class ClaudeHandler:
         *,
         default_timeout: float = DEFAULT_CLAUDE_TIMEOUT,
         allow_dirs: Sequence[str | Path] = (),
+        claude_args: Sequence[str] = (),
+        model: str | None = None,
+        keep_worktrees: bool = False,
+        worktree_dir: str | Path | None = None,
         kill_grace: float = KILL_GRACE,
     ) -> None:
         self.claude_bin = claude_bin
         self.default_timeout = default_timeout
         self.allow_dirs = [Path(d).expanduser().resolve() for d in allow_dirs]
+        self.defaults = _claude_arg_units([*claude_args, *(["--model", model] if model else [])])
+        self.keep_worktrees = keep_worktrees
+        self.worktree_dir = Path(worktree_dir or default_home() / "worktrees").expanduser()
         self.kill_grace = kill_grace
 
     def __call__(self, job: Job) -> Any:
@@ -1907,19 +2615,52 @@ class ClaudeHandler:
         cwd = self._working_directory(job)
         executable = shutil.which(self.claude_bin)
         if executable is None:
-            raise PermanentError(
+            raise WorkerUnfit(
                 f"claude executable not found: {self.claude_bin!r} "
                 "(install Claude Code, or point the worker's --claude-bin at it)"
             )
+        argv = [executable, *self.arguments(job)]
+        tree = None
+        if job.payload.get("worktree"):
+            resumed = (job.resumes or {}).get("worktree")
+            tree = _open_worktree(job, cwd, self.worktree_dir, resumed)
+            context.note_worktree(tree.record())
+            cwd = tree.cwd
+        try:
+            return self._run(job, argv, cwd, context)
+        finally:
+            if tree is not None:
+                context.note_worktree(_close_worktree(tree, self.keep_worktrees))
+
+    def arguments(self, job: Job) -> list[str]:
+        """claude's arguments for ``job`` (the prompt goes on stdin)."""
+        options = {key: job.payload[key] for key in _PAYLOAD_FLAGS.values() if key in job.payload}
+        argv = list(CLAUDE_ARGS)
+        if not any(key == "permission_mode" for key, _ in [*self.defaults, *options.items()]):
+            argv.append(SKIP_PERMISSIONS)
+        for key, arguments in self.defaults:
+            if key not in options:
+                argv += arguments
+        for key, value in options.items():
+            argv += _flag_arguments(key, value)
+        if job.resumes is not None:
+            session = job.resumes.get("session_id")
+            if not session:
+                raise PermanentError(f"job {job.resumes['id']} left no claude session to continue")
+            argv += ["--resume", session]
+        return argv
+
+    def _run(self, job: Job, argv: list[str], cwd: str, context: RunContext) -> Any:
         env = {
             **os.environ,
+            **job.payload.get("env", {}),
             "CLAUDE_JOBS_JOB_ID": str(job.id),
             "CLAUDE_JOBS_ATTEMPT": str(job.attempts),
         }
         stream = _ClaudeStream(context)
         try:
             ended = _run_process(
-                _dying_with_the_worker([executable, *CLAUDE_ARGS]),
+                _dying_with_the_worker(argv),
                 cwd=cwd,
                 env=env,
                 stdin=job.payload["prompt"].encode("utf-8"),
@@ -1928,10 +2669,10 @@ class ClaudeHandler:
                 kill_grace=self.kill_grace,
             )
         except OSError as error:
-            raise PermanentError(f"cannot run {executable}: {error.strerror or error}") from None
+            raise WorkerUnfit(f"cannot run {argv[0]}: {error.strerror or error}") from None
         if ended.stopped:
             raise _Interrupted(ended.stopped)
-        return claude_outcome(ended, stream.result, stream.plain)
+        return claude_outcome(ended, stream.result, stream.plain, stream.rate_limit_reset)
 
     def _working_directory(self, job: Job) -> str:
         cwd = Path(job.payload.get("cwd") or os.getcwd())
@@ -1944,13 +2685,20 @@ class ClaudeHandler:
         return str(resolved)
 
 
+#: The worker command's options that configure its claude handler.
+CLAUDE_WORKER_OPTIONS = ("claude_bin", "allow_dirs", "claude_args", "model", "keep_worktrees")
+
+
 def default_handlers(
     *,
     claude_bin: str = DEFAULT_CLAUDE_BIN,
     allow_dirs: Sequence[str | Path] = (),
+    **claude_options: Any,
 ) -> dict[str, Handler]:
-    """The handlers a worker runs by default: claude and every registered Python kind."""
-    return {**_registry, DEFAULT_KIND: ClaudeHandler(claude_bin, allow_dirs=allow_dirs)}
+    """The handlers a worker runs by default: claude (``claude_options``: those of
+    ClaudeHandler) and every registered Python kind."""
+    claude = ClaudeHandler(claude_bin, allow_dirs=allow_dirs, **claude_options)
+    return {**_registry, DEFAULT_KIND: claude}
 
 
 ###############################################################################
@@ -2008,17 +2756,26 @@ def _log_value(value: Any) -> str:
 
 
 def _log_recovered(job: Mapping[str, Any]) -> None:
-    fields = {
-        "event": "recovered",
-        "job": str(job["id"]),
-        "queue": job["queue"],
-        "kind": job["kind"],
-        "attempt": f"{job['attempts']}/{job['max_attempts']}",
-        "from_worker": job["worker"],
-        "status": job["status"],
-    }
+    _log_row(
+        "recovered",
+        job,
+        attempt=f"{job['attempts']}/{job['max_attempts']}",
+        from_worker=job["worker"],
+        status=job["status"],
+    )
+
+
+def _log_row(event: str, job: Mapping[str, Any], **details: Any) -> None:
+    """A warning about a job the worker does not run (a row it changed)."""
+    fields = {"event": event, "job": str(job["id"]), "queue": job["queue"], "kind": job["kind"]}
+    fields.update(details)
     text = " ".join(f"{k}={_log_value(v)}" for k, v in fields.items() if k != "event")
-    logger.warning("recovered %s", text, extra={"fields": fields})
+    logger.warning("%s %s", event, text, extra={"fields": fields})
+
+
+def _clock_time(monotonic: float) -> str:
+    """A time.monotonic() moment as a local wall-clock time."""
+    return f"{datetime.now() + timedelta(seconds=monotonic - time.monotonic()):%Y-%m-%d %H:%M:%S}"
 
 
 def _duration_text(seconds: float) -> str:
@@ -2071,6 +2828,11 @@ class _Attempt:
     started: float = field(default_factory=time.monotonic)
 
 
+def _released(run_at: datetime | None = None, note: str | None = None) -> dict[str, Any]:
+    """The RELEASE statement's own columns: when the job runs again, and why it went back."""
+    return {"run_ats": run_at, "notes": note}
+
+
 @dataclass
 class _Outcome:
     """What an attempt came to, for the recorder to write: ``query`` is SUCCEED, FAIL or
@@ -2080,6 +2842,7 @@ class _Outcome:
     query: str
     fields: dict[str, Any]
     progress: Progress
+    logged: bool = False  # its log line was written already (a postponed job)
 
 
 class _Recorder:
@@ -2240,7 +3003,7 @@ class _Recorder:
             }
             for fallback in (
                 _Outcome(outcome.attempt, FAIL, fields, Progress()),
-                _Outcome(outcome.attempt, RELEASE, {}, Progress()),
+                _Outcome(outcome.attempt, RELEASE, _released(), Progress()),
             ):
                 with contextlib.suppress(psycopg.Error):
                     self._write([fallback])
@@ -2257,6 +3020,7 @@ class _Recorder:
             "transcripts": [p.transcript for _, _, p in rows],
             "sessions": [p.session_id for _, _, p in rows],
             "costs": [p.cost_usd for _, _, p in rows],
+            "worktrees": [p.worktree for _, _, p in rows],
         }
         for name in rows[0][1]:
             columns[name] = [fields[name] for _, fields, _ in rows]
@@ -2467,7 +3231,8 @@ class _Session(threading.Thread):
             _log_recovered(job)
 
     def _sweep(self, conn: psycopg.Connection) -> None:
-        """Put back the running jobs of dead workers, and of jobs whose worker is unknown."""
+        """Put back the running jobs of dead workers, and of jobs whose worker is unknown;
+        cancel the jobs that wait for a job that will never succeed."""
         params = {"grace": self._grace, "timeout": self._heartbeat_timeout}
         with conn.cursor(row_factory=dict_row) as cur:
             stale = cur.execute(STALE_WORKERS, params).fetchall()
@@ -2480,6 +3245,10 @@ class _Session(threading.Thread):
         _kill_leftovers(job["id"] for job in orphans)
         for job in orphans:
             _log_recovered(job)
+        with conn.cursor(row_factory=dict_row) as cur:
+            blocked = cur.execute(CANCEL_BLOCKED).fetchall()
+        for job in blocked:
+            _log_row("cancelled", job, reason=job["last_error"])
 
     def _reap(self, conn: psycopg.Connection, worker: Mapping[str, Any]) -> None:
         with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
@@ -2554,9 +3323,12 @@ class Worker:
         backoff_max: float = DEFAULT_BACKOFF_MAX,
         burst: bool = False,
         retention: float = DEFAULT_RETENTION,
+        daily_budget_usd: float | None = None,
         lock_grace: float = LOCK_GRACE,
     ) -> None:
         check_conninfo(database_url)
+        if daily_budget_usd is not None and not daily_budget_usd > 0:
+            raise ConfigError(f"the daily budget must be positive, not {daily_budget_usd}")
         if not 1 <= concurrency <= 1000:
             raise ConfigError(f"concurrency must be between 1 and 1000, not {concurrency}")
         durations = {
@@ -2584,7 +3356,8 @@ class Worker:
         )
         if not self.handlers:
             raise ConfigError("a worker needs at least one handler")
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
+        self.host = socket.gethostname()
+        self.name = f"{self.host}:{os.getpid()}"
         self._conninfo = database_url
         self._claim_queues: tuple[str | None, ...] = (
             (None,) if self.queues == ("*",) else self.queues
@@ -2597,6 +3370,14 @@ class Worker:
         self._backoff = (backoff_base, backoff_max)
         self._burst = burst
         self._retention = retention
+        self._daily_budget = daily_budget_usd
+        # Kinds this worker starts no job of, until (time.monotonic()) and why: held by every
+        # worker (a usage limit; learned from the database), or by this one alone (it is unfit
+        # for them, or the day's budget is spent).
+        self._holds: dict[str, tuple[float, str]] = {}
+        self._own_holds: dict[str, tuple[float, str]] = {}
+        self._unfit_for = UNFIT_BACKOFF[0]  # the next back-off of a worker unfit for claude
+        self._holds_changed = True  # learn the holds at the next loop
         self._stop = threading.Event()  # stop claiming
         self._force = threading.Event()  # stop running jobs too
         self._wake = threading.Event()  # something to do: a notice, a free thread, a stop
@@ -2792,7 +3573,10 @@ class Worker:
                 polling = time.monotonic() >= next_poll
                 if polling or self._check_claims:
                     self._reconcile()
-                claimed = self._claim()
+                if polling or self._holds_changed:
+                    self._learn_holds()
+                idle = not self._running_count()  # before the claim: a job ending during it
+                claimed = self._claim()  # may free one it could not take (a concurrency key)
                 if polling and claimed is not None:
                     next_poll = time.monotonic() + self._poll_interval
                     self._learn_next_due()
@@ -2811,7 +3595,7 @@ class Worker:
             if claimed is None:  # no lease: reconnecting
                 self._wake.wait(0.2)
                 continue
-            if self._burst and claimed == 0 and not self._running_count():
+            if self._burst and claimed == 0 and idle:
                 logger.info("nothing is ready: stopping (burst)")
                 break
             self._wake.wait(self._idle_wait(next_poll))
@@ -2878,10 +3662,11 @@ class Worker:
         worker_id, epoch = lease
         with self._lock:  # threads free now, and no more than a batch of outcomes unwritten
             free = min(self.concurrency - self._busy, 2 * self.concurrency - len(self._running))
-        if free <= 0:
+        kinds = self._startable_kinds()
+        if free <= 0 or not kinds:
             return 0
         claimed = 0
-        params = {"worker_id": worker_id, "worker": self.name, "kinds": self._kinds}
+        params = {"worker_id": worker_id, "worker": self.name, "kinds": kinds, "host": self.host}
         with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
             for queue in self._claim_queues:
                 query = CLAIM_FROM_QUEUE if queue else CLAIM_FROM_ANY_QUEUE
@@ -2940,15 +3725,18 @@ class Worker:
     @staticmethod
     def _release_claims(conn: psycopg.Connection, claims: Sequence[tuple[Any, Any]]) -> int:
         """Put claims back unspent (fenced: a job that finished meanwhile stays as it is)."""
-        progress = [None] * len(claims)
+        nothing = [None] * len(claims)
         return conn.execute(
             RELEASE,
             {
                 "ids": [job_id for job_id, _ in claims],
                 "claims": [claim for _, claim in claims],
-                "transcripts": progress,
-                "sessions": progress,
+                "run_ats": nothing,
+                "notes": nothing,
+                "transcripts": nothing,
+                "sessions": nothing,
                 "costs": [0] * len(claims),
+                "worktrees": nothing,
                 "limit": TRANSCRIPT_LIMIT,
             },
         ).rowcount
@@ -2962,6 +3750,95 @@ class Worker:
             row = conn.execute(NEXT_DUE, {"kinds": self._kinds, "queues": queues}).fetchone()
         if row and row[0] is not None:
             self._wake_in(row[0].total_seconds())
+
+    def _startable_kinds(self) -> list[str]:
+        """The kinds this worker handles, less those it may not start now."""
+        now = time.monotonic()
+        with self._lock:
+            held = {k for holds in (self._holds, self._own_holds) for k, (t, _) in holds.items()
+                    if t > now}  # fmt: skip
+        return [kind for kind in self._kinds if kind not in held]
+
+    def _learn_holds(self) -> None:
+        """Learn the holds every worker keeps (a usage limit), and whether the day's budget
+        is spent; wake up when they end."""
+        assert self._pool is not None
+        self._holds_changed = False
+        with self._pool.connection() as conn:
+            rows = conn.execute(HOLDS).fetchall()
+            spent = conn.execute(SPENT_TODAY).fetchone()[0] if self._daily_budget else 0  # type: ignore[index]
+        now = time.monotonic()
+        holds = {kind: (now + remaining, reason) for kind, _, remaining, reason in rows}
+        with self._lock:
+            known = {k for k, (t, _) in self._holds.items() if t > now}
+            self._holds = holds
+        for kind in set(holds) - known:
+            self._log_hold(kind, *holds[kind])
+        for until, _ in holds.values():
+            self._wake_in(until - now)
+        if self._daily_budget and float(spent) >= self._daily_budget:
+            midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+            seconds = (midnight + timedelta(days=1) - datetime.now(UTC)).total_seconds()
+            reason = f"the daily budget of ${self._daily_budget:g} is spent (${float(spent):.2f})"
+            self._hold_here(DEFAULT_KIND, seconds, reason)
+
+    def _hold(self, kind: str, until: datetime, reason: str) -> None:
+        """No worker starts jobs of ``kind`` before ``until``: the others learn it by NOTIFY
+        (or at their next poll), this one at once."""
+        assert self._pool is not None
+        # (when the database is away, the others learn it from their own jobs)
+        with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn, conn.transaction():
+            conn.execute(SET_HOLD, {"kind": kind, "until": until, "reason": reason})
+            conn.execute("SELECT pg_notify(%s, %s)", [NOTIFY_CHANNEL, json.dumps({"hold": kind})])
+        held = (time.monotonic() + (until - datetime.now(UTC)).total_seconds(), reason)
+        with self._lock:
+            self._holds[kind] = held
+        self._log_hold(kind, *held)
+        self._wake_in(held[0] - time.monotonic())
+
+    @staticmethod
+    def _log_hold(kind: str, until: float, reason: str) -> None:
+        logger.warning(
+            "no worker starts %s jobs until %s: %s",
+            kind,
+            _clock_time(until),
+            reason,
+            extra={"fields": {"event": "held", "kind": kind, "reason": reason}},
+        )
+
+    def _back_off(self, kind: str, reason: str) -> None:
+        """This worker is unfit for ``kind`` jobs: it starts none for 5 minutes, doubling (up to
+        an hour) while it stays unfit."""
+        with self._lock:
+            held = self._own_holds.get(kind, (0.0, ""))[0] > time.monotonic()
+            seconds = self._unfit_for
+            if not held:
+                self._unfit_for = min(self._unfit_for * 2, UNFIT_BACKOFF[1])
+        if not held:
+            self._hold_here(kind, seconds, reason)
+
+    def _hold_here(self, kind: str, seconds: float, reason: str) -> None:
+        """This worker starts no ``kind`` job for ``seconds``; `workers` shows why."""
+        now = time.monotonic()
+        until = now + seconds
+        with self._lock:
+            held = self._own_holds.get(kind, (0.0, ""))[0]
+            if held > now and held >= until - 1:
+                return  # already held as long
+            self._own_holds[kind] = (until, reason)
+        logger.warning(
+            "this worker starts no %s job until %s: %s",
+            kind,
+            _clock_time(until),
+            reason,
+            extra={"fields": {"event": "paused", "kind": kind, "reason": reason}},
+        )
+        self._wake_in(seconds)
+        assert self._pool is not None and self._session is not None
+        at = datetime.now(UTC) + timedelta(seconds=seconds)
+        with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
+            params = {"id": self._session.worker_id, "until": at, "reason": reason}
+            conn.execute(PAUSE_WORKER_KIND, params)
 
     def _idle_wait(self, next_poll: float) -> float:
         """Seconds until the next poll, or sooner when a known job becomes due."""
@@ -2985,6 +3862,8 @@ class Worker:
             if isinstance(notice, dict) and "cancel" in notice:
                 self._cancel(uuid.UUID(str(notice["cancel"])))
                 return
+            if isinstance(notice, dict) and "hold" in notice:
+                self._holds_changed = True  # learned by the claim loop, which this wakes
             queue, at = notice["queue"], notice.get("at")
             if not isinstance(queue, str) or not isinstance(at, int | float | None):
                 raise TypeError
@@ -3039,6 +3918,12 @@ class Worker:
     def _execute(self, attempt: _Attempt) -> _Outcome | None:
         """Run one attempt; what it came to (None: nothing may be written)."""
         job, context = attempt.job, attempt.context
+        if job.kind not in self._startable_kinds():  # held since it was claimed
+            return _Outcome(attempt, RELEASE, _released(job.run_at), Progress(), logged=True)
+        if not self._admit(job):  # it keeps its place in the queue
+            reason = f"concurrency key busy: {job.concurrency_key}"
+            _log_job("deferred", job, logging.DEBUG, reason=reason)
+            return _Outcome(attempt, RELEASE, _released(job.run_at), Progress(), logged=True)
         failure: BaseException | None = None
         trace: str | None = None
         interrupted = False
@@ -3047,6 +3932,8 @@ class Worker:
             value = self.handlers[job.kind](job)
         except _Interrupted:
             interrupted = True
+        except Postpone as postponed:
+            return self._postpone(attempt, postponed)
         except JobFailed as error:
             failure = error
         except (Exception, SystemExit) as error:
@@ -3063,8 +3950,10 @@ class Worker:
         if context.stop_reason == STOP_CANCEL and (interrupted or failure is not None):
             return _Outcome(attempt, CANCELLED, {}, progress)
         if interrupted or (context.stop_reason == STOP_SHUTDOWN and failure is not None):
-            return _Outcome(attempt, RELEASE, {}, progress)
+            return _Outcome(attempt, RELEASE, _released(), progress)
         if failure is None:
+            if job.kind == DEFAULT_KIND:
+                self._unfit_for = UNFIT_BACKOFF[0]  # claude works here
             return _Outcome(attempt, SUCCEED, {"results": result}, progress)
         if isinstance(failure, JobFailed):
             message, stored = str(failure), failure.result
@@ -3082,6 +3971,36 @@ class Worker:
             "results": stored_json,
         }
         return _Outcome(attempt, FAIL, fields, progress)
+
+    def _admit(self, job: Job) -> bool:
+        """Take a slot of the job's concurrency key (True when it has none to take): under
+        the key's lock, so that admissions on every worker see each other."""
+        if job.concurrency_key is None or job.concurrency_limit == 0:
+            return True
+        assert self._pool is not None
+        key = {"namespace": KEY_LOCK_NAMESPACE, "key": job.concurrency_key}
+        try:
+            with self._pool.connection() as conn, conn.transaction():
+                conn.execute(LOCK_KEY, key)
+                params = {"id": job.id, "claim": job.claim, "key": job.concurrency_key}
+                return conn.execute(ADMIT, params).fetchone() is not None
+        except _TRANSIENT:
+            return False  # the job goes back; the database decides when it is back
+
+    def _postpone(self, attempt: _Attempt, postponed: Postpone) -> _Outcome:
+        """The job goes back unspent; a usage limit holds claude jobs on every worker, a worker
+        unfit for them stops taking them for a while."""
+        if isinstance(postponed, UsageLimitReached) and postponed.run_at:
+            self._hold(attempt.job.kind, postponed.run_at, str(postponed))
+        elif isinstance(postponed, WorkerUnfit):
+            self._back_off(attempt.job.kind, str(postponed))
+        run_at = postponed.run_at
+        if run_at is not None:  # the workers waiting for the same moment do not all start at once
+            run_at += timedelta(seconds=random.uniform(0, 60))
+        _log_job("postponed", attempt.job, logging.WARNING, until=run_at, reason=str(postponed))
+        progress = attempt.context.take_progress()
+        fields = _released(run_at, str(postponed))
+        return _Outcome(attempt, RELEASE, fields, progress, logged=True)
 
     def _written(self, outcome: _Outcome, status: str | None) -> None:
         """The recorder wrote an outcome (status: the job's new status, "" for a write an
@@ -3102,7 +4021,8 @@ class Worker:
         elif status == JobStatus.CANCELLED:
             _log_job("cancelled", job, logging.WARNING, duration=duration)
         elif outcome.query == RELEASE:
-            _log_job("released", job, logging.WARNING, reason="forced shutdown")
+            if not outcome.logged:
+                _log_job("released", job, logging.WARNING, reason="forced shutdown")
         elif status == JobStatus.SUCCEEDED:
             _log_job("succeeded", job, duration=duration)
         elif status == JobStatus.QUEUED:
@@ -3125,6 +4045,8 @@ class Worker:
                 error=outcome.fields.get("errors"),
                 permanent=outcome.fields.get("permanents") or None,
             )
+        if self._daily_budget and job.kind == DEFAULT_KIND:
+            self._holds_changed = True  # its cost counts towards the day's
         with self._lock:
             self._running.pop(job.id, None)
         self._wake.set()
@@ -3463,6 +4385,37 @@ def migrate_command(config: _Config, print_sql: bool) -> None:
     type=_DURATION_TYPE,
     help="Time limit of each attempt (claude jobs: 1h).",
 )
+@click.option(
+    "--concurrency-key",
+    metavar="KEY",
+    help="At most --concurrency-limit jobs with this key run at once, on all workers "
+    "[default for claude jobs: their cwd].",
+)
+@click.option(
+    "--concurrency-limit",
+    type=click.IntRange(0, PG_INT_MAX),
+    default=1,
+    show_default=True,
+    help="Jobs of the key that may run at once (0: no key).",
+)
+@click.option("--no-concurrency-key", is_flag=True, help="Run regardless of other jobs' keys.")
+@click.option(
+    "--worktree",
+    is_flag=True,
+    help='Run claude in a fresh git worktree on its own branch (payload "worktree": true).',
+)
+@click.option("--base", metavar="REF", help="The worktree's starting point [default: HEAD].")
+@click.option(
+    "--after",
+    metavar="ID[,ID...]",
+    multiple=True,
+    help="Run once these jobs succeeded; cancelled if one of them fails or is cancelled.",
+)
+@click.option(
+    "--continue-from",
+    metavar="ID",
+    help="Resume that claude job's session (same cwd or worktree) once it finished.",
+)
 @_import_option
 @click.option("--json", "as_json", is_flag=True, help="Print the new job as JSON, not its id.")
 @click.option(
@@ -3477,36 +4430,53 @@ def enqueue_command(
     imports: Sequence[str],
     as_json: bool,
     wait: bool,
+    no_concurrency_key: bool,
+    worktree: bool,
+    base: str | None,
+    after: Sequence[str],
     **options: Any,
 ) -> None:
     """Queue a job (or a file of jobs) and print its id.
 
     A claude job's payload holds "prompt" and optionally "cwd", a directory resolved against
     where you run this ("." means here); without one the job runs in the worker's directory.
+    Other keys set claude's options: model, max_turns, allowed_tools, permission_mode...
+    (see the README).
 
     \b
     Examples:
       claude-jobs enqueue --payload '{"prompt": "explain this code", "cwd": "."}'
       claude-jobs enqueue --file reviews.jsonl --queue nightly --delay 8h --priority 10
       claude-jobs enqueue --wait --payload '{"prompt": "fix the build", "cwd": "."}'
+      claude-jobs enqueue --worktree --payload '{"prompt": "add type hints", "cwd": "."}'
+      claude-jobs enqueue --continue-from 3f2a9c --payload '{"prompt": "now the tests"}'
     """
     _import_modules(imports)
     if (payload is None) == (payload_file is None):
         raise InvalidJob("give either --payload JSON or --file PATH")
     if wait and payload is None:
         raise InvalidJob("--wait follows one job: give --payload, not --file")
+    if no_concurrency_key:
+        if options["concurrency_key"] is not None:
+            raise InvalidJob("give --concurrency-key or --no-concurrency-key, not both")
+        options["concurrency_limit"] = 0
+    options["after"] = [job_id for each in after for job_id in each.split(",") if job_id.strip()]
     job_options = JobOptions.build(**options)  # the options first, before reading input
+    extra = _worktree_keys(job_options.kind, worktree, base)
     if payload is not None:
-        checked = prepare_payload(job_options.kind, _parse_json(payload, "--payload"))
+        given = _parse_json(payload, "--payload")
+        if isinstance(given, dict):
+            given = {**extra, **given}
+        checked = prepare_payload(job_options.kind, given)
         with config.connect() as conn:
             jobs = [enqueue(conn, checked, **options)]
             if wait:
                 click.echo(f"queued job {jobs[0].id}", err=True)
                 sys.exit(_follow(conn, jobs[0].id, since=0))
     else:
-        texts = _read_json_lines(payload_file, job_options.kind)
+        prepared = _read_json_lines(payload_file, job_options.kind, extra)
         with config.connect() as conn:
-            ids = _copy_jobs(conn, job_options, texts)
+            ids = _copy_jobs(conn, job_options, prepared)
             if not as_json:
                 click.echo("".join(f"{job_id}\n" for job_id in ids), nl=False)
                 return
@@ -3523,15 +4493,31 @@ def _parse_json(text: str, where: str) -> Any:
         raise InvalidJob(f"{where} is not valid JSON: {reason}") from None
 
 
-def _read_json_lines(stream: Any, kind: str) -> list[str]:
-    """Every payload of a JSON Lines stream, checked, as JSON text; an error names its line."""
+def _worktree_keys(kind: str, worktree: bool, base: str | None) -> dict[str, Any]:
+    """The payload keys --worktree and --base stand for."""
+    extra: dict[str, Any] = {"worktree": True} if worktree else {}
+    if base is not None:
+        extra["base"] = base
+    if extra and kind != DEFAULT_KIND:
+        raise InvalidJob("--worktree and --base are for claude jobs")
+    return extra
+
+
+def _read_json_lines(
+    stream: Any, kind: str, extra: Mapping[str, Any] | None = None
+) -> list[_Prepared]:
+    """Every payload of a JSON Lines stream (with ``extra`` keys it lacks), checked; an error
+    names its line."""
     payloads = []
     name = getattr(stream, "name", "<stdin>")
     for number, raw in enumerate(stream, 1):
         try:
             line = raw.decode("utf-8")
             if line.strip():
-                payloads.append(_prepare(kind, _parse_json(line, "it"), None)[1])
+                payload = _parse_json(line, "it")
+                if isinstance(payload, dict):
+                    payload = {**(extra or {}), **payload}
+                payloads.append(_prepare(kind, payload, None))
         except UnicodeDecodeError:
             raise InvalidJob(f"line {number} of {name} is not UTF-8 text") from None
         except InvalidJob as error:
@@ -3591,6 +4577,28 @@ def _read_json_lines(stream: Any, kind: str) -> list[str]:
     help="Run claude jobs only in DIR or below (repeatable) [default: anywhere].",
 )
 @_setting(
+    "--claude-arg",
+    "claude_args",
+    env="CLAUDE_ARGS",
+    multiple=True,
+    metavar="ARG",
+    help="Give claude this argument (repeatable), e.g. --claude-arg=--max-turns=50; a job's "
+    "own option of the same flag overrides it.",
+)
+@_setting("--model", env="MODEL", help="claude's model, unless the job names one.")
+@_setting(
+    "--keep-worktrees",
+    env="KEEP_WORKTREES",
+    is_flag=True,
+    help="Keep the git worktrees of worktree jobs (their branches are always kept).",
+)
+@_setting(
+    "--daily-budget-usd",
+    env="DAILY_BUDGET_USD",
+    type=click.FloatRange(0, min_open=True),
+    help="Start no claude job for the rest of the UTC day once the day's jobs cost this much.",
+)
+@_setting(
     "--heartbeat-timeout",
     env="HEARTBEAT_TIMEOUT",
     type=_DURATION_TYPE,
@@ -3640,9 +4648,13 @@ def worker_command(
     Examples:
       claude-jobs worker --concurrency 3 --queues urgent,default
       claude-jobs worker --burst --import myapp.jobs
+      claude-jobs worker --model sonnet --claude-arg=--max-turns=50 --daily-budget-usd 20
     """
     _import_modules(imports)
-    worker = Worker(config.url(), **options)
+    claude_options = {name: options.pop(name) for name in CLAUDE_WORKER_OPTIONS}
+    claude_options["worktree_dir"] = config.home / "worktrees"
+    handlers = default_handlers(**claude_options)
+    worker = Worker(config.url(), handlers=handlers, **options)
     configure_logging(log_format)
     _stop_on_signals(worker)
     worker.run()
@@ -3932,7 +4944,19 @@ def list_command(
         for job in jobs
     ]  # fmt: skip
     headers = ["ID", "QUEUE", "KIND", "STATUS", "PRI", "TRIES", "WHEN", "PROMPT / PAYLOAD"]
+    if any(job.after or job.continue_from for job in jobs):
+        headers.insert(7, "WAITS FOR")
+        for row, job in zip(rows, jobs, strict=True):
+            row.insert(7, _dependency(job) or "-")
     click.echo(_table(headers, rows, paint=3))
+
+
+def _dependency(job: Job) -> str:
+    """The jobs a job waits for, by the first 8 digits of their ids."""
+    waits = [f"after {','.join(str(i)[:8] for i in job.after)}"] if job.after else []
+    if job.continue_from:
+        waits.append(f"continues {str(job.continue_from)[:8]}")
+    return "; ".join(waits)
 
 
 @cli.command("show")
@@ -3951,11 +4975,18 @@ def show_command(config: _Config, job_id: str, as_json: bool) -> None:
     with config.connect() as conn:
         job = get_job(conn, job_id)
         paused = paused_queues(conn)
-    click.echo(json.dumps(job.to_dict(), ensure_ascii=False) if as_json else _describe(job, paused))
+        waits = [*(job.after or []), *([job.continue_from] if job.continue_from else [])]
+        statuses: dict[uuid.UUID, str] = {}
+        if waits:
+            statuses = dict(conn.execute(JOB_STATUSES, {"ids": waits}).fetchall())
+    if as_json:
+        click.echo(json.dumps(job.to_dict(), ensure_ascii=False))
+    else:
+        click.echo(_describe(job, paused, statuses))
 
 
-def _describe(job: Job, paused: set[str]) -> str:
-    """A job as a person reads it."""
+def _describe(job: Job, paused: set[str], statuses: Mapping[uuid.UUID, str] | None = None) -> str:
+    """A job as a person reads it (``statuses``: those of the jobs it waits for)."""
 
     def when(moment: datetime | None) -> str:
         return f"{moment.astimezone():%Y-%m-%d %H:%M:%S %Z} ({_ago(moment)})" if moment else "-"
@@ -3976,9 +5007,22 @@ def _describe(job: Job, paused: set[str]) -> str:
     ]
     if job.started_at and job.finished_at:
         rows.append(("took", f"{(job.finished_at - job.started_at).total_seconds():.1f}s"))
+    statuses = statuses or {}
+    for waited in job.after or []:
+        rows.append(("after", f"{waited} ({statuses.get(waited, 'gone')})"))
+    if job.continue_from:
+        status = statuses.get(job.continue_from, "gone")
+        rows.append(("continues", f"{job.continue_from} ({status}), resuming its session"))
+    if job.concurrency_key is not None:
+        rows.append(("key", f"{job.concurrency_key} (at most {job.concurrency_limit} at once)"))
     if job.kind == DEFAULT_KIND:
         rows.append(("cwd", job.payload.get("cwd") or "(the worker's directory)"))
+        if job.worktree or job.payload.get("worktree"):
+            rows.append(("branch", _branch_text(job)))
         rows.append(("prompt", job.payload.get("prompt", "")))
+        options = {k: v for k, v in job.payload.items() if CLAUDE_PAYLOAD[k][1] or k == "env"}
+        if options:
+            rows.append(("options", json.dumps(options, ensure_ascii=False)))
     else:
         rows.append(("payload", json.dumps(job.payload, ensure_ascii=False)))
     result = job.result
@@ -4002,6 +5046,23 @@ def _describe(job: Job, paused: set[str]) -> str:
         lines.append("transcript (the end):")
         lines.extend(f"  {line}" for line in _stored_transcript(job)[-15:])
     return "\n".join(lines)
+
+
+def _branch_text(job: Job) -> str:
+    """The branch of a worktree job, whether it has new commits, and where its worktree is
+    while it exists."""
+    tree = job.worktree
+    if not tree:
+        return "(made when the job runs)"
+    text = tree["branch"]
+    if "commits" in tree:
+        commits = tree["commits"]
+        text += f" ({commits} new commit{'s' * (commits != 1)})" if commits else " (no new commits)"
+    if tree.get("uncommitted"):
+        text += f"; uncommitted changes are left in {tree['path']}"
+    elif tree.get("kept") or "commits" not in tree:
+        text += f"; worktree {tree['path']}"
+    return text
 
 
 def _indent(text: str, width: int) -> str:
@@ -4101,22 +5162,39 @@ def retry_command(
 
 
 @cli.command("stats")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one queue a line.")
+@click.option("--cost", is_flag=True, help="What the jobs cost, per UTC day and queue.")
+@click.option(
+    "--days",
+    type=click.IntRange(1, 3660),
+    default=7,
+    show_default=True,
+    help="With --cost: the last this many days, today included.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one row a line.")
 @click.pass_obj
-def stats_command(config: _Config, as_json: bool) -> None:
+def stats_command(config: _Config, cost: bool, days: int, as_json: bool) -> None:
     """Per queue: jobs by status, the oldest ready job's age, running now, the last hour's
-    successes and failures, median and p95 run time (last day) and total cost.
+    successes and failures, median and p95 run time (last day) and total cost; then what no
+    worker starts now (a usage limit). With --cost: cost per day and queue.
 
     \b
-    Example:
+    Examples:
       claude-jobs stats
+      claude-jobs stats --cost --days 30
     """
     with config.connect() as conn:
+        if cost:
+            _print_costs(cost_stats(conn, days), as_json)
+            return
         queues = queue_stats(conn)
+        holds = list_holds(conn)
     if as_json:
         for queue in queues:
             click.echo(json.dumps(_jsonable(queue), ensure_ascii=False))
+        for hold in holds:
+            click.echo(json.dumps(_jsonable({"hold": hold}), ensure_ascii=False))
         return
+    _print_holds(holds)
     if not queues:
         click.echo("no jobs", err=True)
         return
@@ -4139,12 +5217,48 @@ def stats_command(config: _Config, as_json: bool) -> None:
     click.echo(_table(headers, rows, paint=1))
 
 
+def _print_holds(holds: Sequence[Mapping[str, Any]]) -> None:
+    """One line per kind no worker starts now, on stderr (the table stays parseable)."""
+    for hold in holds:
+        until = f"{hold['until'].astimezone():%Y-%m-%d %H:%M %Z}"
+        click.echo(
+            f"held: no worker starts {hold['kind']} jobs until {until} "
+            f"({_ago(hold['until'])}): {hold['reason']}",
+            err=True,
+        )
+
+
+def _print_costs(rows: Sequence[Mapping[str, Any]], as_json: bool) -> None:
+    if as_json:
+        for row in rows:
+            click.echo(json.dumps(_jsonable(row), ensure_ascii=False))
+        return
+    if not rows:
+        click.echo("no finished jobs in that time", err=True)
+        return
+    total = sum(float(row["cost_usd"]) for row in rows)
+    table = [
+        [
+            str(r["day"]),
+            r["queue"],
+            str(r["jobs"]),
+            str(r["costed"]),
+            f"${float(r['cost_usd']):.2f}",
+        ]
+        for r in rows
+    ]
+    jobs = sum(r["jobs"] for r in rows)
+    table.append(["total", "", str(jobs), str(sum(r["costed"] for r in rows)), f"${total:.2f}"])
+    click.echo(_table(["DAY (UTC)", "QUEUE", "JOBS", "WITH COST", "COST"], table))
+
+
 @cli.command("workers")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one worker a line.")
 @click.pass_obj
 def workers_command(config: _Config, as_json: bool) -> None:
     """Registered workers: host, pid, queues, concurrency, jobs running now, started, last
-    heartbeat; one that stopped heartbeating shows as lost.
+    heartbeat; one that stopped heartbeating shows as lost; NOTE says why one starts no claude
+    jobs for now (claude is not logged in there, its daily budget is spent...).
 
     \b
     Example:
@@ -4152,10 +5266,12 @@ def workers_command(config: _Config, as_json: bool) -> None:
     """
     with config.connect() as conn:
         workers = list_workers(conn)
+        holds = list_holds(conn)
     if as_json:
         for worker in workers:
             click.echo(json.dumps(_jsonable(worker), ensure_ascii=False))
         return
+    _print_holds(holds)
     if not workers:
         click.echo("no workers", err=True)
         return
@@ -4163,12 +5279,19 @@ def workers_command(config: _Config, as_json: bool) -> None:
         [
             str(w["id"])[:8], w["host"], str(w["pid"]), "lost" if w["lost"] else "alive",
             f"{w['running']}/{w['concurrency']}", _ago(w["started_at"]),
-            _ago(w["last_heartbeat"]), ",".join(w["queues"]),
+            _ago(w["last_heartbeat"]), ",".join(w["queues"]), _claude_pause(w),
         ]
         for w in workers
     ]  # fmt: skip
-    headers = ["ID", "HOST", "PID", "STATE", "RUNNING", "STARTED", "HEARTBEAT", "QUEUES"]
+    headers = ["ID", "HOST", "PID", "STATE", "RUNNING", "STARTED", "HEARTBEAT", "QUEUES", "NOTE"]
     click.echo(_table(headers, rows))
+
+
+def _claude_pause(worker: Mapping[str, Any]) -> str:
+    until = worker["claude_paused_until"]
+    if until is None:
+        return ""
+    return f"no claude jobs until {until.astimezone():%H:%M}: {worker['claude_paused_reason']}"
 
 
 @cli.command("pause")

@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 2.
+-- The claude-jobs schema, version 3.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -92,4 +92,35 @@ CREATE TABLE claude_jobs_queues (
 INSERT INTO claude_jobs_schema (version) VALUES (2);
 END IF;
 END $migration_2$;
+
+-- version 3
+DO $migration_3$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 3) THEN
+-- Claude at scale: concurrency keys, worktrees, chains, usage limits.
+ALTER TABLE claude_jobs
+    ADD COLUMN concurrency_key text,           -- at most concurrency_limit such jobs run at once
+    ADD COLUMN concurrency_limit integer NOT NULL DEFAULT 1 CHECK (concurrency_limit >= 0),
+    ADD COLUMN key_held boolean NOT NULL DEFAULT false, -- this running job holds a slot of its key
+    ADD COLUMN after uuid[],                   -- runs once all of these succeeded
+    ADD COLUMN continue_from uuid,             -- resumes that job's claude session
+    ADD COLUMN worktree jsonb;                 -- the git worktree and branch it ran in
+-- admission counts the slots held per key through this one
+CREATE INDEX claude_jobs_keys_held ON claude_jobs (concurrency_key)
+    WHERE status = 'running' AND key_held;
+-- the (few) queued jobs that wait for others
+CREATE INDEX claude_jobs_waiting ON claude_jobs (id)
+    WHERE status = 'queued' AND (after IS NOT NULL OR continue_from IS NOT NULL);
+-- A hold stops every worker starting jobs of a kind until a time (a usage limit of claude).
+CREATE TABLE claude_jobs_holds (
+    kind    text PRIMARY KEY,
+    until   timestamptz NOT NULL,
+    reason  text NOT NULL,
+    set_at  timestamptz NOT NULL DEFAULT now()
+);
+ALTER TABLE claude_jobs_workers
+    ADD COLUMN claude_paused_until timestamptz,  -- this worker starts no claude job until then
+    ADD COLUMN claude_paused_reason text;
+INSERT INTO claude_jobs_schema (version) VALUES (3);
+END IF;
+END $migration_3$;
 COMMIT;

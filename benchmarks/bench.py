@@ -293,15 +293,18 @@ def bench_claude(b: Bench) -> None:
     for _ in range(b.runs):
         b.reset()
         with b.connection() as conn:
-            claude_jobs.enqueue_many(conn, [{"prompt": "bench", "cwd": str(b.workdir)}] * count)
+            claude_jobs.enqueue_many(
+                conn, [{"prompt": "bench", "cwd": str(b.workdir)}] * count, concurrency_limit=0
+            )
         b.run_burst("--concurrency", str(concurrency), "--claude-bin", str(b.fake_claude))
         assert b.count("succeeded") == count
         b.record("claude", "jobs/s", b.drain_rate())
 
         def spawn(_: int) -> None:
             subprocess.run(
-                [str(b.fake_claude), *claude_jobs.CLAUDE_ARGS], input=b"bench",
-                capture_output=True, cwd=b.workdir, start_new_session=True, check=True,
+                [str(b.fake_claude), *claude_jobs.CLAUDE_ARGS, claude_jobs.SKIP_PERMISSIONS],
+                input=b"bench", capture_output=True, cwd=b.workdir, start_new_session=True,
+                check=True,
             )  # fmt: skip
 
         started = time.perf_counter()

@@ -141,7 +141,7 @@ def profile_spawn(workdir: Path) -> None:
     fake = workdir / "claude"
     fake.write_text(FAKE_CLAUDE)
     fake.chmod(0o755)
-    argv = [str(fake), *claude_jobs.CLAUDE_ARGS]
+    argv = [str(fake), *claude_jobs.CLAUDE_ARGS, claude_jobs.SKIP_PERMISSIONS]
     setpriv = shutil.which("setpriv")
 
     def bare(_: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -24,6 +25,7 @@ from typing import Any
 import pgserver
 import psycopg
 import pytest
+from click.testing import CliRunner, Result
 from pytest_postgresql import factories
 
 import claude_jobs
@@ -85,6 +87,17 @@ def conn(postgresql: psycopg.Connection) -> psycopg.Connection:
     return postgresql
 
 
+@pytest.fixture
+def invoke(db_url: str) -> Callable[..., Result]:
+    """Run the command line in this process, on this test's database."""
+
+    def run(*args: str, input: str | None = None, color: bool = False) -> Result:
+        command = ["--database-url", db_url, *args]
+        return CliRunner().invoke(claude_jobs.cli, command, input=input, color=color)
+
+    return run
+
+
 def wait_for(
     condition: Callable[[], Any], timeout: float = 15.0, what: str = "the condition"
 ) -> Any:
@@ -122,7 +135,10 @@ Directives: emit (a fixture file to print to stdout), stdout / stderr (text to p
 stream (lines to print one by one, `interval` seconds apart, before the usual result),
 sleep (seconds, before finishing), child (spawn a grandchild that sleeps, recording its pid),
 exit (the exit status, default 0), result (the result text of the default success run),
-ignore_term (ignore SIGTERM), cost (total_cost_usd).
+ignore_term (ignore SIGTERM), cost (total_cost_usd), session (the session id), run (commands,
+argv lists, to run in the working directory first), track (a directory: while it runs, a file
+of its own is there, and on start it appends how many there are to <track>.counts), unless
+(a path: when it exists, every other directive is ignored: a plain success).
 """
 import base64, json, os, signal, subprocess, sys, time, uuid
 
@@ -130,12 +146,22 @@ prompt = sys.stdin.buffer.read()
 log = os.environ.get("FAKE_CLAUDE_LOG")
 record = {{
     "argv": sys.argv, "cwd": os.getcwd(), "pid": os.getpid(), "pgid": os.getpgid(0),
+    "started": time.time(),
     "stdin": base64.b64encode(prompt).decode(), "stdin_closed": sys.stdin.buffer.read() == b"",
     "env": {{k: os.environ.get(k) for k in ("CLAUDE_JOBS_JOB_ID", "CLAUDE_JOBS_ATTEMPT",
             "IS_SANDBOX", "FAKE_MARKER")}},
 }}
 text = prompt.decode("utf-8", "replace")
 directives = json.loads(text[5:]) if text.startswith("FAKE:") else {{}}
+if "unless" in directives and os.path.exists(directives["unless"]):
+    directives = {{}}
+for command in directives.get("run", []):
+    subprocess.run(command, check=True, capture_output=True)
+if "track" in directives:
+    mine = os.path.join(directives["track"], str(os.getpid()))
+    open(mine, "w").close()
+    with open(directives["track"] + ".counts", "a") as f:
+        f.write(f"{{len(os.listdir(directives['track']))}}\\n")
 if directives.get("ignore_term"):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if directives.get("child"):
@@ -147,7 +173,7 @@ if log:
     with open(os.path.join(log, name + ".tmp"), "w") as f:
         json.dump(record, f)
     os.replace(os.path.join(log, name + ".tmp"), os.path.join(log, name))  # whole, or not there
-session = str(uuid.uuid4())
+session = directives.get("session") or str(uuid.uuid4())
 if "emit" in directives:
     with open(os.path.join({fixtures!r}, directives["emit"])) as f:
         sys.stdout.write(f.read())
@@ -169,6 +195,8 @@ if "stderr" in directives:
     sys.stderr.write(directives["stderr"])
 sys.stdout.flush()
 time.sleep(directives.get("sleep", 0))
+if "track" in directives:
+    os.remove(mine)
 if "emit" not in directives and "stdout" not in directives:
     result = directives.get("result", "echo: " + text[:40])
     print(json.dumps({{"type": "result", "subtype": "success", "is_error": False,
@@ -205,6 +233,30 @@ def claude_runs(log: Path) -> list[dict[str, Any]]:
 def fake(**directives: Any) -> str:
     """A prompt that makes the fake claude behave as told."""
     return "FAKE:" + json.dumps(directives)
+
+
+# -- the real claude ------------------------------------------------------------------------
+
+CLI_CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "claude-jobs-tests"
+
+
+@pytest.fixture(scope="session")
+def real_claude() -> Path:
+    """The real Claude Code CLI: $CLAUDE_JOBS_TEST_CLAUDE, or installed from npm (cached)."""
+    if given := os.environ.get("CLAUDE_JOBS_TEST_CLAUDE"):
+        return Path(given)
+    binary = CLI_CACHE / "node_modules" / ".bin" / "claude"
+    if not binary.exists():
+        npm = shutil.which("npm")
+        if npm is None:
+            pytest.skip("npm is not installed, so the real Claude Code CLI cannot be installed")
+        install = subprocess.run(
+            [npm, "install", "--prefix", str(CLI_CACHE), "@anthropic-ai/claude-code"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        if install.returncode != 0 or not binary.exists():
+            pytest.skip(f"npm could not install @anthropic-ai/claude-code: {install.stderr[-300:]}")
+    return binary
 
 
 # -- worker processes -----------------------------------------------------------------------

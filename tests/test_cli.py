@@ -21,14 +21,6 @@ import claude_jobs
 cli = claude_jobs.cli
 
 
-@pytest.fixture
-def invoke(db_url: str):
-    def run(*args: str, input: str | None = None):
-        return CliRunner().invoke(cli, ["--database-url", db_url, *args], input=input)
-
-    return run
-
-
 def count(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT count(*) FROM claude_jobs").fetchone()[0]
 

@@ -17,20 +17,11 @@ from typing import Any
 
 import psycopg
 import pytest
-from click.testing import CliRunner
 from conftest import FIXTURES, TESTS, claude_runs, fake, job_row, pid_alive, status_of, wait_for
 
 import claude_jobs
 
 cli = claude_jobs.cli
-
-
-@pytest.fixture
-def invoke(db_url: str):
-    def run(*args: str, input: str | None = None, color: bool = False):
-        return CliRunner().invoke(cli, ["--database-url", db_url, *args], input=input, color=color)
-
-    return run
 
 
 def make_job(conn: psycopg.Connection, **columns: Any) -> uuid.UUID:
@@ -480,9 +471,9 @@ def test_enqueue_wait_follows_the_job_and_exits_with_its_outcome(
     ok = enqueue_and_wait(fake(result="the answer"))
     assert ok.returncode == 0, ok.stderr
     assert "the answer" in ok.stdout and "succeeded" in ok.stderr
-    failing = enqueue_and_wait(fake(emit="not-logged-in.stream.jsonl", exit=1))
+    failing = enqueue_and_wait(fake(emit="max-turns.stream.jsonl", exit=1))
     assert failing.returncode == 1
-    assert "Not logged in" in failing.stdout and "not logged in" in failing.stderr
+    assert "error_max_turns" in failing.stderr
 
 
 def test_operations_on_a_missing_job_exit_1_and_bad_usage_2(invoke) -> None:

@@ -168,7 +168,9 @@ def test_a_network_cut_hands_the_jobs_over_and_the_cut_worker_overwrites_nothing
     try:
         jobs = [
             claude_jobs.enqueue(
-                conn, {"prompt": fake(sleep=600, result="cut"), "cwd": str(tmp_path)}
+                conn,
+                {"prompt": fake(sleep=600, result="cut"), "cwd": str(tmp_path)},
+                concurrency_limit=0,  # all three at once in one directory
             )
             for _ in range(3)
         ]
@@ -345,7 +347,7 @@ def test_hostile_prompts_reach_claude_byte_for_byte_without_a_shell(
         run = by_job[job_id]
         assert base64.b64decode(run["stdin"]) == prompt.encode("utf-8"), name
         assert run["cwd"] == str(workdir), name
-        assert run["argv"][1:] == list(claude_jobs.CLAUDE_ARGS), name
+        assert run["argv"][1:] == [*claude_jobs.CLAUDE_ARGS, claude_jobs.SKIP_PERMISSIONS], name
     assert not Path("/tmp/pwned").exists()
     with psycopg.connect(db_url) as conn:
         assert count(conn, "succeeded") == len(prompts)

@@ -260,7 +260,11 @@ def test_jobs_of_a_worker_killed_with_sigkill_are_recovered_within_10s(
     conn: psycopg.Connection, start_worker, claude_log, tmp_path
 ) -> None:
     jobs = [
-        claude_jobs.enqueue(conn, {"prompt": fake(sleep=600, child=True), "cwd": str(tmp_path)})
+        claude_jobs.enqueue(
+            conn,
+            {"prompt": fake(sleep=600, child=True), "cwd": str(tmp_path)},
+            concurrency_limit=0,  # all five at once in one directory
+        )
         for _ in range(5)
     ]
     doomed = start_worker("--concurrency", "5")
