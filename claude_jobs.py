@@ -538,6 +538,11 @@ JOB_STATUSES = """
 SELECT id, status FROM claude_jobs WHERE id = ANY(%(ids)s::uuid[])
 """
 
+MIGRATION_LOCK = """
+-- migration_lock: one migration at a time, until the end of the transaction
+SELECT pg_advisory_xact_lock(%(namespace)s, %(key)s)
+"""
+
 SCHEMA_VERSION_QUERY = """
 -- schema_version: the newest schema version applied to this database
 SELECT max(version) AS version FROM claude_jobs_schema
@@ -1125,8 +1130,13 @@ def mask_url(url: str) -> str:
 
 def _scrub(message: str, url: str) -> str:
     """A message that cannot leak the password of ``url``, on one line."""
-    with contextlib.suppress(psycopg.Error):
-        password = psycopg.conninfo.conninfo_to_dict(url).get("password")
+    try:
+        passwords = [psycopg.conninfo.conninfo_to_dict(url).get("password")]
+    except psycopg.Error:  # unparsable: take what looks like a password from the text itself
+        passwords = re.findall(r"^[^:]+://[^:@/]*:([^@/]*)@", url)
+        passwords += re.findall(r"[?&]password=([^&#]*)", url, flags=re.I)
+        passwords += re.findall(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url, flags=re.I)
+    for password in passwords:
         if password:
             message = message.replace(str(password), "***")
     return " ".join(message.split())
@@ -1188,14 +1198,16 @@ def migrate(
     advisory lock, and each version is applied once, in one transaction.
     """
     target = migrations[-1][0]
-    before = schema_version(conn)
-    if before is not None and before > target:
-        raise SchemaError(
-            f"the database schema is version {before}, newer than this claude-jobs "
-            f"({target}): upgrade claude-jobs"
-        )
     script = schema_sql(migrations).removeprefix("BEGIN;\n").removesuffix("COMMIT;\n")
     with conn.transaction():
+        # the script's own lock, taken first so that `before` is what this migration found
+        conn.execute(MIGRATION_LOCK, {"namespace": LOCK_NAMESPACE, "key": MIGRATION_LOCK_KEY})
+        before = schema_version(conn)
+        if before is not None and before > target:
+            raise SchemaError(
+                f"the database schema is version {before}, newer than this claude-jobs "
+                f"({target}): upgrade claude-jobs"
+            )
         conn.execute(script)  # type: ignore[arg-type]  # a script, not a parametrized query
     return before, target
 
@@ -1648,8 +1660,31 @@ _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 _PAYLOAD_ENCODER = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 
 
+#: How deeply a payload may nest arrays and objects (deeper ones are refused at enqueue, so
+#: that nothing that reads a job later can be sent into a recursion without end).
+MAX_PAYLOAD_DEPTH = 64
+
+
+def _too_deep(value: Any, limit: int = MAX_PAYLOAD_DEPTH) -> bool:
+    """Whether ``value`` nests arrays and objects more than ``limit`` levels deep."""
+    level: list[Any] = [value]
+    for _ in range(limit + 1):
+        level = [
+            child
+            for each in level
+            if isinstance(each, dict | list)
+            for child in (each.values() if isinstance(each, dict) else each)
+        ]
+        if not level:
+            return False
+    return True
+
+
 def _payload_json(payload: dict[str, Any]) -> str:
-    """The payload as JSON text jsonb accepts: no NaN, no NUL character, valid Unicode."""
+    """The payload as JSON text jsonb accepts: no NaN, no NUL character, valid Unicode, not
+    nested too deeply."""
+    if _too_deep(payload):
+        raise InvalidJob(f"the payload nests more than {MAX_PAYLOAD_DEPTH} levels deep")
     try:
         text = _PAYLOAD_ENCODER.encode(payload)
     except ValueError:
@@ -2798,11 +2833,19 @@ def _parse_queues(queues: str | Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _kill_leftovers(job_ids: Iterable[Any]) -> int:
-    """Kill the processes of this machine still running for these jobs: found by the
-    CLAUDE_JOBS_JOB_ID that claude passes down to every process it starts. A worker killed
-    with SIGKILL takes claude with it, but not what claude had started."""
-    wanted = {f"CLAUDE_JOBS_JOB_ID={job_id}".encode() for job_id in job_ids}
+def _kill_leftovers(jobs: Iterable[Mapping[str, Any]]) -> int:
+    """Kill the processes of this machine still running the interrupted attempts of these
+    jobs (rows with id and attempts): found by the CLAUDE_JOBS_JOB_ID and CLAUDE_JOBS_ATTEMPT
+    that claude passes down to every process it starts. A worker killed with SIGKILL takes
+    claude with it, but not what claude had started. Matching the attempt spares a new
+    attempt of the same job that a worker here may have started since."""
+    wanted = [
+        (
+            f"CLAUDE_JOBS_JOB_ID={job['id']}".encode(),
+            f"CLAUDE_JOBS_ATTEMPT={job['attempts']}".encode(),
+        )
+        for job in jobs
+    ]
     if not wanted or not os.path.isdir("/proc"):
         return 0
     killed = 0
@@ -2810,8 +2853,8 @@ def _kill_leftovers(job_ids: Iterable[Any]) -> int:
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            environment = Path(entry.path, "environ").read_bytes().split(b"\0")
-            if wanted.intersection(environment):
+            environment = set(Path(entry.path, "environ").read_bytes().split(b"\0"))
+            if any(job_id in environment and attempt in environment for job_id, attempt in wanted):
                 os.kill(int(entry.name), signal.SIGKILL)
                 killed += 1
         except OSError:
@@ -3226,7 +3269,7 @@ class _Session(threading.Thread):
             jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": self.worker_id}).fetchall()
             _notify_queues(cur, jobs)
         conn.execute(UNLOCK_ALL)
-        _kill_leftovers(job["id"] for job in jobs)
+        _kill_leftovers(jobs)
         for job in jobs:
             _log_recovered(job)
 
@@ -3242,7 +3285,7 @@ class _Session(threading.Thread):
         with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
             orphans = cur.execute(RECOVER_ORPHANS).fetchall()
             _notify_queues(cur, orphans)
-        _kill_leftovers(job["id"] for job in orphans)
+        _kill_leftovers(orphans)
         for job in orphans:
             _log_recovered(job)
         with conn.cursor(row_factory=dict_row) as cur:
@@ -3266,7 +3309,7 @@ class _Session(threading.Thread):
                 return  # it came back
             jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": worker["id"]}).fetchall()
             _notify_queues(cur, jobs)
-        _kill_leftovers(job["id"] for job in jobs)
+        _kill_leftovers(jobs)
         why = "no heartbeat within the timeout" if worker["vanished"] else "its session ended"
         name = f"{worker['host']}:{worker['pid']}"
         logger.warning(
@@ -4491,6 +4534,8 @@ def _parse_json(text: str, where: str) -> Any:
     except ValueError as error:
         reason = getattr(error, "msg", str(error))
         raise InvalidJob(f"{where} is not valid JSON: {reason}") from None
+    except RecursionError:
+        raise InvalidJob(f"{where} nests more than {MAX_PAYLOAD_DEPTH} levels deep") from None
 
 
 def _worktree_keys(kind: str, worktree: bool, base: str | None) -> dict[str, Any]:
@@ -4655,6 +4700,8 @@ def worker_command(
     claude_options["worktree_dir"] = config.home / "worktrees"
     handlers = default_handlers(**claude_options)
     worker = Worker(config.url(), handlers=handlers, **options)
+    with contextlib.suppress(DatabaseUnavailable):  # then the worker waits for the database
+        config.connect().close()  # a missing or old schema: say so before starting
     configure_logging(log_format)
     _stop_on_signals(worker)
     worker.run()

@@ -240,6 +240,13 @@ def test_an_unreachable_database_is_one_line_without_the_password() -> None:
     assert "s3cret" not in result.output and result.output.count("\n") == 1
 
 
+def test_an_unparsable_database_url_does_not_leak_its_password() -> None:
+    result = CliRunner().invoke(cli, ["--database-url", "postgresql://me:s3%cret@h/d", "list"])
+    assert result.exit_code == 2
+    assert "invalid database URL postgresql://me:***@h/d" in result.output
+    assert "s3%cret" not in result.output and result.output.count("\n") == 1
+
+
 def test_an_invalid_database_url_is_a_usage_error() -> None:
     result = CliRunner().invoke(cli, ["--database-url", "postgresql://x:pw@h/d?bad=1", "migrate"])
     assert result.exit_code == 2

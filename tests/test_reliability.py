@@ -245,11 +245,16 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str | None, int, str]]:
         "latin1.jsonl": b'{"prompt": "caf\xe9"}\n',
         "nul.jsonl": b'{"prompt": "a\\u0000b"}\n',
         "typo.jsonl": b'{"prompt": "a", "cdw": "."}\n',
+        "deep.jsonl": b'{"prompt": "a"}\n{"prompt": "b", "env": '
+        + b"[" * 5000
+        + b"]" * 5000
+        + b"}\n",
     }
     for name, content in files.items():
         (tmp / name).write_bytes(content)
     (tmp / "a-directory").mkdir(exist_ok=True)
     payload = ["--payload", '{"prompt": "x"}']
+    deep_object = '{"a": ' * 65 + "1" + "}" * 65  # parses, but nests too deeply to store
     return [
         (["enqueue", "--payload", "{"], None, 2, "not valid JSON"),
         (["enqueue", "--payload", "null"], None, 2, "not null"),
@@ -272,6 +277,14 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str | None, int, str]]:
         (["enqueue", "--file", str(tmp / "latin1.jsonl")], None, 2, "not UTF-8"),
         (["enqueue", "--file", str(tmp / "nul.jsonl")], None, 2, "NUL"),
         (["enqueue", "--file", str(tmp / "typo.jsonl")], None, 2, "unknown payload key 'cdw'"),
+        (["enqueue", "--file", str(tmp / "deep.jsonl")], None, 2, "line 2"),
+        (["enqueue", "--payload", "[" * 5000 + "]" * 5000], None, 2, "levels deep"),
+        (
+            ["enqueue", "--import", "handlers", "--kind", "record", "--payload", deep_object],
+            None,
+            2,
+            "levels deep",
+        ),
         (["enqueue", "--file", str(tmp / "missing.jsonl")], None, 2, "No such file"),
         (["enqueue", "--file", str(tmp / "a-directory")], None, 2, "directory"),
         (["enqueue", "--file", "-"], '{"prompt": "a"}\n{oops}\n', 2, "line 2 of <stdin>"),

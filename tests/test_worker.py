@@ -4,11 +4,15 @@ exactly-once across processes, crash recovery, shutdown, and losing the database
 from __future__ import annotations
 
 import itertools
+import os
 import signal
+import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -468,11 +472,27 @@ def test_a_worker_refuses_a_database_without_the_schema(
 ) -> None:
     worker = start_worker(url=pg_server.url(unmigrated.info.dbname))
     assert worker.wait() == 1
-    assert (
-        worker.log()
-        .rstrip()
-        .endswith("Error: this database has no claude-jobs schema: run `claude-jobs migrate`")
+    assert worker.log() == (  # said at once: nothing started, nothing logged before
+        "Error: this database has no claude-jobs schema: run `claude-jobs migrate`\n"
     )
+
+
+def test_recovery_kills_the_interrupted_attempt_s_processes_only(tmp_path: Path) -> None:
+    job_id = uuid.uuid4()
+
+    def process_of_attempt(attempt: int) -> subprocess.Popen[bytes]:
+        env = {**os.environ, "CLAUDE_JOBS_JOB_ID": str(job_id), "CLAUDE_JOBS_ATTEMPT": str(attempt)}
+        return subprocess.Popen(["sleep", "600"], env=env)
+
+    interrupted, newer = process_of_attempt(2), process_of_attempt(3)
+    try:
+        assert claude_jobs._kill_leftovers([{"id": job_id, "attempts": 2}]) == 1
+        assert interrupted.wait(timeout=5) == -signal.SIGKILL
+        assert newer.poll() is None, "a newer attempt of the same job was killed"
+    finally:
+        for process in (interrupted, newer):
+            process.kill()
+            process.wait()
 
 
 def test_hostile_notices_do_not_stop_the_worker(conn: psycopg.Connection, run_worker) -> None:
