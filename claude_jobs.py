@@ -42,6 +42,7 @@ import enum
 import functools
 import heapq
 import importlib
+import itertools
 import json
 import logging
 import os
@@ -325,6 +326,7 @@ class Job:
     concurrency_limit: int = 1
     after: list[uuid.UUID] | None = None
     continue_from: uuid.UUID | None = None
+    session_host: str | None = None  # the host whose claude keeps the session (to resume it)
     worktree: dict[str, Any] | None = None
     resumes: dict[str, Any] | None = None  # claimed continuations: what they continue
     transcript: str | None = None
@@ -467,6 +469,7 @@ ALTER TABLE claude_jobs
     ADD COLUMN key_held boolean NOT NULL DEFAULT false, -- this running job holds a slot of its key
     ADD COLUMN after uuid[],                   -- runs once all of these succeeded
     ADD COLUMN continue_from uuid,             -- resumes that job's claude session
+    ADD COLUMN session_host text,              -- the host whose claude keeps session_id
     ADD COLUMN worktree jsonb;                 -- the git worktree and branch it ran in
 -- admission counts the slots held per key through this one
 CREATE INDEX claude_jobs_keys_held ON claude_jobs (concurrency_key)
@@ -531,11 +534,11 @@ def schema_sql(migrations: Sequence[tuple[int, str]] = MIGRATIONS) -> str:
 _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, max_attempts,
     timeout, last_error, errors, worker_id, worker, result, session_id, cost_usd, created_at,
     started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
-    concurrency_limit, after, continue_from, worktree, claim"""
+    concurrency_limit, after, continue_from, session_host, worktree, claim"""
 
 JOB_STATUSES = """
--- job_statuses: the status of each of these jobs
-SELECT id, status FROM claude_jobs WHERE id = ANY(%(ids)s::uuid[])
+-- job_statuses: the status of each of these jobs, and the host that keeps its claude session
+SELECT id, status, session_host FROM claude_jobs WHERE id = ANY(%(ids)s::uuid[])
 """
 
 MIGRATION_LOCK = """
@@ -627,16 +630,19 @@ SELECT id, worker, pg_notify(%(channel)s, json_build_object('cancel', id)::text)
 
 RETRY = """
 -- retry: failed or cancelled jobs (these ids, or all of a status and queue) back to the
--- queue now, with fresh attempts; their errors stay on record
+-- queue now, with fresh attempts; their errors stay on record. Not a job that waits for one
+-- that failed, was cancelled or is gone: it would only be cancelled again.
 WITH again AS (
-    UPDATE claude_jobs
+    UPDATE claude_jobs j
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
         cancel_requested_at = NULL, claim = NULL, worker_id = NULL, worker = NULL,
         updated_at = now()
-    WHERE status IN ('failed', 'cancelled') AND status = ANY(%(statuses)s::text[])
-      AND (%(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[]))
-      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
-    RETURNING id, queue
+    WHERE j.status IN ('failed', 'cancelled') AND j.status = ANY(%(statuses)s::text[])
+      AND (%(ids)s::uuid[] IS NULL OR j.id = ANY(%(ids)s::uuid[]))
+      AND (%(queue)s::text IS NULL OR j.queue = %(queue)s::text)
+      AND NOT EXISTS (SELECT FROM unnest(j.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
+                      WHERE d.id IS NULL OR d.status IN ('failed', 'cancelled'))
+    RETURNING j.id, j.queue
 )
 SELECT id, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM again
 """
@@ -714,12 +720,17 @@ SELECT queue, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FR
 """
 
 CLEANUP_BATCH = """
--- cleanup_batch: delete up to `batch` jobs of these statuses finished before `before`
+-- cleanup_batch: delete up to `batch` jobs of these statuses finished before `before`,
+-- but not one that a queued job waits for or continues (it would be cancelled as gone)
 DELETE FROM claude_jobs WHERE id IN (
-    SELECT id FROM claude_jobs
-    WHERE status IN ('succeeded', 'failed', 'cancelled') AND status = ANY(%(statuses)s::text[])
-      AND finished_at < %(before)s
-    LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+    SELECT d.id FROM claude_jobs d
+    WHERE d.status IN ('succeeded', 'failed', 'cancelled') AND d.status = ANY(%(statuses)s::text[])
+      AND d.finished_at < %(before)s
+      AND NOT EXISTS (
+          SELECT FROM claude_jobs w
+          WHERE w.status = 'queued' AND (w.after IS NOT NULL OR w.continue_from IS NOT NULL)
+            AND (d.id = ANY(w.after) OR w.continue_from = d.id))
+    LIMIT %(batch)s FOR UPDATE OF d SKIP LOCKED)
 """
 
 TRY_CLEANUP_LOCK = """
@@ -745,10 +756,20 @@ DELETE FROM claude_jobs WHERE id IN (
 """
 
 FOLLOW_JOB = """
--- follow_job: a job's state and what its transcript gained since `seen` characters
-SELECT status, transcript_size, attempts, max_attempts, last_error, run_at, worker, queue,
-    right(transcript, least(transcript_size - %(seen)s, length(transcript))::integer) AS new
-FROM claude_jobs WHERE id = %(id)s
+-- follow_job: a job's state and what its transcript gained since `seen` characters; whether
+-- the worker running it is lost (gone, or silent for longer than the lock grace), and
+-- whether its queue is paused
+SELECT j.status, j.transcript_size, j.attempts, j.max_attempts, j.last_error, j.run_at,
+    j.worker, j.queue,
+    right(j.transcript, least(j.transcript_size - %(seen)s, length(j.transcript))::integer)
+        AS new,
+    j.status = 'running' AND NOT EXISTS (
+        SELECT FROM claude_jobs_workers w
+        WHERE w.id = j.worker_id AND w.last_heartbeat > now() - make_interval(secs => %(grace)s)
+    ) AS worker_lost,
+    EXISTS (SELECT FROM claude_jobs_queues q WHERE q.queue = j.queue AND q.paused_at IS NOT NULL)
+        AS paused
+FROM claude_jobs j WHERE j.id = %(id)s
 """
 
 _CLAIM = f"""
@@ -767,11 +788,11 @@ WITH me AS (
       AND (c.after IS NULL OR NOT EXISTS (
           SELECT FROM unnest(c.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
           WHERE d.status IS DISTINCT FROM 'succeeded'))
-      -- the job it continues finished, and ran on this host (where its session is kept)
+      -- the job it continues finished, and its session is kept on this host
       AND (c.continue_from IS NULL OR EXISTS (
           SELECT FROM claude_jobs p
           WHERE p.id = c.continue_from AND p.status IN ('succeeded', 'failed', 'cancelled')
-            AND (p.session_id IS NULL OR split_part(p.worker, ':', 1) = %(host)s)))
+            AND coalesce(p.session_host, %(host)s) = %(host)s))
       -- its concurrency key has a free slot (taking it, admission makes sure)
       AND (c.concurrency_key IS NULL OR c.concurrency_limit = 0 OR c.concurrency_limit > (
           SELECT count(*) FROM claude_jobs r
@@ -811,6 +832,8 @@ _SAVE_PROGRESS = """transcript = CASE WHEN o.transcript IS NULL THEN j.transcrip
         ELSE right(coalesce(j.transcript, '') || o.transcript, %(limit)s) END,
     transcript_size = j.transcript_size + coalesce(length(o.transcript), 0),
     session_id = coalesce(o.session_id, j.session_id),
+    session_host = CASE WHEN o.session_id IS NULL THEN j.session_host
+                        ELSE split_part(j.worker, ':', 1) END,
     cost_usd = j.cost_usd + coalesce(o.cost_usd, 0),
     worktree = coalesce(o.worktree, j.worktree), updated_at = now()"""
 
@@ -862,7 +885,8 @@ SET status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
                             OR j.attempts >= j.max_attempts THEN now() END,
     last_error = o.error,
     errors = j.errors || jsonb_build_array(jsonb_build_object(
-        'attempt', j.attempts, 'at', now(), 'worker', j.worker, 'error', o.error,
+        'attempt', j.attempts, 'at', now(), 'started', j.started_at, 'worker', j.worker,
+        'error', o.error,
         'permanent', o.permanent, 'traceback', o.traceback)),
     result = coalesce(o.result, j.result), {_SAVE_PROGRESS}
 FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(permanents)s::boolean[],
@@ -940,6 +964,23 @@ ON CONFLICT (kind) DO UPDATE
 SET until = greatest(h.until, excluded.until), reason = excluded.reason, set_at = now()
 """
 
+LIFT_HOLD = """
+-- lift_hold: workers may start jobs of this kind again (every one hears of it), and the jobs
+-- that met the hold's limit run now instead of at its end (plus a minute of jitter)
+WITH lifted AS (
+    DELETE FROM claude_jobs_holds WHERE kind = %(kind)s RETURNING kind, until
+), sooner AS (
+    UPDATE claude_jobs j SET run_at = now(), updated_at = now()
+    FROM lifted
+    WHERE j.status = 'queued' AND j.kind = lifted.kind AND j.run_at > now()
+      AND j.run_at <= lifted.until + interval '1 minute' AND j.last_error LIKE %(met)s
+    RETURNING j.id
+)
+SELECT (SELECT count(*) FROM sooner) AS sooner,
+    pg_notify(%(channel)s, json_build_object('hold', kind)::text)
+FROM lifted
+"""
+
 HOLDS = """
 -- holds: the kinds no worker starts now, until when (and for how many seconds more) and why
 SELECT kind, until, extract(epoch FROM until - now())::float8 AS remaining, reason
@@ -976,7 +1017,7 @@ CANCELLED = f"""
 UPDATE claude_jobs j
 SET status = 'cancelled', finished_at = now(), last_error = 'cancelled while running',
     errors = j.errors || jsonb_build_array(jsonb_build_object(
-        'attempt', j.attempts, 'at', now(), 'worker', j.worker,
+        'attempt', j.attempts, 'at', now(), 'started', j.started_at, 'worker', j.worker,
         'error', 'cancelled while running')),
     {_SAVE_PROGRESS}
 FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
@@ -1081,7 +1122,7 @@ SET status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
     run_at = now(), claim = NULL, updated_at = now(),
     last_error = 'interrupted: worker ' || coalesce(worker, '?') || ' {why}',
     errors = errors || jsonb_build_array(jsonb_build_object(
-        'attempt', attempts, 'at', now(), 'worker', worker,
+        'attempt', attempts, 'at', now(), 'started', started_at, 'worker', worker,
         'error', 'interrupted: worker ' || coalesce(worker, '?') || ' {why}'))
 WHERE status = 'running' AND {condition}
 RETURNING id, queue, kind, attempts, max_attempts, status, worker
@@ -1325,6 +1366,14 @@ def parse_time(text: str) -> datetime:
         ) from None
 
 
+def _checked_queue(name: str) -> str:
+    """A queue name: not empty, not `*` (every queue, to a worker), no comma (the separator
+    of --queues); InvalidJob otherwise."""
+    if not name or "," in name or name == "*" or len(name) > 200:
+        raise InvalidJob(f"invalid queue name {name!r}: not empty, not *, no comma")
+    return name
+
+
 class JobSettings(TypedDict, total=False):
     """The keyword options of enqueue() and enqueue_many(); JobOptions.build has the defaults."""
 
@@ -1368,8 +1417,7 @@ class JobOptions:
                 f"unknown kind {self.kind!r}: known kinds are {', '.join(registered_kinds())} "
                 "(a Python kind is known once the module that registers it is imported)"
             )
-        if not self.queue or "," in self.queue or self.queue == "*" or len(self.queue) > 200:
-            raise InvalidJob(f"invalid queue name {self.queue!r}")
+        _checked_queue(self.queue)
         if not PG_INT_MIN <= self.priority <= PG_INT_MAX:
             raise InvalidJob(
                 f"priority {self.priority} is out of range [{PG_INT_MIN}, {PG_INT_MAX}]"
@@ -1423,6 +1471,7 @@ class JobOptions:
 # -- claude payloads ----------------------------------------------------------------------------
 
 PERMISSION_MODES = ("acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan")
+EFFORT_LEVELS = ("low", "medium", "high", "xhigh", "max")  # as claude --help lists them
 
 
 def _check_text(name: str, value: Any, base_dir: Path) -> str:
@@ -1444,8 +1493,8 @@ def _check_flag(name: str, value: Any, base_dir: Path) -> bool:
 
 
 def _check_count(name: str, value: Any, base_dir: Path) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidJob(f'"{name}" must be a whole number of 1 or more')
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= PG_INT_MAX:
+        raise InvalidJob(f'"{name}" must be a whole number from 1 to {PG_INT_MAX}')
     return value
 
 
@@ -1469,6 +1518,12 @@ def _check_tools(name: str, value: Any, base_dir: Path) -> list[str]:
 def _check_permission_mode(name: str, value: Any, base_dir: Path) -> str:
     if value not in PERMISSION_MODES:
         raise InvalidJob(f'"{name}" must be one of {", ".join(PERMISSION_MODES)}')
+    return str(value)
+
+
+def _check_effort(name: str, value: Any, base_dir: Path) -> str:
+    if value not in EFFORT_LEVELS:
+        raise InvalidJob(f'"{name}" must be one of {", ".join(EFFORT_LEVELS)}')
     return str(value)
 
 
@@ -1545,7 +1600,7 @@ CLAUDE_PAYLOAD: dict[str, tuple[Check, str | None]] = {
     "permission_mode": (_check_permission_mode, "--permission-mode"),
     "add_dirs": (_check_dirs, "--add-dir"),
     "mcp_config": (_check_mcp_config, "--mcp-config"),
-    "effort": (_check_text, "--effort"),
+    "effort": (_check_effort, "--effort"),
 }
 #: Payload keys that are the job's settings rather than claude's.
 _JOB_KEYS = ("concurrency_key", "timeout")
@@ -1597,9 +1652,13 @@ def _checked_payload(kind: str, payload: Any, base_dir: str | Path | None) -> di
     return {key: CLAUDE_PAYLOAD[key][0](key, value, base) for key, value in payload.items()}
 
 
-def _concurrency_key(options: JobOptions, prepared: _Prepared) -> str | None:
+def _concurrency_key(
+    options: JobOptions, prepared: _Prepared, previous: Job | None = None
+) -> str | None:
     """The key a job runs under: none with a limit of 0; else the payload's, the options',
-    or (for a claude job outside a worktree) its cwd."""
+    or by default, for a claude job, its cwd; in a worktree, none (it has the worktree to
+    itself), but a continuation shares the worktree of the job it continues, and so its key
+    (or, from the first job of the worktree, its branch)."""
     if options.concurrency_limit == 0:
         return None
     if "concurrency_key" in prepared.settings:
@@ -1607,17 +1666,26 @@ def _concurrency_key(options: JobOptions, prepared: _Prepared) -> str | None:
     if options.concurrency_key is not None:
         return options.concurrency_key
     payload = prepared.payload
-    if options.kind == DEFAULT_KIND and not payload.get("worktree"):
+    if options.kind != DEFAULT_KIND:
+        return None
+    if not payload.get("worktree"):
         return payload.get("cwd")
+    if previous is not None and previous.payload.get("worktree"):
+        return previous.concurrency_key or f"worktree {_branch_name(previous.id)}"
     return None
 
 
-def _row(options: JobOptions, prepared: _Prepared) -> dict[str, Any]:
+def _branch_name(job_id: uuid.UUID) -> str:
+    """The branch of a worktree job: claude-jobs/ and the start of its id."""
+    return f"claude-jobs/{job_id.hex[:12]}"
+
+
+def _row(options: JobOptions, prepared: _Prepared, previous: Job | None = None) -> dict[str, Any]:
     """The columns of one job."""
     return {
         "payload": prepared.text,
         "timeout": prepared.settings.get("timeout", options.timeout),
-        "concurrency_key": _concurrency_key(options, prepared),
+        "concurrency_key": _concurrency_key(options, prepared, previous),
         "concurrency_limit": options.concurrency_limit,
     }
 
@@ -1723,7 +1791,7 @@ def enqueue(
     prepared = _prepare(options.kind, _continuing(payload, previous), base_dir)
     params = {
         **dataclasses.asdict(options),
-        **_row(options, prepared),
+        **_row(options, prepared, previous),
         "after": after,
         "continue_from": previous.id if previous else None,
         "channel": NOTIFY_CHANNEL,
@@ -1889,6 +1957,12 @@ def retry_jobs(
         again = [row[0] for row in conn.execute(RETRY, params).fetchall()]
         if keys is not None and len(again) < len(set(keys)):
             wrong = [get_job(conn, key) for key in keys if key not in again]
+            for job in wrong:
+                if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):  # blocked
+                    rows = conn.execute(JOB_STATUSES, {"ids": job.after}).fetchall()
+                    found = {job_id: status for job_id, status, _ in rows}
+                    waits = ", ".join(f"{d} ({found.get(d, 'gone')})" for d in job.after or ())
+                    raise WrongState(f"{job.id} waits for {waits}: retry that first")
             states = ", ".join(f"{job.id} is {job.status}" for job in wrong)
             raise WrongState(f"{states}: only failed or cancelled jobs can be retried")
     return again
@@ -1915,6 +1989,19 @@ def list_holds(conn: psycopg.Connection) -> list[dict[str, Any]]:
             {k: row[k] for k in ("kind", "until", "reason")}
             for row in cur.execute(HOLDS).fetchall()
         ]
+
+
+def lift_hold(conn: psycopg.Connection, kind: str = DEFAULT_KIND) -> int | None:
+    """Let workers start jobs of ``kind`` again before the hold's end (a usage limit that
+    was lifted early, or misread); the jobs that met it run now. Returns how many, or None
+    when no hold was on. A worker's own back-off (unfit, budget spent) is not a hold."""
+    params = {
+        "kind": kind,
+        "met": USAGE_LIMIT_NOTE.replace("_", r"\_") + "%",
+        "channel": NOTIFY_CHANNEL,
+    }
+    row = conn.execute(LIFT_HOLD, params).fetchone()
+    return None if row is None else int(row[0])
 
 
 def list_workers(conn: psycopg.Connection) -> list[dict[str, Any]]:
@@ -1997,6 +2084,8 @@ class FollowUpdate:
     queue: str
     text: str  # new transcript text
     skipped: int  # characters of transcript that went past unseen (the kept tail is bounded)
+    worker_lost: bool = False  # running, but its worker is gone: it waits for recovery
+    paused: bool = False  # its queue is paused
 
     @property
     def finished(self) -> bool:
@@ -2015,7 +2104,8 @@ def follow_job(
     seen, last_state = since, None
     while True:
         with conn.cursor(row_factory=dict_row) as cur:
-            row = cur.execute(FOLLOW_JOB, {"id": key, "seen": seen}).fetchone()
+            params = {"id": key, "seen": seen, "grace": LOCK_GRACE}
+            row = cur.execute(FOLLOW_JOB, params).fetchone()
         if row is None:
             raise JobNotFound(f"job {key} was deleted")
         text = row.pop("new") or ""
@@ -2023,7 +2113,8 @@ def follow_job(
         skipped, seen = max(0, size - seen - len(text)), size
         status = JobStatus(row.pop("status"))
         update = FollowUpdate(status=status, text=text, skipped=skipped, **row)
-        state = (update.status, update.attempts, update.run_at, update.worker)
+        state = (update.status, update.attempts, update.run_at, update.worker, update.worker_lost,
+                 update.paused)  # fmt: skip
         if text or skipped or state != last_state:
             yield update
         if update.finished:
@@ -2342,13 +2433,19 @@ _PERMANENT_CLAUDE_SUBTYPES = ("error_max_turns", "error_max_budget_usd")
 #: A subscription usage limit, as claude says it: "You've hit your 5-hour limit · resets Mar 17,
 #: 2030, 5:46pm (UTC)", and in older versions "Claude AI usage limit reached|<epoch seconds>".
 _USAGE_LIMIT_TEXT = re.compile(
-    r"(?:You've )?hit your [^·\n]*limit(?:\s*·\s*resets\s+([^()\n]+?)\s*\(([^)\n]+)\))?"
+    r"You(?:['\u2019]ve| have) hit your [^·\n]*limit"
+    r"(?:\s*·\s*resets\s+(?:at\s+)?([^()\n]+?)\s*\(([^)\n]+)\))?"
 )
 _OLD_USAGE_LIMIT_TEXT = re.compile(r"Claude AI usage limit reached(?:\|(\d+))?")
 _RESET_FORMATS = ("%b %d, %Y, %I:%M%p", "%b %d, %Y, %I%p", "%b %d, %I:%M%p", "%b %d, %I%p",
                   "%I:%M%p", "%I%p")  # fmt: skip
+#: How the error of a job that met a usage limit begins.
+USAGE_LIMIT_NOTE = "claude's usage limit: "
 #: When claude gives no reset time for a usage limit, claude jobs wait this long.
 USAGE_LIMIT_UNKNOWN_RESET = 1800.0
+#: A reset given to the minute may have passed by this much when it is read: it means now,
+#: not the same time tomorrow (or next year).
+RESET_SLACK = timedelta(minutes=2)
 
 
 def _reset_time(text: str, zone: str, now: datetime | None = None) -> datetime | None:
@@ -2358,6 +2455,7 @@ def _reset_time(text: str, zone: str, now: datetime | None = None) -> datetime |
     except (ValueError, zoneinfo.ZoneInfoNotFoundError):
         return None
     now = (now or datetime.now(UTC)).astimezone(tz)
+    earliest = now - RESET_SLACK
     text = re.sub(r"\s*([ap]m)$", r"\1", " ".join(text.split()), flags=re.IGNORECASE)
     for form in _RESET_FORMATS:
         try:
@@ -2368,10 +2466,20 @@ def _reset_time(text: str, zone: str, now: datetime | None = None) -> datetime |
             return parsed.replace(tzinfo=tz)
         if "%b" in form:
             moment = parsed.replace(year=now.year, tzinfo=tz)
-            return moment if moment > now else moment.replace(year=now.year + 1)
+            return moment if moment > earliest else moment.replace(year=now.year + 1)
         moment = now.replace(hour=parsed.hour, minute=parsed.minute, second=0, microsecond=0)
-        return moment if moment > now else moment + timedelta(days=1)
+        return moment if moment > earliest else moment + timedelta(days=1)
     return None
+
+
+def _epoch(seconds: float) -> datetime | None:
+    """An epoch time, in seconds or (when it is that large) milliseconds; None if absurd."""
+    if seconds > 1e11:
+        seconds /= 1000
+    try:
+        return datetime.fromtimestamp(seconds, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
 def _usage_limit(result: Mapping[str, Any], evidence: str, reset: float | None) -> Postpone | None:
@@ -2384,17 +2492,17 @@ def _usage_limit(result: Mapping[str, Any], evidence: str, reset: float | None) 
         return None
     at = None
     if isinstance(reset, int | float) and not isinstance(reset, bool) and reset > 0:
-        at = datetime.fromtimestamp(reset, UTC)
+        at = _epoch(reset)
     elif text and text.group(1):
         at = _reset_time(text.group(1), text.group(2))
     elif old and old.group(1):
-        at = datetime.fromtimestamp(int(old.group(1)), UTC)
+        at = _epoch(int(old.group(1)))
     found = text or old
     said = found.group(0) if found else "usage limit reached"
     if at is None:
         at = datetime.now(UTC) + timedelta(seconds=USAGE_LIMIT_UNKNOWN_RESET)
         said += " (no reset time given)"
-    return UsageLimitReached(f"claude's usage limit: {said}", run_at=at)
+    return UsageLimitReached(f"{USAGE_LIMIT_NOTE}{said}", run_at=at)
 
 
 def claude_outcome(
@@ -2419,6 +2527,9 @@ def claude_outcome(
         raise JobFailed("timed out: claude's process group was terminated", result=result)
     if ended.returncode == 0 and result is not None and result.get("is_error") is False:
         return result
+    subtype = (result or {}).get("subtype")
+    if subtype in _PERMANENT_CLAUDE_SUBTYPES:  # whatever limits it met on the way
+        raise PermanentError(f"claude stopped: {subtype}: {detail}", result=result)
     evidence = "\n".join([said, ended.stderr, *plain])
     limit = _usage_limit(result or {}, evidence, rate_limit_reset)
     if limit is not None:
@@ -2427,9 +2538,6 @@ def claude_outcome(
     for marker, explanation in _UNFIT_CLAUDE_ERRORS:
         if marker in evidence:
             raise WorkerUnfit(f"{explanation} (claude said: {marker})", result=result)
-    subtype = (result or {}).get("subtype")
-    if subtype in _PERMANENT_CLAUDE_SUBTYPES:
-        raise PermanentError(f"claude stopped: {subtype}: {detail}", result=result)
     if result is not None and detail:
         raise JobFailed(f"claude failed: {detail}", result=result)
     last_words = " ".join((ended.stderr.strip().splitlines() or plain or ["no output"])[-1:])
@@ -2528,9 +2636,9 @@ def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | 
             base = _git(top, "rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
         except _GitError:
             raise PermanentError(f"the worktree's base is not a commit in {top}: {ref}") from None
-        name = f"{Path(top).name}-{job.id.hex[:8]}"
-        tree = _Worktree(top, common, str(root / name), f"claude-jobs/{job.id.hex[:8]}", base,
-                         subdir)  # fmt: skip
+        branch = _branch_name(job.id)
+        path = root / f"{Path(top).name}-{branch.removeprefix('claude-jobs/')}"
+        tree = _Worktree(top, common, str(path), branch, base, subdir)
     try:
         _git_retrying(common, top, "worktree", "prune")
         if Path(tree.path, ".git").exists():
@@ -2538,6 +2646,10 @@ def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | 
                 raise PermanentError(f"{tree.path} is a worktree, but not on {tree.branch}")
         elif _git_ok(top, "rev-parse", "--verify", "--quiet", f"refs/heads/{tree.branch}"):
             _git_retrying(common, top, "worktree", "add", tree.path, tree.branch)
+        elif resumed:  # made again from the base, it would lack the work the session did
+            raise PermanentError(
+                f"the branch {tree.branch} of the job this one continues is gone from {top}"
+            )
         else:
             _git_retrying(common, top, "worktree", "add", "-b", tree.branch, tree.path, tree.base)
     except _GitError as error:
@@ -2639,6 +2751,10 @@ class ClaudeHandler:
         self.default_timeout = default_timeout
         self.allow_dirs = [Path(d).expanduser().resolve() for d in allow_dirs]
         self.defaults = _claude_arg_units([*claude_args, *(["--model", model] if model else [])])
+        keys = [key for key, _ in self.defaults if key is not None]
+        for key in sorted({key for key in keys if keys.count(key) > 1}):
+            flag = CLAUDE_PAYLOAD[key][1]
+            raise ConfigError(f"the worker gives claude {flag} twice (--model, --claude-arg)")
         self.keep_worktrees = keep_worktrees
         self.worktree_dir = Path(worktree_dir or default_home() / "worktrees").expanduser()
         self.kill_grace = kill_grace
@@ -2814,11 +2930,17 @@ def _clock_time(monotonic: float) -> str:
 
 
 def _duration_text(seconds: float) -> str:
-    """``seconds`` as people say it: 45s, 12m, 3h, 14d."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
+    """``seconds`` as people say it: 45s, 12m, 1h30m, 3h, 14d (the next unit down too, while
+    the first is a single digit)."""
+    whole = round(seconds)
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for (unit, size), (smaller, small_size) in itertools.pairwise(units):
+        if whole >= size:
+            count, rest = divmod(whole, size)
+            if count >= 10 or rest < small_size:
+                return f"{round(whole / size)}{unit}"
+            return f"{count}{unit}{rest // small_size}{smaller}"
+    return f"{whole}s"
 
 
 def _parse_queues(queues: str | Sequence[str]) -> tuple[str, ...]:
@@ -3813,12 +3935,12 @@ class Worker:
         now = time.monotonic()
         holds = {kind: (now + remaining, reason) for kind, _, remaining, reason in rows}
         with self._lock:
-            known = {k for k, (t, _) in self._holds.items() if t > now}
+            known = {k: t for k, (t, _) in self._holds.items() if t > now}
             self._holds = holds
-        for kind in set(holds) - known:
-            self._log_hold(kind, *holds[kind])
-        for until, _ in holds.values():
-            self._wake_in(until - now)
+        for kind, (until, reason) in holds.items():
+            if abs(until - known.get(kind, 0.0)) > 1.0:  # new, or lengthened
+                self._log_hold(kind, until, reason)
+                self._wake_in(until - now)
         if self._daily_budget and float(spent) >= self._daily_budget:
             midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
             seconds = (midnight + timedelta(days=1) - datetime.now(UTC)).total_seconds()
@@ -4277,11 +4399,19 @@ class _Config:
 
 
 class _DurationType(click.ParamType):
+    """A duration; with ``unit_needed``, a bare number (seconds) is refused, where seconds are
+    surely not what was meant and would do harm (``cleanup --older-than 7``)."""
+
     name = "duration"
+
+    def __init__(self, unit_needed: bool = False) -> None:
+        self.unit_needed = unit_needed
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, int | float):
             return float(value)
+        if self.unit_needed and re.fullmatch(r"\s*[\d.]+\s*", value):
+            self.fail(f"{value!r} needs a unit: {value.strip()}d, {value.strip()}h...", param, ctx)
         try:
             return parse_duration(value)
         except InvalidJob as error:
@@ -4499,6 +4629,8 @@ def enqueue_command(
         raise InvalidJob("give either --payload JSON or --file PATH")
     if wait and payload is None:
         raise InvalidJob("--wait follows one job: give --payload, not --file")
+    if wait and as_json:
+        raise InvalidJob("--wait prints the job's transcript, --json its row: give one of them")
     if no_concurrency_key:
         if options["concurrency_key"] is not None:
             raise InvalidJob("give --concurrency-key or --no-concurrency-key, not both")
@@ -4754,19 +4886,51 @@ def _ago(moment: datetime | None, now: datetime | None = None) -> str:
     return f"in {text}" if seconds < -0.5 else f"{text} ago"
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], paint: int | None = None) -> str:
-    """Aligned columns fitting the terminal: the last column gets what is left, cut with …;
-    column ``paint`` (a status) is coloured."""
+def _table(
+    headers: Sequence[str],
+    rows: Sequence[Sequence[str]],
+    paint: str | None = None,
+    optional: Sequence[str] = (),
+) -> str:
+    """Aligned columns fitting the terminal's width: while too wide, the ``optional`` columns
+    are left out (in that order), then the widest columns are cut with … (not below 8
+    characters); the last one gets what is left (at least 10). Column ``paint`` (a status)
+    is coloured."""
     width = shutil.get_terminal_size((120, 24)).columns
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers[:-1])]
-    room = max(10, width - sum(w + 2 for w in widths))
+    natural = {h: max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)}
+    shown = list(headers)
+
+    def wide(columns: Sequence[str], widths: Mapping[str, int]) -> int:
+        return sum(widths[h] + 2 for h in columns[:-1]) + min(widths[columns[-1]], 10)
+
+    for name in optional:
+        if wide(shown, natural) <= width:
+            break
+        shown.remove(name)
+    widths = {h: natural[h] for h in shown}
+    while wide(shown, widths) > width:  # cut the widest, never below 8 (an id prefix)
+        name = max(shown[:-1], key=lambda h: widths[h] - max(len(h), 8), default=None)
+        if name is None or widths[name] <= max(len(name), 8):
+            break
+        widths[name] -= 1
+    room = max(10, width - sum(widths[h] + 2 for h in shown[:-1]))
+    widths[shown[-1]] = room
+
+    def cut(text: str, size: int) -> str:
+        return text if len(text) <= size else text[: size - 1] + "…"
+
     lines = []
     for number, row in enumerate([headers, *rows]):
-        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)]
-        if paint is not None and number > 0:
-            cells[paint] = _paint(cells[paint], row[paint].strip())
-        last = row[-1] if len(row[-1]) <= room else row[-1][: room - 1] + "…"
-        lines.append("  ".join([*cells, last]).rstrip())
+        cells = dict(zip(headers, row, strict=True))
+        out = []
+        for name in shown:
+            cell = cut(cells[name], widths[name])
+            if name != shown[-1]:
+                cell = cell.ljust(widths[name])
+            if name == paint and number > 0:
+                cell = _paint(cell, cells[name].strip())
+            out.append(cell)
+        lines.append("  ".join(out).rstrip())
     return "\n".join(lines)
 
 
@@ -4902,6 +5066,15 @@ def _stored_transcript(job: Job) -> list[str]:
 def _follow(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> int:
     """Print a job's transcript as it grows and say what happens to it, until it finishes;
     returns its exit status: 0 when it succeeded, else 1."""
+    try:
+        return _print_followed(conn, job_id, since)
+    except KeyboardInterrupt:
+        raise JobsError(
+            f"stopped following job {job_id}, which goes on (`claude-jobs logs -f {job_id}`)"
+        ) from None
+
+
+def _print_followed(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> int:
     printer = _TranscriptPrinter()
     said = ""
     for update in follow_job(conn, job_id, since=since):
@@ -4926,9 +5099,15 @@ def _follow(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> int:
 
 def _progress_note(update: FollowUpdate) -> str:
     """What a followed job is waiting for, if anything."""
+    if update.worker_lost:
+        return f"its worker {update.worker} is lost: waiting for a live worker to recover the job"
     if update.status != JobStatus.QUEUED:
         return ""
-    waiting = "waiting for a worker of queue " + update.queue
+    waiting = (
+        f"queue {update.queue} is paused: waiting for `claude-jobs resume {update.queue}`"
+        if update.paused
+        else f"waiting for a worker of queue {update.queue}"
+    )
     if update.run_at > datetime.now(UTC):
         waiting += f", at {update.run_at.astimezone():%H:%M:%S}"
     if update.attempts:
@@ -4995,7 +5174,7 @@ def list_command(
         headers.insert(7, "WAITS FOR")
         for row, job in zip(rows, jobs, strict=True):
             row.insert(7, _dependency(job) or "-")
-    click.echo(_table(headers, rows, paint=3))
+    click.echo(_table(headers, rows, paint="STATUS", optional=("PRI", "TRIES", "KIND")))
 
 
 def _dependency(job: Job) -> str:
@@ -5023,17 +5202,21 @@ def show_command(config: _Config, job_id: str, as_json: bool) -> None:
         job = get_job(conn, job_id)
         paused = paused_queues(conn)
         waits = [*(job.after or []), *([job.continue_from] if job.continue_from else [])]
-        statuses: dict[uuid.UUID, str] = {}
+        awaited: dict[uuid.UUID, tuple[str, str | None]] = {}
         if waits:
-            statuses = dict(conn.execute(JOB_STATUSES, {"ids": waits}).fetchall())
+            rows = conn.execute(JOB_STATUSES, {"ids": waits}).fetchall()
+            awaited = {job_id: (status, host) for job_id, status, host in rows}
     if as_json:
         click.echo(json.dumps(job.to_dict(), ensure_ascii=False))
     else:
-        click.echo(_describe(job, paused, statuses))
+        click.echo(_describe(job, paused, awaited))
 
 
-def _describe(job: Job, paused: set[str], statuses: Mapping[uuid.UUID, str] | None = None) -> str:
-    """A job as a person reads it (``statuses``: those of the jobs it waits for)."""
+def _describe(
+    job: Job, paused: set[str], awaited: Mapping[uuid.UUID, tuple[str, str | None]] | None = None
+) -> str:
+    """A job as a person reads it (``awaited``: the status of each job it waits for, and the
+    host that keeps its claude session)."""
 
     def when(moment: datetime | None) -> str:
         return f"{moment.astimezone():%Y-%m-%d %H:%M:%S %Z} ({_ago(moment)})" if moment else "-"
@@ -5054,12 +5237,15 @@ def _describe(job: Job, paused: set[str], statuses: Mapping[uuid.UUID, str] | No
     ]
     if job.started_at and job.finished_at:
         rows.append(("took", f"{(job.finished_at - job.started_at).total_seconds():.1f}s"))
-    statuses = statuses or {}
+    awaited = awaited or {}
     for waited in job.after or []:
-        rows.append(("after", f"{waited} ({statuses.get(waited, 'gone')})"))
+        rows.append(("after", f"{waited} ({awaited.get(waited, ('gone',))[0]})"))
     if job.continue_from:
-        status = statuses.get(job.continue_from, "gone")
-        rows.append(("continues", f"{job.continue_from} ({status}), resuming its session"))
+        status, host = awaited.get(job.continue_from, ("gone", None))
+        text = f"{job.continue_from} ({status}), resuming its session"
+        if job.status == JobStatus.QUEUED and host:
+            text += f", kept on {host}: only a worker there can run it"
+        rows.append(("continues", text))
     if job.concurrency_key is not None:
         rows.append(("key", f"{job.concurrency_key} (at most {job.concurrency_limit} at once)"))
     if job.kind == DEFAULT_KIND:
@@ -5085,8 +5271,12 @@ def _describe(job: Job, paused: set[str], statuses: Mapping[uuid.UUID, str] | No
     lines = [f"{name:<9} {_indent(str(value), 10)}" for name, value in rows]
     for entry in job.errors:
         at = datetime.fromisoformat(entry["at"]) if entry.get("at") else None
+        when = [entry.get("worker") or "?", _ago(at)]
+        if at and entry.get("started"):
+            took = (at - datetime.fromisoformat(entry["started"])).total_seconds()
+            when.append(f"took {_duration_text(took) if took >= 60 else f'{took:.1f}s'}")
         lines.append(
-            f"attempt {entry.get('attempt')} ({entry.get('worker') or '?'}, {_ago(at)}): "
+            f"attempt {entry.get('attempt')} ({', '.join(when)}): "
             f"{_indent(str(entry.get('error')), 4)}"
         )
     if job.transcript:
@@ -5169,12 +5359,30 @@ def cancel_command(config: _Config, job_ids: Sequence[str], no_wait: bool) -> No
                 click.echo(f"{key} is running: its worker was asked to stop it")
             else:
                 click.echo(f"{key} is running: waiting for its worker to stop it", err=True)
-                ended = list(follow_job(conn, key, poll=0.5))[-1]
-                click.echo(f"{key} {ended.status}")
+                failure = _await_cancel(conn, key)
+                if failure:
+                    failures.append(failure)
     for failure in failures:
         click.echo(f"Error: {failure}", err=True)
     if failures:
         sys.exit(1)
+
+
+def _await_cancel(conn: psycopg.Connection, key: uuid.UUID) -> str | None:
+    """Wait for a running job's cancel to take effect; what went otherwise, if anything."""
+    for update in follow_job(conn, key, poll=0.5):
+        if update.worker_lost:  # the cancel stands: recovery ends the job cancelled
+            click.echo(
+                f"{key}: its worker {update.worker} is lost; the job is cancelled when a live "
+                "worker recovers it"
+            )
+            return None
+        if update.finished:
+            if update.status == JobStatus.CANCELLED:
+                click.echo(f"{key} cancelled")
+                return None
+            return f"job {key} {update.status} before it could be stopped"
+    return None
 
 
 @cli.command("retry")
@@ -5182,13 +5390,16 @@ def cancel_command(config: _Config, job_ids: Sequence[str], no_wait: bool) -> No
 @click.option("--all", "everything", is_flag=True, help="Every job of --status (and --queue).")
 @click.option(
     "--status", type=click.Choice([JobStatus.FAILED.value, JobStatus.CANCELLED.value]),
-    default="failed",
-    show_default=True, help="With --all: which jobs.",
+    help="With --all: which jobs [default: failed].",
 )  # fmt: skip
 @click.option("--queue", help="With --all: only this queue.")
 @click.pass_obj
 def retry_command(
-    config: _Config, job_ids: Sequence[str], everything: bool, status: str, queue: str | None
+    config: _Config,
+    job_ids: Sequence[str],
+    everything: bool,
+    status: str | None,
+    queue: str | None,
 ) -> None:
     """Put failed or cancelled jobs back in the queue now, with fresh attempts.
 
@@ -5199,6 +5410,9 @@ def retry_command(
     """
     if bool(job_ids) == everything:
         raise InvalidJob("give job ids, or --all (with --status and --queue)")
+    if job_ids and (status or queue):
+        raise InvalidJob("--status and --queue go with --all, not with job ids")
+    status = status or JobStatus.FAILED
     with config.connect() as conn:
         if everything:
             again = retry_jobs(conn, status=status, queue=queue)
@@ -5261,7 +5475,8 @@ def stats_command(config: _Config, cost: bool, days: int, as_json: bool) -> None
     ]  # fmt: skip
     headers = ["QUEUE", "STATE", "READY", "LATER", "RUNNING", "SUCCEEDED", "FAILED",
                "CANCELLED", "OK/1H", "FAIL/1H", "OLDEST", "MEDIAN", "P95", "COST"]  # fmt: skip
-    click.echo(_table(headers, rows, paint=1))
+    optional = ("CANCELLED", "LATER", "FAIL/1H", "OK/1H", "P95", "MEDIAN", "OLDEST", "RUNNING")
+    click.echo(_table(headers, rows, paint="STATE", optional=optional))
 
 
 def _print_holds(holds: Sequence[Mapping[str, Any]]) -> None:
@@ -5331,7 +5546,7 @@ def workers_command(config: _Config, as_json: bool) -> None:
         for w in workers
     ]  # fmt: skip
     headers = ["ID", "HOST", "PID", "STATE", "RUNNING", "STARTED", "HEARTBEAT", "QUEUES", "NOTE"]
-    click.echo(_table(headers, rows))
+    click.echo(_table(headers, rows, optional=("STARTED", "PID", "RUNNING")))
 
 
 def _claude_pause(worker: Mapping[str, Any]) -> str:
@@ -5352,30 +5567,46 @@ def pause_command(config: _Config, queue: str) -> None:
       claude-jobs pause nightly
     """
     with config.connect() as conn:
-        newly = pause_queue(conn, queue, by=f"{socket.gethostname()}:{os.getpid()}")
+        newly = pause_queue(conn, _checked_queue(queue), by=f"{socket.gethostname()}:{os.getpid()}")
         waiting = count_queued(conn, queue)
     state = "paused" if newly else "was already paused"
     click.echo(f"queue {queue} {state}: {waiting} queued job(s) wait for `claude-jobs resume`")
 
 
 @cli.command("resume")
-@click.argument("queue")
+@click.argument("queue", required=False)
+@click.option(
+    "--hold",
+    "kind",
+    metavar="KIND",
+    help="Instead, lift the hold on KIND jobs (claude's usage limit) before its end.",
+)
 @click.pass_obj
-def resume_command(config: _Config, queue: str) -> None:
-    """Let workers take jobs from QUEUE again.
+def resume_command(config: _Config, queue: str | None, kind: str | None) -> None:
+    """Let workers take jobs from QUEUE again; or, with --hold claude, start claude jobs again
+    before the usage limit's announced reset (it was lifted early, or misread).
 
     \b
-    Example:
+    Examples:
       claude-jobs resume nightly
+      claude-jobs resume --hold claude
     """
+    if (queue is None) == (kind is None):
+        raise InvalidJob("give a QUEUE to resume, or --hold KIND")
     with config.connect() as conn:
-        resumed = resume_queue(conn, queue)
+        if kind is not None:
+            sooner = lift_hold(conn, kind)
+            if sooner is None:
+                raise WrongState(f"no hold is on {kind} jobs")
+            click.echo(f"workers start {kind} jobs again; {sooner} job(s) put off by it run now")
+            return
+        resumed = resume_queue(conn, _checked_queue(queue))
     click.echo(f"queue {queue} {'resumed' if resumed else 'was not paused'}")
 
 
 @cli.command("cleanup")
 @_setting(
-    "--older-than", env="CLEANUP_OLDER_THAN", type=_DURATION_TYPE, default="14d",
+    "--older-than", env="CLEANUP_OLDER_THAN", type=_DurationType(unit_needed=True), default="14d",
     show_default=True, help="Delete jobs that finished longer ago than this.",
 )  # fmt: skip
 @click.option("--include-failed", is_flag=True, help="Delete failed jobs too.")
@@ -5405,6 +5636,7 @@ def purge_command(config: _Config, queue: str, yes: bool) -> None:
     Example:
       claude-jobs purge experiments --yes
     """
+    _checked_queue(queue)
     with config.connect() as conn:
         if not yes:
             waiting = count_queued(conn, queue)

@@ -103,6 +103,7 @@ ALTER TABLE claude_jobs
     ADD COLUMN key_held boolean NOT NULL DEFAULT false, -- this running job holds a slot of its key
     ADD COLUMN after uuid[],                   -- runs once all of these succeeded
     ADD COLUMN continue_from uuid,             -- resumes that job's claude session
+    ADD COLUMN session_host text,              -- the host whose claude keeps session_id
     ADD COLUMN worktree jsonb;                 -- the git worktree and branch it ran in
 -- admission counts the slots held per key through this one
 CREATE INDEX claude_jobs_keys_held ON claude_jobs (concurrency_key)

@@ -64,6 +64,27 @@ def test_every_command_taking_an_id_accepts_a_unique_prefix(invoke, conn) -> Non
 # -- list -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("columns", [50, 60, 80])
+def test_every_table_fits_the_terminal(
+    invoke, conn, db_url: str, monkeypatch: pytest.MonkeyPatch, columns: int
+) -> None:
+    long_queue = "a-queue-with-a-rather-long-name-for-nightly-reviews"
+    for status in ("queued", "failed", "succeeded", "cancelled"):
+        make_job(conn, status=status, queue=long_queue, finished_at=hours_ago(0.5),
+                 started_at=hours_ago(0.6), payload=json.dumps({"prompt": "x" * 300}))  # fmt: skip
+    handlers = {"note": lambda job: None}
+    with claude_jobs.Worker(db_url, queues=[long_queue], handlers=handlers) as worker:
+        worker.run_once()  # registered, so that `workers` has a row
+        monkeypatch.setenv("COLUMNS", str(columns))
+        for command in ("list", "stats", "workers"):
+            result = invoke(command)
+            assert result.exit_code == 0, result.output
+            lines = result.output.splitlines()
+            assert len(lines) >= 2, f"{command}: {result.output}"
+            assert max(map(len, lines)) <= columns, f"{command}:\n{result.output}"
+            assert lines[0].startswith("ID" if command != "stats" else "QUEUE")
+
+
 def test_list_shows_jobs_newest_first_in_a_table_that_fits(
     invoke, conn, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -138,6 +159,7 @@ def test_show_tells_every_attempt_result_cost_session_and_transcript(invoke, con
             {
                 "attempt": 1,
                 "at": hours_ago(0.2).isoformat(),
+                "started": (hours_ago(0.2) - timedelta(seconds=95)).isoformat(),
                 "worker": "host-2:7",
                 "error": "claude failed: API Error: 500",
             }
@@ -152,7 +174,7 @@ def test_show_tells_every_attempt_result_cost_session_and_transcript(invoke, con
     for expected in [
         "succeeded, attempt 2 of 5",
         "worker    host-1:42",
-        "attempt 1 (host-2:7, 12m ago): claude failed: API Error: 500",
+        "attempt 1 (host-2:7, 12m ago, took 1m35s): claude failed: API Error: 500",
         "result    Hello from the mock API.",
         "cost      $0.0123",
         "session   9453ba1d-7ef4-4b40-acc5-1727cb51286f",
@@ -262,7 +284,10 @@ def test_a_cancel_asked_of_a_dead_workers_job_is_honoured_on_recovery(
     wait_for(lambda: claude_runs(claude_log), what="claude to start")
     doomed.signal(signal.SIGKILL)
     doomed.wait()
-    assert invoke("cancel", "--no-wait", str(job.id)).exit_code == 0
+    asked = invoke("cancel", str(job.id))  # says so, rather than wait for a recovery
+    assert asked.exit_code == 0, asked.output
+    assert "is lost; the job is cancelled when a live worker recovers it" in asked.output
+    assert status_of(conn, job.id) == "running"
     start_worker()
     wait_for(lambda: status_of(conn, job.id) == "cancelled", timeout=15, what="the recovery")
     assert job_row(conn, job.id)["attempts"] == 1
@@ -291,6 +316,21 @@ def test_retry_of_a_job_in_the_wrong_state_changes_nothing(invoke, conn) -> None
     assert status_of(conn, failed) == "failed", "all or nothing"
     both = invoke("retry", str(failed), "--all")
     assert both.exit_code == 2
+
+
+def test_retry_of_a_job_cancelled_for_a_failed_dependency_points_to_that_one(invoke, conn) -> None:
+    failed = make_job(conn, status="failed")
+    waiting = make_job(conn, status="cancelled", after=[failed])
+    result = invoke("retry", str(waiting))
+    assert (result.exit_code, result.output) == (
+        1, f"Error: {waiting} waits for {failed} (failed): retry that first\n",
+    )  # fmt: skip
+    assert (
+        invoke("retry", "--all", "--status", "cancelled").output == "retried 0 cancelled job(s)\n"
+    )
+    assert invoke("retry", str(failed)).exit_code == 0
+    assert invoke("retry", str(waiting)).exit_code == 0, "its dependency is queued again"
+    assert status_of(conn, waiting) == "queued"
 
 
 def test_retry_all_of_a_status_in_a_queue(invoke, conn) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import socket
 import subprocess
 import threading
 from datetime import UTC, datetime, timedelta
@@ -174,7 +175,7 @@ def test_worktree_jobs_work_side_by_side_on_branches_of_their_own(
     runs = claude_runs(claude_log)
     assert len({run["cwd"] for run in runs}) == 2
     for job, name in zip(jobs, ("a.txt", "b.txt"), strict=True):
-        branch = f"claude-jobs/{job.id.hex[:8]}"
+        branch = f"claude-jobs/{job.id.hex[:12]}"
         assert git(repo, "log", "--format=%s", f"{head}..{branch}") == name
         worktree = job_row(conn, job.id)["worktree"]
         assert (worktree["branch"], worktree["base"], worktree["commits"]) == (branch, head, 1)
@@ -272,6 +273,70 @@ def test_a_usage_limit_puts_the_job_back_unspent_until_the_reset(
     assert "usage limit" in row["last_error"]
     [hold] = claude_jobs.list_holds(conn)
     assert (hold["kind"], hold["until"]) == ("claude", resets)
+
+
+def test_resume_hold_lifts_a_usage_limit_early_and_the_job_runs_now(
+    conn: psycopg.Connection, db_url: str, invoke, fake_claude: Path, tmp_path: Path
+) -> None:
+    job = claude_jobs.enqueue(
+        conn, {"prompt": fake(emit="usage-limit.stream.jsonl", exit=1), "cwd": str(tmp_path)}
+    )
+    later = claude_jobs.enqueue(conn, {"prompt": "p", "cwd": str(tmp_path)}, delay=86400)
+    run_burst(db_url, fake_claude)
+    assert job_row(conn, job.id)["run_at"] >= RESETS_AT
+    conn.execute(  # when run again, it succeeds
+        "UPDATE claude_jobs SET payload = jsonb_set(payload, '{prompt}', %s) WHERE id = %s",
+        [psycopg.types.json.Jsonb(fake(result="after the reset")), job.id],
+    )
+    lifted = invoke("resume", "--hold", "claude")
+    assert lifted.exit_code == 0, lifted.output
+    assert "1 job(s) put off by it run now" in lifted.output
+    assert claude_jobs.list_holds(conn) == []
+    run_burst(db_url, fake_claude)
+    assert status_of(conn, job.id) == "succeeded"
+    assert status_of(conn, later.id) == "queued", "a job delayed for its own reasons still waits"
+    again = invoke("resume", "--hold", "claude")
+    assert (again.exit_code, again.output) == (1, "Error: no hold is on claude jobs\n")
+
+
+NOW = datetime(2030, 3, 17, 17, 46, 20, tzinfo=UTC)  # 20 s past a reset given to the minute
+
+
+@pytest.mark.parametrize(
+    ("text", "zone", "expected"),
+    [
+        ("Mar 17, 2030, 5:46pm", "UTC", datetime(2030, 3, 17, 17, 46, tzinfo=UTC)),
+        ("Mar 17, 5:46pm", "UTC", datetime(2030, 3, 17, 17, 46, tzinfo=UTC)),  # not next year
+        ("5:46pm", "UTC", datetime(2030, 3, 17, 17, 46, tzinfo=UTC)),  # not tomorrow
+        ("5:40pm", "UTC", datetime(2030, 3, 18, 17, 40, tzinfo=UTC)),  # gone by: tomorrow's
+        ("Mar 18, 9am", "Europe/Paris", datetime(2030, 3, 18, 8, tzinfo=UTC)),
+        ("6pm", "Nowhere/Else", None),
+    ],
+)
+def test_a_reset_time_in_words_is_the_next_such_moment(
+    text: str, zone: str, expected: datetime | None
+) -> None:
+    assert claude_jobs._reset_time(text, zone, now=NOW) == expected
+
+
+def outcome_of(result: dict[str, Any], reset: float | None = None) -> BaseException:
+    ended = claude_jobs._ProcessExit(returncode=1, stderr="")
+    with pytest.raises((claude_jobs.JobFailed, claude_jobs.Postpone)) as caught:
+        claude_jobs.claude_outcome(ended, {"type": "result", "is_error": True, **result}, [], reset)
+    return caught.value
+
+
+def test_usage_limits_are_told_apart_from_other_errors() -> None:
+    at_5pm = outcome_of({"result": "You\u2019ve hit your weekly limit · resets at 5pm (UTC)"})
+    assert isinstance(at_5pm, claude_jobs.UsageLimitReached) and at_5pm.run_at.hour == 17
+    in_ms = outcome_of({"api_error": "usage_limit_reached"}, reset=1_900_000_000_000)
+    assert isinstance(in_ms, claude_jobs.UsageLimitReached) and in_ms.run_at == RESETS_AT
+    unknown = outcome_of({"api_error": "usage_limit_reached"})
+    assert isinstance(unknown, claude_jobs.UsageLimitReached) and "no reset time" in str(unknown)
+    other = outcome_of({"result": "the tool hit your configured recursion limit"})
+    assert type(other) is claude_jobs.JobFailed, "not a usage limit: retried as usual"
+    turns = outcome_of({"subtype": "error_max_turns"}, reset=1_900_000_000)
+    assert type(turns) is claude_jobs.PermanentError, "a limit met on the way does not hide it"
 
 
 def test_a_usage_limit_stops_claude_jobs_on_every_worker_but_python_jobs_run(
@@ -435,7 +500,9 @@ def test_the_worker_command_passes_claude_args_and_model(
     ("payload", "error"),
     [
         ({"modle": "opus"}, "unknown payload key 'modle' for a claude job (allowed: prompt, cwd,"),
-        ({"max_turns": 0}, '"max_turns" must be a whole number of 1 or more'),
+        ({"max_turns": 0}, '"max_turns" must be a whole number from 1 to 2147483647'),
+        ({"max_turns": 10**20}, '"max_turns" must be a whole number from 1 to 2147483647'),
+        ({"effort": "ultra"}, '"effort" must be one of low, medium, high, xhigh, max'),
         ({"max_budget_usd": "lots"}, '"max_budget_usd" must be a positive number'),
         ({"permission_mode": "yolo"}, '"permission_mode" must be one of acceptEdits, auto,'),
         ({"allowed_tools": [1]}, '"allowed_tools" must be a tool or a list of tools'),
@@ -460,6 +527,10 @@ def test_the_worker_refuses_claude_args_it_sets_itself(invoke) -> None:
     result = invoke("worker", "--claude-arg=--output-format=json")
     assert (result.exit_code, result.output) == (
         2, "Error: --claude-arg --output-format=json: the worker sets --output-format itself\n",
+    )  # fmt: skip
+    twice = invoke("worker", "--model", "opus", "--claude-arg=--model=sonnet")
+    assert (twice.exit_code, twice.output) == (
+        2, "Error: the worker gives claude --model twice (--model, --claude-arg)\n",
     )  # fmt: skip
 
 
@@ -504,9 +575,74 @@ def test_a_continuation_of_a_worktree_job_goes_on_with_its_branch(
     assert [status_of(conn, j.id) for j in (first, then)] == ["succeeded", "succeeded"]
     runs = claude_runs(claude_log)
     assert runs[0]["cwd"] == runs[1]["cwd"], "the session's directory, made again"
-    branch = f"claude-jobs/{first.id.hex[:8]}"
+    branch = f"claude-jobs/{first.id.hex[:12]}"
     assert git(repo, "log", "--format=%s", f"main..{branch}").split() == ["b.txt", "a.txt"]
     assert job_row(conn, then.id)["worktree"]["commits"] == 2
+
+
+def test_continuations_of_one_worktree_share_its_key_and_need_its_branch(
+    conn: psycopg.Connection, db_url: str, fake_claude: Path, repo: Path, tmp_path: Path
+) -> None:
+    first = claude_jobs.enqueue(conn, {"prompt": fake(), "cwd": str(repo), "worktree": True})
+    assert first.concurrency_key is None, "a worktree of its own"
+    second = claude_jobs.enqueue(conn, {"prompt": "p"}, continue_from=first.id)
+    third = claude_jobs.enqueue(conn, {"prompt": "p"}, continue_from=second.id)
+    also = claude_jobs.enqueue(conn, {"prompt": "p"}, continue_from=first.id)
+    key = f"worktree claude-jobs/{first.id.hex[:12]}"
+    assert [j.concurrency_key for j in (second, third, also)] == [key] * 3, "one tree, one agent"
+    claude_jobs.cancel_job(conn, second.id)
+    claude_jobs.cancel_job(conn, also.id)
+    run_burst(db_url, fake_claude, worktree_dir=tmp_path / "trees")
+    assert status_of(conn, first.id) == "succeeded"
+    git(repo, "branch", "-D", f"claude-jobs/{first.id.hex[:12]}")  # reviewed and thrown away
+    lost = claude_jobs.enqueue(conn, {"prompt": "p"}, continue_from=first.id)
+    run_burst(db_url, fake_claude, worktree_dir=tmp_path / "trees")
+    row = job_row(conn, lost.id)
+    assert (row["status"], row["attempts"]) == ("failed", 1), "not made again from the base"
+    assert (
+        f"the branch claude-jobs/{first.id.hex[:12]} of the job this one continues is gone"
+        in (row["last_error"])
+    )
+
+
+def test_a_continuation_runs_where_the_session_is_kept_whatever_became_of_the_job(
+    conn: psycopg.Connection, invoke, db_url: str, fake_claude: Path, claude_log: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    session = "3648791a-f45c-402c-aafc-7f36a35c1f00"  # that of the captured usage limit
+    first = claude_jobs.enqueue(
+        conn, {"prompt": fake(emit="usage-limit.stream.jsonl", exit=1), "cwd": str(tmp_path)}
+    )
+    run_burst(db_url, fake_claude)  # back in the queue, no worker any more, then cancelled
+    assert invoke("cancel", str(first.id)).exit_code == 0
+    assert invoke("resume", "--hold", "claude").exit_code == 0
+    assert job_row(conn, first.id)["session_host"] == socket.gethostname()
+    then = claude_jobs.enqueue(conn, {"prompt": "go on"}, continue_from=first.id)
+    conn.execute("UPDATE claude_jobs SET session_host = 'elsewhere' WHERE id = %s", [first.id])
+    shown = invoke("show", str(then.id)).output
+    assert "resuming its session, kept on elsewhere: only a worker there can run it" in shown
+    run_burst(db_url, fake_claude)
+    assert status_of(conn, then.id) == "queued", "the session is not on this host"
+    conn.execute(
+        "UPDATE claude_jobs SET session_host = %s WHERE id = %s", [socket.gethostname(), first.id]
+    )
+    run_burst(db_url, fake_claude)
+    assert status_of(conn, then.id) == "succeeded"
+    [run] = [r for r in claude_runs(claude_log) if r["env"]["CLAUDE_JOBS_JOB_ID"] == str(then.id)]
+    assert run["argv"][-2:] == ["--resume", session]
+
+
+def test_cleanup_keeps_the_jobs_that_queued_jobs_wait_for(conn: psycopg.Connection, invoke) -> None:
+    needed, _unneeded = (claude_jobs.enqueue(conn, {}, kind="chore") for _ in range(2))
+    conn.execute(
+        "UPDATE claude_jobs SET status = 'succeeded', finished_at = now() - interval '30 days'"
+    )
+    later = claude_jobs.enqueue(conn, {}, kind="chore", delay=3600)
+    waiting = claude_jobs.enqueue(conn, {}, kind="chore", after=[needed.id, later.id])
+    result = invoke("cleanup", "--older-than", "7d")
+    assert result.output == "deleted 1 succeeded or cancelled job(s) older than 7d\n"
+    remaining = {row[0] for row in conn.execute("SELECT id FROM claude_jobs")}
+    assert remaining == {needed.id, later.id, waiting.id}
 
 
 def test_continuing_needs_a_session_and_a_claude_job(
