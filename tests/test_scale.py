@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import socket
 import subprocess
+import sys
 import threading
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from typing import Any
 import handlers  # noqa: F401  (the "record" kind)
 import psycopg
 import pytest
-from conftest import FIXTURES, claude_runs, fake, job_row, status_of, wait_for
+from conftest import FIXTURES, TESTS, claude_runs, fake, job_row, status_of, wait_for
 from mock_messages_api import MockMessagesAPI, Text
 
 import claude_jobs
@@ -34,9 +37,27 @@ def chore(job: claude_jobs.Job) -> None:
     """A Python job kind."""
 
 
-def run_burst(db_url: str, fake_claude: Path, **handler_options: Any) -> None:
-    handler = ClaudeHandler(str(fake_claude), **handler_options)
-    Worker(db_url, burst=True, handlers={"claude": handler}, backoff_base=60).run()
+def run_burst(
+    db_url: str,
+    fake_claude: Path,
+    *,
+    worktree_dir: Path | None = None,
+    keep_worktrees: bool = False,
+    claude_args: Sequence[str] = (),
+    model: str | None = None,
+) -> None:
+    """Run a real `claude-jobs worker --burst` process to the end (``worktree_dir``: where
+    its worktrees go, as `<home>/worktrees`)."""
+    command = [sys.executable, "-m", "claude_jobs", "--database-url", db_url]
+    if worktree_dir is not None:
+        command += ["--home", str(worktree_dir)]
+    command += ["worker", "--burst", "--backoff-base", "60s", "--claude-bin", str(fake_claude)]
+    command += ["--keep-worktrees"] * keep_worktrees
+    command += [f"--claude-arg={arg}" for arg in claude_args]
+    command += ["--model", model] if model else []
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent), "IS_SANDBOX": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=90, env=env)
+    assert done.returncode == 0, done.stderr
 
 
 def most_at_once(track: Path) -> int:
