@@ -3316,13 +3316,7 @@ class _Session(threading.Thread):
             key = {"namespace": LOCK_NAMESPACE, "key": self._lock_key}
             if not conn.execute(TRY_LOCK, key).fetchone()[0]:  # type: ignore[index]
                 raise _Busy("this worker's lock is held by another session for now")
-            stamp = _lease_clock()
-            if conn.execute(HEARTBEAT, {"id": self.worker_id}).rowcount == 1:
-                self.last_ok = stamp
-            else:
-                conn.execute(UNLOCK_ALL)
-                self._reaped(epoch)
-                self._register(conn)
+            self._beat(conn, epoch)
         else:
             self._leave(conn)  # put back what the lost lease left marked running
             self._register(conn)
@@ -3345,6 +3339,20 @@ class _Session(threading.Thread):
             self.last_ok = _lease_clock()
         logger.debug("registered as worker %s (lock key %s)", worker_id, key)
 
+    def _beat(self, conn: psycopg.Connection, epoch: int) -> None:
+        """Write the heartbeat of lease ``epoch``; when its registration is gone (another worker
+        declared this one dead), register anew."""
+        stamp = _lease_clock()
+        if conn.execute(HEARTBEAT, {"id": self.worker_id}).rowcount == 1:
+            self.last_ok = stamp
+            return
+        conn.execute(UNLOCK_ALL)
+        self._reaped(epoch)
+        self._register(conn)
+        with self.lease_lock:
+            if self.alive:
+                self.ready.set()
+
     def _reaped(self, epoch: int) -> None:
         logger.error(
             "another worker declared this one dead (its heartbeat stopped) and took over its "
@@ -3366,16 +3374,7 @@ class _Session(threading.Thread):
                 alive, epoch = self.alive, self.epoch
             if not alive:
                 return False
-            stamp = _lease_clock()
-            if conn.execute(HEARTBEAT, {"id": self.worker_id}).rowcount == 1:
-                self.last_ok = stamp
-            else:
-                conn.execute(UNLOCK_ALL)
-                self._reaped(epoch)
-                self._register(conn)
-                with self.lease_lock:
-                    if self.alive:
-                        self.ready.set()
+            self._beat(conn, epoch)
             if time.monotonic() >= next_sweep:
                 self._sweep(conn)
                 next_sweep = time.monotonic() + SWEEP_INTERVAL
@@ -4579,6 +4578,11 @@ def migrate_command(config: _Config, print_sql: bool) -> None:
 )
 @click.option("--base", metavar="REF", help="The worktree's starting point [default: HEAD].")
 @click.option(
+    "--max-budget-usd",
+    type=click.FloatRange(0, min_open=True),
+    help='claude stops once the job has cost this much (payload "max_budget_usd").',
+)
+@click.option(
     "--after",
     metavar="ID[,ID...]",
     multiple=True,
@@ -4606,6 +4610,7 @@ def enqueue_command(
     no_concurrency_key: bool,
     worktree: bool,
     base: str | None,
+    max_budget_usd: float | None,
     after: Sequence[str],
     **options: Any,
 ) -> None:
@@ -4622,6 +4627,7 @@ def enqueue_command(
       claude-jobs enqueue --file reviews.jsonl --queue nightly --delay 8h --priority 10
       claude-jobs enqueue --wait --payload '{"prompt": "fix the build", "cwd": "."}'
       claude-jobs enqueue --worktree --payload '{"prompt": "add type hints", "cwd": "."}'
+      claude-jobs enqueue --max-budget-usd 2 --payload '{"prompt": "review", "cwd": "."}'
       claude-jobs enqueue --continue-from 3f2a9c --payload '{"prompt": "now the tests"}'
     """
     _import_modules(imports)
@@ -4637,7 +4643,7 @@ def enqueue_command(
         options["concurrency_limit"] = 0
     options["after"] = [job_id for each in after for job_id in each.split(",") if job_id.strip()]
     job_options = JobOptions.build(**options)  # the options first, before reading input
-    extra = _worktree_keys(job_options.kind, worktree, base)
+    extra = _claude_keys(job_options.kind, worktree, base, max_budget_usd)
     if payload is not None:
         given = _parse_json(payload, "--payload")
         if isinstance(given, dict):
@@ -4670,13 +4676,18 @@ def _parse_json(text: str, where: str) -> Any:
         raise InvalidJob(f"{where} nests more than {MAX_PAYLOAD_DEPTH} levels deep") from None
 
 
-def _worktree_keys(kind: str, worktree: bool, base: str | None) -> dict[str, Any]:
-    """The payload keys --worktree and --base stand for."""
+def _claude_keys(
+    kind: str, worktree: bool, base: str | None, max_budget_usd: float | None
+) -> dict[str, Any]:
+    """The payload keys that --worktree, --base and --max-budget-usd stand for (a payload's
+    own keys win over them)."""
     extra: dict[str, Any] = {"worktree": True} if worktree else {}
     if base is not None:
         extra["base"] = base
+    if max_budget_usd is not None:
+        extra["max_budget_usd"] = max_budget_usd
     if extra and kind != DEFAULT_KIND:
-        raise InvalidJob("--worktree and --base are for claude jobs")
+        raise InvalidJob("--worktree, --base and --max-budget-usd are for claude jobs")
     return extra
 
 

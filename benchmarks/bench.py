@@ -384,7 +384,8 @@ def claim_query_ms(b: Bench) -> float:
             "concurrency) VALUES (%s, -1, 'bench', 0, '{*}', '{noop}', 10)",
             [worker_id],
         )
-        params = {"worker_id": worker_id, "worker": "bench", "kinds": ["noop"], "limit": 10}
+        params = {"worker_id": worker_id, "worker": "bench", "host": "bench", "kinds": ["noop"],
+                  "limit": 10}  # fmt: skip
         for _ in range(21):
             with contextlib.suppress(_Rollback), conn.transaction():
                 plan = conn.execute(

@@ -517,6 +517,23 @@ def test_the_worker_command_passes_claude_args_and_model(
     assert run["argv"][-4:] == ["--max-turns=5", "--debug", "--model", "sonnet"]
 
 
+def test_enqueue_max_budget_usd_sets_each_jobs_budget_unless_the_payload_has_one(
+    conn: psycopg.Connection, invoke, tmp_path: Path
+) -> None:
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text('{"prompt": "a"}\n{"prompt": "b", "max_budget_usd": 9}\n')
+    result = invoke("enqueue", "--max-budget-usd", "2.5", "--file", str(lines))
+    assert result.exit_code == 0, result.output
+    budgets = [
+        claude_jobs.get_job(conn, i).payload["max_budget_usd"] for i in result.output.split()
+    ]
+    assert budgets == [2.5, 9]
+    refused = invoke("enqueue", "--kind", "chore", "--max-budget-usd", "1", "--payload", "{}")
+    assert (refused.exit_code, refused.output) == (
+        2, "Error: --worktree, --base and --max-budget-usd are for claude jobs\n",
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("payload", "error"),
     [
