@@ -631,17 +631,25 @@ SELECT id, worker, pg_notify(%(channel)s, json_build_object('cancel', id)::text)
 RETRY = """
 -- retry: failed or cancelled jobs (these ids, or all of a status and queue) back to the
 -- queue now, with fresh attempts; their errors stay on record. Not a job that waits for one
--- that failed, was cancelled or is gone: it would only be cancelled again.
-WITH again AS (
+-- that failed or was cancelled (unless this retries that one too), or that waits for or
+-- continues one that is gone: it would only be cancelled again.
+WITH chosen AS (
+    SELECT id FROM claude_jobs
+    WHERE status IN ('failed', 'cancelled') AND status = ANY(%(statuses)s::text[])
+      AND (%(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[]))
+      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+), again AS (
     UPDATE claude_jobs j
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
         cancel_requested_at = NULL, claim = NULL, worker_id = NULL, worker = NULL,
         updated_at = now()
-    WHERE j.status IN ('failed', 'cancelled') AND j.status = ANY(%(statuses)s::text[])
-      AND (%(ids)s::uuid[] IS NULL OR j.id = ANY(%(ids)s::uuid[]))
-      AND (%(queue)s::text IS NULL OR j.queue = %(queue)s::text)
+    FROM chosen
+    WHERE j.id = chosen.id
       AND NOT EXISTS (SELECT FROM unnest(j.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
-                      WHERE d.id IS NULL OR d.status IN ('failed', 'cancelled'))
+                      WHERE d.id IS NULL OR (d.status IN ('failed', 'cancelled')
+                                             AND d.id NOT IN (SELECT id FROM chosen)))
+      AND (j.continue_from IS NULL
+           OR EXISTS (SELECT FROM claude_jobs p WHERE p.id = j.continue_from))
     RETURNING j.id, j.queue
 )
 SELECT id, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM again
@@ -721,15 +729,18 @@ SELECT queue, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FR
 
 CLEANUP_BATCH = """
 -- cleanup_batch: delete up to `batch` jobs of these statuses finished before `before`,
--- but not one that a queued job waits for or continues (it would be cancelled as gone)
+-- but not one that an unfinished job waits for or continues (it would be cancelled as gone)
+WITH needed AS (
+    SELECT unnest(after) AS id FROM claude_jobs
+    WHERE status IN ('queued', 'running') AND after IS NOT NULL
+    UNION
+    SELECT continue_from FROM claude_jobs
+    WHERE status IN ('queued', 'running') AND continue_from IS NOT NULL
+)
 DELETE FROM claude_jobs WHERE id IN (
     SELECT d.id FROM claude_jobs d
     WHERE d.status IN ('succeeded', 'failed', 'cancelled') AND d.status = ANY(%(statuses)s::text[])
-      AND d.finished_at < %(before)s
-      AND NOT EXISTS (
-          SELECT FROM claude_jobs w
-          WHERE w.status = 'queued' AND (w.after IS NOT NULL OR w.continue_from IS NOT NULL)
-            AND (d.id = ANY(w.after) OR w.continue_from = d.id))
+      AND d.finished_at < %(before)s AND NOT EXISTS (SELECT FROM needed n WHERE n.id = d.id)
     LIMIT %(batch)s FOR UPDATE OF d SKIP LOCKED)
 """
 
@@ -1162,7 +1173,7 @@ _CONNECT_OPTIONS: dict[str, Any] = {
 def mask_url(url: str) -> str:
     """``url`` (a URI or a key=value conninfo string) with any password replaced by ***."""
     if re.match(r"[a-z][a-z0-9+.-]*://", url, flags=re.I):
-        masked = re.sub(r"^([^:]+://[^:@/]*:)[^@/]*@", r"\1***@", url)
+        masked = re.sub(r"^([^:]+://[^:@/]*:).*@", r"\1***@", url)  # up to the last @
         masked = re.sub(r"([?&]password=)[^&#]*", r"\1***", masked, flags=re.I)
     else:
         masked = re.sub(r"(\bpassword\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", r"\1***", url, flags=re.I)
@@ -1174,7 +1185,7 @@ def _scrub(message: str, url: str) -> str:
     try:
         passwords = [psycopg.conninfo.conninfo_to_dict(url).get("password")]
     except psycopg.Error:  # unparsable: take what looks like a password from the text itself
-        passwords = re.findall(r"^[^:]+://[^:@/]*:([^@/]*)@", url)
+        passwords = re.findall(r"^[^:]+://[^:@/]*:(.*)@", url)
         passwords += re.findall(r"[?&]password=([^&#]*)", url, flags=re.I)
         passwords += re.findall(r"\bpassword\s*=\s*('(?:[^'\\]|\\.)*'|\S+)", url, flags=re.I)
     for password in passwords:
@@ -1734,18 +1745,17 @@ MAX_PAYLOAD_DEPTH = 64
 
 
 def _too_deep(value: Any, limit: int = MAX_PAYLOAD_DEPTH) -> bool:
-    """Whether ``value`` nests arrays and objects more than ``limit`` levels deep."""
-    level: list[Any] = [value]
-    for _ in range(limit + 1):
-        level = [
-            child
-            for each in level
-            if isinstance(each, dict | list)
-            for child in (each.values() if isinstance(each, dict) else each)
-        ]
-        if not level:
-            return False
-    return True
+    """Whether ``value`` nests arrays and objects more than ``limit`` levels deep (a value that
+    holds itself is endlessly deep)."""
+    stack = [(value, 0)]
+    while stack:
+        each, depth = stack.pop()
+        if isinstance(each, dict | list):
+            if depth >= limit:
+                return True
+            children = each.values() if isinstance(each, dict) else each
+            stack.extend((child, depth + 1) for child in children)
+    return False
 
 
 def _payload_json(payload: dict[str, Any]) -> str:
@@ -1958,14 +1968,22 @@ def retry_jobs(
         if keys is not None and len(again) < len(set(keys)):
             wrong = [get_job(conn, key) for key in keys if key not in again]
             for job in wrong:
-                if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):  # blocked
-                    rows = conn.execute(JOB_STATUSES, {"ids": job.after}).fetchall()
-                    found = {job_id: status for job_id, status, _ in rows}
-                    waits = ", ".join(f"{d} ({found.get(d, 'gone')})" for d in job.after or ())
-                    raise WrongState(f"{job.id} waits for {waits}: retry that first")
+                if job.status in (JobStatus.FAILED, JobStatus.CANCELLED):
+                    raise WrongState(_why_blocked(conn, job))
             states = ", ".join(f"{job.id} is {job.status}" for job in wrong)
             raise WrongState(f"{states}: only failed or cancelled jobs can be retried")
     return again
+
+
+def _why_blocked(conn: psycopg.Connection, job: Job) -> str:
+    """Why retry refused a failed or cancelled job: what it waits for or continues."""
+    waits = [*(job.after or ()), *([job.continue_from] if job.continue_from else [])]
+    found = {job_id: status for job_id, status, _ in conn.execute(JOB_STATUSES, {"ids": waits})}
+    gone = [job_id for job_id in waits if job_id not in found]
+    if gone:
+        return f"{job.id} waits for or continues {gone[0]}, which is gone: it cannot run again"
+    blocking = [f"{d} ({found[d]})" for d in job.after or () if found[d] != JobStatus.SUCCEEDED]
+    return f"{job.id} waits for {', '.join(blocking)}: retry that first (or with it)"
 
 
 def queue_stats(conn: psycopg.Connection) -> list[dict[str, Any]]:
@@ -2474,10 +2492,8 @@ def _reset_time(text: str, zone: str, now: datetime | None = None) -> datetime |
 
 def _epoch(seconds: float) -> datetime | None:
     """An epoch time, in seconds or (when it is that large) milliseconds; None if absurd."""
-    if seconds > 1e11:
-        seconds /= 1000
     try:
-        return datetime.fromtimestamp(seconds, UTC)
+        return datetime.fromtimestamp(seconds / 1000 if seconds > 1e11 else seconds, UTC)
     except (ValueError, OverflowError, OSError):
         return None
 
@@ -2628,8 +2644,10 @@ def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | 
     except _GitError:
         raise PermanentError(f'"worktree" needs a cwd inside a git repository: {cwd}') from None
     subdir = os.path.relpath(cwd, top)
-    if resumed:
-        tree = _Worktree(top, common, resumed["path"], resumed["branch"], resumed["base"], subdir)
+    recorded = resumed or job.worktree  # a continuation's, or an earlier attempt's
+    if recorded:
+        tree = _Worktree(top, common, recorded["path"], recorded["branch"], recorded["base"],
+                         subdir)  # fmt: skip
     else:
         ref = job.payload.get("base", "HEAD")
         try:
@@ -4397,6 +4415,14 @@ class _Config:
         return conn
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
 class _DurationType(click.ParamType):
     """A duration; with ``unit_needed``, a bare number (seconds) is refused, where seconds are
     surely not what was meant and would do harm (``cleanup --older-than 7``)."""
@@ -4409,7 +4435,7 @@ class _DurationType(click.ParamType):
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, int | float):
             return float(value)
-        if self.unit_needed and re.fullmatch(r"\s*[\d.]+\s*", value):
+        if self.unit_needed and _is_number(value) and float(value) != 0:
             self.fail(f"{value!r} needs a unit: {value.strip()}d, {value.strip()}h...", param, ctx)
         try:
             return parse_duration(value)
@@ -4813,7 +4839,7 @@ def _read_json_lines(
 @_setting(
     "--retention",
     env="RETENTION",
-    type=_DURATION_TYPE,
+    type=_DurationType(unit_needed=True),
     default="14d",
     show_default=True,
     help="Delete succeeded and cancelled jobs that finished longer ago (0: keep everything).",

@@ -323,14 +323,22 @@ def test_retry_of_a_job_cancelled_for_a_failed_dependency_points_to_that_one(inv
     waiting = make_job(conn, status="cancelled", after=[failed])
     result = invoke("retry", str(waiting))
     assert (result.exit_code, result.output) == (
-        1, f"Error: {waiting} waits for {failed} (failed): retry that first\n",
+        1, f"Error: {waiting} waits for {failed} (failed): retry that first (or with it)\n",
     )  # fmt: skip
-    assert (
-        invoke("retry", "--all", "--status", "cancelled").output == "retried 0 cancelled job(s)\n"
-    )
-    assert invoke("retry", str(failed)).exit_code == 0
-    assert invoke("retry", str(waiting)).exit_code == 0, "its dependency is queued again"
-    assert status_of(conn, waiting) == "queued"
+    none = invoke("retry", "--all", "--status", "cancelled")
+    assert none.output == "retried 0 cancelled job(s)\n"
+    assert invoke("retry", str(waiting), str(failed)).exit_code == 0, "both at once"
+    assert [status_of(conn, j) for j in (failed, waiting)] == ["queued", "queued"]
+    cancelled = make_job(conn, status="cancelled")
+    chained = make_job(conn, status="cancelled", after=[cancelled])
+    gone = make_job(conn, status="cancelled", continue_from=uuid.uuid4())
+    both = invoke("retry", "--all", "--status", "cancelled")
+    assert both.output == "retried 2 cancelled job(s)\n"
+    assert [status_of(conn, j) for j in (cancelled, chained, gone)] == [
+        "queued", "queued", "cancelled",
+    ]  # fmt: skip
+    refused = invoke("retry", str(gone))
+    assert "which is gone: it cannot run again" in refused.output
 
 
 def test_retry_all_of_a_status_in_a_queue(invoke, conn) -> None:

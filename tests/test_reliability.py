@@ -289,6 +289,8 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str | None, int, str]]:
         (["enqueue", "--file", str(tmp / "a-directory")], None, 2, "directory"),
         (["enqueue", "--file", "-"], '{"prompt": "a"}\n{oops}\n', 2, "line 2 of <stdin>"),
         (["cleanup", "--older-than", "7"], None, 2, "'7' needs a unit: 7d, 7h"),
+        (["cleanup", "--older-than", "+7"], None, 2, "needs a unit"),
+        (["worker", "--retention", "7"], None, 2, "'7' needs a unit"),
         (["retry", str(uuid.uuid4()), "--status", "cancelled"], None, 2, "go with --all"),
         (["enqueue", *payload, "--wait", "--json"], None, 2, "give one of them"),
         (["pause", ""], None, 2, "invalid queue name"),

@@ -670,17 +670,23 @@ def test_a_continuation_runs_where_the_session_is_kept_whatever_became_of_the_jo
     assert run["argv"][-2:] == ["--resume", session]
 
 
-def test_cleanup_keeps_the_jobs_that_queued_jobs_wait_for(conn: psycopg.Connection, invoke) -> None:
-    needed, _unneeded = (claude_jobs.enqueue(conn, {}, kind="chore") for _ in range(2))
+def test_cleanup_keeps_the_jobs_that_unfinished_jobs_wait_for(
+    conn: psycopg.Connection, invoke
+) -> None:
+    needed, continued, _unneeded = (
+        claude_jobs.enqueue(conn, {"prompt": "p"}, concurrency_limit=0) for _ in range(3)
+    )
     conn.execute(
         "UPDATE claude_jobs SET status = 'succeeded', finished_at = now() - interval '30 days'"
     )
     later = claude_jobs.enqueue(conn, {}, kind="chore", delay=3600)
     waiting = claude_jobs.enqueue(conn, {}, kind="chore", after=[needed.id, later.id])
+    running = claude_jobs.enqueue(conn, {"prompt": "p"}, continue_from=continued.id)
+    conn.execute("UPDATE claude_jobs SET status = 'running' WHERE id = %s", [running.id])
     result = invoke("cleanup", "--older-than", "7d")
     assert result.output == "deleted 1 succeeded or cancelled job(s) older than 7d\n"
     remaining = {row[0] for row in conn.execute("SELECT id FROM claude_jobs")}
-    assert remaining == {needed.id, later.id, waiting.id}
+    assert remaining == {needed.id, continued.id, later.id, waiting.id, running.id}
 
 
 def test_continuing_needs_a_session_and_a_claude_job(

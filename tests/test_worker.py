@@ -186,11 +186,14 @@ def test_a_result_that_is_not_json_fails_the_job(conn: psycopg.Connection, db_ur
 
 
 def test_payloads_jsonb_cannot_hold_are_refused_at_enqueue(conn: psycopg.Connection) -> None:
+    cyclic: dict[str, Any] = {}
+    cyclic["a"] = cyclic["b"] = cyclic
     for payload, message in [
         ({"n": float("nan")}, "NaN or Infinity"),
         ({"text": "a\x00b"}, "NUL character"),
         ({"text": "\ud800"}, "not valid Unicode"),
         ({"when": object()}, "not JSON"),
+        (cyclic, "nests more than 64 levels deep"),
     ]:
         with pytest.raises(claude_jobs.InvalidJob, match=message):
             claude_jobs.enqueue(conn, payload, kind="note")
