@@ -106,6 +106,7 @@ __all__ = [
     "cli",
     "configure_logging",
     "connect",
+    "cost_stats",
     "default_handlers",
     "default_home",
     "enqueue",
@@ -113,6 +114,8 @@ __all__ = [
     "follow_job",
     "get_job",
     "handler",
+    "lift_hold",
+    "list_holds",
     "list_jobs",
     "list_workers",
     "main",
@@ -344,6 +347,11 @@ class Job:
             values["concurrency_limit"] = 1
         return cls(**values, context=context)
 
+    @property
+    def awaits(self) -> list[uuid.UUID]:
+        """The jobs it waits for (``after``), then the one it continues."""
+        return [*(self.after or ()), *([self.continue_from] if self.continue_from else ())]
+
     def to_dict(self) -> dict[str, Any]:
         """The job as JSON-able values (ISO 8601 times, string ids)."""
         skip = {"claim", "context"}
@@ -474,9 +482,9 @@ ALTER TABLE claude_jobs
 -- admission counts the slots held per key through this one
 CREATE INDEX claude_jobs_keys_held ON claude_jobs (concurrency_key)
     WHERE status = 'running' AND key_held;
--- the (few) queued jobs that wait for others
+-- the (few) unfinished jobs that wait for others
 CREATE INDEX claude_jobs_waiting ON claude_jobs (id)
-    WHERE status = 'queued' AND (after IS NOT NULL OR continue_from IS NOT NULL);
+    WHERE status IN ('queued', 'running') AND (after IS NOT NULL OR continue_from IS NOT NULL);
 -- A hold stops every worker starting jobs of a kind until a time (a usage limit of claude).
 CREATE TABLE claude_jobs_holds (
     kind    text PRIMARY KEY,
@@ -727,20 +735,22 @@ WITH resumed AS (
 SELECT queue, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM resumed
 """
 
-CLEANUP_BATCH = """
+# The ids that unfinished jobs wait for (--after) or continue, through claude_jobs_waiting;
+# uncorrelated, so that PostgreSQL builds the set once per statement and probes it by hash.
+_AWAITED_IDS = """(
+    SELECT unnest(after) FROM claude_jobs
+    WHERE status IN ('queued', 'running') AND after IS NOT NULL
+    UNION ALL
+    SELECT continue_from FROM claude_jobs
+    WHERE status IN ('queued', 'running') AND continue_from IS NOT NULL)"""
+
+CLEANUP_BATCH = f"""
 -- cleanup_batch: delete up to `batch` jobs of these statuses finished before `before`,
 -- but not one that an unfinished job waits for or continues (it would be cancelled as gone)
-WITH needed AS (
-    SELECT unnest(after) AS id FROM claude_jobs
-    WHERE status IN ('queued', 'running') AND after IS NOT NULL
-    UNION
-    SELECT continue_from FROM claude_jobs
-    WHERE status IN ('queued', 'running') AND continue_from IS NOT NULL
-)
 DELETE FROM claude_jobs WHERE id IN (
     SELECT d.id FROM claude_jobs d
     WHERE d.status IN ('succeeded', 'failed', 'cancelled') AND d.status = ANY(%(statuses)s::text[])
-      AND d.finished_at < %(before)s AND NOT EXISTS (SELECT FROM needed n WHERE n.id = d.id)
+      AND d.finished_at < %(before)s AND d.id NOT IN {_AWAITED_IDS}
     LIMIT %(batch)s FOR UPDATE OF d SKIP LOCKED)
 """
 
@@ -852,13 +862,10 @@ _SAVE_PROGRESS = """transcript = CASE WHEN o.transcript IS NULL THEN j.transcrip
 # it tells `logs -f` that a job with a transcript moved on, and wakes the workers when a job
 # may run now that this one is over: one that waits for it, or one of its concurrency key (a
 # notice without a queue wakes every worker).
-_OUTCOME_RETURNING = """RETURNING j.id, j.status, j.run_at,
+_OUTCOME_RETURNING = f"""RETURNING j.id, j.status, j.run_at,
     CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END,
-    CASE WHEN j.status <> 'running' AND (j.key_held OR EXISTS (
-        SELECT FROM claude_jobs w
-        WHERE w.status = 'queued' AND (w.after IS NOT NULL OR w.continue_from IS NOT NULL)
-          AND (j.id = ANY(w.after) OR w.continue_from = j.id)))
-        THEN pg_notify('claude_jobs', '{"queue": null}') END"""
+    CASE WHEN j.status <> 'running' AND (j.key_held OR j.id IN {_AWAITED_IDS})
+        THEN pg_notify('claude_jobs', '{{"queue": null}}') END"""
 
 SAVE_PROGRESS = f"""
 -- save_progress: what running attempts produced so far (transcript tail, claude session,
@@ -969,10 +976,16 @@ RETURNING j.id, j.queue, j.kind, j.last_error, pg_notify('claude_jobs_output', j
 """
 
 SET_HOLD = """
--- set_hold: no worker starts jobs of this kind before `until` (a hold only ever lengthens)
-INSERT INTO claude_jobs_holds AS h (kind, until, reason) VALUES (%(kind)s, %(until)s, %(reason)s)
-ON CONFLICT (kind) DO UPDATE
-SET until = greatest(h.until, excluded.until), reason = excluded.reason, set_at = now()
+-- set_hold: no worker starts jobs of this kind before `until` (a hold only ever lengthens),
+-- and every worker hears of it
+WITH held AS (
+    INSERT INTO claude_jobs_holds AS h (kind, until, reason)
+    VALUES (%(kind)s, %(until)s, %(reason)s)
+    ON CONFLICT (kind) DO UPDATE
+    SET until = greatest(h.until, excluded.until), reason = excluded.reason, set_at = now()
+    RETURNING kind
+)
+SELECT pg_notify(%(channel)s, json_build_object('hold', kind)::text) FROM held
 """
 
 LIFT_HOLD = """
@@ -984,7 +997,7 @@ WITH lifted AS (
     UPDATE claude_jobs j SET run_at = now(), updated_at = now()
     FROM lifted
     WHERE j.status = 'queued' AND j.kind = lifted.kind AND j.run_at > now()
-      AND j.run_at <= lifted.until + interval '1 minute' AND j.last_error LIKE %(met)s
+      AND j.run_at <= lifted.until + interval '1 minute' AND starts_with(j.last_error, %(met)s)
     RETURNING j.id
 )
 SELECT (SELECT count(*) FROM sooner) AS sooner,
@@ -1481,6 +1494,8 @@ class JobOptions:
 
 # -- claude payloads ----------------------------------------------------------------------------
 
+Check = Callable[[str, Any, Path], Any]
+
 PERMISSION_MODES = ("acceptEdits", "auto", "bypassPermissions", "default", "dontAsk", "plan")
 EFFORT_LEVELS = ("low", "medium", "high", "xhigh", "max")  # as claude --help lists them
 
@@ -1526,16 +1541,15 @@ def _check_tools(name: str, value: Any, base_dir: Path) -> list[str]:
     return tools
 
 
-def _check_permission_mode(name: str, value: Any, base_dir: Path) -> str:
-    if value not in PERMISSION_MODES:
-        raise InvalidJob(f'"{name}" must be one of {", ".join(PERMISSION_MODES)}')
-    return str(value)
+def _check_choice(choices: Sequence[str]) -> Check:
+    """A check that the value is one of ``choices``."""
 
+    def check(name: str, value: Any, base_dir: Path) -> str:
+        if value not in choices:
+            raise InvalidJob(f'"{name}" must be one of {", ".join(choices)}')
+        return str(value)
 
-def _check_effort(name: str, value: Any, base_dir: Path) -> str:
-    if value not in EFFORT_LEVELS:
-        raise InvalidJob(f'"{name}" must be one of {", ".join(EFFORT_LEVELS)}')
-    return str(value)
+    return check
 
 
 def _check_dir(name: str, value: Any, base_dir: Path) -> str:
@@ -1588,8 +1602,6 @@ def _check_key(name: str, value: Any, base_dir: Path) -> str | None:
     return None if value is None else _check_text(name, value, base_dir)
 
 
-Check = Callable[[str, Any, Path], Any]
-
 #: What a claude job's payload may hold: how each key is checked (and stored), and the claude
 #: flag it becomes. Any other key is refused, so that a typo does not pass unseen.
 CLAUDE_PAYLOAD: dict[str, tuple[Check, str | None]] = {
@@ -1608,10 +1620,10 @@ CLAUDE_PAYLOAD: dict[str, tuple[Check, str | None]] = {
     "disallowed_tools": (_check_tools, "--disallowedTools"),
     "append_system_prompt": (_check_text, "--append-system-prompt"),
     "system_prompt": (_check_text, "--system-prompt"),
-    "permission_mode": (_check_permission_mode, "--permission-mode"),
+    "permission_mode": (_check_choice(PERMISSION_MODES), "--permission-mode"),
     "add_dirs": (_check_dirs, "--add-dir"),
     "mcp_config": (_check_mcp_config, "--mcp-config"),
-    "effort": (_check_effort, "--effort"),
+    "effort": (_check_choice(EFFORT_LEVELS), "--effort"),
 }
 #: Payload keys that are the job's settings rather than claude's.
 _JOB_KEYS = ("concurrency_key", "timeout")
@@ -1701,14 +1713,25 @@ def _row(options: JobOptions, prepared: _Prepared, previous: Job | None = None) 
     }
 
 
+def _statuses(
+    conn: psycopg.Connection, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, tuple[str, str | None]]:
+    """The status of each of these jobs that exists, and the host keeping its claude session."""
+    if not ids:
+        return {}
+    rows = conn.execute(JOB_STATUSES, {"ids": list(ids)}).fetchall()
+    return {job_id: (status, host) for job_id, status, host in rows}
+
+
 def _chain(
     conn: psycopg.Connection, options: JobOptions
 ) -> tuple[list[uuid.UUID] | None, Job | None]:
     """The jobs this one waits for (they must exist, and not have failed or been cancelled)
     and the claude job it continues."""
     after = [resolve_job_id(conn, job_id) for job_id in options.after] or None
+    found = _statuses(conn, after or [])
     for job_id in after or ():
-        status = get_job(conn, job_id).status
+        status = found[job_id][0]
         if status in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise InvalidJob(f"cannot wait for job {job_id}: it is {status}")
     previous = get_job(conn, options.continue_from) if options.continue_from else None
@@ -1977,12 +2000,13 @@ def retry_jobs(
 
 def _why_blocked(conn: psycopg.Connection, job: Job) -> str:
     """Why retry refused a failed or cancelled job: what it waits for or continues."""
-    waits = [*(job.after or ()), *([job.continue_from] if job.continue_from else [])]
-    found = {job_id: status for job_id, status, _ in conn.execute(JOB_STATUSES, {"ids": waits})}
-    gone = [job_id for job_id in waits if job_id not in found]
+    found = _statuses(conn, job.awaits)
+    gone = [job_id for job_id in job.awaits if job_id not in found]
     if gone:
         return f"{job.id} waits for or continues {gone[0]}, which is gone: it cannot run again"
-    blocking = [f"{d} ({found[d]})" for d in job.after or () if found[d] != JobStatus.SUCCEEDED]
+    blocking = [
+        f"{d} ({found[d][0]})" for d in job.after or () if found[d][0] != JobStatus.SUCCEEDED
+    ]
     return f"{job.id} waits for {', '.join(blocking)}: retry that first (or with it)"
 
 
@@ -2013,11 +2037,7 @@ def lift_hold(conn: psycopg.Connection, kind: str = DEFAULT_KIND) -> int | None:
     """Let workers start jobs of ``kind`` again before the hold's end (a usage limit that
     was lifted early, or misread); the jobs that met it run now. Returns how many, or None
     when no hold was on. A worker's own back-off (unfit, budget spent) is not a hold."""
-    params = {
-        "kind": kind,
-        "met": USAGE_LIMIT_NOTE.replace("_", r"\_") + "%",
-        "channel": NOTIFY_CHANNEL,
-    }
+    params = {"kind": kind, "met": USAGE_LIMIT_NOTE, "channel": NOTIFY_CHANNEL}
     row = conn.execute(LIFT_HOLD, params).fetchone()
     return None if row is None else int(row[0])
 
@@ -2770,8 +2790,9 @@ class ClaudeHandler:
         self.allow_dirs = [Path(d).expanduser().resolve() for d in allow_dirs]
         self.defaults = _claude_arg_units([*claude_args, *(["--model", model] if model else [])])
         keys = [key for key, _ in self.defaults if key is not None]
-        for key in sorted({key for key in keys if keys.count(key) > 1}):
-            flag = CLAUDE_PAYLOAD[key][1]
+        twice = sorted({key for key in keys if keys.count(key) > 1})
+        if twice:
+            flag = CLAUDE_PAYLOAD[twice[0]][1]
             raise ConfigError(f"the worker gives claude {flag} twice (--model, --claude-arg)")
         self.keep_worktrees = keep_worktrees
         self.worktree_dir = Path(worktree_dir or default_home() / "worktrees").expanduser()
@@ -3969,9 +3990,9 @@ class Worker:
         (or at their next poll), this one at once."""
         assert self._pool is not None
         # (when the database is away, the others learn it from their own jobs)
-        with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn, conn.transaction():
-            conn.execute(SET_HOLD, {"kind": kind, "until": until, "reason": reason})
-            conn.execute("SELECT pg_notify(%s, %s)", [NOTIFY_CHANNEL, json.dumps({"hold": kind})])
+        params = {"kind": kind, "until": until, "reason": reason, "channel": NOTIFY_CHANNEL}
+        with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
+            conn.execute(SET_HOLD, params)
         held = (time.monotonic() + (until - datetime.now(UTC)).total_seconds(), reason)
         with self._lock:
             self._holds[kind] = held
@@ -5238,11 +5259,7 @@ def show_command(config: _Config, job_id: str, as_json: bool) -> None:
     with config.connect() as conn:
         job = get_job(conn, job_id)
         paused = paused_queues(conn)
-        waits = [*(job.after or []), *([job.continue_from] if job.continue_from else [])]
-        awaited: dict[uuid.UUID, tuple[str, str | None]] = {}
-        if waits:
-            rows = conn.execute(JOB_STATUSES, {"ids": waits}).fetchall()
-            awaited = {job_id: (status, host) for job_id, status, host in rows}
+        awaited = _statuses(conn, job.awaits)
     if as_json:
         click.echo(json.dumps(job.to_dict(), ensure_ascii=False))
     else:

@@ -108,9 +108,9 @@ ALTER TABLE claude_jobs
 -- admission counts the slots held per key through this one
 CREATE INDEX claude_jobs_keys_held ON claude_jobs (concurrency_key)
     WHERE status = 'running' AND key_held;
--- the (few) queued jobs that wait for others
+-- the (few) unfinished jobs that wait for others
 CREATE INDEX claude_jobs_waiting ON claude_jobs (id)
-    WHERE status = 'queued' AND (after IS NOT NULL OR continue_from IS NOT NULL);
+    WHERE status IN ('queued', 'running') AND (after IS NOT NULL OR continue_from IS NOT NULL);
 -- A hold stops every worker starting jobs of a kind until a time (a usage limit of claude).
 CREATE TABLE claude_jobs_holds (
     kind    text PRIMARY KEY,
