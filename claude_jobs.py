@@ -4121,6 +4121,9 @@ class Worker:
     def _execute(self, attempt: _Attempt) -> _Outcome | None:
         """Run one attempt; what it came to (None: nothing may be written)."""
         job, context = attempt.job, attempt.context
+        if self._daily_budget and job.kind == DEFAULT_KIND:
+            with contextlib.suppress(*_TRANSIENT):  # one that ended while this was claimed
+                self._learn_holds()  # may have spent the day's budget
         if job.kind not in self._startable_kinds():  # held since it was claimed
             return _Outcome(attempt, RELEASE, _released(job.run_at), Progress(), logged=True)
         if not self._admit(job):  # it keeps its place in the queue
