@@ -187,6 +187,10 @@ KILL_GRACE = 10.0
 FORCED_KILL_GRACE = 3.0
 #: Keep this much of a claude transcript (the tail) on the job.
 TRANSCRIPT_LIMIT = 1024 * 1024
+#: Keep this much of one line of claude's output in the transcript (the rest is cut).
+TRANSCRIPT_LINE_LIMIT = 64 * 1024
+#: Read at most this much of one line of claude's output (to parse it); the rest is dropped.
+MAX_OUTPUT_LINE = 16 * 1024 * 1024
 #: Flush a running job's transcript to the database at most this often.
 TRANSCRIPT_FLUSH_INTERVAL = 0.5
 #: Write at most this many outcomes in one statement.
@@ -2240,6 +2244,7 @@ class RunContext:
         attempt: int = 1,
         claim: uuid.UUID | None = None,
         timeout: float | None = None,
+        lease: Callable[[], float] | None = None,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
@@ -2247,6 +2252,7 @@ class RunContext:
         self.deadline = time.monotonic() + timeout if timeout else None
         self.stop = threading.Event()
         self.stop_reason: str | None = None
+        self._lease = lease
         self._lock = threading.Lock()
         self._gathered = Progress()
 
@@ -2254,6 +2260,12 @@ class RunContext:
         if self.stop_reason is None:
             self.stop_reason = reason
         self.stop.set()
+
+    def lease_deadline(self) -> float | None:
+        """When the worker's claim on the job may pass to another worker unless renewed, on
+        the CLOCK_BOOTTIME clock (None: never, outside a worker): by then, every process of
+        the attempt must be gone."""
+        return self._lease() if self._lease is not None else None
 
     def append_transcript(self, text: str) -> None:
         """Add output to the job's transcript (its last TRANSCRIPT_LIMIT characters are kept)."""
@@ -2286,28 +2298,163 @@ class _ProcessExit:
     stopped: str | None = None  # the stop reason, when stopped from outside
 
 
-def _dying_with_the_worker(argv: Sequence[str]) -> list[str]:
-    """``argv`` run so that the process gets SIGKILL when the worker thread that started it
-    dies (Linux, through util-linux's setpriv): claude does not outlive a worker killed with
-    SIGKILL. Where setpriv is missing, ``argv`` as it is: recovery on the same machine still
-    kills a dead worker's leftovers (see _kill_leftovers)."""
-    setpriv = shutil.which("setpriv") if sys.platform.startswith("linux") else None
-    return [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else list(argv)
+#: The supervisor of one attempt's processes: a small program of its own (run as ``python -I -S
+#: -c``), so that it keeps working while its worker cannot (killed, stopped, frozen, cut off).
+#: It starts the command in a session of its own and is the subreaper of everything the command
+#: starts, so that no descendant escapes it, not even one in a session of its own (as claude's
+#: Bash tool runs commands). It kills that whole tree when the command exits (SIGTERM, SIGKILL
+#: a second later), on "stop GRACE" from its worker or on SIGTERM/SIGHUP/SIGINT (SIGTERM, then
+#: SIGKILL after GRACE seconds), and at once when its worker is gone (the control pipe closes)
+#: or the worker's lease runs out ("lease DEADLINE" renews it; DEADLINE is on CLOCK_BOOTTIME):
+#: past it, another worker may take the job over. It exits as the command did.
+#: It imports `_signal` rather than `signal`, whose import of `enum` would double its start-up.
+_SUPERVISOR = r"""
+import os, select, sys, time, _signal
 
+control, grace, command = int(sys.argv[1]), float(sys.argv[3]), sys.argv[4:]
+deadline = float("inf") if sys.argv[2] == "-" else float(sys.argv[2])
+me = os.getpid()
+clock = getattr(time, "CLOCK_BOOTTIME", None)
+now = (lambda: time.clock_gettime(clock)) if clock is not None else time.monotonic
 
-def _leader_exited(process: subprocess.Popen[bytes]) -> bool:
-    """Has the process exited? Without reaping it: while it is an unreaped zombie, its pid
-    (the id of its process group) cannot be reused, so signalling the group stays safe."""
+def say(text):
     try:
-        flags = os.WEXITED | os.WNOHANG | os.WNOWAIT
-        return os.waitid(os.P_PID, process.pid, flags) is not None
-    except ChildProcessError:
-        return True
+        os.write(2, ("claude-jobs supervisor: " + text + "\n").encode())
+    except OSError:
+        pass
+
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come to us
+except (ImportError, OSError, AttributeError):
+    pass
+wake, woken = os.pipe()
+os.set_blocking(woken, False)
+_signal.set_wakeup_fd(woken)
+asked = []
+for number in (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT):
+    _signal.signal(number, lambda number, frame: asked.append(number))
+_signal.signal(_signal.SIGCHLD, lambda number, frame: None)  # only to wake the select
+os.set_inheritable(control, False)
+try:
+    child = os.posix_spawnp(command[0], command, os.environ, setsid=True)
+except OSError as error:
+    say("cannot run " + command[0] + ": " + (error.strerror or str(error)))
+    os._exit(127)
+null = os.open(os.devnull, os.O_RDWR)
+os.dup2(null, 0)  # the pipes are the command's now: they end when its processes end
+os.dup2(null, 1)
+status = None
+
+def below():
+    # Every live process below this one; None where /proc cannot tell.
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    children = {}
+    for name in names:
+        if name.isdigit():
+            try:
+                with open("/proc/" + name + "/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append((int(name), fields[0] != b"Z"))
+            except (OSError, IndexError, ValueError):
+                pass
+    found, todo = [], [me]
+    while todo:
+        for pid, alive in children.get(todo.pop(), ()):
+            todo.append(pid)
+            if alive:
+                found.append(pid)
+    return found
+
+def kill(number):
+    pids = below()
+    for pid in [-child] if pids is None else pids:  # without /proc: the command's group
+        try:
+            os.kill(pid, number)
+        except OSError:
+            pass
+
+def reap():
+    # Reap whatever has exited; False once no child is left (nor, as their subreaper, any
+    # process below us).
+    global status
+    while True:
+        try:
+            pid, code = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
+        if pid == child:
+            status = code
+
+why, kill_at, pending = None, None, b""
+while status is None and why is None:
+    wait = min(deadline, kill_at or deadline) - now()
+    ready = select.select([control, wake], [], [], min(max(wait, 0.0), 1.0))[0]
+    if wake in ready:
+        os.read(wake, 512)
+    if control in ready:
+        data = os.read(control, 4096)
+        if not data:
+            why = "its worker is gone"
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            verb, _, value = line.decode().partition(" ")
+            if verb == "lease":
+                deadline = float(value)
+            elif verb == "stop" and kill_at is None:
+                kill(_signal.SIGTERM)
+                kill_at = now() + float(value)
+    if asked and kill_at is None:
+        kill(_signal.SIGTERM)
+        kill_at = now() + grace
+    if now() >= deadline:
+        why = "its worker's lease ran out: the worker is stopped, frozen or cut off"
+    elif kill_at is not None and now() >= kill_at:
+        kill(_signal.SIGKILL)
+    reap()
+if why is not None:
+    say(why)
+elif reap():  # the command exited, leaving processes: they get a moment to go
+    kill(_signal.SIGTERM)
+    end = max(now() + 1.0, kill_at or 0.0)
+    while now() < end and reap():
+        time.sleep(0.02)
+end = now() + 10.0
+while reap() and now() < end:  # as their subreaper, no child left means nothing left
+    kill(_signal.SIGKILL)
+    time.sleep(0.01)
+if status is None:
+    os._exit(137)
+if os.WIFSIGNALED(status):
+    _signal.signal(os.WTERMSIG(status), _signal.SIG_DFL)
+    os.kill(me, os.WTERMSIG(status))
+os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128)
+"""
+#: How the supervisor says the command could not be started (with exit status 127).
+_CANNOT_RUN = "claude-jobs supervisor: cannot run "
+#: How the supervisor says it ended the attempt because the worker's lease ran out.
+_LEASE_RAN_OUT = "claude-jobs supervisor: its worker's lease ran out"
 
 
-def _signal_group(process: subprocess.Popen[bytes], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(process.pid, sig)
+def _control_pipe() -> tuple[int, int]:
+    """A pipe from a worker to a supervisor: (the supervisor's end, the worker's end, which
+    never blocks)."""
+    read, write = os.pipe()
+    os.set_blocking(write, False)
+    return read, write
+
+
+def _supervised(argv: Sequence[str], control: int, lease: float | None, grace: float) -> list[str]:
+    """``argv`` under a supervisor (see _SUPERVISOR) that reads its orders from the file
+    descriptor ``control``; ``lease``: when the claim runs out unless renewed (None: never)."""
+    python = sys.executable or shutil.which("python3") or "python3"
+    deadline = "-" if lease is None else repr(lease)
+    return [python, "-I", "-S", "-c", _SUPERVISOR, str(control), deadline, repr(grace), *argv]
 
 
 def _run_process(
@@ -2320,23 +2467,38 @@ def _run_process(
     on_line: Callable[[bytes], None],
     kill_grace: float,
 ) -> _ProcessExit:
-    """Run ``argv`` in a process group of its own, without a shell.
+    """Run ``argv`` under a supervisor of its own (see _SUPERVISOR), without a shell.
 
     ``stdin`` is written to the process and then closed; each stdout line goes to ``on_line``
-    as it arrives. At the deadline, or when the context's stop is set, the whole group gets
-    SIGTERM, then SIGKILL after ``kill_grace`` seconds (at once when the claim is lost). When
-    the leader exits, whatever is left of its group is killed, so no stray process of the job
-    keeps running.
+    as it arrives. At the deadline, or when the context's stop is set, the supervisor stops
+    every process of the attempt: SIGTERM, then SIGKILL after ``kill_grace`` seconds (at once
+    when the claim is lost). It is told the context's lease as it is renewed, and ends the
+    attempt by itself when the lease runs out or this process dies. When the command exits,
+    whatever it left running is killed: no process of the job keeps running.
     """
-    process = subprocess.Popen(
-        argv,
-        cwd=cwd,
-        env=dict(env),
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        start_new_session=True,
-    )
+    control, steer = _control_pipe()
+    lease = context.lease_deadline()
+    try:
+        process = subprocess.Popen(
+            _supervised(argv, control, lease, kill_grace),
+            cwd=cwd,
+            env=dict(env),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=(control,),
+            start_new_session=True,  # away from the terminal's Ctrl-C and Ctrl-Z
+        )
+    except BaseException:
+        os.close(steer)
+        raise
+    finally:
+        os.close(control)
+
+    def tell(order: str) -> None:
+        with contextlib.suppress(OSError):  # gone, or (never, in practice) a full pipe
+            os.write(steer, order.encode())
+
     assert process.stdin and process.stdout and process.stderr
     selector = selectors.DefaultSelector()
     pending = memoryview(stdin)
@@ -2347,11 +2509,11 @@ def _run_process(
         process.stdin.close()
     selector.register(process.stdout, selectors.EVENT_READ)
     selector.register(process.stderr, selectors.EVENT_READ)
-    line = bytearray()
+    lines = _LineSplitter(on_line)
     stderr_tail = bytearray()
     result = _ProcessExit(returncode=0, stderr="")
-    kill_at: float | None = None
-    leader_gone_at: float | None = None
+    stopping: float | None = None
+    exited_at: float | None = None
 
     def close(stream: Any) -> None:
         selector.unregister(stream)
@@ -2360,25 +2522,27 @@ def _run_process(
     try:
         while selector.get_map():
             now = time.monotonic()
-            if kill_at is None:
+            if stopping is None:
                 if context.stop.is_set():
                     result.stopped = context.stop_reason
-                    _signal_group(process, signal.SIGTERM)
                     grace = 0.0 if context.stop_reason == STOP_LOST else FORCED_KILL_GRACE
-                    kill_at = now + min(grace, kill_grace)
+                    tell(f"stop {min(grace, kill_grace)}\n")
+                    stopping = now
                 elif context.deadline is not None and now >= context.deadline:
                     result.timed_out = True
-                    _signal_group(process, signal.SIGTERM)
-                    kill_at = now + kill_grace
-            elif now >= kill_at:
-                _signal_group(process, signal.SIGKILL)
-                kill_at = float("inf")
-            if leader_gone_at is None and _leader_exited(process):
-                leader_gone_at = now
-            elif leader_gone_at is not None and now - leader_gone_at > 1.0:
-                _signal_group(process, signal.SIGKILL)  # leftovers holding our pipes
-                if now - leader_gone_at > 3.0:
-                    break  # something outside the group holds them: stop reading
+                    tell(f"stop {kill_grace}\n")
+                    stopping = now
+            renewed = context.lease_deadline()
+            if renewed is not None and renewed != lease:
+                lease = renewed
+                tell(f"lease {lease!r}\n")
+            if exited_at is None and process.poll() is not None:
+                exited_at = now
+            elif exited_at is not None and now - exited_at > 3.0:
+                break  # a process that escaped the supervisor holds our pipes: stop reading
+            elif stopping is not None and now - stopping > kill_grace + 30.0:
+                with contextlib.suppress(OSError):  # the supervisor does not end: a last resort
+                    os.killpg(process.pid, signal.SIGKILL)
             for key, _ in selector.select(timeout=0.1):
                 stream = key.fileobj
                 if stream is process.stdin:
@@ -2396,21 +2560,56 @@ def _run_process(
                 elif stream is process.stderr:
                     stderr_tail = (stderr_tail + data)[-8192:]
                 else:
-                    line += data
-                    while (end := line.find(b"\n")) >= 0:
-                        on_line(bytes(line[:end]))
-                        del line[: end + 1]
+                    lines.feed(data)
     finally:
         for key in list(selector.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
         selector.close()
-        _signal_group(process, signal.SIGKILL)  # the group's leftovers, or all of it
+        os.close(steer)  # a supervisor still at work takes this as its worker gone: all die
         process.wait()
-    if line:
-        on_line(bytes(line))
+    lines.flush()
     result.returncode = process.returncode
     result.stderr = stderr_tail.decode("utf-8", "replace")
+    if _LEASE_RAN_OUT in result.stderr and not result.stopped:
+        context.request_stop(STOP_LOST)  # the watchdog would say so too, any moment now
+        result.stopped = STOP_LOST
     return result
+
+
+class _LineSplitter:
+    """Cuts a byte stream into lines for ``on_line``, in time linear in its length however
+    long a line is; a line longer than ``limit`` bytes is cut there (the rest is dropped)."""
+
+    def __init__(self, on_line: Callable[[bytes], None], limit: int = MAX_OUTPUT_LINE) -> None:
+        self._on_line = on_line
+        self._limit = limit
+        self._line = bytearray()
+        self._dropped = 0  # bytes of the current line past the limit
+
+    def feed(self, data: bytes) -> None:
+        start = 0
+        while (end := data.find(b"\n", start)) >= 0:
+            self._add(data[start:end])
+            self._emit()
+            start = end + 1
+        self._add(data[start:])
+
+    def flush(self) -> None:
+        if self._line or self._dropped:
+            self._emit()
+
+    def _add(self, piece: bytes) -> None:
+        room = self._limit - len(self._line)
+        self._line += piece[:room]
+        self._dropped += max(0, len(piece) - room)
+
+    def _emit(self) -> None:
+        line = bytes(self._line)
+        if self._dropped:
+            line += f" … ({self._dropped:,} more bytes of this line not kept)".encode()
+        self._line.clear()
+        self._dropped = 0
+        self._on_line(line)
 
 
 class _ClaudeStream:
@@ -2426,12 +2625,12 @@ class _ClaudeStream:
 
     def feed(self, raw: bytes) -> None:
         text = raw.decode("utf-8", "replace").rstrip("\r")
-        self.context.append_transcript(text + "\n")
+        self.context.append_transcript(_cut(text, TRANSCRIPT_LINE_LIMIT) + "\n")
         try:
             event = json.loads(text)
         except ValueError:
             if text.strip():
-                self.plain = [*self.plain[-20:], text]
+                self.plain = [*self.plain[-20:], _cut(text, 2000)]
             return
         if not isinstance(event, dict):
             return
@@ -2448,6 +2647,13 @@ class _ClaudeStream:
             cost = event.get("total_cost_usd")
             if isinstance(cost, int | float) and not isinstance(cost, bool) and cost > 0:
                 self.context.record(cost_usd=float(cost))
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} … ({len(text) - limit:,} more characters not kept)"
 
 
 #: What tells that claude cannot run on this worker at all, as it prints it, with what to tell
@@ -2850,7 +3056,7 @@ class ClaudeHandler:
         stream = _ClaudeStream(context)
         try:
             ended = _run_process(
-                _dying_with_the_worker(argv),
+                argv,
                 cwd=cwd,
                 env=env,
                 stdin=job.payload["prompt"].encode("utf-8"),
@@ -2860,6 +3066,9 @@ class ClaudeHandler:
             )
         except OSError as error:
             raise WorkerUnfit(f"cannot run {argv[0]}: {error.strerror or error}") from None
+        if ended.returncode == 127 and _CANNOT_RUN in ended.stderr:
+            said = ended.stderr[ended.stderr.index(_CANNOT_RUN) :].splitlines()[0]
+            raise WorkerUnfit(said.removeprefix("claude-jobs supervisor: "))
         if ended.stopped:
             raise _Interrupted(ended.stopped)
         return claude_outcome(ended, stream.result, stream.plain, stream.rate_limit_reset)
@@ -3283,6 +3492,15 @@ class _Session(threading.Thread):
             if self.alive and self.ready.is_set() and self.worker_id is not None:
                 return self.worker_id, self.epoch
         return None
+
+    def lease_deadline(self, epoch: int) -> float:
+        """When lease ``epoch`` runs out unless a heartbeat renews it, on the lease clock:
+        past it, other workers may take its jobs over, so nothing of them may run here then
+        (the watchdog fences at that moment, and each job's supervisor on its own)."""
+        with self.lease_lock:
+            if not self.alive or self.epoch != epoch:
+                return 0.0
+            return self.last_ok + self._grace - FENCE_MARGIN
 
     def end_lease(self, epoch: int) -> bool:
         """Give up the lease ``epoch`` (the caller holds lease_lock); False if already over."""
@@ -3875,9 +4093,11 @@ class Worker:
                 query = CLAIM_FROM_QUEUE if queue else CLAIM_FROM_ANY_QUEUE
                 self._check_claims = True  # until the reply is in hand
                 rows = cur.execute(query, {**params, "queue": queue, "limit": free - claimed})
+                lease = functools.partial(session.lease_deadline, epoch)
                 jobs = [
                     Job.from_row(
-                        row, RunContext(row["id"], row["attempts"], row["claim"], row["timeout"])
+                        row,
+                        RunContext(row["id"], row["attempts"], row["claim"], row["timeout"], lease),
                     )
                     for row in rows.fetchall()
                 ]
@@ -4901,15 +5121,17 @@ def worker_command(
 
 
 def _stop_on_signals(worker: Worker) -> None:
-    """First SIGINT/SIGTERM: stop claiming and let jobs finish. Second: stop them now."""
+    """First SIGINT/SIGTERM/SIGHUP: stop claiming and let jobs finish. Second: stop them now.
+    (SIGHUP: the worker's terminal was closed; left to its default, it would kill the worker
+    without a word, its jobs marked running until recovered.)"""
     received: list[int] = []
 
     def on_signal(signum: int, frame: object) -> None:
         received.append(signum)
         worker.stop(force=len(received) > 1)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
 
 
 # -- seeing jobs ------------------------------------------------------------------------------

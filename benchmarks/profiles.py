@@ -4,7 +4,7 @@
     python benchmarks/profiles.py drain spawn     # some of them
 
 drain    a worker's CPU per no-op job, with and without its log lines, and its busiest functions
-spawn    starting the fake claude: bare, under setpriv, and through the worker's process runner
+spawn    starting the fake claude: bare, under the supervisor, and through the worker's runner
 enqueue  enqueue_many of 100,000 jobs under cProfile
 backlog  claim and completion round trips while draining 10,000 jobs from 10k and 1M backlogs
 """
@@ -17,7 +17,6 @@ import logging
 import os
 import pstats
 import resource
-import shutil
 import statistics
 import subprocess
 import sys
@@ -142,25 +141,29 @@ def profile_spawn(workdir: Path) -> None:
     fake.write_text(FAKE_CLAUDE)
     fake.chmod(0o755)
     argv = [str(fake), *claude_jobs.CLAUDE_ARGS, claude_jobs.SKIP_PERMISSIONS]
-    setpriv = shutil.which("setpriv")
 
     def bare(_: int) -> None:
         subprocess.run(argv, input=b"x", capture_output=True, start_new_session=True)
 
-    def under_setpriv(_: int) -> None:
-        command = [setpriv, "--pdeathsig", "KILL", "--", *argv] if setpriv else argv
-        subprocess.run(command, input=b"x", capture_output=True, start_new_session=True)
+    def supervised(_: int) -> None:
+        read, write = claude_jobs._control_pipe()
+        command = claude_jobs._supervised(argv, read, None, 1.0)
+        subprocess.run(
+            command, input=b"x", capture_output=True, start_new_session=True, pass_fds=(read,)
+        )
+        os.close(read)
+        os.close(write)
 
     def runner(_: int) -> None:
         context = claude_jobs.RunContext(uuid.uuid4(), 1, None, 60)
         claude_jobs._run_process(
-            claude_jobs._dying_with_the_worker(argv), cwd=str(workdir), env=os.environ,
-            stdin=b"x", context=context, on_line=lambda line: None, kill_grace=1,
+            argv, cwd=str(workdir), env=os.environ, stdin=b"x", context=context,
+            on_line=lambda line: None, kill_grace=1,
         )  # fmt: skip
 
     cases: list[tuple[str, Callable[[int], None]]] = [
         ("subprocess.run", bare),
-        ("subprocess.run under setpriv", under_setpriv),
+        ("subprocess.run under the supervisor", supervised),
         ("the worker's process runner", runner),
     ]
     for label, spawn in cases:

@@ -134,11 +134,14 @@ any other prompt gets a successful stream-json run answering "echo: <prompt star
 Directives: emit (a fixture file to print to stdout), stdout / stderr (text to print),
 stream (lines to print one by one, `interval` seconds apart, before the usual result),
 sleep (seconds, before finishing), child (spawn a grandchild that sleeps, recording its pid),
+detach (spawn a grandchild in a session of its own, as claude's Bash tool runs commands, that
+outlives this process; "ignore_term": it ignores SIGTERM; its pid is recorded as "detached"),
 exit (the exit status, default 0), result (the result text of the default success run),
 ignore_term (ignore SIGTERM), cost (total_cost_usd), session (the session id), run (commands,
 argv lists, to run in the working directory first), track (a directory: while it runs, a file
 of its own is there, and on start it appends how many there are to <track>.counts), unless
-(a path: when it exists, every other directive is ignored: a plain success).
+(a path: when it exists, every other directive is ignored: a plain success), big_line (print
+one line of that many "x" before the result).
 """
 import base64, json, os, signal, subprocess, sys, time, uuid
 
@@ -167,6 +170,15 @@ if directives.get("ignore_term"):
 if directives.get("child"):
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
     record["child"] = child.pid
+if "detach" in directives:
+    code = "import signal, time; "
+    if directives["detach"].get("ignore_term"):
+        code += "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    detached = subprocess.Popen(
+        [sys.executable, "-c", code + "time.sleep(3012)"], start_new_session=True,
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    record["detached"] = detached.pid
 if log:
     env = record["env"]
     name = f"{{env['CLAUDE_JOBS_JOB_ID']}}-{{env['CLAUDE_JOBS_ATTEMPT']}}-{{os.getpid()}}.json"
@@ -186,6 +198,10 @@ elif "stdout" not in directives:
     ]
     for line in lines:
         print(json.dumps(line), flush=True)
+if "big_line" in directives:
+    for _ in range(directives["big_line"] // 65536):
+        sys.stdout.write("x" * 65536)
+    print(flush=True)
 for line in directives.get("stream", []):
     print(json.dumps(line) if not isinstance(line, str) else line, flush=True)
     time.sleep(directives.get("interval", 0))

@@ -274,3 +274,27 @@ def test_the_transcript_keeps_the_last_mebibyte(
     assert len(chatter) > claude_jobs.TRANSCRIPT_LIMIT
     assert claude_jobs.TRANSCRIPT_LIMIT - 200 < len(transcript) <= claude_jobs.TRANSCRIPT_LIMIT
     assert chatter.endswith(transcript)
+
+
+def test_output_is_cut_into_lines_in_linear_time_and_long_lines_are_capped() -> None:
+    lines: list[bytes] = []
+    splitter = claude_jobs._LineSplitter(lines.append, limit=10)
+    for piece in (b"ab", b"c\nde", b"f\n\n", b"0123456789abc", b"def\ntail"):
+        splitter.feed(piece)
+    splitter.flush()
+    assert lines[:3] == [b"abc", b"def", b""]
+    assert lines[3].startswith(b"0123456789 ") and b"6 more bytes" in lines[3]
+    assert lines[4] == b"tail"
+
+
+def test_a_line_of_40_mib_is_capped_in_the_transcript_and_the_job_succeeds(
+    conn: psycopg.Connection, db_url: str, fake_claude: Path, claude_log: Path, tmp_path: Path
+) -> None:
+    job = claude_jobs.enqueue(
+        conn, {"prompt": fake(big_line=40 * 1024 * 1024), "cwd": str(tmp_path)}
+    )
+    run_jobs(db_url, fake_claude)
+    row = job_row(conn, job.id)
+    assert row["status"] == "succeeded"
+    assert "not kept)" in row["transcript"]
+    assert len(row["transcript"]) < 2 * claude_jobs.TRANSCRIPT_LINE_LIMIT

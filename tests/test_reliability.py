@@ -169,7 +169,7 @@ def test_a_network_cut_hands_the_jobs_over_and_the_cut_worker_overwrites_nothing
         jobs = [
             claude_jobs.enqueue(
                 conn,
-                {"prompt": fake(sleep=600, result="cut"), "cwd": str(tmp_path)},
+                {"prompt": fake(sleep=600, result="cut", detach={}), "cwd": str(tmp_path)},
                 concurrency_limit=0,  # all three at once in one directory
             )
             for _ in range(3)
@@ -184,13 +184,16 @@ def test_a_network_cut_hands_the_jobs_over_and_the_cut_worker_overwrites_nothing
             [psycopg.types.json.Jsonb(fake(result="survivor"))],
         )
         proxy.pause()  # the connections stay open; nothing gets through
+        # Before another worker could take the jobs over, nothing of them runs here any more
+        # (with no other worker yet, no recovery on this host can be what killed them).
+        cut.wait_for_log("no heartbeat reached the database")
+        cut_pids = [run[name] for run in cut_runs for name in ("pid", "detached")]
+        wait_for(lambda: not any(map(pid_alive, cut_pids)), timeout=2, what="the cut jobs to end")
         survivor = start_worker("--heartbeat-timeout", "5s")
         wait_for(lambda: count(conn, "succeeded") == 3, timeout=30, what="the takeover")
         taken = [job_row(conn, job.id) for job in jobs]
         assert {row["result"]["result"] for row in taken} == {"survivor"}
         assert {row["worker"] for row in taken} == {f"{os.uname().nodename}:{survivor.pid}"}
-        cut.wait_for_log("no heartbeat reached the database")
-        assert not any(pid_alive(run["pid"]) for run in cut_runs), "the cut worker's claude ran on"
         proxy.resume()
         cut.wait_for_log("database session lost", timeout=20)
         time.sleep(1.5)  # give the cut worker every chance to write what it had
