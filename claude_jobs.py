@@ -181,6 +181,9 @@ LOCK_GRACE = 5.0
 SWEEP_INTERVAL = 1.0
 #: A worker stops its own jobs this long before others may take them over.
 FENCE_MARGIN = 2.0
+#: A worker that lost its lease waits at most this long for the outcomes that finished under
+#: it to be recorded (the database has just come back), before it puts back the rest.
+LEAVE_FLUSH_TIMEOUT = 15.0
 #: After SIGTERM to a claude process group, SIGKILL follows after this long.
 KILL_GRACE = 10.0
 #: The same on a forced shutdown (the second signal), where waiting is unwelcome.
@@ -1387,11 +1390,27 @@ def parse_time(text: str) -> datetime:
     """An ISO 8601 time; without a zone it is local time."""
     try:
         when = datetime.fromisoformat(text.strip())
-        return when if when.tzinfo else when.astimezone()
+        when = when if when.tzinfo else when.astimezone()
     except (ValueError, OverflowError):
         raise InvalidJob(
             f"invalid time {text!r}: use ISO 8601, e.g. 2026-11-24T09:00:00+01:00"
         ) from None
+    return _checked_time(when, f"invalid time {text!r}")
+
+
+#: The times a job may be due: what both PostgreSQL and Python represent in every time zone
+#: (PostgreSQL would store 0001-01-01T00:00+14:00, but no one could read it back).
+EARLIEST_TIME = datetime(1, 1, 2, tzinfo=UTC)
+LATEST_TIME = datetime(9999, 12, 30, tzinfo=UTC)
+
+
+def _checked_time(when: datetime, what: str = "invalid time") -> datetime:
+    """``when`` (with a time zone), if within EARLIEST_TIME and LATEST_TIME; else InvalidJob."""
+    if not EARLIEST_TIME <= when <= LATEST_TIME:
+        raise InvalidJob(
+            f"{what}: out of range ({EARLIEST_TIME:%Y-%m-%d} to {LATEST_TIME:%Y-%m-%d} UTC)"
+        )
+    return when
 
 
 def _checked_queue(name: str) -> str:
@@ -1456,6 +1475,8 @@ class JobOptions:
             raise InvalidJob(f"timeout must be positive, not {self.timeout}")
         if self.run_at is not None and self.run_at.tzinfo is None:
             raise InvalidJob("run_at needs a time zone")
+        if self.run_at is not None:
+            _checked_time(self.run_at, f"invalid run_at {self.run_at.isoformat()}")
         if not 0 <= self.concurrency_limit <= PG_INT_MAX:
             raise InvalidJob(f"concurrency limit must be 0 or more, not {self.concurrency_limit}")
         if self.concurrency_key is not None and not self.concurrency_key.strip():
@@ -3132,6 +3153,17 @@ class _Busy(Exception):
     """This worker's advisory lock is held elsewhere for a moment: try again shortly."""
 
 
+def _within_reach(when: datetime) -> datetime:
+    """A time a handler asked for (local time when it has no zone), brought within
+    MAX_DURATION of now: a job is never put off into a time that cannot be stored or read."""
+    now = datetime.now(UTC)
+    try:
+        when = when if when.tzinfo else when.astimezone()
+    except (OverflowError, ValueError):
+        return now
+    return min(max(when, now), now + timedelta(seconds=MAX_DURATION))
+
+
 def _log_job(event: str, job: Job, level: int = logging.INFO, **details: Any) -> None:
     """One log line per job event, with the job's id, queue, kind and attempt."""
     if not logger.isEnabledFor(level):
@@ -3282,13 +3314,30 @@ class _Recorder:
         self._waiting: list[_Outcome] = []  # taken from the inbox, not written yet
         self._unsaved: dict[uuid.UUID, Progress] = {}  # progress taken, not written yet
         self._closing = threading.Event()
+        self._hurry = threading.Event()  # flush(): try again now, not after the back-off
+        self._settled = threading.Condition()  # guards _unwritten; notified as it drops
+        self._unwritten = 0  # outcomes submitted and not yet handed to on_written
         self.failure: JobsError | None = None  # set if the recorder died of a bug
         self.thread = threading.Thread(
             target=self._guarded, name="claude-jobs-recorder", daemon=True
         )
 
     def submit(self, outcome: _Outcome) -> None:
+        with self._settled:
+            self._unwritten += 1
         self._inbox.put(outcome)
+
+    def flush(self, timeout: float) -> bool:
+        """Write every outcome submitted so far, now (not after the retry's back-off), and
+        return once they are written (True), or after ``timeout`` seconds (False). Called
+        before the worker gives back what a lost lease left marked running: what finished
+        under its claims is recorded under them first."""
+        self._hurry.set()
+        try:
+            with self._settled:
+                return self._settled.wait_for(lambda: self._unwritten == 0, timeout)
+        finally:
+            self._hurry.clear()
 
     def close(self, timeout: float) -> None:
         """Write what is left (giving up at once if the worker gave up), then stop."""
@@ -3326,7 +3375,7 @@ class _Recorder:
             except _TRANSIENT as error:
                 if self._give_up.is_set():
                     for outcome in self._waiting:  # recovered (and run again) after we exit
-                        self._on_written(outcome, None)
+                        self._written(outcome, None)
                     self._waiting = []
                     continue
                 wait = retry.next()
@@ -3336,7 +3385,23 @@ class _Recorder:
                     self._describe_error(error),
                     wait,
                 )
-                self._give_up.wait(wait)
+                self._pause(wait)
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before trying again: ``seconds``, or less when the worker gives up or asks for
+        a flush."""
+        end = time.monotonic() + seconds
+        while time.monotonic() < end and not (self._give_up.is_set() or self._hurry.is_set()):
+            self._hurry.wait(min(0.1, end - time.monotonic()))
+
+    def _written(self, outcome: _Outcome, status: str | None) -> None:
+        """Hand a written (or given up) outcome to the worker."""
+        try:
+            self._on_written(outcome, status)
+        finally:
+            with self._settled:
+                self._unwritten -= 1
+                self._settled.notify_all()
 
     def _collect(self, timeout: float) -> None:
         """Move outcomes from the inbox to the waiting list: block until one comes (or the
@@ -3388,7 +3453,7 @@ class _Recorder:
                 done = conn.execute(ALREADY_RECORDED, {"ids": ids, "claims": claims})
                 written.update({row[0]: "" for row in done.fetchall()})
         for outcome in outcomes:
-            self._on_written(outcome, written.get(outcome.attempt.job.id))
+            self._written(outcome, written.get(outcome.attempt.job.id))
 
     def _write_one_by_one(self, outcomes: list[_Outcome]) -> None:
         """Write each outcome alone; one the database refuses becomes a failure saying why,
@@ -3401,7 +3466,7 @@ class _Recorder:
             except _REFUSED as error:
                 refused = error
             except _TRANSIENT:
-                self._on_written(outcome, None)
+                self._written(outcome, None)
                 continue
             logger.error(
                 "the database refused the outcome of job %s: %s", outcome.attempt.job.id, refused
@@ -3422,7 +3487,7 @@ class _Recorder:
                     self._write([fallback])
                     break
             else:
-                self._on_written(outcome, None)
+                self._written(outcome, None)
 
     @staticmethod
     def _columns(rows: list[tuple[_Attempt, dict[str, Any], Progress]]) -> dict[str, Any]:
@@ -3463,6 +3528,7 @@ class _Session(threading.Thread):
         options: Mapping[str, Any],
         on_notify: Callable[[str], None],
         on_reaped: Callable[[int], None],
+        before_leaving: Callable[[], None],
         grace: float,
         heartbeat_timeout: float,
     ) -> None:
@@ -3472,6 +3538,7 @@ class _Session(threading.Thread):
         self._options = options
         self._on_notify = on_notify
         self._on_reaped = on_reaped
+        self._before_leaving = before_leaving
         self._grace = grace
         self._heartbeat_timeout = heartbeat_timeout
         self._closing = threading.Event()
@@ -3493,12 +3560,16 @@ class _Session(threading.Thread):
                 return self.worker_id, self.epoch
         return None
 
+    def holds(self, epoch: int) -> bool:
+        """Whether lease ``epoch`` still holds (the caller holds lease_lock)."""
+        return self.alive and self.epoch == epoch
+
     def lease_deadline(self, epoch: int) -> float:
         """When lease ``epoch`` runs out unless a heartbeat renews it, on the lease clock:
         past it, other workers may take its jobs over, so nothing of them may run here then
         (the watchdog fences at that moment, and each job's supervisor on its own)."""
         with self.lease_lock:
-            if not self.alive or self.epoch != epoch:
+            if not self.holds(epoch):
                 return 0.0
             return self.last_ok + self._grace - FENCE_MARGIN
 
@@ -3566,6 +3637,7 @@ class _Session(threading.Thread):
     def _establish(self, conn: psycopg.Connection) -> None:
         """Listen, then take the lock again and confirm the lease, or register anew."""
         check_schema(conn)
+        _configure_worker_connection(conn)  # its sweeps run every second: no JIT for them
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # first: no notice is missed from here on
         with self.lease_lock:
             alive, epoch = self.alive, self.epoch
@@ -3575,7 +3647,9 @@ class _Session(threading.Thread):
                 raise _Busy("this worker's lock is held by another session for now")
             self._beat(conn, epoch)
         else:
-            self._leave(conn)  # put back what the lost lease left marked running
+            if self.worker_id is not None:  # a lease was lost: what finished under its
+                self._before_leaving()  # claims is recorded under them, before the rest
+            self._leave(conn)  # goes back: what the lost lease left marked running
             self._register(conn)
         with self.lease_lock:
             if self.alive:
@@ -3706,8 +3780,12 @@ class _Session(threading.Thread):
 def _configure_worker_connection(conn: psycopg.Connection) -> None:
     """The claim must walk its index in claim order, whatever the statistics say: right
     after a bulk insert they can be so stale (a table analyzed while empty) that the planner
-    prefers sorting every ready job, on every claim. No other query of the worker sorts."""
+    prefers sorting every ready job, on every claim. No other query of the worker sorts.
+    And no JIT: with a large backlog the claim's estimated cost passes jit_above_cost, and a
+    server built with LLVM (Debian's, for one) then compiles it on every call: 84 ms of JIT
+    for 0.2 ms of work. The worker's statements are all short; none gains from JIT."""
     conn.execute("SET enable_sort = off")
+    conn.execute("SET jit = off")
 
 
 def _notify_queues(cur: psycopg.Cursor[Any], jobs: Iterable[Mapping[str, Any]]) -> None:
@@ -3930,6 +4008,7 @@ class Worker:
             options=options,
             on_notify=self._on_notify,
             on_reaped=lambda epoch: self._fence(epoch, "another worker declared it dead"),
+            before_leaving=lambda: self._recorder and self._recorder.flush(LEAVE_FLUSH_TIMEOUT),
             grace=self._lock_grace,
             heartbeat_timeout=self._heartbeat_timeout,
         )
@@ -4115,7 +4194,7 @@ class Worker:
         assert self._session is not None and job.context is not None
         attempt = _Attempt(job, job.context)
         with self._session.lease_lock:
-            if not (self._session.alive and self._session.epoch == epoch):
+            if not self._session.holds(epoch):
                 return False
             with self._lock:
                 self._running[job.id] = attempt
@@ -4134,10 +4213,15 @@ class Worker:
             return
         with self._pool.connection() as conn:
             rows = conn.execute(MY_RUNNING_JOBS, {"worker_id": lease[0]}).fetchall()
-            with self._lock:
-                unknown = [
-                    (job_id, claim) for job_id, claim, _ in rows if job_id not in self._running
-                ]
+            # Under the lease lock, no fence can stop (and forget) a job while we look: a job
+            # this worker ran is still known here, unless the lease ended while we asked.
+            with self._session.lease_lock:
+                if not self._session.holds(lease[1]):
+                    return  # the session puts back (the attempt counted) what it left running
+                with self._lock:
+                    unknown = [
+                        (job_id, claim) for job_id, claim, _ in rows if job_id not in self._running
+                    ]
             for job_id, _, cancel in rows:
                 if cancel:
                     self._cancel(job_id)
@@ -4326,7 +4410,7 @@ class Worker:
         while (attempt := self._inbox.get()) is not None:
             try:
                 outcome = self._execute(attempt)
-            except Exception:  # a bug; the job stays claimed until reconciled or recovered
+            except BaseException:  # a bug; the job stays claimed until reconciled or recovered
                 logger.exception("internal error while running job %s", attempt.job.id)
                 outcome = None
             with self._lock:
@@ -4362,7 +4446,7 @@ class Worker:
             return self._postpone(attempt, postponed)
         except JobFailed as error:
             failure = error
-        except (Exception, SystemExit) as error:
+        except BaseException as error:  # KeyboardInterrupt and SystemExit too: the thread goes on
             failure, trace = error, traceback.format_exc()[-8000:]
         else:
             try:
@@ -4416,11 +4500,11 @@ class Worker:
     def _postpone(self, attempt: _Attempt, postponed: Postpone) -> _Outcome:
         """The job goes back unspent; a usage limit holds claude jobs on every worker, a worker
         unfit for them stops taking them for a while."""
-        if isinstance(postponed, UsageLimitReached) and postponed.run_at:
-            self._hold(attempt.job.kind, postponed.run_at, str(postponed))
+        run_at = None if postponed.run_at is None else _within_reach(postponed.run_at)
+        if isinstance(postponed, UsageLimitReached) and run_at:
+            self._hold(attempt.job.kind, run_at, str(postponed))
         elif isinstance(postponed, WorkerUnfit):
             self._back_off(attempt.job.kind, str(postponed))
-        run_at = postponed.run_at
         if run_at is not None:  # the workers waiting for the same moment do not all start at once
             run_at += timedelta(seconds=random.uniform(0, 60))
         _log_job("postponed", attempt.job, logging.WARNING, until=run_at, reason=str(postponed))
@@ -4442,7 +4526,8 @@ class Worker:
                 "abandoned",
                 job,
                 logging.WARNING,
-                reason="another worker owns the job now; this outcome is discarded",
+                reason="this worker's claim on the job is gone (the job was put back or "
+                "taken over while the database was out of reach); this outcome is discarded",
             )
         elif status == JobStatus.CANCELLED:
             _log_job("cancelled", job, logging.WARNING, duration=duration)

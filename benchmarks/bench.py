@@ -100,6 +100,7 @@ class Bench:
         with psycopg.connect(url, autocommit=True) as conn:
             claude_jobs.migrate(conn)
             self.postgres = conn.execute("SHOW server_version").fetchone()[0]
+            self.jit = conn.execute("SELECT pg_jit_available()").fetchone()[0]
         self.fake_claude = workdir / "claude"
         self.fake_claude.write_text(FAKE_CLAUDE)
         self.fake_claude.chmod(0o755)
@@ -355,6 +356,8 @@ def bench_backlog(b: Bench) -> None:
             conn.execute("VACUUM ANALYZE claude_jobs")
         for _ in range(b.runs):
             b.record(f"claim query {label}", "ms", claim_query_ms(b))
+            if b.jit:  # what the worker would pay per claim without turning JIT off
+                b.record(f"claim query {label}, JIT on", "ms", claim_query_ms(b, jit=True))
             with b.connection() as conn:
                 conn.execute("UPDATE claude_jobs SET started_at = NULL WHERE status = 'succeeded'")
                 conn.execute("DELETE FROM claude_jobs_workers")
@@ -374,10 +377,14 @@ def bench_backlog(b: Bench) -> None:
                 conn.execute("VACUUM ANALYZE claude_jobs")
 
 
-def claim_query_ms(b: Bench) -> float:
-    """The median execution time of the claim query (10 jobs), rolled back each time."""
+def claim_query_ms(b: Bench, jit: bool = False) -> float:
+    """The median time of the claim query (10 jobs) on a connection set up as the worker's,
+    JIT compilation included, rolled back each time; ``jit``: with JIT left on."""
     times = []
     with b.connection() as conn:
+        claude_jobs._configure_worker_connection(conn)
+        if jit:
+            conn.execute("SET jit = on")
         worker_id = uuid.uuid4()
         conn.execute(
             "INSERT INTO claude_jobs_workers (id, lock_key, host, pid, queues, kinds, "

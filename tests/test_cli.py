@@ -108,6 +108,8 @@ BAD_INPUT = [
     (["--payload", '{"prompt": "x"}', "--delay", "1e12"], "up to ten years"),
     (["--payload", '{"prompt": "x"}', "--delay", "99999999d"], "up to ten years"),
     (["--payload", '{"prompt": "x"}', "--run-at", "0001-01-01T00:00:00"], "invalid time"),
+    (["--payload", '{"prompt": "x"}', "--run-at", "0001-01-01T00:00:00+14:00"], "out of range"),
+    (["--payload", '{"prompt": "x"}', "--run-at", "9999-12-31T23:59:59-14:00"], "out of range"),
     (["--payload", '{"prompt": "x"}', "--timeout", "nan"], "invalid duration"),
 ]
 

@@ -203,6 +203,56 @@ def test_a_network_cut_hands_the_jobs_over_and_the_cut_worker_overwrites_nothing
         proxy.close()
 
 
+def test_an_outage_of_5s_keeps_what_finished_during_it(
+    pg_server, conn: psycopg.Connection, start_worker, claude_log, tmp_path
+) -> None:
+    """A job that finishes while the database is away is recorded under its claim when it is
+    back, before the worker gives back what its lost lease left: it does not run again."""
+    proxy = TcpProxy(f"{pg_server.host}/.s.PGSQL.{pg_server.port}")
+    proxy.listen()
+    try:
+        job = claude_jobs.enqueue(conn, {"prompt": fake(sleep=1, cost=0.5), "cwd": str(tmp_path)})
+        worker = start_worker(url=proxy.url(conn.info.dbname))
+        wait_for(lambda: claude_runs(claude_log), what="claude to start")
+        proxy.drop()  # the database is gone; the job finishes a second later
+        worker.wait_for_log("no heartbeat reached the database")  # the lease is lost
+        time.sleep(5 - 3)
+        proxy.listen()
+        wait_for(lambda: job_row(conn, job.id)["status"] == "succeeded", what="the outcome")
+        row = job_row(conn, job.id)
+        assert (row["attempts"], row["errors"], float(row["cost_usd"])) == (1, [], 0.5)
+        assert len(claude_runs(claude_log)) == 1, "the job ran again"
+        assert "abandoned" not in worker.log()
+    finally:
+        proxy.close()
+
+
+def test_a_short_network_cut_counts_and_records_the_attempt_it_interrupted(
+    pg_server, conn: psycopg.Connection, start_worker, claude_log, tmp_path
+) -> None:
+    """A query that hung through the cut and returns after the lease ended must not put the
+    job back as if it never ran: the interrupted attempt is counted and recorded."""
+    proxy = TcpProxy(f"{pg_server.host}/.s.PGSQL.{pg_server.port}")
+    proxy.listen()
+    try:
+        job = claude_jobs.enqueue(conn, {"prompt": fake(sleep=600), "cwd": str(tmp_path)})
+        worker = start_worker("--poll-interval", "0.3s", url=proxy.url(conn.info.dbname))
+        wait_for(lambda: claude_runs(claude_log), what="claude to start")
+        conn.execute(
+            "UPDATE claude_jobs SET payload = jsonb_set(payload, '{prompt}', %s)",
+            [psycopg.types.json.Jsonb(fake(sleep=0))],
+        )
+        proxy.pause()  # queries hang (among them the worker's poll of what it runs)
+        worker.wait_for_log("no heartbeat reached the database")  # the lease ends meanwhile
+        proxy.resume()
+        wait_for(lambda: job_row(conn, job.id)["status"] == "succeeded", what="the rerun")
+        row = job_row(conn, job.id)
+        assert row["attempts"] == 2
+        assert [e["error"].split(":")[0] for e in row["errors"]] == ["interrupted"]
+    finally:
+        proxy.close()
+
+
 # -- shutdown ---------------------------------------------------------------------------------
 
 

@@ -11,7 +11,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -557,3 +557,51 @@ def test_a_forced_stop_puts_back_a_job_whose_handler_gives_up_by_raising(
     thread.join(15)
     row = job_row(conn, job.id)
     assert (row["status"], row["attempts"], row["errors"]) == ("queued", 0, [])
+
+
+@pytest.mark.parametrize(
+    "when",
+    [
+        datetime(1, 1, 1, tzinfo=timezone(timedelta(hours=14))),
+        datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone(timedelta(hours=-14))),
+    ],
+)
+def test_a_run_at_that_cannot_be_read_back_is_refused(conn: psycopg.Connection, when) -> None:
+    with pytest.raises(claude_jobs.InvalidJob, match="out of range"):
+        claude_jobs.enqueue(conn, {"name": "x"}, kind="note", run_at=when)
+    assert conn.execute("SELECT count(*) FROM claude_jobs").fetchone() == (0,)
+
+
+class Interrupt(BaseException):
+    """Not an Exception: raised past `except Exception`."""
+
+
+RUDE = {"KeyboardInterrupt": KeyboardInterrupt, "SystemExit": SystemExit, "Interrupt": Interrupt}
+
+
+@claude_jobs.handler("rude")
+def rude(job: claude_jobs.Job) -> None:
+    raise RUDE[job.payload["raise"]]("the handler stopped")
+
+
+@pytest.mark.parametrize("raised", RUDE.values())
+def test_a_handler_raising_a_base_exception_fails_the_attempt_and_keeps_its_thread(
+    conn: psycopg.Connection, run_worker, raised: type[BaseException]
+) -> None:
+    payload = {"raise": raised.__name__}
+    bad = claude_jobs.enqueue(conn, payload, kind="rude", max_attempts=1)
+    running = run_worker(handlers={"rude": rude, "note": note}, concurrency=1)
+    wait_for(lambda: status_of(conn, bad.id) == "failed", what="the attempt to fail")
+    assert job_row(conn, bad.id)["last_error"] == f"{raised.__name__}: the handler stopped"
+    later = claude_jobs.enqueue(conn, {"name": "later"}, kind="note")
+    wait_for(lambda: status_of(conn, later.id) == "succeeded", what="the one thread to run on")
+    running.stop()
+
+
+def test_the_workers_sessions_run_without_jit(conn: psycopg.Connection, db_url: str) -> None:
+    """Debian's PostgreSQL compiles the claim with JIT once a large backlog makes it look
+    expensive: 84 ms of compiling for 0.2 ms of work, on every claim."""
+    with Worker(db_url, handlers={"note": note}) as worker:
+        assert worker.run_once() == 0
+        with worker._pool.connection() as pooled:  # where the claim and the outcomes run
+            assert pooled.execute("SHOW jit").fetchone() == ("off",)
