@@ -338,6 +338,7 @@ class Job:
     continue_from: uuid.UUID | None = None
     session_host: str | None = None  # the host whose claude keeps the session (to resume it)
     worktree: dict[str, Any] | None = None
+    widens: list[str] | None = None  # what a continuation may do that its job could not
     resumes: dict[str, Any] | None = None  # claimed continuations: what they continue
     transcript: str | None = None
     transcript_size: int = 0  # characters ever written to the transcript (it keeps the tail)
@@ -504,6 +505,30 @@ ALTER TABLE claude_jobs_workers
     ADD COLUMN claude_paused_reason text;
 """,
     ),
+    (
+        4,
+        """\
+-- Order and containment: jobs of equal priority and due time run in the order they were
+-- enqueued (by a sequence, not the clock); a continuation records what it may do that the
+-- job it continues could not; a due time is one that every client can read back.
+CREATE SEQUENCE claude_jobs_seq AS bigint;
+ALTER TABLE claude_jobs
+    ADD COLUMN seq bigint,       -- enqueue order (NULL: enqueued before this version)
+    ADD COLUMN widens text[],    -- what a continuation may do that the job it continues could not
+    ADD CONSTRAINT claude_jobs_run_at_readable
+        CHECK (run_at BETWEEN '0001-01-02 00:00+00' AND '9999-12-30 00:00+00') NOT VALID;
+-- (a default given apart from the column, so that existing rows are not rewritten)
+ALTER TABLE claude_jobs ALTER COLUMN seq SET DEFAULT nextval('claude_jobs_seq');
+ALTER SEQUENCE claude_jobs_seq OWNED BY claude_jobs.seq;
+-- The claim walks these in claim order: seq breaks the ties of priority and run_at.
+DROP INDEX claude_jobs_ready_in_queue;
+DROP INDEX claude_jobs_ready;
+CREATE INDEX claude_jobs_ready_in_queue ON claude_jobs (queue, priority DESC, run_at, seq)
+    WHERE status = 'queued';
+CREATE INDEX claude_jobs_ready ON claude_jobs (priority DESC, run_at, seq)
+    WHERE status = 'queued';
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -549,7 +574,7 @@ def schema_sql(migrations: Sequence[tuple[int, str]] = MIGRATIONS) -> str:
 _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, max_attempts,
     timeout, last_error, errors, worker_id, worker, result, session_id, cost_usd, created_at,
     started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
-    concurrency_limit, after, continue_from, session_host, worktree, claim"""
+    concurrency_limit, after, continue_from, session_host, worktree, widens, claim"""
 
 JOB_STATUSES = """
 -- job_statuses: the status of each of these jobs, and the host that keeps its claude session
@@ -570,10 +595,10 @@ ENQUEUE = f"""
 -- enqueue: insert one job and wake the workers of its queue, in one statement
 WITH job AS (
     INSERT INTO claude_jobs (queue, kind, priority, payload, run_at, max_attempts, timeout,
-        concurrency_key, concurrency_limit, after, continue_from)
+        concurrency_key, concurrency_limit, after, continue_from, widens)
     VALUES (%(queue)s, %(kind)s, %(priority)s, %(payload)s::jsonb, coalesce(%(run_at)s, now()),
             %(max_attempts)s, %(timeout)s, %(concurrency_key)s, %(concurrency_limit)s,
-            %(after)s::uuid[], %(continue_from)s)
+            %(after)s::uuid[], %(continue_from)s, %(widens)s::text[])
     RETURNING {_JOB_COLUMNS}
 )
 SELECT job.*, pg_notify(%(channel)s, json_build_object(
@@ -802,7 +827,7 @@ FROM claude_jobs j WHERE j.id = %(id)s
 
 _CLAIM = f"""
 -- claim: take up to `limit` ready jobs of the kinds this worker may start, highest priority
--- first, then oldest run_at; skip rows other workers are claiming right now.
+-- first, then oldest run_at, then first enqueued; skip rows other workers are claiming now.
 WITH me AS (
     -- a worker declared dead must not claim; the share lock makes its reaper wait for us
     SELECT id FROM claude_jobs_workers WHERE id = %(worker_id)s FOR KEY SHARE
@@ -825,7 +850,7 @@ WITH me AS (
       AND (c.concurrency_key IS NULL OR c.concurrency_limit = 0 OR c.concurrency_limit > (
           SELECT count(*) FROM claude_jobs r
           WHERE r.status = 'running' AND r.key_held AND r.concurrency_key = c.concurrency_key))
-    ORDER BY c.priority DESC, c.run_at
+    ORDER BY c.priority DESC, c.run_at, c.seq
     LIMIT %(limit)s
     FOR UPDATE OF c SKIP LOCKED
 )
@@ -943,13 +968,20 @@ WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
 
 ADMIT = """
 -- admit: a claimed job takes a slot of its concurrency key, if fewer than its limit are
--- taken; run after taking the key's lock, so that the count sees every slot taken before
-UPDATE claude_jobs SET key_held = true
-WHERE id = %(id)s AND claim = %(claim)s AND status = 'running'
-  AND concurrency_limit > (SELECT count(*) FROM claude_jobs r
-                           WHERE r.status = 'running' AND r.key_held
-                             AND r.concurrency_key = %(key)s)
-RETURNING id
+-- taken and no job of the key ahead of it in claim order was claimed and waits to be
+-- admitted (so the jobs of a key start in claim order, whichever thread or worker is
+-- quicker); run after taking the key's lock, so that it sees every slot taken before
+UPDATE claude_jobs j SET key_held = true
+WHERE j.id = %(id)s AND j.claim = %(claim)s AND j.status = 'running'
+  AND j.concurrency_limit > (SELECT count(*) FROM claude_jobs r
+                             WHERE r.status = 'running' AND r.key_held
+                               AND r.concurrency_key = j.concurrency_key)
+  AND NOT EXISTS (SELECT FROM claude_jobs e
+                  WHERE e.status = 'running' AND NOT e.key_held AND e.id <> j.id
+                    AND e.concurrency_key = j.concurrency_key
+                    AND (e.priority > j.priority OR (e.priority = j.priority
+                         AND (e.run_at, e.seq) < (j.run_at, j.seq))))
+RETURNING j.id
 """
 
 LOCK_KEY = """
@@ -1416,8 +1448,8 @@ def _checked_time(when: datetime, what: str = "invalid time") -> datetime:
 def _checked_queue(name: str) -> str:
     """A queue name: not empty, not `*` (every queue, to a worker), no comma (the separator
     of --queues); InvalidJob otherwise."""
-    if not name or "," in name or name == "*" or len(name) > 200:
-        raise InvalidJob(f"invalid queue name {name!r}: not empty, not *, no comma")
+    if not name or "," in name or name == "*" or len(name) > 200 or "\x00" in name:
+        raise InvalidJob(f"invalid queue name {name!r}: not empty, not *, no comma, no NUL")
     return name
 
 
@@ -1481,6 +1513,8 @@ class JobOptions:
             raise InvalidJob(f"concurrency limit must be 0 or more, not {self.concurrency_limit}")
         if self.concurrency_key is not None and not self.concurrency_key.strip():
             raise InvalidJob("a concurrency key must not be empty")
+        if self.concurrency_key is not None and "\x00" in self.concurrency_key:
+            raise InvalidJob("a concurrency key contains a NUL character, which cannot be stored")
         if self.continue_from is not None and self.kind != DEFAULT_KIND:
             raise InvalidJob("only claude jobs can continue another job's session")
 
@@ -1563,6 +1597,10 @@ def _check_tools(name: str, value: Any, base_dir: Path) -> list[str]:
         raise InvalidJob(
             f'"{name}" must be a tool or a list of tools, e.g. ["Read", "Bash(git:*)"]'
         )
+    # claude takes the values of a list option up to the next argument that begins with "-":
+    # ["Read", "--model", "x"] would set its model.
+    if any(tool.lstrip().startswith("-") for tool in tools):
+        raise InvalidJob(f'"{name}" entries must not begin with "-" (claude would read a flag)')
     return tools
 
 
@@ -1606,6 +1644,11 @@ def _check_mcp_config(name: str, value: Any, base_dir: Path) -> str:
         return json.dumps(value)
     text = _check_text(name, value, base_dir)
     if text.lstrip().startswith("{"):
+        try:
+            json.loads(text, parse_constant=_no_constant)
+        except (ValueError, RecursionError, InvalidJob) as error:
+            reason = getattr(error, "msg", error)
+            raise InvalidJob(f'"{name}" is not valid JSON: {reason}') from None
         return text
     path = Path(base_dir, os.path.expanduser(text)).resolve()
     if not path.is_file():
@@ -1618,8 +1661,10 @@ def _check_timeout(name: str, value: Any, base_dir: Path) -> float:
         seconds = parse_duration(value) if isinstance(value, str) else value
     except InvalidJob:
         seconds = None
-    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
-        raise InvalidJob(f'"{name}" must be a duration: seconds, or like "30m"')
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+        seconds = None
+    if seconds is None or not 0 < seconds <= MAX_DURATION:  # NaN and Infinity fail too
+        raise InvalidJob(f'"{name}" must be a duration up to ten years: seconds, or like "30m"')
     return float(seconds)
 
 
@@ -1696,8 +1741,25 @@ def _checked_payload(kind: str, payload: Any, base_dir: str | Path | None) -> di
         raise InvalidJob('a claude job needs "prompt": a non-empty string')
     if "base" in payload and not payload.get("worktree"):
         raise InvalidJob('"base" is the starting point of a worktree: it needs "worktree": true')
+    for key, value in payload.items():
+        if _holds_nul(value):
+            raise InvalidJob(f'"{key}" contains a NUL character, which PostgreSQL cannot store')
     base = Path(base_dir or os.getcwd())
     return {key: CLAUDE_PAYLOAD[key][0](key, value, base) for key, value in payload.items()}
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether any text in ``value`` (nested, keys too) holds a NUL character."""
+    stack = [value]
+    while stack:
+        each = stack.pop()
+        if isinstance(each, str) and "\x00" in each:
+            return True
+        if isinstance(each, dict):
+            stack.extend([*each.keys(), *each.values()])
+        elif isinstance(each, list):
+            stack.extend(each)
+    return False
 
 
 def _concurrency_key(
@@ -1753,9 +1815,14 @@ def _chain(
 ) -> tuple[list[uuid.UUID] | None, Job | None]:
     """The jobs this one waits for (they must exist, and not have failed or been cancelled)
     and the claude job it continues."""
-    after = [resolve_job_id(conn, job_id) for job_id in options.after] or None
+    try:
+        after = [resolve_job_id(conn, job_id) for job_id in options.after] or None
+    except JobNotFound as error:
+        raise InvalidJob(f"cannot wait for it: {error}") from None
     found = _statuses(conn, after or [])
     for job_id in after or ():
+        if job_id not in found:
+            raise InvalidJob(f"cannot wait for it: no job {job_id}")
         status = found[job_id][0]
         if status in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise InvalidJob(f"cannot wait for job {job_id}: it is {status}")
@@ -1765,13 +1832,79 @@ def _chain(
     return after, previous
 
 
-def _continuing(payload: Mapping[str, Any], previous: Job | None) -> dict[str, Any]:
-    """A continuation's payload: the previous job's cwd and worktree unless it gives its own."""
-    if previous is None:
-        return dict(payload)
-    keys = ("cwd", "worktree")
-    inherited: dict[str, Any] = {k: previous.payload[k] for k in keys if k in previous.payload}
-    return {**inherited, **payload}
+def _continuing(payload: Any, previous: Job | None) -> Any:
+    """A continuation's payload: every option of the job it continues (all but its prompt),
+    unless it gives its own; a null drops an inherited option."""
+    if previous is None or not isinstance(payload, Mapping):
+        return payload
+    merged = {**{k: v for k, v in previous.payload.items() if k != "prompt"}, **payload}
+    return {key: value for key, value in merged.items() if value is not None}
+
+
+def _as_continuation(
+    options: JobOptions, prepared: _Prepared, previous: Job
+) -> tuple[JobOptions, list[str]]:
+    """A continuation's options, and what it may do that the job it continues could not. It
+    runs where that job ran (claude keeps sessions per directory), with its time limit unless
+    it gives its own."""
+    cwd, was = prepared.payload.get("cwd"), previous.payload.get("cwd")
+    if cwd != was:
+        nowhere = "the directory of its worker"
+        raise InvalidJob(
+            f"a continuation runs where the job it continues ran ({was or nowhere}), not in "
+            f"{cwd or nowhere}: claude keeps its sessions per directory"
+        )
+    if options.timeout is None and "timeout" not in prepared.settings and previous.timeout:
+        options = dataclasses.replace(options, timeout=previous.timeout)
+    return options, _widening(previous.payload, prepared.payload)
+
+
+#: How much each permission mode lets claude do without asking, least first; without one,
+#: claude runs with --dangerously-skip-permissions.
+_PERMISSION_REACH = {"plan": 0, "default": 1, "dontAsk": 1, "acceptEdits": 2, "auto": 3,
+                     "bypassPermissions": 4, None: 4}  # fmt: skip
+
+
+def _widening(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
+    """What a claude job with options ``after`` may do that one with ``before`` could not,
+    a phrase per option: more tools or directories, fewer forbidden tools, higher limits, a
+    laxer permission mode, other MCP servers or environment."""
+
+    def listed(key: str, options: Mapping[str, Any]) -> list[str]:
+        value = options.get(key) or []
+        return [value] if isinstance(value, str) else list(value)
+
+    def gone(key: str) -> str:
+        return f"{key}: no longer given (was {', '.join(map(str, listed(key, before)))})"
+
+    found: list[str] = []
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        if key in ("allowed_tools", "add_dirs"):  # what it may use
+            added = [each for each in listed(key, after) if each not in listed(key, before)]
+            if key == "allowed_tools" and new is None:
+                found.append(gone(key))
+            elif added and old is not None:
+                found.append(f"{key}: adds {', '.join(added)}")
+        elif key == "disallowed_tools":  # what it may not use
+            allowed = [each for each in listed(key, before) if each not in listed(key, after)]
+            if new is None:
+                found.append(gone(key))
+            elif allowed:
+                found.append(f"{key}: no longer forbids {', '.join(allowed)}")
+        elif key in ("max_turns", "max_budget_usd") and old is not None:  # limits
+            if new is None:
+                found.append(gone(key))
+            elif new > old:
+                found.append(f"{key}: {old} → {new}")
+        elif key == "permission_mode":
+            if _PERMISSION_REACH[new] > _PERMISSION_REACH[old]:
+                found.append(f"{key}: {old or 'none'} → {new or 'none (permissions skipped)'}")
+        elif key in ("mcp_config", "env") and new is not None:
+            found.append(f"{key}: {'changed' if old is not None else 'added'}")
+    return found
 
 
 def _json_type(value: Any) -> str:
@@ -1838,7 +1971,9 @@ def enqueue(
     ``settings``: kind (default "claude"), queue ("default"), priority (0), run_at or delay
     (seconds or a timedelta), max_attempts (5), timeout (the handler's default),
     concurrency_key and concurrency_limit (1; 0: none), after (job ids), continue_from (a
-    claude job id). A relative cwd in a claude payload is resolved against ``base_dir``
+    claude job id: the continuation runs in its directory, with every option of that job
+    that its own payload does not replace, or drop with a null; what that widens is kept in
+    ``widens``). A relative cwd in a claude payload is resolved against ``base_dir``
     (default: the current directory).
 
     The insert and the NOTIFY that wakes idle workers are one statement, run in the caller's
@@ -1847,11 +1982,15 @@ def enqueue(
     options = JobOptions.build(**settings)
     after, previous = _chain(conn, options)
     prepared = _prepare(options.kind, _continuing(payload, previous), base_dir)
+    widens = None
+    if previous is not None:
+        options, widens = _as_continuation(options, prepared, previous)
     params = {
         **dataclasses.asdict(options),
         **_row(options, prepared, previous),
         "after": after,
         "continue_from": previous.id if previous else None,
+        "widens": widens or None,
         "channel": NOTIFY_CHANNEL,
     }
     with conn.cursor(row_factory=dict_row) as cur:
@@ -1919,7 +2058,8 @@ def _atomic(conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
 def resolve_job_id(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID:
     """The job whose id is ``text``, or starts with it (at least 6 hex digits, as git does).
 
-    InvalidJob for what cannot be an id; JobNotFound when no job matches, or several do.
+    InvalidJob for what cannot be an id, or for a prefix of several; JobNotFound when no job
+    matches.
     """
     if isinstance(text, uuid.UUID):
         return text
@@ -1933,9 +2073,9 @@ def resolve_job_id(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID
     if not ids:
         raise JobNotFound(f"no job {text.strip()}")
     if len(ids) > 1:
-        shown = ", ".join(str(job_id)[:13] for job_id in ids[:5])
+        shown = ", ".join(str(job_id) for job_id in ids[:5])
         shown += ", ..." if len(ids) > 5 else ""
-        raise JobNotFound(f"{text.strip()} is ambiguous: it begins {shown}")
+        raise InvalidJob(f"{text.strip()} is ambiguous: it begins {shown}")
     return ids[0]
 
 
@@ -2656,7 +2796,11 @@ class _ClaudeStream:
         if not isinstance(event, dict):
             return
         session_id = event.get("session_id")
-        if isinstance(session_id, str) and session_id != self.session_id:
+        if (
+            isinstance(session_id, str)
+            and session_id != self.session_id
+            and _SESSION_ID.fullmatch(session_id)
+        ):
             self.session_id = session_id
             self.context.record(session_id=session_id)
         if event.get("type") == "rate_limit_event":
@@ -2695,6 +2839,10 @@ _UNFIT_CLAUDE_ERRORS = (
     ),
 )
 _PERMANENT_CLAUDE_SUBTYPES = ("error_max_turns", "error_max_budget_usd")
+#: What claude says when it has no session of that id here (resumed in another directory).
+_NO_SESSION = "No conversation found with session ID"
+#: What a claude session id looks like (a UUID); another value is never passed to --resume.
+_SESSION_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
 #: A subscription usage limit, as claude says it: "You've hit your 5-hour limit · resets Mar 17,
 #: 2030, 5:46pm (UTC)", and in older versions "Claude AI usage limit reached|<epoch seconds>".
 _USAGE_LIMIT_TEXT = re.compile(
@@ -2794,6 +2942,13 @@ def claude_outcome(
     if subtype in _PERMANENT_CLAUDE_SUBTYPES:  # whatever limits it met on the way
         raise PermanentError(f"claude stopped: {subtype}: {detail}", result=result)
     evidence = "\n".join([said, ended.stderr, *plain])
+    if _NO_SESSION in evidence:  # no retry can bring a session back
+        found = evidence[evidence.index(_NO_SESSION) :].splitlines()[0]
+        raise PermanentError(
+            f"claude cannot resume the session: {found} (claude keeps sessions per "
+            "directory and per machine)",
+            result=result,
+        )
     limit = _usage_limit(result or {}, evidence, rate_limit_reset)
     if limit is not None:
         limit.result = result
@@ -3062,7 +3217,7 @@ class ClaudeHandler:
             argv += _flag_arguments(key, value)
         if job.resumes is not None:
             session = job.resumes.get("session_id")
-            if not session:
+            if not session or not _SESSION_ID.fullmatch(session):
                 raise PermanentError(f"job {job.resumes['id']} left no claude session to continue")
             argv += ["--resume", session]
         return argv
@@ -4492,7 +4647,7 @@ class Worker:
         try:
             with self._pool.connection() as conn, conn.transaction():
                 conn.execute(LOCK_KEY, key)
-                params = {"id": job.id, "claim": job.claim, "key": job.concurrency_key}
+                params = {"id": job.id, "claim": job.claim}
                 return conn.execute(ADMIT, params).fetchone() is not None
         except _TRANSIENT:
             return False  # the job goes back; the database decides when it is back
@@ -4625,12 +4780,38 @@ class Worker:
 ###############################################################################
 
 
+#: Characters a terminal acts on instead of showing them: C0 controls but newline and tab,
+#: DEL, C1 controls (0x9b is CSI), and the bidirectional overrides and isolates.
+_TERMINAL_CONTROLS = re.compile(
+    "[\x00-\x08\x0b-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]"
+)
+#: Of those, the ones json.dumps(ensure_ascii=False) leaves as they are.
+_JSON_RAW_CONTROLS = re.compile("[\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def _printable(text: str) -> str:
+    """``text`` safe for a terminal: every control character written as an escape (\\x1b, \\u202e),
+    so that what jobs contain (prompts, transcripts from untrusted repositories and web pages,
+    errors) can neither set the window title, write the clipboard nor redraw the screen."""
+    return _TERMINAL_CONTROLS.sub(lambda m: repr(m.group())[1:-1], text)
+
+
+def _json_text(value: Any) -> str:
+    """``value`` as one line of JSON that is safe for a terminal too: the same data, with the
+    control characters json.dumps leaves raw written as \\u escapes."""
+    text = json.dumps(_jsonable(value), ensure_ascii=False, default=str)
+    return _JSON_RAW_CONTROLS.sub(lambda m: f"\\u{ord(m.group()):04x}", text)
+
+
 class _TextFormatter(logging.Formatter):
     """``time level message``, the time formatted once a second (a worker logs a lot)."""
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(message)s")
         self._second, self._stamp = -1, ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return _printable(super().format(record))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
         second = int(record.created)
@@ -4653,7 +4834,7 @@ class _JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(_jsonable(data), ensure_ascii=False, default=str)
+        return _json_text(data)
 
 
 def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
@@ -4708,7 +4889,7 @@ class _Cli(click.Group):
 
 
 def _fail(message: str, code: int) -> int:
-    click.echo(f"Error: {' '.join(message.split())}", err=True)
+    click.echo(f"Error: {_printable(' '.join(message.split()))}", err=True)
     return code
 
 
@@ -5003,9 +5184,16 @@ def enqueue_command(
         given = _parse_json(payload, "--payload")
         if isinstance(given, dict):
             given = {**extra, **given}
-        checked = prepare_payload(job_options.kind, given)
+        if options["continue_from"] is None:  # checked before the database is needed
+            given = prepare_payload(job_options.kind, given)  # (a continuation's, with its job)
         with config.connect() as conn:
-            jobs = [enqueue(conn, checked, **options)]
+            jobs = [enqueue(conn, given, **options)]
+            if jobs[0].widens:
+                click.echo(
+                    f"note: this continuation widens what job {jobs[0].continue_from} could do: "
+                    + _printable("; ".join(jobs[0].widens)),
+                    err=True,
+                )
             if wait:
                 click.echo(f"queued job {jobs[0].id}", err=True)
                 sys.exit(_follow(conn, jobs[0].id, since=0))
@@ -5018,12 +5206,19 @@ def enqueue_command(
                 return
             jobs = [get_job(conn, job_id) for job_id in ids]
     for job in jobs:
-        click.echo(json.dumps(job.to_dict(), ensure_ascii=False) if as_json else job.id)
+        click.echo(_json_text(job.to_dict()) if as_json else job.id)
+
+
+def _no_constant(name: str) -> Any:
+    """json.loads takes NaN and Infinity by default; JSON has no such numbers."""
+    raise InvalidJob(f"{name} is not a JSON number")
 
 
 def _parse_json(text: str, where: str) -> Any:
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
+    except InvalidJob as error:
+        raise InvalidJob(f"{where} is not valid JSON: {error}") from None
     except ValueError as error:
         reason = getattr(error, "msg", str(error))
         raise InvalidJob(f"{where} is not valid JSON: {reason}") from None
@@ -5265,6 +5460,7 @@ def _table(
     characters); the last one gets what is left (at least 10). Column ``paint`` (a status)
     is coloured."""
     width = shutil.get_terminal_size((120, 24)).columns
+    rows = [[_printable(cell) for cell in row] for row in rows]
     natural = {h: max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)}
     shown = list(headers)
 
@@ -5417,7 +5613,7 @@ class _TranscriptPrinter:
         shown, last_words = _render_event(line, self._last_words)
         if last_words is not None:
             self._last_words = last_words
-        return shown
+        return [_printable(each) for each in shown]
 
 
 def _stored_transcript(job: Job) -> list[str]:
@@ -5450,7 +5646,7 @@ def _print_followed(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> 
             click.echo(f"… ({update.skipped:,} characters went by unseen)", err=True)
         for line in printer.feed(update.text):
             click.echo(line)
-        note = _progress_note(update)
+        note = _printable(_progress_note(update))
         if note and note != said:
             click.echo(note, err=True)
             said = note
@@ -5459,7 +5655,7 @@ def _print_followed(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> 
                 click.echo(line)
             outcome = f"job {job_id} {_paint(update.status, update.status)}"
             if update.status != JobStatus.SUCCEEDED and update.last_error:
-                outcome += f": {update.last_error}"
+                outcome += f": {_printable(update.last_error)}"
             click.echo(outcome, err=True)
             return 0 if update.status == JobStatus.SUCCEEDED else 1
     return 1
@@ -5524,7 +5720,7 @@ def list_command(
         for job in jobs:
             data = {**job.to_dict(), "paused": job.queue in paused}
             data.pop("transcript")
-            click.echo(json.dumps(data, ensure_ascii=False))
+            click.echo(_json_text(data))
         return
     if not jobs:
         click.echo("no jobs", err=True)
@@ -5571,7 +5767,7 @@ def show_command(config: _Config, job_id: str, as_json: bool) -> None:
         paused = paused_queues(conn)
         awaited = _statuses(conn, job.awaits)
     if as_json:
-        click.echo(json.dumps(job.to_dict(), ensure_ascii=False))
+        click.echo(_json_text(job.to_dict()))
     else:
         click.echo(_describe(job, paused, awaited))
 
@@ -5610,6 +5806,8 @@ def _describe(
         if job.status == JobStatus.QUEUED and host:
             text += f", kept on {host}: only a worker there can run it"
         rows.append(("continues", text))
+    if job.widens:
+        rows.append(("widens", "; ".join(job.widens)))
     if job.concurrency_key is not None:
         rows.append(("key", f"{job.concurrency_key} (at most {job.concurrency_limit} at once)"))
     if job.kind == DEFAULT_KIND:
@@ -5632,7 +5830,10 @@ def _describe(
     if job.kind == DEFAULT_KIND:
         rows.append(("cost", f"${job.cost_usd:.4f}"))
         rows.append(("session", job.session_id or "-"))
-    lines = [f"{name:<9} {_indent(str(value), 10)}" for name, value in rows]
+    lines = [
+        f"{name:<9} {value if name == 'status' else _indent(_printable(str(value)), 10)}"
+        for name, value in rows
+    ]  # (the status alone is painted, and holds nothing of the job's)
     for entry in job.errors:
         at = datetime.fromisoformat(entry["at"]) if entry.get("at") else None
         when = [entry.get("worker") or "?", _ago(at)]
@@ -5640,8 +5841,8 @@ def _describe(
             took = (at - datetime.fromisoformat(entry["started"])).total_seconds()
             when.append(f"took {_duration_text(took) if took >= 60 else f'{took:.1f}s'}")
         lines.append(
-            f"attempt {entry.get('attempt')} ({', '.join(when)}): "
-            f"{_indent(str(entry.get('error')), 4)}"
+            _printable(f"attempt {entry.get('attempt')} ({', '.join(when)}): ")
+            + _indent(_printable(str(entry.get("error"))), 4)
         )
     if job.transcript:
         lines.append("transcript (the end):")
@@ -5693,7 +5894,9 @@ def logs_command(config: _Config, job_id: str, follow: bool) -> None:
         if follow:
             sys.exit(_follow(conn, job.id, since=job.transcript_size))
     if not job.transcript:
-        click.echo(f"job {job.id} has no transcript yet ({job.kind}, {job.status})", err=True)
+        click.echo(
+            _printable(f"job {job.id} has no transcript yet ({job.kind}, {job.status})"), err=True
+        )
 
 
 @cli.command("cancel")
@@ -5727,7 +5930,7 @@ def cancel_command(config: _Config, job_ids: Sequence[str], no_wait: bool) -> No
                 if failure:
                     failures.append(failure)
     for failure in failures:
-        click.echo(f"Error: {failure}", err=True)
+        click.echo(f"Error: {_printable(failure)}", err=True)
     if failures:
         sys.exit(1)
 
@@ -5815,9 +6018,9 @@ def stats_command(config: _Config, cost: bool, days: int, as_json: bool) -> None
         holds = list_holds(conn)
     if as_json:
         for queue in queues:
-            click.echo(json.dumps(_jsonable(queue), ensure_ascii=False))
+            click.echo(_json_text(queue))
         for hold in holds:
-            click.echo(json.dumps(_jsonable({"hold": hold}), ensure_ascii=False))
+            click.echo(_json_text({"hold": hold}))
         return
     _print_holds(holds)
     if not queues:
@@ -5848,8 +6051,10 @@ def _print_holds(holds: Sequence[Mapping[str, Any]]) -> None:
     for hold in holds:
         until = f"{hold['until'].astimezone():%Y-%m-%d %H:%M %Z}"
         click.echo(
-            f"held: no worker starts {hold['kind']} jobs until {until} "
-            f"({_ago(hold['until'])}): {hold['reason']}",
+            _printable(
+                f"held: no worker starts {hold['kind']} jobs until {until} "
+                f"({_ago(hold['until'])}): {hold['reason']}"
+            ),
             err=True,
         )
 
@@ -5857,7 +6062,7 @@ def _print_holds(holds: Sequence[Mapping[str, Any]]) -> None:
 def _print_costs(rows: Sequence[Mapping[str, Any]], as_json: bool) -> None:
     if as_json:
         for row in rows:
-            click.echo(json.dumps(_jsonable(row), ensure_ascii=False))
+            click.echo(_json_text(row))
         return
     if not rows:
         click.echo("no finished jobs in that time", err=True)
@@ -5895,7 +6100,7 @@ def workers_command(config: _Config, as_json: bool) -> None:
         holds = list_holds(conn)
     if as_json:
         for worker in workers:
-            click.echo(json.dumps(_jsonable(worker), ensure_ascii=False))
+            click.echo(_json_text(worker))
         return
     _print_holds(holds)
     if not workers:

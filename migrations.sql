@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 3.
+-- The claude-jobs schema, version 4.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -124,4 +124,30 @@ ALTER TABLE claude_jobs_workers
 INSERT INTO claude_jobs_schema (version) VALUES (3);
 END IF;
 END $migration_3$;
+
+-- version 4
+DO $migration_4$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 4) THEN
+-- Order and containment: jobs of equal priority and due time run in the order they were
+-- enqueued (by a sequence, not the clock); a continuation records what it may do that the
+-- job it continues could not; a due time is one that every client can read back.
+CREATE SEQUENCE claude_jobs_seq AS bigint;
+ALTER TABLE claude_jobs
+    ADD COLUMN seq bigint,       -- enqueue order (NULL: enqueued before this version)
+    ADD COLUMN widens text[],    -- what a continuation may do that the job it continues could not
+    ADD CONSTRAINT claude_jobs_run_at_readable
+        CHECK (run_at BETWEEN '0001-01-02 00:00+00' AND '9999-12-30 00:00+00') NOT VALID;
+-- (a default given apart from the column, so that existing rows are not rewritten)
+ALTER TABLE claude_jobs ALTER COLUMN seq SET DEFAULT nextval('claude_jobs_seq');
+ALTER SEQUENCE claude_jobs_seq OWNED BY claude_jobs.seq;
+-- The claim walks these in claim order: seq breaks the ties of priority and run_at.
+DROP INDEX claude_jobs_ready_in_queue;
+DROP INDEX claude_jobs_ready;
+CREATE INDEX claude_jobs_ready_in_queue ON claude_jobs (queue, priority DESC, run_at, seq)
+    WHERE status = 'queued';
+CREATE INDEX claude_jobs_ready ON claude_jobs (priority DESC, run_at, seq)
+    WHERE status = 'queued';
+INSERT INTO claude_jobs_schema (version) VALUES (4);
+END IF;
+END $migration_4$;
 COMMIT;

@@ -356,8 +356,13 @@ def bench_backlog(b: Bench) -> None:
             conn.execute("VACUUM ANALYZE claude_jobs")
         for _ in range(b.runs):
             b.record(f"claim query {label}", "ms", claim_query_ms(b))
-            if b.jit:  # what the worker would pay per claim without turning JIT off
-                b.record(f"claim query {label}, JIT on", "ms", claim_query_ms(b, jit=True))
+            b.record(f"claim query {label}, generic plan", "ms", claim_query_ms(b, generic=True))
+            if b.jit:  # what a worker would pay per claim without turning JIT off
+                b.record(
+                    f"claim query {label}, generic plan, JIT on",
+                    "ms",
+                    claim_query_ms(b, generic=True, jit=True),
+                )
             with b.connection() as conn:
                 conn.execute("UPDATE claude_jobs SET started_at = NULL WHERE status = 'succeeded'")
                 conn.execute("DELETE FROM claude_jobs_workers")
@@ -377,26 +382,32 @@ def bench_backlog(b: Bench) -> None:
                 conn.execute("VACUUM ANALYZE claude_jobs")
 
 
-def claim_query_ms(b: Bench, jit: bool = False) -> float:
+def claim_query_ms(b: Bench, generic: bool = False, jit: bool = False) -> float:
     """The median time of the claim query (10 jobs) on a connection set up as the worker's,
-    JIT compilation included, rolled back each time; ``jit``: with JIT left on."""
+    rolled back each time. ``generic``: as a prepared statement with its generic plan, which
+    PostgreSQL may pick for a statement psycopg prepares (it estimates LIMIT $n high, so the
+    plan's cost passes jit_above_cost); ``jit``: with JIT left on, JIT compilation included."""
+    query = claude_jobs.CLAIM_FROM_ANY_QUEUE
+    names = ("worker_id", "kinds", "host", "limit", "worker")
+    for number, name in enumerate(names, 1):
+        query = query.replace(f"%({name})s", f"${number}")
     times = []
     with b.connection() as conn:
         claude_jobs._configure_worker_connection(conn)
-        if jit:
-            conn.execute("SET jit = on")
+        conn.execute(f"SET jit = {'on' if jit else 'off'}")
+        conn.execute(f"SET plan_cache_mode = force_{'generic' if generic else 'custom'}_plan")
+        conn.execute(f"PREPARE claim (uuid, text[], text, bigint, text) AS {query}")
         worker_id = uuid.uuid4()
         conn.execute(
             "INSERT INTO claude_jobs_workers (id, lock_key, host, pid, queues, kinds, "
             "concurrency) VALUES (%s, -1, 'bench', 0, '{*}', '{noop}', 10)",
             [worker_id],
         )
-        params = {"worker_id": worker_id, "worker": "bench", "host": "bench", "kinds": ["noop"],
-                  "limit": 10}  # fmt: skip
-        for _ in range(21):
+        for _ in range(5 if jit else 21):
             with contextlib.suppress(_Rollback), conn.transaction():
                 plan = conn.execute(
-                    "EXPLAIN (ANALYZE, FORMAT JSON) " + claude_jobs.CLAIM_FROM_ANY_QUEUE, params
+                    "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim "
+                    f"('{worker_id}', ARRAY['noop'], 'bench', 10, 'bench')"
                 ).fetchone()[0]
                 times.append(plan[0]["Execution Time"])
                 raise _Rollback

@@ -4,6 +4,7 @@ workers, pause/resume, cleanup, purge, enqueue --wait, id prefixes and exit stat
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -46,14 +47,16 @@ def hours_ago(hours: float) -> datetime:
 def test_every_command_taking_an_id_accepts_a_unique_prefix(invoke, conn) -> None:
     job_id = make_job(conn, id=uuid.UUID("abcdef12-0000-4000-8000-000000000001"))
     make_job(conn, id=uuid.UUID("abcdef34-0000-4000-8000-000000000002"))
+    make_job(conn, id=uuid.UUID("abcdef34-0000-4000-8000-000000000003"))
     for args in (["show", "abcdef12"], ["show", "ABCDEF12-00"], ["logs", "abcdef1"]):
         result = invoke(*args)
         assert result.exit_code == 0, result.output
     assert str(job_id) in invoke("show", "abcdef12").output
     ambiguous = invoke("show", "abcdef")
-    assert ambiguous.exit_code == 1
+    assert ambiguous.exit_code == 2
     assert ambiguous.output == (
-        "Error: abcdef is ambiguous: it begins abcdef12-0000, abcdef34-0000\n"
+        "Error: abcdef is ambiguous: it begins abcdef12-0000-4000-8000-000000000001, "
+        "abcdef34-0000-4000-8000-000000000002, abcdef34-0000-4000-8000-000000000003\n"
     )
     unknown = invoke("cancel", "fedcba9")
     assert (unknown.exit_code, unknown.output) == (1, "Error: no job fedcba9\n")
@@ -532,3 +535,44 @@ def test_operations_on_a_missing_job_exit_1_and_bad_usage_2(invoke) -> None:
     for args in (["cancel"], ["pause"], ["purge"], ["cleanup", "--older-than", "soon"]):
         result = invoke(*args)
         assert result.exit_code == 2 and result.output.count("\n") == 1, args
+
+
+# -- what jobs contain, on a terminal -----------------------------------------------------------
+
+HOSTILE = "see \x1b]0;pwned\x07, \x1b]52;c;ZXZpbA==\x07, \x9b31m, \x1b[2J, \u202egnp.exe\r done"
+
+
+def neutralised(text: str) -> bool:
+    """No character a terminal would act on, but newlines and tabs."""
+    return not any(
+        (ord(c) < 32 and c not in "\n\t") or 0x7F <= ord(c) <= 0x9F or c == "\u202e" for c in text
+    )
+
+
+def test_control_characters_from_jobs_never_reach_the_terminal(invoke, conn) -> None:
+    said = json.dumps(
+        {"type": "assistant", "message": {"content": [{"type": "text", "text": HOSTILE}]}}
+    )
+    transcript = f"{said}\n{HOSTILE}\n"
+    job_id = make_job(
+        conn, payload=json.dumps({"prompt": HOSTILE}), status="failed", last_error=HOSTILE,
+        errors=[{"attempt": 1, "error": HOSTILE}], transcript=transcript,
+        transcript_size=len(transcript), queue="q\x1b[31m",
+    )  # fmt: skip
+    for args in (["list"], ["show", str(job_id)], ["logs", str(job_id)], ["stats"]):
+        result = invoke(*args)
+        assert result.exit_code == 0, result.output
+        assert neutralised(result.output), (args, result.output)
+        assert "pwned" in result.output or args == ["stats"]
+    for args in (["list", "--json"], ["show", str(job_id), "--json"]):
+        output = invoke(*args).output
+        assert neutralised(output), (args, output)
+        assert json.loads(output)["payload"]["prompt"] == HOSTILE  # the data, escaped
+
+
+def test_a_workers_text_log_neutralises_control_characters() -> None:
+    record = logging.LogRecord(
+        "claude_jobs", logging.ERROR, "", 0, "failed error=%s", (HOSTILE,), None
+    )
+    assert neutralised(claude_jobs._TextFormatter().format(record))
+    assert neutralised(claude_jobs._JsonFormatter().format(record))

@@ -298,6 +298,7 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str | None, int, str]]:
         "latin1.jsonl": b'{"prompt": "caf\xe9"}\n',
         "nul.jsonl": b'{"prompt": "a\\u0000b"}\n',
         "typo.jsonl": b'{"prompt": "a", "cdw": "."}\n',
+        "nul-cwd.jsonl": b'{"prompt": "a", "cwd": "\\u0000"}\n',
         "deep.jsonl": b'{"prompt": "a"}\n{"prompt": "b", "env": '
         + b"[" * 5000
         + b"]" * 5000
@@ -360,6 +361,21 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str | None, int, str]]:
         (["worker", "--poll-interval", "0"], None, 2, "poll interval"),
         (["worker", "--import", "no.such.module"], None, 2, "cannot import"),
         (["no-such-command"], None, 2, "No such command"),
+        (["enqueue", *payload, "--after", str(uuid.uuid4())], None, 2, "no job"),
+        (["enqueue", "--payload", '{"prompt": "a", "cwd": "a\\u0000b"}'], None, 2, "NUL"),
+        (["enqueue", "--payload", '{"prompt": "a", "add_dirs": ["\\u0000"]}'], None, 2, "NUL"),
+        (["enqueue", "--payload", '{"prompt": "a", "mcp_config": "x\\u0000"}'], None, 2, "NUL"),
+        (["enqueue", "--file", str(tmp / "nul-cwd.jsonl")], None, 2, "line 1"),
+        (
+            ["enqueue", "--payload", '{"prompt": "a", "concurrency_key": "a\\u0000b"}'],
+            None,
+            2,
+            '"concurrency_key" contains a NUL',
+        ),
+        (["enqueue", "--payload", '{"prompt": "a", "timeout": Infinity}'], None, 2, "Infinity"),
+        (["enqueue", "--payload", '{"prompt": "a", "timeout": 1e308}'], None, 2, '"timeout"'),
+        (["enqueue", "--payload", '{"prompt": "a", "mcp_config": "{oops"}'], None, 2, "JSON"),
+        (["enqueue", "--payload", '{"prompt": "a", "max_turns": NaN}'], None, 2, "NaN"),
     ]
 
 

@@ -103,6 +103,21 @@ def test_jobs_in_one_directory_run_one_at_a_time_across_workers_without_spending
     assert job_row(conn, other.id)["finished_at"] < last_started, "other work did not wait"
 
 
+def test_jobs_of_one_directory_run_in_the_order_they_were_enqueued(
+    conn: psycopg.Connection, start_worker, claude_log: Path, tmp_path: Path
+) -> None:
+    """Jobs of equal priority and due time run in enqueue order, within a file and across
+    calls, though the busy key hands most of them back again and again."""
+    payload = {"prompt": fake(sleep=0.05), "cwd": str(tmp_path)}
+    first = claude_jobs.enqueue_many(conn, [payload] * 8)
+    second = claude_jobs.enqueue_many(conn, [payload] * 4)
+    conn.execute("UPDATE claude_jobs SET run_at = (SELECT min(run_at) FROM claude_jobs)")
+    worker = start_worker("--concurrency", "4", "--burst")
+    assert worker.wait(timeout=60) == 0
+    runs = sorted(claude_runs(claude_log), key=lambda run: run["started"])
+    assert [run["env"]["CLAUDE_JOBS_JOB_ID"] for run in runs] == [str(i) for i in first + second]
+
+
 def test_a_concurrency_limit_lets_that_many_run_at_once_and_zero_opts_out(
     conn: psycopg.Connection, invoke, start_worker, claude_log: Path, tmp_path: Path
 ) -> None:
@@ -544,6 +559,9 @@ def test_enqueue_max_budget_usd_sets_each_jobs_budget_unless_the_payload_has_one
         ({"max_budget_usd": "lots"}, '"max_budget_usd" must be a positive number'),
         ({"permission_mode": "yolo"}, '"permission_mode" must be one of acceptEdits, auto,'),
         ({"allowed_tools": [1]}, '"allowed_tools" must be a tool or a list of tools'),
+        ({"allowed_tools": ["Read", "--model", "x"]}, '"allowed_tools" entries must not begin'),
+        ({"allowed_tools": ["--output-format", "text"]}, '"allowed_tools" entries must not'),
+        ({"disallowed_tools": " -p"}, '"disallowed_tools" entries must not begin with "-"'),
         ({"env": {"A": 1}}, '"env" must map variable names to strings'),
         ({"add_dirs": ["/no/such/dir"]}, '"add_dirs" is not an existing directory: /no/such/dir'),
         ({"mcp_config": "missing.json"}, '"mcp_config" is neither JSON nor an existing file'),
@@ -693,10 +711,10 @@ def test_continuing_needs_a_session_and_a_claude_job(
     conn: psycopg.Connection, invoke, db_url: str, fake_claude: Path, claude_log: Path,
     tmp_path: Path,
 ) -> None:  # fmt: skip
-    gone = tmp_path / "gone"
-    gone.mkdir()
-    never_ran = claude_jobs.enqueue(conn, {"prompt": "p", "cwd": str(gone)})
-    gone.rmdir()
+    never_ran = claude_jobs.enqueue(
+        conn, {"prompt": fake(stdout="no session\n", exit=1), "cwd": str(tmp_path)},
+        max_attempts=1,
+    )  # fmt: skip
     then = claude_jobs.enqueue(conn, {"prompt": "p", "cwd": str(tmp_path)},
                                continue_from=never_ran.id)  # fmt: skip
     run_burst(db_url, fake_claude)
@@ -710,6 +728,81 @@ def test_continuing_needs_a_session_and_a_claude_job(
     assert (result.exit_code, result.output) == (
         2, f"Error: job {chore.id} is not a claude job: there is no session to continue\n",
     )  # fmt: skip
+
+
+RESTRICTED = {
+    "allowed_tools": ["Read"], "permission_mode": "acceptEdits", "max_budget_usd": 1.5,
+    "model": "opus", "max_turns": 3, "disallowed_tools": ["WebFetch"],
+}  # fmt: skip
+
+
+def test_a_continuation_keeps_every_option_of_the_job_it_continues(
+    conn: psycopg.Connection, invoke, db_url: str, fake_claude: Path, claude_log: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    first = claude_jobs.enqueue(conn, {"prompt": "p", "cwd": str(tmp_path), **RESTRICTED})
+    result = invoke("enqueue", "--continue-from", str(first.id), "--payload", '{"prompt": "on"}')
+    assert (result.exit_code, result.stderr) == (0, ""), result.output
+    then = claude_jobs.get_job(conn, result.stdout.strip())
+    run_burst(db_url, fake_claude, model="worker-model")
+    run = next(r for r in claude_runs(claude_log) if r["env"]["CLAUDE_JOBS_JOB_ID"] == str(then.id))
+    argv = run["argv"]
+    assert claude_jobs.SKIP_PERMISSIONS not in argv
+    for flag, value in [("--allowedTools", "Read"), ("--permission-mode", "acceptEdits"),
+                        ("--max-budget-usd", "1.5"), ("--model", "opus"), ("--max-turns", "3"),
+                        ("--disallowedTools", "WebFetch")]:  # fmt: skip
+        assert argv[argv.index(flag) + 1] == value, flag
+    assert "worker-model" not in argv
+    assert "widens" not in invoke("show", str(then.id)).output
+
+
+def test_a_continuation_widens_what_its_job_could_do_only_by_naming_it_and_show_says_so(
+    conn: psycopg.Connection, invoke, tmp_path: Path
+) -> None:
+    first = claude_jobs.enqueue(conn, {"prompt": "p", "cwd": str(tmp_path), **RESTRICTED})
+    wider = {
+        "prompt": "on", "allowed_tools": ["Read", "Bash"], "max_budget_usd": 5, "max_turns": 2,
+        "permission_mode": "bypassPermissions", "disallowed_tools": None,
+    }  # fmt: skip
+    result = invoke("enqueue", "--continue-from", str(first.id), "--payload", json.dumps(wider))
+    assert result.exit_code == 0, result.output
+    widens = [
+        "allowed_tools: adds Bash",
+        "disallowed_tools: no longer given (was WebFetch)",
+        "max_budget_usd: 1.5 → 5",
+        "permission_mode: acceptEdits → bypassPermissions",
+    ]
+    assert result.stderr == f"note: this continuation widens what job {first.id} could do: " + (
+        "; ".join(widens) + "\n"
+    )
+    then = claude_jobs.get_job(conn, result.stdout.strip())
+    assert then.widens == widens
+    assert "disallowed_tools" not in then.payload and then.payload["max_turns"] == 2
+    shown = invoke("show", str(then.id)).output
+    assert "widens    " + "; ".join(widens) in shown
+
+
+def test_a_continuation_in_another_directory_is_refused(
+    conn: psycopg.Connection, invoke, tmp_path: Path
+) -> None:
+    first = claude_jobs.enqueue(conn, {"prompt": "p", "cwd": str(tmp_path)})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    payload = json.dumps({"prompt": "p", "cwd": str(elsewhere)})
+    result = invoke("enqueue", "--continue-from", str(first.id), "--payload", payload)
+    assert result.exit_code == 2
+    assert result.output == (
+        f"Error: a continuation runs where the job it continues ran ({tmp_path}), "
+        f"not in {elsewhere}: claude keeps its sessions per directory\n"
+    )
+    assert conn.execute("SELECT count(*) FROM claude_jobs").fetchone()[0] == 1
+
+
+def test_a_session_claude_cannot_find_fails_at_once() -> None:
+    said = "No conversation found with session ID: 3648791a-f45c-402c-aafc-7f36a35c1f00"
+    ended = claude_jobs._ProcessExit(returncode=1, stderr=said + "\n")
+    with pytest.raises(claude_jobs.PermanentError, match="No conversation found"):
+        claude_jobs.claude_outcome(ended, None, [])
 
 
 @pytest.mark.real_claude

@@ -605,3 +605,15 @@ def test_the_workers_sessions_run_without_jit(conn: psycopg.Connection, db_url: 
         assert worker.run_once() == 0
         with worker._pool.connection() as pooled:  # where the claim and the outcomes run
             assert pooled.execute("SHOW jit").fetchone() == ("off",)
+
+
+def test_bad_options_from_python_are_refused_in_one_line(conn: psycopg.Connection) -> None:
+    with pytest.raises(claude_jobs.InvalidJob, match="no job"):
+        claude_jobs.enqueue(conn, {"name": "x"}, kind="note", after=[uuid.uuid4()])
+    with pytest.raises(claude_jobs.InvalidJob, match="concurrency key contains a NUL"):
+        claude_jobs.enqueue(conn, {"name": "x"}, kind="note", concurrency_key="a\x00b")
+    with pytest.raises(claude_jobs.InvalidJob, match='"cwd" contains a NUL'):
+        claude_jobs.enqueue(conn, {"prompt": "x", "cwd": "a\x00b"})
+    with pytest.raises(claude_jobs.InvalidJob, match="queue name"):
+        claude_jobs.enqueue(conn, {"name": "x"}, kind="note", queue="q\x00")
+    assert conn.execute("SELECT count(*) FROM claude_jobs").fetchone() == (0,)
