@@ -184,7 +184,7 @@ FENCE_MARGIN = 2.0
 #: A worker that lost its lease waits at most this long for the outcomes that finished under
 #: it to be recorded (the database has just come back), before it puts back the rest.
 LEAVE_FLUSH_TIMEOUT = 15.0
-#: After SIGTERM to a claude process group, SIGKILL follows after this long.
+#: After SIGTERM to the processes of a claude attempt, SIGKILL follows after this long.
 KILL_GRACE = 10.0
 #: The same on a forced shutdown (the second signal), where waiting is unwelcome.
 FORCED_KILL_GRACE = 3.0
@@ -2935,7 +2935,7 @@ def claude_outcome(
     errors = (result or {}).get("errors") or []
     detail = said or "; ".join(map(str, errors))
     if ended.timed_out:
-        raise JobFailed("timed out: claude's process group was terminated", result=result)
+        raise JobFailed("timed out: claude and what it started were terminated", result=result)
     if ended.returncode == 0 and result is not None and result.get("is_error") is False:
         return result
     subtype = (result or {}).get("subtype")
@@ -3393,9 +3393,10 @@ def _parse_queues(queues: str | Sequence[str]) -> tuple[str, ...]:
 def _kill_leftovers(jobs: Iterable[Mapping[str, Any]]) -> int:
     """Kill the processes of this machine still running the interrupted attempts of these
     jobs (rows with id and attempts): found by the CLAUDE_JOBS_JOB_ID and CLAUDE_JOBS_ATTEMPT
-    that claude passes down to every process it starts. A worker killed with SIGKILL takes
-    claude with it, but not what claude had started. Matching the attempt spares a new
-    attempt of the same job that a worker here may have started since."""
+    that claude passes down to every process it starts. The attempt's supervisor has killed
+    them already, unless it was itself killed from outside: this is the second line. Matching
+    the attempt spares a new attempt of the same job that a worker here may have started
+    since."""
     wanted = [
         (
             f"CLAUDE_JOBS_JOB_ID={job['id']}".encode(),
@@ -5904,8 +5905,8 @@ def logs_command(config: _Config, job_id: str, follow: bool) -> None:
 @click.option("--no-wait", is_flag=True, help="Do not wait for running jobs to stop.")
 @click.pass_obj
 def cancel_command(config: _Config, job_ids: Sequence[str], no_wait: bool) -> None:
-    """Cancel jobs: a queued one at once; a running one is stopped by its worker (its claude
-    process group is terminated) and is not retried.
+    """Cancel jobs: a queued one at once; a running one is stopped by its worker (claude and
+    every process it started are terminated) and is not retried.
 
     \b
     Example:

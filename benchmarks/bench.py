@@ -314,6 +314,22 @@ def bench_claude(b: Bench) -> None:
         b.record("raw spawn", "spawns/s", count / (time.perf_counter() - started))
 
 
+def bench_long_line(b: Bench) -> None:
+    """8. The worker's CPU time to take in one line of 400 MB from claude (the transcript
+    keeps its first 64 KiB): linear in the line's length, not quadratic."""
+    megabytes = 40 if b.quick else 400
+    command = ["sh", "-c", f"head -c {megabytes * 1_000_000} /dev/zero | tr '\\0' x; echo"]
+    for _ in range(b.runs):
+        context = claude_jobs.RunContext(uuid.uuid4(), 1, None, 600)
+        stream = claude_jobs._ClaudeStream(context)
+        started = time.process_time()
+        claude_jobs._run_process(
+            command, cwd=str(b.workdir), env=os.environ, stdin=b"", context=context,
+            on_line=stream.feed, kill_grace=1,
+        )  # fmt: skip
+        b.record(f"one {megabytes} MB line", "s CPU", time.process_time() - started)
+
+
 def bench_latency(b: Bench) -> None:
     """4. An idle worker; 500 jobs enqueued 10 ms apart; start minus enqueue."""
     count = 100 if b.quick else 500
@@ -441,6 +457,7 @@ BENCHMARKS: dict[str, Callable[[Bench], None]] = {
     "latency": bench_latency,
     "backlog": bench_backlog,
     "memory": bench_memory,
+    "long_line": bench_long_line,
 }
 
 
