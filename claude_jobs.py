@@ -61,7 +61,7 @@ import traceback
 import uuid
 import warnings
 import zoneinfo
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
@@ -512,11 +512,15 @@ ALTER TABLE claude_jobs_workers
 -- enqueued (by a sequence, not the clock); a continuation records what it may do that the
 -- job it continues could not; a due time is one that every client can read back.
 CREATE SEQUENCE claude_jobs_seq AS bigint;
+-- (a run_at no client could read back, queued before this version, is brought within range)
+UPDATE claude_jobs SET run_at = least(greatest(run_at, '0001-01-02 00:00+00'),
+                                      '9999-12-30 00:00+00')
+WHERE run_at < '0001-01-02 00:00+00' OR run_at > '9999-12-30 00:00+00';
 ALTER TABLE claude_jobs
     ADD COLUMN seq bigint,       -- enqueue order (NULL: enqueued before this version)
     ADD COLUMN widens text[],    -- what a continuation may do that the job it continues could not
     ADD CONSTRAINT claude_jobs_run_at_readable
-        CHECK (run_at BETWEEN '0001-01-02 00:00+00' AND '9999-12-30 00:00+00') NOT VALID;
+        CHECK (run_at BETWEEN '0001-01-02 00:00+00' AND '9999-12-30 00:00+00');
 -- (a default given apart from the column, so that existing rows are not rewritten)
 ALTER TABLE claude_jobs ALTER COLUMN seq SET DEFAULT nextval('claude_jobs_seq');
 ALTER SEQUENCE claude_jobs_seq OWNED BY claude_jobs.seq;
@@ -846,10 +850,16 @@ WITH me AS (
           SELECT FROM claude_jobs p
           WHERE p.id = c.continue_from AND p.status IN ('succeeded', 'failed', 'cancelled')
             AND coalesce(p.session_host, %(host)s) = %(host)s))
-      -- its concurrency key has a free slot (taking it, admission makes sure)
-      AND (c.concurrency_key IS NULL OR c.concurrency_limit = 0 OR c.concurrency_limit > (
+      -- its concurrency key has a free slot (taking it, admission makes sure), and no job of
+      -- the key ahead of it was claimed and waits to be admitted (it would be refused: ADMIT)
+      AND (c.concurrency_key IS NULL OR c.concurrency_limit = 0 OR (c.concurrency_limit > (
           SELECT count(*) FROM claude_jobs r
-          WHERE r.status = 'running' AND r.key_held AND r.concurrency_key = c.concurrency_key))
+          WHERE r.status = 'running' AND r.key_held AND r.concurrency_key = c.concurrency_key)
+        AND NOT EXISTS (
+          SELECT FROM claude_jobs e
+          WHERE e.status = 'running' AND NOT e.key_held AND e.concurrency_key = c.concurrency_key
+            AND (e.priority > c.priority OR (e.priority = c.priority
+                 AND (e.run_at, e.seq) < (c.run_at, c.seq))))))
     ORDER BY c.priority DESC, c.run_at, c.seq
     LIMIT %(limit)s
     FOR UPDATE OF c SKIP LOCKED
@@ -1440,7 +1450,7 @@ def _checked_time(when: datetime, what: str = "invalid time") -> datetime:
     """``when`` (with a time zone), if within EARLIEST_TIME and LATEST_TIME; else InvalidJob."""
     if not EARLIEST_TIME <= when <= LATEST_TIME:
         raise InvalidJob(
-            f"{what}: out of range ({EARLIEST_TIME:%Y-%m-%d} to {LATEST_TIME:%Y-%m-%d} UTC)"
+            f"{what}: out of range ({EARLIEST_TIME.date()} to {LATEST_TIME.date()} UTC)"
         )
     return when
 
@@ -1741,6 +1751,8 @@ def _checked_payload(kind: str, payload: Any, base_dir: str | Path | None) -> di
         raise InvalidJob('a claude job needs "prompt": a non-empty string')
     if "base" in payload and not payload.get("worktree"):
         raise InvalidJob('"base" is the starting point of a worktree: it needs "worktree": true')
+    if _too_deep(payload):  # (before anything walks it: it may even hold itself)
+        raise InvalidJob(f"the payload nests more than {MAX_PAYLOAD_DEPTH} levels deep")
     for key, value in payload.items():
         if _holds_nul(value):
             raise InvalidJob(f'"{key}" contains a NUL character, which PostgreSQL cannot store')
@@ -1842,11 +1854,12 @@ def _continuing(payload: Any, previous: Job | None) -> Any:
 
 
 def _as_continuation(
-    options: JobOptions, prepared: _Prepared, previous: Job
+    options: JobOptions, prepared: _Prepared, previous: Job, dropped: Collection[str]
 ) -> tuple[JobOptions, list[str]]:
     """A continuation's options, and what it may do that the job it continues could not. It
-    runs where that job ran (claude keeps sessions per directory), with its time limit unless
-    it gives its own."""
+    runs where that job ran (claude keeps sessions per directory), with its time limit and
+    concurrency key (and limit) unless it gives its own, or drops them (``dropped``: the
+    payload's keys given as null)."""
     cwd, was = prepared.payload.get("cwd"), previous.payload.get("cwd")
     if cwd != was:
         nowhere = "the directory of its worker"
@@ -1854,7 +1867,16 @@ def _as_continuation(
             f"a continuation runs where the job it continues ran ({was or nowhere}), not in "
             f"{cwd or nowhere}: claude keeps its sessions per directory"
         )
-    if options.timeout is None and "timeout" not in prepared.settings and previous.timeout:
+    given = "concurrency_key" in prepared.settings or options.concurrency_key is not None
+    if "concurrency_key" in dropped:
+        options = dataclasses.replace(options, concurrency_limit=0)
+    elif not given and options.concurrency_limit and not previous.payload.get("worktree"):
+        # (a worktree's continuations share its own key: see _concurrency_key)
+        key, limit = previous.concurrency_key, previous.concurrency_limit
+        options = dataclasses.replace(
+            options, concurrency_key=key, concurrency_limit=limit if key else 0
+        )
+    if not ("timeout" in dropped or "timeout" in prepared.settings or options.timeout):
         options = dataclasses.replace(options, timeout=previous.timeout)
     return options, _widening(previous.payload, prepared.payload)
 
@@ -1886,7 +1908,7 @@ def _widening(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
             added = [each for each in listed(key, after) if each not in listed(key, before)]
             if key == "allowed_tools" and new is None:
                 found.append(gone(key))
-            elif added and old is not None:
+            elif added and (old is not None or key == "add_dirs"):
                 found.append(f"{key}: adds {', '.join(added)}")
         elif key == "disallowed_tools":  # what it may not use
             allowed = [each for each in listed(key, before) if each not in listed(key, after)]
@@ -1984,7 +2006,8 @@ def enqueue(
     prepared = _prepare(options.kind, _continuing(payload, previous), base_dir)
     widens = None
     if previous is not None:
-        options, widens = _as_continuation(options, prepared, previous)
+        dropped = {key for key, value in payload.items() if value is None}
+        options, widens = _as_continuation(options, prepared, previous, dropped)
     params = {
         **dataclasses.asdict(options),
         **_row(options, prepared, previous),
@@ -2457,30 +2480,40 @@ class _ProcessExit:
     stderr: str  # its tail
     timed_out: bool = False
     stopped: str | None = None  # the stop reason, when stopped from outside
+    lease_ran_out: bool = False  # its supervisor ended it: the worker's lease ran out
+    cannot_run: str | None = None  # its supervisor could not start it: why
 
 
 #: The supervisor of one attempt's processes: a small program of its own (run as ``python -I -S
 #: -c``), so that it keeps working while its worker cannot (killed, stopped, frozen, cut off).
 #: It starts the command in a session of its own and is the subreaper of everything the command
-#: starts, so that no descendant escapes it, not even one in a session of its own (as claude's
-#: Bash tool runs commands). It kills that whole tree when the command exits (SIGTERM, SIGKILL
-#: a second later), on "stop GRACE" from its worker or on SIGTERM/SIGHUP/SIGINT (SIGTERM, then
-#: SIGKILL after GRACE seconds), and at once when its worker is gone (the control pipe closes)
-#: or the worker's lease runs out ("lease DEADLINE" renews it; DEADLINE is on CLOCK_BOOTTIME):
-#: past it, another worker may take the job over. It exits as the command did.
-#: It imports `_signal` rather than `signal`, whose import of `enum` would double its start-up.
+#: starts (Linux), so that no descendant escapes it, not even one in a session of its own (as
+#: claude's Bash tool runs commands). It kills that whole tree: when the command exits
+#: (SIGTERM, SIGKILL a second later), on "stop GRACE" from its worker or on SIGTERM, SIGHUP or
+#: SIGINT (SIGTERM, then SIGKILL after GRACE seconds), and at once when its worker is gone (the
+#: control pipe closes) or the worker's lease runs out ("lease DEADLINE" renews it; DEADLINE is
+#: on CLOCK_BOOTTIME): past it, another worker may take the job over. It watches all of that
+#: until the last process of the tree is gone, tells its worker why it ended early on a report
+#: pipe of their own, and exits as the command did. Arguments: the control and report file
+#: descriptors, the deadline (or -), the grace, NAME=VALUE environment for the command only,
+#: then -- and the command. It imports `_signal`, not `signal`: `signal` imports `enum`, which
+#: would double its start-up.
 _SUPERVISOR = r"""
 import os, select, sys, time, _signal
 
-control, grace, command = int(sys.argv[1]), float(sys.argv[3]), sys.argv[4:]
-deadline = float("inf") if sys.argv[2] == "-" else float(sys.argv[2])
+control, report, deadline, grace = sys.argv[1:5]
+control, report, grace = int(control), int(report), float(grace)
+deadline = float("inf") if deadline == "-" else float(deadline)
+split = sys.argv.index("--")
+env = dict(os.environ, **dict(pair.split("=", 1) for pair in sys.argv[5:split]))
+command = sys.argv[split + 1 :]
 me = os.getpid()
 clock = getattr(time, "CLOCK_BOOTTIME", None)
 now = (lambda: time.clock_gettime(clock)) if clock is not None else time.monotonic
 
-def say(text):
+def tell(word, text=""):
     try:
-        os.write(2, ("claude-jobs supervisor: " + text + "\n").encode())
+        os.write(report, (word + " " + text).strip().encode() + b"\n")
     except OSError:
         pass
 
@@ -2497,14 +2530,17 @@ for number in (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT):
     _signal.signal(number, lambda number, frame: asked.append(number))
 _signal.signal(_signal.SIGCHLD, lambda number, frame: None)  # only to wake the select
 os.set_inheritable(control, False)
-try:
-    child = os.posix_spawnp(command[0], command, os.environ, setsid=True)
+os.set_inheritable(report, False)
+try:  # (Python ignores SIGPIPE and SIGXFSZ; the command gets them as a program expects)
+    child = os.posix_spawnp(
+        command[0], command, env, setsid=True, setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ)
+    )
 except OSError as error:
-    say("cannot run " + command[0] + ": " + (error.strerror or str(error)))
+    tell("cannot-run", "cannot run " + command[0] + ": " + (error.strerror or str(error)))
     os._exit(127)
 null = os.open(os.devnull, os.O_RDWR)
-os.dup2(null, 0)  # the pipes are the command's now: they end when its processes end
-os.dup2(null, 1)
+for fd in (0, 1, 2):  # the pipes are the command's now: they end when its processes end
+    os.dup2(null, fd)
 status = None
 
 def below():
@@ -2553,7 +2589,13 @@ def reap():
             status = code
 
 why, kill_at, pending = None, None, b""
-while status is None and why is None:
+while True:
+    left = reap()
+    if status is not None and kill_at is None and left:  # exited, leaving processes behind
+        kill(_signal.SIGTERM)
+        kill_at = now() + 1.0
+    if not left or why is not None:
+        break
     wait = min(deadline, kill_at or deadline) - now()
     ready = select.select([control, wake], [], [], min(max(wait, 0.0), 1.0))[0]
     if wake in ready:
@@ -2574,48 +2616,54 @@ while status is None and why is None:
         kill(_signal.SIGTERM)
         kill_at = now() + grace
     if now() >= deadline:
-        why = "its worker's lease ran out: the worker is stopped, frozen or cut off"
+        why = "lease"
+        tell("lease", "its worker's lease ran out: the worker is stopped, frozen or cut off")
     elif kill_at is not None and now() >= kill_at:
         kill(_signal.SIGKILL)
-    reap()
-if why is not None:
-    say(why)
-elif reap():  # the command exited, leaving processes: they get a moment to go
-    kill(_signal.SIGTERM)
-    end = max(now() + 1.0, kill_at or 0.0)
-    while now() < end and reap():
-        time.sleep(0.02)
+        kill_at = now() + 0.2  # again, if something is left then (not at once: no busy loop)
 end = now() + 10.0
 while reap() and now() < end:  # as their subreaper, no child left means nothing left
     kill(_signal.SIGKILL)
-    time.sleep(0.01)
+    time.sleep(0.05)
 if status is None:
     os._exit(137)
 if os.WIFSIGNALED(status):
-    _signal.signal(os.WTERMSIG(status), _signal.SIG_DFL)
-    os.kill(me, os.WTERMSIG(status))
-os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128)
+    number = os.WTERMSIG(status)
+    try:
+        if number not in (_signal.SIGKILL, _signal.SIGSTOP):
+            _signal.signal(number, _signal.SIG_DFL)
+        os.kill(me, number)
+    except OSError:
+        pass
+    os._exit(128 + number)
+os._exit(os.waitstatus_to_exitcode(status))
 """
-#: How the supervisor says the command could not be started (with exit status 127).
-_CANNOT_RUN = "claude-jobs supervisor: cannot run "
-#: How the supervisor says it ended the attempt because the worker's lease ran out.
-_LEASE_RAN_OUT = "claude-jobs supervisor: its worker's lease ran out"
 
 
-def _control_pipe() -> tuple[int, int]:
-    """A pipe from a worker to a supervisor: (the supervisor's end, the worker's end, which
-    never blocks)."""
-    read, write = os.pipe()
-    os.set_blocking(write, False)
-    return read, write
+def _pipe(nonblocking_end: int) -> tuple[int, int]:
+    """A pipe (read end, write end) whose end ``nonblocking_end`` (0 or 1) never blocks."""
+    ends = os.pipe()
+    os.set_blocking(ends[nonblocking_end], False)
+    return ends
 
 
-def _supervised(argv: Sequence[str], control: int, lease: float | None, grace: float) -> list[str]:
+def _supervised(
+    argv: Sequence[str],
+    control: int,
+    report: int,
+    lease: float | None,
+    grace: float,
+    env: Mapping[str, str] | None = None,
+) -> list[str]:
     """``argv`` under a supervisor (see _SUPERVISOR) that reads its orders from the file
-    descriptor ``control``; ``lease``: when the claim runs out unless renewed (None: never)."""
+    descriptor ``control``, says why it ended early on ``report``, and gives the command (and
+    only the command: a recovering worker finds an attempt's processes by them) ``env`` on top
+    of its own environment; ``lease``: when the claim runs out unless renewed (None: never)."""
     python = sys.executable or shutil.which("python3") or "python3"
     deadline = "-" if lease is None else repr(lease)
-    return [python, "-I", "-S", "-c", _SUPERVISOR, str(control), deadline, repr(grace), *argv]
+    pairs = [f"{name}={value}" for name, value in (env or {}).items()]
+    return [python, "-I", "-S", "-c", _SUPERVISOR, str(control), str(report), deadline,
+            repr(grace), *pairs, "--", *argv]  # fmt: skip
 
 
 def _run_process(
@@ -2627,8 +2675,10 @@ def _run_process(
     context: RunContext,
     on_line: Callable[[bytes], None],
     kill_grace: float,
+    marks: Mapping[str, str] | None = None,
 ) -> _ProcessExit:
-    """Run ``argv`` under a supervisor of its own (see _SUPERVISOR), without a shell.
+    """Run ``argv`` under a supervisor of its own (see _SUPERVISOR), without a shell, with
+    ``env``, and ``marks`` on top for the command and its processes alone.
 
     ``stdin`` is written to the process and then closed; each stdout line goes to ``on_line``
     as it arrives. At the deadline, or when the context's stop is set, the supervisor stops
@@ -2637,24 +2687,29 @@ def _run_process(
     attempt by itself when the lease runs out or this process dies. When the command exits,
     whatever it left running is killed: no process of the job keeps running.
     """
-    control, steer = _control_pipe()
+    control, steer = _pipe(1)
+    told, report = _pipe(0)
     lease = context.lease_deadline()
     try:
         process = subprocess.Popen(
-            _supervised(argv, control, lease, kill_grace),
+            _supervised(argv, control, report, lease, kill_grace, marks),
             cwd=cwd,
             env=dict(env),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            pass_fds=(control,),
+            pass_fds=(control, report),
             start_new_session=True,  # away from the terminal's Ctrl-C and Ctrl-Z
         )
     except BaseException:
         os.close(steer)
+        os.close(told)
         raise
     finally:
         os.close(control)
+        os.close(report)
+
+    said = ""
 
     def tell(order: str) -> None:
         with contextlib.suppress(OSError):  # gone, or (never, in practice) a full pipe
@@ -2728,12 +2783,18 @@ def _run_process(
         selector.close()
         os.close(steer)  # a supervisor still at work takes this as its worker gone: all die
         process.wait()
+        with contextlib.suppress(OSError):
+            said = os.read(told, 4096).decode("utf-8", "replace")
+        os.close(told)
     lines.flush()
     result.returncode = process.returncode
     result.stderr = stderr_tail.decode("utf-8", "replace")
-    if _LEASE_RAN_OUT in result.stderr and not result.stopped:
-        context.request_stop(STOP_LOST)  # the watchdog would say so too, any moment now
-        result.stopped = STOP_LOST
+    for line in said.splitlines():
+        word, _, text = line.partition(" ")
+        if word == "lease":
+            result.lease_ran_out = True
+        elif word == "cannot-run":
+            result.cannot_run = text
     return result
 
 
@@ -2841,7 +2902,8 @@ _UNFIT_CLAUDE_ERRORS = (
 _PERMANENT_CLAUDE_SUBTYPES = ("error_max_turns", "error_max_budget_usd")
 #: What claude says when it has no session of that id here (resumed in another directory).
 _NO_SESSION = "No conversation found with session ID"
-#: What a claude session id looks like (a UUID); another value is never passed to --resume.
+#: What a claude session id may look like (claude's are UUIDs): one that does not is never
+#: passed to --resume, where a value beginning with "-" would read as a flag.
 _SESSION_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
 #: A subscription usage limit, as claude says it: "You've hit your 5-hour limit · resets Mar 17,
 #: 2030, 5:46pm (UTC)", and in older versions "Claude AI usage limit reached|<epoch seconds>".
@@ -3223,30 +3285,29 @@ class ClaudeHandler:
         return argv
 
     def _run(self, job: Job, argv: list[str], cwd: str, context: RunContext) -> Any:
-        env = {
-            **os.environ,
-            **job.payload.get("env", {}),
-            "CLAUDE_JOBS_JOB_ID": str(job.id),
-            "CLAUDE_JOBS_ATTEMPT": str(job.attempts),
-        }
         stream = _ClaudeStream(context)
         try:
             ended = _run_process(
                 argv,
                 cwd=cwd,
-                env=env,
+                env={**os.environ, **job.payload.get("env", {})},
                 stdin=job.payload["prompt"].encode("utf-8"),
                 context=context,
                 on_line=stream.feed,
                 kill_grace=self.kill_grace,
+                marks={"CLAUDE_JOBS_JOB_ID": str(job.id), "CLAUDE_JOBS_ATTEMPT": str(job.attempts)},
             )
         except OSError as error:
             raise WorkerUnfit(f"cannot run {argv[0]}: {error.strerror or error}") from None
-        if ended.returncode == 127 and _CANNOT_RUN in ended.stderr:
-            said = ended.stderr[ended.stderr.index(_CANNOT_RUN) :].splitlines()[0]
-            raise WorkerUnfit(said.removeprefix("claude-jobs supervisor: "))
+        if ended.cannot_run:
+            raise WorkerUnfit(ended.cannot_run)
         if ended.stopped:
             raise _Interrupted(ended.stopped)
+        if ended.lease_ran_out:  # (if the lease is truly lost, the watchdog says so too, and
+            raise JobFailed(  # nothing is written: another worker may run the job now)
+                "interrupted: no heartbeat of its worker reached the database in time, so "
+                "its lease ran out and every process of the attempt was stopped"
+            )
         return claude_outcome(ended, stream.result, stream.plain, stream.rate_limit_reset)
 
     def _working_directory(self, job: Job) -> str:
@@ -3546,9 +3607,11 @@ class _Recorder:
     def _pause(self, seconds: float) -> None:
         """Wait before trying again: ``seconds``, or less when the worker gives up or asks for
         a flush."""
+        if self._hurry.is_set():  # a flush waits: soon, but not in a busy loop
+            seconds = min(seconds, 0.2)
         end = time.monotonic() + seconds
-        while time.monotonic() < end and not (self._give_up.is_set() or self._hurry.is_set()):
-            self._hurry.wait(min(0.1, end - time.monotonic()))
+        while time.monotonic() < end and not self._give_up.is_set():
+            self._give_up.wait(min(0.1, end - time.monotonic()))
 
     def _written(self, outcome: _Outcome, status: str | None) -> None:
         """Hand a written (or given up) outcome to the worker."""
@@ -5412,7 +5475,8 @@ def _stop_on_signals(worker: Worker) -> None:
         worker.stop(force=len(received) > 1)
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, on_signal)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup claude-jobs worker`
+            signal.signal(signum, on_signal)
 
 
 # -- seeing jobs ------------------------------------------------------------------------------
@@ -5941,8 +6005,10 @@ def _await_cancel(conn: psycopg.Connection, key: uuid.UUID) -> str | None:
     for update in follow_job(conn, key, poll=0.5):
         if update.worker_lost:  # the cancel stands: recovery ends the job cancelled
             click.echo(
-                f"{key}: its worker {update.worker} is lost; the job is cancelled when a live "
-                "worker recovers it"
+                _printable(
+                    f"{key}: its worker {update.worker} is lost; the job is cancelled when a "
+                    "live worker recovers it"
+                )
             )
             return None
         if update.finished:

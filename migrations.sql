@@ -132,11 +132,15 @@ IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 4) THEN
 -- enqueued (by a sequence, not the clock); a continuation records what it may do that the
 -- job it continues could not; a due time is one that every client can read back.
 CREATE SEQUENCE claude_jobs_seq AS bigint;
+-- (a run_at no client could read back, queued before this version, is brought within range)
+UPDATE claude_jobs SET run_at = least(greatest(run_at, '0001-01-02 00:00+00'),
+                                      '9999-12-30 00:00+00')
+WHERE run_at < '0001-01-02 00:00+00' OR run_at > '9999-12-30 00:00+00';
 ALTER TABLE claude_jobs
     ADD COLUMN seq bigint,       -- enqueue order (NULL: enqueued before this version)
     ADD COLUMN widens text[],    -- what a continuation may do that the job it continues could not
     ADD CONSTRAINT claude_jobs_run_at_readable
-        CHECK (run_at BETWEEN '0001-01-02 00:00+00' AND '9999-12-30 00:00+00') NOT VALID;
+        CHECK (run_at BETWEEN '0001-01-02 00:00+00' AND '9999-12-30 00:00+00');
 -- (a default given apart from the column, so that existing rows are not rewritten)
 ALTER TABLE claude_jobs ALTER COLUMN seq SET DEFAULT nextval('claude_jobs_seq');
 ALTER SEQUENCE claude_jobs_seq OWNED BY claude_jobs.seq;

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -125,6 +126,19 @@ def test_sighup_stops_the_worker_as_sigterm_does(
     assert conn.execute("SELECT count(*) FROM claude_jobs_workers").fetchone() == (0,)
 
 
+def supervise(command: list[str], lease: float | None = None, grace: float = 0.5, **popen):
+    """The supervisor of ``command`` as a process of its own, with its two pipes."""
+    control, steer = claude_jobs._pipe(1)
+    told, report = claude_jobs._pipe(0)
+    process = subprocess.Popen(
+        claude_jobs._supervised(command, control, report, lease, grace),
+        pass_fds=(control, report), start_new_session=True, **popen,
+    )  # fmt: skip
+    os.close(control)
+    os.close(report)
+    return process, steer, told
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
 def test_a_signal_to_the_supervisor_stops_the_whole_attempt(signum: int, tmp_path: Path) -> None:
     """The supervisor, signalled by someone else, takes its whole subtree down with it."""
@@ -137,11 +151,7 @@ def test_a_signal_to_the_supervisor_stops_the_whole_attempt(signum: int, tmp_pat
         "print(p.pid, flush=True)\n"
         "time.sleep(600)\n"
     )
-    read, write = claude_jobs._control_pipe()  # kept open: closing it is the worker dying
-    supervisor = subprocess.Popen(
-        claude_jobs._supervised([sys.executable, str(script)], read, None, grace=0.5),
-        stdout=subprocess.PIPE, pass_fds=(read,), start_new_session=True,
-    )  # fmt: skip
+    supervisor, steer, told = supervise([sys.executable, str(script)], stdout=subprocess.PIPE)
     try:
         detached = int(supervisor.stdout.readline())
         supervisor.send_signal(signum)
@@ -150,5 +160,89 @@ def test_a_signal_to_the_supervisor_stops_the_whole_attempt(signum: int, tmp_pat
     finally:
         supervisor.kill()
         supervisor.wait()
-        os.close(read)
-        os.close(write)
+        os.close(steer)
+        os.close(told)
+
+
+def test_the_supervisor_exits_as_the_command_did_even_killed_by_sigkill() -> None:
+    for command, status in ((["sh", "-c", "exit 3"], 3), (["sh", "-c", "kill -9 $$"], -9)):
+        supervisor, steer, told = supervise(command)
+        assert supervisor.wait(timeout=10) == status
+        os.close(steer)
+        os.close(told)
+
+
+def test_the_command_gets_sigpipe_as_a_program_expects() -> None:
+    """Python ignores SIGPIPE and SIGXFSZ; the command must not inherit that."""
+    supervisor, steer, told = supervise(
+        ["sh", "-c", "grep SigIgn /proc/$$/status"], stdout=subprocess.PIPE
+    )
+    ignored = int(supervisor.stdout.read().split()[1], 16)
+    assert supervisor.wait(timeout=10) == 0
+    assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1))
+    os.close(steer)
+    os.close(told)
+
+
+def test_a_lease_that_runs_out_while_leftovers_linger_ends_them_then(tmp_path: Path) -> None:
+    """After claude exits on a stop, a leftover that ignores SIGTERM dies when the lease
+    runs out, not at the end of a long grace, and the attempt says why."""
+    script = ("import subprocess, sys, signal; signal.signal(signal.SIGTERM, signal.SIG_DFL); "
+              "p = subprocess.Popen([sys.executable, '-c', 'import signal, time; "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)'], "
+              "start_new_session=True); print(p.pid, flush=True); signal.pause()")  # fmt: skip
+    clock = claude_jobs._lease_clock
+    lease_end = clock() + 2.0
+    context = claude_jobs.RunContext(uuid.uuid4(), 1, None, 0.5, lease=lambda: lease_end)
+    lines: list[bytes] = []
+    ended = claude_jobs._run_process(
+        [sys.executable, "-c", script], cwd=str(tmp_path), env=os.environ, stdin=b"",
+        context=context, on_line=lines.append, kill_grace=120,
+    )  # fmt: skip
+    assert ended.timed_out and ended.lease_ran_out
+    assert not pid_alive(int(lines[0]))
+    assert clock() < lease_end + 30, "it did not wait for the grace of two minutes"
+
+
+def test_an_attempt_whose_lease_ran_out_is_a_counted_failure_unless_fenced(
+    fake_claude: Path, claude_log: Path, tmp_path: Path
+) -> None:
+    job = claude_jobs.Job.from_row(
+        {"id": uuid.uuid4(), "queue": "q", "kind": "claude", "priority": 0, "status": "running",
+         "payload": {"prompt": fake(sleep=600), "cwd": str(tmp_path)}, "attempts": 1,
+         "max_attempts": 5, "errors": [], "run_at": None, "created_at": None, "updated_at": None},
+        claude_jobs.RunContext(uuid.uuid4(), 1, None, 60, lease=lambda: 0.0),
+    )  # fmt: skip
+    with pytest.raises(claude_jobs.JobFailed, match="its lease ran out"):
+        claude_jobs.ClaudeHandler(str(fake_claude))(job)
+
+
+def test_recovery_finds_the_commands_processes_but_spares_their_supervisor(tmp_path: Path) -> None:
+    context = claude_jobs.RunContext(uuid.uuid4(), 1, None, 60)
+    lines: list[bytes] = []
+    marks = {"CLAUDE_JOBS_JOB_ID": str(context.job_id), "CLAUDE_JOBS_ATTEMPT": "1"}
+    ended = claude_jobs._run_process(
+        ["sh", "-c", "tr '\\0' '\\n' < /proc/$$/environ; tr '\\0' '\\n' < /proc/$PPID/environ"],
+        cwd=str(tmp_path), env=os.environ, stdin=b"", context=context, on_line=lines.append,
+        kill_grace=1, marks=marks,
+    )  # fmt: skip
+    assert ended.returncode == 0
+    text = b"\n".join(lines).decode()
+    assert text.count(f"CLAUDE_JOBS_JOB_ID={context.job_id}") == 1, (
+        "the command's, not its parent's"
+    )
+
+
+def test_a_worker_started_with_nohup_ignores_sighup(
+    conn: psycopg.Connection, start_worker, claude_log: Path, tmp_path: Path
+) -> None:
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as nohup leaves it
+    try:
+        worker = start_worker()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    worker.wait_for_log("started")
+    worker.signal(signal.SIGHUP)
+    job = claude_jobs.enqueue(conn, {"prompt": "after the hangup", "cwd": str(tmp_path)})
+    wait_for(lambda: status_of(conn, job.id) == "succeeded", what="the worker to work on")
+    assert "stopping" not in worker.log()

@@ -763,10 +763,12 @@ def test_a_continuation_widens_what_its_job_could_do_only_by_naming_it_and_show_
     wider = {
         "prompt": "on", "allowed_tools": ["Read", "Bash"], "max_budget_usd": 5, "max_turns": 2,
         "permission_mode": "bypassPermissions", "disallowed_tools": None,
+        "add_dirs": [str(tmp_path)],
     }  # fmt: skip
     result = invoke("enqueue", "--continue-from", str(first.id), "--payload", json.dumps(wider))
     assert result.exit_code == 0, result.output
     widens = [
+        f"add_dirs: adds {tmp_path}",
         "allowed_tools: adds Bash",
         "disallowed_tools: no longer given (was WebFetch)",
         "max_budget_usd: 1.5 → 5",
@@ -780,6 +782,21 @@ def test_a_continuation_widens_what_its_job_could_do_only_by_naming_it_and_show_
     assert "disallowed_tools" not in then.payload and then.payload["max_turns"] == 2
     shown = invoke("show", str(then.id)).output
     assert "widens    " + "; ".join(widens) in shown
+
+
+def test_a_continuation_keeps_its_jobs_key_and_time_limit_unless_it_drops_them(
+    conn: psycopg.Connection, tmp_path: Path
+) -> None:
+    first = claude_jobs.enqueue(
+        conn, {"prompt": "p", "cwd": str(tmp_path), "timeout": "2h"},
+        concurrency_key="prod-db", concurrency_limit=2,
+    )  # fmt: skip
+    then = claude_jobs.enqueue(conn, {"prompt": "on"}, continue_from=first.id)
+    assert (then.concurrency_key, then.concurrency_limit, then.timeout) == ("prod-db", 2, 7200)
+    loose = claude_jobs.enqueue(
+        conn, {"prompt": "on", "concurrency_key": None, "timeout": None}, continue_from=first.id
+    )
+    assert (loose.concurrency_key, loose.timeout) == (None, None)
 
 
 def test_a_continuation_in_another_directory_is_refused(

@@ -122,3 +122,17 @@ def test_a_version_1_database_is_upgraded_in_place_with_its_jobs(
     )  # fmt: skip
     assert (job.transcript_size, job.cancel_requested_at) == (0, None)
     assert claude_jobs.retry_jobs(unmigrated, [job_id]) == [job_id]
+
+
+def test_migration_4_brings_due_times_no_client_could_read_back_within_range(
+    unmigrated: psycopg.Connection,
+) -> None:
+    unmigrated.autocommit = True
+    claude_jobs.migrate(unmigrated, claude_jobs.MIGRATIONS[:3])
+    unmigrated.execute(
+        "INSERT INTO claude_jobs (payload, run_at) VALUES ('{}', '0001-01-01 00:00+14'), "
+        "('{}', '9999-12-31 23:59:59-14')"
+    )
+    claude_jobs.migrate(unmigrated)
+    days = unmigrated.execute("SELECT run_at::text FROM claude_jobs ORDER BY run_at").fetchall()
+    assert [day[0][:10] for day in days] == ["0001-01-02", "9999-12-30"]

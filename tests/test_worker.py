@@ -617,3 +617,11 @@ def test_bad_options_from_python_are_refused_in_one_line(conn: psycopg.Connectio
     with pytest.raises(claude_jobs.InvalidJob, match="queue name"):
         claude_jobs.enqueue(conn, {"name": "x"}, kind="note", queue="q\x00")
     assert conn.execute("SELECT count(*) FROM claude_jobs").fetchone() == (0,)
+
+
+def test_a_payload_that_holds_itself_is_refused_in_one_line(conn: psycopg.Connection) -> None:
+    loop: list[Any] = []
+    loop.append(loop)
+    for kind, payload in (("note", {"name": loop}), ("claude", {"prompt": "p", "env": loop})):
+        with pytest.raises(claude_jobs.InvalidJob, match="levels deep"):
+            claude_jobs.enqueue(conn, payload, kind=kind)
