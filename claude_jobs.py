@@ -36,6 +36,7 @@ Sections, top to bottom; data flows down the page and nothing calls upward:
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import enum
@@ -45,6 +46,7 @@ import importlib
 import itertools
 import json
 import logging
+import math
 import os
 import queue as queue_module
 import random
@@ -55,6 +57,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -90,15 +93,19 @@ __all__ = [
     "JobSettings",
     "JobStatus",
     "JobsError",
+    "Lifted",
     "PermanentError",
     "Postpone",
     "RunContext",
     "SchemaError",
+    "Spend",
     "UsageLimitReached",
+    "Waiting",
     "Worker",
     "WorkerUnfit",
     "backoff_delay",
     "cancel_job",
+    "cancel_jobs",
     "check_conninfo",
     "check_schema",
     "claude_outcome",
@@ -111,6 +118,7 @@ __all__ = [
     "default_home",
     "enqueue",
     "enqueue_many",
+    "explain_jobs",
     "follow_job",
     "get_job",
     "handler",
@@ -118,6 +126,7 @@ __all__ = [
     "list_holds",
     "list_jobs",
     "list_workers",
+    "list_worktrees",
     "main",
     "mask_url",
     "migrate",
@@ -125,7 +134,9 @@ __all__ = [
     "parse_time",
     "pause_queue",
     "prepare_payload",
+    "prune_worktrees",
     "purge_queue",
+    "queue_known",
     "queue_stats",
     "registered_kinds",
     "resolve_job_id",
@@ -134,6 +145,7 @@ __all__ = [
     "schema_sql",
     "schema_version",
     "start_embedded",
+    "worktree_diff",
 ]
 
 logger = logging.getLogger(__name__)
@@ -203,6 +215,10 @@ PG_INT_MIN, PG_INT_MAX = -(2**31), 2**31 - 1
 #: The longest duration anything accepts (ten years).
 MAX_DURATION = 10 * 365 * 86400.0
 
+#: How the error of a job that met a usage limit begins.
+USAGE_LIMIT_NOTE = "claude's usage limit: "
+#: How the reason a worker starts no claude job begins when its daily budget is spent.
+BUDGET_NOTE = "the daily budget of "
 #: claude's arguments on every run; the options of the job and the worker follow (and
 #: SKIP_PERMISSIONS, unless they give a permission mode).
 CLAUDE_ARGS = (
@@ -389,6 +405,41 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# -- how values read to people --------------------------------------------------------------
+
+
+def _duration_text(seconds: float) -> str:
+    """``seconds`` as people say it: 45s, 12m, 1h30m, 3h, 14d (the next unit down too, while
+    the first is a single digit)."""
+    whole = round(seconds)
+    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
+    for (unit, size), (smaller, small_size) in itertools.pairwise(units):
+        if whole >= size:
+            count, rest = divmod(whole, size)
+            if count >= 10 or rest < small_size:
+                return f"{round(whole / size)}{unit}"
+            return f"{count}{unit}{rest // small_size}{smaller}"
+    return f"{whole}s"
+
+
+def _ago(moment: datetime | None, now: datetime | None = None) -> str:
+    """``moment`` relative to now: 45s ago, 3m ago, in 2h."""
+    if moment is None:
+        return "-"
+    seconds = ((now or datetime.now(UTC)) - moment).total_seconds()
+    text = _duration_text(abs(seconds))
+    return f"in {text}" if seconds < -0.5 else f"{text} ago"
+
+
+def _money(amount: float) -> str:
+    """An amount of US dollars as people read it: to the cent, and below one cent to four
+    significant digits (``$0.0002350``, not ``$0.00``)."""
+    if amount == 0 or abs(amount) >= 0.01:
+        return f"${amount:,.2f}"
+    decimals = 3 - math.floor(math.log10(abs(amount)))
+    return f"${amount:.{decimals}f}"
+
+
 ###############################################################################
 # Schema
 ###############################################################################
@@ -533,6 +584,42 @@ CREATE INDEX claude_jobs_ready ON claude_jobs (priority DESC, run_at, seq)
     WHERE status = 'queued';
 """,
     ),
+    (
+        5,
+        """\
+-- What jobs leave behind, kept apart from the jobs: cleanup deletes jobs, not these.
+-- What claude spent, per UTC day (when it was recorded), queue and model.
+CREATE TABLE claude_jobs_spend (
+    day                 date NOT NULL,
+    queue               text NOT NULL,
+    model               text NOT NULL,             -- '' where claude did not say
+    runs                integer NOT NULL DEFAULT 0,  -- claude runs that reported it
+    cost_usd            numeric NOT NULL DEFAULT 0,
+    input_tokens        bigint NOT NULL DEFAULT 0,
+    output_tokens       bigint NOT NULL DEFAULT 0,
+    cache_read_tokens   bigint NOT NULL DEFAULT 0,
+    cache_write_tokens  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, queue, model)
+);
+-- what was spent before there was a ledger: per day and queue, the model not known
+INSERT INTO claude_jobs_spend (day, queue, model, runs, cost_usd)
+SELECT (coalesce(finished_at, updated_at) AT TIME ZONE 'UTC')::date, queue, '', count(*),
+       sum(cost_usd)
+FROM claude_jobs WHERE cost_usd > 0 GROUP BY 1, 2;
+-- The git worktrees jobs ran in, on the host that has them.
+CREATE TABLE claude_jobs_worktrees (
+    host        text NOT NULL,
+    path        text NOT NULL,
+    repo        text NOT NULL,
+    branch      text NOT NULL,
+    base        text NOT NULL,                    -- the commit the branch started from
+    job_id      uuid NOT NULL,                    -- the job that made it
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    used_at     timestamptz NOT NULL DEFAULT now(), -- the last time a job ran in it
+    PRIMARY KEY (host, path)
+);
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -636,6 +723,18 @@ GET_JOB = f"""
 SELECT {_JOB_COLUMNS}, transcript FROM claude_jobs WHERE id = %(id)s
 """
 
+GET_JOB_STATE = f"""
+-- get_job_state: one job without its transcript
+SELECT {_JOB_COLUMNS} FROM claude_jobs WHERE id = %(id)s
+"""
+
+KEY_HOLDERS = """
+-- key_holders: the running jobs that hold a slot of each of these concurrency keys
+SELECT concurrency_key, array_agg(id ORDER BY started_at) AS holders FROM claude_jobs
+WHERE status = 'running' AND key_held AND concurrency_key = ANY(%(keys)s::text[])
+GROUP BY concurrency_key
+"""
+
 JOBS_IN_RANGE = """
 -- jobs_in_range: ids between two ids (an id prefix, padded with 0s and with fs)
 SELECT id FROM claude_jobs WHERE id BETWEEN %(low)s AND %(high)s ORDER BY id LIMIT 6
@@ -650,6 +749,11 @@ WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
 ORDER BY created_at DESC, id
 LIMIT %(limit)s
+"""
+
+LOCK_JOBS = """
+-- lock_jobs: the status of each of these jobs, locked until the end of the transaction
+SELECT id, status FROM claude_jobs WHERE id = ANY(%(ids)s::uuid[]) ORDER BY id FOR UPDATE
 """
 
 CANCEL_QUEUED = """
@@ -800,6 +904,38 @@ PAUSED_QUEUES = """
 SELECT queue FROM claude_jobs_queues WHERE paused_at IS NOT NULL
 """
 
+QUEUE_KNOWN = """
+-- queue_known: whether a job, or the ledger of what claude spent, ever named this queue
+SELECT EXISTS (SELECT FROM claude_jobs WHERE queue = %(queue)s)
+    OR EXISTS (SELECT FROM claude_jobs_spend WHERE queue = %(queue)s)
+"""
+
+KNOWN_QUEUES = """
+-- known_queues: the queues jobs and the ledger name (a scan of every job: for rare use)
+SELECT queue FROM claude_jobs UNION SELECT queue FROM claude_jobs_spend ORDER BY 1
+"""
+
+LIST_WORKTREES = """
+-- list_worktrees: the worktrees jobs ran in, newest first, with the status of the job that
+-- made them (NULL: deleted since) and whether an unfinished job needs them (busy): that job
+-- itself, a running job in it, or a queued or running continuation of a job that ran in it
+SELECT w.host, w.path, w.repo, w.branch, w.base, w.job_id, w.created_at, w.used_at, j.status,
+    j.status IN ('queued', 'running')
+    OR EXISTS (SELECT FROM claude_jobs u
+               WHERE u.status = 'running' AND u.worktree->>'path' = w.path)
+    OR EXISTS (SELECT FROM claude_jobs u JOIN claude_jobs p ON p.id = u.continue_from
+               WHERE u.status IN ('queued', 'running')
+                 AND (u.after IS NOT NULL OR u.continue_from IS NOT NULL)
+                 AND p.worktree->>'path' = w.path) AS busy
+FROM claude_jobs_worktrees w LEFT JOIN claude_jobs j ON j.id = w.job_id
+ORDER BY w.created_at DESC
+"""
+
+FORGET_WORKTREE = """
+-- forget_worktree: a worktree whose directory and branch are both gone
+DELETE FROM claude_jobs_worktrees WHERE host = %(host)s AND path = %(path)s
+"""
+
 COUNT_QUEUED = """
 -- count_queued: how many jobs wait in a queue
 SELECT count(*) FROM claude_jobs WHERE queue = %(queue)s AND status = 'queued'
@@ -876,6 +1012,15 @@ RETURNING {", ".join("j." + c.strip() for c in _JOB_COLUMNS.split(","))},
 """
 CLAIM_FROM_QUEUE = _CLAIM.format(queue_filter="AND c.queue = %(queue)s")
 CLAIM_FROM_ANY_QUEUE = _CLAIM.format(queue_filter="")
+
+READY_OF_KINDS = """
+-- ready_of_kinds: one kind of these of which a job is ready in these queues (NULL: any)
+SELECT min(kind) FROM (
+    SELECT kind FROM claude_jobs
+    WHERE status = 'queued' AND run_at <= now() AND kind = ANY(%(kinds)s)
+      AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+    LIMIT 1) ready
+"""
 
 NEXT_DUE = """
 -- next_due: when the next job of these kinds (and queues; NULL: any) becomes ready
@@ -1038,8 +1183,10 @@ SELECT pg_notify(%(channel)s, json_build_object('hold', kind)::text) FROM held
 """
 
 LIFT_HOLD = """
--- lift_hold: workers may start jobs of this kind again (every one hears of it), and the jobs
--- that met the hold's limit run now instead of at its end (plus a minute of jitter)
+-- lift_hold: workers may start jobs of this kind again: the hold on every worker ends (the jobs
+-- that met its limit run now instead of at its end, plus a minute of jitter), and so do the
+-- back-offs of workers that could not run them (`refit`; not a spent daily budget, whose
+-- reason begins with `budget`); every worker hears of it
 WITH lifted AS (
     DELETE FROM claude_jobs_holds WHERE kind = %(kind)s RETURNING kind, until
 ), sooner AS (
@@ -1048,10 +1195,15 @@ WITH lifted AS (
     WHERE j.status = 'queued' AND j.kind = lifted.kind AND j.run_at > now()
       AND j.run_at <= lifted.until + interval '1 minute' AND starts_with(j.last_error, %(met)s)
     RETURNING j.id
+), refit AS (
+    UPDATE claude_jobs_workers SET claude_paused_until = NULL, claude_paused_reason = NULL
+    WHERE %(refit)s AND claude_paused_until > now()
+      AND NOT starts_with(claude_paused_reason, %(budget)s)
+    RETURNING id
 )
-SELECT (SELECT count(*) FROM sooner) AS sooner,
-    pg_notify(%(channel)s, json_build_object('hold', kind)::text)
-FROM lifted
+SELECT (SELECT count(*) FROM lifted) AS held, (SELECT count(*) FROM sooner) AS sooner,
+    (SELECT count(*) FROM refit) AS refit,
+    pg_notify(%(channel)s, json_build_object('hold', %(kind)s::text, 'lift', true)::text)
 """
 
 HOLDS = """
@@ -1067,22 +1219,45 @@ WHERE id = %(id)s
 """
 
 SPENT_TODAY = """
--- spent_today: what the jobs that finished since midnight UTC cost, and the running ones so far
-SELECT (SELECT coalesce(sum(cost_usd), 0) FROM claude_jobs
-        WHERE status IN ('succeeded', 'failed', 'cancelled')
-          AND finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC')
-     + (SELECT coalesce(sum(cost_usd), 0) FROM claude_jobs WHERE status = 'running')
+-- spent_today: what claude cost since midnight UTC, by the ledger
+SELECT coalesce(sum(cost_usd), 0) FROM claude_jobs_spend
+WHERE day = (now() AT TIME ZONE 'UTC')::date
 """
 
 COST_STATS = """
--- cost_stats: what the jobs that finished in the last `days` UTC days cost, per day and queue
-SELECT (finished_at AT TIME ZONE 'UTC')::date AS day, queue, count(*) AS jobs,
-    count(*) FILTER (WHERE cost_usd > 0) AS costed, sum(cost_usd) AS cost_usd
-FROM claude_jobs
-WHERE status IN ('succeeded', 'failed', 'cancelled')
-  AND finished_at >= date_trunc('day', now() AT TIME ZONE 'UTC') AT TIME ZONE 'UTC'
-                     - make_interval(days => %(days)s - 1)
-GROUP BY 1, 2 ORDER BY 1 DESC, 2
+-- cost_stats: what claude cost in the last `days` UTC days, per day, queue and model
+SELECT day, queue, model, runs, cost_usd, input_tokens, output_tokens, cache_read_tokens,
+    cache_write_tokens
+FROM claude_jobs_spend
+WHERE day > (now() AT TIME ZONE 'UTC')::date - %(days)s
+ORDER BY day DESC, queue, model
+"""
+
+RECORD_SPEND = """
+-- record_spend: add what claude runs spent to the ledger, per UTC day, queue and model
+INSERT INTO claude_jobs_spend AS s (day, queue, model, runs, cost_usd, input_tokens,
+    output_tokens, cache_read_tokens, cache_write_tokens)
+SELECT (now() AT TIME ZONE 'UTC')::date, queue, model, runs, cost, input, output, cache_read,
+    cache_write
+FROM unnest(%(queues)s::text[], %(models)s::text[], %(runs)s::integer[], %(costs)s::numeric[],
+            %(inputs)s::bigint[], %(outputs)s::bigint[], %(cache_reads)s::bigint[],
+            %(cache_writes)s::bigint[])
+    AS t(queue, model, runs, cost, input, output, cache_read, cache_write)
+ON CONFLICT (day, queue, model) DO UPDATE
+SET runs = s.runs + excluded.runs, cost_usd = s.cost_usd + excluded.cost_usd,
+    input_tokens = s.input_tokens + excluded.input_tokens,
+    output_tokens = s.output_tokens + excluded.output_tokens,
+    cache_read_tokens = s.cache_read_tokens + excluded.cache_read_tokens,
+    cache_write_tokens = s.cache_write_tokens + excluded.cache_write_tokens
+"""
+
+REGISTER_WORKTREES = """
+-- register_worktrees: remember the worktrees jobs run in (beyond the jobs' own rows)
+INSERT INTO claude_jobs_worktrees AS w (host, path, repo, branch, base, job_id)
+SELECT %(host)s, path, repo, branch, base, job_id
+FROM unnest(%(paths)s::text[], %(repos)s::text[], %(branches)s::text[], %(bases)s::text[],
+            %(jobs)s::uuid[]) AS t(path, repo, branch, base, job_id)
+ON CONFLICT (host, path) DO UPDATE SET used_at = now()
 """
 
 CANCELLED = f"""
@@ -1202,7 +1377,7 @@ RETURNING id, queue, kind, attempts, max_attempts, status, worker
 """
 RECOVER_JOBS_OF = _REQUEUE_INTERRUPTED.format(
     purpose="recover_jobs_of: a dead worker's running jobs go back, the attempt counted",
-    why="stopped before finishing the attempt",
+    why="was lost (killed, crashed or cut off) during the attempt",
     condition="worker_id = %(worker_id)s",
 )
 RECOVER_ORPHANS = _REQUEUE_INTERRUPTED.format(
@@ -1336,6 +1511,39 @@ def default_home() -> Path:
     return Path(data) / "claude-jobs"
 
 
+def _forget_dead_users(pgdata: Path) -> None:
+    """pgserver counts the processes using the embedded server in a file of process ids, and
+    stops the server when the last one leaves; one that died without leaving (killed,
+    crashed) would stay counted for ever, and the server never stop. Forget those, under
+    pgserver's own lock (its internals: where they are not as expected, do nothing)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # platformdirs warns without XDG_RUNTIME_DIR
+            from pgserver.postgres_server import PostgresServer  # type: ignore[import-untyped]
+        lock = PostgresServer._lock
+    except (ImportError, AttributeError):
+        return
+    handles = pgdata / ".handle_pids.json"
+    with lock:
+        try:
+            pids = json.loads(handles.read_text())
+        except (OSError, ValueError):
+            return
+        alive = [pid for pid in pids if isinstance(pid, int) and _process_exists(pid)]
+        if alive != pids:
+            handles.write_text(json.dumps(alive))
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's: it exists
+        return True
+    return True
+
+
 def start_embedded(home: Path) -> str:
     """Start (or join) the embedded PostgreSQL kept in ``home``; returns its URL.
 
@@ -1353,9 +1561,12 @@ def start_embedded(home: Path) -> str:
             ) from None
     try:
         home.mkdir(parents=True, exist_ok=True)
+        _forget_dead_users(home / "pgdata")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             server = pgserver.get_server(home / "pgdata", cleanup_mode="stop")
+        # (atexit runs the last registered first: this, then pgserver's own leaving)
+        atexit.register(_forget_dead_users, home / "pgdata")
     except Exception as error:  # pgserver raises whatever initdb or pg_ctl raised
         raise DatabaseUnavailable(
             f"cannot start the embedded PostgreSQL in {home}: {error} "
@@ -1395,6 +1606,95 @@ def handler(kind: str) -> Callable[[_HandlerT], _HandlerT]:
 def registered_kinds() -> list[str]:
     """Every kind this process can run: claude and the registered Python kinds."""
     return sorted({DEFAULT_KIND, *_registry})
+
+
+###############################################################################
+# Git: what worktree jobs need of it
+###############################################################################
+
+#: `git worktree` changes of one repository, one at a time in this process (git's own locks
+#: make a concurrent one fail rather than wait).
+_git_locks: dict[str, threading.Lock] = {}
+_git_locks_guard = threading.Lock()
+
+
+class _GitError(Exception):
+    pass
+
+
+def _git(cwd: str | Path, *args: str, env: Mapping[str, str] | None = None) -> str:
+    """Run git in ``cwd``; its output, stripped. Raises _GitError with what git said."""
+    try:
+        done = subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
+            env=None if env is None else dict(env),
+        )  # fmt: skip
+    except FileNotFoundError:
+        raise WorkerUnfit("git is not installed on this worker (a worktree job needs it)") from None
+    except subprocess.TimeoutExpired:
+        raise _GitError(f"git {args[0]} took more than 5 minutes") from None
+    if done.returncode != 0:
+        said = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        raise _GitError(f"git {args[0]}: {said[-1] if said else f'status {done.returncode}'}")
+    return done.stdout.strip()
+
+
+@contextlib.contextmanager
+def _repository_lock(common_dir: str) -> Iterator[None]:
+    with _git_locks_guard:
+        lock = _git_locks.setdefault(common_dir, threading.Lock())
+    with lock:
+        yield
+
+
+def _git_retrying(common_dir: str, cwd: str | Path, *args: str) -> str:
+    """A git command that changes the repository's worktrees or refs, under the repository's
+    lock; tried again a few times when another process holds one of git's locks."""
+    for delay in (0.2, 0.5, 1.0, 2.0, None):
+        try:
+            with _repository_lock(common_dir):
+                return _git(cwd, *args)
+        except _GitError as error:
+            if delay is None or ".lock" not in str(error):
+                raise
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def _repository_of(cwd: str | Path) -> tuple[str, str]:
+    """The top level and the git directory of the repository ``cwd`` is in (_GitError when
+    it is in none)."""
+    top = _git(cwd, "rev-parse", "--show-toplevel")
+    return top, str(Path(cwd, _git(cwd, "rev-parse", "--git-common-dir")).resolve())
+
+
+def _commit_of(top: str | Path, ref: str) -> str:
+    """The commit ``ref`` names in the repository at ``top`` (_GitError when none)."""
+    return _git(top, "rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
+
+
+def _worktree_problem(cwd: str, base: str | None) -> str | None:
+    """What keeps a worktree job in ``cwd`` from ``base`` (None: HEAD) from starting, if
+    anything: no repository there, or a base that is no commit in it."""
+    try:
+        top, _ = _repository_of(cwd)
+    except _GitError:
+        return f'"worktree" needs a cwd inside a git repository: {cwd}'
+    except WorkerUnfit:
+        return "git is not installed here, and a worktree job needs it"
+    try:
+        _commit_of(top, base or "HEAD")
+    except _GitError:
+        return f"the worktree's base is not a commit in {top}: {base or 'HEAD'}"
+    return None
+
+
+def _git_ok(cwd: str | Path, *args: str) -> bool:
+    try:
+        _git(cwd, *args)
+    except _GitError:
+        return False
+    return True
 
 
 ###############################################################################
@@ -1728,15 +2028,27 @@ class _Prepared:
     settings: dict[str, Any]  # concurrency_key and timeout, when the payload gave them
 
 
-def _prepare(kind: str, payload: Any, base_dir: str | Path | None) -> _Prepared:
-    checked = _checked_payload(kind, payload, base_dir)
+def _prepare(
+    kind: str,
+    payload: Any,
+    base_dir: str | Path | None,
+    seen: dict[tuple[str, str | None], str | None] | None = None,
+) -> _Prepared:
+    checked = _checked_payload(kind, payload, base_dir, seen)
     settings = {
         key: checked.pop(key) for key in _JOB_KEYS if kind == DEFAULT_KIND and key in checked
     }
     return _Prepared(checked, _payload_json(checked), settings)
 
 
-def _checked_payload(kind: str, payload: Any, base_dir: str | Path | None) -> dict[str, Any]:
+def _checked_payload(
+    kind: str,
+    payload: Any,
+    base_dir: str | Path | None,
+    seen: dict[tuple[str, str | None], str | None] | None = None,
+) -> dict[str, Any]:
+    """A claude payload checked (see prepare_payload); ``seen``: the worktrees checked in this
+    batch already (a repository and base checked once, not once a line)."""
     if not isinstance(payload, dict):
         raise InvalidJob(f"the payload must be a JSON object, not {_json_type(payload)}")
     if kind != DEFAULT_KIND:
@@ -1757,7 +2069,15 @@ def _checked_payload(kind: str, payload: Any, base_dir: str | Path | None) -> di
         if _holds_nul(value):
             raise InvalidJob(f'"{key}" contains a NUL character, which PostgreSQL cannot store')
     base = Path(base_dir or os.getcwd())
-    return {key: CLAUDE_PAYLOAD[key][0](key, value, base) for key, value in payload.items()}
+    checked = {key: CLAUDE_PAYLOAD[key][0](key, value, base) for key, value in payload.items()}
+    if checked.get("worktree") and checked.get("cwd"):  # (without one: the worker's directory)
+        seen = {} if seen is None else seen
+        where = (checked["cwd"], checked.get("base"))
+        if where not in seen:
+            seen[where] = _worktree_problem(*where)
+        if seen[where]:
+            raise InvalidJob(seen[where])
+    return checked
 
 
 def _holds_nul(value: Any) -> bool:
@@ -1797,9 +2117,25 @@ def _concurrency_key(
     return None
 
 
+def _worker_name() -> str:
+    """This process, as workers are named: host:pid."""
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
 def _branch_name(job_id: uuid.UUID) -> str:
     """The branch of a worktree job: claude-jobs/ and the start of its id."""
     return f"claude-jobs/{job_id.hex[:12]}"
+
+
+def _branch_of(job: Job) -> str | None:
+    """The branch a worktree job works on (a continuation: the one of the job it continues);
+    None for other jobs."""
+    if not job.payload.get("worktree"):
+        return None
+    recorded = job.worktree or (job.resumes or {}).get("worktree") or {}
+    if "branch" in recorded:
+        return recorded["branch"]
+    return None if job.continue_from else _branch_name(job.id)  # (a chain's: not known yet)
 
 
 def _row(options: JobOptions, prepared: _Prepared, previous: Job | None = None) -> dict[str, Any]:
@@ -2037,10 +2373,11 @@ def enqueue_many(
     caller's transaction (or one of their own on an autocommit connection).
     """
     options = JobOptions.build(**settings)
-    prepared = []
+    prepared: list[_Prepared] = []
+    seen: dict[tuple[str, str | None], str | None] = {}
     for number, payload in enumerate(payloads, 1):
         try:
-            prepared.append(_prepare(options.kind, payload, base_dir))
+            prepared.append(_prepare(options.kind, payload, base_dir, seen))
         except InvalidJob as error:
             raise InvalidJob(f"job {number}: {error}") from None
     return _copy_jobs(conn, options, prepared)
@@ -2146,13 +2483,33 @@ def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> JobStatus:
     stopped by the worker that runs it, told by NOTIFY (returns RUNNING: the cancel is under
     way, and the job ends cancelled, not retried). WrongState for a finished job."""
     key = resolve_job_id(conn, job_id)
+    return cancel_jobs(conn, [key])[key]
+
+
+def cancel_jobs(
+    conn: psycopg.Connection, job_ids: Sequence[uuid.UUID | str]
+) -> dict[uuid.UUID, JobStatus]:
+    """Cancel these jobs, all or none (WrongState, and nothing changes, if one is finished):
+    what each came to, as cancel_job says it."""
+    keys = list(dict.fromkeys(resolve_job_id(conn, job_id) for job_id in job_ids))
+    done: dict[uuid.UUID, JobStatus] = {}
     with _atomic(conn):
-        if conn.execute(CANCEL_QUEUED, {"id": key}).fetchone():
-            return JobStatus.CANCELLED
-        if conn.execute(REQUEST_CANCEL, {"id": key, "channel": NOTIFY_CHANNEL}).fetchone():
-            return JobStatus.RUNNING
-    job = get_job(conn, key)
-    raise WrongState(f"job {key} is {job.status}: only queued or running jobs can be cancelled")
+        found = dict(conn.execute(LOCK_JOBS, {"ids": keys}).fetchall())
+        for key in keys:
+            if key not in found:
+                raise JobNotFound(f"no job {key}")
+            if found[key] not in (JobStatus.QUEUED, JobStatus.RUNNING):
+                raise WrongState(
+                    f"job {key} is {found[key]}: only queued or running jobs can be cancelled"
+                    + ("; nothing was cancelled" if len(keys) > 1 else "")
+                )
+        for key in keys:
+            if conn.execute(CANCEL_QUEUED, {"id": key}).fetchone():
+                done[key] = JobStatus.CANCELLED
+            else:
+                conn.execute(REQUEST_CANCEL, {"id": key, "channel": NOTIFY_CHANNEL})
+                done[key] = JobStatus.RUNNING
+    return done
 
 
 def retry_jobs(
@@ -2206,8 +2563,10 @@ def queue_stats(conn: psycopg.Connection) -> list[dict[str, Any]]:
 
 
 def cost_stats(conn: psycopg.Connection, days: int = 7) -> list[dict[str, Any]]:
-    """What the jobs that finished in the last ``days`` UTC days (today included) cost, per
-    day and queue, newest day first: day, queue, jobs, costed (jobs with a cost), cost_usd."""
+    """What claude spent in the last ``days`` UTC days (today included), by the ledger that
+    outlives the jobs, per day, queue and model, newest day first: day, queue, model ("" where
+    claude did not say), runs, cost_usd, input_tokens, output_tokens, cache_read_tokens,
+    cache_write_tokens."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(COST_STATS, {"days": days}).fetchall()
 
@@ -2221,13 +2580,29 @@ def list_holds(conn: psycopg.Connection) -> list[dict[str, Any]]:
         ]
 
 
-def lift_hold(conn: psycopg.Connection, kind: str = DEFAULT_KIND) -> int | None:
-    """Let workers start jobs of ``kind`` again before the hold's end (a usage limit that
-    was lifted early, or misread); the jobs that met it run now. Returns how many, or None
-    when no hold was on. A worker's own back-off (unfit, budget spent) is not a hold."""
-    params = {"kind": kind, "met": USAGE_LIMIT_NOTE, "channel": NOTIFY_CHANNEL}
-    row = conn.execute(LIFT_HOLD, params).fetchone()
-    return None if row is None else int(row[0])
+@dataclass(frozen=True)
+class Lifted:
+    """What lift_hold lifted: the hold on every worker (and how many jobs that met it run
+    now), and how many workers that could not run such jobs try again."""
+
+    hold: bool
+    sooner: int
+    workers: int
+
+
+def lift_hold(conn: psycopg.Connection, kind: str = DEFAULT_KIND) -> Lifted | None:
+    """Let workers start jobs of ``kind`` again: before the end of the hold on every worker (a
+    usage limit that was lifted early, or misread), the jobs that met it running now; and,
+    for claude, on the workers that backed off because they could not run claude (not logged
+    in, a bad key, no claude: fixed meanwhile, no restart needed). A spent daily budget stays
+    spent. None when there was nothing to lift."""
+    params = {
+        "kind": kind, "met": USAGE_LIMIT_NOTE, "channel": NOTIFY_CHANNEL,
+        "refit": kind == DEFAULT_KIND, "budget": BUDGET_NOTE,
+    }  # fmt: skip
+    held, sooner, refit, _ = conn.execute(LIFT_HOLD, params).fetchone()  # type: ignore[misc]
+    lifted = Lifted(bool(held), int(sooner), int(refit))
+    return lifted if lifted.hold or lifted.workers else None
 
 
 def list_workers(conn: psycopg.Connection) -> list[dict[str, Any]]:
@@ -2239,6 +2614,157 @@ def list_workers(conn: psycopg.Connection) -> list[dict[str, Any]]:
     for worker in workers:
         worker["lost"] = worker["silent_seconds"] > LOCK_GRACE
     return workers
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why a job does not run now, or ended as it did: ``text`` says it in a sentence (for
+    `show`, `logs -f`, `--wait`), ``short`` in a few words for a column of `list` (empty when
+    there is nothing to mark there)."""
+
+    short: str
+    text: str
+
+
+@dataclass(frozen=True)
+class _Circumstances:
+    """What decides whether jobs can run now, read once for many jobs (see explain_jobs)."""
+
+    now: datetime
+    paused: frozenset[str]  # queues
+    holds: Mapping[str, Mapping[str, Any]]  # kind: until, reason
+    workers: Sequence[Mapping[str, Any]]  # the live ones, as list_workers gives them
+    awaited: Mapping[uuid.UUID, tuple[str, str | None]]  # job: status, host of its session
+    holders: Mapping[str, Sequence[uuid.UUID]]  # concurrency key: running jobs holding it
+
+
+def explain_jobs(conn: psycopg.Connection, jobs: Sequence[Job]) -> dict[uuid.UUID, Waiting]:
+    """Why each of these jobs waits (queued), or is stuck (running on a lost worker), or ended
+    as it did (failed, cancelled); jobs with nothing to explain are left out."""
+    open_jobs = [job for job in jobs if job.status in (JobStatus.QUEUED, JobStatus.RUNNING)]
+    keys = sorted({job.concurrency_key for job in open_jobs if job.concurrency_key})
+    holders: dict[str, list[uuid.UUID]] = {}
+    if keys:
+        holders = dict(conn.execute(KEY_HOLDERS, {"keys": keys}).fetchall())
+    seen = _Circumstances(
+        now=datetime.now(UTC),
+        paused=frozenset(paused_queues(conn)) if open_jobs else frozenset(),
+        holds={hold["kind"]: hold for hold in list_holds(conn)} if open_jobs else {},
+        workers=[w for w in list_workers(conn) if not w["lost"]] if open_jobs else [],
+        awaited=_statuses(conn, [each for job in open_jobs for each in job.awaits]),
+        holders=holders,
+    )
+    reasons = {job.id: _waiting(job, seen) for job in jobs}
+    return {job_id: reason for job_id, reason in reasons.items() if reason is not None}
+
+
+def _waiting(job: Job, seen: _Circumstances) -> Waiting | None:
+    """Why ``job`` waits, or ended as it did, from what was ``seen`` of the queue; None when
+    there is nothing to say (it runs, or succeeded). The first reason that holds, in the order
+    a worker would meet them."""
+    if job.status == JobStatus.SUCCEEDED:
+        return None
+    if job.status == JobStatus.CANCELLED:
+        return Waiting("", job.last_error or "cancelled")
+    if job.status == JobStatus.FAILED:
+        permanent = bool(job.errors) and bool(job.errors[-1].get("permanent"))
+        how = "its error is one no retry can fix" if permanent else "its attempts are spent"
+        return Waiting("", f"it failed for good: {how} ({job.attempts} of {job.max_attempts})")
+    if job.status == JobStatus.RUNNING:
+        if not any(worker["id"] == job.worker_id for worker in seen.workers):
+            return Waiting(
+                "worker lost",
+                f"its worker {job.worker} is lost: a live worker puts the job back within seconds",
+            )
+        return None
+    if job.queue in seen.paused:
+        return Waiting("paused", f"queue {job.queue} is paused: `claude-jobs resume {job.queue}`")
+    if job.run_at > seen.now:
+        return _waiting_for_time(job, seen.now)
+    return _waiting_for_others(job, seen) or _waiting_for_a_worker(job, seen)
+
+
+def _waiting_for_time(job: Job, now: datetime) -> Waiting:
+    """A queued job whose run_at is still to come: after a failed attempt, a limit, or as
+    enqueued."""
+    when, soon = f"{job.run_at.astimezone():%Y-%m-%d %H:%M:%S %Z}", _ago(job.run_at, now)
+    error = job.last_error
+    if error and error.startswith(USAGE_LIMIT_NOTE):
+        return Waiting(f"limit, {soon}", f"{error}; it runs again at {when} ({soon})")
+    if error and job.attempts:
+        failed = f"attempt {job.attempts} of {job.max_attempts} failed ({error})"
+        return Waiting(f"retry {soon}", f"{failed}; it runs again at {when} ({soon})")
+    if error:
+        return Waiting(f"due {soon}", f"{error}; it runs again at {when} ({soon})")
+    return Waiting(f"due {soon}", f"it is due at {when} ({soon})")
+
+
+def _waiting_for_others(job: Job, seen: _Circumstances) -> Waiting | None:
+    """What a ready job waits for that other jobs hold: jobs it waits for, the job it
+    continues (and the host of its session), a hold on its kind, its concurrency key."""
+    blocking = [
+        (each, seen.awaited.get(each, ("gone", None))[0])
+        for each in job.after or ()
+        if seen.awaited.get(each, ("gone", None))[0] != JobStatus.SUCCEEDED
+    ]
+    if blocking:
+        jobs = ", ".join(f"{each} ({status})" for each, status in blocking)
+        short = "after " + ",".join(str(each)[:8] for each, _ in blocking)
+        return Waiting(short, f"it waits for job{'s' * (len(blocking) > 1)} {jobs} to succeed")
+    if job.continue_from is not None:
+        status, host = seen.awaited.get(job.continue_from, ("gone", None))
+        if status not in _FINISHED:
+            short = f"continues {str(job.continue_from)[:8]}"
+            return Waiting(short, f"it waits for job {job.continue_from} ({status}) to finish")
+        if host and not [w for w in _takers(job, seen) if w["host"] == host]:
+            return Waiting(
+                f"on {host}",
+                f"it runs only on {host}, where the claude session of job {job.continue_from} "
+                "is kept, and no live worker there takes it",
+            )
+    hold = seen.holds.get(job.kind)
+    if hold is not None:
+        until = f"{hold['until'].astimezone():%Y-%m-%d %H:%M %Z} ({_ago(hold['until'], seen.now)})"
+        return Waiting("held", f"no worker starts {job.kind} jobs until {until}: {hold['reason']}")
+    held_by = seen.holders.get(job.concurrency_key or "", ())
+    if job.concurrency_key and job.concurrency_limit and len(held_by) >= job.concurrency_limit:
+        jobs = ", ".join(map(str, held_by))
+        return Waiting(
+            "key busy",
+            f"it waits for its concurrency key {job.concurrency_key}, held by "
+            f"job{'s' * (len(held_by) > 1)} {jobs}",
+        )
+    return None
+
+
+def _takers(job: Job, seen: _Circumstances) -> list[Mapping[str, Any]]:
+    """The live workers that take jobs of this kind from this queue."""
+    return [
+        worker
+        for worker in seen.workers
+        if job.kind in worker["kinds"]
+        and ("*" in worker["queues"] or job.queue in worker["queues"])
+    ]
+
+
+def _waiting_for_a_worker(job: Job, seen: _Circumstances) -> Waiting:
+    """A job nothing else holds back: it waits for a worker, if one takes it and can run it."""
+    takers = _takers(job, seen)
+    if not takers:  # (not marked in `list`: every queued job would be, until one starts)
+        return Waiting(
+            "",
+            f"no live worker takes {job.kind} jobs of queue {job.queue}: start one "
+            "(`claude-jobs worker`)",
+        )
+    unfit = [w for w in takers if job.kind == DEFAULT_KIND and w["claude_paused_until"]]
+    if len(unfit) == len(takers):
+        said = "; ".join(
+            f"{w['host']}:{w['pid']} starts none until "
+            f"{w['claude_paused_until'].astimezone():%H:%M}: {w['claude_paused_reason']}"
+            for w in unfit
+        )
+        return Waiting("no fit worker", f"no live worker can run {job.kind} jobs now: {said}")
+    return Waiting("", "ready: it waits for a free worker")
 
 
 def pause_queue(conn: psycopg.Connection, queue: str, by: str | None = None) -> bool:
@@ -2292,9 +2818,128 @@ def purge_queue(conn: psycopg.Connection, queue: str, *, batch: int = 1000) -> i
     return deleted
 
 
+def queue_known(conn: psycopg.Connection, queue: str) -> bool:
+    """Whether any job (or what claude spent) ever used ``queue``: a name that none did is
+    likely a typo."""
+    return bool(conn.execute(QUEUE_KNOWN, {"queue": queue}).fetchone()[0])  # type: ignore[index]
+
+
+def known_queues(conn: psycopg.Connection) -> list[str]:
+    """The queues that jobs, or the ledger of what claude spent, name."""
+    return [row[0] for row in conn.execute(KNOWN_QUEUES).fetchall()]
+
+
 def count_queued(conn: psycopg.Connection, queue: str) -> int:
     """How many jobs wait in ``queue``."""
     return conn.execute(COUNT_QUEUED, {"queue": queue}).fetchone()[0]  # type: ignore[index]
+
+
+def worktree_diff(job: Job, *, stat: bool = False) -> str:
+    """What a worktree job changed against the commit its branch started from: committed on
+    its branch, and (while its worktree is on this machine) not committed, new files too;
+    ``stat``: a summary of the files. WrongState for a job with no worktree of its own."""
+    tree = job.worktree
+    if not job.payload.get("worktree"):
+        raise WrongState(f"job {job.id} is not a worktree job: it has no branch of its own")
+    if not tree:
+        raise WrongState(f"job {job.id} has made no worktree yet: it has not run")
+    how = ["diff", "--stat"] if stat else ["diff"]
+    try:
+        if Path(tree["path"]).is_dir():  # everything in it, through an index of our own
+            with tempfile.TemporaryDirectory(prefix="claude-jobs-") as scratch:
+                env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch, "index"))}
+                _git(tree["path"], "read-tree", "HEAD", env=env)
+                _git(tree["path"], "add", "--all", env=env)
+                return _git(tree["path"], *how, "--cached", tree["base"], env=env)
+        return _git(tree["repo"], *how, tree["base"], tree["branch"])
+    except _GitError as error:
+        raise JobsError(
+            f"cannot show what job {job.id} changed: {error} (its worktree {tree['path']} and "
+            f"branch {tree['branch']} in {tree['repo']}, on the machine that ran it)"
+        ) from None
+
+
+def list_worktrees(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """The git worktrees jobs ran in (kept beyond the jobs' own rows), newest first: host,
+    path, repo, branch, base, job_id, created_at, used_at, status (of the job that made it;
+    None when deleted), busy (an unfinished job needs it); and, for those of this machine,
+    here, exists, uncommitted, size_bytes, commits (on its branch since the base) and
+    branch_exists."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(LIST_WORKTREES).fetchall()
+    here = socket.gethostname()
+    for row in rows:
+        row.update(_worktree_state(row) if row["host"] == here else {"here": False})
+    return rows
+
+
+def _worktree_state(row: Mapping[str, Any]) -> dict[str, Any]:
+    """What a worktree of this machine is like now, on disk and in git."""
+    path, repo, branch = Path(row["path"]), row["repo"], row["branch"]
+    exists = path.is_dir()
+    branch_exists = Path(repo).is_dir() and _git_ok(
+        repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"
+    )
+    try:
+        uncommitted = exists and bool(_git(path, "status", "--porcelain"))
+    except _GitError:
+        uncommitted = exists  # not a worktree git knows any more: count it as changed
+    try:
+        commits = int(_git(repo, "rev-list", "--count", f"{row['base']}..{branch}"))
+    except (_GitError, ValueError):
+        commits = None
+    size = sum(
+        (Path(top, name).lstat().st_size for top, _, names in os.walk(path) for name in names),
+        0,
+    )
+    return {"here": True, "exists": exists, "uncommitted": uncommitted, "size_bytes": size,
+            "commits": commits, "branch_exists": branch_exists}  # fmt: skip
+
+
+def prune_worktrees(
+    conn: psycopg.Connection, *, older_than: float = 0, merged: bool = False, force: bool = False
+) -> list[str]:
+    """Remove the worktrees of this machine that are safe to remove: no unfinished job needs
+    them, last used more than ``older_than`` seconds ago, and no uncommitted changes in them
+    (``force``: those too). Their branches stay (they hold the work) unless ``merged``: then
+    branches merged into their repository's HEAD go too. Returns what it did, a line each."""
+    done: list[str] = []
+    since = datetime.now(UTC) - timedelta(seconds=older_than)
+    for row in list_worktrees(conn):
+        if not row["here"] or row["used_at"] > since:
+            continue
+        if row["busy"]:
+            done.append(f"kept {row['path']}: a job that is not over needs it")
+            continue
+        try:
+            done.extend(_prune_worktree(row, merged=merged, force=force))
+        except (_GitError, WorkerUnfit) as error:
+            done.append(f"cannot prune {row['path']}: {error}")
+            continue
+        if not Path(row["path"]).is_dir() and not _worktree_state(row)["branch_exists"]:
+            conn.execute(FORGET_WORKTREE, {"host": row["host"], "path": row["path"]})
+    return done
+
+
+def _prune_worktree(row: Mapping[str, Any], *, merged: bool, force: bool) -> list[str]:
+    """Prune one worktree of this machine (see prune_worktrees)."""
+    done = []
+    repo, path, branch = row["repo"], row["path"], row["branch"]
+    if row["exists"]:
+        if row["uncommitted"] and not force:
+            return [f"kept {path}: it has uncommitted changes (--force removes them)"]
+        _, common = _repository_of(repo)
+        _git_retrying(common, repo, "worktree", "remove", "--force", path)
+        done.append(f"removed worktree {path}")
+    if (
+        merged
+        and row["branch_exists"]
+        and _git_ok(repo, "merge-base", "--is-ancestor", branch, "HEAD")
+    ):
+        _, common = _repository_of(repo)
+        _git_retrying(common, repo, "branch", "-D", branch)
+        done.append(f"deleted branch {branch} (merged)")
+    return done
 
 
 @dataclass(frozen=True)
@@ -2312,6 +2957,7 @@ class FollowUpdate:
     skipped: int  # characters of transcript that went past unseen (the kept tail is bounded)
     worker_lost: bool = False  # running, but its worker is gone: it waits for recovery
     paused: bool = False  # its queue is paused
+    why: str | None = None  # why it waits, or ended as it did (see explain_jobs)
 
     @property
     def finished(self) -> bool:
@@ -2322,9 +2968,10 @@ def follow_job(
     conn: psycopg.Connection, job_id: uuid.UUID | str, *, since: int = 0, poll: float = 5.0
 ) -> Iterator[FollowUpdate]:
     """Follow a job until it finishes: an update when its transcript grows (the worker's
-    NOTIFY wakes us) or its state changes (also looked at every ``poll`` seconds); the last
-    one is the finished job. ``since``: transcript characters already seen. ``conn`` must be
-    in autocommit mode (notifications arrive between transactions)."""
+    NOTIFY wakes us) or its state or why it waits changes (looked at every ``poll`` seconds,
+    at least every 2 while it is queued); the last one is the finished job. ``since``:
+    transcript characters already seen. ``conn`` must be in autocommit mode (notifications
+    arrive between transactions)."""
     key = resolve_job_id(conn, job_id)
     conn.execute(f"LISTEN {OUTPUT_CHANNEL}")
     seen, last_state = since, None
@@ -2338,15 +2985,21 @@ def follow_job(
         size = row.pop("transcript_size")
         skipped, seen = max(0, size - seen - len(text)), size
         status = JobStatus(row.pop("status"))
-        update = FollowUpdate(status=status, text=text, skipped=skipped, **row)
+        with conn.cursor(row_factory=dict_row) as cur:
+            state_row = cur.execute(GET_JOB_STATE, {"id": key}).fetchone()
+        reason = explain_jobs(conn, [Job.from_row(state_row)]).get(key) if state_row else None
+        update = FollowUpdate(
+            status=status, text=text, skipped=skipped, why=reason and reason.text, **row
+        )
         state = (update.status, update.attempts, update.run_at, update.worker, update.worker_lost,
-                 update.paused)  # fmt: skip
+                 update.paused, update.why)  # fmt: skip
         if text or skipped or state != last_state:
             yield update
         if update.finished:
             return
         last_state = state
-        for notice in conn.notifies(timeout=poll):
+        wait = min(poll, 2.0) if status == JobStatus.QUEUED else poll
+        for notice in conn.notifies(timeout=wait):
             if notice.payload == str(key):
                 break
 
@@ -2391,6 +3044,49 @@ def _to_json(value: Any) -> str:
 
 
 @dataclass(frozen=True)
+class Spend:
+    """What one claude run spent on one model (for the ledger that outlives the jobs)."""
+
+    model: str = ""  # "" where claude did not say
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    @classmethod
+    def of_result(cls, result: Mapping[str, Any]) -> list[Spend]:
+        """What claude's result object says it spent: a Spend per model of its modelUsage,
+        or one for the whole run from its total cost and usage."""
+        models = result.get("modelUsage")
+        if isinstance(models, dict) and models:
+            names = ("costUSD", "inputTokens", "outputTokens", "cacheReadInputTokens",
+                     "cacheCreationInputTokens")  # fmt: skip
+            return [
+                cls._of(str(model)[:200], used, *names)
+                for model, used in models.items()
+                if isinstance(used, dict)
+            ]
+        usage = result.get("usage") if isinstance(result.get("usage"), dict) else {}
+        names = ("total_cost_usd", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                 "cache_creation_input_tokens")  # fmt: skip
+        spent = cls._of("", {**usage, "total_cost_usd": result.get("total_cost_usd")}, *names)
+        return [spent] if spent != cls() else []
+
+    @classmethod
+    def _of(cls, model: str, numbers: Mapping[str, Any], cost: str, *tokens: str) -> Spend:
+        """A Spend from a mapping, by the names it gives the cost and the four token counts
+        (what is missing, or not a sane number, counts 0)."""
+
+        def number(name: str) -> float:
+            value = numbers.get(name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            return float(value) if ok and 0 <= value < 1e15 else 0.0
+
+        return cls(model, number(cost), *(int(number(name)) for name in tokens))
+
+
+@dataclass(frozen=True)
 class Progress:
     """What a running attempt produced that is not written yet."""
 
@@ -2398,6 +3094,7 @@ class Progress:
     session_id: str | None = None
     cost_usd: float = 0.0
     worktree: str | None = None  # JSON: the git worktree and branch the job runs in
+    spend: tuple[Spend, ...] = ()  # for the ledger
 
     def __add__(self, later: Progress) -> Progress:
         text = (self.transcript or "") + (later.transcript or "")
@@ -2406,10 +3103,13 @@ class Progress:
             later.session_id or self.session_id,
             self.cost_usd + later.cost_usd,
             later.worktree or self.worktree,
+            self.spend + later.spend,
         )
 
     def __bool__(self) -> bool:
-        return bool(self.transcript or self.session_id or self.cost_usd or self.worktree)
+        return bool(
+            self.transcript or self.session_id or self.cost_usd or self.worktree or self.spend
+        )
 
 
 class RunContext:
@@ -2455,9 +3155,18 @@ class RunContext:
         """Add output to the job's transcript (its last TRANSCRIPT_LIMIT characters are kept)."""
         self._gather(Progress(transcript=_storable(text)))
 
-    def record(self, *, session_id: str | None = None, cost_usd: float | None = None) -> None:
-        """Note the claude session id, or a cost to add to the job's."""
-        self._gather(Progress(session_id=_storable(session_id), cost_usd=cost_usd or 0.0))
+    def record(
+        self,
+        *,
+        session_id: str | None = None,
+        cost_usd: float | None = None,
+        spend: Sequence[Spend] = (),
+    ) -> None:
+        """Note the claude session id, or a cost to add to the job's, and what was spent on
+        which model (for the ledger)."""
+        self._gather(
+            Progress(session_id=_storable(session_id), cost_usd=cost_usd or 0.0, spend=tuple(spend))
+        )
 
     def note_worktree(self, worktree: Mapping[str, Any]) -> None:
         """Note the git worktree and branch the job runs in."""
@@ -2871,8 +3580,11 @@ class _ClaudeStream:
         if event.get("type") == "result":
             self.result = event
             cost = event.get("total_cost_usd")
-            if isinstance(cost, int | float) and not isinstance(cost, bool) and cost > 0:
-                self.context.record(cost_usd=float(cost))
+            if not (
+                isinstance(cost, int | float) and not isinstance(cost, bool) and 0 < cost < 1e9
+            ):
+                cost = 0.0
+            self.context.record(cost_usd=float(cost), spend=Spend.of_result(event))
 
 
 def _cut(text: str, limit: int) -> str:
@@ -2914,8 +3626,6 @@ _USAGE_LIMIT_TEXT = re.compile(
 _OLD_USAGE_LIMIT_TEXT = re.compile(r"Claude AI usage limit reached(?:\|(\d+))?")
 _RESET_FORMATS = ("%b %d, %Y, %I:%M%p", "%b %d, %Y, %I%p", "%b %d, %I:%M%p", "%b %d, %I%p",
                   "%I:%M%p", "%I%p")  # fmt: skip
-#: How the error of a job that met a usage limit begins.
-USAGE_LIMIT_NOTE = "claude's usage limit: "
 #: When claude gives no reset time for a usage limit, claude jobs wait this long.
 USAGE_LIMIT_UNKNOWN_RESET = 1800.0
 #: A reset given to the minute may have passed by this much when it is read: it means now,
@@ -3030,53 +3740,6 @@ def claude_outcome(
 
 # -- git worktrees ------------------------------------------------------------------------------
 
-#: `git worktree` changes of one repository, one at a time in this process (git's own locks
-#: make a concurrent one fail rather than wait).
-_git_locks: dict[str, threading.Lock] = {}
-_git_locks_guard = threading.Lock()
-
-
-class _GitError(Exception):
-    pass
-
-
-def _git(cwd: str | Path, *args: str) -> str:
-    """Run git in ``cwd``; its output, stripped. Raises _GitError with what git said."""
-    try:
-        done = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
-        )
-    except FileNotFoundError:
-        raise WorkerUnfit("git is not installed on this worker (a worktree job needs it)") from None
-    except subprocess.TimeoutExpired:
-        raise _GitError(f"git {args[0]} took more than 5 minutes") from None
-    if done.returncode != 0:
-        said = (done.stderr.strip() or done.stdout.strip()).splitlines()
-        raise _GitError(f"git {args[0]}: {said[-1] if said else f'status {done.returncode}'}")
-    return done.stdout.strip()
-
-
-@contextlib.contextmanager
-def _repository_lock(common_dir: str) -> Iterator[None]:
-    with _git_locks_guard:
-        lock = _git_locks.setdefault(common_dir, threading.Lock())
-    with lock:
-        yield
-
-
-def _git_retrying(common_dir: str, cwd: str | Path, *args: str) -> str:
-    """A git command that changes the repository's worktrees or refs, under the repository's
-    lock; tried again a few times when another process holds one of git's locks."""
-    for delay in (0.2, 0.5, 1.0, 2.0, None):
-        try:
-            with _repository_lock(common_dir):
-                return _git(cwd, *args)
-        except _GitError as error:
-            if delay is None or ".lock" not in str(error):
-                raise
-            time.sleep(delay)
-    raise AssertionError("unreachable")
-
 
 @dataclass
 class _Worktree:
@@ -3103,8 +3766,7 @@ def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | 
     the one of the job it continues (its branch, at the same path, so that claude finds the
     session); a retry finds its own branch and goes on with it."""
     try:
-        top = _git(cwd, "rev-parse", "--show-toplevel")
-        common = str(Path(cwd, _git(cwd, "rev-parse", "--git-common-dir")).resolve())
+        top, common = _repository_of(cwd)
     except _GitError:
         raise PermanentError(f'"worktree" needs a cwd inside a git repository: {cwd}') from None
     subdir = os.path.relpath(cwd, top)
@@ -3115,7 +3777,7 @@ def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | 
     else:
         ref = job.payload.get("base", "HEAD")
         try:
-            base = _git(top, "rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
+            base = _commit_of(top, ref)
         except _GitError:
             raise PermanentError(f"the worktree's base is not a commit in {top}: {ref}") from None
         branch = _branch_name(job.id)
@@ -3139,14 +3801,6 @@ def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | 
     if not Path(tree.cwd).is_dir():
         raise PermanentError(f"{subdir} is not in the worktree of {tree.branch} ({tree.path})")
     return tree
-
-
-def _git_ok(cwd: str | Path, *args: str) -> bool:
-    try:
-        _git(cwd, *args)
-    except _GitError:
-        return False
-    return True
 
 
 def _close_worktree(tree: _Worktree, keep: bool) -> dict[str, Any]:
@@ -3286,6 +3940,8 @@ class ClaudeHandler:
 
     def _run(self, job: Job, argv: list[str], cwd: str, context: RunContext) -> Any:
         stream = _ClaudeStream(context)
+        mark = {"type": "claude_jobs", "attempt": job.attempts, "worker": _worker_name()}
+        context.append_transcript(json.dumps(mark) + "\n")
         try:
             ended = _run_process(
                 argv,
@@ -3309,6 +3965,24 @@ class ClaudeHandler:
                 "its lease ran out and every process of the attempt was stopped"
             )
         return claude_outcome(ended, stream.result, stream.plain, stream.rate_limit_reset)
+
+    def unfit(self) -> str | None:
+        """Why no claude job can run on this worker at all, known before one comes: claude
+        is missing, or the worker runs as root without IS_SANDBOX=1 (claude refuses to skip
+        permissions as root) and gives claude no permission mode of its own."""
+        skips = not any(key == "permission_mode" for key, _ in self.defaults)
+        if skips and os.geteuid() == 0 and os.environ.get("IS_SANDBOX") != "1":
+            return (
+                "claude refuses --dangerously-skip-permissions as root, and this worker is "
+                "running as root without IS_SANDBOX=1: run it as a normal user, or set "
+                "IS_SANDBOX=1 in its environment"
+            )
+        if shutil.which(self.claude_bin) is None:
+            return (
+                f"claude executable not found: {self.claude_bin!r} (install Claude Code, or "
+                "point the worker's --claude-bin at it)"
+            )
+        return None
 
     def _working_directory(self, job: Job) -> str:
         cwd = Path(job.payload.get("cwd") or os.getcwd())
@@ -3425,20 +4099,6 @@ def _clock_time(monotonic: float) -> str:
     return f"{datetime.now() + timedelta(seconds=monotonic - time.monotonic()):%Y-%m-%d %H:%M:%S}"
 
 
-def _duration_text(seconds: float) -> str:
-    """``seconds`` as people say it: 45s, 12m, 1h30m, 3h, 14d (the next unit down too, while
-    the first is a single digit)."""
-    whole = round(seconds)
-    units = (("d", 86400), ("h", 3600), ("m", 60), ("s", 1))
-    for (unit, size), (smaller, small_size) in itertools.pairwise(units):
-        if whole >= size:
-            count, rest = divmod(whole, size)
-            if count >= 10 or rest < small_size:
-                return f"{round(whole / size)}{unit}"
-            return f"{count}{unit}{rest // small_size}{smaller}"
-    return f"{whole}s"
-
-
 def _parse_queues(queues: str | Sequence[str]) -> tuple[str, ...]:
     names = [q.strip() for q in (queues.split(",") if isinstance(queues, str) else queues)]
     names = [q for q in names if q]
@@ -3521,8 +4181,10 @@ class _Recorder:
         on_written: Callable[[_Outcome, str | None], None],
         give_up: threading.Event,
         describe_error: Callable[[BaseException], str],
+        host: str,
     ) -> None:
         self._pool = pool
+        self._host = host
         self._attempts = attempts
         self._on_written = on_written
         self._give_up = give_up
@@ -3647,8 +4309,10 @@ class _Recorder:
                 self._unsaved[attempt.job.id] = progress  # until it is written
                 rows.append((attempt, progress))
         if rows:
-            with self._pool.connection() as conn:
-                conn.execute(SAVE_PROGRESS, self._columns([(a, {}, p) for a, p in rows]))
+            with self._pool.connection() as conn, conn.transaction():
+                params = self._columns([(a, {}, p) for a, p in rows])
+                saved = {row[0] for row in conn.execute(SAVE_PROGRESS, params).fetchall()}
+                self._keep(conn, [(a, p) for a, p in rows if a.job.id in saved])
             for attempt, _ in rows:
                 self._unsaved.pop(attempt.job.id, None)
 
@@ -3665,6 +4329,9 @@ class _Recorder:
                 params = self._columns([(o.attempt, o.fields, o.progress) for o in group])
                 for job_id, status, *_ in conn.execute(query, params).fetchall():
                     written[job_id] = status
+            self._keep(
+                conn, [(o.attempt, o.progress) for o in outcomes if o.attempt.job.id in written]
+            )
             missing = [o for o in outcomes if o.attempt.job.id not in written]
             if missing:  # a retry after a lost reply finds its own earlier write
                 ids = [o.attempt.job.id for o in missing]
@@ -3673,6 +4340,45 @@ class _Recorder:
                 written.update({row[0]: "" for row in done.fetchall()})
         for outcome in outcomes:
             self._written(outcome, written.get(outcome.attempt.job.id))
+
+    def _keep(self, conn: psycopg.Connection, written: list[tuple[_Attempt, Progress]]) -> None:
+        """Record, in the transaction that wrote these jobs' progress, what outlives the jobs:
+        what claude spent (the ledger) and the worktrees they ran in."""
+        spent: dict[tuple[str, str], list[float]] = {}
+        trees: list[tuple[uuid.UUID, dict[str, Any]]] = []
+        for attempt, progress in written:
+            for each in progress.spend:
+                total = spent.setdefault((attempt.job.queue, each.model), [0, 0, 0, 0, 0, 0])
+                for index, amount in enumerate(
+                    (1, each.cost_usd, each.input_tokens, each.output_tokens,
+                     each.cache_read_tokens, each.cache_write_tokens)
+                ):  # fmt: skip
+                    total[index] += amount
+            if progress.worktree:
+                trees.append((attempt.job.id, json.loads(progress.worktree)))
+        if spent:
+            rows = sorted(spent.items())  # one order for every worker: no deadlock between them
+            columns = ("runs", "costs", "inputs", "outputs", "cache_reads", "cache_writes")
+            params: dict[str, Any] = {
+                "queues": [queue for (queue, _), _ in rows],
+                "models": [model for (_, model), _ in rows],
+            }
+            for index, name in enumerate(columns):
+                params[name] = [totals[index] for _, totals in rows]
+            conn.execute(RECORD_SPEND, params)
+        if trees:
+            trees.sort(key=lambda tree: tree[1]["path"])
+            conn.execute(
+                REGISTER_WORKTREES,
+                {
+                    "host": self._host,
+                    "paths": [tree["path"] for _, tree in trees],
+                    "repos": [tree["repo"] for _, tree in trees],
+                    "branches": [tree["branch"] for _, tree in trees],
+                    "bases": [tree["base"] for _, tree in trees],
+                    "jobs": [job_id for job_id, _ in trees],
+                },
+            )
 
     def _write_one_by_one(self, outcomes: list[_Outcome]) -> None:
         """Write each outcome alone; one the database refuses becomes a failure saying why,
@@ -4095,6 +4801,10 @@ class Worker:
         self._holds: dict[str, tuple[float, str]] = {}
         self._own_holds: dict[str, tuple[float, str]] = {}
         self._unfit_for = UNFIT_BACKOFF[0]  # the next back-off of a worker unfit for claude
+        self._unfit: dict[str, str] = {}  # kinds this worker is unfit for now, and why
+        self._started = 0  # jobs whose handler this worker started
+        #: After a burst: why it ran nothing though jobs were ready (it cannot run them).
+        self.idle_because: str | None = None
         self._holds_changed = True  # learn the holds at the next loop
         self._stop = threading.Event()  # stop claiming
         self._force = threading.Event()  # stop running jobs too
@@ -4110,6 +4820,7 @@ class Worker:
         self._session: _Session | None = None
         self._recorder: _Recorder | None = None
         self._check_claims = False  # a claim's reply was lost: compare with the database
+        self._checked = False  # its handlers were asked whether they can run here
 
     # -- public API -----------------------------------------------------------------------
 
@@ -4193,7 +4904,37 @@ class Worker:
                 raise self._session.fatal
             if self._stop.is_set():
                 return False
+        if not self._checked:
+            self._checked = True
+            self._check_fitness()
         return True
+
+    def _check_fitness(self) -> None:
+        """Before any job comes: a handler that cannot run at all on this worker (claude is
+        missing, say) says why, and the worker backs off its kind as after a WorkerUnfit."""
+        for kind, handler in self.handlers.items():
+            check = getattr(handler, "unfit", None)
+            reason = check() if callable(check) else None
+            if reason:
+                logger.error(
+                    "this worker cannot run %s jobs: %s",
+                    kind,
+                    reason,
+                    extra={"fields": {"event": "unfit", "kind": kind, "reason": reason}},
+                )
+                self._back_off(kind, reason)
+
+    def _why_idle(self) -> str | None:
+        """Why a burst ran nothing though jobs were ready for it: it is unfit for them."""
+        with self._lock:
+            started, unfit = self._started, dict(self._unfit)
+        if started or not unfit or self._pool is None:
+            return None
+        queues = None if self._claim_queues == (None,) else list(self.queues)
+        with self._pool.connection() as conn:
+            row = conn.execute(READY_OF_KINDS, {"kinds": sorted(unfit), "queues": queues})
+            kind = row.fetchone()[0]  # type: ignore[index]
+        return None if kind is None else f"this worker cannot run {kind} jobs: {unfit[kind]}"
 
     def _start(self) -> None:
         options = {"application_name": f"claude-jobs worker {self.name}"[:63]}
@@ -4214,6 +4955,7 @@ class Worker:
             on_written=self._written,
             give_up=self._force,
             describe_error=lambda error: _scrub(str(error), self._conninfo),
+            host=self.host,
         )
         self._session = _Session(
             self._conninfo,
@@ -4238,17 +4980,6 @@ class Worker:
         self._spawn(self._watch, "claude-jobs-watchdog")
         if self._retention:
             self._spawn(self._clean_up, "claude-jobs-janitor")
-        if (
-            DEFAULT_KIND in self.handlers
-            and os.geteuid() == 0
-            and os.environ.get("IS_SANDBOX") != "1"
-        ):
-            logger.warning(
-                "running as root without IS_SANDBOX=1: claude refuses "
-                "--dangerously-skip-permissions as root, so every claude job would fail; "
-                "run the worker as a normal user, or set IS_SANDBOX=1",
-                extra={"fields": {"event": "root without IS_SANDBOX"}},
-            )
         logger.info(
             "worker %s started: queues=%s kinds=%s concurrency=%d",
             self.name,
@@ -4315,6 +5046,7 @@ class Worker:
                 self._wake.wait(0.2)
                 continue
             if self._burst and claimed == 0 and idle:
+                self.idle_because = self._why_idle()
                 logger.info("nothing is ready: stopping (burst)")
                 break
             self._wake.wait(self._idle_wait(next_poll))
@@ -4418,7 +5150,6 @@ class Worker:
             with self._lock:
                 self._running[job.id] = attempt
                 self._busy += 1
-        _log_job("claimed", job, worker=self.name)
         self._inbox.put(attempt)
         return True
 
@@ -4505,7 +5236,8 @@ class Worker:
         if self._daily_budget and float(spent) >= self._daily_budget:
             midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
             seconds = (midnight + timedelta(days=1) - datetime.now(UTC)).total_seconds()
-            reason = f"the daily budget of ${self._daily_budget:g} is spent (${float(spent):.2f})"
+            spent_text = _money(float(spent))
+            reason = f"{BUDGET_NOTE}${self._daily_budget:g} is spent ({spent_text})"
             self._hold_here(DEFAULT_KIND, seconds, reason)
 
     def _hold(self, kind: str, until: datetime, reason: str) -> None:
@@ -4536,12 +5268,30 @@ class Worker:
         """This worker is unfit for ``kind`` jobs: it starts none for 5 minutes, doubling (up to
         an hour) while it stays unfit."""
         with self._lock:
+            self._unfit[kind] = reason
             held = self._own_holds.get(kind, (0.0, ""))[0] > time.monotonic()
             seconds = self._unfit_for
             if not held:
                 self._unfit_for = min(self._unfit_for * 2, UNFIT_BACKOFF[1])
         if not held:
             self._hold_here(kind, seconds, reason)
+
+    def _refit(self, kind: str) -> None:
+        """Someone lifted the back-off of workers unfit for ``kind`` (`resume --hold`): try
+        its jobs again now (a spent daily budget stays spent)."""
+        with self._lock:
+            was = self._unfit.pop(kind, None)
+            held = self._own_holds.get(kind)
+            if held and not held[1].startswith(BUDGET_NOTE):
+                del self._own_holds[kind]
+            self._unfit_for = UNFIT_BACKOFF[0]
+        if was:
+            logger.info(
+                "this worker tries %s jobs again (its back-off was lifted)",
+                kind,
+                extra={"fields": {"event": "refit", "kind": kind}},
+            )
+        self._wake.set()
 
     def _hold_here(self, kind: str, seconds: float, reason: str) -> None:
         """This worker starts no ``kind`` job for ``seconds``; `workers` shows why."""
@@ -4590,6 +5340,8 @@ class Worker:
                 return
             if isinstance(notice, dict) and "hold" in notice:
                 self._holds_changed = True  # learned by the claim loop, which this wakes
+                if notice.get("lift") is True and isinstance(notice["hold"], str):
+                    self._refit(notice["hold"])
             queue, at = notice["queue"], notice.get("at")
             if not isinstance(queue, str) or not isinstance(at, int | float | None):
                 raise TypeError
@@ -4653,6 +5405,9 @@ class Worker:
             reason = f"concurrency key busy: {job.concurrency_key}"
             _log_job("deferred", job, logging.DEBUG, reason=reason)
             return _Outcome(attempt, RELEASE, _released(job.run_at), Progress(), logged=True)
+        _log_job("claimed", job, worker=self.name, branch=_branch_of(job))
+        with self._lock:
+            self._started += 1
         failure: BaseException | None = None
         trace: str | None = None
         interrupted = False
@@ -4681,8 +5436,9 @@ class Worker:
         if interrupted or (context.stop_reason == STOP_SHUTDOWN and failure is not None):
             return _Outcome(attempt, RELEASE, _released(), progress)
         if failure is None:
-            if job.kind == DEFAULT_KIND:
-                self._unfit_for = UNFIT_BACKOFF[0]  # claude works here
+            with self._lock:  # it works here
+                self._unfit_for = UNFIT_BACKOFF[0]
+                self._unfit.pop(job.kind, None)
             return _Outcome(attempt, SUCCEED, {"results": result}, progress)
         if isinstance(failure, JobFailed):
             message, stored = str(failure), failure.result
@@ -4724,8 +5480,8 @@ class Worker:
             self._hold(attempt.job.kind, run_at, str(postponed))
         elif isinstance(postponed, WorkerUnfit):
             self._back_off(attempt.job.kind, str(postponed))
-        if run_at is not None:  # the workers waiting for the same moment do not all start at once
-            run_at += timedelta(seconds=random.uniform(0, 60))
+        if run_at is not None and isinstance(postponed, UsageLimitReached):
+            run_at += timedelta(seconds=random.uniform(0, 60))  # not every worker at once
         _log_job("postponed", attempt.job, logging.WARNING, until=run_at, reason=str(postponed))
         progress = attempt.context.take_progress()
         fields = _released(run_at, str(postponed))
@@ -5118,7 +5874,23 @@ def migrate_command(config: _Config, print_sql: bool) -> None:
 
 
 @cli.command("enqueue")
-@click.option("--payload", metavar="JSON", help="The job's payload, a JSON object.")
+@click.argument("prompt", required=False)
+@click.option(
+    "--prompt-file",
+    metavar="PATH",
+    help="Read the prompt from this file, byte for byte ('-': stdin).",
+)
+@click.option(
+    "--cwd",
+    metavar="DIR",
+    help='The claude job\'s directory (payload "cwd") [default with a prompt: here].',
+)
+@click.option(
+    "--payload",
+    metavar="JSON",
+    help="The job's payload, a JSON object (@PATH: read it from a file); with a prompt, the "
+    "rest of it (claude's options).",
+)
 @click.option(
     "--file",
     "payload_file",
@@ -5202,6 +5974,9 @@ def migrate_command(config: _Config, print_sql: bool) -> None:
 @click.pass_obj
 def enqueue_command(
     config: _Config,
+    prompt: str | None,
+    prompt_file: str | None,
+    cwd: str | None,
     payload: str | None,
     payload_file: Any,
     imports: Sequence[str],
@@ -5214,27 +5989,29 @@ def enqueue_command(
     after: Sequence[str],
     **options: Any,
 ) -> None:
-    """Queue a job (or a file of jobs) and print its id.
+    """Queue a claude job with PROMPT (or --prompt-file), run in this directory (or --cwd);
+    or a job of any kind with --payload; or a file of jobs with --file. Prints the new id.
 
     A claude job's payload holds "prompt" and optionally "cwd", a directory resolved against
-    where you run this ("." means here); without one the job runs in the worker's directory.
-    Other keys set claude's options: model, max_turns, allowed_tools, permission_mode...
-    (see the README).
+    where you run this ("." means here; without one the job runs in the worker's directory),
+    and claude's options: model, max_turns, allowed_tools, permission_mode... (see the
+    README).
 
     \b
     Examples:
-      claude-jobs enqueue --payload '{"prompt": "explain this code", "cwd": "."}'
+      claude-jobs enqueue "explain this code"
+      claude-jobs enqueue --prompt-file review.md --cwd ~/src/shop --queue reviews
+      git diff | claude-jobs enqueue --prompt-file - --wait
+      claude-jobs enqueue "add type hints" --worktree --payload '{"model": "opus"}'
       claude-jobs enqueue --file reviews.jsonl --queue nightly --delay 8h --priority 10
-      claude-jobs enqueue --wait --payload '{"prompt": "fix the build", "cwd": "."}'
-      claude-jobs enqueue --worktree --payload '{"prompt": "add type hints", "cwd": "."}'
-      claude-jobs enqueue --max-budget-usd 2 --payload '{"prompt": "review", "cwd": "."}'
-      claude-jobs enqueue --continue-from 3f2a9c --payload '{"prompt": "now the tests"}'
+      claude-jobs enqueue --continue-from 3f2a9c "now write the tests"
     """
     _import_modules(imports)
-    if (payload is None) == (payload_file is None):
-        raise InvalidJob("give either --payload JSON or --file PATH")
-    if wait and payload is None:
-        raise InvalidJob("--wait follows one job: give --payload, not --file")
+    text = _prompt_given(prompt, prompt_file, payload_file)
+    if [text is not None or payload is not None, payload_file is not None].count(True) != 1:
+        raise InvalidJob("give a prompt (or --prompt-file), --payload JSON, or --file PATH")
+    if wait and payload_file is not None:
+        raise InvalidJob("--wait follows one job: give a prompt or --payload, not --file")
     if wait and as_json:
         raise InvalidJob("--wait prints the job's transcript, --json its row: give one of them")
     if no_concurrency_key:
@@ -5243,9 +6020,12 @@ def enqueue_command(
         options["concurrency_limit"] = 0
     options["after"] = [job_id for each in after for job_id in each.split(",") if job_id.strip()]
     job_options = JobOptions.build(**options)  # the options first, before reading input
-    extra = _claude_keys(job_options.kind, worktree, base, max_budget_usd)
-    if payload is not None:
-        given = _parse_json(payload, "--payload")
+    extra = _claude_keys(job_options.kind, worktree, base, max_budget_usd, cwd)
+    if text is not None or payload is not None:
+        given = _payload_given(payload) if payload is not None else {}
+        if text is not None:  # here, unless --cwd says where (or it continues a job: there)
+            here = cwd is None and options["continue_from"] is None
+            given = _with_prompt(job_options.kind, given, text, here=here)
         if isinstance(given, dict):
             given = {**extra, **given}
         if options["continue_from"] is None:  # checked before the database is needed
@@ -5291,10 +6071,10 @@ def _parse_json(text: str, where: str) -> Any:
 
 
 def _claude_keys(
-    kind: str, worktree: bool, base: str | None, max_budget_usd: float | None
+    kind: str, worktree: bool, base: str | None, max_budget_usd: float | None, cwd: str | None
 ) -> dict[str, Any]:
-    """The payload keys that --worktree, --base and --max-budget-usd stand for (a payload's
-    own keys win over them)."""
+    """The payload keys that --worktree, --base, --max-budget-usd and --cwd stand for (a
+    payload's own keys win over them)."""
     extra: dict[str, Any] = {"worktree": True} if worktree else {}
     if base is not None:
         extra["base"] = base
@@ -5302,7 +6082,58 @@ def _claude_keys(
         extra["max_budget_usd"] = max_budget_usd
     if extra and kind != DEFAULT_KIND:
         raise InvalidJob("--worktree, --base and --max-budget-usd are for claude jobs")
-    return extra
+    if cwd is not None and kind != DEFAULT_KIND:
+        raise InvalidJob("--cwd is for claude jobs")
+    return extra if cwd is None else {**extra, "cwd": cwd}
+
+
+def _prompt_given(prompt: str | None, prompt_file: str | None, payload_file: Any) -> str | None:
+    """The prompt given as an argument or in --prompt-file (read as it is, byte for byte)."""
+    if prompt is not None and prompt_file is not None:
+        raise InvalidJob(
+            "give the prompt once: as an argument, with --prompt-file, or in --payload"
+        )
+    if (prompt is not None or prompt_file is not None) and payload_file is not None:
+        raise InvalidJob("--file reads many jobs, one payload a line: give it no prompt")
+    if prompt_file is None:
+        return prompt
+    try:
+        raw = sys.stdin.buffer.read() if prompt_file == "-" else Path(prompt_file).read_bytes()
+    except OSError as error:
+        raise InvalidJob(f"cannot read --prompt-file {prompt_file}: {error.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidJob(f"--prompt-file {prompt_file} is not UTF-8 text") from None
+
+
+def _payload_given(payload: str) -> Any:
+    """The JSON of --payload, or of the file it names as @PATH."""
+    if not payload.startswith("@"):
+        return _parse_json(payload, "--payload")
+    path = payload[1:]
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise InvalidJob(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidJob(f"{path} is not UTF-8 text") from None
+    return _parse_json(text, path)
+
+
+def _with_prompt(kind: str, given: Any, prompt: str, here: bool) -> dict[str, Any]:
+    """A claude payload of ``prompt`` and the rest of the payload ``given``; ``here``: run in
+    this directory unless ``given`` says where."""
+    if kind != DEFAULT_KIND:
+        raise InvalidJob(f"a prompt is for claude jobs: give a {kind} job its --payload")
+    if not isinstance(given, dict):
+        raise InvalidJob(f"--payload must be a JSON object, not {_json_type(given)}")
+    if "prompt" in given:
+        raise InvalidJob(
+            "give the prompt once: as an argument, with --prompt-file, or in --payload"
+        )
+    default = {"cwd": "."} if here and "cwd" not in given else {}
+    return {**default, **given, "prompt": prompt}
 
 
 def _read_json_lines(
@@ -5311,6 +6142,7 @@ def _read_json_lines(
     """Every payload of a JSON Lines stream (with ``extra`` keys it lacks), checked; an error
     names its line."""
     payloads = []
+    seen: dict[tuple[str, str | None], str | None] = {}
     name = getattr(stream, "name", "<stdin>")
     for number, raw in enumerate(stream, 1):
         try:
@@ -5319,7 +6151,7 @@ def _read_json_lines(
                 payload = _parse_json(line, "it")
                 if isinstance(payload, dict):
                     payload = {**(extra or {}), **payload}
-                payloads.append(_prepare(kind, payload, None))
+                payloads.append(_prepare(kind, payload, None, seen))
         except UnicodeDecodeError:
             raise InvalidJob(f"line {number} of {name} is not UTF-8 text") from None
         except InvalidJob as error:
@@ -5462,6 +6294,8 @@ def worker_command(
     configure_logging(log_format)
     _stop_on_signals(worker)
     worker.run()
+    if worker.idle_because:  # a burst that could do nothing of what was ready
+        raise JobsError(f"ran nothing: {worker.idle_because}")
 
 
 def _stop_on_signals(worker: Worker) -> None:
@@ -5505,15 +6339,6 @@ def _paint(text: str, status: str) -> str:
     return click.style(text, fg=color) if color and _color() else text
 
 
-def _ago(moment: datetime | None, now: datetime | None = None) -> str:
-    """``moment`` relative to now: 45s ago, 3m ago, in 2h."""
-    if moment is None:
-        return "-"
-    seconds = ((now or datetime.now(UTC)) - moment).total_seconds()
-    text = _duration_text(abs(seconds))
-    return f"in {text}" if seconds < -0.5 else f"{text} ago"
-
-
 def _table(
     headers: Sequence[str],
     rows: Sequence[Sequence[str]],
@@ -5521,18 +6346,21 @@ def _table(
     optional: Sequence[str] = (),
 ) -> str:
     """Aligned columns fitting the terminal's width: while too wide, the ``optional`` columns
-    are left out (in that order), then the widest columns are cut with … (not below 8
-    characters); the last one gets what is left (at least 10). Column ``paint`` (a status)
-    is coloured."""
+    are left out (those that say nothing, all zeros or dashes, first; then in that order),
+    then the widest columns are cut with … (not below 8 characters); the last one gets what
+    is left (at least 10). Column ``paint`` (a status) is coloured."""
     width = shutil.get_terminal_size((120, 24)).columns
     rows = [[_printable(cell) for cell in row] for row in rows]
+    optional = [name for name in optional if name in headers]
     natural = {h: max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)}
     shown = list(headers)
 
     def wide(columns: Sequence[str], widths: Mapping[str, int]) -> int:
         return sum(widths[h] + 2 for h in columns[:-1]) + min(widths[columns[-1]], 10)
 
-    for name in optional:
+    says_nothing = ("", "-", "0", "$0.00")
+    blank = [n for n in optional if all(r[headers.index(n)] in says_nothing for r in rows)]
+    for name in [*blank, *(name for name in optional if name not in blank)]:
         if wide(shown, natural) <= width:
             break
         shown.remove(name)
@@ -5598,6 +6426,8 @@ def _render_event(line: str, last_words: str = "") -> tuple[list[str], str | Non
 
 def _render_parsed(event: Mapping[str, Any], last_words: str) -> list[str]:
     kind, subtype = event.get("type"), event.get("subtype")
+    if kind == "claude_jobs":  # the worker's mark: an attempt begins
+        return [f"── attempt {event.get('attempt', '?')} (worker {event.get('worker', '?')}) ──"]
     if kind == "system" and subtype == "init":
         model, cwd = event.get("model", "?"), event.get("cwd", "?")
         return [f"· session {event.get('session_id', '?')} · model {model} · {cwd}"]
@@ -5625,9 +6455,9 @@ def _render_parsed(event: Mapping[str, Any], last_words: str) -> list[str]:
             said = ""
         cost = event.get("total_cost_usd") or 0
         summary = (
-            f"· {event.get('subtype', 'result')}"
-            f"{' (error)' if event.get('is_error') else ''} · {event.get('num_turns', '?')} "
-            f"turns · ${cost:.4f} · {(event.get('duration_ms') or 0) / 1000:.1f}s"
+            f"· {'error (' if event.get('is_error') else ''}{event.get('subtype', 'result')}"
+            f"{')' if event.get('is_error') else ''} · {event.get('num_turns', '?')} "
+            f"turns · {_money(cost)} · {(event.get('duration_ms') or 0) / 1000:.1f}s"
         )
         return [*said.splitlines(), summary]
     return []
@@ -5728,21 +6558,9 @@ def _print_followed(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> 
 
 def _progress_note(update: FollowUpdate) -> str:
     """What a followed job is waiting for, if anything."""
-    if update.worker_lost:
-        return f"its worker {update.worker} is lost: waiting for a live worker to recover the job"
-    if update.status != JobStatus.QUEUED:
+    if update.finished or not update.why:
         return ""
-    waiting = (
-        f"queue {update.queue} is paused: waiting for `claude-jobs resume {update.queue}`"
-        if update.paused
-        else f"waiting for a worker of queue {update.queue}"
-    )
-    if update.run_at > datetime.now(UTC):
-        waiting += f", at {update.run_at.astimezone():%H:%M:%S}"
-    if update.attempts:
-        failed = f"attempt {update.attempts} of {update.max_attempts} failed"
-        return f"{failed}: {update.last_error}; {waiting}"
-    return waiting
+    return f"waiting: {update.why}"
 
 
 def _job_ids_argument(function: Callable[..., Any]) -> Callable[..., Any]:
@@ -5781,9 +6599,11 @@ def list_command(
     with config.connect() as conn:
         jobs = list_jobs(conn, statuses=statuses, queue=queue, kind=kind, since=after, limit=limit)
         paused = paused_queues(conn)
+        reasons = explain_jobs(conn, jobs)
     if as_json:
         for job in jobs:
-            data = {**job.to_dict(), "paused": job.queue in paused}
+            reason = reasons.get(job.id)
+            data = {**job.to_dict(), "paused": job.queue in paused, "why": reason and reason.text}
             data.pop("transcript")
             click.echo(_json_text(data))
         return
@@ -5799,15 +6619,24 @@ def list_command(
         for job in jobs
     ]  # fmt: skip
     headers = ["ID", "QUEUE", "KIND", "STATUS", "PRI", "TRIES", "WHEN", "PROMPT / PAYLOAD"]
-    if any(job.after or job.continue_from for job in jobs):
+    shorts = {
+        job.id: (reasons[job.id].short if job.id in reasons else "") or _dependency(job)
+        for job in jobs
+    }
+    if any(shorts.values()):
         headers.insert(7, "WAITS FOR")
         for row, job in zip(rows, jobs, strict=True):
-            row.insert(7, _dependency(job) or "-")
-    click.echo(_table(headers, rows, paint="STATUS", optional=("PRI", "TRIES", "KIND")))
+            row.insert(7, shorts.get(job.id) or "-")
+    if any(job.payload.get("worktree") for job in jobs if job.kind == DEFAULT_KIND):
+        headers.insert(-1, "BRANCH")
+        for row, job in zip(rows, jobs, strict=True):
+            row.insert(-1, _branch_of(job) or "-")
+    optional = ("PRI", "TRIES", "KIND", "BRANCH", "WAITS FOR")
+    click.echo(_table(headers, rows, paint="STATUS", optional=optional))
 
 
 def _dependency(job: Job) -> str:
-    """The jobs a job waits for, by the first 8 digits of their ids."""
+    """The jobs a job waits for, or waited for, by the first 8 digits of their ids."""
     waits = [f"after {','.join(str(i)[:8] for i in job.after)}"] if job.after else []
     if job.continue_from:
         waits.append(f"continues {str(job.continue_from)[:8]}")
@@ -5831,22 +6660,27 @@ def show_command(config: _Config, job_id: str, as_json: bool) -> None:
         job = get_job(conn, job_id)
         paused = paused_queues(conn)
         awaited = _statuses(conn, job.awaits)
+        reason = explain_jobs(conn, [job]).get(job.id)
     if as_json:
-        click.echo(_json_text(job.to_dict()))
+        click.echo(_json_text({**job.to_dict(), "why": reason and reason.text}))
     else:
-        click.echo(_describe(job, paused, awaited))
+        click.echo(_describe(job, paused, awaited, reason))
 
 
 def _describe(
-    job: Job, paused: set[str], awaited: Mapping[uuid.UUID, tuple[str, str | None]] | None = None
+    job: Job,
+    paused: set[str],
+    awaited: Mapping[uuid.UUID, tuple[str, str | None]] | None = None,
+    reason: Waiting | None = None,
 ) -> str:
     """A job as a person reads it (``awaited``: the status of each job it waits for, and the
-    host that keeps its claude session)."""
+    host that keeps its claude session; ``reason``: why it waits or ended so)."""
 
     def when(moment: datetime | None) -> str:
         return f"{moment.astimezone():%Y-%m-%d %H:%M:%S %Z} ({_ago(moment)})" if moment else "-"
 
     status = _status_of(job, paused)
+    reason_text = reason.text if reason else None
     outcome = f"{_paint(status, status)}, attempt {job.attempts} of {job.max_attempts}"
     if job.status == JobStatus.QUEUED and job.run_at > datetime.now(UTC):
         outcome += f", runs {_ago(job.run_at)}"
@@ -5855,6 +6689,8 @@ def _describe(
     rows = [
         ("job", f"{job.id} · {job.kind} · queue {job.queue} · priority {job.priority}"),
         ("status", outcome),
+        *([("why", reason.text)] if reason else []),
+        *([("error", job.last_error)] if job.last_error and job.last_error != reason_text else []),
         ("created", when(job.created_at)),
         ("started", when(job.started_at)),
         ("finished", when(job.finished_at)),
@@ -5893,7 +6729,7 @@ def _describe(
     elif result is not None:
         rows.append(("result", json.dumps(result, ensure_ascii=False)))
     if job.kind == DEFAULT_KIND:
-        rows.append(("cost", f"${job.cost_usd:.4f}"))
+        rows.append(("cost", _money(job.cost_usd)))
         rows.append(("session", job.session_id or "-"))
     lines = [
         f"{name:<9} {value if name == 'status' else _indent(_printable(str(value)), 10)}"
@@ -5919,6 +6755,8 @@ def _branch_text(job: Job) -> str:
     """The branch of a worktree job, whether it has new commits, and where its worktree is
     while it exists."""
     tree = job.worktree
+    if not tree and job.status in _FINISHED:
+        return "none: the job ended before it made one"
     if not tree:
         return "(made when the job runs)"
     text = tree["branch"]
@@ -5978,13 +6816,7 @@ def cancel_command(config: _Config, job_ids: Sequence[str], no_wait: bool) -> No
     """
     failures = []
     with config.connect() as conn:
-        keys = [resolve_job_id(conn, job_id) for job_id in job_ids]
-        for key in keys:
-            try:
-                status = cancel_job(conn, key)
-            except WrongState as error:
-                failures.append(str(error))
-                continue
+        for key, status in cancel_jobs(conn, job_ids).items():  # all or none
             if status == JobStatus.CANCELLED:
                 click.echo(f"{key} cancelled")
             elif no_wait:
@@ -6057,7 +6889,9 @@ def retry_command(
 
 
 @cli.command("stats")
-@click.option("--cost", is_flag=True, help="What the jobs cost, per UTC day and queue.")
+@click.option(
+    "--cost", is_flag=True, help="What claude spent, per UTC day, queue and model, with tokens."
+)
 @click.option(
     "--days",
     type=click.IntRange(1, 3660),
@@ -6103,7 +6937,7 @@ def stats_command(config: _Config, cost: bool, days: int, as_json: bool) -> None
             *(str(q[k] or 0) for k in ("ready", "scheduled", "running", "succeeded", "failed",
                                        "cancelled", "succeeded_last_hour", "failed_last_hour")),
             seconds(q["oldest_ready_seconds"]), seconds(q["median_run_seconds"]),
-            seconds(q["p95_run_seconds"]), f"${float(q['cost_usd'] or 0):.2f}",
+            seconds(q["p95_run_seconds"]), _money(float(q["cost_usd"] or 0)),
         ]
         for q in queues
     ]  # fmt: skip
@@ -6126,28 +6960,30 @@ def _print_holds(holds: Sequence[Mapping[str, Any]]) -> None:
         )
 
 
+#: The columns of `stats --cost` after day, queue and model: (header, key); the last is money.
+_COST_COLUMNS = (("RUNS", "runs"), ("INPUT", "input_tokens"), ("OUTPUT", "output_tokens"),
+                 ("CACHE READ", "cache_read_tokens"), ("CACHE WRITE", "cache_write_tokens"),
+                 ("COST", "cost_usd"))  # fmt: skip
+
+
 def _print_costs(rows: Sequence[Mapping[str, Any]], as_json: bool) -> None:
     if as_json:
         for row in rows:
             click.echo(_json_text(row))
         return
     if not rows:
-        click.echo("no finished jobs in that time", err=True)
+        click.echo("nothing was spent in that time", err=True)
         return
-    total = sum(float(row["cost_usd"]) for row in rows)
-    table = [
-        [
-            str(r["day"]),
-            r["queue"],
-            str(r["jobs"]),
-            str(r["costed"]),
-            f"${float(r['cost_usd']):.2f}",
-        ]
-        for r in rows
-    ]
-    jobs = sum(r["jobs"] for r in rows)
-    table.append(["total", "", str(jobs), str(sum(r["costed"] for r in rows)), f"${total:.2f}"])
-    click.echo(_table(["DAY (UTC)", "QUEUE", "JOBS", "WITH COST", "COST"], table))
+
+    def cells(values: Mapping[str, Any]) -> list[str]:
+        *counts, (_, money) = _COST_COLUMNS
+        return [f"{int(values[key]):,}" for _, key in counts] + [_money(float(values[money]))]
+
+    table = [[str(r["day"]), r["queue"], r["model"] or "-", *cells(r)] for r in rows]
+    totals = {key: sum(r[key] for r in rows) for _, key in _COST_COLUMNS}
+    table.append(["total", "", "", *cells(totals)])
+    headers = ["DAY (UTC)", "QUEUE", "MODEL", *(name for name, _ in _COST_COLUMNS)]
+    click.echo(_table(headers, table, optional=("CACHE WRITE", "CACHE READ", "MODEL")))
 
 
 @cli.command("workers")
@@ -6194,9 +7030,11 @@ def _claude_pause(worker: Mapping[str, Any]) -> str:
 
 @cli.command("pause")
 @click.argument("queue")
+@click.option("--json", "as_json", is_flag=True, help="Print what happened as a JSON object.")
 @click.pass_obj
-def pause_command(config: _Config, queue: str) -> None:
-    """Stop workers taking jobs from QUEUE; its jobs stay queued, running ones finish.
+def pause_command(config: _Config, queue: str, as_json: bool) -> None:
+    """Stop workers taking jobs from QUEUE; its jobs stay queued, running ones finish. A queue
+    no job has used yet can be paused ahead (with a warning: it may be a typo).
 
     \b
     Example:
@@ -6205,8 +7043,24 @@ def pause_command(config: _Config, queue: str) -> None:
     with config.connect() as conn:
         newly = pause_queue(conn, _checked_queue(queue), by=f"{socket.gethostname()}:{os.getpid()}")
         waiting = count_queued(conn, queue)
+        known = queue_known(conn, queue)
+        others = [] if known or as_json else known_queues(conn)
+    if as_json:
+        data = {"queue": queue, "paused": True, "newly": newly, "known": known, "queued": waiting}
+        click.echo(_json_text(data))
+        return
     state = "paused" if newly else "was already paused"
-    click.echo(f"queue {queue} {state}: {waiting} queued job(s) wait for `claude-jobs resume`")
+    click.echo(
+        _printable(f"queue {queue} {state}: {waiting} queued job(s) wait for `claude-jobs resume`")
+    )
+    if not known:
+        click.echo(
+            _printable(
+                f"warning: no job has ever used queue {queue} (known queues: "
+                f"{', '.join(others) or 'none'}); it is paused anyway, for the jobs to come"
+            ),
+            err=True,
+        )
 
 
 @cli.command("resume")
@@ -6231,13 +7085,122 @@ def resume_command(config: _Config, queue: str | None, kind: str | None) -> None
         raise InvalidJob("give a QUEUE to resume, or --hold KIND")
     with config.connect() as conn:
         if kind is not None:
-            sooner = lift_hold(conn, kind)
-            if sooner is None:
+            lifted = lift_hold(conn, kind)
+            if lifted is None:
                 raise WrongState(f"no hold is on {kind} jobs")
-            click.echo(f"workers start {kind} jobs again; {sooner} job(s) put off by it run now")
+            said = [f"workers start {kind} jobs again"]
+            if lifted.hold:
+                said.append(f"{lifted.sooner} job(s) put off by it run now")
+            if lifted.workers:
+                said.append(f"{lifted.workers} worker(s) that could not run {kind} try again")
+            click.echo(_printable("; ".join(said)))
             return
         resumed = resume_queue(conn, _checked_queue(queue))
     click.echo(f"queue {queue} {'resumed' if resumed else 'was not paused'}")
+
+
+@cli.command("diff")
+@click.argument("job_id", metavar="ID")
+@click.option("--stat", is_flag=True, help="Only which files changed, and how much.")
+@click.pass_obj
+def diff_command(config: _Config, job_id: str, stat: bool) -> None:
+    """Show what a worktree job changed against the commit its branch started from: what it
+    committed, and what it left uncommitted in its worktree (new files too), while the
+    worktree is on this machine.
+
+    \b
+    Examples:
+      claude-jobs diff 6f1c2e9a
+      claude-jobs diff --stat 6f1c2e9a
+    """
+    with config.connect() as conn:
+        job = get_job(conn, job_id)
+    if changes := worktree_diff(job, stat=stat):
+        click.echo(_printable(changes))
+    else:
+        click.echo(f"job {job.id} changed nothing", err=True)
+
+
+@cli.group("worktrees", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one worktree a line.")
+@click.pass_context
+def worktrees_command(ctx: click.Context, as_json: bool) -> None:
+    """List the git worktrees jobs ran in, and their branches (they outlive the jobs): the
+    job, its status, the branch, whether the directory is still there with uncommitted
+    changes, its size and age. `worktrees prune` removes what is safe to remove.
+
+    \b
+    Examples:
+      claude-jobs worktrees
+      claude-jobs worktrees prune --older-than 7d --merged
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    with ctx.obj.connect() as conn:
+        trees = list_worktrees(conn)
+    if as_json:
+        for tree in trees:
+            click.echo(_json_text({**tree, "job": tree.pop("job_id")}))
+        return
+    if not trees:
+        click.echo("no worktrees", err=True)
+        return
+    rows = [
+        [
+            str(t["job_id"])[:8], t["status"] or "deleted", t["branch"], _tree_state(t),
+            _size_text(t.get("size_bytes")), _ago(t["created_at"]), t["path"],
+        ]
+        for t in trees
+    ]  # fmt: skip
+    headers = ["JOB", "STATUS", "BRANCH", "STATE", "SIZE", "AGE", "PATH"]
+    click.echo(_table(headers, rows, paint="STATUS", optional=("AGE", "SIZE")))
+
+
+def _tree_state(tree: Mapping[str, Any]) -> str:
+    """A worktree's state, in a few words."""
+    if not tree["here"]:
+        return f"on {tree['host']}"
+    commits = "" if tree["commits"] is None else f", {tree['commits']} commit(s)"
+    if tree["exists"]:
+        return ("uncommitted changes" if tree["uncommitted"] else "clean") + commits
+    if tree["branch_exists"]:
+        return f"removed, branch kept{commits}"
+    return "gone"
+
+
+def _size_text(size: int | None) -> str:
+    if size is None:
+        return "-"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+@worktrees_command.command("prune")
+@click.option(
+    "--older-than", type=_DurationType(unit_needed=True), default="0", show_default=True,
+    help="Only worktrees no job has used for this long.",
+)  # fmt: skip
+@click.option("--merged", is_flag=True, help="Delete the branches merged into HEAD too.")
+@click.option("--force", is_flag=True, help="Remove worktrees with uncommitted changes too.")
+@click.pass_obj
+def worktrees_prune_command(config: _Config, older_than: float, merged: bool, force: bool) -> None:
+    """Remove the worktrees of this machine that no unfinished job needs and that hold no
+    uncommitted changes (--force: those too); their branches stay, unless merged into their
+    repository's HEAD and --merged is given.
+
+    \b
+    Examples:
+      claude-jobs worktrees prune
+      claude-jobs worktrees prune --older-than 7d --merged
+    """
+    with config.connect() as conn:
+        done = prune_worktrees(conn, older_than=older_than, merged=merged, force=force)
+    for line in done:
+        click.echo(_printable(line))
+    if not done:
+        click.echo("nothing to prune", err=True)
 
 
 @cli.command("cleanup")

@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 4.
+-- The claude-jobs schema, version 5.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -154,4 +154,42 @@ CREATE INDEX claude_jobs_ready ON claude_jobs (priority DESC, run_at, seq)
 INSERT INTO claude_jobs_schema (version) VALUES (4);
 END IF;
 END $migration_4$;
+
+-- version 5
+DO $migration_5$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 5) THEN
+-- What jobs leave behind, kept apart from the jobs: cleanup deletes jobs, not these.
+-- What claude spent, per UTC day (when it was recorded), queue and model.
+CREATE TABLE claude_jobs_spend (
+    day                 date NOT NULL,
+    queue               text NOT NULL,
+    model               text NOT NULL,             -- '' where claude did not say
+    runs                integer NOT NULL DEFAULT 0,  -- claude runs that reported it
+    cost_usd            numeric NOT NULL DEFAULT 0,
+    input_tokens        bigint NOT NULL DEFAULT 0,
+    output_tokens       bigint NOT NULL DEFAULT 0,
+    cache_read_tokens   bigint NOT NULL DEFAULT 0,
+    cache_write_tokens  bigint NOT NULL DEFAULT 0,
+    PRIMARY KEY (day, queue, model)
+);
+-- what was spent before there was a ledger: per day and queue, the model not known
+INSERT INTO claude_jobs_spend (day, queue, model, runs, cost_usd)
+SELECT (coalesce(finished_at, updated_at) AT TIME ZONE 'UTC')::date, queue, '', count(*),
+       sum(cost_usd)
+FROM claude_jobs WHERE cost_usd > 0 GROUP BY 1, 2;
+-- The git worktrees jobs ran in, on the host that has them.
+CREATE TABLE claude_jobs_worktrees (
+    host        text NOT NULL,
+    path        text NOT NULL,
+    repo        text NOT NULL,
+    branch      text NOT NULL,
+    base        text NOT NULL,                    -- the commit the branch started from
+    job_id      uuid NOT NULL,                    -- the job that made it
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    used_at     timestamptz NOT NULL DEFAULT now(), -- the last time a job ran in it
+    PRIMARY KEY (host, path)
+);
+INSERT INTO claude_jobs_schema (version) VALUES (5);
+END IF;
+END $migration_5$;
 COMMIT;

@@ -217,8 +217,10 @@ if "emit" not in directives and "stdout" not in directives:
     result = directives.get("result", "echo: " + text[:40])
     print(json.dumps({{"type": "result", "subtype": "success", "is_error": False,
         "result": result, "session_id": session, "total_cost_usd": directives.get("cost", 0.0125),
-        "num_turns": 2, "duration_ms": 12, "usage": {{"input_tokens": 10, "output_tokens": 5}}}}),
-        flush=True)
+        "num_turns": 2, "duration_ms": 12, "usage": {{"input_tokens": 10, "output_tokens": 5}},
+        "modelUsage": {{"claude-fake": {{"inputTokens": 10, "outputTokens": 5,
+            "cacheReadInputTokens": 2, "cacheCreationInputTokens": 1,
+            "costUSD": directives.get("cost", 0.0125)}}}}}}), flush=True)
 sys.exit(directives.get("exit", 0))
 '''
 

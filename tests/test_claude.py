@@ -8,6 +8,7 @@ of the Messages API.
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import os
 from pathlib import Path
@@ -60,7 +61,8 @@ def test_a_successful_run_stores_the_result_session_cost_and_transcript(
     assert row["session_id"] == result["session_id"]
     assert float(row["cost_usd"]) == pytest.approx(0.0125)
     lines = row["transcript"].splitlines()
-    assert '"subtype": "init"' in lines[0] and '"type": "result"' in lines[-1]
+    assert json.loads(lines[0]) == {"type": "claude_jobs", "attempt": 1, "worker": row["worker"]}
+    assert '"subtype": "init"' in lines[1] and '"type": "result"' in lines[-1]
 
 
 def test_the_result_of_the_captured_real_success_stream_is_kept(
@@ -149,13 +151,18 @@ def test_a_failed_run_keeps_what_claude_said_and_what_it_cost(
 
 
 def test_a_missing_claude_executable_is_the_workers_fault_not_the_jobs(
-    conn: psycopg.Connection, db_url: str, tmp_path: Path
+    conn: psycopg.Connection, db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setenv("IS_SANDBOX", "1")
     job = claude_jobs.enqueue(conn, {"prompt": "hi", "cwd": str(tmp_path)})
-    run_jobs(db_url, tmp_path / "no-such-claude")
+    handler = ClaudeHandler(str(tmp_path / "no-such-claude"))
+    worker = Worker(db_url, burst=True, handlers={"claude": handler})
+    worker.run()  # it finds out at start, not when a job comes
     row = job_row(conn, job.id)
     assert (row["status"], row["attempts"]) == ("queued", 0)
-    assert "claude executable not found" in row["last_error"]
+    assert "claude executable not found" in (worker.idle_because or "")
+    with pytest.raises(claude_jobs.WorkerUnfit, match="claude executable not found"):
+        handler(job)  # and a job that comes anyway goes back unspent
 
 
 def test_a_cwd_missing_on_the_worker_fails_the_job_at_once(

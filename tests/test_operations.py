@@ -179,7 +179,7 @@ def test_show_tells_every_attempt_result_cost_session_and_transcript(invoke, con
         "worker    host-1:42",
         "attempt 1 (host-2:7, 12m ago, took 1m35s): claude failed: API Error: 500",
         "result    Hello from the mock API.",
-        "cost      $0.0123",
+        "cost      $0.01",
         "session   9453ba1d-7ef4-4b40-acc5-1727cb51286f",
         "→ Bash: touch made-by-claude.txt && pwd",
     ]:
@@ -239,12 +239,13 @@ def test_cancel_a_queued_job_at_once_and_refuse_a_finished_one(invoke, conn) -> 
     before = job_row(conn, done)
     result = invoke("cancel", str(queued), str(done))
     assert result.exit_code == 1
-    assert f"{queued} cancelled" in result.output
     assert f"Error: job {done} is succeeded: only queued or running jobs can be cancelled" in (
         result.output
     )
-    assert status_of(conn, queued) == "cancelled"
+    assert status_of(conn, queued) == "queued", "all or nothing"
     assert job_row(conn, done) == before
+    assert invoke("cancel", str(queued)).output == f"{queued} cancelled\n"
+    assert status_of(conn, queued) == "cancelled"
 
 
 def test_cancel_a_running_job_stops_its_claude_and_it_is_not_retried(
@@ -416,7 +417,7 @@ def test_workers_shows_live_and_lost_workers(invoke, conn, db_url: str) -> None:
 
 def test_a_paused_queue_keeps_its_jobs_queued_until_resumed(invoke, conn, db_url: str) -> None:
     result = invoke("pause", "slow")
-    assert (result.exit_code, result.output) == (
+    assert (result.exit_code, result.stdout) == (
         0, "queue slow paused: 0 queued job(s) wait for `claude-jobs resume`\n",
     )  # fmt: skip
     assert "was already paused" in invoke("pause", "slow").output

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -145,7 +146,7 @@ def test_a_concurrency_limit_lets_that_many_run_at_once_and_zero_opts_out(
 
 
 def test_the_concurrency_key_comes_from_the_payload_the_options_or_the_cwd(
-    conn: psycopg.Connection, tmp_path: Path
+    conn: psycopg.Connection, repo: Path, tmp_path: Path
 ) -> None:
     def key(payload: dict[str, Any], **options: Any) -> str | None:
         return claude_jobs.enqueue(conn, {"prompt": "p", **payload}, **options).concurrency_key
@@ -154,7 +155,7 @@ def test_the_concurrency_key_comes_from_the_payload_the_options_or_the_cwd(
     assert key({"cwd": str(tmp_path), "concurrency_key": "repo-a"}) == "repo-a"
     assert key({"cwd": str(tmp_path)}, concurrency_key="deploys") == "deploys"
     assert key({"cwd": str(tmp_path)}, concurrency_limit=0) is None
-    assert key({"cwd": str(tmp_path), "worktree": True}) is None, "a worktree needs no key"
+    assert key({"cwd": str(repo), "worktree": True}) is None, "a worktree needs no key"
     assert key({}) is None, "no cwd: the worker's directory, no key"
     job = claude_jobs.enqueue(conn, {"prompt": "p", "timeout": "30m"})
     assert job.timeout == 1800 and "timeout" not in job.payload
@@ -256,20 +257,24 @@ def test_a_worktree_starts_from_base_and_is_kept_when_asked_or_left_dirty(
     assert "uncommitted changes are left in" in invoke("show", str(dirty.id)).output
 
 
-def test_worktree_jobs_outside_a_repository_or_with_a_bad_base_fail_at_once(
+def test_worktree_jobs_whose_repository_or_base_went_away_fail_at_once(
     conn: psycopg.Connection, fake_claude: Path, claude_log: Path, repo: Path, tmp_path: Path
 ) -> None:
+    """Checked at enqueue, and again when they run (the repository may change meanwhile)."""
     plain = tmp_path / "plain"
     plain.mkdir()
+    git(plain, "init", "-q", "-b", "main")
+    git(plain, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-q",
+        "--allow-empty", "-m", "first")  # fmt: skip
     outside = claude_jobs.enqueue(conn, {"prompt": "p", "cwd": str(plain), "worktree": True})
     bad_base = claude_jobs.enqueue(
-        conn, {"prompt": "p", "cwd": str(repo), "worktree": True, "base": "no-such-ref"}
+        conn, {"prompt": "p", "cwd": str(repo), "worktree": True, "base": "other"}
     )
+    shutil.rmtree(plain / ".git")
+    git(repo, "branch", "-D", "other")
     run_burst(db_url_of(conn), fake_claude, worktree_dir=tmp_path / "trees")
     assert "needs a cwd inside a git repository" in job_row(conn, outside.id)["last_error"]
     assert "base is not a commit" in job_row(conn, bad_base.id)["last_error"]
-    assert [status_of(conn, j.id) for j in (outside, bad_base)] == ["failed", "failed"]
-    assert claude_runs(claude_log) == []
 
 
 def db_url_of(conn: psycopg.Connection) -> str:
@@ -933,18 +938,19 @@ def test_stats_cost_adds_up_the_stored_costs_per_day_and_queue(
     run_burst(db_url, fake_claude)
     yesterday = claude_jobs.enqueue(conn, {"prompt": fake(cost=2.0), "cwd": str(tmp_path)})
     run_burst(db_url, fake_claude)
-    conn.execute(
-        "UPDATE claude_jobs SET finished_at = finished_at - interval '1 day' WHERE id = %s",
-        [yesterday.id],
+    conn.execute(  # as if the default queue's job had run yesterday
+        "UPDATE claude_jobs_spend SET day = day - 1 WHERE queue = 'default'"
     )
+    assert status_of(conn, yesterday.id) == "succeeded"
     today = datetime.now(UTC).date()
     rows = [json.loads(line) for line in invoke("stats", "--cost", "--json").output.splitlines()]
-    assert [(r["day"], r["queue"], r["jobs"], r["costed"], r["cost_usd"]) for r in rows] == [
-        (str(today), "nightly", 2, 2, 0.75),
-        (str(today), "urgent", 2, 1, 1.0),
-        (str(today - timedelta(days=1)), "default", 1, 1, 2.0),
+    assert [(r["day"], r["queue"], r["model"], r["runs"], r["cost_usd"]) for r in rows] == [
+        (str(today), "nightly", "claude-fake", 2, 0.75),
+        (str(today), "urgent", "claude-fake", 2, 1.0),
+        (str(today - timedelta(days=1)), "default", "claude-fake", 1, 2.0),
     ]
+    assert (rows[0]["input_tokens"], rows[0]["output_tokens"]) == (20, 10)
     table = invoke("stats", "--cost").output.splitlines()
-    assert table[0].split() == ["DAY", "(UTC)", "QUEUE", "JOBS", "WITH", "COST", "COST"]
-    assert table[-1].split() == ["total", "5", "4", "$3.75"]
+    assert table[0].split()[:6] == ["DAY", "(UTC)", "QUEUE", "MODEL", "RUNS", "INPUT"]
+    assert table[-1].split() == ["total", "5", "50", "25", "10", "5", "$3.75"]
     assert len(invoke("stats", "--cost", "--days", "1", "--json").output.splitlines()) == 2
