@@ -931,6 +931,17 @@ FROM claude_jobs_worktrees w LEFT JOIN claude_jobs j ON j.id = w.job_id
 ORDER BY w.created_at DESC
 """
 
+WORKTREE_BUSY = """
+-- worktree_busy: whether an unfinished job needs this worktree (as in list_worktrees)
+SELECT EXISTS (SELECT FROM claude_jobs j WHERE j.id = %(job)s AND j.status IN ('queued', 'running'))
+    OR EXISTS (SELECT FROM claude_jobs u
+               WHERE u.status = 'running' AND u.worktree->>'path' = %(path)s)
+    OR EXISTS (SELECT FROM claude_jobs u JOIN claude_jobs p ON p.id = u.continue_from
+               WHERE u.status IN ('queued', 'running')
+                 AND (u.after IS NOT NULL OR u.continue_from IS NOT NULL)
+                 AND p.worktree->>'path' = %(path)s)
+"""
+
 FORGET_WORKTREE = """
 -- forget_worktree: a worktree whose directory and branch are both gone
 DELETE FROM claude_jobs_worktrees WHERE host = %(host)s AND path = %(path)s
@@ -1014,11 +1025,15 @@ CLAIM_FROM_QUEUE = _CLAIM.format(queue_filter="AND c.queue = %(queue)s")
 CLAIM_FROM_ANY_QUEUE = _CLAIM.format(queue_filter="")
 
 READY_OF_KINDS = """
--- ready_of_kinds: one kind of these of which a job is ready in these queues (NULL: any)
+-- ready_of_kinds: one kind of these of which a job is ready in these queues (NULL: any), not
+-- in a paused queue and waiting for no other job
 SELECT min(kind) FROM (
-    SELECT kind FROM claude_jobs
+    SELECT kind FROM claude_jobs c
     WHERE status = 'queued' AND run_at <= now() AND kind = ANY(%(kinds)s)
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
+      AND after IS NULL AND continue_from IS NULL
+      AND NOT EXISTS (SELECT FROM claude_jobs_queues q
+                      WHERE q.queue = c.queue AND q.paused_at IS NOT NULL)
     LIMIT 1) ready
 """
 
@@ -1624,9 +1639,17 @@ class _GitError(Exception):
 
 def _git(cwd: str | Path, *args: str, env: Mapping[str, str] | None = None) -> str:
     """Run git in ``cwd``; its output, stripped. Raises _GitError with what git said."""
+    return _git_bytes(cwd, *args, env=env).decode("utf-8", "replace").strip()
+
+
+def _git_bytes(cwd: str | Path, *args: str, env: Mapping[str, str] | None = None) -> bytes:
+    """Run git in ``cwd``; its output as it is. Raises _GitError with what git said (also
+    when ``cwd`` is not a directory), WorkerUnfit when git is not installed."""
+    if not Path(cwd).is_dir():
+        raise _GitError(f"{cwd} is not a directory (moved or deleted?)")
     try:
         done = subprocess.run(
-            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False,
+            ["git", *args], cwd=cwd, capture_output=True, timeout=300, check=False,
             env=None if env is None else dict(env),
         )  # fmt: skip
     except FileNotFoundError:
@@ -1634,9 +1657,10 @@ def _git(cwd: str | Path, *args: str, env: Mapping[str, str] | None = None) -> s
     except subprocess.TimeoutExpired:
         raise _GitError(f"git {args[0]} took more than 5 minutes") from None
     if done.returncode != 0:
-        said = (done.stderr.strip() or done.stdout.strip()).splitlines()
+        output = done.stderr.strip() or done.stdout.strip()
+        said = output.decode("utf-8", "replace").splitlines()
         raise _GitError(f"git {args[0]}: {said[-1] if said else f'status {done.returncode}'}")
-    return done.stdout.strip()
+    return done.stdout
 
 
 @contextlib.contextmanager
@@ -1659,6 +1683,24 @@ def _git_retrying(common_dir: str, cwd: str | Path, *args: str) -> str:
                 raise
             time.sleep(delay)
     raise AssertionError("unreachable")
+
+
+#: What a worktree record's branch and base look like (they reach git as arguments: nothing
+#: from the database is passed to it unchecked).
+_WORKTREE_BRANCH = re.compile(r"claude-jobs/[0-9a-f]{12}")
+_COMMIT = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+
+
+def _checked_record(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A worktree record (repo, path, branch, base) from the database, if it looks as this
+    code writes them: absolute paths, a claude-jobs/ branch, a commit id; else _GitError."""
+    repo, path, branch, base = (str(record.get(key)) for key in ("repo", "path", "branch", "base"))
+    if not (
+        Path(repo).is_absolute() and Path(path).is_absolute()
+        and _WORKTREE_BRANCH.fullmatch(branch) and _COMMIT.fullmatch(base)
+    ):  # fmt: skip
+        raise _GitError(f"the worktree record {record!r} is not one claude-jobs wrote")
+    return {**record, "repo": repo, "path": path, "branch": branch, "base": base}
 
 
 def _repository_of(cwd: str | Path) -> tuple[str, str]:
@@ -2625,6 +2667,12 @@ class Waiting:
     short: str
     text: str
 
+    @property
+    def gist(self) -> str:
+        """The reason without its relative times ("in 3m", "12s ago"), which change by the
+        second: what tells that the reason itself changed."""
+        return re.sub(r" \((?:in [^()]*|[^()]* ago)\)", "", self.text)
+
 
 @dataclass(frozen=True)
 class _Circumstances:
@@ -2672,9 +2720,10 @@ def _waiting(job: Job, seen: _Circumstances) -> Waiting | None:
         return Waiting("", f"it failed for good: {how} ({job.attempts} of {job.max_attempts})")
     if job.status == JobStatus.RUNNING:
         if not any(worker["id"] == job.worker_id for worker in seen.workers):
+            then = "within seconds" if seen.workers else "when a worker starts"
             return Waiting(
                 "worker lost",
-                f"its worker {job.worker} is lost: a live worker puts the job back within seconds",
+                f"its worker {job.worker} is lost: a live worker puts the job back {then}",
             )
         return None
     if job.queue in seen.paused:
@@ -2691,7 +2740,7 @@ def _waiting_for_time(job: Job, now: datetime) -> Waiting:
     error = job.last_error
     if error and error.startswith(USAGE_LIMIT_NOTE):
         return Waiting(f"limit, {soon}", f"{error}; it runs again at {when} ({soon})")
-    if error and job.attempts:
+    if error and job.attempts and job.errors and job.errors[-1].get("error") == error:
         failed = f"attempt {job.attempts} of {job.max_attempts} failed ({error})"
         return Waiting(f"retry {soon}", f"{failed}; it runs again at {when} ({soon})")
     if error:
@@ -2834,28 +2883,30 @@ def count_queued(conn: psycopg.Connection, queue: str) -> int:
     return conn.execute(COUNT_QUEUED, {"queue": queue}).fetchone()[0]  # type: ignore[index]
 
 
-def worktree_diff(job: Job, *, stat: bool = False) -> str:
-    """What a worktree job changed against the commit its branch started from: committed on
-    its branch, and (while its worktree is on this machine) not committed, new files too;
-    ``stat``: a summary of the files. WrongState for a job with no worktree of its own."""
-    tree = job.worktree
+def worktree_diff(job: Job, *, stat: bool = False) -> bytes:
+    """What a worktree job changed against the commit its branch started from, as git prints
+    it: committed on its branch, and (while its worktree is on this machine) not committed, new
+    files too; ``stat``: a summary of the files. WrongState for a job with no worktree of its
+    own; JobsError when neither its worktree nor its branch is here."""
     if not job.payload.get("worktree"):
         raise WrongState(f"job {job.id} is not a worktree job: it has no branch of its own")
-    if not tree:
+    if not job.worktree:
         raise WrongState(f"job {job.id} has made no worktree yet: it has not run")
     how = ["diff", "--stat"] if stat else ["diff"]
+    tree = job.worktree
     try:
+        tree = _checked_record(tree)
         if Path(tree["path"]).is_dir():  # everything in it, through an index of our own
             with tempfile.TemporaryDirectory(prefix="claude-jobs-") as scratch:
                 env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch, "index"))}
                 _git(tree["path"], "read-tree", "HEAD", env=env)
                 _git(tree["path"], "add", "--all", env=env)
-                return _git(tree["path"], *how, "--cached", tree["base"], env=env)
-        return _git(tree["repo"], *how, tree["base"], tree["branch"])
-    except _GitError as error:
+                return _git_bytes(tree["path"], *how, "--cached", tree["base"], env=env)
+        return _git_bytes(tree["repo"], *how, tree["base"], tree["branch"], "--")
+    except (_GitError, WorkerUnfit) as error:
         raise JobsError(
-            f"cannot show what job {job.id} changed: {error} (its worktree {tree['path']} and "
-            f"branch {tree['branch']} in {tree['repo']}, on the machine that ran it)"
+            f"cannot show what job {job.id} changed: {error} (its worktree {tree.get('path')} "
+            f"and branch {tree.get('branch')} in {tree.get('repo')}, on the machine that ran it)"
         ) from None
 
 
@@ -2864,7 +2915,7 @@ def list_worktrees(conn: psycopg.Connection) -> list[dict[str, Any]]:
     path, repo, branch, base, job_id, created_at, used_at, status (of the job that made it;
     None when deleted), busy (an unfinished job needs it); and, for those of this machine,
     here, exists, uncommitted, size_bytes, commits (on its branch since the base) and
-    branch_exists."""
+    branch_exists (None where git could not tell)."""
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(LIST_WORKTREES).fetchall()
     here = socket.gethostname()
@@ -2874,68 +2925,81 @@ def list_worktrees(conn: psycopg.Connection) -> list[dict[str, Any]]:
 
 
 def _worktree_state(row: Mapping[str, Any]) -> dict[str, Any]:
-    """What a worktree of this machine is like now, on disk and in git."""
-    path, repo, branch = Path(row["path"]), row["repo"], row["branch"]
-    exists = path.is_dir()
-    branch_exists = Path(repo).is_dir() and _git_ok(
-        repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}"
-    )
+    """What a worktree of this machine is like now, on disk and in git (None where it cannot
+    be told: its repository moved, say)."""
+    state: dict[str, Any] = {"here": True, "exists": Path(row["path"]).is_dir(),
+                             "uncommitted": None, "size_bytes": None, "commits": None,
+                             "branch_exists": None}  # fmt: skip
     try:
-        uncommitted = exists and bool(_git(path, "status", "--porcelain"))
-    except _GitError:
-        uncommitted = exists  # not a worktree git knows any more: count it as changed
-    try:
-        commits = int(_git(repo, "rev-list", "--count", f"{row['base']}..{branch}"))
-    except (_GitError, ValueError):
-        commits = None
-    size = sum(
-        (Path(top, name).lstat().st_size for top, _, names in os.walk(path) for name in names),
-        0,
-    )
-    return {"here": True, "exists": exists, "uncommitted": uncommitted, "size_bytes": size,
-            "commits": commits, "branch_exists": branch_exists}  # fmt: skip
+        tree = _checked_record(row)
+        state["branch_exists"] = _git_ok(
+            tree["repo"], "rev-parse", "--verify", "--quiet", f"refs/heads/{tree['branch']}"
+        )
+        if state["branch_exists"]:
+            since = f"{tree['base']}..{tree['branch']}"
+            state["commits"] = int(_git(tree["repo"], "rev-list", "--count", since))
+        if state["exists"]:
+            state["uncommitted"] = bool(_git(tree["path"], "status", "--porcelain"))
+    except (_GitError, WorkerUnfit, ValueError):
+        pass
+    if state["exists"]:
+        state["size_bytes"] = _size_of(Path(row["path"]))
+    return state
+
+
+def _size_of(path: Path) -> int:
+    """The bytes of the files below ``path`` (those that vanish meanwhile count nothing)."""
+    total = 0
+    for top, _, names in os.walk(path):
+        for name in names:
+            with contextlib.suppress(OSError):
+                total += Path(top, name).lstat().st_size
+    return total
 
 
 def prune_worktrees(
     conn: psycopg.Connection, *, older_than: float = 0, merged: bool = False, force: bool = False
 ) -> list[str]:
     """Remove the worktrees of this machine that are safe to remove: no unfinished job needs
-    them, last used more than ``older_than`` seconds ago, and no uncommitted changes in them
-    (``force``: those too). Their branches stay (they hold the work) unless ``merged``: then
-    branches merged into their repository's HEAD go too. Returns what it did, a line each."""
+    them (asked again right before each is removed), last used more than ``older_than`` seconds
+    ago, and no uncommitted changes in them (git refuses to remove those; ``force``: those
+    too). Their branches stay (they hold the work) unless ``merged``: then branches merged into
+    their repository's HEAD go too. Returns what it did, and what it kept and why, a line each."""
     done: list[str] = []
     since = datetime.now(UTC) - timedelta(seconds=older_than)
     for row in list_worktrees(conn):
         if not row["here"] or row["used_at"] > since:
             continue
-        if row["busy"]:
+        busy = conn.execute(WORKTREE_BUSY, {"job": row["job_id"], "path": row["path"]})
+        if busy.fetchone()[0]:  # type: ignore[index]
             done.append(f"kept {row['path']}: a job that is not over needs it")
             continue
         try:
-            done.extend(_prune_worktree(row, merged=merged, force=force))
+            done.extend(_prune_worktree(_checked_record(row), merged=merged, force=force))
         except (_GitError, WorkerUnfit) as error:
             done.append(f"cannot prune {row['path']}: {error}")
             continue
-        if not Path(row["path"]).is_dir() and not _worktree_state(row)["branch_exists"]:
+        state = _worktree_state(row)
+        if not state["exists"] and state["branch_exists"] is False:
             conn.execute(FORGET_WORKTREE, {"host": row["host"], "path": row["path"]})
     return done
 
 
-def _prune_worktree(row: Mapping[str, Any], *, merged: bool, force: bool) -> list[str]:
+def _prune_worktree(tree: Mapping[str, Any], *, merged: bool, force: bool) -> list[str]:
     """Prune one worktree of this machine (see prune_worktrees)."""
     done = []
-    repo, path, branch = row["repo"], row["path"], row["branch"]
-    if row["exists"]:
-        if row["uncommitted"] and not force:
+    repo, path, branch = tree["repo"], tree["path"], tree["branch"]
+    if Path(path).is_dir():
+        listed = _git(repo, "worktree", "list", "--porcelain").splitlines()
+        if f"worktree {path}" not in listed:
+            return [f"kept {path}: git does not know it as a worktree of {repo}"]
+        if not force and _git(path, "status", "--porcelain"):
             return [f"kept {path}: it has uncommitted changes (--force removes them)"]
         _, common = _repository_of(repo)
-        _git_retrying(common, repo, "worktree", "remove", "--force", path)
+        _git_retrying(common, repo, "worktree", "remove", *(["--force"] * force), path)
         done.append(f"removed worktree {path}")
-    if (
-        merged
-        and row["branch_exists"]
-        and _git_ok(repo, "merge-base", "--is-ancestor", branch, "HEAD")
-    ):
+    known = _git_ok(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}")
+    if merged and known and _git_ok(repo, "merge-base", "--is-ancestor", branch, "HEAD"):
         _, common = _repository_of(repo)
         _git_retrying(common, repo, "branch", "-D", branch)
         done.append(f"deleted branch {branch} (merged)")
@@ -2992,7 +3056,7 @@ def follow_job(
             status=status, text=text, skipped=skipped, why=reason and reason.text, **row
         )
         state = (update.status, update.attempts, update.run_at, update.worker, update.worker_lost,
-                 update.paused, update.why)  # fmt: skip
+                 update.paused, reason and reason.gist)  # fmt: skip
         if text or skipped or state != last_state:
             yield update
         if update.finished:
@@ -3048,6 +3112,7 @@ class Spend:
     """What one claude run spent on one model (for the ledger that outlives the jobs)."""
 
     model: str = ""  # "" where claude did not say
+    runs: int = 0  # 1 on the first Spend of a claude run, 0 on the others of that run
     cost_usd: float = 0.0
     input_tokens: int = 0
     output_tokens: int = 0
@@ -3062,16 +3127,17 @@ class Spend:
         if isinstance(models, dict) and models:
             names = ("costUSD", "inputTokens", "outputTokens", "cacheReadInputTokens",
                      "cacheCreationInputTokens")  # fmt: skip
-            return [
-                cls._of(str(model)[:200], used, *names)
+            spent = [
+                cls._of(_storable(str(model))[:200], used, *names)
                 for model, used in models.items()
                 if isinstance(used, dict)
             ]
+            return [dataclasses.replace(spent[0], runs=1), *spent[1:]] if spent else []
         usage = result.get("usage") if isinstance(result.get("usage"), dict) else {}
         names = ("total_cost_usd", "input_tokens", "output_tokens", "cache_read_input_tokens",
                  "cache_creation_input_tokens")  # fmt: skip
         spent = cls._of("", {**usage, "total_cost_usd": result.get("total_cost_usd")}, *names)
-        return [spent] if spent != cls() else []
+        return [dataclasses.replace(spent, runs=1)] if spent != cls() else []
 
     @classmethod
     def _of(cls, model: str, numbers: Mapping[str, Any], cost: str, *tokens: str) -> Spend:
@@ -3083,7 +3149,7 @@ class Spend:
             ok = isinstance(value, int | float) and not isinstance(value, bool)
             return float(value) if ok and 0 <= value < 1e15 else 0.0
 
-        return cls(model, number(cost), *(int(number(name)) for name in tokens))
+        return cls(model, 0, number(cost), *(int(number(name)) for name in tokens))
 
 
 @dataclass(frozen=True)
@@ -3611,6 +3677,14 @@ _UNFIT_CLAUDE_ERRORS = (
         "user, or set IS_SANDBOX=1 in its environment",
     ),
 )
+_MISSING_CLAUDE = (
+    "claude executable not found: {!r} (install Claude Code, or point the worker's "
+    "--claude-bin at it)"
+)
+_ROOT_REFUSAL = (
+    "claude refuses --dangerously-skip-permissions as root, and this worker is running as root "
+    "without IS_SANDBOX=1: run it as a normal user, or set IS_SANDBOX=1 in its environment"
+)
 _PERMANENT_CLAUDE_SUBTYPES = ("error_max_turns", "error_max_budget_usd")
 #: What claude says when it has no session of that id here (resumed in another directory).
 _NO_SESSION = "No conversation found with session ID"
@@ -3772,6 +3846,10 @@ def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | 
     subdir = os.path.relpath(cwd, top)
     recorded = resumed or job.worktree  # a continuation's, or an earlier attempt's
     if recorded:
+        try:
+            recorded = _checked_record(recorded)
+        except _GitError as error:
+            raise PermanentError(str(error)) from None
         tree = _Worktree(top, common, recorded["path"], recorded["branch"], recorded["base"],
                          subdir)  # fmt: skip
     else:
@@ -3903,11 +3981,11 @@ class ClaudeHandler:
         cwd = self._working_directory(job)
         executable = shutil.which(self.claude_bin)
         if executable is None:
-            raise WorkerUnfit(
-                f"claude executable not found: {self.claude_bin!r} "
-                "(install Claude Code, or point the worker's --claude-bin at it)"
-            )
+            raise WorkerUnfit(_MISSING_CLAUDE.format(self.claude_bin))
         argv = [executable, *self.arguments(job)]
+        sandbox = job.payload.get("env", {}).get("IS_SANDBOX", os.environ.get("IS_SANDBOX"))
+        if SKIP_PERMISSIONS in argv and os.geteuid() == 0 and sandbox != "1":
+            raise WorkerUnfit(_ROOT_REFUSAL)  # (claude would refuse it: not worth starting)
         tree = None
         if job.payload.get("worktree"):
             resumed = (job.resumes or {}).get("worktree")
@@ -3967,22 +4045,24 @@ class ClaudeHandler:
         return claude_outcome(ended, stream.result, stream.plain, stream.rate_limit_reset)
 
     def unfit(self) -> str | None:
-        """Why no claude job can run on this worker at all, known before one comes: claude
-        is missing, or the worker runs as root without IS_SANDBOX=1 (claude refuses to skip
-        permissions as root) and gives claude no permission mode of its own."""
+        """Why no claude job can run on this worker at all, known before one comes: claude is
+        missing."""
+        if shutil.which(self.claude_bin) is None:
+            return _MISSING_CLAUDE.format(self.claude_bin)
+        return None
+
+    def caveats(self) -> list[str]:
+        """What keeps some claude jobs from running here, to say when the worker starts: as
+        root without IS_SANDBOX=1, claude refuses to skip permissions (jobs with a permission
+        mode, or IS_SANDBOX=1 in their env, run; the others go back, see __call__)."""
         skips = not any(key == "permission_mode" for key, _ in self.defaults)
         if skips and os.geteuid() == 0 and os.environ.get("IS_SANDBOX") != "1":
-            return (
-                "claude refuses --dangerously-skip-permissions as root, and this worker is "
-                "running as root without IS_SANDBOX=1: run it as a normal user, or set "
-                "IS_SANDBOX=1 in its environment"
-            )
-        if shutil.which(self.claude_bin) is None:
-            return (
-                f"claude executable not found: {self.claude_bin!r} (install Claude Code, or "
-                "point the worker's --claude-bin at it)"
-            )
-        return None
+            return [
+                "running as root without IS_SANDBOX=1: claude refuses to skip permissions as "
+                "root, so only claude jobs with a permission_mode (or IS_SANDBOX=1 in their "
+                "env) can run here; run the worker as a normal user, or set IS_SANDBOX=1"
+            ]
+        return []
 
     def _working_directory(self, job: Job) -> str:
         cwd = Path(job.payload.get("cwd") or os.getcwd())
@@ -4350,7 +4430,7 @@ class _Recorder:
             for each in progress.spend:
                 total = spent.setdefault((attempt.job.queue, each.model), [0, 0, 0, 0, 0, 0])
                 for index, amount in enumerate(
-                    (1, each.cost_usd, each.input_tokens, each.output_tokens,
+                    (each.runs, each.cost_usd, each.input_tokens, each.output_tokens,
                      each.cache_read_tokens, each.cache_write_tokens)
                 ):  # fmt: skip
                     total[index] += amount
@@ -4802,7 +4882,7 @@ class Worker:
         self._own_holds: dict[str, tuple[float, str]] = {}
         self._unfit_for = UNFIT_BACKOFF[0]  # the next back-off of a worker unfit for claude
         self._unfit: dict[str, str] = {}  # kinds this worker is unfit for now, and why
-        self._started = 0  # jobs whose handler this worker started
+        self._ran = 0  # jobs whose handler ran here (not given back as unfit)
         #: After a burst: why it ran nothing though jobs were ready (it cannot run them).
         self.idle_because: str | None = None
         self._holds_changed = True  # learn the holds at the next loop
@@ -4913,6 +4993,9 @@ class Worker:
         """Before any job comes: a handler that cannot run at all on this worker (claude is
         missing, say) says why, and the worker backs off its kind as after a WorkerUnfit."""
         for kind, handler in self.handlers.items():
+            caveats = getattr(handler, "caveats", None)
+            for caveat in caveats() if callable(caveats) else []:
+                logger.warning("%s", caveat, extra={"fields": {"event": "caveat", "kind": kind}})
             check = getattr(handler, "unfit", None)
             reason = check() if callable(check) else None
             if reason:
@@ -4927,8 +5010,8 @@ class Worker:
     def _why_idle(self) -> str | None:
         """Why a burst ran nothing though jobs were ready for it: it is unfit for them."""
         with self._lock:
-            started, unfit = self._started, dict(self._unfit)
-        if started or not unfit or self._pool is None:
+            ran, unfit = self._ran, dict(self._unfit)
+        if ran or not unfit or self._pool is None:
             return None
         queues = None if self._claim_queues == (None,) else list(self.queues)
         with self._pool.connection() as conn:
@@ -5311,6 +5394,8 @@ class Worker:
         )
         self._wake_in(seconds)
         assert self._pool is not None and self._session is not None
+        if kind != DEFAULT_KIND:  # (the workers table has room for claude's back-off only)
+            return
         at = datetime.now(UTC) + timedelta(seconds=seconds)
         with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
             params = {"id": self._session.worker_id, "until": at, "reason": reason}
@@ -5406,8 +5491,6 @@ class Worker:
             _log_job("deferred", job, logging.DEBUG, reason=reason)
             return _Outcome(attempt, RELEASE, _released(job.run_at), Progress(), logged=True)
         _log_job("claimed", job, worker=self.name, branch=_branch_of(job))
-        with self._lock:
-            self._started += 1
         failure: BaseException | None = None
         trace: str | None = None
         interrupted = False
@@ -5417,6 +5500,8 @@ class Worker:
         except _Interrupted:
             interrupted = True
         except Postpone as postponed:
+            if not isinstance(postponed, WorkerUnfit):
+                self._count_ran()
             return self._postpone(attempt, postponed)
         except JobFailed as error:
             failure = error
@@ -5427,6 +5512,7 @@ class Worker:
                 result = _to_json(value)
             except ValueError as error:
                 failure = PermanentError(str(error))
+        self._count_ran()
         progress = context.take_progress()
         if context.stop_reason == STOP_LOST:
             _log_job("abandoned", job, logging.WARNING, reason="the claim was lost")
@@ -5471,6 +5557,11 @@ class Worker:
                 return conn.execute(ADMIT, params).fetchone() is not None
         except _TRANSIENT:
             return False  # the job goes back; the database decides when it is back
+
+    def _count_ran(self) -> None:
+        """A handler ran here (and did not give its job back as one it cannot run here)."""
+        with self._lock:
+            self._ran += 1
 
     def _postpone(self, attempt: _Attempt, postponed: Postpone) -> _Outcome:
         """The job goes back unspent; a usage limit holds claude jobs on every worker, a worker
@@ -7115,10 +7206,13 @@ def diff_command(config: _Config, job_id: str, stat: bool) -> None:
     """
     with config.connect() as conn:
         job = get_job(conn, job_id)
-    if changes := worktree_diff(job, stat=stat):
-        click.echo(_printable(changes))
-    else:
+    changes = worktree_diff(job, stat=stat)
+    if not changes:
         click.echo(f"job {job.id} changed nothing", err=True)
+    elif _stdout_is_terminal():  # a patch shows what a repository holds: nothing may drive it
+        click.echo(_printable(changes.decode("utf-8", "replace")), nl=False)
+    else:  # byte for byte, so that it applies as a patch
+        sys.stdout.buffer.write(changes)
 
 
 @cli.group("worktrees", invoke_without_command=True)
@@ -7140,7 +7234,8 @@ def worktrees_command(ctx: click.Context, as_json: bool) -> None:
         trees = list_worktrees(conn)
     if as_json:
         for tree in trees:
-            click.echo(_json_text({**tree, "job": tree.pop("job_id")}))
+            data = {("job" if key == "job_id" else key): value for key, value in tree.items()}
+            click.echo(_json_text(data))
         return
     if not trees:
         click.echo("no worktrees", err=True)
@@ -7162,7 +7257,8 @@ def _tree_state(tree: Mapping[str, Any]) -> str:
         return f"on {tree['host']}"
     commits = "" if tree["commits"] is None else f", {tree['commits']} commit(s)"
     if tree["exists"]:
-        return ("uncommitted changes" if tree["uncommitted"] else "clean") + commits
+        state = {True: "uncommitted changes", False: "clean", None: "not a worktree of git's"}
+        return state[tree["uncommitted"]] + commits
     if tree["branch_exists"]:
         return f"removed, branch kept{commits}"
     return "gone"

@@ -60,8 +60,11 @@ def test_show_and_list_say_why_a_queued_job_waits(invoke, conn: psycopg.Connecti
                       worker_id=worker, started_at=datetime.now(UTC))  # fmt: skip
     keyed = make_job(conn, concurrency_key="/repo")
     later = make_job(conn, run_at=datetime.now(UTC) + timedelta(hours=2))
-    failed_once = make_job(conn, run_at=datetime.now(UTC) + timedelta(minutes=3), attempts=1,
-                           last_error="claude failed: overloaded")  # fmt: skip
+    overloaded = "claude failed: overloaded"
+    failed_once = make_job(
+        conn, run_at=datetime.now(UTC) + timedelta(minutes=3), attempts=1,
+        last_error=overloaded, errors=[{"attempt": 1, "error": overloaded}],
+    )  # fmt: skip
     after = make_job(conn, after=[holder])
     paused = make_job(conn, queue="nightly")
     invoke("pause", "nightly")
@@ -576,3 +579,82 @@ def test_a_mebibyte_prompt_from_a_file_reaches_claude_byte_for_byte(
     assert start_worker("--burst").wait() == 0
     [run] = claude_runs(claude_log)
     assert base64.b64decode(run["stdin"]) == prompt.encode()
+
+
+# -- from a review --------------------------------------------------------------------------------
+
+
+def test_worktrees_and_prune_survive_a_repository_that_moved(
+    conn: psycopg.Connection, invoke, start_worker, claude_log: Path, repo: Path, tmp_path: Path
+) -> None:
+    job = claude_jobs.enqueue(
+        conn, {"prompt": fake(run=[commit_file("a.txt")]), "cwd": str(repo), "worktree": True}
+    )
+    assert start_worker("--burst", CLAUDE_JOBS_HOME=str(tmp_path / "home")).wait() == 0
+    repo.rename(tmp_path / "moved")
+    listed = invoke("worktrees")
+    assert listed.exit_code == 0, listed.output
+    assert f"claude-jobs/{job.id.hex[:12]}" in listed.output
+    pruned = invoke("worktrees", "prune", "--merged")
+    assert pruned.exit_code == 0, pruned.output
+
+
+def test_diff_is_git_s_bytes_as_they_are(
+    conn: psycopg.Connection, invoke, start_worker, claude_log: Path, repo: Path, tmp_path: Path
+) -> None:
+    latin = ["sh", "-c", "printf 'caf\\351\\r\\n' > latin.txt"]
+    job = claude_jobs.enqueue(
+        conn, {"prompt": fake(run=[latin]), "cwd": str(repo), "worktree": True}
+    )
+    assert start_worker("--burst", CLAUDE_JOBS_HOME=str(tmp_path / "home")).wait() == 0
+    diff = invoke("diff", str(job.id))
+    assert diff.exit_code == 0, diff.output
+    assert b"+caf\xe9\r\n" in diff.stdout_bytes
+
+
+def test_what_comes_from_the_database_reaches_git_only_as_claude_jobs_wrote_it() -> None:
+    good = {"repo": "/r", "path": "/r-wt", "branch": "claude-jobs/0123456789ab", "base": "a" * 40}
+    assert claude_jobs._checked_record(good)["branch"] == "claude-jobs/0123456789ab"
+    for bad in ({"branch": "--output=/root/.bashrc"}, {"base": "--all"}, {"path": "-rf"},
+                {"branch": "main"}, {"repo": "relative"}):  # fmt: skip
+        with pytest.raises(claude_jobs._GitError):
+            claude_jobs._checked_record({**good, **bad})
+
+
+def test_a_run_counts_once_in_the_ledger_whatever_models_it_used() -> None:
+    spent = claude_jobs.Spend.of_result(
+        {"modelUsage": {"opus": {"costUSD": 1.0}, "haiku\x00": {"costUSD": 0.01}}}
+    )
+    assert [(each.model, each.runs) for each in spent] == [("opus", 1), ("haiku\ufffd", 0)]
+
+
+def test_a_reason_s_gist_leaves_out_the_relative_times_that_change_by_the_second() -> None:
+    waiting = claude_jobs.Waiting(
+        "due in 3m", "it is due at 2026-12-02 06:00:00 UTC (in 3m); held since (12s ago)"
+    )
+    assert waiting.gist == "it is due at 2026-12-02 06:00:00 UTC; held since"
+
+
+def test_a_postponed_job_is_not_said_to_have_failed() -> None:
+    now = datetime.now(UTC)
+    job = claude_jobs.Job.from_row(
+        {"id": uuid.uuid4(), "queue": "q", "kind": "claude", "priority": 0, "payload": {},
+         "status": "queued", "run_at": now + timedelta(minutes=5), "attempts": 1,
+         "max_attempts": 5, "last_error": "the image service is busy",
+         "errors": [{"attempt": 1, "error": "boom"}], "created_at": now, "updated_at": now}
+    )  # fmt: skip
+    reason = claude_jobs._waiting_for_time(job, now)
+    assert reason.text.startswith("the image service is busy; it runs again at ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="claude refuses to skip permissions only as root")
+def test_as_root_without_is_sandbox_a_job_with_a_permission_mode_still_runs(
+    conn: psycopg.Connection, start_worker, claude_log: Path, tmp_path: Path
+) -> None:
+    job = claude_jobs.enqueue(
+        conn, {"prompt": "p", "cwd": str(tmp_path), "permission_mode": "acceptEdits"}
+    )
+    worker = start_worker("--burst", IS_SANDBOX="0")
+    assert worker.wait() == 0
+    assert status_of(conn, job.id) == "succeeded"
+    assert "running as root without IS_SANDBOX=1" in worker.log()
