@@ -75,6 +75,7 @@ import click
 import psycopg
 import psycopg.conninfo
 import psycopg.errors
+import psycopg.sql
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -1044,96 +1045,113 @@ WHERE status = 'queued' AND run_at > created_at AND run_at > now() AND kind = AN
   AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
 """
 
-# The columns of a batch of outcomes or progress, one array per column (see the recorder).
-# Each statement also matches `j.id = ANY(ids)`, so that the plan stays a walk of the primary
-# key whatever the planner guesses of the unnest (it guesses 100 rows).
-_PROGRESS_COLUMNS = (
-    "%(transcripts)s::text[], %(sessions)s::text[], %(costs)s::numeric[], %(worktrees)s::jsonb[]"
-)
-_PROGRESS_NAMES = "transcript, session_id, cost_usd, worktree"
-_SAVE_PROGRESS = """transcript = CASE WHEN o.transcript IS NULL THEN j.transcript
-        ELSE right(coalesce(j.transcript, '') || o.transcript, %(limit)s) END,
-    transcript_size = j.transcript_size + coalesce(length(o.transcript), 0),
-    session_id = coalesce(o.session_id, j.session_id),
-    session_host = CASE WHEN o.session_id IS NULL THEN j.session_host
-                        ELSE split_part(j.worker, ':', 1) END,
-    cost_usd = j.cost_usd + coalesce(o.cost_usd, 0),
-    worktree = coalesce(o.worktree, j.worktree), updated_at = now()"""
-
-# What every batch statement returns per row: the job's id, new status and run_at; on the way
-# it tells `logs -f` that a job with a transcript moved on, and wakes the workers when a job
-# may run now that this one is over: one that waits for it, or one of its concurrency key (a
-# notice without a queue wakes every worker).
+# What every statement that ends jobs returns per row: the job's id, new status and run_at; on
+# the way it tells `logs -f` that a job with a transcript moved on, and wakes the workers when
+# a job may run now that this one is over: one that waits for it, or one of its concurrency
+# key (a notice without a queue wakes every worker).
 _OUTCOME_RETURNING = f"""RETURNING j.id, j.status, j.run_at,
     CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END,
     CASE WHEN j.status <> 'running' AND (j.key_held OR j.id IN {_AWAITED_IDS})
         THEN pg_notify('claude_jobs', '{{"queue": null}}') END"""
 
-SAVE_PROGRESS = f"""
--- save_progress: what running attempts produced so far (transcript tail, claude session,
--- cost), each row fenced on its claim
-UPDATE claude_jobs j SET {_SAVE_PROGRESS}
-FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
-    AS o(id, claim, {_PROGRESS_NAMES})
-WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
-  AND j.status = 'running'
-{_OUTCOME_RETURNING}
-"""
-
-SUCCEED = f"""
--- succeed: record finished attempts and their results, each row fenced on its claim
+RECORD = f"""
+-- record: what attempts of this worker came to, and what running ones produced so far, one
+-- row per job, each fenced on its claim (a worker that lost a claim changes nothing). Its
+-- `verdict`: 'progress' (it runs on), 'succeeded' (its result is stored), 'failed' (back to
+-- the queue at now() + delay while attempts remain and the error is not permanent; failed for
+-- good otherwise), 'released' (back unspent, at run_at or now, the error saying why: a
+-- shutdown, a busy key, a limit) or 'cancelled'. A job whose cancel was asked for ends
+-- cancelled when it fails or is released. Every row brings its progress: transcript tail,
+-- claude session, cost, worktree; and, for the rows written, what outlives the jobs goes in
+-- too: what claude spent into the ledger (per UTC day, queue and model, in one order on
+-- every worker: no deadlock), and the worktrees into their register.
+WITH o AS (
+    SELECT * FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(verdicts)s::text[],
+        %(results)s::jsonb[], %(errors)s::text[], %(tracebacks)s::text[],
+        %(permanents)s::boolean[], %(delays)s::float8[], %(run_ats)s::timestamptz[],
+        %(transcripts)s::text[], %(sessions)s::text[], %(costs)s::numeric[],
+        %(worktrees)s::jsonb[])
+    AS o(id, claim, verdict, result, error, traceback, permanent, delay, run_at, transcript,
+         session_id, cost_usd, worktree)
+), m AS (
+    -- the rows still claimed so, locked, with the status each comes to
+    SELECT o.*, CASE
+            WHEN o.verdict = 'progress' THEN 'running'
+            WHEN o.verdict = 'succeeded' THEN 'succeeded'
+            WHEN o.verdict = 'cancelled' OR j.cancel_requested_at IS NOT NULL THEN 'cancelled'
+            WHEN o.verdict = 'released' THEN 'queued'
+            WHEN o.permanent OR j.attempts >= j.max_attempts THEN 'failed'
+            ELSE 'queued' END AS status
+    FROM o JOIN claude_jobs j ON j.id = o.id AND j.claim = o.claim AND j.status = 'running'
+    WHERE j.id = ANY(%(ids)s::uuid[])  -- a walk of the primary key, whatever the unnest's size
+    FOR UPDATE OF j
+), done AS (
 UPDATE claude_jobs j
-SET status = 'succeeded', result = o.result, finished_at = now(), {_SAVE_PROGRESS}
-FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(results)s::jsonb[], {_PROGRESS_COLUMNS})
-    AS o(id, claim, result, {_PROGRESS_NAMES})
-WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
-  AND j.status = 'running'
-{_OUTCOME_RETURNING}
-"""
-
-FAIL = f"""
--- fail: record failed attempts, each row fenced on its claim: back to the queue at
--- now() + delay while attempts remain, unless permanent; every attempt's error is kept
-UPDATE claude_jobs j
-SET status = CASE WHEN j.cancel_requested_at IS NOT NULL THEN 'cancelled'
-                  WHEN o.permanent OR j.attempts >= j.max_attempts THEN 'failed'
-                  ELSE 'queued' END,
-    run_at = CASE WHEN j.cancel_requested_at IS NULL
-                   AND NOT (o.permanent OR j.attempts >= j.max_attempts)
-                  THEN now() + make_interval(secs => o.delay) ELSE j.run_at END,
-    finished_at = CASE WHEN j.cancel_requested_at IS NOT NULL OR o.permanent
-                            OR j.attempts >= j.max_attempts THEN now() END,
-    last_error = o.error,
-    errors = j.errors || jsonb_build_array(jsonb_build_object(
-        'attempt', j.attempts, 'at', now(), 'started', j.started_at, 'worker', j.worker,
-        'error', o.error,
-        'permanent', o.permanent, 'traceback', o.traceback)),
-    result = coalesce(o.result, j.result), {_SAVE_PROGRESS}
-FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(permanents)s::boolean[],
-            %(delays)s::float8[], %(errors)s::text[], %(tracebacks)s::text[],
-            %(results)s::jsonb[], {_PROGRESS_COLUMNS})
-    AS o(id, claim, permanent, delay, error, traceback, result, {_PROGRESS_NAMES})
-WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
-  AND j.status = 'running'
-{_OUTCOME_RETURNING}
-"""
-
-RELEASE = f"""
--- release: put claimed jobs back unspent, to run at run_at (default now), saying why in
--- note: a forced shutdown, a claim that never ran, a busy concurrency key, a usage limit;
--- each row fenced on its claim; one whose cancel was asked for is cancelled instead
-UPDATE claude_jobs j
-SET status = CASE WHEN j.cancel_requested_at IS NULL THEN 'queued' ELSE 'cancelled' END,
-    finished_at = CASE WHEN j.cancel_requested_at IS NULL THEN NULL ELSE now() END,
-    attempts = j.attempts - 1, run_at = coalesce(o.run_at, now()), claim = NULL,
-    last_error = coalesce(o.note, j.last_error),
-    worker_id = NULL, worker = NULL, started_at = NULL, {_SAVE_PROGRESS}
-FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], %(run_ats)s::timestamptz[],
-            %(notes)s::text[], {_PROGRESS_COLUMNS})
-    AS o(id, claim, run_at, note, {_PROGRESS_NAMES})
-WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
-  AND j.status = 'running'
-{_OUTCOME_RETURNING}
+SET status = m.status,
+    attempts = j.attempts - (m.verdict = 'released')::integer,  -- a release spends nothing
+    run_at = CASE WHEN m.status <> 'queued' THEN j.run_at
+                  WHEN m.verdict = 'failed' THEN now() + make_interval(secs => m.delay)
+                  ELSE coalesce(m.run_at, now()) END,
+    finished_at = CASE WHEN m.status IN ('succeeded', 'failed', 'cancelled') THEN now() END,
+    claim = CASE WHEN m.verdict = 'released' THEN NULL ELSE j.claim END,
+    worker_id = CASE WHEN m.verdict = 'released' THEN NULL ELSE j.worker_id END,
+    worker = CASE WHEN m.verdict = 'released' THEN NULL ELSE j.worker END,
+    started_at = CASE WHEN m.verdict = 'released' THEN NULL ELSE j.started_at END,
+    last_error = CASE m.verdict WHEN 'failed' THEN m.error
+                                WHEN 'released' THEN coalesce(m.error, j.last_error)
+                                WHEN 'cancelled' THEN 'cancelled while running'
+                                ELSE j.last_error END,
+    errors = CASE m.verdict  -- every attempt that ended so is kept
+        WHEN 'failed' THEN j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts, 'at', now(), 'started', j.started_at, 'worker', j.worker,
+            'error', m.error, 'permanent', m.permanent, 'traceback', m.traceback))
+        WHEN 'cancelled' THEN j.errors || jsonb_build_array(jsonb_build_object(
+            'attempt', j.attempts, 'at', now(), 'started', j.started_at, 'worker', j.worker,
+            'error', 'cancelled while running'))
+        ELSE j.errors END,
+    result = CASE m.verdict WHEN 'succeeded' THEN m.result
+                            WHEN 'failed' THEN coalesce(m.result, j.result)
+                            ELSE j.result END,
+    transcript = CASE WHEN m.transcript IS NULL THEN j.transcript
+        ELSE right(coalesce(j.transcript, '') || m.transcript, %(limit)s) END,
+    transcript_size = j.transcript_size + coalesce(length(m.transcript), 0),
+    session_id = coalesce(m.session_id, j.session_id),
+    session_host = CASE WHEN m.session_id IS NULL THEN j.session_host
+                        ELSE split_part(j.worker, ':', 1) END,
+    cost_usd = j.cost_usd + coalesce(m.cost_usd, 0),
+    worktree = coalesce(m.worktree, j.worktree),
+    updated_at = now()
+FROM m WHERE j.id = m.id
+{_OUTCOME_RETURNING}, j.queue
+), spent AS (
+    INSERT INTO claude_jobs_spend AS s (day, queue, model, runs, cost_usd, input_tokens,
+        output_tokens, cache_read_tokens, cache_write_tokens)
+    SELECT (now() AT TIME ZONE 'UTC')::date, done.queue, x.model, sum(x.runs), sum(x.cost),
+        sum(x.input), sum(x.output), sum(x.cache_read), sum(x.cache_write)
+    FROM unnest(%(spend_jobs)s::uuid[], %(spend_models)s::text[], %(spend_runs)s::integer[],
+                %(spend_costs)s::numeric[], %(spend_inputs)s::bigint[],
+                %(spend_outputs)s::bigint[], %(spend_cache_reads)s::bigint[],
+                %(spend_cache_writes)s::bigint[])
+        AS x(job_id, model, runs, cost, input, output, cache_read, cache_write)
+    JOIN done ON done.id = x.job_id
+    GROUP BY done.queue, x.model ORDER BY done.queue, x.model
+    ON CONFLICT (day, queue, model) DO UPDATE
+    SET runs = s.runs + excluded.runs, cost_usd = s.cost_usd + excluded.cost_usd,
+        input_tokens = s.input_tokens + excluded.input_tokens,
+        output_tokens = s.output_tokens + excluded.output_tokens,
+        cache_read_tokens = s.cache_read_tokens + excluded.cache_read_tokens,
+        cache_write_tokens = s.cache_write_tokens + excluded.cache_write_tokens
+), registered AS (
+    INSERT INTO claude_jobs_worktrees AS w (host, path, repo, branch, base, job_id)
+    SELECT %(host)s, t.path, t.repo, t.branch, t.base, t.job_id
+    FROM unnest(%(tree_jobs)s::uuid[], %(tree_paths)s::text[], %(tree_repos)s::text[],
+                %(tree_branches)s::text[], %(tree_bases)s::text[])
+        AS t(job_id, path, repo, branch, base)
+    JOIN done ON done.id = t.job_id
+    ORDER BY t.path
+    ON CONFLICT (host, path) DO UPDATE SET used_at = now()
+)
+SELECT id, status, run_at FROM done
 """
 
 ADMIT = """
@@ -1246,48 +1264,6 @@ SELECT day, queue, model, runs, cost_usd, input_tokens, output_tokens, cache_rea
 FROM claude_jobs_spend
 WHERE day > (now() AT TIME ZONE 'UTC')::date - %(days)s
 ORDER BY day DESC, queue, model
-"""
-
-RECORD_SPEND = """
--- record_spend: add what claude runs spent to the ledger, per UTC day, queue and model
-INSERT INTO claude_jobs_spend AS s (day, queue, model, runs, cost_usd, input_tokens,
-    output_tokens, cache_read_tokens, cache_write_tokens)
-SELECT (now() AT TIME ZONE 'UTC')::date, queue, model, runs, cost, input, output, cache_read,
-    cache_write
-FROM unnest(%(queues)s::text[], %(models)s::text[], %(runs)s::integer[], %(costs)s::numeric[],
-            %(inputs)s::bigint[], %(outputs)s::bigint[], %(cache_reads)s::bigint[],
-            %(cache_writes)s::bigint[])
-    AS t(queue, model, runs, cost, input, output, cache_read, cache_write)
-ON CONFLICT (day, queue, model) DO UPDATE
-SET runs = s.runs + excluded.runs, cost_usd = s.cost_usd + excluded.cost_usd,
-    input_tokens = s.input_tokens + excluded.input_tokens,
-    output_tokens = s.output_tokens + excluded.output_tokens,
-    cache_read_tokens = s.cache_read_tokens + excluded.cache_read_tokens,
-    cache_write_tokens = s.cache_write_tokens + excluded.cache_write_tokens
-"""
-
-REGISTER_WORKTREES = """
--- register_worktrees: remember the worktrees jobs run in (beyond the jobs' own rows)
-INSERT INTO claude_jobs_worktrees AS w (host, path, repo, branch, base, job_id)
-SELECT %(host)s, path, repo, branch, base, job_id
-FROM unnest(%(paths)s::text[], %(repos)s::text[], %(branches)s::text[], %(bases)s::text[],
-            %(jobs)s::uuid[]) AS t(path, repo, branch, base, job_id)
-ON CONFLICT (host, path) DO UPDATE SET used_at = now()
-"""
-
-CANCELLED = f"""
--- cancelled: record attempts that `cancel` stopped, each row fenced on its claim
-UPDATE claude_jobs j
-SET status = 'cancelled', finished_at = now(), last_error = 'cancelled while running',
-    errors = j.errors || jsonb_build_array(jsonb_build_object(
-        'attempt', j.attempts, 'at', now(), 'started', j.started_at, 'worker', j.worker,
-        'error', 'cancelled while running')),
-    {_SAVE_PROGRESS}
-FROM unnest(%(ids)s::uuid[], %(claims)s::uuid[], {_PROGRESS_COLUMNS})
-    AS o(id, claim, {_PROGRESS_NAMES})
-WHERE j.id = ANY(%(ids)s::uuid[]) AND j.id = o.id AND j.claim = o.claim
-  AND j.status = 'running'
-{_OUTCOME_RETURNING}
 """
 
 ALREADY_RECORDED = """
@@ -1621,6 +1597,183 @@ def handler(kind: str) -> Callable[[_HandlerT], _HandlerT]:
 def registered_kinds() -> list[str]:
     """Every kind this process can run: claude and the registered Python kinds."""
     return sorted({DEFAULT_KIND, *_registry})
+
+
+# -- statements ------------------------------------------------------------------------------
+# One small typed function per statement of the worker (and of what the queue API shares with
+# it): the only place where that statement's parameters are built. Callers pass Python values.
+
+
+def _db_claim(
+    conn: psycopg.Connection,
+    *,
+    worker_id: uuid.UUID,
+    worker: str,
+    host: str,
+    kinds: Sequence[str],
+    queue: str | None,
+    limit: int,
+) -> psycopg.Cursor[dict[str, Any]]:
+    """Send the claim of up to ``limit`` ready jobs of ``kinds`` from ``queue`` (None: any),
+    for its rows to be fetched (in a pipeline, after it is synced)."""
+    query = CLAIM_FROM_QUEUE if queue else CLAIM_FROM_ANY_QUEUE
+    params = {"worker_id": worker_id, "worker": worker, "host": host, "kinds": list(kinds),
+              "queue": queue, "limit": limit}  # fmt: skip
+    return conn.cursor(row_factory=dict_row).execute(query, params)
+
+
+def _db_already_recorded(
+    conn: psycopg.Connection, pairs: Sequence[tuple[uuid.UUID, uuid.UUID | None]]
+) -> set[uuid.UUID]:
+    """Which of these (job, claim) pairs were finished by an earlier write whose reply was
+    lost."""
+    params = {"ids": [job_id for job_id, _ in pairs], "claims": [claim for _, claim in pairs]}
+    return {row[0] for row in conn.execute(ALREADY_RECORDED, params)}
+
+
+def _db_my_running_jobs(
+    conn: psycopg.Connection, worker_id: uuid.UUID
+) -> list[tuple[uuid.UUID, uuid.UUID, bool]]:
+    """What the database thinks this worker runs: (job, claim, cancel asked for)."""
+    return conn.execute(MY_RUNNING_JOBS, {"worker_id": worker_id}).fetchall()
+
+
+def _db_admit(conn: psycopg.Connection, job_id: uuid.UUID, claim: uuid.UUID, key: str) -> bool:
+    """Let a claimed job take a slot of its concurrency ``key`` (see ADMIT), under the key's
+    lock; whether it did."""
+    with conn.transaction():
+        conn.execute(LOCK_KEY, {"namespace": KEY_LOCK_NAMESPACE, "key": key})
+        return conn.execute(ADMIT, {"id": job_id, "claim": claim}).fetchone() is not None
+
+
+def _db_next_due(
+    conn: psycopg.Connection, kinds: Sequence[str], queues: Sequence[str] | None
+) -> float | None:
+    """Seconds until the next job of ``kinds`` in ``queues`` (None: any) becomes ready."""
+    params = {"kinds": list(kinds), "queues": None if queues is None else list(queues)}
+    row = conn.execute(NEXT_DUE, params).fetchone()
+    return None if row is None or row[0] is None else row[0].total_seconds()
+
+
+def _db_ready_of_kinds(
+    conn: psycopg.Connection, kinds: Sequence[str], queues: Sequence[str] | None
+) -> str | None:
+    """A kind of ``kinds`` of which a job is ready in ``queues`` (None: any)."""
+    params = {"kinds": list(kinds), "queues": None if queues is None else list(queues)}
+    return conn.execute(READY_OF_KINDS, params).fetchone()[0]  # type: ignore[index]
+
+
+def _db_holds(conn: psycopg.Connection) -> list[tuple[str, datetime, float, str]]:
+    """The kinds no worker starts now: (kind, until, seconds more, reason)."""
+    return conn.execute(HOLDS).fetchall()
+
+
+def _db_set_hold(conn: psycopg.Connection, kind: str, until: datetime, reason: str) -> None:
+    """No worker starts ``kind`` jobs before ``until`` (every worker hears of it)."""
+    params = {"kind": kind, "until": until, "reason": reason, "channel": NOTIFY_CHANNEL}
+    conn.execute(SET_HOLD, params)
+
+
+def _db_pause_worker_kind(
+    conn: psycopg.Connection, worker_id: uuid.UUID, until: datetime, reason: str
+) -> None:
+    """Show in `workers` that this worker starts no claude job until ``until``, and why."""
+    conn.execute(PAUSE_WORKER_KIND, {"id": worker_id, "until": until, "reason": reason})
+
+
+def _db_spent_today(conn: psycopg.Connection) -> float:
+    """What claude spent since midnight UTC, by the ledger."""
+    return float(conn.execute(SPENT_TODAY).fetchone()[0])  # type: ignore[index]
+
+
+def _db_listen(conn: psycopg.Connection, channel: str) -> None:
+    """LISTEN on ``channel`` (a name, not a parameter: quoted as an identifier)."""
+    conn.execute(psycopg.sql.SQL("LISTEN {}").format(psycopg.sql.Identifier(channel)))
+
+
+def _db_notify_queues(conn: psycopg.Connection, jobs: Iterable[Mapping[str, Any]]) -> None:
+    """Wake the workers of the queues of these jobs."""
+    for queue in sorted({job["queue"] for job in jobs}):
+        conn.execute(NOTIFY_QUEUE, {"channel": NOTIFY_CHANNEL, "queue": queue, "run_at": None})
+
+
+def _db_try_lock(conn: psycopg.Connection, key: int) -> bool:
+    """Take a worker's session advisory lock, if free."""
+    params = {"namespace": LOCK_NAMESPACE, "key": key}
+    return bool(conn.execute(TRY_LOCK, params).fetchone()[0])  # type: ignore[index]
+
+
+def _db_register_worker(
+    conn: psycopg.Connection, worker_id: uuid.UUID, identity: Mapping[str, Any]
+) -> int:
+    """Take a fresh advisory lock key, then register the worker under it; the key."""
+    while True:
+        key = conn.execute(NEXT_WORKER_KEY).fetchone()[0]  # type: ignore[index]
+        if _db_try_lock(conn, key):
+            break
+    conn.execute(REGISTER_WORKER, {"id": worker_id, "key": key, **identity})
+    return key
+
+
+def _db_heartbeat(conn: psycopg.Connection, worker_id: uuid.UUID) -> bool:
+    """Write the heartbeat; False when the registration is gone (declared dead)."""
+    return conn.execute(HEARTBEAT, {"id": worker_id}).rowcount == 1
+
+
+def _db_unlock_all(conn: psycopg.Connection) -> None:
+    conn.execute(UNLOCK_ALL)
+
+
+def _db_leave(conn: psycopg.Connection, worker_id: uuid.UUID) -> list[dict[str, Any]]:
+    """Deregister a worker and put back the jobs still marked running under it (the attempt
+    counted); those jobs."""
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(DEREGISTER_WORKER, {"id": worker_id})
+        jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": worker_id}).fetchall()
+        _db_notify_queues(conn, jobs)
+    return jobs
+
+
+def _db_stale_workers(
+    conn: psycopg.Connection, grace: float, timeout: float
+) -> list[dict[str, Any]]:
+    """Workers silent for longer than ``grace`` (``vanished``: longer than ``timeout``)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(STALE_WORKERS, {"grace": grace, "timeout": timeout}).fetchall()
+
+
+def _db_reap(
+    conn: psycopg.Connection, worker: Mapping[str, Any], grace: float
+) -> list[dict[str, Any]] | None:
+    """Declare a silent worker dead, if it is (its lock is free, or it vanished: then end its
+    lingering session where the role may), and put back its running jobs; those jobs, or
+    None when it is alive after all."""
+    key = {"namespace": LOCK_NAMESPACE, "key": worker["lock_key"]}
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        if not cur.execute(TRY_LOCK_FOR_REAPING, key).fetchone()["locked"]:  # type: ignore[index]
+            if not worker["vanished"]:
+                return None  # its session holds the lock: alive, only slow (or being reaped)
+            with contextlib.suppress(psycopg.errors.InsufficientPrivilege), conn.transaction():
+                cur.execute(TERMINATE_LOCK_HOLDER, {**key, "backend_pid": worker["backend_pid"]})
+        if cur.execute(REAP_WORKER, {"id": worker["id"], "grace": grace}).fetchone() is None:
+            return None  # it came back
+        jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": worker["id"]}).fetchall()
+        _db_notify_queues(conn, jobs)
+    return jobs
+
+
+def _db_recover_orphans(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Put back the running jobs of workers that are not registered at all."""
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        jobs = cur.execute(RECOVER_ORPHANS).fetchall()
+        _db_notify_queues(conn, jobs)
+    return jobs
+
+
+def _db_cancel_blocked(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Cancel the queued jobs that wait for a job that will never succeed; those jobs."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(CANCEL_BLOCKED).fetchall()
 
 
 ###############################################################################
@@ -3037,7 +3190,7 @@ def follow_job(
     transcript characters already seen. ``conn`` must be in autocommit mode (notifications
     arrive between transactions)."""
     key = resolve_job_id(conn, job_id)
-    conn.execute(f"LISTEN {OUTPUT_CHANNEL}")
+    _db_listen(conn, OUTPUT_CHANNEL)
     seen, last_state = since, None
     while True:
         with conn.cursor(row_factory=dict_row) as cur:
@@ -3105,6 +3258,93 @@ def _to_json(value: Any) -> str:
         return json.dumps(_storable(value), allow_nan=False)
     except (TypeError, ValueError, RecursionError) as error:
         raise ValueError(f"the handler's result is not JSON: {error}") from None
+
+
+class Verdict(enum.StrEnum):
+    """What an attempt came to (see decide)."""
+
+    SUCCEEDED = "succeeded"  # the handler returned: its result is stored
+    FAILED = "failed"  # retried after `delay` while attempts remain and it is not permanent
+    RELEASED = "released"  # back to the queue unspent, to run at `run_at` (None: now)
+    CANCELLED = "cancelled"  # `cancel` stopped it
+    ABANDONED = "abandoned"  # the claim is gone: nothing is written, another worker may run it
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an attempt came to, as the record statement writes it."""
+
+    verdict: Verdict
+    result: str | None = None  # JSON: what the handler returned, or what claude said of a failure
+    error: str | None = None  # failed: the error; released: why it went back
+    traceback: str | None = None
+    permanent: bool = False  # failed: no retry can help
+    delay: float = 0.0  # failed: seconds before the next attempt
+    run_at: datetime | None = None  # released: when it runs again (None: now)
+    quiet: bool = False  # already logged when it was decided (a postponement, a busy key)
+
+
+def decide(
+    job: Job,
+    *,
+    value: Any = None,
+    error: BaseException | None = None,
+    trace: str | None = None,
+    stop: str | None = None,
+    retry_delay: float = 0.0,
+    jitter: float = 0.0,
+) -> Outcome:
+    """What an attempt of ``job`` came to, from what its handler returned (``value``) or
+    raised (``error``, with its ``trace``), and why it was told to stop, if it was (``stop``):
+    a lost claim writes nothing; a cancel or a forced shutdown that interrupted it (or that it
+    failed on) cancels it or puts it back unspent; Postpone puts it back unspent for later
+    (a usage limit ``jitter`` seconds later still); JobFailed and any other exception fail the
+    attempt (PermanentError for good) and it is retried after ``retry_delay``. A pure
+    function: the worker's decision logic, tested without a database."""
+    if stop == STOP_LOST:
+        return Outcome(Verdict.ABANDONED)
+    if isinstance(error, Postpone):
+        run_at = None if error.run_at is None else _within_reach(error.run_at)
+        if run_at is not None and isinstance(error, UsageLimitReached):
+            run_at += timedelta(seconds=jitter)  # the workers waiting for it do not all start
+        return Outcome(Verdict.RELEASED, error=_storable(str(error)), run_at=run_at, quiet=True)
+    interrupted = isinstance(error, _Interrupted)
+    if stop == STOP_CANCEL and error is not None:
+        return Outcome(Verdict.CANCELLED)
+    if interrupted or (stop == STOP_SHUTDOWN and error is not None):
+        return Outcome(Verdict.RELEASED)
+    if error is None:
+        try:
+            return Outcome(Verdict.SUCCEEDED, result=_to_json(value))
+        except ValueError as unstorable:
+            error = PermanentError(str(unstorable))
+    if isinstance(error, JobFailed):
+        message, stored = str(error), error.result
+    else:
+        message, stored = f"{type(error).__name__}: {error}", None
+    try:
+        result = None if stored is None else _to_json(stored)
+    except ValueError:
+        result = None
+    return Outcome(
+        Verdict.FAILED,
+        result=result,
+        error=_storable(message),
+        traceback=_storable(trace),
+        permanent=isinstance(error, PermanentError),
+        delay=retry_delay,
+    )
+
+
+def _within_reach(when: datetime) -> datetime:
+    """A time a handler asked for (local time when it has no zone), brought within
+    MAX_DURATION of now: a job is never put off into a time that cannot be stored or read."""
+    now = datetime.now(UTC)
+    try:
+        when = when if when.tzinfo else when.astimezone()
+    except (OverflowError, ValueError):
+        return now
+    return min(max(when, now), now + timedelta(seconds=MAX_DURATION))
 
 
 @dataclass(frozen=True)
@@ -4075,6 +4315,40 @@ class ClaudeHandler:
         return str(resolved)
 
 
+class ClaudePolicy:
+    """What a worker asks about claude jobs besides running them (the worker's holds call
+    it): whether the day's budget (``daily_budget_usd``) is spent, by the ledger; and how to
+    show that this worker starts no claude job for a while (`workers` reads it)."""
+
+    def __init__(self, daily_budget_usd: float | None = None) -> None:
+        self.daily_budget_usd = daily_budget_usd
+
+    @property
+    def checks_each_start(self) -> bool:
+        """With a budget, the day's spend is looked at again as each claude job starts: one
+        that ended since this one was claimed may have spent the rest."""
+        return self.daily_budget_usd is not None
+
+    def held(self, conn: psycopg.Connection) -> tuple[float, str] | None:
+        """(seconds, why) this worker starts no claude job: the day's budget is spent, until
+        midnight UTC. None when it is not."""
+        if self.daily_budget_usd is None:
+            return None
+        spent = _db_spent_today(conn)
+        if spent < self.daily_budget_usd:
+            return None
+        now = datetime.now(UTC)
+        midnight = now.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+        reason = f"{BUDGET_NOTE}${self.daily_budget_usd:g} is spent ({_money(spent)})"
+        return (midnight - now).total_seconds(), reason
+
+    def show_hold(
+        self, conn: psycopg.Connection, worker_id: uuid.UUID, until: datetime, reason: str
+    ) -> None:
+        """Show in `workers` that this worker starts no claude job until ``until``, and why."""
+        _db_pause_worker_kind(conn, worker_id, until, reason)
+
+
 #: The worker command's options that configure its claude handler.
 CLAUDE_WORKER_OPTIONS = ("claude_bin", "allow_dirs", "claude_args", "model", "keep_worktrees")
 
@@ -4121,17 +4395,6 @@ class _Backoff:
 
 class _Busy(Exception):
     """This worker's advisory lock is held elsewhere for a moment: try again shortly."""
-
-
-def _within_reach(when: datetime) -> datetime:
-    """A time a handler asked for (local time when it has no zone), brought within
-    MAX_DURATION of now: a job is never put off into a time that cannot be stored or read."""
-    now = datetime.now(UTC)
-    try:
-        when = when if when.tzinfo else when.astimezone()
-    except (OverflowError, ValueError):
-        return now
-    return min(max(when, now), now + timedelta(seconds=MAX_DURATION))
 
 
 def _log_job(event: str, job: Job, level: int = logging.INFO, **details: Any) -> None:
@@ -4221,293 +4484,352 @@ def _kill_leftovers(jobs: Iterable[Mapping[str, Any]]) -> int:
     return killed
 
 
+@dataclass(frozen=True)
+class _Row:
+    """One row for the record statement: a claimed job, what its attempt came to (None: it
+    runs on, and only its progress is written), and its progress."""
+
+    job_id: uuid.UUID
+    claim: uuid.UUID | None
+    outcome: Outcome | None
+    progress: Progress
+
+
+def _record_params(rows: Sequence[_Row], host: str) -> dict[str, Any]:
+    """The one place where outcomes and progress become the record statement's parameters:
+    one array per column (a progress row's outcome columns are empty), then one per column
+    of what claude spent and of the worktrees, by job; ``host``: where the worktrees are."""
+    outcomes = [row.outcome or _NO_OUTCOME for row in rows]
+    progress = [row.progress for row in rows]
+    spent = [(row.job_id, each) for row in rows for each in row.progress.spend]
+    trees = [(row.job_id, json.loads(row.progress.worktree)) for row in rows
+             if row.progress.worktree]  # fmt: skip
+    return {
+        "host": host,
+        "spend_jobs": [job_id for job_id, _ in spent],
+        "spend_models": [each.model for _, each in spent],
+        "spend_runs": [each.runs for _, each in spent],
+        "spend_costs": [each.cost_usd for _, each in spent],
+        "spend_inputs": [each.input_tokens for _, each in spent],
+        "spend_outputs": [each.output_tokens for _, each in spent],
+        "spend_cache_reads": [each.cache_read_tokens for _, each in spent],
+        "spend_cache_writes": [each.cache_write_tokens for _, each in spent],
+        "tree_jobs": [job_id for job_id, _ in trees],
+        "tree_paths": [tree["path"] for _, tree in trees],
+        "tree_repos": [tree["repo"] for _, tree in trees],
+        "tree_branches": [tree["branch"] for _, tree in trees],
+        "tree_bases": [tree["base"] for _, tree in trees],
+        "ids": [row.job_id for row in rows],
+        "claims": [row.claim for row in rows],
+        "verdicts": [row.outcome.verdict if row.outcome else "progress" for row in rows],
+        "results": [o.result for o in outcomes],
+        "errors": [o.error for o in outcomes],
+        "tracebacks": [o.traceback for o in outcomes],
+        "permanents": [o.permanent for o in outcomes],
+        "delays": [o.delay for o in outcomes],
+        "run_ats": [o.run_at for o in outcomes],
+        "transcripts": [p.transcript for p in progress],
+        "sessions": [p.session_id for p in progress],
+        "costs": [p.cost_usd for p in progress],
+        "worktrees": [p.worktree for p in progress],
+        "limit": TRANSCRIPT_LIMIT,
+    }
+
+
+#: The outcome columns of a row that brings progress only.
+_NO_OUTCOME = Outcome(Verdict.SUCCEEDED)
+
+
+def _db_record(
+    conn: psycopg.Connection, rows: Sequence[_Row], host: str
+) -> psycopg.Cursor[Any] | None:
+    """Send the record statement (see RECORD) for these rows, for their new statuses to be
+    fetched (a row fenced out is missing): (job, status, run_at). None with no rows."""
+    return conn.execute(RECORD, _record_params(rows, host)) if rows else None
+
+
+def _db_recorded(cursor: psycopg.Cursor[Any] | None) -> dict[uuid.UUID, str]:
+    """The new status of each row a record statement wrote."""
+    return {} if cursor is None else {job_id: status for job_id, status, _ in cursor.fetchall()}
+
+
 @dataclass
 class _Attempt:
-    """A claimed job that this worker runs, from its claim until its outcome is written."""
+    """A claimed job this worker runs, from its claim until its outcome is written. Its
+    runner sets ``outcome``; the dispatcher writes it."""
 
     job: Job
     context: RunContext
     started: float = field(default_factory=time.monotonic)
+    outcome: Outcome | None = None
 
 
-def _released(run_at: datetime | None = None, note: str | None = None) -> dict[str, Any]:
-    """The RELEASE statement's own columns: when the job runs again, and why it went back."""
-    return {"run_ats": run_at, "notes": note}
+class _Book:
+    """What the worker's threads share: the attempts it holds (claimed, outcome not written
+    yet), how many of them run a handler now, the finished ones waiting to be written, and
+    when the dispatcher should wake up. Every thread may use it; ``lock`` guards it all."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.wake = threading.Event()  # something for the dispatcher to do
+        self._running: dict[uuid.UUID, _Attempt] = {}
+        self._busy = 0  # attempts whose handler runs now
+        self._finished: list[_Attempt] = []  # outcome decided, not yet written
+        self._wakeups: list[float] = []  # heap of time.monotonic() times with jobs due
+
+    def begin(self, attempt: _Attempt) -> None:
+        with self.lock:
+            self._running[attempt.job.id] = attempt
+            self._busy += 1
+
+    def finish(self, attempt: _Attempt) -> None:
+        """A runner is done with ``attempt``: its outcome is for the dispatcher to write (or,
+        with none, it is forgotten: nothing may be written)."""
+        with self.lock:
+            self._busy -= 1
+            if attempt.outcome is None or attempt.outcome.verdict == Verdict.ABANDONED:
+                self._running.pop(attempt.job.id, None)
+            else:
+                self._finished.append(attempt)
+        self.wake.set()
+
+    def take_finished(self, limit: int = RECORD_BATCH) -> list[_Attempt]:
+        with self.lock:
+            taken, self._finished = self._finished[:limit], self._finished[limit:]
+        return taken
+
+    def give_back(self, attempts: Sequence[_Attempt]) -> None:
+        """Outcomes that could not be written yet: first in line for the next round."""
+        with self.lock:
+            self._finished[:0] = attempts
+
+    def forget(self, job_id: uuid.UUID) -> None:
+        with self.lock:
+            self._running.pop(job_id, None)
+
+    def attempts(self) -> list[_Attempt]:
+        with self.lock:
+            return list(self._running.values())
+
+    def get(self, job_id: uuid.UUID) -> _Attempt | None:
+        with self.lock:
+            return self._running.get(job_id)
+
+    def knows(self, job_id: uuid.UUID) -> bool:
+        with self.lock:
+            return job_id in self._running
+
+    def counts(self) -> tuple[int, int, int]:
+        """(held, running a handler, finished and not written)."""
+        with self.lock:
+            return len(self._running), self._busy, len(self._finished)
+
+    def wake_in(self, seconds: float) -> None:
+        with self.lock:
+            heapq.heappush(self._wakeups, time.monotonic() + min(seconds, MAX_DURATION))
+        self.wake.set()  # the dispatcher recomputes its wait
+
+    def idle_wait(self, until: float) -> float:
+        """Seconds to wait: until ``until`` (time.monotonic()), or sooner when a known job
+        becomes due."""
+        with self.lock:
+            now = time.monotonic()
+            while self._wakeups and self._wakeups[0] <= now:
+                heapq.heappop(self._wakeups)
+            due = self._wakeups[0] if self._wakeups else until
+        return max(0.0, min(until, due) - now)
 
 
-@dataclass
-class _Outcome:
-    """What an attempt came to, for the recorder to write: ``query`` is SUCCEED, FAIL or
-    RELEASE, ``fields`` that statement's own columns for this row."""
-
-    attempt: _Attempt
-    query: str
-    fields: dict[str, Any]
-    progress: Progress
-    logged: bool = False  # its log line was written already (a postponed job)
-
-
-class _Recorder:
-    """The one writer of what running attempts produce: their progress (transcript, claude
-    session, cost) twice a second, and their outcomes as they come, in batches of one
-    statement per kind, every row fenced on its claim. Job threads hand it outcomes and move
-    on; while the database is away it keeps them and tries again."""
+class _Holds:
+    """Which kinds of job this worker may start now. A kind is held on every worker until a
+    time (a usage limit: one row per kind in the database, learned at every poll and on
+    NOTIFY), or on this worker alone: it is unfit for the kind (a back-off of 5 minutes,
+    doubling to an hour while it stays unfit), or a handler's policy holds it (claude's daily
+    budget). Any thread may ask and tell; one lock guards it all."""
 
     def __init__(
         self,
-        pool: ConnectionPool,
-        *,
-        attempts: Callable[[], list[_Attempt]],
-        on_written: Callable[[_Outcome, str | None], None],
-        give_up: threading.Event,
-        describe_error: Callable[[BaseException], str],
-        host: str,
+        kinds: Iterable[str],
+        policies: Mapping[str, ClaudePolicy],
+        worker_id: Callable[[], uuid.UUID | None],
     ) -> None:
-        self._pool = pool
-        self._host = host
-        self._attempts = attempts
-        self._on_written = on_written
-        self._give_up = give_up
-        self._describe_error = describe_error
-        self._inbox: queue_module.SimpleQueue[_Outcome] = queue_module.SimpleQueue()
-        self._waiting: list[_Outcome] = []  # taken from the inbox, not written yet
-        self._unsaved: dict[uuid.UUID, Progress] = {}  # progress taken, not written yet
-        self._closing = threading.Event()
-        self._hurry = threading.Event()  # flush(): try again now, not after the back-off
-        self._settled = threading.Condition()  # guards _unwritten; notified as it drops
-        self._unwritten = 0  # outcomes submitted and not yet handed to on_written
-        self.failure: JobsError | None = None  # set if the recorder died of a bug
-        self.thread = threading.Thread(
-            target=self._guarded, name="claude-jobs-recorder", daemon=True
-        )
+        self.kinds = sorted(kinds)
+        self._policies = policies  # kind: what else decides its holds (see ClaudePolicy)
+        self._worker_id = worker_id
+        self._lock = threading.Lock()
+        self._everywhere: dict[str, tuple[float, str]] = {}  # kind: (until, why), monotonic
+        self._here: dict[str, tuple[float, str]] = {}
+        self._unfit: dict[str, str] = {}  # kind: why this worker cannot run it
+        self._unfit_for = UNFIT_BACKOFF[0]  # the next back-off
+        self.changed = True  # learn them again at the next round (any thread may set it)
 
-    def submit(self, outcome: _Outcome) -> None:
-        with self._settled:
-            self._unwritten += 1
-        self._inbox.put(outcome)
+    def startable(self) -> list[str]:
+        """The kinds this worker may start now."""
+        now = time.monotonic()
+        with self._lock:
+            held = {k for holds in (self._everywhere, self._here) for k, (t, _) in holds.items()
+                    if t > now}  # fmt: skip
+        return [kind for kind in self.kinds if kind not in held]
 
-    def flush(self, timeout: float) -> bool:
-        """Write every outcome submitted so far, now (not after the retry's back-off), and
-        return once they are written (True), or after ``timeout`` seconds (False). Called
-        before the worker gives back what a lost lease left marked running: what finished
-        under its claims is recorded under them first."""
-        self._hurry.set()
-        try:
-            with self._settled:
-                return self._settled.wait_for(lambda: self._unwritten == 0, timeout)
-        finally:
-            self._hurry.clear()
+    def unfit(self) -> dict[str, str]:
+        with self._lock:
+            return dict(self._unfit)
 
-    def close(self, timeout: float) -> None:
-        """Write what is left (giving up at once if the worker gave up), then stop."""
-        self._closing.set()
-        self._inbox.put(None)  # type: ignore[arg-type]  # wakes the thread
-        self.thread.join(timeout)
+    def learn(
+        self, conn: psycopg.Connection
+    ) -> tuple[list[tuple[str, float, str]], list[tuple[str, float, str]]]:
+        """Learn the holds on every worker, and ask the policies (a budget spent). Returns the
+        holds on every worker that are new or longer, (kind, until, why), to be logged and
+        woken up for, and the policies' holds of this worker, (kind, seconds, why)."""
+        self.changed = False
+        rows = _db_holds(conn)
+        own = [(kind, *hold) for kind, policy in self._policies.items()
+               if (hold := policy.held(conn)) is not None]  # fmt: skip
+        now = time.monotonic()
+        held = {kind: (now + remaining, reason) for kind, _, remaining, reason in rows}
+        with self._lock:
+            known = {k: t for k, (t, _) in self._everywhere.items() if t > now}
+            self._everywhere = held
+        fresh = [(kind, until, why) for kind, (until, why) in held.items()
+                 if abs(until - known.get(kind, 0.0)) > 1.0]  # fmt: skip
+        return fresh, own
 
-    def _guarded(self) -> None:
-        try:
-            self._run()
-        except Exception as error:  # a bug: nothing gets recorded any more; stop the worker
-            logger.exception("the worker's recorder failed")
-            self.failure = JobsError(f"the worker's recorder failed: {error}")
+    def hold_everywhere(self, conn: psycopg.Connection | None, kind: str, until: datetime,
+                        reason: str) -> float:  # fmt: skip
+        """No worker starts ``kind`` jobs before ``until``: the others learn it by NOTIFY (or
+        at their next poll; without ``conn``, from their own jobs), this one at once. Returns
+        when, on the time.monotonic() clock."""
+        if conn is not None:
+            _db_set_hold(conn, kind, until, reason)
+        when = time.monotonic() + (until - datetime.now(UTC)).total_seconds()
+        with self._lock:
+            self._everywhere[kind] = (when, reason)
+        return when
 
-    def _run(self) -> None:
-        retry = _Backoff(start=0.5, cap=10.0)
-        next_save = time.monotonic() + TRANSCRIPT_FLUSH_INTERVAL
-        while True:
-            self._collect(timeout=max(0.0, next_save - time.monotonic()))
-            if self._closing.is_set() and not self._waiting and self._inbox.empty():
-                with contextlib.suppress(*_TRANSIENT):
-                    self._save_progress()
-                return
-            try:
-                if time.monotonic() >= next_save:
-                    next_save = time.monotonic() + TRANSCRIPT_FLUSH_INTERVAL
-                    self._save_progress()
-                if self._waiting:
-                    self._write(self._waiting)
-                    self._waiting = []
-                retry.reset()
-            except _REFUSED:
-                self._write_one_by_one(self._waiting)  # find what the database refuses
-                self._waiting = []
-            except _TRANSIENT as error:
-                if self._give_up.is_set():
-                    for outcome in self._waiting:  # recovered (and run again) after we exit
-                        self._written(outcome, None)
-                    self._waiting = []
-                    continue
-                wait = retry.next()
-                logger.warning(
-                    "cannot record %d outcome(s) yet: %s; retrying in %.1fs",
-                    len(self._waiting),
-                    self._describe_error(error),
-                    wait,
-                )
-                self._pause(wait)
+    def back_off(self, kind: str, reason: str) -> float | None:
+        """This worker is unfit for ``kind`` jobs: the seconds it starts none for (None when
+        it backs off already)."""
+        with self._lock:
+            self._unfit[kind] = reason
+            if self._here.get(kind, (0.0, ""))[0] > time.monotonic():
+                return None
+            seconds, self._unfit_for = self._unfit_for, min(self._unfit_for * 2, UNFIT_BACKOFF[1])
+        return seconds
 
-    def _pause(self, seconds: float) -> None:
-        """Wait before trying again: ``seconds``, or less when the worker gives up or asks for
-        a flush."""
-        if self._hurry.is_set():  # a flush waits: soon, but not in a busy loop
-            seconds = min(seconds, 0.2)
-        end = time.monotonic() + seconds
-        while time.monotonic() < end and not self._give_up.is_set():
-            self._give_up.wait(min(0.1, end - time.monotonic()))
+    def hold_here(self, conn: psycopg.Connection | None, kind: str, seconds: float,
+                  reason: str) -> bool:  # fmt: skip
+        """This worker starts no ``kind`` job for ``seconds``, and its policy may show it
+        (`workers`); False when it was held as long already."""
+        now = time.monotonic()
+        with self._lock:
+            held = self._here.get(kind, (0.0, ""))[0]
+            if held > now and held >= now + seconds - 1:
+                return False
+            self._here[kind] = (now + seconds, reason)
+        policy, worker_id = self._policies.get(kind), self._worker_id()
+        if policy is not None and conn is not None and worker_id is not None:
+            until = datetime.now(UTC) + timedelta(seconds=seconds)
+            policy.show_hold(conn, worker_id, until, reason)
+        return True
 
-    def _written(self, outcome: _Outcome, status: str | None) -> None:
-        """Hand a written (or given up) outcome to the worker."""
-        try:
-            self._on_written(outcome, status)
-        finally:
-            with self._settled:
-                self._unwritten -= 1
-                self._settled.notify_all()
+    def refit(self, kind: str) -> bool:
+        """Someone lifted the back-off of workers unfit for ``kind``: try it again now (a
+        policy's hold stays). Whether this worker was unfit for it."""
+        with self._lock:
+            was = self._unfit.pop(kind, None)
+            held = self._here.get(kind)
+            if was and held and held[1] == was:
+                del self._here[kind]
+            self._unfit_for = UNFIT_BACKOFF[0]
+        return was is not None
 
-    def _collect(self, timeout: float) -> None:
-        """Move outcomes from the inbox to the waiting list: block until one comes (or the
-        timeout), then take whatever else is there."""
-        try:
-            item = self._inbox.get(timeout=timeout if not self._waiting else 0.0)
-        except queue_module.Empty:
-            return
-        while item is not None:
-            self._waiting.append(item)
-            if len(self._waiting) >= RECORD_BATCH:
-                return
-            try:
-                item = self._inbox.get_nowait()
-            except queue_module.Empty:
-                return
+    def works(self, kind: str) -> None:
+        """A ``kind`` job succeeded here: the worker is fit for it."""
+        with self._lock:
+            self._unfit.pop(kind, None)
+            self._unfit_for = UNFIT_BACKOFF[0]
 
-    def _save_progress(self) -> None:
-        rows = []
-        for attempt in self._attempts():
-            progress = self._unsaved.pop(attempt.job.id, Progress())
-            progress += attempt.context.take_progress()
-            if progress:
-                self._unsaved[attempt.job.id] = progress  # until it is written
-                rows.append((attempt, progress))
-        if rows:
-            with self._pool.connection() as conn, conn.transaction():
-                params = self._columns([(a, {}, p) for a, p in rows])
-                saved = {row[0] for row in conn.execute(SAVE_PROGRESS, params).fetchall()}
-                self._keep(conn, [(a, p) for a, p in rows if a.job.id in saved])
-            for attempt, _ in rows:
-                self._unsaved.pop(attempt.job.id, None)
 
-    def _write(self, outcomes: list[_Outcome]) -> None:
-        for outcome in outcomes:  # progress saved by neither a save nor this write yet
-            unsaved = self._unsaved.pop(outcome.attempt.job.id, Progress())
-            outcome.progress = unsaved + outcome.progress
-        by_query: dict[str, list[_Outcome]] = {}
-        for outcome in outcomes:
-            by_query.setdefault(outcome.query, []).append(outcome)
-        written: dict[uuid.UUID, str] = {}
-        with self._pool.connection() as conn, conn.transaction():
-            for query, group in by_query.items():
-                params = self._columns([(o.attempt, o.fields, o.progress) for o in group])
-                for job_id, status, *_ in conn.execute(query, params).fetchall():
-                    written[job_id] = status
-            self._keep(
-                conn, [(o.attempt, o.progress) for o in outcomes if o.attempt.job.id in written]
-            )
-            missing = [o for o in outcomes if o.attempt.job.id not in written]
-            if missing:  # a retry after a lost reply finds its own earlier write
-                ids = [o.attempt.job.id for o in missing]
-                claims = [o.attempt.job.claim for o in missing]
-                done = conn.execute(ALREADY_RECORDED, {"ids": ids, "claims": claims})
-                written.update({row[0]: "" for row in done.fetchall()})
-        for outcome in outcomes:
-            self._written(outcome, written.get(outcome.attempt.job.id))
+class _Writer:
+    """Writes what attempts produce: outcomes and progress, in one record statement per round
+    (RECORD, which also keeps what outlives the jobs: spend, worktrees), sent in one pipeline
+    with the claim that refills the runners: one round trip, one implicit transaction (no
+    transaction stays open while this process runs Python, so a worker frozen between two
+    rounds holds no lock). What the database refuses is written alone, and becomes a failure
+    saying why. Not a thread: the dispatcher calls it. It owns the progress taken from running
+    attempts and not written yet."""
 
-    def _keep(self, conn: psycopg.Connection, written: list[tuple[_Attempt, Progress]]) -> None:
-        """Record, in the transaction that wrote these jobs' progress, what outlives the jobs:
-        what claude spent (the ledger) and the worktrees they ran in."""
-        spent: dict[tuple[str, str], list[float]] = {}
-        trees: list[tuple[uuid.UUID, dict[str, Any]]] = []
-        for attempt, progress in written:
-            for each in progress.spend:
-                total = spent.setdefault((attempt.job.queue, each.model), [0, 0, 0, 0, 0, 0])
-                for index, amount in enumerate(
-                    (each.runs, each.cost_usd, each.input_tokens, each.output_tokens,
-                     each.cache_read_tokens, each.cache_write_tokens)
-                ):  # fmt: skip
-                    total[index] += amount
-            if progress.worktree:
-                trees.append((attempt.job.id, json.loads(progress.worktree)))
-        if spent:
-            rows = sorted(spent.items())  # one order for every worker: no deadlock between them
-            columns = ("runs", "costs", "inputs", "outputs", "cache_reads", "cache_writes")
-            params: dict[str, Any] = {
-                "queues": [queue for (queue, _), _ in rows],
-                "models": [model for (_, model), _ in rows],
-            }
-            for index, name in enumerate(columns):
-                params[name] = [totals[index] for _, totals in rows]
-            conn.execute(RECORD_SPEND, params)
-        if trees:
-            trees.sort(key=lambda tree: tree[1]["path"])
-            conn.execute(
-                REGISTER_WORKTREES,
-                {
-                    "host": self._host,
-                    "paths": [tree["path"] for _, tree in trees],
-                    "repos": [tree["repo"] for _, tree in trees],
-                    "branches": [tree["branch"] for _, tree in trees],
-                    "bases": [tree["base"] for _, tree in trees],
-                    "jobs": [job_id for job_id, _ in trees],
-                },
-            )
+    def __init__(self, host: str) -> None:
+        self.host = host
+        self._unsaved: dict[uuid.UUID, Progress] = {}
 
-    def _write_one_by_one(self, outcomes: list[_Outcome]) -> None:
+    def round(
+        self,
+        conn: psycopg.Connection,
+        finished: Sequence[_Attempt],
+        running: Sequence[_Attempt],
+        claim: Callable[[psycopg.Connection], psycopg.Cursor[dict[str, Any]]] | None,
+    ) -> tuple[dict[uuid.UUID, str | None], list[dict[str, Any]]]:
+        """Write the outcomes of ``finished`` and the progress of ``running`` (those that
+        have any), and ``claim``, together. Returns the new status of each finished job (""
+        for one an earlier write whose reply was lost had written, None for one whose claim
+        is gone) and the claimed rows."""
+        rows = [self._row(a, a.outcome) for a in finished]
+        ending = {a.job.id for a in finished}  # (one row a job: a second would be ignored)
+        rows += [row for a in running
+                 if a.job.id not in ending and (row := self._row(a, None)).progress]  # fmt: skip
+        with conn.pipeline():  # nothing is fetched before the sync at its end
+            recorded = _db_record(conn, rows, self.host)
+            claiming = claim(conn) if claim is not None else None
+        written = _db_recorded(recorded)
+        claimed = claiming.fetchall() if claiming is not None else []
+        for row in rows:
+            self._unsaved.pop(row.job_id, None)
+        missing = [(a.job.id, a.job.claim) for a in finished if a.job.id not in written]
+        done = _db_already_recorded(conn, missing) if missing else set()
+        return {a.job.id: written.get(a.job.id, "" if a.job.id in done else None)
+                for a in finished}, claimed  # fmt: skip
+
+    def one_by_one(
+        self, conn: psycopg.Connection, finished: Sequence[_Attempt]
+    ) -> dict[uuid.UUID, str | None]:
         """Write each outcome alone; one the database refuses becomes a failure saying why,
         and if even that is refused, the job goes back to the queue (or, should that fail
-        too, stays claimed until the claim loop puts it back)."""
-        for outcome in outcomes:
+        too, stays claimed until the dispatcher's poll puts it back)."""
+        written: dict[uuid.UUID, str | None] = {}
+        for attempt in finished:
             try:
-                self._write([outcome])
+                written.update(self.round(conn, [attempt], [], None)[0])
                 continue
             except _REFUSED as error:
                 refused = error
-            except _TRANSIENT:
-                self._written(outcome, None)
-                continue
-            logger.error(
-                "the database refused the outcome of job %s: %s", outcome.attempt.job.id, refused
-            )
+            logger.error("the database refused the outcome of job %s: %s", attempt.job.id, refused)
             message = _storable(f"cannot record the outcome: {refused}")[:2000]
-            fields = {
-                "permanents": True,
-                "delays": 0.0,
-                "errors": message,
-                "tracebacks": None,
-                "results": None,
-            }
-            for fallback in (
-                _Outcome(outcome.attempt, FAIL, fields, Progress()),
-                _Outcome(outcome.attempt, RELEASE, _released(), Progress()),
-            ):
+            written[attempt.job.id] = None
+            for fallback in (Outcome(Verdict.FAILED, error=message, permanent=True),
+                             Outcome(Verdict.RELEASED)):  # fmt: skip
                 with contextlib.suppress(psycopg.Error):
-                    self._write([fallback])
+                    row = _Row(attempt.job.id, attempt.job.claim, fallback, Progress())
+                    written.update(_db_recorded(_db_record(conn, [row], self.host)))
+                    attempt.outcome = fallback
                     break
-            else:
-                self._written(outcome, None)
+        return written
 
-    @staticmethod
-    def _columns(rows: list[tuple[_Attempt, dict[str, Any], Progress]]) -> dict[str, Any]:
-        """One array per column, as the batch statements unnest them."""
-        columns: dict[str, list[Any]] = {
-            "ids": [a.job.id for a, _, _ in rows],
-            "claims": [a.job.claim for a, _, _ in rows],
-            "transcripts": [p.transcript for _, _, p in rows],
-            "sessions": [p.session_id for _, _, p in rows],
-            "costs": [p.cost_usd for _, _, p in rows],
-            "worktrees": [p.worktree for _, _, p in rows],
-        }
-        for name in rows[0][1]:
-            columns[name] = [fields[name] for _, fields, _ in rows]
-        return {**columns, "limit": TRANSCRIPT_LIMIT}
+    def release(self, conn: psycopg.Connection, claims: Sequence[tuple[uuid.UUID, Any]]) -> int:
+        """Put claimed jobs back unspent (fenced: one that finished meanwhile stays as it is);
+        how many went back."""
+        released = Outcome(Verdict.RELEASED)
+        rows = [_Row(job_id, claim, released, Progress()) for job_id, claim in claims]
+        return len(_db_recorded(_db_record(conn, rows, self.host)))
+
+    def _row(self, attempt: _Attempt, outcome: Outcome | None) -> _Row:
+        """The record row of an attempt, with the progress it gathered since it was last
+        written (kept here until it is)."""
+        progress = self._unsaved.pop(attempt.job.id, Progress())
+        progress += attempt.context.take_progress()
+        if progress:
+            self._unsaved[attempt.job.id] = progress  # until it is written
+        return _Row(attempt.job.id, attempt.job.claim, outcome, progress)
 
 
 class _Session(threading.Thread):
@@ -4643,12 +4965,12 @@ class _Session(threading.Thread):
         """Listen, then take the lock again and confirm the lease, or register anew."""
         check_schema(conn)
         _configure_worker_connection(conn)  # its sweeps run every second: no JIT for them
-        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")  # first: no notice is missed from here on
+        _db_listen(conn, NOTIFY_CHANNEL)  # first: no notice is missed from here on
         with self.lease_lock:
             alive, epoch = self.alive, self.epoch
         if self.worker_id is not None and alive:
-            key = {"namespace": LOCK_NAMESPACE, "key": self._lock_key}
-            if not conn.execute(TRY_LOCK, key).fetchone()[0]:  # type: ignore[index]
+            assert self._lock_key is not None
+            if not _db_try_lock(conn, self._lock_key):
                 raise _Busy("this worker's lock is held by another session for now")
             self._beat(conn, epoch)
         else:
@@ -4661,13 +4983,8 @@ class _Session(threading.Thread):
                 self.ready.set()
 
     def _register(self, conn: psycopg.Connection) -> None:
-        while True:
-            key = conn.execute(NEXT_WORKER_KEY).fetchone()[0]  # type: ignore[index]
-            lock = {"namespace": LOCK_NAMESPACE, "key": key}
-            if conn.execute(TRY_LOCK, lock).fetchone()[0]:  # type: ignore[index]
-                break
         worker_id = uuid.uuid4()
-        conn.execute(REGISTER_WORKER, {"id": worker_id, "key": key, **self._identity})
+        key = _db_register_worker(conn, worker_id, self._identity)
         with self.lease_lock:
             self.worker_id, self._lock_key = worker_id, key
             self.epoch += 1
@@ -4679,10 +4996,11 @@ class _Session(threading.Thread):
         """Write the heartbeat of lease ``epoch``; when its registration is gone (another worker
         declared this one dead), register anew."""
         stamp = _lease_clock()
-        if conn.execute(HEARTBEAT, {"id": self.worker_id}).rowcount == 1:
+        assert self.worker_id is not None
+        if _db_heartbeat(conn, self.worker_id):
             self.last_ok = stamp
             return
-        conn.execute(UNLOCK_ALL)
+        _db_unlock_all(conn)
         self._reaped(epoch)
         self._register(conn)
         with self.lease_lock:
@@ -4721,11 +5039,8 @@ class _Session(threading.Thread):
         (the attempt counted: it was interrupted) and kill what it left on this machine."""
         if self.worker_id is None:
             return
-        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            cur.execute(DEREGISTER_WORKER, {"id": self.worker_id})
-            jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": self.worker_id}).fetchall()
-            _notify_queues(cur, jobs)
-        conn.execute(UNLOCK_ALL)
+        jobs = _db_leave(conn, self.worker_id)
+        _db_unlock_all(conn)
         _kill_leftovers(jobs)
         for job in jobs:
             _log_recovered(job)
@@ -4733,39 +5048,20 @@ class _Session(threading.Thread):
     def _sweep(self, conn: psycopg.Connection) -> None:
         """Put back the running jobs of dead workers, and of jobs whose worker is unknown;
         cancel the jobs that wait for a job that will never succeed."""
-        params = {"grace": self._grace, "timeout": self._heartbeat_timeout}
-        with conn.cursor(row_factory=dict_row) as cur:
-            stale = cur.execute(STALE_WORKERS, params).fetchall()
-        for worker in stale:
+        for worker in _db_stale_workers(conn, self._grace, self._heartbeat_timeout):
             if worker["id"] != self.worker_id:
                 self._reap(conn, worker)
-        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            orphans = cur.execute(RECOVER_ORPHANS).fetchall()
-            _notify_queues(cur, orphans)
+        orphans = _db_recover_orphans(conn)
         _kill_leftovers(orphans)
         for job in orphans:
             _log_recovered(job)
-        with conn.cursor(row_factory=dict_row) as cur:
-            blocked = cur.execute(CANCEL_BLOCKED).fetchall()
-        for job in blocked:
+        for job in _db_cancel_blocked(conn):
             _log_row("cancelled", job, reason=job["last_error"])
 
     def _reap(self, conn: psycopg.Connection, worker: Mapping[str, Any]) -> None:
-        with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            key = {"namespace": LOCK_NAMESPACE, "key": worker["lock_key"]}
-            if not cur.execute(TRY_LOCK_FOR_REAPING, key).fetchone()["locked"]:  # type: ignore[index]
-                if not worker["vanished"]:
-                    return  # its session holds the lock: alive, only slow (or being reaped)
-                # Its host is gone but its session lingers: end the session (when allowed).
-                with contextlib.suppress(psycopg.errors.InsufficientPrivilege), conn.transaction():
-                    cur.execute(
-                        TERMINATE_LOCK_HOLDER, {**key, "backend_pid": worker["backend_pid"]}
-                    )
-            reaped = cur.execute(REAP_WORKER, {"id": worker["id"], "grace": self._grace}).fetchone()
-            if reaped is None:
-                return  # it came back
-            jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": worker["id"]}).fetchall()
-            _notify_queues(cur, jobs)
+        jobs = _db_reap(conn, worker, self._grace)
+        if jobs is None:
+            return  # alive after all
         _kill_leftovers(jobs)
         why = "no heartbeat within the timeout" if worker["vanished"] else "its session ended"
         name = f"{worker['host']}:{worker['pid']}"
@@ -4793,19 +5089,484 @@ def _configure_worker_connection(conn: psycopg.Connection) -> None:
     conn.execute("SET jit = off")
 
 
-def _notify_queues(cur: psycopg.Cursor[Any], jobs: Iterable[Mapping[str, Any]]) -> None:
-    for queue in sorted({job["queue"] for job in jobs}):
-        cur.execute(NOTIFY_QUEUE, {"channel": NOTIFY_CHANNEL, "queue": queue, "run_at": None})
+class _Dispatcher:
+    """Claims jobs for the runners and writes what they did, in rounds. A round writes the
+    outcomes decided since the last one (and, twice a second, the progress of running
+    attempts) and claims as many jobs as runners are free, earlier queues first: one round
+    trip and one commit (see _Writer). Between rounds it waits for an outcome, a notice, a job
+    coming due, the poll or a stop. At every poll it compares what it holds with what the
+    database says it holds, and learns the holds. While the database is away it keeps what it
+    has to write and tries again.
+
+    Runs in the thread that calls Worker.run() or run_once(); the session thread calls
+    on_notify() and flush(). It owns the wake-up times (in the book) and the writer."""
+
+    def __init__(self, worker: Worker, pool: ConnectionPool, session: _Session) -> None:
+        self._worker = worker
+        self._pool = pool
+        self._session = session
+        self._book = worker._book
+        self._holds = worker._holds
+        self._runners = worker._runners
+        self._writer = _Writer(worker.host)
+        self._queues: tuple[str | None, ...] = (None,) if worker.queues == ("*",) else worker.queues
+        self._hurry = threading.Event()  # flush(): write now, not after the back-off
+        self._writing = False  # a round is writing outcomes it took from the book
+        self._check_claims = False  # a claim's reply was lost: compare with the database
+        self._next_poll = 0.0
+        self._next_save = 0.0
+        self._failures = _Backoff(start=0.5, cap=10.0)
+
+    # -- the loop ---------------------------------------------------------------------------
+
+    def work(self, stop: threading.Event, burst: bool) -> None:
+        """Rounds until ``stop`` (in burst mode: until nothing is ready and nothing is held)."""
+        while not stop.is_set():
+            self._book.wake.clear()
+            if self._session.fatal:
+                logger.error("stopping: %s", self._session.fatal)
+                self._worker._fence(self._session.epoch, "it cannot go on")
+                break
+            claimed = self.round(claiming=True)
+            if claimed is None:  # no lease: reconnecting
+                self._book.wake.wait(0.2)
+                continue
+            held, _, _ = self._book.counts()
+            if burst and claimed == 0 and held == 0:
+                self._worker.idle_because = self._worker._why_idle()
+                logger.info("nothing is ready: stopping (burst)")
+                break
+            self._book.wake.wait(self._idle_wait())
+
+    def finish(self, until: float | None) -> None:
+        """Rounds that write and claim nothing, until nothing is held, or ``until``
+        (time.monotonic()) passes, or the worker forces its stop."""
+        while self._book.counts()[0] and not self._worker._force.is_set():
+            if until is not None and time.monotonic() >= until:
+                return
+            self._book.wake.clear()
+            self.round(claiming=False)
+            self._book.wake.wait(0.2)
+
+    def _idle_wait(self) -> float:
+        """How long to wait for something to do: the next poll, a job coming due, or, while
+        attempts run, their next progress save."""
+        until = self._next_poll
+        if self._book.counts()[0]:
+            until = min(until, self._next_save)
+        return self._book.idle_wait(until)
+
+    # -- a round ----------------------------------------------------------------------------
+
+    def round(self, claiming: bool) -> int | None:
+        """Write what is to be written and claim for the free runners; how many jobs were
+        claimed (None: no lease)."""
+        lease = self._session.lease()
+        now = time.monotonic()
+        polling = now >= self._next_poll
+        finished: list[_Attempt] = []
+        running: list[_Attempt] = []
+        try:
+            with self._pool.connection() as conn:
+                if lease is not None and (polling or self._check_claims):
+                    self._reconcile(conn, lease)
+                if polling or self._holds.changed:
+                    self._learn_holds(conn)
+                finished = self._book.take_finished()
+                self._writing = bool(finished)
+                running = self._book.attempts() if now >= self._next_save else []
+                running = [a for a in running if a.outcome is None]  # (the others end now)
+                free, kinds = self._free(lease) if claiming else (0, [])
+                if not (finished or running or free):
+                    return 0 if lease else None
+                first = self._claim(lease, kinds, self._queues[0], free) if free else None
+                written, rows = self._writer.round(conn, finished, running, first)
+                for queue in self._queues[1:] if len(rows) < free else ():  # the next queues
+                    rows += self._claim(lease, kinds, queue, free - len(rows))(conn).fetchall()
+                    if len(rows) >= free:
+                        break
+                self._check_claims = False
+                claimed = self._begin(conn, rows, lease[1]) if lease and rows else 0
+                if polling and lease:
+                    self._next_poll = time.monotonic() + self._worker._poll_interval
+                    due = _db_next_due(conn, self._holds.kinds, self._listened())
+                    if due is not None:
+                        self._book.wake_in(due)
+        except _REFUSED:
+            with self._pool.connection() as conn:
+                written = self._writer.one_by_one(conn, finished)
+            claimed = 0
+        except _TRANSIENT as error:
+            self._book.give_back(finished)
+            self._writing = False
+            self._wait_after(error, len(finished))
+            return 0
+        finally:
+            self._writing = False
+        if running:
+            self._next_save = time.monotonic() + TRANSCRIPT_FLUSH_INTERVAL
+        self._failures.reset()
+        for attempt in finished:
+            self._written(attempt, written.get(attempt.job.id))
+        return claimed
+
+    def _free(self, lease: tuple[uuid.UUID, int] | None) -> tuple[int, list[str]]:
+        """How many jobs to claim now (runners free), and of which kinds (those this worker
+        may start now)."""
+        _, busy, _ = self._book.counts()
+        kinds = self._holds.startable()
+        free = self._worker.concurrency - busy
+        return (free, kinds) if lease is not None and free > 0 and kinds else (0, [])
+
+    def _claim(
+        self, lease: tuple[uuid.UUID, int], kinds: list[str], queue: str | None, limit: int
+    ) -> Callable[[psycopg.Connection], psycopg.Cursor[dict[str, Any]]]:
+        """The claim of up to ``limit`` jobs from ``queue``, to be sent."""
+
+        def send(conn: psycopg.Connection) -> psycopg.Cursor[dict[str, Any]]:
+            self._check_claims = True  # until the reply is in hand
+            worker = self._worker
+            return _db_claim(conn, worker_id=lease[0], worker=worker.name, host=worker.host,
+                             kinds=kinds, queue=queue, limit=limit)  # fmt: skip
+
+        return send
+
+    def _begin(self, conn: psycopg.Connection, rows: list[dict[str, Any]], epoch: int) -> int:
+        """Hand claimed jobs to the runners, if the lease they were claimed under still holds;
+        the others never run here: they go back unspent. How many were handed."""
+        lease = functools.partial(self._session.lease_deadline, epoch)
+        stale: list[_Row] = []
+        for row in rows:
+            context = RunContext(row["id"], row["attempts"], row["claim"], row["timeout"], lease)
+            attempt = _Attempt(Job.from_row(row, context), context)
+            with self._session.lease_lock:
+                if self._session.holds(epoch):
+                    self._book.begin(attempt)
+                    self._runners.submit(attempt)
+                    continue
+            stale.append((row["id"], row["claim"]))
+        if stale:
+            self._writer.release(conn, stale)
+        return len(rows) - len(stale)
+
+    def _reconcile(self, conn: psycopg.Connection, lease: tuple[uuid.UUID, int]) -> None:
+        """Compare what the database says this worker runs with what it runs: jobs it does
+        not know of (a claim whose reply was lost, or that committed after the error) go back
+        to the queue unspent; a cancel whose notice was missed is acted on."""
+        rows = _db_my_running_jobs(conn, lease[0])
+        # Under the lease lock, no fence can stop (and forget) a job while we look: a job
+        # this worker ran is still known here, unless the lease ended while we asked.
+        with self._session.lease_lock:
+            if not self._session.holds(lease[1]):
+                return  # the session puts back (the attempt counted) what it left running
+            unknown = [(job_id, claim) for job_id, claim, _ in rows
+                       if not self._book.knows(job_id)]  # fmt: skip
+        for job_id, _, cancel in rows:
+            if cancel:
+                self.cancel(job_id)
+        if unknown and (back := self._writer.release(conn, unknown)):
+            logger.warning("put back %d job(s) this worker claimed but never ran", back)
+
+    def _learn_holds(self, conn: psycopg.Connection) -> None:
+        now = time.monotonic()
+        fresh, own = self._holds.learn(conn)
+        for kind, until, reason in fresh:
+            _log_hold(kind, until, reason)
+            self._book.wake_in(until - now)
+        for kind, seconds, reason in own:
+            self._worker._hold_here(kind, seconds, reason)
+
+    def _listened(self) -> list[str] | None:
+        return None if self._queues == (None,) else [q for q in self._queues if q]
+
+    def _wait_after(self, error: BaseException, unwritten: int) -> None:
+        """The database is away: wait before the next round (less when a flush waits), or
+        give up what cannot be written if the worker forces its stop."""
+        if self._worker._force.is_set():
+            for attempt in self._book.take_finished(limit=10**9):  # recovered when we are gone
+                self._written(attempt, None)
+            return
+        wait = self._failures.next()
+        logger.warning(
+            "cannot %s yet: %s; retrying in %.1fs",
+            f"record {unwritten} outcome(s)" if unwritten else "claim jobs",
+            _scrub(str(error), self._worker._conninfo),
+            wait,
+            extra={"fields": {"event": "db unavailable"}},
+        )
+        end = time.monotonic() + wait
+        while time.monotonic() < end and not self._worker._force.is_set():
+            if self._hurry.is_set():  # a flush waits: soon, but not in a busy loop
+                end = min(end, time.monotonic() + 0.2)
+            self._worker._force.wait(0.05)
+
+    # -- what the session asks ----------------------------------------------------------------
+
+    def flush(self, timeout: float) -> bool:
+        """Write every outcome decided so far, now (not after the retry's back-off), and
+        return once they are written (True), or after ``timeout`` seconds (False). The
+        session asks this before it gives back what a lost lease left marked running: what
+        finished under its claims is recorded under them first."""
+        self._hurry.set()
+        self._book.wake.set()
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                if not self._book.counts()[2] and not self._writing:
+                    return True
+                self._worker._force.wait(0.05)
+            return False
+        finally:
+            self._hurry.clear()
+
+    def on_notify(self, payload: str) -> None:
+        """A job was queued (or became ready) somewhere: wake up if it is for us; or a job
+        is to be cancelled: stop it if it runs here; or a hold changed, or was lifted."""
+        try:
+            notice = json.loads(payload)
+            if isinstance(notice, dict) and "cancel" in notice:
+                self.cancel(uuid.UUID(str(notice["cancel"])))
+                return
+            if isinstance(notice, dict) and "hold" in notice:
+                self._holds.changed = True  # learned at the next round, which this wakes
+                lifted = notice.get("lift") is True and isinstance(notice["hold"], str)
+                if lifted and self._holds.refit(notice["hold"]):
+                    logger.info(
+                        "this worker tries %s jobs again (its back-off was lifted)",
+                        notice["hold"],
+                        extra={"fields": {"event": "refit", "kind": notice["hold"]}},
+                    )
+            queue, at = notice["queue"], notice.get("at")
+            if not isinstance(queue, str) or not isinstance(at, int | float | None):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, AttributeError):
+            self._book.wake.set()
+            return
+        if self._queues != (None,) and queue not in self._queues:
+            return
+        if at is None or not at > time.time():
+            self._book.wake.set()
+        else:
+            self._book.wake_in(at - time.time())
+
+    def cancel(self, job_id: uuid.UUID) -> None:
+        """Stop a job that `cancel` asked to stop, if it runs here."""
+        attempt = self._book.get(job_id)
+        if attempt is not None and attempt.context.stop_reason is None:
+            _log_job("cancelling", attempt.job, logging.WARNING)
+            attempt.context.request_stop(STOP_CANCEL)
+
+    # -- logging what was written -----------------------------------------------------------
+
+    def _written(self, attempt: _Attempt, status: str | None) -> None:
+        """An outcome was written (status: the job's new status; "" for a write an earlier
+        lost reply had made; None if the claim was gone): log it, forget the attempt."""
+        job, outcome = attempt.job, attempt.outcome
+        assert outcome is not None
+        duration = time.monotonic() - attempt.started
+        self._book.forget(job.id)
+        if status == "":  # written before: what it came to is what the verdict says
+            status = {Verdict.SUCCEEDED: "succeeded", Verdict.RELEASED: "queued",
+                      Verdict.CANCELLED: "cancelled"}.get(outcome.verdict, "recorded")  # fmt: skip
+        if status is None:
+            _log_job("abandoned", job, logging.WARNING, reason=_CLAIM_GONE)
+        elif status == JobStatus.CANCELLED:
+            _log_job("cancelled", job, logging.WARNING, duration=duration)
+        elif outcome.verdict == Verdict.RELEASED:
+            if not outcome.quiet:
+                _log_job("released", job, logging.WARNING, reason="forced shutdown")
+        elif status == JobStatus.SUCCEEDED:
+            _log_job("succeeded", job, duration=duration)
+        elif status == JobStatus.QUEUED:
+            _log_job("retry scheduled", job, logging.WARNING, duration=duration,
+                     retry_in=outcome.delay, error=outcome.error)  # fmt: skip
+            self._book.wake_in(outcome.delay)
+        else:
+            _log_job("failed", job, logging.ERROR, duration=duration, error=outcome.error,
+                     permanent=outcome.permanent or None)  # fmt: skip
+        if job.kind in self._worker._policies:
+            self._holds.changed = True  # what it spent may hold the kind (a daily budget)
+        self._book.wake.set()
+
+
+#: Why an outcome is discarded when its write matched nothing.
+_CLAIM_GONE = (
+    "this worker's claim on the job is gone (the job was put back or taken over while the "
+    "database was out of reach); this outcome is discarded"
+)
+
+
+class _Runners:
+    """The threads that run attempts ("claude-jobs-job-N"), one attempt at a time each: the
+    holds and the job's concurrency key must let it start; then its handler runs, and
+    decide() says what it came to, for the dispatcher to write. A postponement holds the kind
+    (a usage limit: on every worker) or backs it off here (this worker is unfit for it). They
+    own the attempt in hand, and nothing else; they hand attempts back through the book."""
+
+    def __init__(self, worker: Worker, pool: ConnectionPool) -> None:
+        self._worker = worker
+        self._pool = pool
+        self._inbox: queue_module.SimpleQueue[_Attempt | None] = queue_module.SimpleQueue()
+        self.ran = 0  # handlers that ran here (not giving their job back as unfit): the book's lock
+
+    def start(self) -> None:
+        for number in range(1, self._worker.concurrency + 1):
+            self._worker._spawn(self._loop, f"claude-jobs-job-{number}")
+
+    def submit(self, attempt: _Attempt) -> None:
+        self._inbox.put(attempt)
+
+    def stop(self) -> None:
+        for _ in range(self._worker.concurrency):
+            self._inbox.put(None)
+
+    def _loop(self) -> None:
+        while (attempt := self._inbox.get()) is not None:
+            try:
+                attempt.outcome = self._run(attempt)
+            except BaseException:  # a bug; the job stays claimed until reconciled or recovered
+                logger.exception("internal error while running job %s", attempt.job.id)
+                attempt.outcome = None
+            self._worker._book.finish(attempt)
+
+    def _run(self, attempt: _Attempt) -> Outcome:
+        """Run one attempt: what it came to."""
+        job, context, worker = attempt.job, attempt.context, self._worker
+        if job.kind in worker._policies and worker._policies[job.kind].checks_each_start:
+            with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
+                for kind, seconds, reason in worker._holds.learn(conn)[1]:  # one that ended
+                    worker._hold_here(kind, seconds, reason)  # since this was claimed may have
+        if job.kind not in worker._holds.startable():  # spent the budget; or held since
+            return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
+        if not self._admit(job):  # it keeps its place in the queue
+            reason = f"concurrency key busy: {job.concurrency_key}"
+            _log_job("deferred", job, logging.DEBUG, reason=reason)
+            return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
+        _log_job("claimed", job, worker=worker.name, branch=_branch_of(job))
+        value: Any = None
+        error: BaseException | None = None
+        trace: str | None = None
+        try:
+            value = worker.handlers[job.kind](job)
+        except (_Interrupted, JobFailed, Postpone) as raised:
+            error = raised
+        except BaseException as raised:  # KeyboardInterrupt and SystemExit too: the thread goes on
+            error, trace = raised, traceback.format_exc()[-8000:]
+        if isinstance(error, Postpone):
+            self._postponed(job, error)
+        if not isinstance(error, WorkerUnfit):
+            with worker._book.lock:
+                self.ran += 1
+        outcome = decide(
+            job, value=value, error=error, trace=trace, stop=context.stop_reason,
+            retry_delay=backoff_delay(job.attempts, *worker._backoff),
+            jitter=random.uniform(0, 60),
+        )  # fmt: skip
+        if outcome.verdict == Verdict.SUCCEEDED:
+            worker._holds.works(job.kind)
+        elif outcome.verdict == Verdict.ABANDONED:
+            _log_job("abandoned", job, logging.WARNING, reason="the claim was lost")
+        elif isinstance(error, Postpone):
+            _log_job("postponed", job, logging.WARNING, until=outcome.run_at, reason=str(error))
+        return outcome
+
+    def _admit(self, job: Job) -> bool:
+        """Take a slot of the job's concurrency key (True when it has none to take): under
+        the key's lock, so that admissions on every worker see each other."""
+        if job.concurrency_key is None or job.concurrency_limit == 0:
+            return True
+        assert job.claim is not None
+        try:
+            with self._pool.connection() as conn:
+                return _db_admit(conn, job.id, job.claim, job.concurrency_key)
+        except _TRANSIENT:
+            return False  # the job goes back; the database decides when it is back
+
+    def _postponed(self, job: Job, postponed: Postpone) -> None:
+        """A usage limit holds the kind on every worker; a worker unfit for it stops taking
+        it for a while."""
+        holds, book = self._worker._holds, self._worker._book
+        if isinstance(postponed, UsageLimitReached) and postponed.run_at:
+            until, when = _within_reach(postponed.run_at), None
+            with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
+                when = holds.hold_everywhere(conn, job.kind, until, str(postponed))
+            if when is None:  # the database is away: the others learn it from their own jobs
+                when = holds.hold_everywhere(None, job.kind, until, str(postponed))
+            _log_hold(job.kind, when, str(postponed))
+            book.wake_in(when - time.monotonic())
+        elif isinstance(postponed, WorkerUnfit):
+            seconds = holds.back_off(job.kind, str(postponed))
+            if seconds is not None:
+                self._worker._hold_here(job.kind, seconds, str(postponed))
+
+
+def _log_hold(kind: str, until: float, reason: str) -> None:
+    logger.warning(
+        "no worker starts %s jobs until %s: %s",
+        kind,
+        _clock_time(until),
+        reason,
+        extra={"fields": {"event": "held", "kind": kind, "reason": reason}},
+    )
+
+
+class _Watchdog(threading.Thread):
+    """Stops this worker's jobs before others may take them over: when no heartbeat has
+    reached the database for nearly the lock grace period, it fences the lease (and each
+    job's supervisor does the same on its own). Owns nothing."""
+
+    def __init__(self, worker: Worker, session: _Session) -> None:
+        super().__init__(name="claude-jobs-watchdog", daemon=True)
+        self._worker, self._session = worker, session
+
+    def run(self) -> None:
+        while not self._worker._closed.wait(0.25):
+            with self._session.lease_lock:
+                alive, epoch = self._session.alive, self._session.epoch
+                silent = _lease_clock() - self._session.last_ok
+            if alive and silent > self._worker._lock_grace - FENCE_MARGIN:
+                self._worker._fence(epoch, f"no heartbeat reached the database for {silent:.1f}s")
+
+
+class _Janitor(threading.Thread):
+    """Now and then deletes succeeded and cancelled jobs older than the retention (failed ones
+    stay for people to look at): one worker at a time, in small batches. Owns nothing."""
+
+    def __init__(self, worker: Worker, pool: ConnectionPool) -> None:
+        super().__init__(name="claude-jobs-janitor", daemon=True)
+        self._worker, self._pool = worker, pool
+
+    def run(self) -> None:
+        retention = self._worker._retention
+        wait = JANITOR_FIRST_PASS
+        while not self._worker._closed.wait(wait):
+            wait = JANITOR_INTERVAL
+            try:
+                with self._pool.connection() as conn:
+                    deleted = cleanup_jobs(conn, retention, exclusive=True)
+            except _TRANSIENT:
+                continue
+            except Exception:  # a bug, or a database refusing: try again next time
+                logger.exception("cannot clean up finished jobs")
+                continue
+            if deleted:
+                logger.info(
+                    "deleted %d succeeded or cancelled job(s) past the retention of %s",
+                    deleted,
+                    _duration_text(retention),
+                    extra={"fields": {"event": "cleanup", "deleted": deleted}},
+                )
 
 
 class Worker:
     """Runs queued jobs with a pool of threads until stopped.
 
-    Its threads, all named and owned by it: one per unit of ``concurrency`` runs handlers; the
-    main thread (the one calling ``run()``) claims; the session thread holds the worker's
-    advisory lock, listens for new jobs, heartbeats and recovers dead workers' jobs; the
-    recorder writes outcomes and progress; a watchdog stops this worker's jobs when its
-    heartbeat has not reached the database for so long that others may take them over.
+    It is a few parts, each with one job, on threads of its own (see the map at the top of
+    the module): the dispatcher claims and records in rounds, in the thread that calls
+    ``run()``; ``concurrency`` runners run handlers; the session holds the worker's lease
+    (advisory lock, heartbeat, LISTEN, recovery of dead workers); a watchdog fences the lease
+    when heartbeats stop getting through; a janitor deletes old jobs. What they share is in
+    the book and the holds, each behind its lock.
 
     ``run()`` works until ``stop()``; ``run_once()`` runs what is ready now (then use the
     worker as a context manager, or call ``close()``).
@@ -4831,26 +5592,10 @@ class Worker:
         lock_grace: float = LOCK_GRACE,
     ) -> None:
         check_conninfo(database_url)
-        if daily_budget_usd is not None and not daily_budget_usd > 0:
-            raise ConfigError(f"the daily budget must be positive, not {daily_budget_usd}")
-        if not 1 <= concurrency <= 1000:
-            raise ConfigError(f"concurrency must be between 1 and 1000, not {concurrency}")
-        durations = {
-            "poll interval": poll_interval,
-            "heartbeat timeout": heartbeat_timeout,
-            "backoff base": backoff_base,
-            "backoff max": backoff_max,
-            "shutdown timeout": shutdown_timeout or 1.0,
-            "retention": retention or 1.0,
-        }
-        for name, seconds in durations.items():
-            if not 0 < seconds <= MAX_DURATION:
-                raise ConfigError(f"the {name} must be between 0 and {MAX_DURATION:g}s")
-        if heartbeat_timeout < lock_grace or lock_grace <= FENCE_MARGIN + HEARTBEAT_INTERVAL:
-            raise ConfigError(
-                f"the heartbeat timeout must be at least {lock_grace:g}s "
-                f"and the lock grace more than {FENCE_MARGIN + HEARTBEAT_INTERVAL:g}s"
-            )
+        _check_worker_settings(
+            concurrency, poll_interval, heartbeat_timeout, backoff_base, backoff_max,
+            shutdown_timeout, retention, daily_budget_usd, lock_grace,
+        )  # fmt: skip
         self.queues = _parse_queues(queues)
         self.concurrency = concurrency
         self.handlers: dict[str, Handler] = (
@@ -4862,11 +5607,9 @@ class Worker:
             raise ConfigError("a worker needs at least one handler")
         self.host = socket.gethostname()
         self.name = f"{self.host}:{os.getpid()}"
+        #: After a burst: why it ran nothing though jobs were ready (it cannot run them).
+        self.idle_because: str | None = None
         self._conninfo = database_url
-        self._claim_queues: tuple[str | None, ...] = (
-            (None,) if self.queues == ("*",) else self.queues
-        )
-        self._kinds = sorted(self.handlers)
         self._poll_interval = poll_interval
         self._shutdown_timeout = shutdown_timeout
         self._heartbeat_timeout = heartbeat_timeout
@@ -4874,32 +5617,19 @@ class Worker:
         self._backoff = (backoff_base, backoff_max)
         self._burst = burst
         self._retention = retention
-        self._daily_budget = daily_budget_usd
-        # Kinds this worker starts no job of, until (time.monotonic()) and why: held by every
-        # worker (a usage limit; learned from the database), or by this one alone (it is unfit
-        # for them, or the day's budget is spent).
-        self._holds: dict[str, tuple[float, str]] = {}
-        self._own_holds: dict[str, tuple[float, str]] = {}
-        self._unfit_for = UNFIT_BACKOFF[0]  # the next back-off of a worker unfit for claude
-        self._unfit: dict[str, str] = {}  # kinds this worker is unfit for now, and why
-        self._ran = 0  # jobs whose handler ran here (not given back as unfit)
-        #: After a burst: why it ran nothing though jobs were ready (it cannot run them).
-        self.idle_because: str | None = None
-        self._holds_changed = True  # learn the holds at the next loop
+        self._policies: dict[str, ClaudePolicy] = (
+            {DEFAULT_KIND: ClaudePolicy(daily_budget_usd)} if DEFAULT_KIND in self.handlers else {}
+        )
+        self._book = _Book()
+        self._holds = _Holds(self.handlers, self._policies, lambda: self.id)
         self._stop = threading.Event()  # stop claiming
         self._force = threading.Event()  # stop running jobs too
-        self._wake = threading.Event()  # something to do: a notice, a free thread, a stop
         self._closed = threading.Event()
-        self._lock = threading.Lock()
-        self._running: dict[uuid.UUID, _Attempt] = {}  # claimed, outcome not written yet
-        self._busy = 0  # attempts whose handler runs now (the rest wait for the recorder)
-        self._wakeups: list[float] = []  # heap of time.monotonic() times with jobs due
-        self._inbox: queue_module.SimpleQueue[_Attempt | None] = queue_module.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._pool: ConnectionPool | None = None
         self._session: _Session | None = None
-        self._recorder: _Recorder | None = None
-        self._check_claims = False  # a claim's reply was lost: compare with the database
+        self._runners: _Runners | None = None
+        self._dispatcher: _Dispatcher | None = None
         self._checked = False  # its handlers were asked whether they can run here
 
     # -- public API -----------------------------------------------------------------------
@@ -4909,34 +5639,35 @@ class Worker:
         """This worker's current registration, once connected."""
         return self._session.worker_id if self._session else None
 
+    @property
+    def failure(self) -> JobsError | None:
+        """What made the worker stop on its own (its session failed), if anything."""
+        return self._session.fatal if self._session else None
+
     def run(self) -> None:
         """Work until stop() (in burst mode: until nothing is ready), then shut down cleanly:
         running jobs finish, or on a forced stop go back to the queue unspent."""
         try:
             if self._open():
-                self._loop()
+                assert self._dispatcher is not None
+                self._dispatcher.work(self._stop, self._burst)
         except BaseException:
             self.stop(force=True)  # going down on an error: stop the jobs, put them back
             raise
         finally:
             leftovers = self._drain()
             self.close(leave=not leftovers)
-        for failure in (
-            self._session and self._session.fatal,
-            self._recorder and self._recorder.failure,
-        ):
-            if failure:
-                raise failure
+        if self.failure:
+            raise self.failure
 
     def run_once(self) -> int:
         """Claim the jobs that are ready now (up to the concurrency), run them to the end, and
         return how many there were."""
         if not self._open():
             return 0
-        claimed = self._claim() or 0
-        while self._running_count():
-            self._wake.wait(0.1)
-            self._wake.clear()
+        assert self._dispatcher is not None
+        claimed = self._dispatcher.round(claiming=True) or 0
+        self._dispatcher.finish(until=None)
         return claimed
 
     def stop(self, force: bool = False) -> None:
@@ -4945,7 +5676,7 @@ class Worker:
         self._stop.set()
         if force:
             self._force.set()
-        self._wake.set()
+        self._book.wake.set()
 
     def close(self, leave: bool = True) -> None:
         """Stop the threads, deregister (unless ``leave`` is False: then the registration is
@@ -4953,14 +5684,14 @@ class Worker:
         if self._closed.is_set() or self._session is None:
             self._closed.set()
             return
+        if self._dispatcher is not None and not self._force.is_set():
+            self._dispatcher.finish(until=time.monotonic() + 5.0)  # what is left to write
         self._closed.set()
-        assert self._pool is not None and self._recorder is not None
-        for _ in range(self.concurrency):
-            self._inbox.put(None)
+        assert self._pool is not None and self._runners is not None
+        self._runners.stop()
         deadline = time.monotonic() + 2.0
         for thread in self._threads:  # a handler that ignores its stop event is left behind
             thread.join(timeout=max(0.0, deadline - time.monotonic()))
-        self._recorder.close(timeout=5.0)
         self._session.close(leave)
         self._session.join(timeout=5.0)
         self._pool.close(timeout=5.0)
@@ -4975,7 +5706,7 @@ class Worker:
     # -- lifecycle ------------------------------------------------------------------------
 
     def _open(self) -> bool:
-        """Start the threads once; wait until registered. False when stopped before that."""
+        """Start the parts once; wait until registered. False when stopped before that."""
         if self._session is None:
             self._start()
         assert self._session is not None
@@ -4988,36 +5719,6 @@ class Worker:
             self._checked = True
             self._check_fitness()
         return True
-
-    def _check_fitness(self) -> None:
-        """Before any job comes: a handler that cannot run at all on this worker (claude is
-        missing, say) says why, and the worker backs off its kind as after a WorkerUnfit."""
-        for kind, handler in self.handlers.items():
-            caveats = getattr(handler, "caveats", None)
-            for caveat in caveats() if callable(caveats) else []:
-                logger.warning("%s", caveat, extra={"fields": {"event": "caveat", "kind": kind}})
-            check = getattr(handler, "unfit", None)
-            reason = check() if callable(check) else None
-            if reason:
-                logger.error(
-                    "this worker cannot run %s jobs: %s",
-                    kind,
-                    reason,
-                    extra={"fields": {"event": "unfit", "kind": kind, "reason": reason}},
-                )
-                self._back_off(kind, reason)
-
-    def _why_idle(self) -> str | None:
-        """Why a burst ran nothing though jobs were ready for it: it is unfit for them."""
-        with self._lock:
-            ran, unfit = self._ran, dict(self._unfit)
-        if ran or not unfit or self._pool is None:
-            return None
-        queues = None if self._claim_queues == (None,) else list(self.queues)
-        with self._pool.connection() as conn:
-            row = conn.execute(READY_OF_KINDS, {"kinds": sorted(unfit), "queues": queues})
-            kind = row.fetchone()[0]  # type: ignore[index]
-        return None if kind is None else f"this worker cannot run {kind} jobs: {unfit[kind]}"
 
     def _start(self) -> None:
         options = {"application_name": f"claude-jobs worker {self.name}"[:63]}
@@ -5032,149 +5733,127 @@ class Worker:
             timeout=10.0,
         )
         self._pool.open(wait=False)
-        self._recorder = _Recorder(
-            self._pool,
-            attempts=self._attempts,
-            on_written=self._written,
-            give_up=self._force,
-            describe_error=lambda error: _scrub(str(error), self._conninfo),
-            host=self.host,
-        )
+        self._runners = _Runners(self, self._pool)
         self._session = _Session(
             self._conninfo,
-            identity={
-                "host": socket.gethostname(),
-                "pid": os.getpid(),
-                "queues": list(self.queues),
-                "kinds": self._kinds,
-                "concurrency": self.concurrency,
-            },
+            identity={"host": self.host, "pid": os.getpid(), "queues": list(self.queues),
+                      "kinds": self._holds.kinds, "concurrency": self.concurrency},
             options=options,
-            on_notify=self._on_notify,
+            on_notify=lambda payload: self._dispatcher and self._dispatcher.on_notify(payload),
             on_reaped=lambda epoch: self._fence(epoch, "another worker declared it dead"),
-            before_leaving=lambda: self._recorder and self._recorder.flush(LEAVE_FLUSH_TIMEOUT),
+            before_leaving=lambda: self._dispatcher and self._dispatcher.flush(LEAVE_FLUSH_TIMEOUT),
             grace=self._lock_grace,
             heartbeat_timeout=self._heartbeat_timeout,
-        )
+        )  # fmt: skip
+        self._dispatcher = _Dispatcher(self, self._pool, self._session)
         self._session.start()
-        self._recorder.thread.start()
-        for number in range(1, self.concurrency + 1):
-            self._spawn(self._job_loop, f"claude-jobs-job-{number}")
-        self._spawn(self._watch, "claude-jobs-watchdog")
+        self._runners.start()
+        self._threads.append(_Watchdog(self, self._session))
         if self._retention:
-            self._spawn(self._clean_up, "claude-jobs-janitor")
+            self._threads.append(_Janitor(self, self._pool))
+        for thread in self._threads[self.concurrency :]:
+            thread.start()
         logger.info(
             "worker %s started: queues=%s kinds=%s concurrency=%d",
             self.name,
             ",".join(self.queues),
-            ",".join(self._kinds),
+            ",".join(self._holds.kinds),
             self.concurrency,
-            extra={
-                "fields": {
-                    "event": "started",
-                    "worker": self.name,
-                    "queues": self.queues,
-                    "kinds": self._kinds,
-                    "concurrency": self.concurrency,
-                }
-            },
-        )
+            extra={"fields": {"event": "started", "worker": self.name, "queues": self.queues,
+                              "kinds": self._holds.kinds, "concurrency": self.concurrency}},
+        )  # fmt: skip
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 
-    def _loop(self) -> None:
-        """The claim loop: claim while there are free threads and ready jobs, else wait for a
-        notice, a free thread, a job coming due or the next poll."""
-        session = self._session
-        assert session is not None
-        failures = _Backoff(start=0.5)
-        next_poll = 0.0
-        while not self._stop.is_set():
-            self._wake.clear()
-            if session.fatal:
-                logger.error("stopping: %s", session.fatal)
-                self._fence(session.epoch, "its database session failed")
-                break
-            if self._recorder and self._recorder.failure:
-                logger.error("stopping: %s", self._recorder.failure)
-                self._fence(session.epoch, "its recorder failed")
-                break
-            try:
-                polling = time.monotonic() >= next_poll
-                if polling or self._check_claims:
-                    self._reconcile()
-                if polling or self._holds_changed:
-                    self._learn_holds()
-                idle = not self._running_count()  # before the claim: a job ending during it
-                claimed = self._claim()  # may free one it could not take (a concurrency key)
-                if polling and claimed is not None:
-                    next_poll = time.monotonic() + self._poll_interval
-                    self._learn_next_due()
-                failures.reset()
-            except _TRANSIENT as error:
-                self._check_claims = True
-                wait = failures.next()
-                logger.warning(
-                    "cannot claim jobs: %s; retrying in %.1fs",
-                    _scrub(str(error), self._conninfo),
-                    wait,
-                    extra={"fields": {"event": "db unavailable"}},
+    def _check_fitness(self) -> None:
+        """Before any job comes: a handler that cannot run at all on this worker (claude is
+        missing, say) says why, and the worker backs off its kind as after a WorkerUnfit; a
+        handler's caveats are logged."""
+        for kind, handler in self.handlers.items():
+            caveats = getattr(handler, "caveats", None)
+            for caveat in caveats() if callable(caveats) else []:
+                logger.warning("%s", caveat, extra={"fields": {"event": "caveat", "kind": kind}})
+            check = getattr(handler, "unfit", None)
+            reason = check() if callable(check) else None
+            if reason:
+                logger.error(
+                    "this worker cannot run %s jobs: %s",
+                    kind,
+                    reason,
+                    extra={"fields": {"event": "unfit", "kind": kind, "reason": reason}},
                 )
-                self._stop.wait(wait)
-                continue
-            if claimed is None:  # no lease: reconnecting
-                self._wake.wait(0.2)
-                continue
-            if self._burst and claimed == 0 and idle:
-                self.idle_because = self._why_idle()
-                logger.info("nothing is ready: stopping (burst)")
-                break
-            self._wake.wait(self._idle_wait(next_poll))
-        if self._running_count():
-            logger.info(
-                "stopping: waiting for %d running job(s) to finish%s",
-                self._running_count(),
-                f" (at most {self._shutdown_timeout:g}s)" if self._shutdown_timeout else "",
-                extra={"fields": {"event": "stopping"}},
-            )
+                seconds = self._holds.back_off(kind, reason)
+                if seconds is not None:
+                    self._hold_here(kind, seconds, reason)
+
+    def _why_idle(self) -> str | None:
+        """Why a burst ran nothing though jobs were ready for it: it is unfit for them."""
+        assert self._runners is not None and self._pool is not None
+        with self._book.lock:
+            ran = self._runners.ran
+        unfit = self._holds.unfit()
+        if ran or not unfit:
+            return None
+        queues = None if self.queues == ("*",) else list(self.queues)
+        with self._pool.connection() as conn:
+            kind = _db_ready_of_kinds(conn, sorted(unfit), queues)
+        return None if kind is None else f"this worker cannot run {kind} jobs: {unfit[kind]}"
+
+    def _hold_here(self, kind: str, seconds: float, reason: str) -> None:
+        """This worker starts no ``kind`` job for ``seconds``; say so (`workers` too)."""
+        assert self._pool is not None
+        held = False
+        with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
+            held = self._holds.hold_here(conn, kind, seconds, reason)
+        if not held and not self._holds.hold_here(None, kind, seconds, reason):
+            return
+        logger.warning(
+            "this worker starts no %s job until %s: %s",
+            kind,
+            _clock_time(time.monotonic() + seconds),
+            reason,
+            extra={"fields": {"event": "paused", "kind": kind, "reason": reason}},
+        )
+        self._book.wake_in(seconds)
 
     def _drain(self) -> int:
         """Wait for running jobs to finish and their outcomes to be written; at the shutdown
         timeout, or on a forced stop, stop them (they go back to the queue unspent). Returns
         how many are still running in handlers that ignore their stop event."""
-        if self._session is None:
+        if self._dispatcher is None:
             return 0
-        deadline = (
-            time.monotonic() + self._shutdown_timeout
-            if self._shutdown_timeout is not None
-            else None
-        )
-        while self._running_count() and not self._force.is_set():
-            if deadline is not None and time.monotonic() >= deadline:
-                logger.warning("the shutdown timeout has passed")
-                self._force.set()
-                break
-            self._wake.wait(0.2)
-            self._wake.clear()
-        if not self._running_count():
+        held, busy, _ = self._book.counts()
+        if held and not self._force.is_set():
+            logger.info(
+                "stopping: waiting for %d running job(s) to finish%s",
+                busy,
+                f" (at most {self._shutdown_timeout:g}s)" if self._shutdown_timeout else "",
+                extra={"fields": {"event": "stopping"}},
+            )
+        timeout = self._shutdown_timeout
+        self._dispatcher.finish(until=None if timeout is None else time.monotonic() + timeout)
+        if not self._book.counts()[0]:
             return 0
+        if not self._force.is_set():
+            logger.warning("the shutdown timeout has passed")
         self._force.set()
-        if self._busy_count():
+        if self._book.counts()[1]:
             logger.warning(
                 "stopping %d running job(s) now; they go back to the queue",
-                self._busy_count(),
+                self._book.counts()[1],
                 extra={"fields": {"event": "forced stop"}},
             )
-        for attempt in self._attempts():
+        for attempt in self._book.attempts():
             attempt.context.request_stop(STOP_SHUTDOWN)
         end = time.monotonic() + FORCED_KILL_GRACE + 2.0
-        while self._running_count() and time.monotonic() < end:
-            self._wake.wait(0.1)
-            self._wake.clear()
-        leftovers = self._busy_count()
+        while self._book.counts()[0] and time.monotonic() < end:
+            self._book.wake.clear()
+            self._dispatcher.round(claiming=False)
+            self._book.wake.wait(0.1)
+        leftovers = self._book.counts()[1]
         if leftovers:
             logger.error(
                 "%d handler(s) ignore their stop event and still run; their jobs stay "
@@ -5183,491 +5862,6 @@ class Worker:
             )
         return leftovers
 
-    # -- claiming -------------------------------------------------------------------------
-
-    def _claim(self) -> int | None:
-        """Claim up to the free threads, earlier queues first, and start each job; None when
-        this worker holds no lease (nothing can be claimed)."""
-        session = self._session
-        assert session is not None and self._pool is not None
-        lease = session.lease()
-        if lease is None:
-            return None
-        worker_id, epoch = lease
-        with self._lock:  # threads free now, and no more than a batch of outcomes unwritten
-            free = min(self.concurrency - self._busy, 2 * self.concurrency - len(self._running))
-        kinds = self._startable_kinds()
-        if free <= 0 or not kinds:
-            return 0
-        claimed = 0
-        params = {"worker_id": worker_id, "worker": self.name, "kinds": kinds, "host": self.host}
-        with self._pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-            for queue in self._claim_queues:
-                query = CLAIM_FROM_QUEUE if queue else CLAIM_FROM_ANY_QUEUE
-                self._check_claims = True  # until the reply is in hand
-                rows = cur.execute(query, {**params, "queue": queue, "limit": free - claimed})
-                lease = functools.partial(session.lease_deadline, epoch)
-                jobs = [
-                    Job.from_row(
-                        row,
-                        RunContext(row["id"], row["attempts"], row["claim"], row["timeout"], lease),
-                    )
-                    for row in rows.fetchall()
-                ]
-                self._check_claims = False
-                stale = [job for job in jobs if not self._begin(job, epoch)]
-                if stale:  # the lease ended while claiming: these never run here
-                    self._release_claims(conn, [(job.id, job.claim) for job in stale])
-                claimed += len(jobs) - len(stale)
-                if claimed >= free:
-                    break
-        return claimed
-
-    def _begin(self, job: Job, epoch: int) -> bool:
-        """Hand a claimed job to a thread, if the lease it was claimed under still holds."""
-        assert self._session is not None and job.context is not None
-        attempt = _Attempt(job, job.context)
-        with self._session.lease_lock:
-            if not self._session.holds(epoch):
-                return False
-            with self._lock:
-                self._running[job.id] = attempt
-                self._busy += 1
-        self._inbox.put(attempt)
-        return True
-
-    def _reconcile(self) -> None:
-        """Compare what the database says this worker runs with what it runs: jobs it does
-        not know of (a claim whose reply was lost, or that committed after the error) go back
-        to the queue unspent; a cancel whose notice was missed is acted on."""
-        assert self._pool is not None and self._session is not None
-        lease = self._session.lease()
-        if lease is None:  # the session puts back what a lost lease left
-            return
-        with self._pool.connection() as conn:
-            rows = conn.execute(MY_RUNNING_JOBS, {"worker_id": lease[0]}).fetchall()
-            # Under the lease lock, no fence can stop (and forget) a job while we look: a job
-            # this worker ran is still known here, unless the lease ended while we asked.
-            with self._session.lease_lock:
-                if not self._session.holds(lease[1]):
-                    return  # the session puts back (the attempt counted) what it left running
-                with self._lock:
-                    unknown = [
-                        (job_id, claim) for job_id, claim, _ in rows if job_id not in self._running
-                    ]
-            for job_id, _, cancel in rows:
-                if cancel:
-                    self._cancel(job_id)
-            if unknown and (released := self._release_claims(conn, unknown)):
-                logger.warning("put back %d job(s) this worker claimed but never ran", released)
-        self._check_claims = False
-
-    @staticmethod
-    def _release_claims(conn: psycopg.Connection, claims: Sequence[tuple[Any, Any]]) -> int:
-        """Put claims back unspent (fenced: a job that finished meanwhile stays as it is)."""
-        nothing = [None] * len(claims)
-        return conn.execute(
-            RELEASE,
-            {
-                "ids": [job_id for job_id, _ in claims],
-                "claims": [claim for _, claim in claims],
-                "run_ats": nothing,
-                "notes": nothing,
-                "transcripts": nothing,
-                "sessions": nothing,
-                "costs": [0] * len(claims),
-                "worktrees": nothing,
-                "limit": TRANSCRIPT_LIMIT,
-            },
-        ).rowcount
-
-    def _learn_next_due(self) -> None:
-        """Ask when the next scheduled job is due (one enqueued with a delay before this worker
-        listened, or a retry scheduled by another worker), to wake up right then."""
-        assert self._pool is not None
-        queues = None if self._claim_queues == (None,) else list(self.queues)
-        with self._pool.connection() as conn:
-            row = conn.execute(NEXT_DUE, {"kinds": self._kinds, "queues": queues}).fetchone()
-        if row and row[0] is not None:
-            self._wake_in(row[0].total_seconds())
-
-    def _startable_kinds(self) -> list[str]:
-        """The kinds this worker handles, less those it may not start now."""
-        now = time.monotonic()
-        with self._lock:
-            held = {k for holds in (self._holds, self._own_holds) for k, (t, _) in holds.items()
-                    if t > now}  # fmt: skip
-        return [kind for kind in self._kinds if kind not in held]
-
-    def _learn_holds(self) -> None:
-        """Learn the holds every worker keeps (a usage limit), and whether the day's budget
-        is spent; wake up when they end."""
-        assert self._pool is not None
-        self._holds_changed = False
-        with self._pool.connection() as conn:
-            rows = conn.execute(HOLDS).fetchall()
-            spent = conn.execute(SPENT_TODAY).fetchone()[0] if self._daily_budget else 0  # type: ignore[index]
-        now = time.monotonic()
-        holds = {kind: (now + remaining, reason) for kind, _, remaining, reason in rows}
-        with self._lock:
-            known = {k: t for k, (t, _) in self._holds.items() if t > now}
-            self._holds = holds
-        for kind, (until, reason) in holds.items():
-            if abs(until - known.get(kind, 0.0)) > 1.0:  # new, or lengthened
-                self._log_hold(kind, until, reason)
-                self._wake_in(until - now)
-        if self._daily_budget and float(spent) >= self._daily_budget:
-            midnight = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
-            seconds = (midnight + timedelta(days=1) - datetime.now(UTC)).total_seconds()
-            spent_text = _money(float(spent))
-            reason = f"{BUDGET_NOTE}${self._daily_budget:g} is spent ({spent_text})"
-            self._hold_here(DEFAULT_KIND, seconds, reason)
-
-    def _hold(self, kind: str, until: datetime, reason: str) -> None:
-        """No worker starts jobs of ``kind`` before ``until``: the others learn it by NOTIFY
-        (or at their next poll), this one at once."""
-        assert self._pool is not None
-        # (when the database is away, the others learn it from their own jobs)
-        params = {"kind": kind, "until": until, "reason": reason, "channel": NOTIFY_CHANNEL}
-        with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
-            conn.execute(SET_HOLD, params)
-        held = (time.monotonic() + (until - datetime.now(UTC)).total_seconds(), reason)
-        with self._lock:
-            self._holds[kind] = held
-        self._log_hold(kind, *held)
-        self._wake_in(held[0] - time.monotonic())
-
-    @staticmethod
-    def _log_hold(kind: str, until: float, reason: str) -> None:
-        logger.warning(
-            "no worker starts %s jobs until %s: %s",
-            kind,
-            _clock_time(until),
-            reason,
-            extra={"fields": {"event": "held", "kind": kind, "reason": reason}},
-        )
-
-    def _back_off(self, kind: str, reason: str) -> None:
-        """This worker is unfit for ``kind`` jobs: it starts none for 5 minutes, doubling (up to
-        an hour) while it stays unfit."""
-        with self._lock:
-            self._unfit[kind] = reason
-            held = self._own_holds.get(kind, (0.0, ""))[0] > time.monotonic()
-            seconds = self._unfit_for
-            if not held:
-                self._unfit_for = min(self._unfit_for * 2, UNFIT_BACKOFF[1])
-        if not held:
-            self._hold_here(kind, seconds, reason)
-
-    def _refit(self, kind: str) -> None:
-        """Someone lifted the back-off of workers unfit for ``kind`` (`resume --hold`): try
-        its jobs again now (a spent daily budget stays spent)."""
-        with self._lock:
-            was = self._unfit.pop(kind, None)
-            held = self._own_holds.get(kind)
-            if held and not held[1].startswith(BUDGET_NOTE):
-                del self._own_holds[kind]
-            self._unfit_for = UNFIT_BACKOFF[0]
-        if was:
-            logger.info(
-                "this worker tries %s jobs again (its back-off was lifted)",
-                kind,
-                extra={"fields": {"event": "refit", "kind": kind}},
-            )
-        self._wake.set()
-
-    def _hold_here(self, kind: str, seconds: float, reason: str) -> None:
-        """This worker starts no ``kind`` job for ``seconds``; `workers` shows why."""
-        now = time.monotonic()
-        until = now + seconds
-        with self._lock:
-            held = self._own_holds.get(kind, (0.0, ""))[0]
-            if held > now and held >= until - 1:
-                return  # already held as long
-            self._own_holds[kind] = (until, reason)
-        logger.warning(
-            "this worker starts no %s job until %s: %s",
-            kind,
-            _clock_time(until),
-            reason,
-            extra={"fields": {"event": "paused", "kind": kind, "reason": reason}},
-        )
-        self._wake_in(seconds)
-        assert self._pool is not None and self._session is not None
-        if kind != DEFAULT_KIND:  # (the workers table has room for claude's back-off only)
-            return
-        at = datetime.now(UTC) + timedelta(seconds=seconds)
-        with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
-            params = {"id": self._session.worker_id, "until": at, "reason": reason}
-            conn.execute(PAUSE_WORKER_KIND, params)
-
-    def _idle_wait(self, next_poll: float) -> float:
-        """Seconds until the next poll, or sooner when a known job becomes due."""
-        with self._lock:
-            now = time.monotonic()
-            while self._wakeups and self._wakeups[0] <= now:
-                heapq.heappop(self._wakeups)
-            due = self._wakeups[0] if self._wakeups else next_poll
-        return max(0.0, min(next_poll, due) - now)
-
-    def _wake_in(self, seconds: float) -> None:
-        with self._lock:
-            heapq.heappush(self._wakeups, time.monotonic() + min(seconds, MAX_DURATION))
-        self._wake.set()  # recompute the wait
-
-    def _on_notify(self, payload: str) -> None:
-        """A job was queued (or became ready) somewhere: wake up if it is for us; or a job
-        is to be cancelled: stop it if it runs here. Whatever else arrives only wakes."""
-        try:
-            notice = json.loads(payload)
-            if isinstance(notice, dict) and "cancel" in notice:
-                self._cancel(uuid.UUID(str(notice["cancel"])))
-                return
-            if isinstance(notice, dict) and "hold" in notice:
-                self._holds_changed = True  # learned by the claim loop, which this wakes
-                if notice.get("lift") is True and isinstance(notice["hold"], str):
-                    self._refit(notice["hold"])
-            queue, at = notice["queue"], notice.get("at")
-            if not isinstance(queue, str) or not isinstance(at, int | float | None):
-                raise TypeError
-        except (ValueError, KeyError, TypeError, AttributeError):
-            self._wake.set()
-            return
-        if self._claim_queues != (None,) and queue not in self.queues:
-            return
-        if at is None or not at > time.time():
-            self._wake.set()
-        else:
-            self._wake_in(at - time.time())
-
-    def _cancel(self, job_id: uuid.UUID) -> None:
-        """Stop a job that `cancel` asked to stop, if it runs here."""
-        with self._lock:
-            attempt = self._running.get(job_id)
-        if attempt is not None and attempt.context.stop_reason is None:
-            _log_job("cancelling", attempt.job, logging.WARNING)
-            attempt.context.request_stop(STOP_CANCEL)
-
-    # -- running --------------------------------------------------------------------------
-
-    def _running_count(self) -> int:
-        with self._lock:
-            return len(self._running)
-
-    def _busy_count(self) -> int:
-        with self._lock:
-            return self._busy
-
-    def _attempts(self) -> list[_Attempt]:
-        with self._lock:
-            return list(self._running.values())
-
-    def _job_loop(self) -> None:
-        while (attempt := self._inbox.get()) is not None:
-            try:
-                outcome = self._execute(attempt)
-            except BaseException:  # a bug; the job stays claimed until reconciled or recovered
-                logger.exception("internal error while running job %s", attempt.job.id)
-                outcome = None
-            with self._lock:
-                self._busy -= 1
-                if outcome is None:
-                    self._running.pop(attempt.job.id, None)
-            if outcome is not None:
-                assert self._recorder is not None
-                self._recorder.submit(outcome)
-            self._wake.set()
-
-    def _execute(self, attempt: _Attempt) -> _Outcome | None:
-        """Run one attempt; what it came to (None: nothing may be written)."""
-        job, context = attempt.job, attempt.context
-        if self._daily_budget and job.kind == DEFAULT_KIND:
-            with contextlib.suppress(*_TRANSIENT):  # one that ended while this was claimed
-                self._learn_holds()  # may have spent the day's budget
-        if job.kind not in self._startable_kinds():  # held since it was claimed
-            return _Outcome(attempt, RELEASE, _released(job.run_at), Progress(), logged=True)
-        if not self._admit(job):  # it keeps its place in the queue
-            reason = f"concurrency key busy: {job.concurrency_key}"
-            _log_job("deferred", job, logging.DEBUG, reason=reason)
-            return _Outcome(attempt, RELEASE, _released(job.run_at), Progress(), logged=True)
-        _log_job("claimed", job, worker=self.name, branch=_branch_of(job))
-        failure: BaseException | None = None
-        trace: str | None = None
-        interrupted = False
-        result = "null"
-        try:
-            value = self.handlers[job.kind](job)
-        except _Interrupted:
-            interrupted = True
-        except Postpone as postponed:
-            if not isinstance(postponed, WorkerUnfit):
-                self._count_ran()
-            return self._postpone(attempt, postponed)
-        except JobFailed as error:
-            failure = error
-        except BaseException as error:  # KeyboardInterrupt and SystemExit too: the thread goes on
-            failure, trace = error, traceback.format_exc()[-8000:]
-        else:
-            try:
-                result = _to_json(value)
-            except ValueError as error:
-                failure = PermanentError(str(error))
-        self._count_ran()
-        progress = context.take_progress()
-        if context.stop_reason == STOP_LOST:
-            _log_job("abandoned", job, logging.WARNING, reason="the claim was lost")
-            return None
-        if context.stop_reason == STOP_CANCEL and (interrupted or failure is not None):
-            return _Outcome(attempt, CANCELLED, {}, progress)
-        if interrupted or (context.stop_reason == STOP_SHUTDOWN and failure is not None):
-            return _Outcome(attempt, RELEASE, _released(), progress)
-        if failure is None:
-            with self._lock:  # it works here
-                self._unfit_for = UNFIT_BACKOFF[0]
-                self._unfit.pop(job.kind, None)
-            return _Outcome(attempt, SUCCEED, {"results": result}, progress)
-        if isinstance(failure, JobFailed):
-            message, stored = str(failure), failure.result
-        else:
-            message, stored = f"{type(failure).__name__}: {failure}", None
-        try:
-            stored_json = None if stored is None else _to_json(stored)
-        except ValueError:
-            stored_json = None
-        fields = {
-            "permanents": isinstance(failure, PermanentError),
-            "delays": backoff_delay(job.attempts, *self._backoff),
-            "errors": _storable(message),
-            "tracebacks": _storable(trace),
-            "results": stored_json,
-        }
-        return _Outcome(attempt, FAIL, fields, progress)
-
-    def _admit(self, job: Job) -> bool:
-        """Take a slot of the job's concurrency key (True when it has none to take): under
-        the key's lock, so that admissions on every worker see each other."""
-        if job.concurrency_key is None or job.concurrency_limit == 0:
-            return True
-        assert self._pool is not None
-        key = {"namespace": KEY_LOCK_NAMESPACE, "key": job.concurrency_key}
-        try:
-            with self._pool.connection() as conn, conn.transaction():
-                conn.execute(LOCK_KEY, key)
-                params = {"id": job.id, "claim": job.claim}
-                return conn.execute(ADMIT, params).fetchone() is not None
-        except _TRANSIENT:
-            return False  # the job goes back; the database decides when it is back
-
-    def _count_ran(self) -> None:
-        """A handler ran here (and did not give its job back as one it cannot run here)."""
-        with self._lock:
-            self._ran += 1
-
-    def _postpone(self, attempt: _Attempt, postponed: Postpone) -> _Outcome:
-        """The job goes back unspent; a usage limit holds claude jobs on every worker, a worker
-        unfit for them stops taking them for a while."""
-        run_at = None if postponed.run_at is None else _within_reach(postponed.run_at)
-        if isinstance(postponed, UsageLimitReached) and run_at:
-            self._hold(attempt.job.kind, run_at, str(postponed))
-        elif isinstance(postponed, WorkerUnfit):
-            self._back_off(attempt.job.kind, str(postponed))
-        if run_at is not None and isinstance(postponed, UsageLimitReached):
-            run_at += timedelta(seconds=random.uniform(0, 60))  # not every worker at once
-        _log_job("postponed", attempt.job, logging.WARNING, until=run_at, reason=str(postponed))
-        progress = attempt.context.take_progress()
-        fields = _released(run_at, str(postponed))
-        return _Outcome(attempt, RELEASE, fields, progress, logged=True)
-
-    def _written(self, outcome: _Outcome, status: str | None) -> None:
-        """The recorder wrote an outcome (status: the job's new status, "" for a write an
-        earlier lost reply had made, None if the claim was lost): log it, free its place."""
-        attempt, job = outcome.attempt, outcome.attempt.job
-        duration = time.monotonic() - attempt.started
-        if status == "":  # written before: what it came to is what the query set
-            status = {SUCCEED: "succeeded", RELEASE: "queued", CANCELLED: "cancelled"}.get(
-                outcome.query, "recorded"
-            )
-        if status is None:
-            _log_job(
-                "abandoned",
-                job,
-                logging.WARNING,
-                reason="this worker's claim on the job is gone (the job was put back or "
-                "taken over while the database was out of reach); this outcome is discarded",
-            )
-        elif status == JobStatus.CANCELLED:
-            _log_job("cancelled", job, logging.WARNING, duration=duration)
-        elif outcome.query == RELEASE:
-            if not outcome.logged:
-                _log_job("released", job, logging.WARNING, reason="forced shutdown")
-        elif status == JobStatus.SUCCEEDED:
-            _log_job("succeeded", job, duration=duration)
-        elif status == JobStatus.QUEUED:
-            delay = outcome.fields["delays"]
-            _log_job(
-                "retry scheduled",
-                job,
-                logging.WARNING,
-                duration=duration,
-                retry_in=delay,
-                error=outcome.fields["errors"],
-            )
-            self._wake_in(delay)
-        else:
-            _log_job(
-                "failed",
-                job,
-                logging.ERROR,
-                duration=duration,
-                error=outcome.fields.get("errors"),
-                permanent=outcome.fields.get("permanents") or None,
-            )
-        if self._daily_budget and job.kind == DEFAULT_KIND:
-            self._holds_changed = True  # its cost counts towards the day's
-        with self._lock:
-            self._running.pop(job.id, None)
-        self._wake.set()
-
-    # -- liveness -------------------------------------------------------------------------
-
-    def _watch(self) -> None:
-        """Stop this worker's jobs before others may take them over: when no heartbeat has
-        reached the database for nearly the lock grace period."""
-        session = self._session
-        assert session is not None
-        while not self._closed.wait(0.25):
-            with session.lease_lock:
-                alive, epoch, silent = (
-                    session.alive,
-                    session.epoch,
-                    _lease_clock() - session.last_ok,
-                )
-            if alive and silent > self._lock_grace - FENCE_MARGIN:
-                self._fence(epoch, f"no heartbeat reached the database for {silent:.1f}s")
-
-    def _clean_up(self) -> None:
-        """Now and then, delete succeeded and cancelled jobs older than the retention (failed
-        ones stay for people to look at): one worker at a time, in small batches."""
-        assert self._pool is not None
-        wait = JANITOR_FIRST_PASS
-        while not self._closed.wait(wait):
-            wait = JANITOR_INTERVAL
-            try:
-                with self._pool.connection() as conn:
-                    deleted = cleanup_jobs(conn, self._retention, exclusive=True)
-            except _TRANSIENT:
-                continue
-            except Exception:  # a bug, or a database refusing: try again next time
-                logger.exception("cannot clean up finished jobs")
-                continue
-            if deleted:
-                logger.info(
-                    "deleted %d succeeded or cancelled job(s) past the retention of %s",
-                    deleted,
-                    _duration_text(self._retention),
-                    extra={"fields": {"event": "cleanup", "deleted": deleted}},
-                )
-
     def _fence(self, epoch: int, why: str) -> None:
         """End the lease ``epoch`` and stop every job claimed under it, now: other workers
         may run them from here on."""
@@ -5675,7 +5869,7 @@ class Worker:
         with self._session.lease_lock:
             if not self._session.end_lease(epoch):
                 return
-            attempts = self._attempts()
+            attempts = self._book.attempts()
         for attempt in attempts:
             attempt.context.request_stop(STOP_LOST)
         logger.error(
@@ -5683,6 +5877,40 @@ class Worker:
             why,
             len(attempts),
             extra={"fields": {"event": "lease lost", "jobs": len(attempts)}},
+        )
+
+
+def _check_worker_settings(
+    concurrency: int,
+    poll_interval: float,
+    heartbeat_timeout: float,
+    backoff_base: float,
+    backoff_max: float,
+    shutdown_timeout: float | None,
+    retention: float,
+    daily_budget_usd: float | None,
+    lock_grace: float,
+) -> None:
+    """ConfigError for worker settings out of range."""
+    if daily_budget_usd is not None and not daily_budget_usd > 0:
+        raise ConfigError(f"the daily budget must be positive, not {daily_budget_usd}")
+    if not 1 <= concurrency <= 1000:
+        raise ConfigError(f"concurrency must be between 1 and 1000, not {concurrency}")
+    durations = {
+        "poll interval": poll_interval,
+        "heartbeat timeout": heartbeat_timeout,
+        "backoff base": backoff_base,
+        "backoff max": backoff_max,
+        "shutdown timeout": shutdown_timeout or 1.0,
+        "retention": retention or 1.0,
+    }
+    for name, seconds in durations.items():
+        if not 0 < seconds <= MAX_DURATION:
+            raise ConfigError(f"the {name} must be between 0 and {MAX_DURATION:g}s")
+    if heartbeat_timeout < lock_grace or lock_grace <= FENCE_MARGIN + HEARTBEAT_INTERVAL:
+        raise ConfigError(
+            f"the heartbeat timeout must be at least {lock_grace:g}s "
+            f"and the lock grace more than {FENCE_MARGIN + HEARTBEAT_INTERVAL:g}s"
         )
 
 

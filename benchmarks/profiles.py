@@ -69,7 +69,7 @@ def timed(stats: dict[str, list[tuple[float, int]]], cls: type, name: str, key: 
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         result = original(self, *args, **kwargs)
-        items = len(args[0]) if args and isinstance(args[0], list) else (result or 0)
+        items = next((len(arg) for arg in args if isinstance(arg, list)), 0)
         stats[key].append((time.perf_counter() - started, items))
         return result
 
@@ -146,13 +146,15 @@ def profile_spawn(workdir: Path) -> None:
         subprocess.run(argv, input=b"x", capture_output=True, start_new_session=True)
 
     def supervised(_: int) -> None:
-        read, write = claude_jobs._control_pipe()
-        command = claude_jobs._supervised(argv, read, None, 1.0)
+        read, write = claude_jobs._pipe(1)
+        told, report = claude_jobs._pipe(0)
+        command = claude_jobs._supervised(argv, read, report, None, 1.0)
         subprocess.run(
-            command, input=b"x", capture_output=True, start_new_session=True, pass_fds=(read,)
-        )
-        os.close(read)
-        os.close(write)
+            command, input=b"x", capture_output=True, start_new_session=True,
+            pass_fds=(read, report),
+        )  # fmt: skip
+        for fd in (read, write, told, report):
+            os.close(fd)
 
     def runner(_: int) -> None:
         context = claude_jobs.RunContext(uuid.uuid4(), 1, None, 60)
@@ -194,8 +196,7 @@ def profile_backlog(workdir: Path) -> None:
     """Claim and completion round trips while 10,000 jobs drain from each backlog."""
     logging.getLogger("claude_jobs").setLevel(logging.WARNING)
     stats: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    timed(stats, claude_jobs.Worker, "_claim", "claim")
-    timed(stats, claude_jobs._Recorder, "_write", "completion batch")
+    timed(stats, claude_jobs._Writer, "round", "round (record and claim)")
     for label, queued, finished in (("10k", 10_000, 0), ("1M", 1_000_000, 1_000_000)):
         srv = server(workdir)
         url = srv.get_uri()

@@ -468,7 +468,7 @@ def test_an_unfit_worker_backs_off_longer_each_time_and_recovers_at_once(
             assert gap >= back_off, (gaps, "5 minutes doubling to an hour, here scaled down")
         logged_in.touch()
         wait_for(lambda: status_of(conn, job.id) == "succeeded", what="the job, once logged in")
-        assert worker._unfit_for == 0.4, "claude works again: the next back-off starts short"
+        assert worker._holds._unfit_for == 0.4, "claude works again: the next back-off is short"
         assert job_row(conn, job.id)["attempts"] == 1
     finally:
         worker.stop()
