@@ -28,10 +28,38 @@ From Python::
 Environment: DATABASE_URL (or CLAUDE_JOBS_DATABASE_URL), CLAUDE_JOBS_HOME, and a CLAUDE_JOBS_*
 variable for every command-line option (``claude-jobs COMMAND --help`` names each one).
 
-Sections, top to bottom; data flows down the page and nothing calls upward:
-    constants · exceptions · data model · schema · queries · database helpers ·
-    handler registry · queue API · execution (backoff, the claude handler) · worker ·
-    logging · command line
+Map of the module. Sections, top to bottom; data flows down the page, nothing calls upward:
+
+    constants, exceptions     what can go wrong, and the numbers that tune it
+    data model                Job, JobStatus, JobOptions and how values read to people
+    schema                    MIGRATIONS: every schema change, in order (``migrate``)
+    queries                   every SQL statement, named in capitals, with why-comments
+    database helpers          connect, the embedded PostgreSQL, ``_db_*``: one small typed
+                              function per statement, the only place its parameters are built
+    queue API                 enqueue, enqueue_many, cancel, retry, list, stats, why a job waits
+    execution                 decide (an attempt's outcome: a pure function), backoff, the run
+                              context, the supervisor of a claude run, ClaudeHandler, ClaudePolicy
+    worker                    the parts below, and Worker, which starts and stops them
+    logging, command line     configure_logging and the click commands (public API only)
+
+The worker's parts, each with one job, and the thread it runs on:
+
+    _Dispatcher   the thread that calls Worker.run(): rounds that record what finished and
+                  claim for the free runners, in one pipeline (see _Writer); reconciles
+    _Runners      "claude-jobs-job-N": run one handler at a time each, decide its Outcome
+    _Session      "claude-jobs-session": advisory lock (the lease), LISTEN, heartbeat,
+                  recovery of dead workers' jobs
+    _Watchdog     "claude-jobs-watchdog": fences the lease when heartbeats stop getting through
+    _Janitor      "claude-jobs-janitor": unblocks jobs races left blocked; deletes old jobs
+    _Book, _Holds what those threads share, each behind its own lock
+
+The path of a job: ``enqueue`` inserts it (``blocked`` when it waits for another job or a busy
+concurrency key) and NOTIFYs; a dispatcher's round claims it (CLAIM: ``FOR UPDATE SKIP
+LOCKED``, a fresh claim token) and hands it to a runner; the handler runs (claude under its
+supervisor); ``decide`` turns what it returned or raised into an Outcome; the next round
+writes it (RECORD, fenced on the claim token) and, in the same transaction, unblocks the jobs
+that waited for it (UNBLOCK). A worker that dies leaves its lock free: another worker's
+session puts its jobs back (REAP_WORKER, RECOVER_JOBS_OF).
 """
 
 from __future__ import annotations
@@ -46,6 +74,7 @@ import importlib
 import itertools
 import json
 import logging
+import logging.handlers
 import math
 import os
 import queue as queue_module
@@ -161,9 +190,11 @@ OUTPUT_CHANNEL = "claude_jobs_output"  # a job's transcript grew, or it moved on
 #: First key of every advisory lock we take ("cjob"); the second key is 0 for
 #: migrations and a worker's lock_key otherwise.
 LOCK_NAMESPACE = 0x636A6F62
-#: First key of the admission lock of a concurrency key ("ckey"); the second, its hash.
+#: First key of the lock of a concurrency key ("ckey"); the second, its hash.
 KEY_LOCK_NAMESPACE = 0x636B6579
 MIGRATION_LOCK_KEY = 0
+#: Second keys of the locks that let one worker at a time do a task.
+CLEANUP_TASK, UNBLOCK_TASK = -1, -2
 
 DEFAULT_QUEUE = "default"
 DEFAULT_KIND = "claude"
@@ -192,6 +223,10 @@ HEARTBEAT_INTERVAL = 1.0
 LOCK_GRACE = 5.0
 #: How often each worker looks for dead workers.
 SWEEP_INTERVAL = 1.0
+
+#: How often a worker looks for blocked jobs that may run (what ends jobs unblocks those that
+#: waited for them; this finds those that two transactions at once each left to the other).
+UNBLOCK_CHECK_INTERVAL = 10.0
 #: A worker stops its own jobs this long before others may take them over.
 FENCE_MARGIN = 2.0
 #: A worker that lost its lease waits at most this long for the outcomes that finished under
@@ -621,6 +656,54 @@ CREATE TABLE claude_jobs_worktrees (
 );
 """,
     ),
+    (
+        6,
+        """\
+-- Blocked jobs stay out of the claim's way, however many there are: a queued job that cannot
+-- run yet is marked with what it waits for, and the claim's indexes leave it out. 'jobs': it
+-- waits for jobs that have not succeeded, or continues one that has not finished; 'key': the
+-- jobs of its concurrency key ahead of it take every slot. Enqueueing marks a job; whatever
+-- ends jobs unmarks those that may run now (see UNBLOCK).
+ALTER TABLE claude_jobs ADD COLUMN blocked text CHECK (blocked IN ('jobs', 'key'));
+-- (the jobs queued before this version are marked so too)
+UPDATE claude_jobs w SET blocked = 'jobs'
+WHERE w.status = 'queued' AND (
+    (w.after IS NOT NULL AND EXISTS (
+        SELECT FROM unnest(w.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
+        WHERE d.status IS DISTINCT FROM 'succeeded'))
+    OR (w.continue_from IS NOT NULL AND coalesce((
+        SELECT p.status IN ('queued', 'running') FROM claude_jobs p
+        WHERE p.id = w.continue_from), false)));
+UPDATE claude_jobs w SET blocked = 'key'
+FROM (SELECT q.id, q.concurrency_limit - (
+             SELECT count(*) FROM claude_jobs r
+             WHERE r.status = 'running' AND r.concurrency_key = q.concurrency_key) AS free,
+         row_number() OVER (PARTITION BY q.concurrency_key
+                            ORDER BY q.run_at > now(), q.priority DESC, q.run_at, q.seq) AS n
+      FROM claude_jobs q
+      WHERE q.status = 'queued' AND q.blocked IS NULL AND q.concurrency_key IS NOT NULL
+        AND q.concurrency_limit > 0) x
+WHERE w.id = x.id AND x.n > x.free;
+DROP INDEX claude_jobs_ready_in_queue;
+DROP INDEX claude_jobs_ready;
+CREATE INDEX claude_jobs_ready_in_queue ON claude_jobs (queue, priority DESC, run_at, seq)
+    WHERE status = 'queued' AND blocked IS NULL;
+CREATE INDEX claude_jobs_ready ON claude_jobs (priority DESC, run_at, seq)
+    WHERE status = 'queued' AND blocked IS NULL;
+-- the queued jobs of a key in claim order (how many are ahead of a job; which go first)
+CREATE INDEX claude_jobs_queued_keys ON claude_jobs (concurrency_key, priority DESC, run_at, seq)
+    WHERE status = 'queued' AND concurrency_key IS NOT NULL;
+-- the blocked jobs that wait for a job
+CREATE INDEX claude_jobs_blocked_after ON claude_jobs USING gin (after)
+    WHERE status = 'queued' AND blocked IS NOT NULL;
+CREATE INDEX claude_jobs_blocked_continuations ON claude_jobs (continue_from)
+    WHERE status = 'queued' AND blocked IS NOT NULL;
+-- every running job of a key, admitted or not (admission and unblocking count them)
+DROP INDEX claude_jobs_keys_held;
+CREATE INDEX claude_jobs_running_keys ON claude_jobs (concurrency_key)
+    WHERE status = 'running' AND concurrency_key IS NOT NULL;
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -687,10 +770,10 @@ ENQUEUE = f"""
 -- enqueue: insert one job and wake the workers of its queue, in one statement
 WITH job AS (
     INSERT INTO claude_jobs (queue, kind, priority, payload, run_at, max_attempts, timeout,
-        concurrency_key, concurrency_limit, after, continue_from, widens)
+        concurrency_key, concurrency_limit, after, continue_from, widens, blocked)
     VALUES (%(queue)s, %(kind)s, %(priority)s, %(payload)s::jsonb, coalesce(%(run_at)s, now()),
             %(max_attempts)s, %(timeout)s, %(concurrency_key)s, %(concurrency_limit)s,
-            %(after)s::uuid[], %(continue_from)s, %(widens)s::text[])
+            %(after)s::uuid[], %(continue_from)s, %(widens)s::text[], %(blocked)s)
     RETURNING {_JOB_COLUMNS}
 )
 SELECT job.*, pg_notify(%(channel)s, json_build_object(
@@ -702,13 +785,13 @@ FROM job
 COPY_JOBS = """
 -- copy_jobs: bulk insert (enqueue_many) of jobs ready now, by the database's clock
 COPY claude_jobs (id, queue, kind, priority, max_attempts, payload, timeout, concurrency_key,
-    concurrency_limit, after) FROM STDIN
+    concurrency_limit, after, blocked) FROM STDIN
 """
 
 COPY_SCHEDULED_JOBS = """
 -- copy_scheduled_jobs: bulk insert (enqueue_many) of jobs that wait for their run_at
 COPY claude_jobs (id, queue, kind, priority, max_attempts, payload, timeout, concurrency_key,
-    concurrency_limit, after, run_at) FROM STDIN
+    concurrency_limit, after, blocked, run_at) FROM STDIN
 """
 
 NOTIFY_QUEUE = """
@@ -763,7 +846,7 @@ UPDATE claude_jobs
 SET status = 'cancelled', finished_at = now(), updated_at = now(),
     last_error = 'cancelled before it ran'
 WHERE id = %(id)s AND status = 'queued'
-RETURNING id
+RETURNING id, CASE WHEN concurrency_limit > 0 THEN concurrency_key END AS slot_key
 """
 
 REQUEST_CANCEL = """
@@ -791,7 +874,7 @@ WITH chosen AS (
     UPDATE claude_jobs j
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
         cancel_requested_at = NULL, claim = NULL, worker_id = NULL, worker = NULL,
-        updated_at = now()
+        blocked = NULL, updated_at = now()
     FROM chosen
     WHERE j.id = chosen.id
       AND NOT EXISTS (SELECT FROM unnest(j.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
@@ -895,9 +978,10 @@ DELETE FROM claude_jobs WHERE id IN (
     LIMIT %(batch)s FOR UPDATE OF d SKIP LOCKED)
 """
 
-TRY_CLEANUP_LOCK = """
--- try_cleanup_lock: one worker at a time cleans up, for the rest of the transaction
-SELECT pg_try_advisory_xact_lock(%(namespace)s, -1)
+TRY_TASK_LOCK = """
+-- try_task_lock: one worker at a time does this task (cleanup, blocking), for the rest of
+-- the transaction
+SELECT pg_try_advisory_xact_lock(%(namespace)s, %(task)s)
 """
 
 PAUSED_QUEUES = """
@@ -958,6 +1042,7 @@ PURGE_BATCH = """
 DELETE FROM claude_jobs WHERE id IN (
     SELECT id FROM claude_jobs WHERE queue = %(queue)s AND status = 'queued'
     LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
+RETURNING id, CASE WHEN concurrency_limit > 0 THEN concurrency_key END AS slot_key
 """
 
 FOLLOW_JOB = """
@@ -977,6 +1062,18 @@ SELECT j.status, j.transcript_size, j.attempts, j.max_attempts, j.last_error, j.
 FROM claude_jobs j WHERE j.id = %(id)s
 """
 
+# Whether queued job {w} waits for other jobs: for one it runs after that has not succeeded
+# (or is gone), or for the job it continues to finish. Such a job is blocked by the sweep.
+# (A scalar subquery, not EXISTS, looks up the continued job: PostgreSQL may turn an EXISTS
+# under an OR into a hashed scan of every job.)
+_WAITS_FOR_JOBS = """(
+    ({w}.after IS NOT NULL AND EXISTS (
+        SELECT FROM unnest({w}.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
+        WHERE d.status IS DISTINCT FROM 'succeeded'))
+    OR ({w}.continue_from IS NOT NULL AND coalesce((
+        SELECT p.status IN ('queued', 'running') FROM claude_jobs p
+        WHERE p.id = {w}.continue_from), false)))"""
+
 _CLAIM = f"""
 -- claim: take up to `limit` ready jobs of the kinds this worker may start, highest priority
 -- first, then oldest run_at, then first enqueued; skip rows other workers are claiming now.
@@ -985,19 +1082,17 @@ WITH me AS (
     SELECT id FROM claude_jobs_workers WHERE id = %(worker_id)s FOR KEY SHARE
 ), ready AS (
     SELECT c.id FROM claude_jobs c
-    WHERE c.status = 'queued' AND c.run_at <= now() {{queue_filter}}
+    WHERE c.status = 'queued' AND c.blocked IS NULL AND c.run_at <= now() {{queue_filter}}
       AND c.kind = ANY(%(kinds)s) AND EXISTS (SELECT FROM me)
       AND NOT EXISTS (SELECT FROM claude_jobs_queues q
                       WHERE q.queue = c.queue AND q.paused_at IS NOT NULL)
-      -- jobs it waits for all succeeded
-      AND (c.after IS NULL OR NOT EXISTS (
-          SELECT FROM unnest(c.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
-          WHERE d.status IS DISTINCT FROM 'succeeded'))
-      -- the job it continues finished, and its session is kept on this host
-      AND (c.continue_from IS NULL OR EXISTS (
-          SELECT FROM claude_jobs p
-          WHERE p.id = c.continue_from AND p.status IN ('succeeded', 'failed', 'cancelled')
-            AND coalesce(p.session_host, %(host)s) = %(host)s))
+      -- (checked here too for a job not marked blocked yet: the marks only save work)
+      -- the jobs it waits for all succeeded, and the job it continues finished
+      AND NOT {_WAITS_FOR_JOBS.format(w="c")}
+      -- whose session is kept on this host (or is not known to be kept anywhere)
+      AND (c.continue_from IS NULL OR (
+          SELECT coalesce(p.session_host, %(host)s) = %(host)s FROM claude_jobs p
+          WHERE p.id = c.continue_from))
       -- its concurrency key has a free slot (taking it, admission makes sure), and no job of
       -- the key ahead of it was claimed and waits to be admitted (it would be refused: ADMIT)
       AND (c.concurrency_key IS NULL OR c.concurrency_limit = 0 OR (c.concurrency_limit > (
@@ -1032,7 +1127,7 @@ SELECT min(kind) FROM (
     SELECT kind FROM claude_jobs c
     WHERE status = 'queued' AND run_at <= now() AND kind = ANY(%(kinds)s)
       AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
-      AND after IS NULL AND continue_from IS NULL
+      AND blocked IS NULL AND after IS NULL AND continue_from IS NULL
       AND NOT EXISTS (SELECT FROM claude_jobs_queues q
                       WHERE q.queue = c.queue AND q.paused_at IS NOT NULL)
     LIMIT 1) ready
@@ -1045,14 +1140,11 @@ WHERE status = 'queued' AND run_at > created_at AND run_at > now() AND kind = AN
   AND (%(queues)s::text[] IS NULL OR queue = ANY(%(queues)s::text[]))
 """
 
-# What every statement that ends jobs returns per row: the job's id, new status and run_at; on
-# the way it tells `logs -f` that a job with a transcript moved on, and wakes the workers when
-# a job may run now that this one is over: one that waits for it, or one of its concurrency
-# key (a notice without a queue wakes every worker).
-_OUTCOME_RETURNING = f"""RETURNING j.id, j.status, j.run_at,
-    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END,
-    CASE WHEN j.status <> 'running' AND (j.key_held OR j.id IN {_AWAITED_IDS})
-        THEN pg_notify('claude_jobs', '{{"queue": null}}') END"""
+# What the record statement returns per row: the job's id, new status and run_at; on the way
+# it tells `logs -f` that a job with a transcript moved on. (Waking the workers for the jobs
+# that may run now that this one is over is UNBLOCK's.)
+_OUTCOME_RETURNING = """RETURNING j.id, j.status, j.run_at,
+    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END"""
 
 RECORD = f"""
 -- record: what attempts of this worker came to, and what running ones produced so far, one
@@ -1152,6 +1244,100 @@ FROM m WHERE j.id = m.id
     ON CONFLICT (host, path) DO UPDATE SET used_at = now()
 )
 SELECT id, status, run_at FROM done
+"""
+
+KEY_TAKEN = """
+-- key_taken: per concurrency key, how many of its slots a new job of this priority and due
+-- time finds taken: by its running jobs, and by its queued jobs ahead of it in claim order,
+-- due by then and not waiting for other jobs (each part counted up to `cap`)
+SELECT k.key,
+    (SELECT count(*) FROM claude_jobs r WHERE r.status = 'running' AND r.concurrency_key = k.key)
+    + (SELECT count(*) FROM (
+        SELECT FROM claude_jobs q
+        WHERE q.status = 'queued' AND q.concurrency_key = k.key
+          AND q.blocked IS DISTINCT FROM 'jobs' AND q.priority > %(priority)s
+          AND q.run_at <= greatest(now(), %(run_at)s) LIMIT %(cap)s) higher)
+    + (SELECT count(*) FROM (
+        SELECT FROM claude_jobs q
+        WHERE q.status = 'queued' AND q.concurrency_key = k.key
+          AND q.blocked IS DISTINCT FROM 'jobs' AND q.priority = %(priority)s
+          AND q.run_at <= greatest(now(), %(run_at)s) LIMIT %(cap)s) equal) AS taken
+FROM unnest(%(keys)s::text[]) AS k(key)
+"""
+
+# The queued jobs of concurrency key {k} that may take its free slots, in the order they
+# take them: the due ones first, each in claim order ({eligible}: which of them count).
+_KEY_QUEUE = """
+    (SELECT w.id, w.blocked, w.concurrency_limit, false AS later, w.priority, w.run_at, w.seq
+     FROM claude_jobs w
+     WHERE w.status = 'queued' AND w.concurrency_key = {k} AND w.run_at <= now() AND {eligible}
+     ORDER BY w.priority DESC, w.run_at, w.seq LIMIT {n})
+    UNION ALL
+    (SELECT w.id, w.blocked, w.concurrency_limit, true, w.priority, w.run_at, w.seq
+     FROM claude_jobs w
+     WHERE w.status = 'queued' AND w.concurrency_key = {k} AND w.run_at > now() AND {eligible}
+     ORDER BY w.priority DESC, w.run_at, w.seq LIMIT {n})"""
+
+UNBLOCK = f"""
+-- unblock: these jobs (`ended`) ended, or gave up their slot of these keys: the blocked jobs
+-- that may run now go back in the claim's way. A job that waited for them (with `all`: any
+-- job marked so) and waits for no other is unblocked, or marked as waiting for its key; and
+-- of each of these keys and theirs (with `all`: every key with jobs marked so), the jobs that
+-- go first, as many as the key's free slots (its limit less its running jobs), are unblocked.
+-- Rows are locked in id order. Every worker is woken when there may be more to claim.
+WITH cleared AS (
+    SELECT w.id, w.concurrency_key, w.concurrency_limit,
+        CASE WHEN w.concurrency_key IS NOT NULL AND w.concurrency_limit > 0 THEN 'key' END
+            AS blocked
+    FROM claude_jobs w
+    WHERE w.status = 'queued' AND w.blocked = 'jobs'
+      AND (%(all)s OR w.after && %(ended)s::uuid[] OR w.continue_from = ANY(%(ended)s::uuid[]))
+      AND NOT {_WAITS_FOR_JOBS.format(w="w")}
+), keys AS (
+    SELECT k FROM unnest(%(keys)s::text[]) AS k
+    UNION SELECT concurrency_key FROM cleared WHERE blocked = 'key'
+    UNION SELECT concurrency_key FROM claude_jobs
+    WHERE %(all)s AND status = 'queued' AND blocked = 'key'
+), free AS (
+    SELECT keys.k, greatest(0, coalesce((
+        SELECT w.concurrency_limit FROM claude_jobs w
+        WHERE w.status = 'queued' AND w.concurrency_key = keys.k AND w.blocked = 'key'
+        ORDER BY w.priority DESC, w.run_at, w.seq LIMIT 1), (
+        SELECT max(concurrency_limit) FROM cleared WHERE concurrency_key = keys.k)) - (
+        SELECT count(*) FROM claude_jobs r
+        WHERE r.status = 'running' AND r.concurrency_key = keys.k)) AS slots
+    FROM keys
+), first AS (
+    SELECT q.id, q.blocked FROM free CROSS JOIN LATERAL (
+        SELECT * FROM ({
+    _KEY_QUEUE.format(
+        k="free.k",
+        n="free.slots",
+        eligible="(w.blocked IS DISTINCT FROM 'jobs' OR w.id IN (SELECT id FROM cleared))",
+    )
+}) s
+        ORDER BY later, priority DESC, run_at, seq LIMIT free.slots) q
+), changes AS (
+    SELECT id, NULL AS blocked FROM first WHERE blocked IS NOT NULL
+    UNION ALL
+    SELECT id, blocked FROM cleared WHERE id NOT IN (SELECT id FROM first)
+), locked AS MATERIALIZED (  -- (an index scan of these ids walks them in order: no sort)
+    SELECT id FROM claude_jobs WHERE id = ANY(ARRAY(SELECT id FROM changes))
+    ORDER BY id FOR UPDATE
+), unblocked AS (
+    UPDATE claude_jobs j SET blocked = changes.blocked
+    FROM locked JOIN changes USING (id)
+    WHERE j.id = locked.id AND j.status = 'queued' AND j.blocked IS NOT NULL
+    RETURNING j.blocked
+)
+SELECT count(*) FILTER (WHERE blocked IS NULL) AS unblocked,
+    CASE WHEN count(*) FILTER (WHERE blocked IS NULL) > 0 OR cardinality(%(keys)s::text[]) > 0
+              OR EXISTS (
+                  SELECT FROM claude_jobs w
+                  WHERE w.status = 'queued' AND w.blocked IS NULL
+                    AND (w.after && %(ended)s::uuid[] OR w.continue_from = ANY(%(ended)s::uuid[])))
+         THEN pg_notify(%(channel)s, '{{"queue": null}}') END
+FROM unblocked
 """
 
 ADMIT = """
@@ -1333,13 +1519,18 @@ TRY_LOCK_FOR_REAPING = """
 SELECT pg_try_advisory_xact_lock(%(namespace)s, %(key)s) AS locked
 """
 
-TERMINATE_LOCK_HOLDER = """
--- terminate_lock_holder: end a vanished worker's lingering session, freeing its lock: only
--- the session it registered, and only while that session holds the lock (not a reaper's)
-SELECT pg_terminate_backend(pid) FROM pg_locks
-WHERE locktype = 'advisory' AND granted AND classid = %(namespace)s AND objid = %(key)s
-  AND objsubid = 2 AND pid = %(backend_pid)s
-  AND database = (SELECT oid FROM pg_database WHERE datname = current_database())
+TERMINATE_VANISHED = """
+-- terminate_vanished: end a vanished worker's lingering sessions: the one it registered, only
+-- while it holds the worker's lock (not a reaper's), and the others of its process (named
+-- after it), one of which may hold its jobs' rows in a transaction it cannot finish
+SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
+WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+  AND (a.application_name = left('claude-jobs worker ' || %(host)s || ':' || %(pid)s, 63)
+       OR a.pid = (SELECT l.pid FROM pg_locks l
+                   WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %(namespace)s
+                     AND l.objid = %(key)s AND l.objsubid = 2 AND l.pid = %(backend_pid)s
+                     AND l.database = (SELECT oid FROM pg_database
+                                       WHERE datname = current_database())))
 """
 
 REAP_WORKER = """
@@ -1364,7 +1555,8 @@ SET status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
         'attempt', attempts, 'at', now(), 'started', started_at, 'worker', worker,
         'error', 'interrupted: worker ' || coalesce(worker, '?') || ' {why}'))
 WHERE status = 'running' AND {condition}
-RETURNING id, queue, kind, attempts, max_attempts, status, worker
+RETURNING id, queue, kind, attempts, max_attempts, status, worker,
+    CASE WHEN concurrency_limit > 0 THEN concurrency_key END AS slot_key
 """
 RECOVER_JOBS_OF = _REQUEUE_INTERRUPTED.format(
     purpose="recover_jobs_of: a dead worker's running jobs go back, the attempt counted",
@@ -1730,8 +1922,17 @@ def _db_leave(conn: psycopg.Connection, worker_id: uuid.UUID) -> list[dict[str, 
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         cur.execute(DEREGISTER_WORKER, {"id": worker_id})
         jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": worker_id}).fetchall()
-        _db_notify_queues(conn, jobs)
+        _db_recovered(conn, jobs)
     return jobs
+
+
+def _db_recovered(conn: psycopg.Connection, jobs: Sequence[Mapping[str, Any]]) -> None:
+    """Wake the workers of the queues of these interrupted jobs, and unblock what waited for
+    those of them that ended (out of attempts, or cancelled)."""
+    _db_notify_queues(conn, jobs)
+    ended = [job for job in jobs if job["status"] != JobStatus.QUEUED]
+    if ended:
+        _db_unblock(conn, [job["id"] for job in ended], [job["slot_key"] for job in ended])
 
 
 def _db_stale_workers(
@@ -1753,12 +1954,14 @@ def _db_reap(
         if not cur.execute(TRY_LOCK_FOR_REAPING, key).fetchone()["locked"]:  # type: ignore[index]
             if not worker["vanished"]:
                 return None  # its session holds the lock: alive, only slow (or being reaped)
+            params = {**key, "backend_pid": worker["backend_pid"], "host": worker["host"],
+                      "pid": worker["pid"]}  # fmt: skip
             with contextlib.suppress(psycopg.errors.InsufficientPrivilege), conn.transaction():
-                cur.execute(TERMINATE_LOCK_HOLDER, {**key, "backend_pid": worker["backend_pid"]})
+                cur.execute(TERMINATE_VANISHED, params)
         if cur.execute(REAP_WORKER, {"id": worker["id"], "grace": grace}).fetchone() is None:
             return None  # it came back
         jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": worker["id"]}).fetchall()
-        _db_notify_queues(conn, jobs)
+        _db_recovered(conn, jobs)
     return jobs
 
 
@@ -1766,14 +1969,57 @@ def _db_recover_orphans(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Put back the running jobs of workers that are not registered at all."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         jobs = cur.execute(RECOVER_ORPHANS).fetchall()
-        _db_notify_queues(conn, jobs)
+        _db_recovered(conn, jobs)
     return jobs
 
 
 def _db_cancel_blocked(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Cancel the queued jobs that wait for a job that will never succeed; those jobs."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(CANCEL_BLOCKED).fetchall()
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        jobs = cur.execute(CANCEL_BLOCKED).fetchall()
+        if jobs:  # their continuations may run now
+            _db_unblock(conn, [job["id"] for job in jobs], [])
+    return jobs
+
+
+def _db_try_task_lock(conn: psycopg.Connection, task: int) -> bool:
+    """Whether this transaction may do ``task`` (no other one does it now)."""
+    params = {"namespace": LOCK_NAMESPACE, "task": task}
+    return bool(conn.execute(TRY_TASK_LOCK, params).fetchone()[0])  # type: ignore[index]
+
+
+def _db_unblock(
+    conn: psycopg.Connection, ended: Collection[uuid.UUID], keys: Iterable[str | None]
+) -> psycopg.Cursor[Any]:
+    """Send UNBLOCK, in the transaction that ended these jobs (or gave up these keys' slots):
+    the blocked jobs that may run now go back in the claim's way. How many, the cursor's row
+    says."""
+    params = {"ended": list(ended), "keys": sorted({key for key in keys if key is not None}),
+              "all": False, "channel": NOTIFY_CHANNEL}  # fmt: skip
+    return conn.execute(UNBLOCK, params)
+
+
+def _db_unblock_all(conn: psycopg.Connection) -> int:
+    """Unblock every blocked job that may run (UNBLOCK, looking at all of them), if no other
+    worker is at it; how many."""
+    with conn.transaction():
+        if not _db_try_task_lock(conn, UNBLOCK_TASK):
+            return 0
+        params = {"ended": [], "keys": [], "all": True, "channel": NOTIFY_CHANNEL}
+        return conn.execute(UNBLOCK, params).fetchone()[0]  # type: ignore[index]
+
+
+def _db_key_taken(
+    conn: psycopg.Connection,
+    keys: Collection[str],
+    priority: int,
+    run_at: datetime | None,
+    cap: int,
+) -> dict[str, int]:
+    """How many slots of each of these keys a new job of this priority and due time (None:
+    now) finds taken, counted up to about ``cap`` (see KEY_TAKEN)."""
+    params = {"keys": list(keys), "priority": priority, "run_at": run_at, "cap": cap}
+    return dict(conn.execute(KEY_TAKEN, params).fetchall())
 
 
 ###############################################################################
@@ -2353,9 +2599,17 @@ def _statuses(
     return {job_id: (status, host) for job_id, status, host in rows}
 
 
-def _chain(
-    conn: psycopg.Connection, options: JobOptions
-) -> tuple[list[uuid.UUID] | None, Job | None]:
+@dataclass(frozen=True)
+class _Chain:
+    """What a new job waits for: the jobs it runs after, the claude job it continues, and
+    whether any of them is not over yet (it is enqueued blocked, then)."""
+
+    after: list[uuid.UUID] | None
+    previous: Job | None
+    waits: bool
+
+
+def _chain(conn: psycopg.Connection, options: JobOptions) -> _Chain:
     """The jobs this one waits for (they must exist, and not have failed or been cancelled)
     and the claude job it continues."""
     try:
@@ -2372,7 +2626,32 @@ def _chain(
     previous = get_job(conn, options.continue_from) if options.continue_from else None
     if previous is not None and previous.kind != DEFAULT_KIND:
         raise InvalidJob(f"job {previous.id} is not a claude job: there is no session to continue")
-    return after, previous
+    waits = any(found[job_id][0] != JobStatus.SUCCEEDED for job_id in after or ()) or (
+        previous is not None and previous.status in (JobStatus.QUEUED, JobStatus.RUNNING)
+    )
+    return _Chain(after, previous, waits)
+
+
+def _blocked(
+    conn: psycopg.Connection, options: JobOptions, keys: Sequence[str | None], waits: bool
+) -> list[str | None]:
+    """How each of these new jobs (of these concurrency keys, in enqueue order) is marked:
+    "jobs" (all of them) when they wait for jobs not over yet; else "key" for those that find
+    every slot of their key taken (by jobs running, and those queued ahead of them), None for
+    the rest. (A mark only keeps a job out of the claim's way: see UNBLOCK.)"""
+    if waits:
+        return ["jobs"] * len(keys)
+    limit = options.concurrency_limit
+    distinct = {key for key in keys if key is not None}
+    if not limit or not distinct:
+        return [None] * len(keys)
+    taken = _db_key_taken(conn, distinct, options.priority, options.run_at, limit)
+    marks: list[str | None] = []
+    for key in keys:
+        marks.append(None if key is None or taken[key] < limit else "key")
+        if key is not None:
+            taken[key] += 1
+    return marks
 
 
 def _continuing(payload: Any, previous: Job | None) -> Any:
@@ -2533,18 +2812,21 @@ def enqueue(
     transaction: the job exists once the caller commits and vanishes if it rolls back.
     """
     options = JobOptions.build(**settings)
-    after, previous = _chain(conn, options)
+    chain = _chain(conn, options)
+    previous = chain.previous
     prepared = _prepare(options.kind, _continuing(payload, previous), base_dir)
     widens = None
     if previous is not None:
         dropped = {key for key, value in payload.items() if value is None}
         options, widens = _as_continuation(options, prepared, previous, dropped)
+    row = _row(options, prepared, previous)
     params = {
         **dataclasses.asdict(options),
-        **_row(options, prepared, previous),
-        "after": after,
+        **row,
+        "after": chain.after,
         "continue_from": previous.id if previous else None,
         "widens": widens or None,
+        "blocked": _blocked(conn, options, [row["concurrency_key"]], chain.waits)[0],
         "channel": NOTIFY_CHANNEL,
     }
     with conn.cursor(row_factory=dict_row) as cur:
@@ -2584,19 +2866,20 @@ def _copy_jobs(
     """Insert checked jobs with one COPY, then NOTIFY."""
     if options.continue_from is not None:
         raise InvalidJob("a continuation is one job: enqueue it alone")
-    after, _ = _chain(conn, options)
+    chain = _chain(conn, options)
     ids = [uuid.uuid4() for _ in prepared]
     if not prepared:
         return ids
     common = (options.queue, options.kind, options.priority, options.max_attempts)
     scheduled = () if options.run_at is None else (options.run_at,)
+    rows = [_row(options, each) for each in prepared]
     with _atomic(conn), conn.cursor() as cur:
+        marks = _blocked(conn, options, [row["concurrency_key"] for row in rows], chain.waits)
         with cur.copy(COPY_SCHEDULED_JOBS if scheduled else COPY_JOBS) as copy:
-            for job_id, each in zip(ids, prepared, strict=True):
-                row = _row(options, each)
+            for job_id, row, blocked in zip(ids, rows, marks, strict=True):
                 copy.write_row(
                     (job_id, *common, row["payload"], row["timeout"], row["concurrency_key"],
-                     row["concurrency_limit"], after, *scheduled)
+                     row["concurrency_limit"], chain.after, blocked, *scheduled)
                 )  # fmt: skip
         cur.execute(
             NOTIFY_QUEUE,
@@ -2698,12 +2981,16 @@ def cancel_jobs(
                     f"job {key} is {found[key]}: only queued or running jobs can be cancelled"
                     + ("; nothing was cancelled" if len(keys) > 1 else "")
                 )
+        slots: list[str | None] = []
         for key in keys:
-            if conn.execute(CANCEL_QUEUED, {"id": key}).fetchone():
+            if cancelled := conn.execute(CANCEL_QUEUED, {"id": key}).fetchone():
                 done[key] = JobStatus.CANCELLED
+                slots.append(cancelled[1])
             else:
                 conn.execute(REQUEST_CANCEL, {"id": key, "channel": NOTIFY_CHANNEL})
                 done[key] = JobStatus.RUNNING
+        if slots:
+            _db_unblock(conn, [key for key in keys if done[key] == JobStatus.CANCELLED], slots)
     return done
 
 
@@ -3000,11 +3287,10 @@ def cleanup_jobs(
         statuses.append(JobStatus.FAILED)
     before = datetime.now(UTC) - timedelta(seconds=seconds)
     params = {"statuses": statuses, "before": before, "batch": batch}
-    lock = {"namespace": LOCK_NAMESPACE}
     deleted = 0
     while True:
         with conn.transaction():
-            if exclusive and not conn.execute(TRY_CLEANUP_LOCK, lock).fetchone()[0]:  # type: ignore[index]
+            if exclusive and not _db_try_task_lock(conn, CLEANUP_TASK):
                 return deleted
             count = conn.execute(CLEANUP_BATCH, params).rowcount
         deleted += count
@@ -3015,9 +3301,13 @@ def cleanup_jobs(
 def purge_queue(conn: psycopg.Connection, queue: str, *, batch: int = 1000) -> int:
     """Delete every queued job of ``queue``, ``batch`` at a time; returns how many."""
     deleted = 0
-    while (count := conn.execute(PURGE_BATCH, {"queue": queue, "batch": batch}).rowcount) > 0:
-        deleted += count
-    return deleted
+    while True:
+        with _atomic(conn):
+            rows = conn.execute(PURGE_BATCH, {"queue": queue, "batch": batch}).fetchall()
+            if not rows:
+                return deleted
+            _db_unblock(conn, [row[0] for row in rows], [row[1] for row in rows])
+        deleted += len(rows)
 
 
 def queue_known(conn: psycopg.Connection, queue: str) -> bool:
@@ -3702,115 +3992,148 @@ def _run_process(
     attempt by itself when the lease runs out or this process dies. When the command exits,
     whatever it left running is killed: no process of the job keeps running.
     """
-    control, steer = _pipe(1)
-    told, report = _pipe(0)
-    lease = context.lease_deadline()
-    try:
-        process = subprocess.Popen(
-            _supervised(argv, control, report, lease, kill_grace, marks),
-            cwd=cwd,
-            env=dict(env),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=(control, report),
-            start_new_session=True,  # away from the terminal's Ctrl-C and Ctrl-Z
-        )
-    except BaseException:
-        os.close(steer)
-        os.close(told)
-        raise
-    finally:
-        os.close(control)
-        os.close(report)
+    run = _SupervisedRun(argv, cwd, env, context, kill_grace, marks)
+    return run.wait(stdin, _LineSplitter(on_line))
 
-    said = ""
 
-    def tell(order: str) -> None:
+class _SupervisedRun:
+    """One command under its supervisor (see _run_process): the pipes that steer the
+    supervisor and hear from it, and the select loop that feeds the command's stdin and reads
+    its output. Used by the one runner thread that runs the attempt."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        cwd: str,
+        env: Mapping[str, str],
+        context: RunContext,
+        kill_grace: float,
+        marks: Mapping[str, str] | None,
+    ) -> None:
+        self._context, self._kill_grace = context, kill_grace
+        control, self._steer = _pipe(1)
+        self._told, report = _pipe(0)
+        self._lease = context.lease_deadline()
+        try:
+            self._process = subprocess.Popen(
+                _supervised(argv, control, report, self._lease, kill_grace, marks),
+                cwd=cwd,
+                env=dict(env),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                pass_fds=(control, report),
+                start_new_session=True,  # away from the terminal's Ctrl-C and Ctrl-Z
+            )
+        except BaseException:
+            os.close(self._steer)
+            os.close(self._told)
+            raise
+        finally:
+            os.close(control)
+            os.close(report)
+        self._result = _ProcessExit(returncode=0, stderr="")
+        self._stopping: float | None = None  # when it was told to stop
+        self._exited_at: float | None = None  # when the supervisor exited
+        self._selector = selectors.DefaultSelector()
+        self._pending = memoryview(b"")  # of stdin, still to write
+        self._stderr_tail = bytearray()
+
+    def wait(self, stdin: bytes, lines: _LineSplitter) -> _ProcessExit:
+        """Write ``stdin``, feed stdout to ``lines`` and steer the supervisor until the
+        output ends (or the supervisor is gone and something it lost holds the pipes)."""
+        process, selector = self._process, self._selector
+        assert process.stdin and process.stdout and process.stderr
+        self._pending = memoryview(stdin)
+        if self._pending:
+            os.set_blocking(process.stdin.fileno(), False)
+            selector.register(process.stdin, selectors.EVENT_WRITE)
+        else:
+            process.stdin.close()
+        selector.register(process.stdout, selectors.EVENT_READ)
+        selector.register(process.stderr, selectors.EVENT_READ)
+        try:
+            while selector.get_map() and self._steered(time.monotonic()):
+                for key, _ in selector.select(timeout=0.1):
+                    self._transfer(key, lines)
+        finally:
+            said = self._close()
+        lines.flush()
+        self._result.returncode = process.returncode
+        self._result.stderr = self._stderr_tail.decode("utf-8", "replace")
+        for line in said.splitlines():
+            word, _, text = line.partition(" ")
+            if word == "lease":
+                self._result.lease_ran_out = True
+            elif word == "cannot-run":
+                self._result.cannot_run = text
+        return self._result
+
+    def _steered(self, now: float) -> bool:
+        """Tell the supervisor what it must know (a stop, the timeout, a renewed lease);
+        False when reading must stop: the command is gone but something holds its pipes."""
+        context, result = self._context, self._result
+        if self._stopping is None:
+            if context.stop.is_set():
+                result.stopped = context.stop_reason
+                grace = 0.0 if context.stop_reason == STOP_LOST else FORCED_KILL_GRACE
+                self._tell(f"stop {min(grace, self._kill_grace)}\n")
+                self._stopping = now
+            elif context.deadline is not None and now >= context.deadline:
+                result.timed_out = True
+                self._tell(f"stop {self._kill_grace}\n")
+                self._stopping = now
+        renewed = context.lease_deadline()
+        if renewed is not None and renewed != self._lease:
+            self._lease = renewed
+            self._tell(f"lease {renewed!r}\n")
+        if self._exited_at is None and self._process.poll() is not None:
+            self._exited_at = now
+        elif self._exited_at is not None and now - self._exited_at > 3.0:
+            return False  # a process that escaped the supervisor holds our pipes
+        elif self._stopping is not None and now - self._stopping > self._kill_grace + 30.0:
+            with contextlib.suppress(OSError):  # the supervisor does not end: a last resort
+                os.killpg(self._process.pid, signal.SIGKILL)
+        return True
+
+    def _transfer(self, key: selectors.SelectorKey, lines: _LineSplitter) -> None:
+        """Write the next piece of stdin, or read what one of the outputs has."""
+        stream = key.fileobj
+        if stream is self._process.stdin:
+            try:
+                written = os.write(key.fd, self._pending[:65536])
+            except BrokenPipeError:
+                written = len(self._pending)  # it stopped reading; what it got, it got
+            self._pending = self._pending[written:]
+            if not self._pending:
+                self._selector.unregister(stream)
+                stream.close()  # type: ignore[union-attr]
+            return
+        data = os.read(key.fd, 65536)
+        if not data:
+            self._selector.unregister(stream)
+            stream.close()  # type: ignore[union-attr]
+        elif stream is self._process.stderr:
+            self._stderr_tail = (self._stderr_tail + data)[-8192:]
+        else:
+            lines.feed(data)
+
+    def _tell(self, order: str) -> None:
         with contextlib.suppress(OSError):  # gone, or (never, in practice) a full pipe
-            os.write(steer, order.encode())
+            os.write(self._steer, order.encode())
 
-    assert process.stdin and process.stdout and process.stderr
-    selector = selectors.DefaultSelector()
-    pending = memoryview(stdin)
-    if pending:
-        os.set_blocking(process.stdin.fileno(), False)
-        selector.register(process.stdin, selectors.EVENT_WRITE)
-    else:
-        process.stdin.close()
-    selector.register(process.stdout, selectors.EVENT_READ)
-    selector.register(process.stderr, selectors.EVENT_READ)
-    lines = _LineSplitter(on_line)
-    stderr_tail = bytearray()
-    result = _ProcessExit(returncode=0, stderr="")
-    stopping: float | None = None
-    exited_at: float | None = None
-
-    def close(stream: Any) -> None:
-        selector.unregister(stream)
-        stream.close()
-
-    try:
-        while selector.get_map():
-            now = time.monotonic()
-            if stopping is None:
-                if context.stop.is_set():
-                    result.stopped = context.stop_reason
-                    grace = 0.0 if context.stop_reason == STOP_LOST else FORCED_KILL_GRACE
-                    tell(f"stop {min(grace, kill_grace)}\n")
-                    stopping = now
-                elif context.deadline is not None and now >= context.deadline:
-                    result.timed_out = True
-                    tell(f"stop {kill_grace}\n")
-                    stopping = now
-            renewed = context.lease_deadline()
-            if renewed is not None and renewed != lease:
-                lease = renewed
-                tell(f"lease {lease!r}\n")
-            if exited_at is None and process.poll() is not None:
-                exited_at = now
-            elif exited_at is not None and now - exited_at > 3.0:
-                break  # a process that escaped the supervisor holds our pipes: stop reading
-            elif stopping is not None and now - stopping > kill_grace + 30.0:
-                with contextlib.suppress(OSError):  # the supervisor does not end: a last resort
-                    os.killpg(process.pid, signal.SIGKILL)
-            for key, _ in selector.select(timeout=0.1):
-                stream = key.fileobj
-                if stream is process.stdin:
-                    try:
-                        written = os.write(process.stdin.fileno(), pending[:65536])
-                    except BrokenPipeError:
-                        written = len(pending)  # it stopped reading; what it got, it got
-                    pending = pending[written:]
-                    if not pending:
-                        close(stream)
-                    continue
-                data = os.read(key.fd, 65536)
-                if not data:
-                    close(stream)
-                elif stream is process.stderr:
-                    stderr_tail = (stderr_tail + data)[-8192:]
-                else:
-                    lines.feed(data)
-    finally:
-        for key in list(selector.get_map().values()):
+    def _close(self) -> str:
+        """Close the pipes and wait for the supervisor; what it reported."""
+        for key in list(self._selector.get_map().values()):
             key.fileobj.close()  # type: ignore[union-attr]
-        selector.close()
-        os.close(steer)  # a supervisor still at work takes this as its worker gone: all die
-        process.wait()
+        self._selector.close()
+        os.close(self._steer)  # a supervisor still at work takes this as its worker gone: all die
+        self._process.wait()
+        said = ""
         with contextlib.suppress(OSError):
-            said = os.read(told, 4096).decode("utf-8", "replace")
-        os.close(told)
-    lines.flush()
-    result.returncode = process.returncode
-    result.stderr = stderr_tail.decode("utf-8", "replace")
-    for line in said.splitlines():
-        word, _, text = line.partition(" ")
-        if word == "lease":
-            result.lease_ran_out = True
-        elif word == "cannot-run":
-            result.cannot_run = text
-    return result
+            said = os.read(self._told, 4096).decode("utf-8", "replace")
+        os.close(self._told)
+        return said
 
 
 class _LineSplitter:
@@ -4493,6 +4816,7 @@ class _Row:
     claim: uuid.UUID | None
     outcome: Outcome | None
     progress: Progress
+    key: str | None = None  # the concurrency key whose slot it gives up when it ends
 
 
 def _record_params(rows: Sequence[_Row], host: str) -> dict[str, Any]:
@@ -4536,6 +4860,11 @@ def _record_params(rows: Sequence[_Row], host: str) -> dict[str, Any]:
     }
 
 
+def _slot_key(job: Job) -> str | None:
+    """The concurrency key of which the job takes a slot while it runs (None: no limit)."""
+    return job.concurrency_key if job.concurrency_limit else None
+
+
 #: The outcome columns of a row that brings progress only.
 _NO_OUTCOME = Outcome(Verdict.SUCCEEDED)
 
@@ -4543,9 +4872,17 @@ _NO_OUTCOME = Outcome(Verdict.SUCCEEDED)
 def _db_record(
     conn: psycopg.Connection, rows: Sequence[_Row], host: str
 ) -> psycopg.Cursor[Any] | None:
-    """Send the record statement (see RECORD) for these rows, for their new statuses to be
-    fetched (a row fenced out is missing): (job, status, run_at). None with no rows."""
-    return conn.execute(RECORD, _record_params(rows, host)) if rows else None
+    """Send the record statement (see RECORD) for these rows, then what unblocks the jobs
+    waiting for those that ended (in the caller's transaction or pipeline), for their new
+    statuses to be fetched (a row fenced out is missing): (job, status, run_at). None with
+    no rows."""
+    if not rows:
+        return None
+    recorded = conn.execute(RECORD, _record_params(rows, host))
+    ended = [row for row in rows if row.outcome is not None]
+    if ended:
+        _db_unblock(conn, [row.job_id for row in ended], [row.key for row in ended])
+    return recorded
 
 
 def _db_recorded(cursor: psycopg.Cursor[Any] | None) -> dict[uuid.UUID, str]:
@@ -4808,8 +5145,9 @@ class _Writer:
             written[attempt.job.id] = None
             for fallback in (Outcome(Verdict.FAILED, error=message, permanent=True),
                              Outcome(Verdict.RELEASED)):  # fmt: skip
-                with contextlib.suppress(psycopg.Error):
-                    row = _Row(attempt.job.id, attempt.job.claim, fallback, Progress())
+                job = attempt.job
+                row = _Row(job.id, job.claim, fallback, Progress(), _slot_key(job))
+                with contextlib.suppress(psycopg.Error), conn.transaction():
                     written.update(_db_recorded(_db_record(conn, [row], self.host)))
                     attempt.outcome = fallback
                     break
@@ -4820,7 +5158,8 @@ class _Writer:
         how many went back."""
         released = Outcome(Verdict.RELEASED)
         rows = [_Row(job_id, claim, released, Progress()) for job_id, claim in claims]
-        return len(_db_recorded(_db_record(conn, rows, self.host)))
+        with conn.transaction():  # (claimed, not admitted: they gave up no slot of a key)
+            return len(_db_recorded(_db_record(conn, rows, self.host)))
 
     def _row(self, attempt: _Attempt, outcome: Outcome | None) -> _Row:
         """The record row of an attempt, with the progress it gathered since it was last
@@ -4829,7 +5168,7 @@ class _Writer:
         progress += attempt.context.take_progress()
         if progress:
             self._unsaved[attempt.job.id] = progress  # until it is written
-        return _Row(attempt.job.id, attempt.job.claim, outcome, progress)
+        return _Row(attempt.job.id, attempt.job.claim, outcome, progress, _slot_key(attempt.job))
 
 
 class _Session(threading.Thread):
@@ -5235,7 +5574,7 @@ class _Dispatcher:
         """Hand claimed jobs to the runners, if the lease they were claimed under still holds;
         the others never run here: they go back unspent. How many were handed."""
         lease = functools.partial(self._session.lease_deadline, epoch)
-        stale: list[_Row] = []
+        stale: list[tuple[uuid.UUID, uuid.UUID]] = []
         for row in rows:
             context = RunContext(row["id"], row["attempts"], row["claim"], row["timeout"], lease)
             attempt = _Attempt(Job.from_row(row, context), context)
@@ -5529,33 +5868,72 @@ class _Watchdog(threading.Thread):
 
 
 class _Janitor(threading.Thread):
-    """Now and then deletes succeeded and cancelled jobs older than the retention (failed ones
-    stay for people to look at): one worker at a time, in small batches. Owns nothing."""
+    """Keeps the queue tidy, one worker at a time for each task: now and then it unblocks
+    the blocked jobs that may run and that nothing unblocked (two transactions at once may
+    each leave one to the other), and it deletes succeeded and cancelled jobs older than the
+    retention (failed ones stay for people to look at), in small batches. On a thread of its
+    own, with a connection from the pool: none of it may hold up the heartbeat. Owns
+    nothing."""
 
     def __init__(self, worker: Worker, pool: ConnectionPool) -> None:
         super().__init__(name="claude-jobs-janitor", daemon=True)
         self._worker, self._pool = worker, pool
 
     def run(self) -> None:
+        next_cleanup = time.monotonic() + JANITOR_FIRST_PASS
+        while not self._worker._closed.wait(UNBLOCK_CHECK_INTERVAL):
+            self._task("unblock the jobs that may run", self._unblock)
+            if self._worker._retention and time.monotonic() >= next_cleanup:
+                next_cleanup = time.monotonic() + JANITOR_INTERVAL
+                self._task("clean up finished jobs", self._clean_up)
+
+    def _task(self, what: str, task: Callable[[psycopg.Connection], None]) -> None:
+        """Run a task; an error is tried again next time (the database gone away, a bug)."""
+        try:
+            with self._pool.connection() as conn:
+                task(conn)
+        except (_TRANSIENT, psycopg.errors.TransactionRollbackError) as error:
+            logger.debug("cannot %s for now: %s", what, error)
+        except Exception:
+            logger.exception("cannot %s", what)
+
+    def _unblock(self, conn: psycopg.Connection) -> None:
+        if unblocked := _db_unblock_all(conn):
+            logger.info(
+                "unblocked %d job(s) that may run", unblocked,
+                extra={"fields": {"event": "unblocked", "jobs": unblocked}},
+            )  # fmt: skip
+
+    def _clean_up(self, conn: psycopg.Connection) -> None:
         retention = self._worker._retention
-        wait = JANITOR_FIRST_PASS
-        while not self._worker._closed.wait(wait):
-            wait = JANITOR_INTERVAL
-            try:
-                with self._pool.connection() as conn:
-                    deleted = cleanup_jobs(conn, retention, exclusive=True)
-            except _TRANSIENT:
-                continue
-            except Exception:  # a bug, or a database refusing: try again next time
-                logger.exception("cannot clean up finished jobs")
-                continue
-            if deleted:
-                logger.info(
-                    "deleted %d succeeded or cancelled job(s) past the retention of %s",
-                    deleted,
-                    _duration_text(retention),
-                    extra={"fields": {"event": "cleanup", "deleted": deleted}},
-                )
+        if deleted := cleanup_jobs(conn, retention, exclusive=True):
+            logger.info(
+                "deleted %d succeeded or cancelled job(s) past the retention of %s",
+                deleted,
+                _duration_text(retention),
+                extra={"fields": {"event": "cleanup", "deleted": deleted}},
+            )
+
+
+def _unfit_handlers(handlers: Mapping[str, Handler]) -> list[tuple[str, str]]:
+    """Ask each handler whether it can run here: log its caveats, and say why for each that
+    cannot, (kind, why)."""
+    unfit = []
+    for kind, handler in handlers.items():
+        caveats = getattr(handler, "caveats", None)
+        for caveat in caveats() if callable(caveats) else []:
+            logger.warning("%s", caveat, extra={"fields": {"event": "caveat", "kind": kind}})
+        check = getattr(handler, "unfit", None)
+        reason = check() if callable(check) else None
+        if reason:
+            logger.error(
+                "this worker cannot run %s jobs: %s",
+                kind,
+                reason,
+                extra={"fields": {"event": "unfit", "kind": kind, "reason": reason}},
+            )
+            unfit.append((kind, reason))
+    return unfit
 
 
 class Worker:
@@ -5721,6 +6099,7 @@ class Worker:
         return True
 
     def _start(self) -> None:
+        # (the name by which a reaper finds this process's sessions: TERMINATE_VANISHED)
         options = {"application_name": f"claude-jobs worker {self.name}"[:63]}
         self._pool = ConnectionPool(
             self._conninfo,
@@ -5749,8 +6128,7 @@ class Worker:
         self._session.start()
         self._runners.start()
         self._threads.append(_Watchdog(self, self._session))
-        if self._retention:
-            self._threads.append(_Janitor(self, self._pool))
+        self._threads.append(_Janitor(self, self._pool))
         for thread in self._threads[self.concurrency :]:
             thread.start()
         logger.info(
@@ -5770,24 +6148,11 @@ class Worker:
 
     def _check_fitness(self) -> None:
         """Before any job comes: a handler that cannot run at all on this worker (claude is
-        missing, say) says why, and the worker backs off its kind as after a WorkerUnfit; a
-        handler's caveats are logged."""
-        for kind, handler in self.handlers.items():
-            caveats = getattr(handler, "caveats", None)
-            for caveat in caveats() if callable(caveats) else []:
-                logger.warning("%s", caveat, extra={"fields": {"event": "caveat", "kind": kind}})
-            check = getattr(handler, "unfit", None)
-            reason = check() if callable(check) else None
-            if reason:
-                logger.error(
-                    "this worker cannot run %s jobs: %s",
-                    kind,
-                    reason,
-                    extra={"fields": {"event": "unfit", "kind": kind, "reason": reason}},
-                )
-                seconds = self._holds.back_off(kind, reason)
-                if seconds is not None:
-                    self._hold_here(kind, seconds, reason)
+        missing, say) makes the worker back off its kind as after a WorkerUnfit."""
+        for kind, reason in _unfit_handlers(self.handlers):
+            seconds = self._holds.back_off(kind, reason)
+            if seconds is not None:
+                self._hold_here(kind, seconds, reason)
 
     def _why_idle(self) -> str | None:
         """Why a burst ran nothing though jobs were ready for it: it is unfit for them."""
@@ -5977,13 +6342,27 @@ class _JsonFormatter(logging.Formatter):
 
 
 def configure_logging(log_format: str = "text", level: int = logging.INFO) -> None:
-    """Log to stderr as text or JSON lines. The library never calls this; the CLI does."""
+    """Log to stderr as text or JSON lines. The library never calls this; the CLI does.
+
+    A line is formatted where it is logged and written by a thread of its own (a queue
+    listener), off the job threads' way: the write is what costs (it hands the interpreter
+    lock over). The lines still queued when the process exits are written first; a SIGKILL
+    loses those of its last moments (some milliseconds): the database is the record of truth.
+    """
+    global _log_listener
+    if _log_listener is not None:
+        _log_listener.stop()
     stream = logging.StreamHandler(sys.stderr)
-    stream.setFormatter(_JsonFormatter() if log_format == "json" else _TextFormatter())
+    stream.setFormatter(logging.Formatter("%(message)s"))  # (formatted already)
+    lines: queue_module.SimpleQueue[logging.LogRecord] = queue_module.SimpleQueue()
+    handler = logging.handlers.QueueHandler(lines)
+    handler.setFormatter(_JsonFormatter() if log_format == "json" else _TextFormatter())
+    _log_listener = logging.handlers.QueueListener(lines, stream)
+    _log_listener.start()
     # Nothing we print uses them, and a busy worker logs thousands of lines a second.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
-    root.handlers[:] = [stream]
+    root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logger.setLevel(level)
     # The pool reports each failed reconnection; the worker already says the database is away.
@@ -5993,6 +6372,17 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
 ###############################################################################
 # Command line
 ###############################################################################
+
+
+#: Writes the log lines the CLI's process makes (see configure_logging).
+_log_listener: logging.handlers.QueueListener | None = None
+
+
+@atexit.register
+def _stop_logging() -> None:
+    """Write the log lines still queued (atexit: as the process exits)."""
+    if _log_listener is not None:
+        _log_listener.stop()
 
 
 class _Cli(click.Group):
@@ -6327,20 +6717,12 @@ def enqueue_command(
     """
     _import_modules(imports)
     text = _prompt_given(prompt, prompt_file, payload_file)
-    if [text is not None or payload is not None, payload_file is not None].count(True) != 1:
-        raise InvalidJob("give a prompt (or --prompt-file), --payload JSON, or --file PATH")
-    if wait and payload_file is not None:
-        raise InvalidJob("--wait follows one job: give a prompt or --payload, not --file")
-    if wait and as_json:
-        raise InvalidJob("--wait prints the job's transcript, --json its row: give one of them")
-    if no_concurrency_key:
-        if options["concurrency_key"] is not None:
-            raise InvalidJob("give --concurrency-key or --no-concurrency-key, not both")
-        options["concurrency_limit"] = 0
+    one = text is not None or payload is not None
+    _check_enqueue_flags(one, payload_file is not None, wait, as_json, no_concurrency_key, options)
     options["after"] = [job_id for each in after for job_id in each.split(",") if job_id.strip()]
     job_options = JobOptions.build(**options)  # the options first, before reading input
     extra = _claude_keys(job_options.kind, worktree, base, max_budget_usd, cwd)
-    if text is not None or payload is not None:
+    if one:
         given = _payload_given(payload) if payload is not None else {}
         if text is not None:  # here, unless --cwd says where (or it continues a job: there)
             here = cwd is None and options["continue_from"] is None
@@ -6349,17 +6731,7 @@ def enqueue_command(
             given = {**extra, **given}
         if options["continue_from"] is None:  # checked before the database is needed
             given = prepare_payload(job_options.kind, given)  # (a continuation's, with its job)
-        with config.connect() as conn:
-            jobs = [enqueue(conn, given, **options)]
-            if jobs[0].widens:
-                click.echo(
-                    f"note: this continuation widens what job {jobs[0].continue_from} could do: "
-                    + _printable("; ".join(jobs[0].widens)),
-                    err=True,
-                )
-            if wait:
-                click.echo(f"queued job {jobs[0].id}", err=True)
-                sys.exit(_follow(conn, jobs[0].id, since=0))
+        jobs = [_enqueue_one(config, given, options, wait)]
     else:
         prepared = _read_json_lines(payload_file, job_options.kind, extra)
         with config.connect() as conn:
@@ -6370,6 +6742,40 @@ def enqueue_command(
             jobs = [get_job(conn, job_id) for job_id in ids]
     for job in jobs:
         click.echo(_json_text(job.to_dict()) if as_json else job.id)
+
+
+def _check_enqueue_flags(
+    one: bool, many: bool, wait: bool, as_json: bool, no_key: bool, options: dict[str, Any]
+) -> None:
+    """Refuse flags that contradict each other (``one``: a prompt or payload was given,
+    ``many``: a file); --no-concurrency-key becomes a limit of 0."""
+    if [one, many].count(True) != 1:
+        raise InvalidJob("give a prompt (or --prompt-file), --payload JSON, or --file PATH")
+    if wait and many:
+        raise InvalidJob("--wait follows one job: give a prompt or --payload, not --file")
+    if wait and as_json:
+        raise InvalidJob("--wait prints the job's transcript, --json its row: give one of them")
+    if no_key:
+        if options["concurrency_key"] is not None:
+            raise InvalidJob("give --concurrency-key or --no-concurrency-key, not both")
+        options["concurrency_limit"] = 0
+
+
+def _enqueue_one(config: _Config, payload: Any, options: dict[str, Any], wait: bool) -> Job:
+    """Queue one job; say what a continuation widens; with ``wait``, follow it to its end
+    (and exit as it ended)."""
+    with config.connect() as conn:
+        job = enqueue(conn, payload, **options)
+        if job.widens:
+            click.echo(
+                f"note: this continuation widens what job {job.continue_from} could do: "
+                + _printable("; ".join(job.widens)),
+                err=True,
+            )
+        if wait:
+            click.echo(f"queued job {job.id}", err=True)
+            sys.exit(_follow(conn, job.id, since=0))
+    return job
 
 
 def _no_constant(name: str) -> Any:
@@ -7017,9 +7423,25 @@ def _describe(
     ]
     if job.started_at and job.finished_at:
         rows.append(("took", f"{(job.finished_at - job.started_at).total_seconds():.1f}s"))
-    awaited = awaited or {}
-    for waited in job.after or []:
-        rows.append(("after", f"{waited} ({awaited.get(waited, ('gone',))[0]})"))
+    rows += _chain_rows(job, awaited or {}) + _content_rows(job)
+    lines = [
+        f"{name:<9} {value if name == 'status' else _indent(_printable(str(value)), 10)}"
+        for name, value in rows
+    ]  # (the status alone is painted, and holds nothing of the job's)
+    lines += _attempt_lines(job)
+    if job.transcript:
+        lines.append("transcript (the end):")
+        lines.extend(f"  {line}" for line in _stored_transcript(job)[-15:])
+    return "\n".join(lines)
+
+
+def _chain_rows(
+    job: Job, awaited: Mapping[uuid.UUID, tuple[str, str | None]]
+) -> list[tuple[str, str]]:
+    """What a job waits for or continues, what that widens, and its concurrency key."""
+    rows = [
+        (("after", f"{waited} ({awaited.get(waited, ('gone',))[0]})")) for waited in job.after or []
+    ]
     if job.continue_from:
         status, host = awaited.get(job.continue_from, ("gone", None))
         text = f"{job.continue_from} ({status}), resuming its session"
@@ -7030,6 +7452,12 @@ def _describe(
         rows.append(("widens", "; ".join(job.widens)))
     if job.concurrency_key is not None:
         rows.append(("key", f"{job.concurrency_key} (at most {job.concurrency_limit} at once)"))
+    return rows
+
+
+def _content_rows(job: Job) -> list[tuple[str, str]]:
+    """What a job was asked (a claude job: where, its prompt and options) and what it gave."""
+    rows = []
     if job.kind == DEFAULT_KIND:
         rows.append(("cwd", job.payload.get("cwd") or "(the worker's directory)"))
         if job.worktree or job.payload.get("worktree"):
@@ -7050,10 +7478,12 @@ def _describe(
     if job.kind == DEFAULT_KIND:
         rows.append(("cost", _money(job.cost_usd)))
         rows.append(("session", job.session_id or "-"))
-    lines = [
-        f"{name:<9} {value if name == 'status' else _indent(_printable(str(value)), 10)}"
-        for name, value in rows
-    ]  # (the status alone is painted, and holds nothing of the job's)
+    return rows
+
+
+def _attempt_lines(job: Job) -> list[str]:
+    """A line for each attempt that ended in an error: where, when, how long, what error."""
+    lines = []
     for entry in job.errors:
         at = datetime.fromisoformat(entry["at"]) if entry.get("at") else None
         when = [entry.get("worker") or "?", _ago(at)]
@@ -7064,10 +7494,7 @@ def _describe(
             _printable(f"attempt {entry.get('attempt')} ({', '.join(when)}): ")
             + _indent(_printable(str(entry.get("error"))), 4)
         )
-    if job.transcript:
-        lines.append("transcript (the end):")
-        lines.extend(f"  {line}" for line in _stored_transcript(job)[-15:])
-    return "\n".join(lines)
+    return lines
 
 
 def _branch_text(job: Job) -> str:

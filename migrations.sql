@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 5.
+-- The claude-jobs schema, version 6.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -192,4 +192,54 @@ CREATE TABLE claude_jobs_worktrees (
 INSERT INTO claude_jobs_schema (version) VALUES (5);
 END IF;
 END $migration_5$;
+
+-- version 6
+DO $migration_6$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 6) THEN
+-- Blocked jobs stay out of the claim's way, however many there are: a queued job that cannot
+-- run yet is marked with what it waits for, and the claim's indexes leave it out. 'jobs': it
+-- waits for jobs that have not succeeded, or continues one that has not finished; 'key': the
+-- jobs of its concurrency key ahead of it take every slot. Enqueueing marks a job; whatever
+-- ends jobs unmarks those that may run now (see UNBLOCK).
+ALTER TABLE claude_jobs ADD COLUMN blocked text CHECK (blocked IN ('jobs', 'key'));
+-- (the jobs queued before this version are marked so too)
+UPDATE claude_jobs w SET blocked = 'jobs'
+WHERE w.status = 'queued' AND (
+    (w.after IS NOT NULL AND EXISTS (
+        SELECT FROM unnest(w.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
+        WHERE d.status IS DISTINCT FROM 'succeeded'))
+    OR (w.continue_from IS NOT NULL AND coalesce((
+        SELECT p.status IN ('queued', 'running') FROM claude_jobs p
+        WHERE p.id = w.continue_from), false)));
+UPDATE claude_jobs w SET blocked = 'key'
+FROM (SELECT q.id, q.concurrency_limit - (
+             SELECT count(*) FROM claude_jobs r
+             WHERE r.status = 'running' AND r.concurrency_key = q.concurrency_key) AS free,
+         row_number() OVER (PARTITION BY q.concurrency_key
+                            ORDER BY q.run_at > now(), q.priority DESC, q.run_at, q.seq) AS n
+      FROM claude_jobs q
+      WHERE q.status = 'queued' AND q.blocked IS NULL AND q.concurrency_key IS NOT NULL
+        AND q.concurrency_limit > 0) x
+WHERE w.id = x.id AND x.n > x.free;
+DROP INDEX claude_jobs_ready_in_queue;
+DROP INDEX claude_jobs_ready;
+CREATE INDEX claude_jobs_ready_in_queue ON claude_jobs (queue, priority DESC, run_at, seq)
+    WHERE status = 'queued' AND blocked IS NULL;
+CREATE INDEX claude_jobs_ready ON claude_jobs (priority DESC, run_at, seq)
+    WHERE status = 'queued' AND blocked IS NULL;
+-- the queued jobs of a key in claim order (how many are ahead of a job; which go first)
+CREATE INDEX claude_jobs_queued_keys ON claude_jobs (concurrency_key, priority DESC, run_at, seq)
+    WHERE status = 'queued' AND concurrency_key IS NOT NULL;
+-- the blocked jobs that wait for a job
+CREATE INDEX claude_jobs_blocked_after ON claude_jobs USING gin (after)
+    WHERE status = 'queued' AND blocked IS NOT NULL;
+CREATE INDEX claude_jobs_blocked_continuations ON claude_jobs (continue_from)
+    WHERE status = 'queued' AND blocked IS NOT NULL;
+-- every running job of a key, admitted or not (admission and unblocking count them)
+DROP INDEX claude_jobs_keys_held;
+CREATE INDEX claude_jobs_running_keys ON claude_jobs (concurrency_key)
+    WHERE status = 'running' AND concurrency_key IS NOT NULL;
+INSERT INTO claude_jobs_schema (version) VALUES (6);
+END IF;
+END $migration_6$;
 COMMIT;

@@ -34,6 +34,24 @@ TESTS = Path(__file__).parent
 FIXTURES = TESTS / "fixtures" / "claude-cli"
 
 
+#: A test that uses one of these needs PostgreSQL or starts processes: it is marked `slow`,
+#: and `pytest -m "not slow"` runs the fast tier (test_units.py and the like) in seconds.
+SLOW_FIXTURES = {
+    "pg_server",
+    "postgresql",
+    "unmigrated",
+    "fake_claude",
+    "real_claude",
+    "start_worker",
+}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @dataclass
 class Server:
     """What pytest-postgresql's noproc factory reads from the fixture it depends on."""

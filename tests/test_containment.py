@@ -184,6 +184,7 @@ def test_the_command_gets_sigpipe_as_a_program_expects() -> None:
     os.close(told)
 
 
+@pytest.mark.slow
 def test_a_lease_that_runs_out_while_leftovers_linger_ends_them_then(tmp_path: Path) -> None:
     """After claude exits on a stop, a leftover that ignores SIGTERM dies when the lease
     runs out, not at the end of a long grace, and the attempt says why."""

@@ -251,6 +251,7 @@ def test_pausing_a_queue_no_job_ever_used_warns(invoke, conn) -> None:
     assert json.loads(invoke("pause", "other", "--json").stdout)["known"] is False
 
 
+@pytest.mark.slow
 def test_the_embedded_postgresql_stops_after_an_unclean_exit(tmp_path: Path) -> None:
     home = tmp_path / "home"
     env = {**os.environ, "PYTHONPATH": str(TESTS.parent), "CLAUDE_JOBS_HOME": str(home)}

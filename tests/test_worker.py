@@ -407,11 +407,11 @@ def test_a_vanished_worker_is_recovered_by_heartbeat_and_cannot_overwrite_when_b
     )
     frozen = start_worker("--heartbeat-timeout", "6s")
     wait_for(lambda: status_of(conn, job.id) == "running", what="the job to start")
-    frozen.signal(signal.SIGSTOP)  # its connections stay open and its lock stays held
-    conn.execute(
+    conn.execute(  # (before the freeze: a worker frozen mid-round may hold the row a while)
         "UPDATE claude_jobs SET payload = jsonb_set(payload, '{prompt}', %s)",
         [psycopg.types.json.Jsonb(fake(sleep=0, result="from the survivor"))],
     )
+    frozen.signal(signal.SIGSTOP)  # its connections stay open and its lock stays held
     survivor = start_worker("--heartbeat-timeout", "6s")
     wait_for(lambda: status_of(conn, job.id) == "succeeded", timeout=30, what="the takeover")
     taken = job_row(conn, job.id)
@@ -426,6 +426,37 @@ def test_a_vanished_worker_is_recovered_by_heartbeat_and_cannot_overwrite_when_b
         lambda: conn.execute("SELECT count(*) FROM claude_jobs_workers").fetchone()[0] == 2,
         what="the frozen worker to come back as a new worker",
     )
+
+
+def test_a_worker_frozen_inside_a_transaction_does_not_hold_up_the_recovery_of_its_jobs(
+    conn: psycopg.Connection, db_url: str, start_worker, tmp_path
+) -> None:
+    # A worker frozen between two statements of a round holds its jobs' rows on a pooled
+    # connection; the reaper must end that session too, not only the one with the lock.
+    job = claude_jobs.enqueue(conn, {"prompt": "fine", "cwd": str(tmp_path)})
+    name = "claude-jobs worker gone.example:4242"
+    with psycopg.connect(db_url, autocommit=True, application_name=name) as session, \
+            psycopg.connect(db_url, application_name=name) as pooled:  # fmt: skip
+        session.execute("SELECT pg_advisory_lock(%s, 777)", [claude_jobs.LOCK_NAMESPACE])
+        worker_id = uuid.uuid4()
+        session.execute(
+            """INSERT INTO claude_jobs_workers (id, lock_key, host, pid, queues, kinds,
+                   concurrency, backend_pid, last_heartbeat)
+               VALUES (%s, 777, 'gone.example', 4242, '{*}', '{claude}', 1, pg_backend_pid(),
+                       now() - interval '1 minute')""",
+            [worker_id],
+        )
+        session.execute(
+            """UPDATE claude_jobs SET status = 'running', worker_id = %s, attempts = 1,
+                   claim = gen_random_uuid(), started_at = now() WHERE id = %s""",
+            [worker_id, job.id],
+        )
+        pooled.execute("SELECT FROM claude_jobs WHERE id = %s FOR UPDATE", [job.id])
+        start_worker("--heartbeat-timeout", "6s")
+        wait_for(lambda: status_of(conn, job.id) == "succeeded", timeout=30, what="the takeover")
+        with pytest.raises(psycopg.OperationalError):  # its session was ended
+            pooled.execute("SELECT 1")
+    assert job_row(conn, job.id)["errors"][0]["error"].startswith("interrupted")
 
 
 def test_polling_finds_jobs_queued_without_a_notification(

@@ -1,0 +1,240 @@
+"""The fast tier: pure functions, no database and no process (`pytest -m "not slow"`)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import claude_jobs
+from claude_jobs import (
+    Job,
+    JobFailed,
+    JobStatus,
+    Outcome,
+    PermanentError,
+    Postpone,
+    Spend,
+    UsageLimitReached,
+    Verdict,
+    WorkerUnfit,
+    backoff_delay,
+    claude_outcome,
+    decide,
+    parse_duration,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures" / "claude-cli"
+NOW = datetime(2030, 3, 17, 12, 0, tzinfo=UTC)
+
+
+def a_job(**fields: Any) -> Job:
+    values: dict[str, Any] = {
+        "id": uuid.uuid4(), "queue": "default", "kind": "claude", "priority": 0,
+        "payload": {"prompt": "p"}, "status": JobStatus.QUEUED, "run_at": NOW, "attempts": 1,
+        "max_attempts": 3, "timeout": None, "last_error": None, "errors": [], "worker_id": None,
+        "worker": None, "result": None, "session_id": None, "cost_usd": 0.0,
+        "created_at": NOW, "started_at": None, "finished_at": None, "updated_at": NOW,
+    }  # fmt: skip
+    return Job(**{**values, **fields})
+
+
+# -- what an attempt comes to ----------------------------------------------------------------
+
+
+def test_a_returned_value_succeeds_with_its_json() -> None:
+    assert decide(a_job(), value={"answer": 42}) == Outcome(
+        Verdict.SUCCEEDED, result='{"answer": 42}'
+    )
+
+
+def test_a_value_json_cannot_hold_fails_for_good() -> None:
+    outcome = decide(a_job(), value=object())
+    assert outcome.verdict == Verdict.FAILED and outcome.permanent
+
+
+def test_an_exception_fails_the_attempt_with_its_type_and_the_retry_delay() -> None:
+    outcome = decide(a_job(), error=ValueError("bad"), trace="Traceback...", retry_delay=7.5)
+    assert outcome.verdict == Verdict.FAILED
+    assert (outcome.error, outcome.traceback, outcome.delay) == (
+        "ValueError: bad",
+        "Traceback...",
+        7.5,
+    )
+    assert not outcome.permanent
+
+
+def test_job_failed_keeps_its_message_and_result_and_permanent_error_is_for_good() -> None:
+    outcome = decide(a_job(), error=JobFailed("claude failed", result={"cost": 1}))
+    assert (outcome.error, json.loads(outcome.result)) == ("claude failed", {"cost": 1})
+    assert decide(a_job(), error=PermanentError("no cwd")).permanent
+
+
+def test_a_lost_claim_writes_nothing_whatever_the_handler_did() -> None:
+    for kwargs in ({"value": 1}, {"error": ValueError()}, {"error": PermanentError()}):
+        assert decide(a_job(), stop=claude_jobs.STOP_LOST, **kwargs).verdict == Verdict.ABANDONED
+
+
+def test_a_cancel_cancels_a_job_that_stopped_on_it_but_not_one_that_finished() -> None:
+    stopped = decide(a_job(), error=RuntimeError("killed"), stop=claude_jobs.STOP_CANCEL)
+    assert stopped.verdict == Verdict.CANCELLED
+    assert decide(a_job(), value=1, stop=claude_jobs.STOP_CANCEL).verdict == Verdict.SUCCEEDED
+
+
+def test_a_forced_shutdown_puts_the_job_back_unspent() -> None:
+    outcome = decide(a_job(), error=RuntimeError("killed"), stop=claude_jobs.STOP_SHUTDOWN)
+    assert outcome == Outcome(Verdict.RELEASED)
+    interrupted = decide(a_job(), error=claude_jobs._Interrupted())
+    assert interrupted == Outcome(Verdict.RELEASED)
+
+
+def test_a_postponement_goes_back_unspent_at_its_time_and_a_usage_limit_later_still() -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    outcome = decide(a_job(), error=Postpone("busy", run_at=later), jitter=30)
+    assert (outcome.verdict, outcome.run_at, outcome.quiet) == (Verdict.RELEASED, later, True)
+    limited = decide(a_job(), error=UsageLimitReached("limit", run_at=later), jitter=30)
+    assert limited.run_at == later + timedelta(seconds=30)
+    assert decide(a_job(), error=WorkerUnfit("not logged in")).run_at is None
+
+
+def test_a_postponement_into_an_unreachable_future_is_brought_within_reach() -> None:
+    outcome = decide(a_job(), error=Postpone("later", run_at=datetime(9999, 12, 31, tzinfo=UTC)))
+    assert outcome.run_at is not None
+    limit = datetime.now(UTC) + timedelta(seconds=claude_jobs.MAX_DURATION + 60)
+    assert outcome.run_at < limit
+
+
+def test_what_postgresql_cannot_store_is_replaced() -> None:
+    outcome = decide(a_job(), error=ValueError("nul \x00 and \ud800"))
+    assert "\x00" not in outcome.error and "\ud800" not in outcome.error
+
+
+# -- retries, durations, money -----------------------------------------------------------------
+
+
+def test_backoff_doubles_to_its_maximum_with_up_to_ten_percent_jitter() -> None:
+    for attempt, expected in ((1, 5), (2, 10), (3, 20), (7, 300), (1000, 300)):
+        for _ in range(50):
+            assert expected <= backoff_delay(attempt, 5, 300) <= expected * 1.1
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90), ("1.5", 1.5), ("30s", 30), ("5m", 300), ("1h30m", 5400), ("2d", 172800),
+     ("250ms", 0.25), (" 1H ", 3600)],
+)  # fmt: skip
+def test_durations_read_as_people_write_them(text: str, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "soon", "5x", "m", "-5m", "1e999"])
+def test_a_bad_duration_is_invalid_input(text: str) -> None:
+    with pytest.raises(claude_jobs.InvalidJob, match="duration"):
+        parse_duration(text)
+
+
+def test_money_reads_to_the_cent_and_below_a_cent_to_four_digits() -> None:
+    assert claude_jobs._money(0) == "$0.00"
+    assert claude_jobs._money(1234.5) == "$1,234.50"
+    assert claude_jobs._money(0.000235) == "$0.0002350"
+
+
+# -- what claude says ----------------------------------------------------------------------
+
+
+def fixture(name: str) -> dict[str, Any]:
+    return json.loads((FIXTURES / name).read_text())
+
+
+def ended(returncode: int = 0, stderr: str = "", **fields: Any) -> Any:
+    return claude_jobs._ProcessExit(returncode, stderr, **fields)
+
+
+def test_a_successful_run_is_its_result_object() -> None:
+    result = fixture("mock-success.json")
+    assert claude_outcome(ended(), result, []) is result
+
+
+def test_turn_and_budget_limits_fail_for_good() -> None:
+    for name in ("max-turns.json", "max-budget.json"):
+        with pytest.raises(PermanentError, match="claude stopped: error_max"):
+            claude_outcome(ended(1), fixture(name), [])
+
+
+def test_a_worker_that_is_not_logged_in_or_has_no_credit_is_unfit_not_the_job() -> None:
+    for name in ("not-logged-in.json", "invalid-api-key.json", "credit-too-low.json"):
+        with pytest.raises(WorkerUnfit):
+            claude_outcome(ended(1), fixture(name), [])
+
+
+def test_api_trouble_fails_the_attempt_for_a_retry() -> None:
+    for name in ("server-error-500.json", "overloaded-529.json"):
+        with pytest.raises(JobFailed) as raised:
+            claude_outcome(ended(1), fixture(name), [])
+        assert type(raised.value) is JobFailed
+
+
+def test_a_usage_limit_postpones_to_its_reset() -> None:
+    text = (FIXTURES / "usage-limit.txt").read_text().strip()
+    with pytest.raises(UsageLimitReached) as raised:
+        claude_outcome(ended(1), None, [text])
+    assert raised.value.run_at == datetime(2030, 3, 17, 17, 46, tzinfo=UTC)
+
+
+def test_a_timeout_and_a_silent_death_fail_with_what_happened() -> None:
+    with pytest.raises(JobFailed, match="timed out"):
+        claude_outcome(ended(-15, timed_out=True), None, [])
+    with pytest.raises(JobFailed, match="killed by signal 9 without a result: oops"):
+        claude_outcome(ended(-9, "oops\n"), None, [])
+
+
+def test_reset_times_without_a_date_are_the_next_such_moment() -> None:
+    now = datetime(2030, 3, 17, 18, 0, tzinfo=UTC)
+    assert claude_jobs._reset_time("5pm", "UTC", now) == datetime(2030, 3, 18, 17, tzinfo=UTC)
+    assert claude_jobs._reset_time("7:30pm", "UTC", now) == datetime(
+        2030, 3, 17, 19, 30, tzinfo=UTC
+    )
+    assert claude_jobs._reset_time("5pm", "Not/AZone", now) is None
+
+
+def test_spend_per_model_from_a_result_object() -> None:
+    spends = Spend.of_result(fixture("max-turns.json"))
+    assert [(s.model, s.runs, s.input_tokens) for s in spends] == [("claude-opus-5-5", 1, 100)]
+    assert sum(s.cost_usd for s in spends) == pytest.approx(0.0005)
+    assert Spend.of_result({}) == []  # (nothing said, nothing spent)
+
+
+def test_lines_are_split_in_linear_time_and_cut_at_the_limit() -> None:
+    lines: list[bytes] = []
+    splitter = claude_jobs._LineSplitter(lines.append, limit=10)
+    for chunk in (b"one\ntw", b"o\n", b"x" * 25, b"y\nlast"):
+        splitter.feed(chunk)
+    splitter.flush()
+    assert lines[:2] == [b"one", b"two"]
+    assert lines[2] == b"x" * 10 + " … (16 more bytes of this line not kept)".encode()
+    assert lines[3:] == [b"last"]
+
+
+# -- continuations and worktrees ----------------------------------------------------------------
+
+
+def test_widening_names_what_a_continuation_may_do_that_its_job_could_not() -> None:
+    before = {"permission_mode": "plan", "allowed_tools": ["Read"], "max_turns": 5}
+    after = {"permission_mode": "acceptEdits", "allowed_tools": ["Read", "Bash"], "max_turns": 5}
+    widened = claude_jobs._widening(before, after)
+    assert any("permission_mode" in phrase for phrase in widened)
+    assert any("Bash" in phrase for phrase in widened)
+    assert claude_jobs._widening(before, before) == []
+    assert claude_jobs._widening(after, before) == []  # narrower is not wider
+
+
+def test_a_worktree_record_is_trusted_only_as_claude_jobs_writes_them() -> None:
+    good = {"repo": "/r", "path": "/r/.wt", "branch": "claude-jobs/0123456789ab", "base": "a" * 40}
+    assert claude_jobs._checked_record(good)["branch"] == "claude-jobs/0123456789ab"
+    for bad in ({"path": "relative"}, {"branch": "main"}, {"base": "--force"}):
+        with pytest.raises(claude_jobs._GitError):
+            claude_jobs._checked_record({**good, **bad})
