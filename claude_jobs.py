@@ -112,6 +112,7 @@ if TYPE_CHECKING:  # (imported where a worker starts: the other commands start s
 
 __all__ = [
     "CLAUDE_PAYLOAD",
+    "FINISHED_STATUSES",
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "ClaudeHandler",
@@ -134,11 +135,13 @@ __all__ = [
     "UsageLimitReached",
     "Waiting",
     "Worker",
+    "WorkerSettings",
     "WorkerUnfit",
     "backoff_delay",
     "cancel_job",
     "cancel_jobs",
     "check_conninfo",
+    "check_queue",
     "check_schema",
     "claude_outcome",
     "cleanup_jobs",
@@ -154,6 +157,8 @@ __all__ = [
     "follow_job",
     "get_job",
     "handler",
+    "job_branch",
+    "job_statuses",
     "lift_hold",
     "list_holds",
     "list_jobs",
@@ -285,7 +290,13 @@ class ConfigError(JobsError):
 
 
 class InvalidJob(JobsError):
-    """The job's options or payload are not valid; nothing was enqueued."""
+    """The job's options or payload are not valid; nothing was enqueued. From enqueue_many:
+    ``position`` is the payload's (1-based) and ``detail`` what is wrong with it."""
+
+    def __init__(self, message: str, *, position: int | None = None, detail: str = "") -> None:
+        super().__init__(message)
+        self.position = position
+        self.detail = detail or message
 
 
 class SchemaError(JobsError):
@@ -444,6 +455,14 @@ def _jsonable(value: Any) -> Any:
 
 
 # -- how values read to people --------------------------------------------------------------
+
+
+def _json_type(value: Any) -> str:
+    """What kind of JSON value ``value`` is, as a message says it: an object, null..."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number")
 
 
 def _duration_text(seconds: float) -> str:
@@ -2198,16 +2217,29 @@ def _checked_time(when: datetime, what: str = "invalid time") -> datetime:
     return when
 
 
-def _checked_queue(name: str) -> str:
-    """A queue name: not empty, not `*` (every queue, to a worker), no comma (the separator
-    of --queues); InvalidJob otherwise."""
+def check_queue(name: str) -> str:
+    """``name``, if it can name a queue: not empty, not `*` (every queue, to a worker), no
+    comma (the separator of --queues); InvalidJob otherwise."""
     if not name or "," in name or name == "*" or len(name) > 200 or "\x00" in name:
         raise InvalidJob(f"invalid queue name {name!r}: not empty, not *, no comma, no NUL")
     return name
 
 
+def _option(
+    default: Any, help: str, *, env: str | None = None, value: str | None = None, **click: Any
+) -> Any:
+    """A settings field (JobOptions, WorkerSettings) that is also a command-line option,
+    --FIELD-NAME, with this ``help`` and the CLAUDE_JOBS_``env`` variable: the command line
+    is built from the fields (see _flags). ``value``: "duration" (30s, 5m) or "time" (ISO
+    8601); the rest goes to click.option as it is."""
+    return field(
+        default=default, metadata={"flag": {"help": help, "env": env, "value": value, **click}}
+    )
+
+
 class JobSettings(TypedDict, total=False):
-    """The keyword options of enqueue() and enqueue_many(); JobOptions.build has the defaults."""
+    """The keywords of enqueue() and enqueue_many(), for type checkers: the fields of JobOptions
+    (where their defaults are) and ``delay`` (tests/test_units.py keeps the two in step)."""
 
     kind: str
     queue: str
@@ -2232,16 +2264,43 @@ class JobOptions:
     ``continue_from``: a claude job whose session this one resumes, once it finished.
     """
 
-    kind: str = DEFAULT_KIND
-    queue: str = DEFAULT_QUEUE
-    priority: int = 0
-    run_at: datetime | None = None
-    max_attempts: int = DEFAULT_MAX_ATTEMPTS
-    timeout: float | None = None
-    concurrency_key: str | None = None
-    concurrency_limit: int = 1
-    after: tuple[uuid.UUID | str, ...] = ()
-    continue_from: uuid.UUID | str | None = None
+    kind: str = _option(DEFAULT_KIND, "Job kind.", env="KIND")
+    queue: str = _option(DEFAULT_QUEUE, "Queue name.", env="QUEUE")
+    priority: int = _option(
+        0, "Higher runs first.", env="PRIORITY", type=click.IntRange(PG_INT_MIN, PG_INT_MAX)
+    )
+    run_at: datetime | None = _option(
+        None, "Run no sooner than this ISO 8601 time.", env="RUN_AT", value="time"
+    )
+    max_attempts: int = _option(
+        DEFAULT_MAX_ATTEMPTS,
+        "Attempts before the job fails.",
+        env="MAX_ATTEMPTS",
+        type=click.IntRange(1, PG_INT_MAX),
+    )
+    timeout: float | None = _option(
+        None, "Time limit of each attempt (claude jobs: 1h).", env="TIMEOUT", value="duration"
+    )
+    concurrency_key: str | None = _option(
+        None,
+        "At most --concurrency-limit jobs with this key run at once, on all workers "
+        "[default for claude jobs: their cwd].",
+        metavar="KEY",
+    )
+    concurrency_limit: int = _option(
+        1, "Jobs of the key that may run at once (0: no key).", type=click.IntRange(0, PG_INT_MAX)
+    )
+    after: tuple[uuid.UUID | str, ...] = _option(
+        (),
+        "Run once these jobs succeeded; cancelled if one of them fails or is cancelled.",
+        metavar="ID[,ID...]",
+        multiple=True,
+    )
+    continue_from: uuid.UUID | str | None = _option(
+        None,
+        "Resume that claude job's session (same cwd or worktree) once it finished.",
+        metavar="ID",
+    )
 
     def __post_init__(self) -> None:
         if self.kind not in registered_kinds():
@@ -2249,7 +2308,7 @@ class JobOptions:
                 f"unknown kind {self.kind!r}: known kinds are {', '.join(registered_kinds())} "
                 "(a Python kind is known once the module that registers it is imported)"
             )
-        _checked_queue(self.queue)
+        check_queue(self.queue)
         if not PG_INT_MIN <= self.priority <= PG_INT_MAX:
             raise InvalidJob(
                 f"priority {self.priority} is out of range [{PG_INT_MIN}, {PG_INT_MAX}]"
@@ -2272,36 +2331,28 @@ class JobOptions:
             raise InvalidJob("only claude jobs can continue another job's session")
 
     @classmethod
-    def build(
-        cls,
-        *,
-        kind: str = DEFAULT_KIND,
-        queue: str = DEFAULT_QUEUE,
-        priority: int = 0,
-        run_at: datetime | None = None,
-        delay: float | timedelta | None = None,
-        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        timeout: float | timedelta | None = None,
-        concurrency_key: str | None = None,
-        concurrency_limit: int = 1,
-        after: Sequence[uuid.UUID | str] = (),
-        continue_from: uuid.UUID | str | None = None,
-    ) -> JobOptions:
+    def build(cls, **settings: Unpack[JobSettings]) -> JobOptions:
+        """The options of enqueue's keywords (JobSettings): a ``delay`` becomes a ``run_at``,
+        a timedelta seconds; what is not given takes the field's default."""
+        values: dict[str, Any] = dict(settings)
+        delay, run_at = values.pop("delay", None), values.get("run_at")
         if run_at is not None and delay is not None:
             raise InvalidJob("give a delay or a run_at time, not both")
         if delay is not None:
             seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
             if not 0 <= seconds <= MAX_DURATION:
                 raise InvalidJob(f"delay must be from 0 up to ten years, not {seconds}")
-            run_at = datetime.now(UTC) + timedelta(seconds=seconds)
+            values["run_at"] = datetime.now(UTC) + timedelta(seconds=seconds)
+        timeout = values.get("timeout")
         if isinstance(timeout, timedelta):
-            timeout = timeout.total_seconds()
+            values["timeout"] = timeout = timeout.total_seconds()
         if timeout is not None and timeout > MAX_DURATION:
             raise InvalidJob(f"timeout must be at most ten years, not {timeout}")
-        return cls(
-            kind, queue, priority, run_at, max_attempts, timeout, concurrency_key,
-            concurrency_limit, tuple(after), continue_from,
-        )  # fmt: skip
+        values["after"] = tuple(values.get("after") or ())
+        unknown = sorted(set(values) - {each.name for each in dataclasses.fields(cls)})
+        if unknown:
+            raise InvalidJob(f"not a job option: {', '.join(unknown)}")
+        return cls(**values)
 
 
 # -- claude payloads ----------------------------------------------------------------------------
@@ -2570,8 +2621,8 @@ def _branch_name(job_id: uuid.UUID) -> str:
     return f"claude-jobs/{job_id.hex[:12]}"
 
 
-def _branch_of(job: Job) -> str | None:
-    """The branch a worktree job works on (a continuation: the one of the job it continues);
+def job_branch(job: Job) -> str | None:
+    """The git branch a worktree job works on (a continuation: the one of the job it continues);
     None for other jobs."""
     if not job.payload.get("worktree"):
         return None
@@ -2591,10 +2642,11 @@ def _row(options: JobOptions, prepared: _Prepared, previous: Job | None = None) 
     }
 
 
-def _statuses(
+def job_statuses(
     conn: psycopg.Connection, ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, tuple[str, str | None]]:
-    """The status of each of these jobs that exists, and the host keeping its claude session."""
+    """The status of each of these jobs that exists, and the host that keeps its claude
+    session (what a job waiting for them waits for)."""
     if not ids:
         return {}
     rows = conn.execute(JOB_STATUSES, {"ids": list(ids)}).fetchall()
@@ -2618,7 +2670,7 @@ def _chain(conn: psycopg.Connection, options: JobOptions) -> _Chain:
         after = [resolve_job_id(conn, job_id) for job_id in options.after] or None
     except JobNotFound as error:
         raise InvalidJob(f"cannot wait for it: {error}") from None
-    found = _statuses(conn, after or [])
+    found = job_statuses(conn, after or [])
     for job_id in after or ():
         if job_id not in found:
             raise InvalidJob(f"cannot wait for it: no job {job_id}")
@@ -2741,13 +2793,6 @@ def _widening(before: Mapping[str, Any], after: Mapping[str, Any]) -> list[str]:
     return found
 
 
-def _json_type(value: Any) -> str:
-    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
-    if value is None:
-        return "null"
-    return names.get(type(value), "a number")
-
-
 #: A JSON escape of NUL (after an even number of backslashes, so not an escaped backslash).
 _NUL_ESCAPE = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 #: One encoder for every payload (json.dumps with options would build one a call).
@@ -2858,7 +2903,7 @@ def enqueue_many(
         try:
             prepared.append(_prepare(options.kind, payload, base_dir, seen))
         except InvalidJob as error:
-            raise InvalidJob(f"job {number}: {error}") from None
+            raise InvalidJob(f"job {number}: {error}", position=number, detail=str(error)) from None
     return _copy_jobs(conn, options, prepared)
 
 
@@ -2955,7 +3000,7 @@ def paused_queues(conn: psycopg.Connection) -> set[str]:
     return {row[0] for row in conn.execute(PAUSED_QUEUES).fetchall()}
 
 
-_FINISHED = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+FINISHED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 
 def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> JobStatus:
@@ -3029,7 +3074,7 @@ def retry_jobs(
 
 def _why_blocked(conn: psycopg.Connection, job: Job) -> str:
     """Why retry refused a failed or cancelled job: what it waits for or continues."""
-    found = _statuses(conn, job.awaits)
+    found = job_statuses(conn, job.awaits)
     gone = [job_id for job_id in job.awaits if job_id not in found]
     if gone:
         return f"{job.id} waits for or continues {gone[0]}, which is gone: it cannot run again"
@@ -3141,7 +3186,7 @@ def explain_jobs(conn: psycopg.Connection, jobs: Sequence[Job]) -> dict[uuid.UUI
         paused=frozenset(paused_queues(conn)) if open_jobs else frozenset(),
         holds={hold["kind"]: hold for hold in list_holds(conn)} if open_jobs else {},
         workers=[w for w in list_workers(conn) if not w["lost"]] if open_jobs else [],
-        awaited=_statuses(conn, [each for job in open_jobs for each in job.awaits]),
+        awaited=job_statuses(conn, [each for job in open_jobs for each in job.awaits]),
         holders=holders,
     )
     reasons = {job.id: _waiting(job, seen) for job in jobs}
@@ -3204,7 +3249,7 @@ def _waiting_for_others(job: Job, seen: _Circumstances) -> Waiting | None:
         return Waiting(short, f"it waits for job{'s' * (len(blocking) > 1)} {jobs} to succeed")
     if job.continue_from is not None:
         status, host = seen.awaited.get(job.continue_from, ("gone", None))
-        if status not in _FINISHED:
+        if status not in FINISHED_STATUSES:
             short = f"continues {str(job.continue_from)[:8]}"
             return Waiting(short, f"it waits for job {job.continue_from} ({status}) to finish")
         if host and not [w for w in _takers(job, seen) if w["host"] == host]:
@@ -3261,13 +3306,13 @@ def _waiting_for_a_worker(job: Job, seen: _Circumstances) -> Waiting:
 def pause_queue(conn: psycopg.Connection, queue: str, by: str | None = None) -> bool:
     """Stop workers claiming from ``queue`` (its jobs stay queued; running ones finish).
     False when it was paused already."""
-    row = conn.execute(PAUSE_QUEUE, {"queue": queue, "by": by}).fetchone()
+    row = conn.execute(PAUSE_QUEUE, {"queue": check_queue(queue), "by": by}).fetchone()
     return bool(row and row[0])
 
 
 def resume_queue(conn: psycopg.Connection, queue: str) -> bool:
     """Let workers claim from ``queue`` again; False when it was not paused."""
-    params = {"queue": queue, "channel": NOTIFY_CHANNEL}
+    params = {"queue": check_queue(queue), "channel": NOTIFY_CHANNEL}
     return conn.execute(RESUME_QUEUE, params).fetchone() is not None
 
 
@@ -3470,7 +3515,7 @@ class FollowUpdate:
 
     @property
     def finished(self) -> bool:
-        return self.status in _FINISHED
+        return self.status in FINISHED_STATUSES
 
 
 def follow_job(
@@ -5542,7 +5587,7 @@ class _Dispatcher:
                 self._check_claims = False
                 claimed = self._begin(conn, rows, lease[1]) if lease and rows else 0
                 if polling and lease:
-                    self._next_poll = time.monotonic() + self._worker._poll_interval
+                    self._next_poll = time.monotonic() + self._worker.settings.poll_interval
                     due = _db_next_due(conn, self._holds.kinds, self._listened())
                     if due is not None:
                         self._book.wake_in(due)
@@ -5796,7 +5841,7 @@ class _Runners:
             reason = f"concurrency key busy: {job.concurrency_key}"
             _log_job("deferred", job, logging.DEBUG, reason=reason)
             return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
-        _log_job("claimed", job, worker=worker.name, branch=_branch_of(job))
+        _log_job("claimed", job, worker=worker.name, branch=job_branch(job))
         value: Any = None
         error: BaseException | None = None
         trace: str | None = None
@@ -5811,9 +5856,10 @@ class _Runners:
         if not isinstance(error, WorkerUnfit):
             with worker._book.lock:
                 self.ran += 1
+        settings = worker.settings
         outcome = decide(
             job, value=value, error=error, trace=trace, stop=context.stop_reason,
-            retry_delay=backoff_delay(job.attempts, *worker._backoff),
+            retry_delay=backoff_delay(job.attempts, settings.backoff_base, settings.backoff_max),
             jitter=random.uniform(0, 60),
         )  # fmt: skip
         if outcome.verdict == Verdict.SUCCEEDED:
@@ -5878,7 +5924,7 @@ class _Watchdog(threading.Thread):
             with self._session.lease_lock:
                 alive, epoch = self._session.alive, self._session.epoch
                 silent = _lease_clock() - self._session.last_ok
-            if alive and silent > self._worker._lock_grace - FENCE_MARGIN:
+            if alive and silent > self._worker.settings.lock_grace - FENCE_MARGIN:
                 self._worker._fence(epoch, f"no heartbeat reached the database for {silent:.1f}s")
 
 
@@ -5898,7 +5944,7 @@ class _Janitor(threading.Thread):
         next_cleanup = time.monotonic() + JANITOR_FIRST_PASS
         while not self._worker._closed.wait(UNBLOCK_CHECK_INTERVAL):
             self._task("unblock the jobs that may run", self._unblock)
-            if self._worker._retention and time.monotonic() >= next_cleanup:
+            if self._worker.settings.retention and time.monotonic() >= next_cleanup:
                 next_cleanup = time.monotonic() + JANITOR_INTERVAL
                 self._task("clean up finished jobs", self._clean_up)
 
@@ -5920,13 +5966,99 @@ class _Janitor(threading.Thread):
             )  # fmt: skip
 
     def _clean_up(self, conn: psycopg.Connection) -> None:
-        retention = self._worker._retention
+        retention = self._worker.settings.retention
         if deleted := cleanup_jobs(conn, retention, exclusive=True):
             logger.info(
                 "deleted %d succeeded or cancelled job(s) past the retention of %s",
                 deleted,
                 _duration_text(retention),
                 extra={"fields": {"event": "cleanup", "deleted": deleted}},
+            )
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """How a worker works: the keywords of Worker, and the options of `claude-jobs worker`
+    with their CLAUDE_JOBS_* variables (built from these fields: see _flags). Validated when
+    made (ConfigError)."""
+
+    queues: str | Sequence[str] = _option(
+        "*",
+        "Comma-separated queues, earlier ones first; * for every queue.",
+        env="QUEUES",
+        aliases=("-q",),
+    )
+    concurrency: int = _option(
+        DEFAULT_CONCURRENCY,
+        "Jobs run at once (threads).",
+        env="CONCURRENCY",
+        aliases=("-c",),
+        type=click.IntRange(1, 1000),
+    )
+    poll_interval: float = _option(
+        DEFAULT_POLL_INTERVAL,
+        "Look for ready jobs this often even without a notification.",
+        env="POLL_INTERVAL",
+        value="duration",
+    )
+    burst: bool = _option(False, "Exit once nothing is ready.", env="BURST", is_flag=True)
+    shutdown_timeout: float | None = _option(
+        None,
+        "On SIGINT/SIGTERM, wait this long for running jobs, then stop them and put them "
+        "back [default: as long as they take].",
+        env="SHUTDOWN_TIMEOUT",
+        value="duration",
+    )
+    daily_budget_usd: float | None = _option(
+        None,
+        "Start no claude job for the rest of the UTC day once the day's jobs cost this much.",
+        env="DAILY_BUDGET_USD",
+        type=click.FloatRange(0, min_open=True),
+    )
+    heartbeat_timeout: float = _option(
+        DEFAULT_HEARTBEAT_TIMEOUT,
+        "A worker silent this long is dead even if its session lingers.",
+        env="HEARTBEAT_TIMEOUT",
+        value="duration",
+    )
+    backoff_base: float = _option(
+        DEFAULT_BACKOFF_BASE,
+        "Retry delay after the first failure; it doubles.",
+        env="BACKOFF_BASE",
+        value="duration",
+    )
+    backoff_max: float = _option(
+        DEFAULT_BACKOFF_MAX, "Longest retry delay.", env="BACKOFF_MAX", value="duration"
+    )
+    retention: float = _option(
+        DEFAULT_RETENTION,
+        "Delete succeeded and cancelled jobs that finished longer ago (0: keep everything).",
+        env="RETENTION",
+        value="duration, unit needed",
+    )
+    lock_grace: float = LOCK_GRACE  # (no option: how long a dead worker's lock may linger)
+
+    def __post_init__(self) -> None:
+        if self.daily_budget_usd is not None and not self.daily_budget_usd > 0:
+            raise ConfigError(f"the daily budget must be positive, not {self.daily_budget_usd}")
+        if not 1 <= self.concurrency <= 1000:
+            raise ConfigError(f"concurrency must be between 1 and 1000, not {self.concurrency}")
+        durations = {
+            "poll interval": self.poll_interval,
+            "heartbeat timeout": self.heartbeat_timeout,
+            "backoff base": self.backoff_base,
+            "backoff max": self.backoff_max,
+            "shutdown timeout": self.shutdown_timeout or 1.0,
+            "retention": self.retention or 1.0,
+        }
+        for name, seconds in durations.items():
+            if not 0 < seconds <= MAX_DURATION:
+                raise ConfigError(f"the {name} must be between 0 and {MAX_DURATION:g}s")
+        grace = self.lock_grace
+        if self.heartbeat_timeout < grace or grace <= FENCE_MARGIN + HEARTBEAT_INTERVAL:
+            raise ConfigError(
+                f"the heartbeat timeout must be at least {grace:g}s "
+                f"and the lock grace more than {FENCE_MARGIN + HEARTBEAT_INTERVAL:g}s"
             )
 
 
@@ -5969,28 +6101,23 @@ class Worker:
         self,
         database_url: str,
         *,
-        queues: str | Sequence[str] = ("*",),
-        concurrency: int = DEFAULT_CONCURRENCY,
-        poll_interval: float = DEFAULT_POLL_INTERVAL,
         handlers: Mapping[str, Handler] | None = None,
         claude_bin: str = DEFAULT_CLAUDE_BIN,
         allow_dirs: Sequence[str | Path] = (),
-        shutdown_timeout: float | None = None,
-        heartbeat_timeout: float = DEFAULT_HEARTBEAT_TIMEOUT,
-        backoff_base: float = DEFAULT_BACKOFF_BASE,
-        backoff_max: float = DEFAULT_BACKOFF_MAX,
-        burst: bool = False,
-        retention: float = DEFAULT_RETENTION,
-        daily_budget_usd: float | None = None,
-        lock_grace: float = LOCK_GRACE,
+        settings: WorkerSettings | None = None,
+        **changes: Any,
     ) -> None:
+        """``handlers``: by default claude's (with ``claude_bin`` and ``allow_dirs``) and every
+        registered kind's; ``settings``, or any of its fields as keywords (``concurrency=10``):
+        how it works (see WorkerSettings)."""
         check_conninfo(database_url)
-        _check_worker_settings(
-            concurrency, poll_interval, heartbeat_timeout, backoff_base, backoff_max,
-            shutdown_timeout, retention, daily_budget_usd, lock_grace,
-        )  # fmt: skip
-        self.queues = _parse_queues(queues)
-        self.concurrency = concurrency
+        unknown = sorted(set(changes) - {each.name for each in dataclasses.fields(WorkerSettings)})
+        if unknown:
+            raise ConfigError(f"not a worker setting: {', '.join(unknown)}")
+        settings = dataclasses.replace(settings or WorkerSettings(), **changes)
+        self.settings = settings
+        self.queues = _parse_queues(settings.queues)
+        self.concurrency = settings.concurrency
         self.handlers: dict[str, Handler] = (
             dict(handlers)
             if handlers is not None
@@ -6003,15 +6130,10 @@ class Worker:
         #: After a burst: why it ran nothing though jobs were ready (it cannot run them).
         self.idle_because: str | None = None
         self._conninfo = database_url
-        self._poll_interval = poll_interval
-        self._shutdown_timeout = shutdown_timeout
-        self._heartbeat_timeout = heartbeat_timeout
-        self._lock_grace = lock_grace
-        self._backoff = (backoff_base, backoff_max)
-        self._burst = burst
-        self._retention = retention
         self._policies: dict[str, ClaudePolicy] = (
-            {DEFAULT_KIND: ClaudePolicy(daily_budget_usd)} if DEFAULT_KIND in self.handlers else {}
+            {DEFAULT_KIND: ClaudePolicy(settings.daily_budget_usd)}
+            if DEFAULT_KIND in self.handlers
+            else {}
         )
         self._book = _Book()
         self._holds = _Holds(self.handlers, self._policies, lambda: self.id)
@@ -6043,7 +6165,7 @@ class Worker:
         try:
             if self._open():
                 assert self._dispatcher is not None
-                self._dispatcher.work(self._stop, self._burst)
+                self._dispatcher.work(self._stop, self.settings.burst)
         except BaseException:
             self.stop(force=True)  # going down on an error: stop the jobs, put them back
             raise
@@ -6138,8 +6260,8 @@ class Worker:
             on_notify=lambda payload: self._dispatcher and self._dispatcher.on_notify(payload),
             on_reaped=lambda epoch: self._fence(epoch, "another worker declared it dead"),
             before_leaving=lambda: self._dispatcher and self._dispatcher.flush(LEAVE_FLUSH_TIMEOUT),
-            grace=self._lock_grace,
-            heartbeat_timeout=self._heartbeat_timeout,
+            grace=self.settings.lock_grace,
+            heartbeat_timeout=self.settings.heartbeat_timeout,
         )  # fmt: skip
         self._dispatcher = _Dispatcher(self, self._pool, self._session)
         self._session.start()
@@ -6212,10 +6334,12 @@ class Worker:
             logger.info(
                 "stopping: waiting for %d running job(s) to finish%s",
                 busy,
-                f" (at most {self._shutdown_timeout:g}s)" if self._shutdown_timeout else "",
+                f" (at most {self.settings.shutdown_timeout:g}s)"
+                if self.settings.shutdown_timeout
+                else "",
                 extra={"fields": {"event": "stopping"}},
             )
-        timeout = self._shutdown_timeout
+        timeout = self.settings.shutdown_timeout
         self._dispatcher.finish(until=None if timeout is None else time.monotonic() + timeout)
         if not self._book.counts()[0]:
             return 0
@@ -6259,40 +6383,6 @@ class Worker:
             why,
             len(attempts),
             extra={"fields": {"event": "lease lost", "jobs": len(attempts)}},
-        )
-
-
-def _check_worker_settings(
-    concurrency: int,
-    poll_interval: float,
-    heartbeat_timeout: float,
-    backoff_base: float,
-    backoff_max: float,
-    shutdown_timeout: float | None,
-    retention: float,
-    daily_budget_usd: float | None,
-    lock_grace: float,
-) -> None:
-    """ConfigError for worker settings out of range."""
-    if daily_budget_usd is not None and not daily_budget_usd > 0:
-        raise ConfigError(f"the daily budget must be positive, not {daily_budget_usd}")
-    if not 1 <= concurrency <= 1000:
-        raise ConfigError(f"concurrency must be between 1 and 1000, not {concurrency}")
-    durations = {
-        "poll interval": poll_interval,
-        "heartbeat timeout": heartbeat_timeout,
-        "backoff base": backoff_base,
-        "backoff max": backoff_max,
-        "shutdown timeout": shutdown_timeout or 1.0,
-        "retention": retention or 1.0,
-    }
-    for name, seconds in durations.items():
-        if not 0 < seconds <= MAX_DURATION:
-            raise ConfigError(f"the {name} must be between 0 and {MAX_DURATION:g}s")
-    if heartbeat_timeout < lock_grace or lock_grace <= FENCE_MARGIN + HEARTBEAT_INTERVAL:
-        raise ConfigError(
-            f"the heartbeat timeout must be at least {lock_grace:g}s "
-            f"and the lock grace more than {FENCE_MARGIN + HEARTBEAT_INTERVAL:g}s"
         )
 
 
@@ -6424,6 +6514,11 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
 
 
+###############################################################################
+# Command line
+###############################################################################
+
+
 class _Cli(click.Group):
     """Every error is one line on stderr, never a traceback: exit status 2 for bad input,
     1 for an operation that failed."""
@@ -6536,6 +6631,39 @@ class _TimeType(click.ParamType):
 
 _DURATION_TYPE = _DurationType()
 _TIME_TYPE = _TimeType()
+_VALUE_TYPES = {
+    "duration": _DURATION_TYPE,
+    "duration, unit needed": _DurationType(unit_needed=True),
+    "time": _TIME_TYPE,
+}
+
+
+def _flags(settings: type, *names: str) -> Callable[[Any], Any]:
+    """The command-line options of a settings dataclass's fields (those named, or every one
+    with a flag), in field order, as their metadata says (see _option): one source for the
+    Python API, the options and their environment variables."""
+
+    def add(command: Any) -> Any:
+        for each in reversed(dataclasses.fields(settings)):
+            if "flag" not in each.metadata or (names and each.name not in names):
+                continue
+            spec = dict(each.metadata["flag"])
+            env, value = spec.pop("env"), spec.pop("value")
+            decls = ["--" + each.name.replace("_", "-"), *spec.pop("aliases", ())]
+            default = spec.setdefault("default", each.default)
+            if value:
+                spec["type"] = _VALUE_TYPES[value]
+            if not (default is None or default is False or default == ()):
+                spec.setdefault("show_default", True)
+                if value and "duration" in value:  # as people write it: 5s, not 5.0
+                    spec["default"] = _duration_text(default)
+            if env is None:
+                command = click.option(*decls, **spec)(command)
+            else:
+                command = _setting(*decls, env=env, **spec)(command)
+        return command
+
+    return add
 
 
 def _setting(*decls: str, env: str, **kwargs: Any) -> Callable[[Any], Any]:
@@ -6647,49 +6775,12 @@ def migrate_command(config: _Config, print_sql: bool) -> None:
     metavar="PATH",
     help="JSON Lines, one payload object a line ('-': stdin); all are queued or none.",
 )
-@_setting("--queue", env="QUEUE", default=DEFAULT_QUEUE, show_default=True, help="Queue name.")
-@_setting(
-    "--priority",
-    env="PRIORITY",
-    type=click.IntRange(PG_INT_MIN, PG_INT_MAX),
-    default=0,
-    show_default=True,
-    help="Higher runs first.",
-)
+@_flags(JobOptions)
 @_setting(
     "--delay",
     env="DELAY",
     type=_DURATION_TYPE,
     help="Run no sooner than this from now: 30s, 5m, 1h30m.",
-)
-@_setting("--run-at", env="RUN_AT", type=_TIME_TYPE, help="Run no sooner than this ISO 8601 time.")
-@_setting(
-    "--max-attempts",
-    env="MAX_ATTEMPTS",
-    type=click.IntRange(1, PG_INT_MAX),
-    default=DEFAULT_MAX_ATTEMPTS,
-    show_default=True,
-    help="Attempts before the job fails.",
-)
-@_setting("--kind", env="KIND", default=DEFAULT_KIND, show_default=True, help="Job kind.")
-@_setting(
-    "--timeout",
-    env="TIMEOUT",
-    type=_DURATION_TYPE,
-    help="Time limit of each attempt (claude jobs: 1h).",
-)
-@click.option(
-    "--concurrency-key",
-    metavar="KEY",
-    help="At most --concurrency-limit jobs with this key run at once, on all workers "
-    "[default for claude jobs: their cwd].",
-)
-@click.option(
-    "--concurrency-limit",
-    type=click.IntRange(0, PG_INT_MAX),
-    default=1,
-    show_default=True,
-    help="Jobs of the key that may run at once (0: no key).",
 )
 @click.option("--no-concurrency-key", is_flag=True, help="Run regardless of other jobs' keys.")
 @click.option(
@@ -6702,17 +6793,6 @@ def migrate_command(config: _Config, print_sql: bool) -> None:
     "--max-budget-usd",
     type=click.FloatRange(0, min_open=True),
     help='claude stops once the job has cost this much (payload "max_budget_usd").',
-)
-@click.option(
-    "--after",
-    metavar="ID[,ID...]",
-    multiple=True,
-    help="Run once these jobs succeeded; cancelled if one of them fails or is cancelled.",
-)
-@click.option(
-    "--continue-from",
-    metavar="ID",
-    help="Resume that claude job's session (same cwd or worktree) once it finished.",
 )
 @_import_option
 @click.option("--json", "as_json", is_flag=True, help="Print the new job as JSON, not its id.")
@@ -6773,9 +6853,14 @@ def enqueue_command(
             given = prepare_payload(job_options.kind, given)  # (a continuation's, with its job)
         jobs = [_enqueue_one(config, given, options, wait)]
     else:
-        prepared = _read_json_lines(payload_file, job_options.kind, extra)
+        lines, payloads = _read_json_lines(payload_file, extra)
         with config.connect() as conn:
-            ids = _copy_jobs(conn, job_options, prepared)
+            try:
+                ids = enqueue_many(conn, payloads, **options)
+            except InvalidJob as error:
+                if error.position is None:
+                    raise
+                raise InvalidJob(f"{lines[error.position - 1]}: {error.detail}") from None
             if not as_json:
                 click.echo("".join(f"{job_id}\n" for job_id in ids), nl=False)
                 return
@@ -6902,63 +6987,32 @@ def _with_prompt(kind: str, given: Any, prompt: str, here: bool) -> dict[str, An
 
 
 def _read_json_lines(
-    stream: Any, kind: str, extra: Mapping[str, Any] | None = None
-) -> list[_Prepared]:
-    """Every payload of a JSON Lines stream (with ``extra`` keys it lacks), checked; an error
-    names its line."""
-    payloads = []
-    seen: dict[tuple[str, str | None], str | None] = {}
+    stream: Any, extra: Mapping[str, Any] | None = None
+) -> tuple[list[str], list[Any]]:
+    """The payloads of a JSON Lines stream (with ``extra`` keys they lack), and where each
+    is ("line 3 of jobs.jsonl"); an error names its line."""
+    lines, payloads = [], []
     name = getattr(stream, "name", "<stdin>")
     for number, raw in enumerate(stream, 1):
         try:
             line = raw.decode("utf-8")
             if line.strip():
                 payload = _parse_json(line, "it")
-                if isinstance(payload, dict):
-                    payload = {**(extra or {}), **payload}
-                payloads.append(_prepare(kind, payload, None, seen))
+                payloads.append(
+                    {**(extra or {}), **payload} if isinstance(payload, dict) else payload
+                )
+                lines.append(f"line {number} of {name}")
         except UnicodeDecodeError:
             raise InvalidJob(f"line {number} of {name} is not UTF-8 text") from None
         except InvalidJob as error:
             raise InvalidJob(f"line {number} of {name}: {error}") from None
-    return payloads
+    return lines, payloads
 
 
 @cli.command("worker")
-@_setting(
-    "--concurrency",
-    "-c",
-    env="CONCURRENCY",
-    type=click.IntRange(1, 1000),
-    default=DEFAULT_CONCURRENCY,
-    show_default=True,
-    help="Jobs run at once (threads).",
-)
-@_setting(
-    "--queues",
-    "-q",
-    env="QUEUES",
-    default="*",
-    show_default=True,
-    help="Comma-separated queues, earlier ones first; * for every queue.",
-)
-@_setting(
-    "--poll-interval",
-    env="POLL_INTERVAL",
-    type=_DURATION_TYPE,
-    default="5s",
-    show_default=True,
-    help="Look for ready jobs this often even without a notification.",
-)
-@_setting("--burst", env="BURST", is_flag=True, help="Exit once nothing is ready.")
+@_flags(WorkerSettings, "concurrency", "queues", "poll_interval", "burst")
 @_import_option
-@_setting(
-    "--shutdown-timeout",
-    env="SHUTDOWN_TIMEOUT",
-    type=_DURATION_TYPE,
-    help="On SIGINT/SIGTERM, wait this long for running jobs, then stop them and put them "
-    "back [default: as long as they take].",
-)
+@_flags(WorkerSettings, "shutdown_timeout")
 @_setting(
     "--claude-bin",
     env="CLAUDE_BIN",
@@ -6991,44 +7045,8 @@ def _read_json_lines(
     is_flag=True,
     help="Keep the git worktrees of worktree jobs (their branches are always kept).",
 )
-@_setting(
-    "--daily-budget-usd",
-    env="DAILY_BUDGET_USD",
-    type=click.FloatRange(0, min_open=True),
-    help="Start no claude job for the rest of the UTC day once the day's jobs cost this much.",
-)
-@_setting(
-    "--heartbeat-timeout",
-    env="HEARTBEAT_TIMEOUT",
-    type=_DURATION_TYPE,
-    default="60s",
-    show_default=True,
-    help="A worker silent this long is dead even if its session lingers.",
-)
-@_setting(
-    "--backoff-base",
-    env="BACKOFF_BASE",
-    type=_DURATION_TYPE,
-    default="5s",
-    show_default=True,
-    help="Retry delay after the first failure; it doubles.",
-)
-@_setting(
-    "--backoff-max",
-    env="BACKOFF_MAX",
-    type=_DURATION_TYPE,
-    default="5m",
-    show_default=True,
-    help="Longest retry delay.",
-)
-@_setting(
-    "--retention",
-    env="RETENTION",
-    type=_DurationType(unit_needed=True),
-    default="14d",
-    show_default=True,
-    help="Delete succeeded and cancelled jobs that finished longer ago (0: keep everything).",
-)
+@_flags(WorkerSettings, "daily_budget_usd", "heartbeat_timeout", "backoff_base", "backoff_max",
+        "retention")  # fmt: skip
 @_setting(
     "--log-format",
     env="LOG_FORMAT",
@@ -7395,7 +7413,7 @@ def list_command(
     if any(job.payload.get("worktree") for job in jobs if job.kind == DEFAULT_KIND):
         headers.insert(-1, "BRANCH")
         for row, job in zip(rows, jobs, strict=True):
-            row.insert(-1, _branch_of(job) or "-")
+            row.insert(-1, job_branch(job) or "-")
     optional = ("PRI", "TRIES", "KIND", "BRANCH", "WAITS FOR")
     click.echo(_table(headers, rows, paint="STATUS", optional=optional))
 
@@ -7424,7 +7442,7 @@ def show_command(config: _Config, job_id: str, as_json: bool) -> None:
     with config.connect() as conn:
         job = get_job(conn, job_id)
         paused = paused_queues(conn)
-        awaited = _statuses(conn, job.awaits)
+        awaited = job_statuses(conn, job.awaits)
         reason = explain_jobs(conn, [job]).get(job.id)
     if as_json:
         click.echo(_json_text({**job.to_dict(), "why": reason and reason.text}))
@@ -7541,7 +7559,7 @@ def _branch_text(job: Job) -> str:
     """The branch of a worktree job, whether it has new commits, and where its worktree is
     while it exists."""
     tree = job.worktree
-    if not tree and job.status in _FINISHED:
+    if not tree and job.status in FINISHED_STATUSES:
         return "none: the job ended before it made one"
     if not tree:
         return "(made when the job runs)"
@@ -7827,7 +7845,7 @@ def pause_command(config: _Config, queue: str, as_json: bool) -> None:
       claude-jobs pause nightly
     """
     with config.connect() as conn:
-        newly = pause_queue(conn, _checked_queue(queue), by=f"{socket.gethostname()}:{os.getpid()}")
+        newly = pause_queue(conn, queue, by=f"{socket.gethostname()}:{os.getpid()}")
         waiting = count_queued(conn, queue)
         known = queue_known(conn, queue)
         others = [] if known or as_json else known_queues(conn)
@@ -7881,7 +7899,7 @@ def resume_command(config: _Config, queue: str | None, kind: str | None) -> None
                 said.append(f"{lifted.workers} worker(s) that could not run {kind} try again")
             click.echo(_printable("; ".join(said)))
             return
-        resumed = resume_queue(conn, _checked_queue(queue))
+        resumed = resume_queue(conn, queue)
     click.echo(f"queue {queue} {'resumed' if resumed else 'was not paused'}")
 
 
@@ -8026,7 +8044,7 @@ def purge_command(config: _Config, queue: str, yes: bool) -> None:
     Example:
       claude-jobs purge experiments --yes
     """
-    _checked_queue(queue)
+    check_queue(queue)
     with config.connect() as conn:
         if not yes:
             waiting = count_queued(conn, queue)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -238,3 +239,38 @@ def test_a_worktree_record_is_trusted_only_as_claude_jobs_writes_them() -> None:
     for bad in ({"path": "relative"}, {"branch": "main"}, {"base": "--force"}):
         with pytest.raises(claude_jobs._GitError):
             claude_jobs._checked_record({**good, **bad})
+
+
+# -- one source for options ------------------------------------------------------------------
+
+
+def test_the_keywords_of_enqueue_are_the_fields_of_job_options_and_a_delay() -> None:
+    fields = {f.name for f in dataclasses.fields(claude_jobs.JobOptions)}
+    assert set(claude_jobs.JobSettings.__annotations__) == fields | {"delay"}
+
+
+def test_job_options_are_built_with_the_fields_defaults_and_a_delay_becomes_run_at() -> None:
+    options = claude_jobs.JobOptions.build(delay=timedelta(minutes=5), after=["x"])
+    assert options.queue == "default" and options.after == ("x",) and options.max_attempts == 5
+    assert options.run_at is not None and options.run_at > datetime.now(UTC)
+    with pytest.raises(claude_jobs.InvalidJob, match="not a job option"):
+        claude_jobs.JobOptions.build(colour="red")  # type: ignore[call-arg]
+    with pytest.raises(claude_jobs.InvalidJob, match="not both"):
+        claude_jobs.JobOptions.build(delay=1, run_at=datetime.now(UTC))
+
+
+def test_worker_settings_are_checked_when_made() -> None:
+    with pytest.raises(claude_jobs.ConfigError, match="concurrency"):
+        claude_jobs.WorkerSettings(concurrency=0)
+    with pytest.raises(claude_jobs.ConfigError, match="poll interval"):
+        claude_jobs.WorkerSettings(poll_interval=-1)
+    with pytest.raises(claude_jobs.ConfigError, match="not a worker setting"):
+        claude_jobs.Worker("postgresql://localhost/x", colour="red")
+
+
+def test_every_setting_with_a_flag_is_an_option_of_its_command() -> None:
+    commands = {"enqueue": claude_jobs.JobOptions, "worker": claude_jobs.WorkerSettings}
+    for command, settings in commands.items():
+        options = {p.name for p in claude_jobs.cli.commands[command].params}
+        flagged = {f.name for f in dataclasses.fields(settings) if "flag" in f.metadata}
+        assert flagged <= options, command
