@@ -723,6 +723,10 @@ CREATE INDEX claude_jobs_blocked_continuations ON claude_jobs (continue_from)
 DROP INDEX claude_jobs_keys_held;
 CREATE INDEX claude_jobs_running_keys ON claude_jobs (concurrency_key)
     WHERE status = 'running' AND concurrency_key IS NOT NULL;
+-- the queued jobs of a queue, blocked or not (pause and purge count and delete them)
+CREATE INDEX claude_jobs_queued_in_queue ON claude_jobs (queue) WHERE status = 'queued';
+-- the name its sessions carry (application_name: a reaper ends them all)
+ALTER TABLE claude_jobs_workers ADD COLUMN session_name text;
 """,
     ),
 )
@@ -895,7 +899,15 @@ WITH chosen AS (
     UPDATE claude_jobs j
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
         cancel_requested_at = NULL, claim = NULL, worker_id = NULL, worker = NULL,
-        blocked = NULL, updated_at = now()
+        updated_at = now(),
+        -- (still waiting for a job not over, or for one retried here with it)
+        blocked = CASE WHEN EXISTS (
+                SELECT FROM unnest(j.after) AS a(id) JOIN claude_jobs d ON d.id = a.id
+                WHERE d.status <> 'succeeded' OR d.id IN (SELECT id FROM chosen))
+            OR j.continue_from IN (SELECT id FROM chosen)
+            OR EXISTS (SELECT FROM claude_jobs p WHERE p.id = j.continue_from
+                       AND p.status IN ('queued', 'running'))
+            THEN 'jobs' END
     FROM chosen
     WHERE j.id = chosen.id
       AND NOT EXISTS (SELECT FROM unnest(j.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
@@ -1165,7 +1177,7 @@ WHERE status = 'queued' AND run_at > created_at AND run_at > now() AND kind = AN
 # it tells `logs -f` that a job with a transcript moved on. (Waking the workers for the jobs
 # that may run now that this one is over is UNBLOCK's.)
 _OUTCOME_RETURNING = """RETURNING j.id, j.status, j.run_at,
-    CASE WHEN j.transcript_size > 0 THEN pg_notify('claude_jobs_output', j.id::text) END"""
+    CASE WHEN j.transcript_size > 0 THEN pg_notify(%(output)s, j.id::text) END"""
 
 RECORD = f"""
 -- record: what attempts of this worker came to, and what running ones produced so far, one
@@ -1294,12 +1306,23 @@ _KEY_QUEUE = """
      WHERE w.status = 'queued' AND w.concurrency_key = {k} AND w.run_at > now() AND {eligible}
      ORDER BY w.priority DESC, w.run_at, w.seq LIMIT {n})"""
 
+# Whether queued job {w} is one a worker could claim: its queue is not paused, and a live
+# worker takes its queue and its kind. Only such a job keeps its place at the head of its
+# key's line: one that nobody can run must not keep the jobs behind it blocked.
+_RUNNABLE = """(
+    NOT EXISTS (SELECT FROM claude_jobs_queues p
+                WHERE p.queue = {w}.queue AND p.paused_at IS NOT NULL)
+    AND EXISTS (SELECT FROM claude_jobs_workers k
+                WHERE {w}.kind = ANY(k.kinds)
+                  AND ('*' = ANY(k.queues) OR {w}.queue = ANY(k.queues))))"""
+
 _UNBLOCK = f"""
 -- unblock: these jobs (`ended`) ended, or gave up their slot of these keys: the blocked jobs
 -- that may run now go back in the claim's way. A job that waited for them (UNBLOCK_ALL: any
 -- job marked so) and waits for no other is unblocked, or marked as waiting for its key; and
 -- of each of these keys and theirs (UNBLOCK_ALL: every key with jobs marked so), the jobs that
--- go first, as many as the key's free slots (its limit less its running jobs), are unblocked.
+-- go first, as many as the key's free slots (its limit less its running jobs), are unblocked
+-- (of those a worker could claim now: one nobody can run keeps no one waiting).
 -- Rows are locked in id order. Every worker is woken when there may be more to claim (a job
 -- that was never marked, a race the janitor would fix, is found at the next poll).
 WITH cleared AS (
@@ -1328,7 +1351,8 @@ WITH cleared AS (
     _KEY_QUEUE.format(
         k="free.k",
         n="free.slots",
-        eligible="(w.blocked IS DISTINCT FROM 'jobs' OR w.id IN (SELECT id FROM cleared))",
+        eligible="(w.blocked IS DISTINCT FROM 'jobs' OR w.id IN (SELECT id FROM cleared)) AND "
+        + _RUNNABLE.format(w="w"),
     )
 }) s
         ORDER BY later, priority DESC, run_at, seq LIMIT free.slots) q
@@ -1337,8 +1361,10 @@ WITH cleared AS (
     UNION ALL
     SELECT id, blocked FROM cleared WHERE id NOT IN (SELECT id FROM first)
 ), locked AS MATERIALIZED (  -- (an index scan of these ids walks them in order: no sort)
+    -- a row another transaction holds (a cancel, a purge, another unblock) is left to it, or
+    -- to the janitor's next pass: no deadlock, and no wait
     SELECT id FROM claude_jobs WHERE id = ANY(ARRAY(SELECT id FROM changes))
-    ORDER BY id FOR UPDATE
+    ORDER BY id FOR UPDATE SKIP LOCKED
 ), unblocked AS (
     UPDATE claude_jobs j SET blocked = changes.blocked
     FROM locked JOIN changes USING (id)
@@ -1406,7 +1432,8 @@ FROM (
       AND NOT EXISTS (SELECT FROM claude_jobs p WHERE p.id = w.continue_from)
 ) blocked
 WHERE j.id = blocked.id AND j.status = 'queued'
-RETURNING j.id, j.queue, j.kind, j.last_error, pg_notify('claude_jobs_output', j.id::text)
+RETURNING j.id, j.queue, j.kind, j.last_error, pg_notify(%(output)s, j.id::text),
+    CASE WHEN j.concurrency_limit > 0 THEN j.concurrency_key END AS slot_key
 """
 
 SET_HOLD = """
@@ -1502,9 +1529,9 @@ SELECT pg_try_advisory_lock(%(namespace)s, %(key)s) AS locked
 REGISTER_WORKER = """
 -- register_worker: announce a worker (it already holds its lock)
 INSERT INTO claude_jobs_workers
-    (id, lock_key, host, pid, queues, kinds, concurrency, backend_pid)
+    (id, lock_key, host, pid, queues, kinds, concurrency, backend_pid, session_name)
 VALUES (%(id)s, %(key)s, %(host)s, %(pid)s, %(queues)s, %(kinds)s, %(concurrency)s,
-        pg_backend_pid())
+        pg_backend_pid(), current_setting('application_name'))
 """
 
 HEARTBEAT = """
@@ -1526,7 +1553,7 @@ SELECT pg_advisory_unlock_all()
 STALE_WORKERS = """
 -- stale_workers: workers silent for longer than the grace period (a server restart counts as
 -- a heartbeat, so workers get time to reconnect); `vanished` ones are silent past the timeout
-SELECT id, lock_key, backend_pid, host, pid,
+SELECT id, lock_key, backend_pid, host, pid, session_name,
        greatest(last_heartbeat, pg_postmaster_start_time())
            < now() - make_interval(secs => %(timeout)s) AS vanished
 FROM claude_jobs_workers
@@ -1542,11 +1569,12 @@ SELECT pg_try_advisory_xact_lock(%(namespace)s, %(key)s) AS locked
 
 TERMINATE_VANISHED = """
 -- terminate_vanished: end a vanished worker's lingering sessions: the one it registered, only
--- while it holds the worker's lock (not a reaper's), and the others of its process (named
--- after it), one of which may hold its jobs' rows in a transaction it cannot finish
+-- while it holds the worker's lock (not a reaper's), and the others of its process (they carry
+-- the name it registered, unique to the process), one of which may hold its jobs' rows in a
+-- transaction it cannot finish
 SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a
 WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
-  AND (a.application_name = left('claude-jobs worker ' || %(host)s || ':' || %(pid)s, 63)
+  AND (a.application_name = %(session_name)s
        OR a.pid = (SELECT l.pid FROM pg_locks l
                    WHERE l.locktype = 'advisory' AND l.granted AND l.classid = %(namespace)s
                      AND l.objid = %(key)s AND l.objsubid = 2 AND l.pid = %(backend_pid)s
@@ -1975,8 +2003,8 @@ def _db_reap(
         if not cur.execute(TRY_LOCK_FOR_REAPING, key).fetchone()["locked"]:  # type: ignore[index]
             if not worker["vanished"]:
                 return None  # its session holds the lock: alive, only slow (or being reaped)
-            params = {**key, "backend_pid": worker["backend_pid"], "host": worker["host"],
-                      "pid": worker["pid"]}  # fmt: skip
+            params = {**key, "backend_pid": worker["backend_pid"],
+                      "session_name": worker["session_name"]}  # fmt: skip
             with contextlib.suppress(psycopg.errors.InsufficientPrivilege), conn.transaction():
                 cur.execute(TERMINATE_VANISHED, params)
         if cur.execute(REAP_WORKER, {"id": worker["id"], "grace": grace}).fetchone() is None:
@@ -1997,9 +2025,9 @@ def _db_recover_orphans(conn: psycopg.Connection) -> list[dict[str, Any]]:
 def _db_cancel_blocked(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Cancel the queued jobs that wait for a job that will never succeed; those jobs."""
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        jobs = cur.execute(CANCEL_BLOCKED).fetchall()
-        if jobs:  # their continuations may run now
-            _db_unblock(conn, [job["id"] for job in jobs], [])
+        jobs = cur.execute(CANCEL_BLOCKED, {"output": OUTPUT_CHANNEL}).fetchall()
+        if jobs:  # their continuations may run now, and what was behind them in their keys
+            _db_unblock(conn, [job["id"] for job in jobs], [job["slot_key"] for job in jobs])
     return jobs
 
 
@@ -4896,6 +4924,7 @@ def _record_params(rows: Sequence[_Row], host: str) -> dict[str, Any]:
         "trees": json.dumps(trees, ensure_ascii=False),
         "host": host,
         "limit": TRANSCRIPT_LIMIT,
+        "output": OUTPUT_CHANNEL,
     }
 
 
@@ -5942,11 +5971,15 @@ class _Janitor(threading.Thread):
 
     def run(self) -> None:
         next_cleanup = time.monotonic() + JANITOR_FIRST_PASS
-        while not self._worker._closed.wait(UNBLOCK_CHECK_INTERVAL):
+        assert self._worker._session is not None
+        self._worker._session.ready.wait(UNBLOCK_CHECK_INTERVAL)  # registered: it counts
+        while True:  # (a first pass at once: what waited for a worker to exist)
             self._task("unblock the jobs that may run", self._unblock)
             if self._worker.settings.retention and time.monotonic() >= next_cleanup:
                 next_cleanup = time.monotonic() + JANITOR_INTERVAL
                 self._task("clean up finished jobs", self._clean_up)
+            if self._worker._closed.wait(UNBLOCK_CHECK_INTERVAL):
+                return
 
     def _task(self, what: str, task: Callable[[psycopg.Connection], None]) -> None:
         """Run a task; an error is tried again next time (the database gone away, a bug)."""
@@ -6038,6 +6071,13 @@ class WorkerSettings:
     )
     lock_grace: float = LOCK_GRACE  # (no option: how long a dead worker's lock may linger)
 
+    def changed(self, **changes: Any) -> WorkerSettings:
+        """These settings with ``changes`` (a ConfigError names a keyword that is none)."""
+        unknown = sorted(set(changes) - {each.name for each in dataclasses.fields(self)})
+        if unknown:
+            raise ConfigError(f"not a worker setting: {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
     def __post_init__(self) -> None:
         if self.daily_budget_usd is not None and not self.daily_budget_usd > 0:
             raise ConfigError(f"the daily budget must be positive, not {self.daily_budget_usd}")
@@ -6090,8 +6130,8 @@ class Worker:
     the module): the dispatcher claims and records in rounds, in the thread that calls
     ``run()``; ``concurrency`` runners run handlers; the session holds the worker's lease
     (advisory lock, heartbeat, LISTEN, recovery of dead workers); a watchdog fences the lease
-    when heartbeats stop getting through; a janitor deletes old jobs. What they share is in
-    the book and the holds, each behind its lock.
+    when heartbeats stop getting through; a janitor unblocks jobs races left blocked and
+    deletes old ones. What they share is in the book and the holds, each behind its lock.
 
     ``run()`` works until ``stop()``; ``run_once()`` runs what is ready now (then use the
     worker as a context manager, or call ``close()``).
@@ -6111,11 +6151,7 @@ class Worker:
         registered kind's; ``settings``, or any of its fields as keywords (``concurrency=10``):
         how it works (see WorkerSettings)."""
         check_conninfo(database_url)
-        unknown = sorted(set(changes) - {each.name for each in dataclasses.fields(WorkerSettings)})
-        if unknown:
-            raise ConfigError(f"not a worker setting: {', '.join(unknown)}")
-        settings = dataclasses.replace(settings or WorkerSettings(), **changes)
-        self.settings = settings
+        self.settings = settings = (settings or WorkerSettings()).changed(**changes)
         self.queues = _parse_queues(settings.queues)
         self.concurrency = settings.concurrency
         self.handlers: dict[str, Handler] = (
@@ -6236,8 +6272,9 @@ class Worker:
         return True
 
     def _start(self) -> None:
-        # (the name by which a reaper finds this process's sessions: TERMINATE_VANISHED)
-        options = {"application_name": f"claude-jobs worker {self.name}"[:63]}
+        # (by which a reaper finds this process's sessions, the token first: TERMINATE_VANISHED)
+        token = uuid.uuid4().hex[:8]
+        options = {"application_name": f"claude-jobs worker {token} {self.name}"[:63]}
         from psycopg_pool import ConnectionPool
 
         self._pool = ConnectionPool(
@@ -6419,17 +6456,18 @@ class _TextFormatter(logging.Formatter):
 
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)-7s %(message)s")
-        self._second, self._stamp = -1, ""
+        self._stamp = (-1, "")  # (second, its text): one value, as threads format at once
 
     def format(self, record: logging.LogRecord) -> str:
         return _printable(super().format(record))
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        second = int(record.created)
-        if second != self._second:
-            self._second = second
-            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
-        return f"{self._stamp},{int(record.msecs):03d}"
+        second, stamp = self._stamp
+        if second != int(record.created):
+            second = int(record.created)
+            stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(second))
+            self._stamp = (second, stamp)
+        return f"{stamp},{int(record.msecs):03d}"
 
 
 class _JsonFormatter(logging.Formatter):
@@ -6460,7 +6498,10 @@ class _LogWriter(logging.Handler):
         super().__init__()
         self.setFormatter(formatter)
         self._stream = stream
-        self._lines: queue_module.SimpleQueue[str | None] = queue_module.SimpleQueue()
+        # lines; an event to set once the lines before it are written (flush); None: the end
+        self._lines: queue_module.SimpleQueue[str | threading.Event | None] = (
+            queue_module.SimpleQueue()
+        )
         self._thread = threading.Thread(target=self._write, name="claude-jobs-log", daemon=True)
         self._thread.start()
 
@@ -6481,14 +6522,23 @@ class _LogWriter(logging.Handler):
         while not ended:
             batch = [self._lines.get()]
             with contextlib.suppress(queue_module.Empty):
-                while batch[-1] is not None and len(batch) < 1000:
+                while isinstance(batch[-1], str) and len(batch) < 1000:
                     batch.append(self._lines.get_nowait())
             ended = batch[-1] is None
-            lines = [line for line in batch if line is not None]
+            lines = [line for line in batch if isinstance(line, str)]
             if lines:
                 with contextlib.suppress(OSError, ValueError):  # a closed or broken stream
                     self._stream.write("\n".join(lines) + "\n")
                     self._stream.flush()
+            if isinstance(batch[-1], threading.Event):
+                batch[-1].set()
+
+    def flush(self) -> None:
+        """Return once the lines logged so far are written (or after a second)."""
+        if self._thread.is_alive():
+            written = threading.Event()
+            self._lines.put(written)
+            written.wait(1.0)
 
     def close(self) -> None:
         """Write what is waiting, then stop the writer."""
@@ -6553,6 +6603,8 @@ class _Cli(click.Group):
 
 
 def _fail(message: str, code: int) -> int:
+    for handler in logging.getLogger().handlers:  # what was logged comes first
+        handler.flush()
     click.echo(f"Error: {_printable(' '.join(message.split()))}", err=True)
     return code
 
@@ -6655,8 +6707,9 @@ def _flags(settings: type, *names: str) -> Callable[[Any], Any]:
                 spec["type"] = _VALUE_TYPES[value]
             if not (default is None or default is False or default == ()):
                 spec.setdefault("show_default", True)
-                if value and "duration" in value:  # as people write it: 5s, not 5.0
-                    spec["default"] = _duration_text(default)
+                text = _duration_text(default) if value and "duration" in value else None
+                if text and parse_duration(text) == default:  # as people write it: 5s, not 5.0
+                    spec["default"] = text
             if env is None:
                 command = click.option(*decls, **spec)(command)
             else:
@@ -6853,20 +6906,28 @@ def enqueue_command(
             given = prepare_payload(job_options.kind, given)  # (a continuation's, with its job)
         jobs = [_enqueue_one(config, given, options, wait)]
     else:
-        lines, payloads = _read_json_lines(payload_file, extra)
-        with config.connect() as conn:
-            try:
-                ids = enqueue_many(conn, payloads, **options)
-            except InvalidJob as error:
-                if error.position is None:
-                    raise
-                raise InvalidJob(f"{lines[error.position - 1]}: {error.detail}") from None
-            if not as_json:
-                click.echo("".join(f"{job_id}\n" for job_id in ids), nl=False)
-                return
-            jobs = [get_job(conn, job_id) for job_id in ids]
+        jobs = _enqueue_file(config, payload_file, extra, options, as_json)
     for job in jobs:
         click.echo(_json_text(job.to_dict()) if as_json else job.id)
+
+
+def _enqueue_file(
+    config: _Config, stream: Any, extra: Mapping[str, Any], options: dict[str, Any], rows: bool
+) -> list[Job]:
+    """Queue every job of a JSON Lines file, or none (an error names the line). Print their
+    ids, or with ``rows`` return the jobs."""
+    lines, payloads = _read_json_lines(stream, extra)
+    with config.connect() as conn:
+        try:
+            ids = enqueue_many(conn, payloads, **options)
+        except InvalidJob as error:
+            if error.position is None:
+                raise
+            raise InvalidJob(f"{lines[error.position - 1]}: {error.detail}") from None
+        if not rows:
+            click.echo("".join(f"{job_id}\n" for job_id in ids), nl=False)
+            return []
+        return [get_job(conn, job_id) for job_id in ids]
 
 
 def _check_enqueue_flags(

@@ -239,6 +239,10 @@ CREATE INDEX claude_jobs_blocked_continuations ON claude_jobs (continue_from)
 DROP INDEX claude_jobs_keys_held;
 CREATE INDEX claude_jobs_running_keys ON claude_jobs (concurrency_key)
     WHERE status = 'running' AND concurrency_key IS NOT NULL;
+-- the queued jobs of a queue, blocked or not (pause and purge count and delete them)
+CREATE INDEX claude_jobs_queued_in_queue ON claude_jobs (queue) WHERE status = 'queued';
+-- the name its sessions carry (application_name: a reaper ends them all)
+ALTER TABLE claude_jobs_workers ADD COLUMN session_name text;
 INSERT INTO claude_jobs_schema (version) VALUES (6);
 END IF;
 END $migration_6$;

@@ -29,11 +29,16 @@ def nothing(job: Job) -> None:
     """A Python job kind that does nothing."""
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def worker_id(conn: psycopg.Connection) -> uuid.UUID:
-    """A registered worker, for claims."""
+    """A registered worker of every queue, for claims (and for the unblocking, which lets a
+    job of a key through only if some worker could run it)."""
+    return register_worker(conn)
+
+
+def register_worker(conn: psycopg.Connection) -> uuid.UUID:
     worker_id = uuid.uuid4()
-    identity = {"host": "here", "pid": 1, "queues": ["default"], "kinds": [KIND],
+    identity = {"host": "here", "pid": 1, "queues": ["*"], "kinds": [KIND, "claude"],
                 "concurrency": 1}  # fmt: skip
     claude_jobs._db_register_worker(conn, worker_id, identity)
     return worker_id
@@ -168,12 +173,40 @@ def test_cancelling_or_purging_the_job_holding_a_key_lets_the_next_through(
     assert blocked_ids(conn) == {again[1]}
 
 
+def test_a_job_nobody_can_run_keeps_no_job_of_its_key_waiting(conn: psycopg.Connection) -> None:
+    stuck = claude_jobs.enqueue(conn, {}, kind=KIND, concurrency_key="repo", queue="paused")
+    claude_jobs.pause_queue(conn, "paused")
+    (behind,) = enqueue_keyed(conn, 1, queue="served")
+    assert blocked_ids(conn) == {behind}  # (marked at enqueue: it has a job ahead)
+    assert claude_jobs._db_unblock_all(conn) == 1  # the janitor's pass
+    assert not blocked_ids(conn)
+    assert status_of(conn, stuck.id) == "queued"
+
+
+def test_a_job_retried_with_the_job_it_waits_for_stays_blocked_until_that_one_succeeds(
+    conn: psycopg.Connection, worker_id: uuid.UUID
+) -> None:
+    first = claude_jobs.enqueue(conn, {}, kind=KIND, max_attempts=1)
+    then = claude_jobs.enqueue(conn, {}, kind=KIND, after=[first.id])
+    (row,) = claim(conn, worker_id)
+    finish(conn, row, Outcome(Verdict.FAILED, error="boom", permanent=True))
+    claude_jobs._db_cancel_blocked(conn)
+    assert status_of(conn, then.id) == "cancelled"
+    claude_jobs.retry_jobs(conn, [first.id, then.id])
+    assert blocked_ids(conn) == {then.id}
+    (row,) = claim(conn, worker_id)
+    finish(conn, row)
+    assert not blocked_ids(conn)
+    assert [row["id"] for row in claim(conn, worker_id)] == [then.id]
+
+
 def test_a_job_recovered_as_failed_lets_the_next_of_its_key_through(
     conn: psycopg.Connection, worker_id: uuid.UUID
 ) -> None:
     ids = enqueue_keyed(conn, 3, max_attempts=1)
     claim(conn, worker_id)
     conn.execute("DELETE FROM claude_jobs_workers")  # its worker is gone
+    register_worker(conn)  # (the one that recovers its jobs)
     assert [job["status"] for job in claude_jobs._db_recover_orphans(conn)] == ["failed"]
     assert blocked_ids(conn) == {ids[2]}
 

@@ -133,7 +133,7 @@ def test_show_says_why_a_job_was_cancelled_and_its_last_error(invoke, conn) -> N
     failed = make_job(conn, status="failed", last_error="claude failed: boom",
                       finished_at=datetime.now(UTC))  # fmt: skip
     waiting = make_job(conn, after=[failed])
-    conn.execute(claude_jobs.CANCEL_BLOCKED)  # as every worker's sweep does
+    claude_jobs._db_cancel_blocked(conn)  # as every worker's sweep does
     assert status_of(conn, waiting) == "cancelled"
     assert why(invoke, waiting) == f"cancelled: it waits for job {failed}, which failed"
     shown = invoke("show", str(failed)).output

@@ -434,16 +434,16 @@ def test_a_worker_frozen_inside_a_transaction_does_not_hold_up_the_recovery_of_i
     # A worker frozen between two statements of a round holds its jobs' rows on a pooled
     # connection; the reaper must end that session too, not only the one with the lock.
     job = claude_jobs.enqueue(conn, {"prompt": "fine", "cwd": str(tmp_path)})
-    name = "claude-jobs worker gone.example:4242"
+    name = "claude-jobs worker 0badc0de gone.example:4242"
     with psycopg.connect(db_url, autocommit=True, application_name=name) as session, \
             psycopg.connect(db_url, application_name=name) as pooled:  # fmt: skip
         session.execute("SELECT pg_advisory_lock(%s, 777)", [claude_jobs.LOCK_NAMESPACE])
         worker_id = uuid.uuid4()
         session.execute(
             """INSERT INTO claude_jobs_workers (id, lock_key, host, pid, queues, kinds,
-                   concurrency, backend_pid, last_heartbeat)
+                   concurrency, backend_pid, session_name, last_heartbeat)
                VALUES (%s, 777, 'gone.example', 4242, '{*}', '{claude}', 1, pg_backend_pid(),
-                       now() - interval '1 minute')""",
+                       current_setting('application_name'), now() - interval '1 minute')""",
             [worker_id],
         )
         session.execute(
