@@ -6556,7 +6556,8 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     root = logging.getLogger()
     for handler in root.handlers:
-        handler.close()
+        if isinstance(handler, _LogWriter):  # (an earlier call's: its lines written first)
+            handler.close()
     root.handlers[:] = [_LogWriter(sys.stderr, formatter)]
     root.setLevel(logging.WARNING)
     logger.setLevel(level)
