@@ -7151,7 +7151,10 @@ def _stop_on_signals(worker: Worker) -> None:
 
     def on_signal(signum: int, frame: object) -> None:
         received.append(signum)
-        worker.stop(force=len(received) > 1)
+        # Not here: a handler runs in the main thread between two of its steps, maybe inside
+        # an Event's lock, which stop() takes (and a Lock is not reentrant). A thread may wait.
+        force = len(received) > 1
+        threading.Thread(target=worker.stop, args=(force,), name="claude-jobs-signal").start()
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup claude-jobs worker`
