@@ -117,7 +117,12 @@ def test_sighup_stops_the_worker_as_sigterm_does(
     conn: psycopg.Connection, start_worker, claude_log: Path, tmp_path: Path
 ) -> None:
     job = claude_jobs.enqueue(conn, {"prompt": fake(sleep=2), "cwd": str(tmp_path)})
-    worker = start_worker()
+    # (started as from a terminal, even when the tests run under nohup: SIGHUP not ignored)
+    previous = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    try:
+        worker = start_worker()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
     wait_for(lambda: status_of(conn, job.id) == "running", what="the job to start")
     worker.signal(signal.SIGHUP)  # its terminal was closed
     worker.wait_for_log("stopping: waiting for 1 running job(s)")
