@@ -116,6 +116,7 @@ __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "ClaudeHandler",
+    "ClaudeSettings",
     "ConfigError",
     "DatabaseUnavailable",
     "InvalidJob",
@@ -2256,10 +2257,10 @@ def check_queue(name: str) -> str:
 def _option(
     default: Any, help: str, *, env: str | None = None, value: str | None = None, **click: Any
 ) -> Any:
-    """A settings field (JobOptions, WorkerSettings) that is also a command-line option,
-    --FIELD-NAME, with this ``help`` and the CLAUDE_JOBS_``env`` variable: the command line
-    is built from the fields (see _flags). ``value``: "duration" (30s, 5m) or "time" (ISO
-    8601); the rest goes to click.option as it is."""
+    """A settings field (JobOptions, WorkerSettings, ClaudeSettings) that is also an option,
+    --FIELD-NAME (or ``flag``), with this ``help`` and the CLAUDE_JOBS_``env`` variable: the
+    command line is built from the fields (see _flags). ``value``: "duration" (30s, 5m) or
+    "time" (ISO 8601); the rest goes to click.option as it is."""
     return field(
         default=default, metadata={"flag": {"help": help, "env": env, "value": value, **click}}
     )
@@ -4747,8 +4748,37 @@ class ClaudePolicy:
         _db_pause_worker_kind(conn, worker_id, until, reason)
 
 
-#: The worker command's options that configure its claude handler.
-CLAUDE_WORKER_OPTIONS = ("claude_bin", "allow_dirs", "claude_args", "model", "keep_worktrees")
+@dataclass(frozen=True)
+class ClaudeSettings:
+    """How a worker runs claude: options of `claude-jobs worker` (and their CLAUDE_JOBS_*
+    variables, built from these fields: see _flags), each a keyword of ClaudeHandler."""
+
+    claude_bin: str = _option(DEFAULT_CLAUDE_BIN, "The claude executable.", env="CLAUDE_BIN")
+    allow_dirs: tuple[str, ...] = _option(
+        (),
+        "Run claude jobs only in DIR or below (repeatable) [default: anywhere].",
+        env="ALLOW_DIRS",
+        flag="--allow-dir",
+        multiple=True,
+        type=click.Path(exists=True, file_okay=False),
+        metavar="DIR",
+    )
+    claude_args: tuple[str, ...] = _option(
+        (),
+        "Give claude this argument (repeatable), e.g. --claude-arg=--max-turns=50; a job's "
+        "own option of the same flag overrides it.",
+        env="CLAUDE_ARGS",
+        flag="--claude-arg",
+        multiple=True,
+        metavar="ARG",
+    )
+    model: str | None = _option(None, "claude's model, unless the job names one.", env="MODEL")
+    keep_worktrees: bool = _option(
+        False,
+        "Keep the git worktrees of worktree jobs (their branches are always kept).",
+        env="KEEP_WORKTREES",
+        is_flag=True,
+    )
 
 
 def default_handlers(
@@ -6702,7 +6732,8 @@ def _flags(settings: type, *names: str) -> Callable[[Any], Any]:
                 continue
             spec = dict(each.metadata["flag"])
             env, value = spec.pop("env"), spec.pop("value")
-            decls = ["--" + each.name.replace("_", "-"), *spec.pop("aliases", ())]
+            flag = spec.pop("flag", "--" + each.name.replace("_", "-"))
+            decls = [flag, *spec.pop("aliases", ()), each.name]
             default = spec.setdefault("default", each.default)
             if value:
                 spec["type"] = _VALUE_TYPES[value]
@@ -7075,38 +7106,7 @@ def _read_json_lines(
 @_flags(WorkerSettings, "concurrency", "queues", "poll_interval", "burst")
 @_import_option
 @_flags(WorkerSettings, "shutdown_timeout")
-@_setting(
-    "--claude-bin",
-    env="CLAUDE_BIN",
-    default=DEFAULT_CLAUDE_BIN,
-    show_default=True,
-    help="The claude executable.",
-)
-@_setting(
-    "--allow-dir",
-    "allow_dirs",
-    env="ALLOW_DIRS",
-    multiple=True,
-    type=click.Path(exists=True, file_okay=False),
-    metavar="DIR",
-    help="Run claude jobs only in DIR or below (repeatable) [default: anywhere].",
-)
-@_setting(
-    "--claude-arg",
-    "claude_args",
-    env="CLAUDE_ARGS",
-    multiple=True,
-    metavar="ARG",
-    help="Give claude this argument (repeatable), e.g. --claude-arg=--max-turns=50; a job's "
-    "own option of the same flag overrides it.",
-)
-@_setting("--model", env="MODEL", help="claude's model, unless the job names one.")
-@_setting(
-    "--keep-worktrees",
-    env="KEEP_WORKTREES",
-    is_flag=True,
-    help="Keep the git worktrees of worktree jobs (their branches are always kept).",
-)
+@_flags(ClaudeSettings)
 @_flags(WorkerSettings, "daily_budget_usd", "heartbeat_timeout", "backoff_base", "backoff_max",
         "retention")  # fmt: skip
 @_setting(
@@ -7130,9 +7130,8 @@ def worker_command(
       claude-jobs worker --model sonnet --claude-arg=--max-turns=50 --daily-budget-usd 20
     """
     _import_modules(imports)
-    claude_options = {name: options.pop(name) for name in CLAUDE_WORKER_OPTIONS}
-    claude_options["worktree_dir"] = config.home / "worktrees"
-    handlers = default_handlers(**claude_options)
+    claude = {each.name: options.pop(each.name) for each in dataclasses.fields(ClaudeSettings)}
+    handlers = default_handlers(**claude, worktree_dir=config.home / "worktrees")
     worker = Worker(config.url(), handlers=handlers, **options)
     with contextlib.suppress(DatabaseUnavailable):  # then the worker waits for the database
         config.connect().close()  # a missing or old schema: say so before starting

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -269,8 +270,14 @@ def test_worker_settings_are_checked_when_made() -> None:
 
 
 def test_every_setting_with_a_flag_is_an_option_of_its_command() -> None:
-    commands = {"enqueue": claude_jobs.JobOptions, "worker": claude_jobs.WorkerSettings}
-    for command, settings in commands.items():
+    commands = [("enqueue", claude_jobs.JobOptions), ("worker", claude_jobs.WorkerSettings),
+                ("worker", claude_jobs.ClaudeSettings)]  # fmt: skip
+    for command, settings in commands:
         options = {p.name for p in claude_jobs.cli.commands[command].params}
         flagged = {f.name for f in dataclasses.fields(settings) if "flag" in f.metadata}
         assert flagged <= options, command
+
+
+def test_the_claude_settings_of_a_worker_are_keywords_of_the_claude_handler() -> None:
+    keywords = inspect.signature(claude_jobs.ClaudeHandler).parameters
+    assert {f.name for f in dataclasses.fields(claude_jobs.ClaudeSettings)} <= set(keywords)
