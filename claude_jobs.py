@@ -886,7 +886,19 @@ WITH asked AS (
 SELECT id, worker, pg_notify(%(channel)s, json_build_object('cancel', id)::text) FROM asked
 """
 
-RETRY = """
+# Whether queued job {w} waits for other jobs: for one it runs after that has not succeeded
+# (or is gone), or for the job it continues to finish. Such a job is blocked by the sweep.
+# (A scalar subquery, not EXISTS, looks up the continued job: PostgreSQL may turn an EXISTS
+# under an OR into a hashed scan of every job.)
+_WAITS_FOR_JOBS = """(
+    ({w}.after IS NOT NULL AND EXISTS (
+        SELECT FROM unnest({w}.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
+        WHERE d.status IS DISTINCT FROM 'succeeded'))
+    OR ({w}.continue_from IS NOT NULL AND coalesce((
+        SELECT p.status IN ('queued', 'running') FROM claude_jobs p
+        WHERE p.id = {w}.continue_from), false)))"""
+
+RETRY = f"""
 -- retry: failed or cancelled jobs (these ids, or all of a status and queue) back to the
 -- queue now, with fresh attempts; their errors stay on record. Not a job that waits for one
 -- that failed or was cancelled (unless this retries that one too), or that waits for or
@@ -901,14 +913,9 @@ WITH chosen AS (
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
         cancel_requested_at = NULL, claim = NULL, worker_id = NULL, worker = NULL,
         updated_at = now(),
-        -- (still waiting for a job not over, or for one retried here with it)
-        blocked = CASE WHEN EXISTS (
-                SELECT FROM unnest(j.after) AS a(id) JOIN claude_jobs d ON d.id = a.id
-                WHERE d.status <> 'succeeded' OR d.id IN (SELECT id FROM chosen))
-            OR j.continue_from IN (SELECT id FROM chosen)
-            OR EXISTS (SELECT FROM claude_jobs p WHERE p.id = j.continue_from
-                       AND p.status IN ('queued', 'running'))
-            THEN 'jobs' END
+        -- (still waiting for a job not over, or continuing one retried here with it)
+        blocked = CASE WHEN {_WAITS_FOR_JOBS.format(w="j")}
+                            OR j.continue_from IN (SELECT id FROM chosen) THEN 'jobs' END
     FROM chosen
     WHERE j.id = chosen.id
       AND NOT EXISTS (SELECT FROM unnest(j.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
@@ -1034,31 +1041,27 @@ KNOWN_QUEUES = """
 SELECT queue FROM claude_jobs UNION SELECT queue FROM claude_jobs_spend ORDER BY 1
 """
 
-LIST_WORKTREES = """
--- list_worktrees: the worktrees jobs ran in, newest first, with the status of the job that
--- made them (NULL: deleted since) and whether an unfinished job needs them (busy): that job
--- itself, a running job in it, or a queued or running continuation of a job that ran in it
-SELECT w.host, w.path, w.repo, w.branch, w.base, w.job_id, w.created_at, w.used_at, j.status,
-    j.status IN ('queued', 'running')
+# Whether an unfinished job needs the worktree at {path}, made by job {job}: that job itself,
+# a running job in it, or a queued or running continuation of a job that ran in it.
+_WORKTREE_BUSY = """(
+    EXISTS (SELECT FROM claude_jobs j WHERE j.id = {job} AND j.status IN ('queued', 'running'))
     OR EXISTS (SELECT FROM claude_jobs u
-               WHERE u.status = 'running' AND u.worktree->>'path' = w.path)
+               WHERE u.status = 'running' AND u.worktree->>'path' = {path})
     OR EXISTS (SELECT FROM claude_jobs u JOIN claude_jobs p ON p.id = u.continue_from
-               WHERE u.status IN ('queued', 'running')
-                 AND (u.after IS NOT NULL OR u.continue_from IS NOT NULL)
-                 AND p.worktree->>'path' = w.path) AS busy
+               WHERE u.status IN ('queued', 'running') AND p.worktree->>'path' = {path}))"""
+
+LIST_WORKTREES = f"""
+-- list_worktrees: the worktrees jobs ran in, newest first, with the status of the job that
+-- made them (NULL: deleted since) and whether an unfinished job needs them (busy)
+SELECT w.host, w.path, w.repo, w.branch, w.base, w.job_id, w.created_at, w.used_at, j.status,
+    {_WORKTREE_BUSY.format(job="w.job_id", path="w.path")} AS busy
 FROM claude_jobs_worktrees w LEFT JOIN claude_jobs j ON j.id = w.job_id
 ORDER BY w.created_at DESC
 """
 
-WORKTREE_BUSY = """
+WORKTREE_BUSY = f"""
 -- worktree_busy: whether an unfinished job needs this worktree (as in list_worktrees)
-SELECT EXISTS (SELECT FROM claude_jobs j WHERE j.id = %(job)s AND j.status IN ('queued', 'running'))
-    OR EXISTS (SELECT FROM claude_jobs u
-               WHERE u.status = 'running' AND u.worktree->>'path' = %(path)s)
-    OR EXISTS (SELECT FROM claude_jobs u JOIN claude_jobs p ON p.id = u.continue_from
-               WHERE u.status IN ('queued', 'running')
-                 AND (u.after IS NOT NULL OR u.continue_from IS NOT NULL)
-                 AND p.worktree->>'path' = %(path)s)
+SELECT {_WORKTREE_BUSY.format(job="%(job)s", path="%(path)s")}
 """
 
 FORGET_WORKTREE = """
@@ -1095,18 +1098,6 @@ SELECT j.status, j.transcript_size, j.attempts, j.max_attempts, j.last_error, j.
         AS paused
 FROM claude_jobs j WHERE j.id = %(id)s
 """
-
-# Whether queued job {w} waits for other jobs: for one it runs after that has not succeeded
-# (or is gone), or for the job it continues to finish. Such a job is blocked by the sweep.
-# (A scalar subquery, not EXISTS, looks up the continued job: PostgreSQL may turn an EXISTS
-# under an OR into a hashed scan of every job.)
-_WAITS_FOR_JOBS = """(
-    ({w}.after IS NOT NULL AND EXISTS (
-        SELECT FROM unnest({w}.after) AS a(id) LEFT JOIN claude_jobs d ON d.id = a.id
-        WHERE d.status IS DISTINCT FROM 'succeeded'))
-    OR ({w}.continue_from IS NOT NULL AND coalesce((
-        SELECT p.status IN ('queued', 'running') FROM claude_jobs p
-        WHERE p.id = {w}.continue_from), false)))"""
 
 _CLAIM = f"""
 -- claim: take up to `limit` ready jobs of the kinds this worker may start, highest priority
@@ -1265,11 +1256,11 @@ FROM m WHERE j.id = m.id
         cache_write_tokens = s.cache_write_tokens + excluded.cache_write_tokens
 ), registered AS (
     INSERT INTO claude_jobs_worktrees AS w (host, path, repo, branch, base, job_id)
-    SELECT %(host)s, t.path, t.repo, t.branch, t.base, t.job_id
-    FROM jsonb_to_recordset(%(trees)s::jsonb)
-        AS t(job_id uuid, path text, repo text, branch text, base text)
-    JOIN done ON done.id = t.job_id
-    ORDER BY t.path
+    SELECT %(host)s, o.worktree->>'path', o.worktree->>'repo', o.worktree->>'branch',
+        o.worktree->>'base', o.id
+    FROM o JOIN done ON done.id = o.id
+    WHERE o.worktree IS NOT NULL
+    ORDER BY o.worktree->>'path'
     ON CONFLICT (host, path) DO UPDATE SET used_at = now()
 )
 SELECT id, status, run_at FROM done
@@ -1278,19 +1269,14 @@ SELECT id, status, run_at FROM done
 KEY_TAKEN = """
 -- key_taken: per concurrency key, how many of its slots a new job of this priority and due
 -- time finds taken: by its running jobs, and by its queued jobs ahead of it in claim order,
--- due by then and not waiting for other jobs (each part counted up to `cap`)
+-- due by then and not waiting for other jobs (counted up to `cap`)
 SELECT k.key,
     (SELECT count(*) FROM claude_jobs r WHERE r.status = 'running' AND r.concurrency_key = k.key)
     + (SELECT count(*) FROM (
         SELECT FROM claude_jobs q
         WHERE q.status = 'queued' AND q.concurrency_key = k.key
-          AND q.blocked IS DISTINCT FROM 'jobs' AND q.priority > %(priority)s
-          AND q.run_at <= greatest(now(), %(run_at)s) LIMIT %(cap)s) higher)
-    + (SELECT count(*) FROM (
-        SELECT FROM claude_jobs q
-        WHERE q.status = 'queued' AND q.concurrency_key = k.key
-          AND q.blocked IS DISTINCT FROM 'jobs' AND q.priority = %(priority)s
-          AND q.run_at <= greatest(now(), %(run_at)s) LIMIT %(cap)s) equal) AS taken
+          AND q.blocked IS DISTINCT FROM 'jobs' AND q.priority >= %(priority)s
+          AND q.run_at <= greatest(now(), %(run_at)s) LIMIT %(cap)s) ahead) AS taken
 FROM unnest(%(keys)s::text[]) AS k(key)
 """
 
@@ -2050,8 +2036,8 @@ def _db_unblock(
 
 
 def _db_unblock_all(conn: psycopg.Connection) -> int:
-    """Unblock every blocked job that may run (UNBLOCK_ALL), if no other
-    worker is at it; how many."""
+    """Unblock every blocked job that may run (UNBLOCK_ALL), if no other worker is at it; how
+    many."""
     with conn.transaction():
         if not _db_try_task_lock(conn, UNBLOCK_TASK):
             return 0
@@ -4929,7 +4915,7 @@ def _record_params(rows: Sequence[_Row], host: str) -> dict[str, Any]:
     the rows as one JSON array (a progress row's outcome fields empty), then what claude
     spent and the worktrees, by job; ``host``: where the worktrees are. (JSON: one
     parameter, where an array per column cost the worker more than the statement.)"""
-    records, spent, trees = [], [], []
+    records, spent = [], []
     for row in rows:
         outcome, progress, job_id = row.outcome or _NO_OUTCOME, row.progress, str(row.job_id)
         records.append({
@@ -4946,12 +4932,9 @@ def _record_params(rows: Sequence[_Row], host: str) -> dict[str, Any]:
                    "output": each.output_tokens, "cache_read": each.cache_read_tokens,
                    "cache_write": each.cache_write_tokens}
                   for each in progress.spend]  # fmt: skip
-        if progress.worktree:
-            trees.append({"job_id": job_id, **json.loads(progress.worktree)})
     return {
         "rows": json.dumps(records, ensure_ascii=False),
         "spend": json.dumps(spent, ensure_ascii=False),
-        "trees": json.dumps(trees, ensure_ascii=False),
         "host": host,
         "limit": TRANSCRIPT_LIMIT,
         "output": OUTPUT_CHANNEL,
@@ -5842,7 +5825,8 @@ class _Dispatcher:
         else:
             _log_job("failed", job, logging.ERROR, duration=duration, error=outcome.error,
                      permanent=outcome.permanent or None)  # fmt: skip
-        if job.kind in self._worker._policies:
+        policy = self._worker._policies.get(job.kind)
+        if policy is not None and policy.checks_each_start:
             self._holds.changed = True  # what it spent may hold the kind (a daily budget)
         self._book.wake.set()
 
@@ -5890,11 +5874,14 @@ class _Runners:
     def _run(self, attempt: _Attempt) -> Outcome:
         """Run one attempt: what it came to."""
         job, context, worker = attempt.job, attempt.context, self._worker
-        if job.kind in worker._policies and worker._policies[job.kind].checks_each_start:
+        policy = worker._policies.get(job.kind)
+        if policy is not None and policy.checks_each_start:  # a job that ended since this
+            hold = None  # one was claimed may have spent the budget
             with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
-                for kind, seconds, reason in worker._holds.learn(conn)[1]:  # one that ended
-                    worker._hold_here(kind, seconds, reason)  # since this was claimed may have
-        if job.kind not in worker._holds.startable():  # spent the budget; or held since
+                hold = policy.held(conn)
+            if hold is not None:
+                worker._hold_here(job.kind, *hold)
+        if job.kind not in worker._holds.startable():  # (or it was held since)
             return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
         if not self._admit(job):  # it keeps its place in the queue
             reason = f"concurrency key busy: {job.concurrency_key}"
@@ -6192,7 +6179,7 @@ class Worker:
         if not self.handlers:
             raise ConfigError("a worker needs at least one handler")
         self.host = socket.gethostname()
-        self.name = f"{self.host}:{os.getpid()}"
+        self.name = _worker_name()
         #: After a burst: why it ran nothing though jobs were ready (it cannot run them).
         self.idle_because: str | None = None
         self._conninfo = database_url
