@@ -155,10 +155,12 @@ __all__ = [
     "enqueue",
     "enqueue_many",
     "explain_jobs",
+    "fold_counts",
     "follow_job",
     "get_job",
     "handler",
     "job_branch",
+    "job_counts",
     "job_statuses",
     "lift_hold",
     "list_holds",
@@ -180,6 +182,7 @@ __all__ = [
     "resolve_job_id",
     "resume_queue",
     "retry_jobs",
+    "run_times",
     "schema_sql",
     "schema_version",
     "start_embedded",
@@ -202,7 +205,7 @@ LOCK_NAMESPACE = 0x636A6F62
 KEY_LOCK_NAMESPACE = 0x636B6579
 MIGRATION_LOCK_KEY = 0
 #: Second keys of the locks that let one worker at a time do a task.
-CLEANUP_TASK, UNBLOCK_TASK = -1, -2
+CLEANUP_TASK, UNBLOCK_TASK, FOLD_TASK = -1, -2, -3
 
 DEFAULT_QUEUE = "default"
 DEFAULT_KIND = "claude"
@@ -730,6 +733,115 @@ CREATE INDEX claude_jobs_queued_in_queue ON claude_jobs (queue) WHERE status = '
 ALTER TABLE claude_jobs_workers ADD COLUMN session_name text;
 """,
     ),
+    (
+        7,
+        """\
+-- Counts kept, not counted: `stats`, the dashboard and /metrics read how many jobs each queue
+-- has in each status from here, whatever the number of jobs. Every statement that inserts,
+-- updates or deletes jobs appends what it changed (a trigger per statement: appending takes
+-- no lock another writer waits for); readers sum the rows, and workers fold them now and then
+-- (FOLD_COUNTS). `entered` never goes down: how many jobs ever entered the status (cleanup
+-- does not lower it; a counter for Prometheus). run_seconds: the run times of the jobs that
+-- ended (succeeded or failed) after running.
+CREATE TABLE claude_jobs_counts (
+    queue        text NOT NULL,
+    status       text NOT NULL,
+    jobs         bigint NOT NULL DEFAULT 0,
+    cost_usd     numeric NOT NULL DEFAULT 0,
+    entered      bigint NOT NULL DEFAULT 0,
+    run_seconds  double precision NOT NULL DEFAULT 0
+);
+-- The same ended runs by run time: `runs` of them took at most `le` seconds (Prometheus'
+-- cumulative buckets).
+CREATE TABLE claude_jobs_run_times (
+    queue   text NOT NULL,
+    status  text NOT NULL,
+    le      double precision NOT NULL,
+    runs    bigint NOT NULL
+);
+CREATE FUNCTION claude_jobs_run_time_buckets() RETURNS double precision[]
+    IMMUTABLE LANGUAGE sql AS $$ SELECT '{1,5,15,30,60,120,300,600,1800,3600,7200,Infinity}'
+    ::double precision[] $$;
+CREATE FUNCTION claude_jobs_keep_counts() RETURNS trigger LANGUAGE plpgsql AS $keep$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN  -- (what there is goes; what entered stays counted)
+        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
+        SELECT queue, status, -sum(jobs), -sum(cost_usd) FROM claude_jobs_counts
+        GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
+        SELECT queue, status, count(*), sum(cost_usd), count(*),
+            coalesce(sum(extract(epoch FROM finished_at - started_at))
+                     FILTER (WHERE status IN ('succeeded', 'failed')), 0)
+        FROM new_jobs GROUP BY 1, 2;
+        INSERT INTO claude_jobs_run_times (queue, status, le, runs)
+        SELECT n.queue, n.status, b.le, count(*)
+        FROM new_jobs n JOIN unnest(claude_jobs_run_time_buckets()) b(le)
+            ON extract(epoch FROM n.finished_at - n.started_at) <= b.le
+        WHERE n.status IN ('succeeded', 'failed')
+        GROUP BY 1, 2, 3;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
+        SELECT queue, status, -count(*), -sum(cost_usd) FROM old_jobs GROUP BY 1, 2;
+    ELSE
+        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
+        SELECT queue, status, sum(jobs), sum(cost_usd), sum(entered), sum(run_seconds)
+        FROM (
+            SELECT o.queue, o.status, -1 AS jobs, -o.cost_usd AS cost_usd, 0 AS entered,
+                0 AS run_seconds
+            FROM old_jobs o
+            UNION ALL
+            SELECT n.queue, n.status, 1, n.cost_usd, (n.status <> o.status)::int,
+                CASE WHEN o.status = 'running' AND n.status IN ('succeeded', 'failed')
+                     THEN coalesce(extract(epoch FROM n.finished_at - n.started_at), 0) ELSE 0
+                END
+            FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+        ) changed
+        GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0 OR sum(entered) <> 0;
+        INSERT INTO claude_jobs_run_times (queue, status, le, runs)
+        SELECT n.queue, n.status, b.le, count(*)
+        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+            JOIN unnest(claude_jobs_run_time_buckets()) b(le)
+            ON extract(epoch FROM n.finished_at - n.started_at) <= b.le
+        WHERE n.status IN ('succeeded', 'failed') AND o.status = 'running'
+        GROUP BY 1, 2, 3;
+    END IF;
+    RETURN NULL;
+END
+$keep$;
+-- (the triggers come first: they lock the table until the end of the migration, so the
+-- counts below are of jobs no one changes meanwhile)
+CREATE TRIGGER claude_jobs_count_inserts AFTER INSERT ON claude_jobs
+    REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+CREATE TRIGGER claude_jobs_count_updates AFTER UPDATE ON claude_jobs
+    REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+CREATE TRIGGER claude_jobs_count_deletes AFTER DELETE ON claude_jobs
+    REFERENCING OLD TABLE AS old_jobs FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+CREATE TRIGGER claude_jobs_count_truncates AFTER TRUNCATE ON claude_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
+SELECT queue, status, count(*), sum(cost_usd), count(*),
+    coalesce(sum(extract(epoch FROM finished_at - started_at))
+             FILTER (WHERE status IN ('succeeded', 'failed')), 0)
+FROM claude_jobs GROUP BY 1, 2;
+INSERT INTO claude_jobs_run_times (queue, status, le, runs)
+SELECT j.queue, j.status, b.le, count(*)
+FROM claude_jobs j JOIN unnest(claude_jobs_run_time_buckets()) b(le)
+    ON extract(epoch FROM j.finished_at - j.started_at) <= b.le
+WHERE j.status IN ('succeeded', 'failed')
+GROUP BY 1, 2, 3;
+-- the oldest queued job of a queue (its ready age), and its queued jobs (pause, purge)
+DROP INDEX claude_jobs_queued_in_queue;
+CREATE INDEX claude_jobs_queued_in_queue ON claude_jobs (queue, run_at) WHERE status = 'queued';
+-- list, the dashboard and the API page jobs newest first by this one (keyset, not OFFSET)
+CREATE INDEX claude_jobs_newest ON claude_jobs (created_at DESC, id DESC);
+-- A worker may be asked to drain: claim no more, and exit when its running jobs end.
+ALTER TABLE claude_jobs_workers ADD COLUMN draining_since timestamptz;
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -851,13 +963,18 @@ SELECT id FROM claude_jobs WHERE id BETWEEN %(low)s AND %(high)s ORDER BY id LIM
 """
 
 LIST_JOBS = f"""
--- list_jobs: jobs newest first, filtered
+-- list_jobs: jobs newest first, filtered, from where the last page ended (keyset paging
+-- through claude_jobs_newest: a page costs the same at the millionth job as at the first)
 SELECT {_JOB_COLUMNS} FROM claude_jobs
 WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
   AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
-ORDER BY created_at DESC, id
+  AND (%(text)s::text IS NULL OR strpos(lower(payload->>'prompt'), lower(%(text)s::text)) > 0)
+  AND (%(cwd)s::text IS NULL OR payload->>'cwd' = %(cwd)s::text)
+  AND (%(before_at)s::timestamptz IS NULL
+       OR (created_at, id) < (%(before_at)s::timestamptz, %(before_id)s::uuid))
+ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s
 """
 
@@ -929,42 +1046,88 @@ SELECT id, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM 
 """
 
 QUEUE_STATS = """
--- queue_stats: per queue: jobs by status, the oldest ready job, the last hour, run times of
--- the last day, what claude cost; paused queues even when empty
-WITH jobs AS (
+-- queue_stats: per queue: jobs by status (kept counts: see migration 7), the oldest ready
+-- job, the last hour, run times of the last day, what claude cost; paused queues even when
+-- empty. Cost at 1M jobs: the counts; an index range over the jobs due later; an index probe
+-- per queue; an index range over the jobs that ended in the last day.
+WITH counts AS (
+    SELECT queue, status, sum(jobs) AS jobs, sum(cost_usd) AS cost_usd
+    FROM claude_jobs_counts GROUP BY 1, 2
+), queues AS (
+    SELECT queue, sum(jobs) FILTER (WHERE status = 'queued') AS queued,
+        sum(jobs) FILTER (WHERE status = 'running') AS running,
+        sum(jobs) FILTER (WHERE status = 'succeeded') AS succeeded,
+        sum(jobs) FILTER (WHERE status = 'failed') AS failed,
+        sum(jobs) FILTER (WHERE status = 'cancelled') AS cancelled,
+        sum(cost_usd) AS cost_usd
+    FROM counts GROUP BY queue HAVING sum(jobs) <> 0
+), later AS (
+    -- (through claude_jobs_scheduled: only the jobs due later)
+    SELECT queue, count(*) AS scheduled FROM claude_jobs
+    WHERE status = 'queued' AND run_at > created_at AND run_at > now() GROUP BY queue
+), recent AS (
+    -- (through claude_jobs_finished: only the jobs that ended in the last day)
     SELECT queue,
-        count(*) FILTER (WHERE status = 'queued' AND run_at <= now()) AS ready,
-        count(*) FILTER (WHERE status = 'queued' AND run_at > now()) AS scheduled,
-        count(*) FILTER (WHERE status = 'running') AS running,
-        count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
-        count(*) FILTER (WHERE status = 'failed') AS failed,
-        count(*) FILTER (WHERE status = 'cancelled') AS cancelled,
         count(*) FILTER (WHERE status = 'succeeded' AND finished_at > now() - interval '1 hour')
             AS succeeded_last_hour,
         count(*) FILTER (WHERE status = 'failed' AND finished_at > now() - interval '1 hour')
             AS failed_last_hour,
-        extract(epoch FROM now() - min(run_at) FILTER (
-            WHERE status = 'queued' AND run_at <= now())) AS oldest_ready_seconds,
         percentile_cont(0.5) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))
-            FILTER (WHERE status = 'succeeded' AND finished_at > now() - interval '1 day')
-            AS median_run_seconds,
+            FILTER (WHERE status = 'succeeded') AS median_run_seconds,
         percentile_cont(0.95) WITHIN GROUP (ORDER BY extract(epoch FROM finished_at - started_at))
-            FILTER (WHERE status = 'succeeded' AND finished_at > now() - interval '1 day')
-            AS p95_run_seconds,
-        sum(cost_usd) AS cost_usd
-    FROM claude_jobs GROUP BY queue
+            FILTER (WHERE status = 'succeeded') AS p95_run_seconds
+    FROM claude_jobs
+    WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at > now() - interval '1 day'
+    GROUP BY queue
+), paused AS (
+    SELECT queue FROM claude_jobs_queues WHERE paused_at IS NOT NULL
 )
-SELECT coalesce(jobs.queue, q.queue) AS queue, q.queue IS NOT NULL AS paused,
-    coalesce(ready, 0) AS ready, coalesce(scheduled, 0) AS scheduled,
+SELECT coalesce(queues.queue, paused.queue) AS queue, paused.queue IS NOT NULL AS paused,
+    coalesce(queued, 0) - coalesce(scheduled, 0) AS ready, coalesce(scheduled, 0) AS scheduled,
     coalesce(running, 0) AS running, coalesce(succeeded, 0) AS succeeded,
     coalesce(failed, 0) AS failed, coalesce(cancelled, 0) AS cancelled,
     coalesce(succeeded_last_hour, 0) AS succeeded_last_hour,
     coalesce(failed_last_hour, 0) AS failed_last_hour,
-    oldest_ready_seconds, median_run_seconds, p95_run_seconds,
-    coalesce(cost_usd, 0) AS cost_usd
-FROM jobs FULL JOIN (SELECT queue FROM claude_jobs_queues WHERE paused_at IS NOT NULL) q
-    ON q.queue = jobs.queue
+    -- (through claude_jobs_queued_in_queue: the first queued job of the queue)
+    (SELECT extract(epoch FROM now() - min(j.run_at)) FROM claude_jobs j
+     WHERE j.status = 'queued' AND j.queue = queues.queue AND j.run_at <= now())
+        AS oldest_ready_seconds,
+    median_run_seconds, p95_run_seconds, coalesce(cost_usd, 0) AS cost_usd
+FROM queues FULL JOIN paused ON paused.queue = queues.queue
+    LEFT JOIN later ON later.queue = queues.queue
+    LEFT JOIN recent ON recent.queue = queues.queue
 ORDER BY 1
+"""
+
+JOB_COUNTS = """
+-- job_counts: per queue and status, the jobs there are and how many ever entered it (kept
+-- counts), and the run times of those that ended after running
+SELECT queue, status, sum(jobs) AS jobs, sum(entered) AS entered, sum(cost_usd) AS cost_usd,
+    sum(run_seconds) AS run_seconds
+FROM claude_jobs_counts GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+RUN_TIMES = """
+-- run_times: per queue and status, how many ended runs took at most `le` seconds
+SELECT queue, status, le, sum(runs) AS runs FROM claude_jobs_run_times
+GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+"""
+
+FOLD_COUNTS = """
+-- fold_counts: replace the rows appended to the kept counts by their sums (a row deleted
+-- here by two at once is summed by one of them only: the other finds it gone)
+WITH gone AS (DELETE FROM claude_jobs_counts RETURNING *)
+INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
+SELECT queue, status, sum(jobs), sum(cost_usd), sum(entered), sum(run_seconds) FROM gone
+GROUP BY 1, 2
+HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0 OR sum(entered) <> 0 OR sum(run_seconds) <> 0
+"""
+
+FOLD_RUN_TIMES = """
+-- fold_run_times: the same for the run times
+WITH gone AS (DELETE FROM claude_jobs_run_times RETURNING *)
+INSERT INTO claude_jobs_run_times (queue, status, le, runs)
+SELECT queue, status, le, sum(runs) FROM gone GROUP BY 1, 2, 3 HAVING sum(runs) <> 0
 """
 
 LIST_WORKERS = """
@@ -2045,6 +2208,16 @@ def _db_unblock_all(conn: psycopg.Connection) -> int:
         return conn.execute(UNBLOCK_ALL, params).fetchone()[0]  # type: ignore[index]
 
 
+def fold_counts(conn: psycopg.Connection) -> None:
+    """Fold the rows that statements appended to the kept counts into one per queue and
+    status (workers do it every few seconds; readers are right either way, and faster after
+    it), if no one else is at it."""
+    with conn.transaction():
+        if _db_try_task_lock(conn, FOLD_TASK):
+            conn.execute(FOLD_COUNTS)
+            conn.execute(FOLD_RUN_TIMES)
+
+
 def _db_key_taken(
     conn: psycopg.Connection,
     keys: Collection[str],
@@ -2996,14 +3169,25 @@ def list_jobs(
     queue: str | None = None,
     kind: str | None = None,
     since: datetime | None = None,
+    text: str | None = None,
+    cwd: str | None = None,
+    before: Job | tuple[datetime, uuid.UUID] | None = None,
     limit: int = 50,
 ) -> list[Job]:
-    """Jobs newest first (without their transcripts), filtered by each given argument."""
+    """Jobs newest first (without their transcripts), filtered by each given argument:
+    ``text`` found in the prompt (any case), ``cwd`` the prompt's directory; ``before``: the
+    page after the one that ended with this job (or its (created_at, id))."""
+    if isinstance(before, Job):
+        before = (before.created_at, before.id)
     params = {
         "statuses": list(statuses) if statuses else None,
         "queue": queue,
         "kind": kind,
         "since": since,
+        "text": text,
+        "cwd": cwd,
+        "before_at": before and before[0],
+        "before_id": before and before[1],
         "limit": limit,
     }
     with conn.cursor(row_factory=dict_row) as cur:
@@ -3104,6 +3288,22 @@ def queue_stats(conn: psycopg.Connection) -> list[dict[str, Any]]:
     median and p95 run time of the last day, and the cost of its claude jobs."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(QUEUE_STATS).fetchall()
+
+
+def job_counts(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Per queue and status (kept counts, as cheap at a million jobs as at ten): ``jobs``
+    there are now, ``entered``: jobs that ever entered the status (cleanup does not lower it),
+    ``cost_usd`` of the jobs there are, ``run_seconds``: the run times of the jobs that
+    ended there after running."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(JOB_COUNTS).fetchall()
+
+
+def run_times(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Per queue and status (succeeded or failed), how many runs took at most ``le``
+    seconds, for each bound of the histogram (the last one: infinity)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(RUN_TIMES).fetchall()
 
 
 def cost_stats(conn: psycopg.Connection, days: int = 7) -> list[dict[str, Any]]:
@@ -5992,6 +6192,7 @@ class _Janitor(threading.Thread):
         self._worker._session.ready.wait(UNBLOCK_CHECK_INTERVAL)  # registered: it counts
         while True:  # (a first pass at once: what waited for a worker to exist)
             self._task("unblock the jobs that may run", self._unblock)
+            self._task("fold the kept counts", fold_counts)
             if self._worker.settings.retention and time.monotonic() >= next_cleanup:
                 next_cleanup = time.monotonic() + JANITOR_INTERVAL
                 self._task("clean up finished jobs", self._clean_up)
@@ -7409,6 +7610,8 @@ def _job_ids_argument(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--queue", help="Only jobs of this queue.")
 @click.option("--kind", help="Only jobs of this kind.")
 @click.option("--since", type=_DURATION_TYPE, help="Only jobs enqueued this recently: 30m, 2h, 7d.")
+@click.option("--search", "text", metavar="TEXT", help="Only jobs whose prompt has this text.")
+@click.option("--cwd", help="Only jobs whose prompt runs in this directory.")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one job a line.")
 @click.pass_obj
@@ -7418,6 +7621,8 @@ def list_command(
     queue: str | None,
     kind: str | None,
     since: float | None,
+    text: str | None,
+    cwd: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
@@ -7428,10 +7633,16 @@ def list_command(
       claude-jobs list
       claude-jobs list --status failed --queue nightly --since 1d
       claude-jobs list --status running --json | jq -r .id
+      claude-jobs list --search "security review" --cwd ~/src/api
     """
     after = datetime.now(UTC) - timedelta(seconds=since) if since is not None else None
+    if cwd is not None:
+        cwd = str(Path(cwd).expanduser().resolve())
     with config.connect() as conn:
-        jobs = list_jobs(conn, statuses=statuses, queue=queue, kind=kind, since=after, limit=limit)
+        jobs = list_jobs(
+            conn, statuses=statuses, queue=queue, kind=kind, since=after, text=text, cwd=cwd,
+            limit=limit,
+        )  # fmt: skip
         paused = paused_queues(conn)
         reasons = explain_jobs(conn, jobs)
     if as_json:

@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 6.
+-- The claude-jobs schema, version 7.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -246,4 +246,115 @@ ALTER TABLE claude_jobs_workers ADD COLUMN session_name text;
 INSERT INTO claude_jobs_schema (version) VALUES (6);
 END IF;
 END $migration_6$;
+
+-- version 7
+DO $migration_7$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 7) THEN
+-- Counts kept, not counted: `stats`, the dashboard and /metrics read how many jobs each queue
+-- has in each status from here, whatever the number of jobs. Every statement that inserts,
+-- updates or deletes jobs appends what it changed (a trigger per statement: appending takes
+-- no lock another writer waits for); readers sum the rows, and workers fold them now and then
+-- (FOLD_COUNTS). `entered` never goes down: how many jobs ever entered the status (cleanup
+-- does not lower it; a counter for Prometheus). run_seconds: the run times of the jobs that
+-- ended (succeeded or failed) after running.
+CREATE TABLE claude_jobs_counts (
+    queue        text NOT NULL,
+    status       text NOT NULL,
+    jobs         bigint NOT NULL DEFAULT 0,
+    cost_usd     numeric NOT NULL DEFAULT 0,
+    entered      bigint NOT NULL DEFAULT 0,
+    run_seconds  double precision NOT NULL DEFAULT 0
+);
+-- The same ended runs by run time: `runs` of them took at most `le` seconds (Prometheus'
+-- cumulative buckets).
+CREATE TABLE claude_jobs_run_times (
+    queue   text NOT NULL,
+    status  text NOT NULL,
+    le      double precision NOT NULL,
+    runs    bigint NOT NULL
+);
+CREATE FUNCTION claude_jobs_run_time_buckets() RETURNS double precision[]
+    IMMUTABLE LANGUAGE sql AS $$ SELECT '{1,5,15,30,60,120,300,600,1800,3600,7200,Infinity}'
+    ::double precision[] $$;
+CREATE FUNCTION claude_jobs_keep_counts() RETURNS trigger LANGUAGE plpgsql AS $keep$
+BEGIN
+    IF TG_OP = 'TRUNCATE' THEN  -- (what there is goes; what entered stays counted)
+        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
+        SELECT queue, status, -sum(jobs), -sum(cost_usd) FROM claude_jobs_counts
+        GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0;
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
+        SELECT queue, status, count(*), sum(cost_usd), count(*),
+            coalesce(sum(extract(epoch FROM finished_at - started_at))
+                     FILTER (WHERE status IN ('succeeded', 'failed')), 0)
+        FROM new_jobs GROUP BY 1, 2;
+        INSERT INTO claude_jobs_run_times (queue, status, le, runs)
+        SELECT n.queue, n.status, b.le, count(*)
+        FROM new_jobs n JOIN unnest(claude_jobs_run_time_buckets()) b(le)
+            ON extract(epoch FROM n.finished_at - n.started_at) <= b.le
+        WHERE n.status IN ('succeeded', 'failed')
+        GROUP BY 1, 2, 3;
+    ELSIF TG_OP = 'DELETE' THEN
+        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
+        SELECT queue, status, -count(*), -sum(cost_usd) FROM old_jobs GROUP BY 1, 2;
+    ELSE
+        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
+        SELECT queue, status, sum(jobs), sum(cost_usd), sum(entered), sum(run_seconds)
+        FROM (
+            SELECT o.queue, o.status, -1 AS jobs, -o.cost_usd AS cost_usd, 0 AS entered,
+                0 AS run_seconds
+            FROM old_jobs o
+            UNION ALL
+            SELECT n.queue, n.status, 1, n.cost_usd, (n.status <> o.status)::int,
+                CASE WHEN o.status = 'running' AND n.status IN ('succeeded', 'failed')
+                     THEN coalesce(extract(epoch FROM n.finished_at - n.started_at), 0) ELSE 0
+                END
+            FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+        ) changed
+        GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0 OR sum(entered) <> 0;
+        INSERT INTO claude_jobs_run_times (queue, status, le, runs)
+        SELECT n.queue, n.status, b.le, count(*)
+        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+            JOIN unnest(claude_jobs_run_time_buckets()) b(le)
+            ON extract(epoch FROM n.finished_at - n.started_at) <= b.le
+        WHERE n.status IN ('succeeded', 'failed') AND o.status = 'running'
+        GROUP BY 1, 2, 3;
+    END IF;
+    RETURN NULL;
+END
+$keep$;
+-- (the triggers come first: they lock the table until the end of the migration, so the
+-- counts below are of jobs no one changes meanwhile)
+CREATE TRIGGER claude_jobs_count_inserts AFTER INSERT ON claude_jobs
+    REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+CREATE TRIGGER claude_jobs_count_updates AFTER UPDATE ON claude_jobs
+    REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+CREATE TRIGGER claude_jobs_count_deletes AFTER DELETE ON claude_jobs
+    REFERENCING OLD TABLE AS old_jobs FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+CREATE TRIGGER claude_jobs_count_truncates AFTER TRUNCATE ON claude_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
+SELECT queue, status, count(*), sum(cost_usd), count(*),
+    coalesce(sum(extract(epoch FROM finished_at - started_at))
+             FILTER (WHERE status IN ('succeeded', 'failed')), 0)
+FROM claude_jobs GROUP BY 1, 2;
+INSERT INTO claude_jobs_run_times (queue, status, le, runs)
+SELECT j.queue, j.status, b.le, count(*)
+FROM claude_jobs j JOIN unnest(claude_jobs_run_time_buckets()) b(le)
+    ON extract(epoch FROM j.finished_at - j.started_at) <= b.le
+WHERE j.status IN ('succeeded', 'failed')
+GROUP BY 1, 2, 3;
+-- the oldest queued job of a queue (its ready age), and its queued jobs (pause, purge)
+DROP INDEX claude_jobs_queued_in_queue;
+CREATE INDEX claude_jobs_queued_in_queue ON claude_jobs (queue, run_at) WHERE status = 'queued';
+-- list, the dashboard and the API page jobs newest first by this one (keyset, not OFFSET)
+CREATE INDEX claude_jobs_newest ON claude_jobs (created_at DESC, id DESC);
+-- A worker may be asked to drain: claim no more, and exit when its running jobs end.
+ALTER TABLE claude_jobs_workers ADD COLUMN draining_since timestamptz;
+INSERT INTO claude_jobs_schema (version) VALUES (7);
+END IF;
+END $migration_7$;
 COMMIT;

@@ -388,6 +388,61 @@ def test_stats_per_queue(invoke, conn) -> None:
     assert "QUEUE" in table.splitlines()[0] and "paused" in table and "$1.50" in table
 
 
+def test_list_pages_by_keyset_and_finds_text_and_directory(invoke, conn, tmp_path) -> None:
+    same_moment = datetime.now(UTC)  # (ties on created_at are broken by id)
+    ids = {make_job(conn, created_at=same_moment) for _ in range(5)}
+    ids |= {make_job(conn, created_at=hours_ago(n)) for n in range(1, 6)}
+    pages, before = [], None
+    while page := claude_jobs.list_jobs(conn, before=before, limit=3):
+        pages.append(page)
+        before = page[-1]
+    seen = [job for page in pages for job in page]
+    assert [len(page) for page in pages] == [3, 3, 3, 1] and {job.id for job in seen} == ids
+    assert seen == sorted(seen, key=lambda job: (job.created_at, job.id), reverse=True)
+    make_job(conn, payload=json.dumps({"prompt": "Run the SECURITY review", "cwd": str(tmp_path)}))
+    found = invoke("list", "--search", "security rev", "--cwd", str(tmp_path), "--json").output
+    assert [json.loads(line)["payload"]["prompt"] for line in found.splitlines()] == [
+        "Run the SECURITY review"
+    ]
+    assert invoke("list", "--search", "100%").output == "no jobs\n"
+
+
+def test_kept_counts_match_the_jobs_through_every_kind_of_change(invoke, conn) -> None:
+    def kept() -> dict[tuple[str, str], int]:
+        rows = claude_jobs.job_counts(conn)
+        return {(r["queue"], r["status"]): r["jobs"] for r in rows if r["jobs"]}
+
+    def counted() -> dict[tuple[str, str], int]:
+        rows = conn.execute("SELECT queue, status, count(*) FROM claude_jobs GROUP BY 1, 2")
+        return {(queue, status): n for queue, status, n in rows.fetchall()}
+
+    claude_jobs.enqueue_many(conn, [{"prompt": f"p{n}"} for n in range(30)], queue="a")
+    claude_jobs.enqueue(conn, {"prompt": "b"}, queue="b")
+    ran = make_job(conn, queue="a", status="running", started_at=hours_ago(1))
+    conn.execute(
+        "UPDATE claude_jobs SET status = 'succeeded', finished_at = now(), cost_usd = 2"
+        " WHERE id = %s", [ran],
+    )  # fmt: skip
+    make_job(conn, queue="b", status="failed", finished_at=hours_ago(0.1))
+    assert kept() == counted()
+    claude_jobs.cancel_jobs(conn, [claude_jobs.list_jobs(conn, statuses=["queued"], limit=1)[0].id])
+    invoke("retry", "--all", "--status", "failed")
+    claude_jobs.fold_counts(conn)
+    assert kept() == counted()
+    invoke("purge", "a", "--yes")
+    conn.execute("DELETE FROM claude_jobs WHERE queue = 'b'")
+    assert kept() == counted() == {("a", "succeeded"): 1}
+    rows = {(r["queue"], r["status"]): r for r in claude_jobs.job_counts(conn)}
+    assert rows["a", "succeeded"]["entered"] == 1 and rows["a", "queued"]["entered"] == 30
+    assert rows["a", "succeeded"]["cost_usd"] == 2
+    assert rows["a", "succeeded"]["run_seconds"] == pytest.approx(3600, abs=5)
+    buckets = {r["le"]: r["runs"] for r in claude_jobs.run_times(conn) if r["queue"] == "a"}
+    assert 1800 not in buckets and 3600 not in buckets and buckets[7200] == 1
+    assert buckets[float("inf")] == 1
+    conn.execute("TRUNCATE claude_jobs")
+    assert kept() == counted() == {}
+
+
 def test_workers_shows_live_and_lost_workers(invoke, conn, db_url: str) -> None:
     conn.execute(
         """INSERT INTO claude_jobs_workers (id, lock_key, host, pid, queues, kinds, concurrency,
