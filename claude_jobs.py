@@ -71,7 +71,9 @@ import enum
 import functools
 import gc
 import heapq
+import hmac
 import importlib
+import ipaddress
 import itertools
 import json
 import logging
@@ -128,6 +130,7 @@ __all__ = [
     "JobStatus",
     "JobsError",
     "Lifted",
+    "NotFound",
     "PermanentError",
     "Postpone",
     "RunContext",
@@ -136,6 +139,7 @@ __all__ = [
     "UsageLimitReached",
     "Waiting",
     "Worker",
+    "WorkerNotFound",
     "WorkerSettings",
     "WorkerUnfit",
     "backoff_delay",
@@ -152,6 +156,7 @@ __all__ = [
     "cost_stats",
     "default_handlers",
     "default_home",
+    "drain_worker",
     "enqueue",
     "enqueue_many",
     "explain_jobs",
@@ -162,6 +167,7 @@ __all__ = [
     "job_branch",
     "job_counts",
     "job_statuses",
+    "job_update",
     "lift_hold",
     "list_holds",
     "list_jobs",
@@ -182,6 +188,7 @@ __all__ = [
     "resolve_job_id",
     "resume_queue",
     "retry_jobs",
+    "run_now",
     "run_times",
     "schema_sql",
     "schema_version",
@@ -311,8 +318,16 @@ class DatabaseUnavailable(JobsError):
     """The database cannot be reached."""
 
 
-class JobNotFound(JobsError):
+class NotFound(JobsError):
+    """No such thing."""
+
+
+class JobNotFound(NotFound):
     """No such job."""
+
+
+class WorkerNotFound(NotFound):
+    """No such worker."""
 
 
 class WrongState(JobsError):
@@ -1051,14 +1066,14 @@ QUEUE_STATS = """
 -- empty. Cost at 1M jobs: the counts; an index range over the jobs due later; an index probe
 -- per queue; an index range over the jobs that ended in the last day.
 WITH counts AS (
-    SELECT queue, status, sum(jobs) AS jobs, sum(cost_usd) AS cost_usd
+    SELECT queue, status, sum(jobs)::bigint AS jobs, sum(cost_usd) AS cost_usd
     FROM claude_jobs_counts GROUP BY 1, 2
 ), queues AS (
-    SELECT queue, sum(jobs) FILTER (WHERE status = 'queued') AS queued,
-        sum(jobs) FILTER (WHERE status = 'running') AS running,
-        sum(jobs) FILTER (WHERE status = 'succeeded') AS succeeded,
-        sum(jobs) FILTER (WHERE status = 'failed') AS failed,
-        sum(jobs) FILTER (WHERE status = 'cancelled') AS cancelled,
+    SELECT queue, sum(jobs) FILTER (WHERE status = 'queued')::bigint AS queued,
+        sum(jobs) FILTER (WHERE status = 'running')::bigint AS running,
+        sum(jobs) FILTER (WHERE status = 'succeeded')::bigint AS succeeded,
+        sum(jobs) FILTER (WHERE status = 'failed')::bigint AS failed,
+        sum(jobs) FILTER (WHERE status = 'cancelled')::bigint AS cancelled,
         sum(cost_usd) AS cost_usd
     FROM counts GROUP BY queue HAVING sum(jobs) <> 0
 ), later AS (
@@ -1102,15 +1117,35 @@ ORDER BY 1
 JOB_COUNTS = """
 -- job_counts: per queue and status, the jobs there are and how many ever entered it (kept
 -- counts), and the run times of those that ended after running
-SELECT queue, status, sum(jobs) AS jobs, sum(entered) AS entered, sum(cost_usd) AS cost_usd,
-    sum(run_seconds) AS run_seconds
+SELECT queue, status, sum(jobs)::bigint AS jobs, sum(entered)::bigint AS entered,
+    sum(cost_usd) AS cost_usd, sum(run_seconds) AS run_seconds
 FROM claude_jobs_counts GROUP BY 1, 2 ORDER BY 1, 2
 """
 
 RUN_TIMES = """
 -- run_times: per queue and status, how many ended runs took at most `le` seconds
-SELECT queue, status, le, sum(runs) AS runs FROM claude_jobs_run_times
+SELECT queue, status, le, sum(runs)::bigint AS runs FROM claude_jobs_run_times
 GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
+"""
+
+#: The bounds of the kept run-time histogram (claude_jobs_run_time_buckets()), as Prometheus
+#: writes them.
+RUN_TIME_BUCKETS = ("1", "5", "15", "30", "60", "120", "300", "600", "1800", "3600", "7200", "+Inf")
+
+READY_AGES = """
+-- ready_ages: per queue with queued jobs, how long its oldest ready one has waited (an index
+-- probe per queue, through claude_jobs_queued_in_queue)
+SELECT c.queue, extract(epoch FROM now() - (
+    SELECT min(j.run_at) FROM claude_jobs j
+    WHERE j.status = 'queued' AND j.queue = c.queue AND j.run_at <= now())) AS age
+FROM (SELECT queue FROM claude_jobs_counts WHERE status = 'queued' GROUP BY queue
+      HAVING sum(jobs) > 0) c
+"""
+
+COST_TOTALS = """
+-- cost_totals: what claude cost per queue, ever (the spend ledger: a row per day, queue and
+-- model)
+SELECT queue, sum(cost_usd) FROM claude_jobs_spend GROUP BY queue ORDER BY queue
 """
 
 FOLD_COUNTS = """
@@ -1133,7 +1168,7 @@ SELECT queue, status, le, sum(runs) FROM gone GROUP BY 1, 2, 3 HAVING sum(runs) 
 LIST_WORKERS = """
 -- list_workers: every registered worker, the jobs it runs now, how long it has been silent
 SELECT w.id, w.host, w.pid, w.queues, w.kinds, w.concurrency, w.started_at, w.last_heartbeat,
-    extract(epoch FROM now() - w.last_heartbeat) AS silent_seconds,
+    w.draining_since, extract(epoch FROM now() - w.last_heartbeat) AS silent_seconds,
     (SELECT count(*) FROM claude_jobs j WHERE j.status = 'running' AND j.worker_id = w.id)
         AS running,
     -- it starts no claude job until then, and why (unfit for them, or its budget is spent)
@@ -1141,6 +1176,34 @@ SELECT w.id, w.host, w.pid, w.queues, w.kinds, w.concurrency, w.started_at, w.la
     CASE WHEN w.claude_paused_until > now() THEN w.claude_paused_reason END
         AS claude_paused_reason
 FROM claude_jobs_workers w ORDER BY w.started_at
+"""
+
+FIND_WORKERS = """
+-- find_workers: the workers whose id begins so, or that run as this host:pid
+SELECT id, host, pid, draining_since FROM claude_jobs_workers
+WHERE id::text LIKE %(prefix)s || '%%' OR host || ':' || pid = %(name)s
+ORDER BY started_at LIMIT 6
+"""
+
+DRAIN_WORKER = """
+-- drain_worker: ask a worker to claim nothing more and exit once its running jobs end;
+-- NOTIFY tells it at once (its heartbeat reads it too, should the notice be missed)
+WITH asked AS (
+    UPDATE claude_jobs_workers SET draining_since = coalesce(draining_since, now())
+    WHERE id = %(id)s RETURNING id
+)
+SELECT id, pg_notify(%(channel)s, json_build_object('drain', id)::text) FROM asked
+"""
+
+RUN_NOW = """
+-- run_now: a queued job that waits for its time (delayed, or retrying after a failure) is due
+-- now; the workers of its queue wake
+WITH due AS (
+    UPDATE claude_jobs SET run_at = now(), updated_at = now()
+    WHERE id = %(id)s AND status = 'queued' AND run_at > now()
+    RETURNING id, queue
+)
+SELECT id, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM due
 """
 
 PAUSE_QUEUE = """
@@ -1685,9 +1748,10 @@ VALUES (%(id)s, %(key)s, %(host)s, %(pid)s, %(queues)s, %(kinds)s, %(concurrency
 """
 
 HEARTBEAT = """
--- heartbeat: I am alive (no row: another worker declared me dead)
+-- heartbeat: I am alive (no row: another worker declared me dead); am I asked to drain?
 UPDATE claude_jobs_workers SET last_heartbeat = now(), backend_pid = pg_backend_pid()
 WHERE id = %(id)s
+RETURNING draining_since IS NOT NULL AS draining
 """
 
 DEREGISTER_WORKER = """
@@ -2106,9 +2170,11 @@ def _db_register_worker(
     return key
 
 
-def _db_heartbeat(conn: psycopg.Connection, worker_id: uuid.UUID) -> bool:
-    """Write the heartbeat; False when the registration is gone (declared dead)."""
-    return conn.execute(HEARTBEAT, {"id": worker_id}).rowcount == 1
+def _db_heartbeat(conn: psycopg.Connection, worker_id: uuid.UUID) -> bool | None:
+    """Write the heartbeat; whether the worker is asked to drain; None when the registration
+    is gone (declared dead)."""
+    row = conn.execute(HEARTBEAT, {"id": worker_id}).fetchone()
+    return None if row is None else bool(row[0])
 
 
 def _db_unlock_all(conn: psycopg.Connection) -> None:
@@ -3518,6 +3584,34 @@ def _waiting_for_a_worker(job: Job, seen: _Circumstances) -> Waiting:
     return Waiting("", "ready: it waits for a free worker")
 
 
+def run_now(conn: psycopg.Connection, job_id: uuid.UUID | str) -> uuid.UUID:
+    """Make a queued job that waits for its time (delayed, or retrying after a failure) due
+    now; its id. WrongState when it is not waiting for its time."""
+    key = resolve_job_id(conn, job_id)
+    if conn.execute(RUN_NOW, {"id": key, "channel": NOTIFY_CHANNEL}).fetchone():
+        return key
+    status = job_statuses(conn, [key]).get(key, ("gone",))[0]
+    why = "it is due already" if status == JobStatus.QUEUED else "only a queued job can run now"
+    raise WrongState(f"job {key} is {status}: {why}")
+
+
+def drain_worker(conn: psycopg.Connection, worker: str | uuid.UUID) -> dict[str, Any]:
+    """Ask a worker (its id, a prefix of it, or its host:pid) to claim no more jobs and exit
+    once its running jobs end; it learns it at once (NOTIFY), or at its next heartbeat. Its
+    row (id, host, pid). JobsError when no worker, or more than one, answers to ``worker``."""
+    name = str(worker).strip()
+    params = {"prefix": name.lower().replace("%", "").replace("_", ""), "name": name}
+    with conn.cursor(row_factory=dict_row) as cur:
+        found = cur.execute(FIND_WORKERS, params).fetchall() if name else []
+    if not found:
+        raise WorkerNotFound(f"no worker {name} (`claude-jobs workers` lists them)")
+    if len(found) > 1:
+        ids = ", ".join(str(row["id"]) for row in found)
+        raise InvalidJob(f"{name} is ambiguous: it begins {ids}")
+    conn.execute(DRAIN_WORKER, {"id": found[0]["id"], "channel": NOTIFY_CHANNEL})
+    return found[0]
+
+
 def pause_queue(conn: psycopg.Connection, queue: str, by: str | None = None) -> bool:
     """Stop workers claiming from ``queue`` (its jobs stay queued; running ones finish).
     False when it was paused already."""
@@ -3727,10 +3821,23 @@ class FollowUpdate:
     worker_lost: bool = False  # running, but its worker is gone: it waits for recovery
     paused: bool = False  # its queue is paused
     why: str | None = None  # why it waits, or ended as it did (see explain_jobs)
+    gist: str | None = None  # that reason, without what changes by the second
 
     @property
     def finished(self) -> bool:
         return self.status in FINISHED_STATUSES
+
+    @property
+    def state(self) -> tuple[Any, ...]:
+        """What a follower is told of when it changes (not the transcript)."""
+        return (self.status, self.attempts, self.run_at, self.worker, self.worker_lost,
+                self.paused, self.gist)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """The state as JSON-able values (not the transcript text)."""
+        skip = {"text", "skipped", "gist"}
+        values = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {key: value for key, value in values.items() if key not in skip}
 
 
 def follow_job(
@@ -3745,32 +3852,37 @@ def follow_job(
     _db_listen(conn, OUTPUT_CHANNEL)
     seen, last_state = since, None
     while True:
-        with conn.cursor(row_factory=dict_row) as cur:
-            params = {"id": key, "seen": seen, "grace": LOCK_GRACE}
-            row = cur.execute(FOLLOW_JOB, params).fetchone()
-        if row is None:
-            raise JobNotFound(f"job {key} was deleted")
-        text = row.pop("new") or ""
-        size = row.pop("transcript_size")
-        skipped, seen = max(0, size - seen - len(text)), size
-        status = JobStatus(row.pop("status"))
-        with conn.cursor(row_factory=dict_row) as cur:
-            state_row = cur.execute(GET_JOB_STATE, {"id": key}).fetchone()
-        reason = explain_jobs(conn, [Job.from_row(state_row)]).get(key) if state_row else None
-        update = FollowUpdate(
-            status=status, text=text, skipped=skipped, why=reason and reason.text, **row
-        )
-        state = (update.status, update.attempts, update.run_at, update.worker, update.worker_lost,
-                 update.paused, reason and reason.gist)  # fmt: skip
-        if text or skipped or state != last_state:
+        update = job_update(conn, key, seen)
+        seen += len(update.text) + update.skipped
+        if update.text or update.skipped or update.state != last_state:
             yield update
         if update.finished:
             return
-        last_state = state
-        wait = min(poll, 2.0) if status == JobStatus.QUEUED else poll
+        last_state = update.state
+        wait = min(poll, 2.0) if update.status == JobStatus.QUEUED else poll
         for notice in conn.notifies(timeout=wait):
             if notice.payload == str(key):
                 break
+
+
+def job_update(conn: psycopg.Connection, job_id: uuid.UUID, seen: int = 0) -> FollowUpdate:
+    """A job's state now, why it waits, and the transcript text it gained after the first
+    ``seen`` characters (what went past the kept tail unseen: ``skipped``)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        params = {"id": job_id, "seen": seen, "grace": LOCK_GRACE}
+        row = cur.execute(FOLLOW_JOB, params).fetchone()
+    if row is None:
+        raise JobNotFound(f"job {job_id} was deleted")
+    text = row.pop("new") or ""
+    size = row.pop("transcript_size")
+    status = JobStatus(row.pop("status"))
+    with conn.cursor(row_factory=dict_row) as cur:
+        state_row = cur.execute(GET_JOB_STATE, {"id": job_id}).fetchone()
+    reason = explain_jobs(conn, [Job.from_row(state_row)]).get(job_id) if state_row else None
+    return FollowUpdate(
+        status=status, text=text, skipped=max(0, size - seen - len(text)),
+        why=reason and reason.text, gist=reason and reason.gist, **row,
+    )  # fmt: skip
 
 
 ###############################################################################
@@ -5491,6 +5603,7 @@ class _Session(threading.Thread):
         options: Mapping[str, Any],
         on_notify: Callable[[str], None],
         on_reaped: Callable[[int], None],
+        on_drain: Callable[[], None],
         before_leaving: Callable[[], None],
         grace: float,
         heartbeat_timeout: float,
@@ -5501,6 +5614,7 @@ class _Session(threading.Thread):
         self._options = options
         self._on_notify = on_notify
         self._on_reaped = on_reaped
+        self._on_drain = on_drain
         self._before_leaving = before_leaving
         self._grace = grace
         self._heartbeat_timeout = heartbeat_timeout
@@ -5633,8 +5747,11 @@ class _Session(threading.Thread):
         declared this one dead), register anew."""
         stamp = _lease_clock()
         assert self.worker_id is not None
-        if _db_heartbeat(conn, self.worker_id):
+        draining = _db_heartbeat(conn, self.worker_id)
+        if draining is not None:
             self.last_ok = stamp
+            if draining:
+                self._on_drain()
             return
         _db_unlock_all(conn)
         self._reaped(epoch)
@@ -5962,11 +6079,16 @@ class _Dispatcher:
 
     def on_notify(self, payload: str) -> None:
         """A job was queued (or became ready) somewhere: wake up if it is for us; or a job
-        is to be cancelled: stop it if it runs here; or a hold changed, or was lifted."""
+        is to be cancelled: stop it if it runs here; or a hold changed, or was lifted; or a
+        worker is asked to drain: stop claiming if it is this one."""
         try:
             notice = json.loads(payload)
             if isinstance(notice, dict) and "cancel" in notice:
                 self.cancel(uuid.UUID(str(notice["cancel"])))
+                return
+            if isinstance(notice, dict) and "drain" in notice:
+                if notice["drain"] == str(self._session.worker_id):
+                    self._worker.drain()
                 return
             if isinstance(notice, dict) and "hold" in notice:
                 self._holds.changed = True  # learned at the next round, which this wakes
@@ -6227,6 +6349,52 @@ class _Janitor(threading.Thread):
             )
 
 
+class _HealthServer(threading.Thread):
+    """ "claude-jobs-health": answers a supervisor's probes (--health-port). GET /healthz:
+    the process is up, and the worker's state; GET /readyz: 200 while the worker's lease
+    holds, its heartbeats reach the database and it is not draining, else 503. Owns its
+    socket; shares nothing but what Worker.health() reads."""
+
+    def __init__(self, worker: Worker, host: str, port: int) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        class Probe(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                state: dict[str, Any] = worker.health()
+                code = {"/healthz": 200, "/readyz": 200 if state["ready"] else 503}.get(
+                    self.path.split("?")[0], 404
+                )
+                if code == 404:
+                    state = {"error": "no such path: GET /healthz or /readyz"}
+                body = json.dumps(state).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass  # (probes every few seconds would drown the worker's log)
+
+        try:
+            self.server = ThreadingHTTPServer((host, port), Probe)
+        except OSError as error:
+            raise ConfigError(f"cannot answer health checks on {host}:{port}: {error}") from None
+        self.server.daemon_threads = True
+        super().__init__(name="claude-jobs-health", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self.server.server_address[1])
+
+    def run(self) -> None:
+        self.server.serve_forever(poll_interval=0.5)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
 @dataclass(frozen=True)
 class WorkerSettings:
     """How a worker works: the keywords of Worker, and the options of `claude-jobs worker`
@@ -6286,6 +6454,17 @@ class WorkerSettings:
         "Delete succeeded and cancelled jobs that finished longer ago (0: keep everything).",
         env="RETENTION",
         value="duration, unit needed",
+    )
+    health_port: int | None = _option(
+        None,
+        "Answer a supervisor's probes on this port: GET /healthz and /readyz, with the "
+        "worker's state.",
+        env="HEALTH_PORT",
+        metavar="PORT",
+        type=click.IntRange(0, 65535),
+    )
+    health_host: str = _option(
+        "127.0.0.1", "The address of --health-port (0.0.0.0: every interface).", env="HEALTH_HOST"
     )
     lock_grace: float = LOCK_GRACE  # (no option: how long a dead worker's lock may linger)
 
@@ -6399,6 +6578,7 @@ class Worker:
         self._session: _Session | None = None
         self._runners: _Runners | None = None
         self._dispatcher: _Dispatcher | None = None
+        self._health: _HealthServer | None = None
         self._checked = False  # its handlers were asked whether they can run here
 
     # -- public API -----------------------------------------------------------------------
@@ -6447,6 +6627,37 @@ class Worker:
             self._force.set()
         self._book.wake.set()
 
+    def drain(self) -> None:
+        """Asked to drain (`claude-jobs drain`): stop claiming, and exit once the running jobs
+        end (as stop() does). Safe from any thread."""
+        if not self._stop.is_set():
+            logger.warning(
+                "asked to drain: claiming no more jobs; exiting once the running ones end",
+                extra={"fields": {"event": "draining"}},
+            )
+        self.stop()
+
+    def health(self) -> dict[str, Any]:
+        """What a supervisor probes (--health-port): ``ready`` while the lease holds, the last
+        heartbeat reached the database within the lock grace and it is not draining; the jobs
+        it runs; how long ago its last heartbeat got through. Safe from any thread."""
+        session = self._session
+        silent = _lease_clock() - session.last_ok if session is not None else None
+        lease = bool(session is not None and session.alive)
+        draining = self._stop.is_set()
+        fresh = silent is not None and silent < self.settings.lock_grace
+        return {
+            "worker_id": str(self.id) if self.id else None, "name": self.name,
+            "ready": lease and fresh and not draining, "lease": lease, "draining": draining,
+            "running": self._book.counts()[0], "concurrency": self.concurrency,
+            "last_heartbeat_seconds_ago": None if silent is None else round(silent, 3),
+        }  # fmt: skip
+
+    @property
+    def health_port(self) -> int | None:
+        """The port that answers health checks, once started (--health-port 0 picks one)."""
+        return self._health.port if self._health is not None else None
+
     def close(self, leave: bool = True) -> None:
         """Stop the threads, deregister (unless ``leave`` is False: then the registration is
         left for other workers to reap) and close the connections. Idempotent."""
@@ -6464,6 +6675,8 @@ class Worker:
         self._session.close(leave)
         self._session.join(timeout=5.0)
         self._pool.close(timeout=5.0)
+        if self._health is not None:
+            self._health.close()
         logger.info("worker %s stopped", self.name, extra={"fields": {"event": "stopped"}})
 
     def __enter__(self) -> Worker:
@@ -6490,6 +6703,9 @@ class Worker:
         return True
 
     def _start(self) -> None:
+        if self.settings.health_port is not None:  # (first: a port in use stops nothing)
+            self._health = _HealthServer(self, self.settings.health_host, self.settings.health_port)
+            self._health.start()
         # (by which a reaper finds this process's sessions, the token first: TERMINATE_VANISHED)
         token = uuid.uuid4().hex[:8]
         options = {"application_name": f"claude-jobs worker {token} {self.name}"[:63]}
@@ -6514,6 +6730,7 @@ class Worker:
             options=options,
             on_notify=lambda payload: self._dispatcher and self._dispatcher.on_notify(payload),
             on_reaped=lambda epoch: self._fence(epoch, "another worker declared it dead"),
+            on_drain=self.drain,
             before_leaving=lambda: self._dispatcher and self._dispatcher.flush(LEAVE_FLUSH_TIMEOUT),
             grace=self.settings.lock_grace,
             heartbeat_timeout=self.settings.heartbeat_timeout,
@@ -6781,6 +6998,1328 @@ def configure_logging(log_format: str = "text", level: int = logging.INFO) -> No
     logger.setLevel(level)
     # The pool reports each failed reconnection; the worker already says the database is away.
     logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
+
+
+###############################################################################
+# Presentation: how jobs and transcripts read to people (the command line, the dashboard)
+###############################################################################
+
+
+def _excerpt(job: Job) -> str:
+    """A job's prompt (claude) or payload, on one line."""
+    text = job.payload.get("prompt") if job.kind == DEFAULT_KIND else None
+    if not isinstance(text, str):
+        text = json.dumps(job.payload, ensure_ascii=False)
+    return " ".join(text.split())
+
+
+def _status_of(job: Job, paused: set[str]) -> str:
+    return "paused" if job.status == JobStatus.QUEUED and job.queue in paused else job.status
+
+
+def _when(job: Job, now: datetime) -> str:
+    """When a job last moved: run_at when it waits for it, else its latest timestamp."""
+    if job.status == JobStatus.QUEUED and job.run_at > now:
+        return _ago(job.run_at, now)
+    return _ago(job.finished_at or job.started_at or job.created_at, now)
+
+
+def _render_event(line: str, last_words: str = "") -> tuple[list[str], str | None]:
+    """One line of claude's stream-json transcript, as a person reads it, and claude's new
+    last words when the line is a message of claude's. The result repeats ``last_words``:
+    they are not printed twice."""
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return ([line] if line.strip() else []), None
+    if not isinstance(event, dict):
+        return [line], None
+    shown = _render_parsed(event, last_words)
+    return shown, "\n".join(shown) if event.get("type") == "assistant" else None
+
+
+def _render_parsed(event: Mapping[str, Any], last_words: str) -> list[str]:
+    kind, subtype = event.get("type"), event.get("subtype")
+    if kind == "claude_jobs":  # the worker's mark: an attempt begins
+        return [f"── attempt {event.get('attempt', '?')} (worker {event.get('worker', '?')}) ──"]
+    if kind == "system" and subtype == "init":
+        model, cwd = event.get("model", "?"), event.get("cwd", "?")
+        return [f"· session {event.get('session_id', '?')} · model {model} · {cwd}"]
+    if kind == "system" and subtype == "api_retry":
+        return [
+            f"· API error {event.get('error_status', '?')} ({event.get('error', '?')}): "
+            f"retry {event.get('attempt', '?')} of {event.get('max_retries', '?')}"
+        ]
+    if kind == "rate_limit_event":
+        info = event.get("rate_limit_info") or {}
+        resets = info.get("resetsAt")
+        if isinstance(resets, int | float):
+            resets = f"{datetime.fromtimestamp(resets).astimezone():%Y-%m-%d %H:%M %Z}"
+        return [f"· rate limit {info.get('status', '?')}, resets {resets or '?'}"]
+    if kind in ("assistant", "user"):
+        content = (event.get("message") or {}).get("content")
+        blocks = content if isinstance(content, list) else []
+        return [
+            text for block in blocks if isinstance(block, dict) for text in _render_block(block)
+        ]
+    if kind == "result":
+        said = event.get("result")
+        said = said if isinstance(said, str) else "; ".join(map(str, event.get("errors") or []))
+        if said.strip() == last_words.strip():
+            said = ""
+        cost = event.get("total_cost_usd") or 0
+        summary = (
+            f"· {'error (' if event.get('is_error') else ''}{event.get('subtype', 'result')}"
+            f"{')' if event.get('is_error') else ''} · {event.get('num_turns', '?')} "
+            f"turns · {_money(cost)} · {(event.get('duration_ms') or 0) / 1000:.1f}s"
+        )
+        return [*said.splitlines(), summary]
+    return []
+
+
+def _render_block(block: Mapping[str, Any]) -> list[str]:
+    kind = block.get("type")
+    if kind == "text":
+        return str(block.get("text", "")).splitlines()
+    if kind == "tool_use":
+        arguments = block.get("input") or {}
+        shown = next(
+            (str(arguments[k]) for k in ("command", "file_path", "pattern", "url", "path")
+             if k in arguments),
+            json.dumps(arguments, ensure_ascii=False),
+        )  # fmt: skip
+        return [f"→ {block.get('name', 'tool')}: {' '.join(shown.split())[:200]}"]
+    if kind == "tool_result":
+        result = block.get("content")
+        if isinstance(result, list):
+            result = " ".join(
+                str(part.get("text", "")) for part in result if isinstance(part, dict)
+            )
+        lines = str(result or "").splitlines() or [""]
+        more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
+        mark = "✗" if block.get("is_error") else "←"
+        return [f"  {mark} {lines[0][:160]}{more}"]
+    return []
+
+
+class _TranscriptPrinter:
+    """Turns transcript text, however it arrives in pieces, into readable lines."""
+
+    def __init__(self) -> None:
+        self._partial = ""
+        self._last_words = ""  # the text of claude's last message
+
+    def feed(self, text: str) -> list[str]:
+        lines = (self._partial + text).split("\n")
+        self._partial = lines.pop()
+        return [shown for line in lines for shown in self._render(line)]
+
+    def flush(self) -> list[str]:
+        rest, self._partial = self._partial, ""
+        return self._render(rest) if rest else []
+
+    def _render(self, line: str) -> list[str]:
+        shown, last_words = _render_event(line, self._last_words)
+        if last_words is not None:
+            self._last_words = last_words
+        return [_printable(each) for each in shown]
+
+
+def _stored_transcript(job: Job) -> list[str]:
+    """The kept tail of a job's transcript, rendered; its first line may have been cut."""
+    text = job.transcript or ""
+    lines = []
+    if job.transcript_size > len(text):
+        lines.append(f"… ({job.transcript_size - len(text):,} earlier characters not kept)")
+        text = text.split("\n", 1)[1] if "\n" in text else ""
+    printer = _TranscriptPrinter()
+    return [*lines, *printer.feed(text), *printer.flush()]
+
+
+def _dependency(job: Job) -> str:
+    """The jobs a job waits for, or waited for, by the first 8 digits of their ids."""
+    waits = [f"after {','.join(str(i)[:8] for i in job.after)}"] if job.after else []
+    if job.continue_from:
+        waits.append(f"continues {str(job.continue_from)[:8]}")
+    return "; ".join(waits)
+
+
+def _job_rows(
+    job: Job,
+    paused: set[str],
+    awaited: Mapping[uuid.UUID, tuple[str, str | None]] | None = None,
+    reason: Waiting | None = None,
+) -> list[tuple[str, str]]:
+    """A job as a person reads it, row by row (``awaited``: the status of each job it waits
+    for, and the host that keeps its claude session; ``reason``: why it waits or ended so);
+    the second row is its status."""
+
+    def when(moment: datetime | None) -> str:
+        return f"{moment.astimezone():%Y-%m-%d %H:%M:%S %Z} ({_ago(moment)})" if moment else "-"
+
+    reason_text = reason.text if reason else None
+    outcome = f"{_status_of(job, paused)}, attempt {job.attempts} of {job.max_attempts}"
+    if job.status == JobStatus.QUEUED and job.run_at > datetime.now(UTC):
+        outcome += f", runs {_ago(job.run_at)}"
+    if job.cancel_requested_at and job.status == JobStatus.RUNNING:
+        outcome += ", cancel requested"
+    rows = [
+        ("job", f"{job.id} · {job.kind} · queue {job.queue} · priority {job.priority}"),
+        ("status", outcome),
+        *([("why", reason.text)] if reason else []),
+        *([("error", job.last_error)] if job.last_error and job.last_error != reason_text else []),
+        ("created", when(job.created_at)),
+        ("started", when(job.started_at)),
+        ("finished", when(job.finished_at)),
+        ("worker", job.worker or "-"),
+    ]
+    if job.started_at and job.finished_at:
+        rows.append(("took", f"{(job.finished_at - job.started_at).total_seconds():.1f}s"))
+    return rows + _chain_rows(job, awaited or {}) + _content_rows(job)
+
+
+def _describe(
+    job: Job,
+    paused: set[str],
+    awaited: Mapping[uuid.UUID, tuple[str, str | None]] | None = None,
+    reason: Waiting | None = None,
+    paint: Callable[[str, str], str] = lambda text, status: text,
+) -> str:
+    """A job as `show` prints it: its rows, its failed attempts, the end of its transcript;
+    ``paint`` colours its status (and nothing of the job's)."""
+    rows = _job_rows(job, paused, awaited, reason)
+    status = _status_of(job, paused)
+    lines = [
+        f"{name:<9} {_indent(_printable(str(value)), 10)}" if name != "status"
+        else f"{name:<9} {value.replace(status, paint(status, status), 1)}"
+        for name, value in rows
+    ]  # fmt: skip
+    lines += _attempt_lines(job)
+    if job.transcript:
+        lines.append("transcript (the end):")
+        lines.extend(f"  {line}" for line in _stored_transcript(job)[-15:])
+    return "\n".join(lines)
+
+
+def _chain_rows(
+    job: Job, awaited: Mapping[uuid.UUID, tuple[str, str | None]]
+) -> list[tuple[str, str]]:
+    """What a job waits for or continues, what that widens, and its concurrency key."""
+    rows = [
+        (("after", f"{waited} ({awaited.get(waited, ('gone',))[0]})")) for waited in job.after or []
+    ]
+    if job.continue_from:
+        status, host = awaited.get(job.continue_from, ("gone", None))
+        text = f"{job.continue_from} ({status}), resuming its session"
+        if job.status == JobStatus.QUEUED and host:
+            text += f", kept on {host}: only a worker there can run it"
+        rows.append(("continues", text))
+    if job.widens:
+        rows.append(("widens", "; ".join(job.widens)))
+    if job.concurrency_key is not None:
+        rows.append(("key", f"{job.concurrency_key} (at most {job.concurrency_limit} at once)"))
+    return rows
+
+
+def _content_rows(job: Job) -> list[tuple[str, str]]:
+    """What a job was asked (a claude job: where, its prompt and options) and what it gave."""
+    rows = []
+    if job.kind == DEFAULT_KIND:
+        rows.append(("cwd", job.payload.get("cwd") or "(the worker's directory)"))
+        if job.worktree or job.payload.get("worktree"):
+            rows.append(("branch", _branch_text(job)))
+        rows.append(("prompt", job.payload.get("prompt", "")))
+        options = {k: v for k, v in job.payload.items() if CLAUDE_PAYLOAD[k][1] or k == "env"}
+        if options:
+            rows.append(("options", json.dumps(options, ensure_ascii=False)))
+    else:
+        rows.append(("payload", json.dumps(job.payload, ensure_ascii=False)))
+    result = job.result
+    if isinstance(result, dict) and result.get("type") == "result":
+        said = result.get("result") or "; ".join(map(str, result.get("errors") or []))
+        rows.append(("result", said))
+        rows.append(("turns", str(result.get("num_turns", "-"))))
+    elif result is not None:
+        rows.append(("result", json.dumps(result, ensure_ascii=False)))
+    if job.kind == DEFAULT_KIND:
+        rows.append(("cost", _money(job.cost_usd)))
+        rows.append(("session", job.session_id or "-"))
+    return rows
+
+
+def _attempt_lines(job: Job) -> list[str]:
+    """A line for each attempt that ended in an error: where, when, how long, what error."""
+    lines = []
+    for entry in job.errors:
+        at = datetime.fromisoformat(entry["at"]) if entry.get("at") else None
+        when = [entry.get("worker") or "?", _ago(at)]
+        if at and entry.get("started"):
+            took = (at - datetime.fromisoformat(entry["started"])).total_seconds()
+            when.append(f"took {_duration_text(took) if took >= 60 else f'{took:.1f}s'}")
+        lines.append(
+            _printable(f"attempt {entry.get('attempt')} ({', '.join(when)}): ")
+            + _indent(_printable(str(entry.get("error"))), 4)
+        )
+    return lines
+
+
+def _branch_text(job: Job) -> str:
+    """The branch of a worktree job, whether it has new commits, and where its worktree is
+    while it exists."""
+    tree = job.worktree
+    if not tree and job.status in FINISHED_STATUSES:
+        return "none: the job ended before it made one"
+    if not tree:
+        return "(made when the job runs)"
+    text = tree["branch"]
+    if "commits" in tree:
+        commits = tree["commits"]
+        text += f" ({commits} new commit{'s' * (commits != 1)})" if commits else " (no new commits)"
+    if tree.get("uncommitted"):
+        text += f"; uncommitted changes are left in {tree['path']}"
+    elif tree.get("kept") or "commits" not in tree:
+        text += f"; worktree {tree['path']}"
+    return text
+
+
+def _indent(text: str, width: int) -> str:
+    return text.replace("\n", "\n" + " " * width)
+
+
+###############################################################################
+# HTTP: the dashboard, the JSON API, /metrics and health checks (claude-jobs serve)
+###############################################################################
+
+#: A followed job and the overview are looked at this often even when no notice wakes the
+#: server (a job that is claimed, or ends without a transcript, sends none).
+WEB_POLL_INTERVAL = 2.0
+#: The overview is read at most this often, however often notices wake it.
+OVERVIEW_INTERVAL = 1.0
+#: An idle event stream sends a comment this often, so that proxies keep it open.
+KEEPALIVE_INTERVAL = 15.0
+#: Connections the server's requests share (the one that listens comes on top).
+WEB_POOL_SIZE = 2
+#: The largest page of jobs the API gives.
+MAX_PAGE = 500
+#: What the server needs besides the core: the `web` extra.
+WEB_EXTRA_HINT = "claude-jobs serve needs the web extra: pip install 'claude-jobs[web]'"
+
+
+class _HTTPError(JobsError):
+    """A request the server refuses, with its HTTP status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+#: How each library error reads over HTTP.
+_HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
+    (NotFound, 404),
+    (WrongState, 409),
+    (InvalidJob, 422),
+    (ConfigError, 422),
+    (DatabaseUnavailable, 503),
+    (psycopg.OperationalError, 503),
+    (JobsError, 400),
+)
+
+
+def _http_status(error: BaseException) -> int:
+    if isinstance(error, _HTTPError):
+        return error.status
+    if type(error).__name__ == "PoolTimeout":  # (psycopg_pool's: the database is unreachable)
+        return 503
+    return next(status for kind, status in _HTTP_STATUS if isinstance(error, kind))
+
+
+def _sse(event: str, data: Any, event_id: int | None = None) -> str:
+    """One Server-Sent Event (JSON keeps the data on one line)."""
+    head = f"id: {event_id}\n" if event_id is not None else ""
+    return f"{head}event: {event}\ndata: {json.dumps(data, default=_jsonable)}\n\n"
+
+
+class _Feed:
+    """What one followed job (or the overview) looks like now, read once however many
+    streams follow it. ``text``: the transcript's kept tail, from character ``base`` on.
+    Lives on the event loop; its reads run on threads."""
+
+    def __init__(self, read: Callable[[_Feed], None]) -> None:
+        self._read = read
+        self.version = 0  # bumped by every read that changed something
+        self.followers = 0
+        self.state: Any = None
+        self.text, self.base, self.size = "", 0, 0
+        self.error: BaseException | None = None
+        self._changed: Any = None  # an asyncio.Event, made on the loop
+        self._reading = self._again = False
+        self._read_at = 0.0
+
+    def text_since(self, seen: int) -> tuple[str, int]:
+        """The transcript after the first ``seen`` characters, and how many went past unseen."""
+        if seen < self.base:
+            return self.text, self.base - seen
+        return self.text[seen - self.base :], 0
+
+    async def changed(self, version: int, timeout: float) -> None:
+        """Wait until the version is not ``version`` (or ``timeout`` passes)."""
+        import asyncio
+
+        if self._changed is None:
+            self._changed = asyncio.Event()
+        while self.version == version:
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout)
+            except TimeoutError:
+                return
+
+    async def ready(self) -> None:
+        """Wait until it was read once (or failed to be)."""
+        while self.state is None and self.error is None:
+            if self._reading:
+                await self.changed(self.version, 1.0)
+            else:
+                await self.refresh()
+
+    async def refresh(self, at_most_every: float = 0.0) -> None:
+        """Read it again (once, however many ask at once; then again if asked meanwhile)."""
+        import asyncio
+
+        from starlette.concurrency import run_in_threadpool
+
+        if self._reading:
+            self._again = True
+            return
+        self._reading = True
+        try:
+            while True:
+                self._again = False
+                if wait := self._read_at + at_most_every - time.monotonic():
+                    await asyncio.sleep(max(0.0, wait))
+                self._read_at = time.monotonic()
+                version = self.version
+                try:
+                    await run_in_threadpool(self._read, self)
+                    self.error = None
+                except Exception as error:  # (told to the streams: they end, or say so)
+                    self.error = error
+                    self.version += 1
+                if self.version != version and self._changed is not None:
+                    self._changed.set()
+                if not self._again:
+                    return
+        finally:
+            self._reading = False
+
+
+class _Hub:
+    """The one LISTEN connection every event stream shares: a thread waits for the workers'
+    notices and wakes the feeds they concern (a job's, by its id; the overview, by any),
+    and every WEB_POLL_INTERVAL all of them. Feeds exist while someone follows them."""
+
+    def __init__(self, url: str, pool: ConnectionPool) -> None:
+        self._url, self._pool = url, pool
+        self._feeds: dict[uuid.UUID | None, _Feed] = {}  # None: the overview
+        self._loop: Any = None
+        self._tasks: set[Any] = set()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._listen, name="claude-jobs-listener")
+        self.listening = False
+
+    def start(self, loop: Any) -> None:
+        self._loop = loop
+        self._thread.start()
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join()
+
+    @contextlib.contextmanager
+    def follow(self, key: uuid.UUID | None) -> Iterator[_Feed]:
+        """The feed of job ``key`` (None: the overview), while the caller follows it."""
+        feed = self._feeds.get(key)
+        if feed is None:
+            read = self._read_overview if key is None else functools.partial(self._read_job, key)
+            feed = self._feeds[key] = _Feed(read)
+        feed.followers += 1
+        try:
+            yield feed
+        finally:
+            feed.followers -= 1
+            if not feed.followers:
+                del self._feeds[key]
+
+    def _listen(self) -> None:
+        backoff = _Backoff(start=0.5, cap=10.0)
+        while not self._closed.is_set():
+            try:
+                with connect(self._url, autocommit=True) as conn:
+                    _db_listen(conn, NOTIFY_CHANNEL)
+                    _db_listen(conn, OUTPUT_CHANNEL)
+                    self.listening = True
+                    backoff.reset()
+                    self._wake(None)  # (what changed while it was not listening)
+                    polled = time.monotonic()
+                    while not self._closed.is_set():
+                        for notice in conn.notifies(timeout=WEB_POLL_INTERVAL):
+                            self._wake({notice.payload})
+                            if time.monotonic() - polled > WEB_POLL_INTERVAL:
+                                break
+                        self._wake(None)
+                        polled = time.monotonic()
+            except (psycopg.Error, DatabaseUnavailable) as error:
+                logger.debug("listening for notices failed: %s", error)
+            self.listening = False
+            self._closed.wait(backoff.next())
+
+    def _wake(self, payloads: set[str] | None) -> None:
+        """Refresh the feeds these notices concern (None: every feed)."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._refresh, payloads)
+
+    def _refresh(self, payloads: set[str] | None) -> None:
+        import asyncio
+
+        for key, feed in list(self._feeds.items()):
+            if key is None or payloads is None or str(key) in payloads:
+                task = asyncio.ensure_future(feed.refresh(OVERVIEW_INTERVAL if key is None else 0))
+                self._tasks.add(task)  # (the loop keeps only a weak reference to a task)
+                task.add_done_callback(self._tasks.discard)
+
+    def _read_job(self, key: uuid.UUID, feed: _Feed) -> None:
+        with self._pool.connection() as conn:
+            update = job_update(conn, key, feed.size)
+        if update.text or update.skipped:
+            feed.text += update.text
+            feed.size += len(update.text) + update.skipped
+            if update.skipped:  # (only the kept tail is there to read)
+                feed.base = feed.size - len(update.text)
+                feed.text = update.text
+            elif len(feed.text) > TRANSCRIPT_LIMIT:
+                feed.base += len(feed.text) - TRANSCRIPT_LIMIT
+                feed.text = feed.text[-TRANSCRIPT_LIMIT:]
+            feed.version += 1
+        if feed.state is None or update.state != feed.state.state:
+            feed.version += 1
+        feed.state = update
+
+    def _read_overview(self, feed: _Feed) -> None:
+        with self._pool.connection() as conn:
+            overview = _overview(conn)
+        if overview != feed.state:
+            feed.state = overview
+            feed.version += 1
+
+
+def _overview(conn: psycopg.Connection) -> dict[str, Any]:
+    """What the dashboard's overview shows: per queue the counts by status, the oldest ready
+    job, cost today and in the last 7 days, paused or not; live workers and the jobs they
+    run; the holds. Cheap at a million jobs (kept counts, an index probe per queue)."""
+    today = datetime.now(UTC).date()
+    cost: dict[str, dict[str, float]] = {}
+    for row in cost_stats(conn, 7):
+        spent = cost.setdefault(row["queue"], {"today": 0.0, "week": 0.0})
+        spent["week"] += float(row["cost_usd"])
+        if row["day"] == today:
+            spent["today"] += float(row["cost_usd"])
+    queues = queue_stats(conn)
+    for queue in queues:
+        spent = cost.get(queue["queue"], {"today": 0.0, "week": 0.0})
+        queue["cost_today_usd"], queue["cost_7d_usd"] = spent["today"], spent["week"]
+    running = list_jobs(conn, statuses=[JobStatus.RUNNING], limit=200)
+    workers = list_workers(conn)
+    for worker in workers:
+        worker["jobs"] = [_job_summary(job) for job in running if job.worker_id == worker["id"]]
+    return _jsonable({"queues": queues, "workers": workers, "holds": list_holds(conn)})
+
+
+def _job_summary(job: Job, paused: Collection[str] = (), why: str | None = None) -> dict[str, Any]:
+    """A job as the API lists it: everything but its transcript, its prompt on one line, what
+    its status reads as (paused, for a queued job of a paused queue), and why it waits."""
+    data = job.to_dict()
+    del data["transcript"]
+    data.update(excerpt=_excerpt(job), shown_status=_status_of(job, set(paused)), why=why)
+    return data
+
+
+def _cursor_text(job: Job) -> str:
+    """Where the next page begins: after this job (its enqueue time in microseconds, id)."""
+    micros = (job.created_at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
+    return f"{micros}.{job.id}"
+
+
+def _parse_cursor(text: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        micros, key = text.split(".", 1)
+        at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(micros))
+        return at, uuid.UUID(key)
+    except (ValueError, OverflowError):
+        raise _HTTPError(400, f"bad cursor {text!r}: give the `next` of the last page") from None
+
+
+def _enqueue_request(conn: psycopg.Connection, body: Any) -> Job:
+    """POST /api/jobs: ``{"payload": {...}, "queue": ..., ...}`` with the options of enqueue
+    (run_at as ISO 8601; delay and timeout as seconds or as 30m, 2h); checked as `enqueue`
+    checks them. A claude job's cwd must be absolute: the server's directory means nothing to
+    the caller."""
+    if not isinstance(body, dict) or not isinstance(body.get("payload"), dict):
+        raise _HTTPError(400, 'the body must be a JSON object with a "payload" object')
+    settings = {key: value for key, value in body.items() if key != "payload"}
+    try:
+        if isinstance(settings.get("run_at"), str):
+            settings["run_at"] = parse_time(settings["run_at"])
+        for name in ("delay", "timeout"):
+            if isinstance(settings.get(name), str):
+                settings[name] = parse_duration(settings[name])
+    except (ValueError, click.BadParameter) as error:
+        raise InvalidJob(str(error)) from None
+    cwd = body["payload"].get("cwd")
+    if isinstance(cwd, str) and not os.path.isabs(os.path.expanduser(cwd)):
+        raise InvalidJob(f'"cwd" must be an absolute path over HTTP, not {cwd!r}')
+    with conn.transaction():
+        return enqueue(conn, body["payload"], **settings)
+
+
+def _prometheus_families(conn: psycopg.Connection) -> list[Any]:
+    """The metrics of one scrape, from five cheap queries (kept counts and run times, the
+    oldest queued job per queue through its index, the spend ledger, the workers, the
+    holds and paused queues): the same few milliseconds at a million jobs as at ten."""
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    jobs = GaugeMetricFamily("claude_jobs_jobs", "Jobs there are, by queue and status.",
+                             labels=["queue", "status"])  # fmt: skip
+    ended = CounterMetricFamily(
+        "claude_jobs_ended", "Jobs that ever ended, by queue and status (cleanup does not "
+        "lower it).", labels=["queue", "status"],
+    )  # fmt: skip
+    counts = job_counts(conn)
+    for row in counts:
+        jobs.add_metric([row["queue"], row["status"]], float(row["jobs"]))
+        if row["status"] in FINISHED_STATUSES:
+            ended.add_metric([row["queue"], row["status"]], float(row["entered"]))
+    run_time = HistogramMetricFamily(
+        "claude_jobs_run_seconds", "Run time of the jobs that ended after running.",
+        labels=["queue", "status"],
+    )  # fmt: skip
+    sums = {(r["queue"], r["status"]): float(r["run_seconds"]) for r in counts}
+    buckets: dict[tuple[str, str], list[tuple[str, float]]] = {}
+    for row in run_times(conn):
+        bound = "+Inf" if math.isinf(row["le"]) else f"{row['le']:g}"
+        buckets.setdefault((row["queue"], row["status"]), []).append((bound, float(row["runs"])))
+    for (queue, status), found in buckets.items():
+        run_time.add_metric([queue, status], _all_buckets(found), sums.get((queue, status), 0))
+    ages = GaugeMetricFamily("claude_jobs_ready_age_seconds",
+                             "How long the oldest ready job of a queue has waited.",
+                             labels=["queue"])  # fmt: skip
+    for queue, age in conn.execute(READY_AGES).fetchall():
+        ages.add_metric([queue], float(age))
+    cost = CounterMetricFamily("claude_jobs_cost_usd", "What claude cost (the spend ledger).",
+                               labels=["queue"])  # fmt: skip
+    for queue, spent in conn.execute(COST_TOTALS).fetchall():
+        cost.add_metric([queue], float(spent))
+    workers = GaugeMetricFamily("claude_jobs_workers", "Registered workers, alive or lost.",
+                                labels=["state"])  # fmt: skip
+    listed = list_workers(conn)
+    for state in ("alive", "lost", "draining"):
+        found = [w for w in listed if _worker_state(w) == state]
+        workers.add_metric([state], float(len(found)))
+    holds = GaugeMetricFamily("claude_jobs_hold_until_seconds",
+                              "Until when no worker starts jobs of a kind (Unix time).",
+                              labels=["kind"])  # fmt: skip
+    for hold in list_holds(conn):
+        holds.add_metric([hold["kind"]], hold["until"].timestamp())
+    paused = GaugeMetricFamily("claude_jobs_queue_paused", "1 for a paused queue.",
+                               labels=["queue"])  # fmt: skip
+    for queue in sorted(paused_queues(conn)):
+        paused.add_metric([queue], 1.0)
+    return [jobs, ended, run_time, ages, cost, workers, holds, paused]
+
+
+def _all_buckets(found: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
+    """Every bucket of the histogram: one the kept run times have no row for holds as many
+    runs as the one below it."""
+    counts = dict(found)
+    total, filled = 0.0, []
+    for bound in RUN_TIME_BUCKETS:
+        total = counts.get(bound, total)
+        filled.append((bound, total))
+    return filled
+
+
+def _worker_state(worker: Mapping[str, Any]) -> str:
+    return "lost" if worker["lost"] else "draining" if worker["draining_since"] else "alive"
+
+
+def web_app(
+    url: str,
+    *,
+    token: str | None = None,
+    read_only: bool = False,
+    public_metrics: bool = False,
+    pool_size: int = WEB_POOL_SIZE,
+) -> Any:
+    """The ASGI app of `claude-jobs serve` (Starlette): the dashboard at /, the JSON API under
+    /api, /metrics, /healthz and /readyz, on the database at ``url``. ``token``: every request
+    but the health checks (and /metrics with ``public_metrics``) needs ``Authorization:
+    Bearer <token>``; ``read_only``: no action and no enqueue. Mount it in another ASGI app
+    or serve it with uvicorn; its pool opens and closes with the app's lifespan. ConfigError
+    when the web extra is not installed."""
+    try:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client.registry import CollectorRegistry
+        from psycopg_pool import ConnectionPool
+        from starlette.applications import Starlette
+        from starlette.concurrency import run_in_threadpool
+        from starlette.requests import Request
+        from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+        from starlette.routing import Route
+    except ImportError:
+        raise ConfigError(WEB_EXTRA_HINT) from None
+    check_conninfo(url)
+    pool = ConnectionPool(
+        url, min_size=1, max_size=pool_size, open=False, timeout=5.0, name="claude-jobs-web",
+        kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
+    )  # fmt: skip
+    hub = _Hub(url, pool)
+
+    class Collector:
+        def collect(self) -> list[Any]:
+            with pool.connection() as conn:
+                return _prometheus_families(conn)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())  # type: ignore[arg-type]
+
+    def database(call: Callable[..., Any], created: int = 200) -> Callable[[Request], Any]:
+        """An endpoint that runs ``call(conn, request, body)`` on a thread with a pooled
+        connection; its return value as JSON (status ``created``), its errors as
+        {"error": ...}."""
+
+        async def endpoint(request: Request) -> Response:
+            try:
+                if request.method == "POST":
+                    _check_action(request, read_only)
+                body = await _json_body(request) if request.method == "POST" else None
+
+                def run() -> Any:
+                    with pool.connection() as conn:
+                        return call(conn, request, body)
+
+                result = await run_in_threadpool(run)
+            except Exception as error:
+                return _error_response(error, url)
+            return JSONResponse(_jsonable(result), status_code=created)
+
+        return endpoint
+
+    async def page(request: Request) -> Response:
+        return HTMLResponse(_PAGE, headers=_PAGE_HEADERS)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "up"})
+
+    async def readyz(request: Request) -> Response:
+        def ready() -> Any:
+            with pool.connection() as conn:
+                check_schema(conn)
+
+        try:
+            await run_in_threadpool(ready)
+        except Exception as error:
+            return _error_response(error, url, status=503)
+        return JSONResponse({"status": "ready", "listening": hub.listening})
+
+    async def metrics(request: Request) -> Response:
+        try:
+            body = await run_in_threadpool(generate_latest, registry)
+        except Exception as error:
+            return _error_response(error, url)
+        return Response(body, media_type=CONTENT_TYPE_LATEST)
+
+    async def job_events(request: Request) -> Response:
+        try:
+            since = int(request.headers.get("last-event-id") or request.query_params.get("since")
+                        or 0)  # fmt: skip
+        except ValueError:
+            return _error_response(_HTTPError(400, "Last-Event-ID must be a number"), url)
+
+        def find() -> uuid.UUID:
+            with pool.connection() as conn:
+                return resolve_job_id(conn, request.path_params["job"])
+
+        try:
+            key = await run_in_threadpool(find)
+        except Exception as error:
+            return _error_response(error, url)
+        return StreamingResponse(_job_stream(hub, key, max(0, since)), headers=_SSE_HEADERS,
+                                 media_type="text/event-stream")  # fmt: skip
+
+    async def overview_events(request: Request) -> Response:
+        return StreamingResponse(_overview_stream(hub), headers=_SSE_HEADERS,
+                                 media_type="text/event-stream")  # fmt: skip
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        import asyncio
+
+        pool.open(wait=False)
+        hub.start(asyncio.get_running_loop())
+        try:
+            yield
+        finally:
+            hub.close()
+            pool.close()
+
+    routes = [
+        Route("/", page),
+        Route("/healthz", healthz),
+        Route("/readyz", readyz),
+        Route("/metrics", metrics),
+        Route("/api/events", overview_events),
+        Route("/api/jobs", database(_api_jobs), methods=["GET"]),
+        Route("/api/jobs", database(_api_enqueue, created=201), methods=["POST"]),
+        Route("/api/jobs/{job}", database(_api_job)),
+        Route("/api/jobs/{job}/events", job_events),
+        Route("/api/jobs/{job}/{action}", database(_api_job_action), methods=["POST"]),
+        Route("/api/queues", database(_api_queues)),
+        Route("/api/queues/{queue}/{action}", database(_api_queue_action), methods=["POST"]),
+        Route("/api/workers", database(lambda conn, request, body: list_workers(conn))),
+        Route("/api/workers/{worker}/drain", database(_api_drain), methods=["POST"]),
+        Route("/api/holds/{kind}/lift", database(_api_lift), methods=["POST"]),
+        Route("/api/stats", database(_api_stats)),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan)
+    open_paths = {"/healthz", "/readyz", "/", *(["/metrics"] if public_metrics else [])}
+    return _Guard(app, token, open_paths) if token else app
+
+
+class _Guard:
+    """ASGI middleware: every request but those to ``open_paths`` needs the bearer token."""
+
+    def __init__(self, app: Any, token: str, open_paths: Collection[str]) -> None:
+        self.app, self._token, self._open = app, token.encode(), set(open_paths)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope["path"] not in self._open:
+            given = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, value = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self._token):
+                body = b'{"error": "this server needs its token: Authorization: Bearer <token>"}'
+                await send({"type": "http.response.start", "status": 401, "headers": [
+                    (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
+                ]})  # fmt: skip
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def _check_action(request: Any, read_only: bool) -> None:
+    """A request that changes something: not on a read-only server, and only from this
+    server's own page or from a client that is no browser (no cross-site form or script)."""
+    if read_only:
+        raise _HTTPError(403, "this server is read-only (--read-only): it changes nothing")
+    site = request.headers.get("sec-fetch-site")
+    if site is not None and site not in ("same-origin", "none"):
+        raise _HTTPError(403, f"a cross-site request ({site}) may change nothing here")
+    origin = request.headers.get("origin")
+    if origin is not None and origin != f"{request.url.scheme}://{request.url.netloc}":
+        raise _HTTPError(403, f"a request from {origin} may change nothing here")
+
+
+async def _json_body(request: Any) -> Any:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        return json.loads(raw)
+    except ValueError as error:
+        raise _HTTPError(400, f"the body is not JSON: {error}") from None
+
+
+def _error_response(error: BaseException, url: str, status: int | None = None) -> Any:
+    from starlette.responses import JSONResponse
+
+    try:
+        status = status or _http_status(error)
+    except StopIteration:
+        raise error from None
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if status == 503 and not isinstance(error, _HTTPError | SchemaError):
+        message = f"the database is unreachable: {message}"
+    return JSONResponse({"error": _scrub(message, url)}, status_code=status)
+
+
+_SSE_HEADERS = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+#: The page runs no script but its own, loads nothing from elsewhere, and cannot be framed.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'unsafe-inline'; "
+    "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
+    "frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+async def _job_stream(hub: _Hub, key: uuid.UUID, since: int) -> Any:
+    """A job's events: ``status`` when its state changes, ``transcript`` with the lines it
+    gained (rendered as `logs` renders them; the id is where a stream resumes with
+    Last-Event-ID), and ``end`` once it finished."""
+    printer, seen, told = _TranscriptPrinter(), since, None
+    with hub.follow(key) as feed:
+        await feed.ready()
+        while True:
+            version = feed.version
+            if feed.error is not None:
+                yield _sse("error", {"error": _scrub(str(feed.error), hub._url)})
+                return
+            update: FollowUpdate = feed.state
+            text, skipped = feed.text_since(seen)
+            seen += len(text) + skipped
+            lines = printer.feed(text)
+            if update.finished:
+                lines += printer.flush()
+            if lines or skipped:
+                complete = seen - len(printer._partial)
+                yield _sse("transcript", {"lines": lines, "skipped": skipped}, complete)
+            if update.state != told:
+                told = update.state
+                yield _sse("status", {**update.to_dict(), "finished": update.finished})
+            if update.finished:
+                yield _sse("end", {"status": update.status, "last_error": update.last_error})
+                return
+            await feed.changed(version, KEEPALIVE_INTERVAL)
+            if feed.version == version:
+                yield ": keepalive\n\n"
+
+
+async def _overview_stream(hub: _Hub) -> Any:
+    """The overview, each time it changes."""
+    with hub.follow(None) as feed:
+        await feed.ready()
+        while True:
+            version = feed.version
+            if feed.error is not None:
+                yield _sse("error", {"error": _scrub(str(feed.error), hub._url)})
+            else:
+                yield _sse("overview", feed.state)
+            await feed.changed(version, KEEPALIVE_INTERVAL)
+            while feed.version == version:
+                yield ": keepalive\n\n"
+                await feed.changed(version, KEEPALIVE_INTERVAL)
+
+
+# -- the API's endpoints: (connection, request, JSON body) -> what they answer ------------------
+
+
+def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """GET /api/jobs?status=&queue=&kind=&q=&cwd=&before=&limit=: a page of jobs, newest first,
+    and the cursor of the next (null on the last)."""
+    query = request.query_params
+    statuses = [s for value in query.getlist("status") for s in value.split(",") if s]
+    for status in statuses:
+        if status not in JobStatus.__members__.values():
+            raise _HTTPError(400, f"unknown status {status!r}: one of "
+                             + ", ".join(JobStatus))  # fmt: skip
+    try:
+        limit = int(query.get("limit") or 50)
+    except ValueError:
+        raise _HTTPError(400, "limit must be a number") from None
+    if not 1 <= limit <= MAX_PAGE:
+        raise _HTTPError(400, f"limit must be from 1 to {MAX_PAGE}")
+    before = _parse_cursor(query["before"]) if query.get("before") else None
+    jobs = list_jobs(
+        conn, statuses=statuses or None, queue=query.get("queue") or None,
+        kind=query.get("kind") or None, text=query.get("q") or None,
+        cwd=query.get("cwd") or None, before=before, limit=limit,
+    )  # fmt: skip
+    paused = paused_queues(conn)
+    reasons = explain_jobs(conn, jobs)
+    return {
+        "jobs": [_job_summary(j, paused, (r := reasons.get(j.id)) and r.text) for j in jobs],
+        "next": _cursor_text(jobs[-1]) if len(jobs) == limit else None,
+    }
+
+
+def _api_job(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """GET /api/jobs/{id or prefix}: everything `show` prints, row by row, and the job."""
+    job = get_job(conn, request.path_params["job"])
+    paused = paused_queues(conn)
+    reason = explain_jobs(conn, [job]).get(job.id)
+    try:
+        diff_stat = worktree_diff(job, stat=True).decode(errors="replace") if job.worktree else None
+    except JobsError:  # (the worktree is on another host, or gone)
+        diff_stat = None
+    return {
+        **_job_summary(job, paused, reason and reason.text),
+        "rows": _job_rows(job, paused, job_statuses(conn, job.awaits), reason),
+        "attempt_errors": _attempt_lines(job),
+        "diff_stat": diff_stat,
+    }
+
+
+def _api_enqueue(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """POST /api/jobs: enqueue one job (see _enqueue_request)."""
+    return _job_summary(_enqueue_request(conn, body))
+
+
+def _api_job_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """POST /api/jobs/{id}/cancel|retry|run-now."""
+    action, job = request.path_params["action"], request.path_params["job"]
+    if action == "cancel":
+        return {"id": str(resolve_job_id(conn, job)), "status": cancel_job(conn, job)}
+    if action == "retry":
+        key = resolve_job_id(conn, job)
+        with conn.transaction():
+            retried = retry_jobs(conn, [key])
+        return {"id": str(key), "retried": len(retried)}
+    if action == "run-now":
+        return {"id": str(run_now(conn, job)), "due": "now"}
+    raise _HTTPError(404, f"no action {action!r}: cancel, retry or run-now")
+
+
+def _api_queues(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """GET /api/queues: per queue the counts by status and more (`stats`), and the holds."""
+    return {"queues": queue_stats(conn), "holds": list_holds(conn)}
+
+
+def _api_queue_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """POST /api/queues/{name}/pause|resume."""
+    queue, action = check_queue(request.path_params["queue"]), request.path_params["action"]
+    if action == "pause":
+        return {"queue": queue, "paused": True, "changed": pause_queue(conn, queue, "serve")}
+    if action == "resume":
+        return {"queue": queue, "paused": False, "changed": resume_queue(conn, queue)}
+    raise _HTTPError(404, f"no action {action!r}: pause or resume")
+
+
+def _api_drain(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """POST /api/workers/{id}/drain."""
+    row = drain_worker(conn, request.path_params["worker"])
+    return {"id": str(row["id"]), "draining": True}
+
+
+def _api_lift(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """POST /api/holds/{kind}/lift."""
+    lifted = lift_hold(conn, request.path_params["kind"])
+    if lifted is None:
+        raise WrongState(f"nothing holds {request.path_params['kind']} jobs")
+    return dataclasses.asdict(lifted)
+
+
+def _api_stats(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """GET /api/stats?days=7: the overview, and what claude cost per day, queue and model."""
+    try:
+        days = int(request.query_params.get("days") or 7)
+    except ValueError:
+        raise _HTTPError(400, "days must be a number") from None
+    return {**_overview(conn), "cost": cost_stats(conn, max(1, min(days, 3660)))}
+
+
+#: The dashboard: one page, no build step, nothing from elsewhere. Every value from a job is
+#: put in the page as text (textContent), never as markup: a prompt cannot run in it.
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>claude-jobs</title>
+<style>
+:root { --bg: #fbfbfa; --fg: #1d1d1f; --dim: #6e6e73; --line: #e3e3e0; --card: #fff;
+  --queued: #6b7280; --running: #2563eb; --succeeded: #15803d; --failed: #b91c1c;
+  --cancelled: #a16207; --paused: #7c3aed; }
+@media (prefers-color-scheme: dark) { :root { --bg: #161618; --fg: #ececec; --dim: #9a9aa0;
+  --line: #2c2c30; --card: #1e1e21; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
+  background: var(--bg); color: var(--fg); }
+header { display: flex; gap: 1rem; align-items: baseline; padding: .7rem 1rem;
+  border-bottom: 1px solid var(--line); background: var(--card); position: sticky; top: 0; }
+header h1 { font-size: 1.05rem; margin: 0; } header a { color: inherit; }
+#live { color: var(--dim); font-size: .85rem; margin-left: auto; }
+main { padding: 1rem; max-width: 1400px; margin: auto; }
+section { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+  padding: .8rem 1rem; margin-bottom: 1rem; overflow-x: auto; }
+h2 { font-size: .95rem; margin: 0 0 .5rem; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line);
+  white-space: nowrap; vertical-align: top; }
+th { font-weight: 600; color: var(--dim); font-size: .8rem; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.text { white-space: normal; max-width: 40rem; overflow-wrap: anywhere; }
+.s { font-weight: 600; } .s-queued { color: var(--queued); } .s-running { color: var(--running); }
+.s-succeeded { color: var(--succeeded); } .s-failed { color: var(--failed); }
+.s-cancelled { color: var(--cancelled); } .s-paused, .s-draining { color: var(--paused); }
+.s-lost { color: var(--failed); } .s-alive { color: var(--succeeded); }
+button { font: inherit; padding: .15rem .6rem; border: 1px solid var(--line); border-radius: 5px;
+  background: var(--bg); color: var(--fg); cursor: pointer; }
+button:hover { border-color: var(--dim); }
+form { display: flex; flex-wrap: wrap; gap: .4rem; margin-bottom: .6rem; }
+input, select { font: inherit; padding: .2rem .4rem; border: 1px solid var(--line);
+  border-radius: 5px; background: var(--bg); color: var(--fg); }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .25rem 1rem; margin: 0; }
+dt { color: var(--dim); } dd { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere;
+  max-height: 12em; overflow-y: auto; }
+pre { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; font: 12.5px/1.45 ui-monospace,
+  SFMono-Regular, Menlo, monospace; max-height: 70vh; overflow-y: auto; }
+.dim { color: var(--dim); } .error { color: var(--failed); } #message:empty { display: none; }
+#message { position: fixed; bottom: 1rem; right: 1rem; background: var(--card); padding: .5rem 1rem;
+  border: 1px solid var(--line); border-radius: 6px; max-width: 90vw; }
+a { color: var(--running); text-decoration: none; } a:hover { text-decoration: underline; }
+@media (max-width: 700px) { main { padding: .5rem; } .wide { display: none; } }
+</style></head>
+<body>
+<header><h1><a href="#/">claude-jobs</a></h1><span id="live">connecting…</span></header>
+<main id="main"></main>
+<div id="message" role="status"></div>
+<script>
+"use strict";
+const $ = (tag, attrs = {}, ...children) => {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "onclick") node.onclick = value;
+    else if (value !== undefined && value !== null) node.setAttribute(key, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined)
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+};
+const fill = (node, ...children) =>  // (what is null or undefined is left out)
+  node.replaceChildren(...children.flat().filter(c => c !== null && c !== undefined));
+const main = document.getElementById("main");
+const say = (text, bad) => { const m = document.getElementById("message");
+  m.textContent = text; m.className = bad ? "error" : ""; clearTimeout(say.t);
+  say.t = setTimeout(() => { m.textContent = ""; }, 6000); };
+const headers = () => { const t = sessionStorage.getItem("claude-jobs-token");
+  return t ? { Authorization: "Bearer " + t } : {}; };
+function askToken() {
+  const t = prompt("This server needs its token:");
+  if (t) sessionStorage.setItem("claude-jobs-token", t.trim());
+}
+async function api(path, method = "GET") {
+  for (let tries = 0; tries < 3; tries++) {
+    const r = await fetch(path, { method, headers: headers() });
+    if (r.status === 401) { askToken(); continue; }
+    const body = await r.json().catch(() => ({ error: r.statusText }));
+    if (!r.ok) throw new Error(body.error || r.statusText);
+    return body;
+  }
+  throw new Error("no token");
+}
+async function act(path, done) {
+  try { await api(path, "POST"); say("done: " + path.split("/").slice(-1)[0]);
+        if (done) done(); }
+  catch (e) { say(e.message, true); }
+}
+const sleep = ms => new Promise(ok => setTimeout(ok, ms));
+// Server-Sent Events over fetch (EventSource cannot send the token); resumes with Last-Event-ID.
+async function follow(path, onEvent, signal) {
+  let lastId = null;
+  while (!signal.aborted) {
+    try {
+      const h = headers(); if (lastId !== null) h["Last-Event-ID"] = lastId;
+      const r = await fetch(path, { headers: h, signal });
+      if (r.status === 401) { askToken(); continue; }
+      if (!r.ok) { const b = await r.json().catch(() => ({})); say(b.error || r.statusText, true);
+                   if (r.status === 404) return; throw new Error(r.status); }
+      live(true);
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let cut;
+        while ((cut = buffer.indexOf("\\n\\n")) >= 0) {
+          const block = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+          let event = "message", data = "";
+          for (const line of block.split("\\n")) {
+            if (line.startsWith("event: ")) event = line.slice(7);
+            else if (line.startsWith("data: ")) data += line.slice(6);
+            else if (line.startsWith("id: ")) lastId = line.slice(4);
+          }
+          if (data && onEvent(event, JSON.parse(data)) === false) return;
+        }
+      }
+    } catch (e) { if (signal.aborted) return; }
+    live(false);
+    await sleep(2000);
+  }
+}
+function live(on) { document.getElementById("live").textContent = on ? "● live" : "reconnecting…"; }
+function ago(iso) {
+  if (!iso) return $("span", {}, "-");
+  const s = (Date.parse(iso) - Date.now()) / 1000, a = Math.abs(s);
+  const text = a < 60 ? Math.round(a) + "s" : a < 3600 ? Math.round(a / 60) + "m"
+    : a < 86400 ? (a / 3600).toFixed(1) + "h" : (a / 86400).toFixed(1) + "d";
+  return $("span", { title: iso }, s > 1 ? "in " + text : text + " ago");
+}
+const secs = v => v === null || v === undefined ? "-" : v >= 60 ? (v / 60).toFixed(1) + "m"
+  : Number(v).toFixed(1) + "s";
+const money = v => "$" + Number(v || 0).toFixed(2);
+const status = s => $("span", { class: "s s-" + s }, s);
+const table = (heads, rows) => $("table", {}, $("thead", {}, $("tr", {},
+  heads.map(h => $("th", { class: h.startsWith("·") ? "wide" : "" }, h.replace("·", ""))))),
+  $("tbody", {}, rows));
+
+// -- the overview and the jobs ---------------------------------------------------------------
+let view = null;
+function overviewPage() {
+  const stop = new AbortController();
+  const queues = $("section", {}, $("h2", {}, "Queues"), $("p", { class: "dim" }, "loading…"));
+  const workers = $("section", {}, $("h2", {}, "Workers"));
+  const jobs = $("section", { id: "jobs" }, $("h2", {}, "Jobs"));
+  fill(main, queues, workers, jobs);
+  const filters = jobFilters(jobs);
+  let lastCounts = "";
+  follow("/api/events", (event, data) => {
+    if (event === "error") { say(data.error, true); return; }
+    if (event !== "overview") return;
+    fill(queues, $("h2", {}, "Queues"), queueTable(data), holdList(data.holds));
+    fill(workers, $("h2", {}, "Workers"), workerTable(data.workers));
+    const counts = JSON.stringify(data.queues.map(q => [q.queue, q.ready, q.scheduled,
+      q.running, q.succeeded, q.failed, q.cancelled]));
+    if (counts !== lastCounts && filters.firstPage()) filters.load();
+    lastCounts = counts;
+  }, stop.signal);
+  return () => stop.abort();
+}
+function queueTable(data) {
+  if (!data.queues.length) return $("p", { class: "dim" }, "no jobs yet");
+  return table(["queue", "state", "ready", "·later", "running", "succeeded", "failed",
+    "·cancelled", "oldest ready", "·ok/1h", "·fail/1h", "·median", "cost today", "·cost 7d", ""],
+    data.queues.map(q => $("tr", {},
+      $("td", {}, q.queue), $("td", {}, status(q.paused ? "paused" : "active")),
+      ...[q.ready, q.scheduled, q.running, q.succeeded, q.failed, q.cancelled].map((v, i) =>
+        $("td", { class: "num" + ([1, 5].includes(i) ? " wide" : "") }, v)),
+      $("td", { class: "num" }, secs(q.oldest_ready_seconds)),
+      $("td", { class: "num wide" }, q.succeeded_last_hour),
+      $("td", { class: "num wide" }, q.failed_last_hour),
+      $("td", { class: "num wide" }, secs(q.median_run_seconds)),
+      $("td", { class: "num" }, money(q.cost_today_usd)),
+      $("td", { class: "num wide" }, money(q.cost_7d_usd)),
+      $("td", {}, $("button", { onclick: () => act("/api/queues/" + encodeURIComponent(q.queue)
+        + (q.paused ? "/resume" : "/pause")) }, q.paused ? "resume" : "pause")))));
+}
+function holdList(holds) {
+  if (!holds.length) return null;
+  return $("p", {}, ...holds.map(h => $("span", {}, "hold on ", $("b", {}, h.kind), " until ",
+    ago(h.until), ": ", h.reason, " ", $("button", { onclick: () =>
+      act("/api/holds/" + encodeURIComponent(h.kind) + "/lift") }, "lift"))));
+}
+function workerTable(list) {
+  if (!list.length) return $("p", { class: "dim" }, "no workers");
+  return table(["worker", "state", "running", "·queues", "heartbeat", "jobs", ""],
+    list.map(w => { const state = w.lost ? "lost" : w.draining_since ? "draining" : "alive";
+      return $("tr", {}, $("td", { title: w.id }, w.host + ":" + w.pid), $("td", {}, status(state)),
+        $("td", { class: "num" }, w.running + "/" + w.concurrency),
+        $("td", { class: "wide" }, w.queues.join(",")), $("td", {}, ago(w.last_heartbeat)),
+        $("td", { class: "text" }, ...w.jobs.map(j => $("div", {},
+          $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8)), " ", j.excerpt.slice(0, 80)))),
+        $("td", {}, state === "alive" ? $("button", { onclick: () => {
+          if (confirm("Drain " + w.host + ":" + w.pid + "? It takes no more jobs and exits once "
+            + "its running jobs end.")) act("/api/workers/" + w.id + "/drain"); } }, "drain")
+          : null)); }));
+}
+function jobFilters(section) {
+  const field = (name, hint) => $("input", { name, placeholder: hint, size: 12 });
+  const statusSelect = $("select", { name: "status" }, $("option", { value: "" }, "any status"),
+    ["queued", "running", "succeeded", "failed", "cancelled"].map(s => $("option", {}, s)));
+  const form = $("form", {}, statusSelect, field("queue", "queue"), field("kind", "kind"),
+    field("q", "text in the prompt"), field("cwd", "cwd"), $("button", {}, "filter"));
+  const body = $("div", {});
+  const more = $("button", {}, "older →");
+  section.append(form, body, more);
+  let pages = [null];
+  const query = () => { const p = new URLSearchParams();
+    for (const el of form.elements) if (el.name && el.value) p.set(el.name, el.value);
+    return p; };
+  async function load() {
+    const p = query(); const before = pages[pages.length - 1];
+    if (before) p.set("before", before);
+    try {
+      const data = await api("/api/jobs?" + p);
+      fill(body, jobTable(data.jobs));
+      more.style.display = data.next ? "" : "none";
+      more.onclick = () => { pages.push(data.next); load(); };
+    } catch (e) { say(e.message, true); }
+  }
+  form.onsubmit = e => { e.preventDefault(); pages = [null]; load(); };
+  load();
+  return { load, firstPage: () => pages.length === 1 };
+}
+function jobTable(jobs) {
+  if (!jobs.length) return $("p", { class: "dim" }, "no jobs");
+  return table(["id", "queue", "·kind", "status", "·tries", "when", "prompt / payload"],
+    jobs.map(j => $("tr", {}, $("td", {}, $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8))),
+      $("td", {}, j.queue), $("td", { class: "wide" }, j.kind),
+      $("td", { title: j.why || "" }, status(j.shown_status)),
+      $("td", { class: "num wide" }, j.attempts + "/" + j.max_attempts),
+      $("td", {}, ago(j.finished_at || j.started_at || j.created_at)),
+      $("td", { class: "text" }, j.excerpt.slice(0, 200)))));
+}
+
+// -- a job -----------------------------------------------------------------------------------
+function jobPage(id) {
+  const stop = new AbortController();
+  const facts = $("section", {}, $("h2", {}, "Job ", id));
+  const actions = $("p", {});
+  const transcript = $("pre", { id: "transcript" });
+  const outcome = $("p", { id: "outcome", class: "dim" }, "following…");
+  fill(main, facts, $("section", {}, $("h2", {}, "Transcript"), transcript, outcome));
+  const refresh = async () => {
+    try {
+      const job = await api("/api/jobs/" + encodeURIComponent(id));
+      const rows = job.rows.map(([name, value]) => [$("dt", {}, name),
+        $("dd", {}, name === "status" ? status(job.shown_status) : value,
+          name === "status" ? value.slice(job.shown_status.length) : "")]);
+      const extra = job.attempt_errors.map(line => $("div", { class: "error" }, line));
+      fill(actions,
+        ["queued", "running"].includes(job.status) ? $("button", { onclick: () => act(
+          "/api/jobs/" + job.id + "/cancel", refresh) }, "cancel") : null, " ",
+        ["failed", "cancelled"].includes(job.status) ? $("button", { onclick: () => act(
+          "/api/jobs/" + job.id + "/retry", () => location.reload()) }, "retry") : null, " ",
+        job.status === "queued" && Date.parse(job.run_at) > Date.now() ? $("button", {
+          onclick: () => act("/api/jobs/" + job.id + "/run-now", refresh) }, "run now") : null);
+      fill(facts, $("h2", {}, "Job ", job.id), actions, $("dl", {}, rows.flat()),
+        ...extra, job.diff_stat ? $("pre", {}, job.diff_stat) : null);
+    } catch (e) { say(e.message, true); }
+  };
+  refresh();
+  follow("/api/jobs/" + encodeURIComponent(id) + "/events", (event, data) => {
+    if (event === "transcript") {
+      if (data.skipped) transcript.append("… (" + data.skipped + " characters not kept)\\n");
+      const atEnd = transcript.scrollTop + transcript.clientHeight >= transcript.scrollHeight - 4;
+      transcript.append(data.lines.map(line => line + "\\n").join(""));
+      if (atEnd) transcript.scrollTop = transcript.scrollHeight;
+    } else if (event === "status") {
+      fill(outcome, status(data.status), " attempt " + data.attempts + " of "
+        + data.max_attempts, data.why ? " · " + data.why : "");
+      refresh();
+    } else if (event === "end") {
+      fill(outcome, "job ", status(data.status),
+        data.last_error && data.status !== "succeeded" ? ": " + data.last_error : "");
+      live(false); document.getElementById("live").textContent = "ended";
+      return false;
+    } else if (event === "error") { say(data.error, true); }
+  }, stop.signal);
+  return () => stop.abort();
+}
+
+function route() {
+  if (view) view();
+  const match = location.hash.match(/^#\\/jobs\\/([0-9a-fA-F-]+)$/);
+  view = match ? jobPage(match[1]) : overviewPage();
+}
+window.addEventListener("hashchange", route);
+route();
+</script></body></html>
+"""
 
 
 ###############################################################################
@@ -7296,7 +8835,7 @@ def _read_json_lines(
 @_flags(WorkerSettings, "shutdown_timeout")
 @_flags(ClaudeSettings)
 @_flags(WorkerSettings, "daily_budget_usd", "heartbeat_timeout", "backoff_base", "backoff_max",
-        "retention")  # fmt: skip
+        "retention", "health_port", "health_host")  # fmt: skip
 @_setting(
     "--log-format",
     env="LOG_FORMAT",
@@ -7346,6 +8885,78 @@ def _stop_on_signals(worker: Worker) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         if signal.getsignal(signum) is not signal.SIG_IGN:  # `nohup claude-jobs worker`
             signal.signal(signum, on_signal)
+
+
+@cli.command("serve")
+@_setting("--host", env="HOST", default="127.0.0.1", show_default=True,
+          help="Address to listen on; any but this machine's own needs --token.")  # fmt: skip
+@_setting("--port", env="PORT", type=click.IntRange(0, 65535), default=8080, show_default=True)
+@_setting("--token", env="TOKEN", help="Every request needs `Authorization: Bearer TOKEN` "
+          "(but /healthz and /readyz); the page asks for it once.")  # fmt: skip
+@_setting("--read-only", env="READ_ONLY", is_flag=True,
+          help="No actions and no enqueue: watch only.")  # fmt: skip
+@_setting("--public-metrics", env="PUBLIC_METRICS", is_flag=True,
+          help="/metrics needs no token (for a scraper on a trusted network).")  # fmt: skip
+@click.option("--open", "open_browser", is_flag=True, help="Open the dashboard in a browser.")
+@click.pass_obj
+def serve_command(
+    config: _Config, host: str, port: int, token: str | None, read_only: bool,
+    public_metrics: bool, open_browser: bool,
+) -> None:  # fmt: skip
+    """Serve the dashboard, the JSON API, /metrics and health checks: watch and steer every
+    job and worker from a browser, a script or Prometheus. Whoever can reach it can start
+    agents: it listens on this machine only unless given a token.
+
+    \b
+    Examples:
+      claude-jobs serve --open
+      CLAUDE_JOBS_TOKEN=$(openssl rand -hex 16) claude-jobs serve --host 0.0.0.0
+      claude-jobs serve --read-only --port 9000
+    """
+    try:
+        import uvicorn
+    except ImportError:
+        raise ConfigError(WEB_EXTRA_HINT) from None
+    if not token and not _loopback(host):
+        raise click.UsageError(
+            f"listening on {host} needs --token (or CLAUDE_JOBS_TOKEN): whoever reaches the "
+            "server could start agents"
+        )
+    app = web_app(config.url(), token=token, read_only=read_only, public_metrics=public_metrics)
+    config.connect().close()  # a missing or old schema: say so before serving
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # (IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+    # without it a keep-alive client waits 40 ms for every answer)
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+    except OSError as error:
+        listener.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    bound = listener.getsockname()[1]
+    address = f"http://{f'[{host}]' if ':' in host else host}:{bound}/"
+    click.echo(f"claude-jobs serve: {address}{' (read-only)' if read_only else ''} on "
+               f"{mask_url(config.url())}")  # fmt: skip
+    configure_logging("text", logging.WARNING)
+    if open_browser:
+        import webbrowser
+
+        threading.Timer(0.5, webbrowser.open, [address]).start()
+    server = uvicorn.Server(uvicorn.Config(
+        app, log_level="warning", timeout_graceful_shutdown=2, lifespan="on",
+    ))  # fmt: skip
+    server.run(sockets=[listener])
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is this machine's own address, reachable from nowhere else."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 # -- seeing jobs ------------------------------------------------------------------------------
@@ -7424,137 +9035,6 @@ def _table(
             out.append(cell)
         lines.append("  ".join(out).rstrip())
     return "\n".join(lines)
-
-
-def _excerpt(job: Job) -> str:
-    """A job's prompt (claude) or payload, on one line."""
-    text = job.payload.get("prompt") if job.kind == DEFAULT_KIND else None
-    if not isinstance(text, str):
-        text = json.dumps(job.payload, ensure_ascii=False)
-    return " ".join(text.split())
-
-
-def _status_of(job: Job, paused: set[str]) -> str:
-    return "paused" if job.status == JobStatus.QUEUED and job.queue in paused else job.status
-
-
-def _when(job: Job, now: datetime) -> str:
-    """When a job last moved: run_at when it waits for it, else its latest timestamp."""
-    if job.status == JobStatus.QUEUED and job.run_at > now:
-        return _ago(job.run_at, now)
-    return _ago(job.finished_at or job.started_at or job.created_at, now)
-
-
-def _render_event(line: str, last_words: str = "") -> tuple[list[str], str | None]:
-    """One line of claude's stream-json transcript, as a person reads it, and claude's new
-    last words when the line is a message of claude's. The result repeats ``last_words``:
-    they are not printed twice."""
-    try:
-        event = json.loads(line)
-    except ValueError:
-        return ([line] if line.strip() else []), None
-    if not isinstance(event, dict):
-        return [line], None
-    shown = _render_parsed(event, last_words)
-    return shown, "\n".join(shown) if event.get("type") == "assistant" else None
-
-
-def _render_parsed(event: Mapping[str, Any], last_words: str) -> list[str]:
-    kind, subtype = event.get("type"), event.get("subtype")
-    if kind == "claude_jobs":  # the worker's mark: an attempt begins
-        return [f"── attempt {event.get('attempt', '?')} (worker {event.get('worker', '?')}) ──"]
-    if kind == "system" and subtype == "init":
-        model, cwd = event.get("model", "?"), event.get("cwd", "?")
-        return [f"· session {event.get('session_id', '?')} · model {model} · {cwd}"]
-    if kind == "system" and subtype == "api_retry":
-        return [
-            f"· API error {event.get('error_status', '?')} ({event.get('error', '?')}): "
-            f"retry {event.get('attempt', '?')} of {event.get('max_retries', '?')}"
-        ]
-    if kind == "rate_limit_event":
-        info = event.get("rate_limit_info") or {}
-        resets = info.get("resetsAt")
-        if isinstance(resets, int | float):
-            resets = f"{datetime.fromtimestamp(resets).astimezone():%Y-%m-%d %H:%M %Z}"
-        return [f"· rate limit {info.get('status', '?')}, resets {resets or '?'}"]
-    if kind in ("assistant", "user"):
-        content = (event.get("message") or {}).get("content")
-        blocks = content if isinstance(content, list) else []
-        return [
-            text for block in blocks if isinstance(block, dict) for text in _render_block(block)
-        ]
-    if kind == "result":
-        said = event.get("result")
-        said = said if isinstance(said, str) else "; ".join(map(str, event.get("errors") or []))
-        if said.strip() == last_words.strip():
-            said = ""
-        cost = event.get("total_cost_usd") or 0
-        summary = (
-            f"· {'error (' if event.get('is_error') else ''}{event.get('subtype', 'result')}"
-            f"{')' if event.get('is_error') else ''} · {event.get('num_turns', '?')} "
-            f"turns · {_money(cost)} · {(event.get('duration_ms') or 0) / 1000:.1f}s"
-        )
-        return [*said.splitlines(), summary]
-    return []
-
-
-def _render_block(block: Mapping[str, Any]) -> list[str]:
-    kind = block.get("type")
-    if kind == "text":
-        return str(block.get("text", "")).splitlines()
-    if kind == "tool_use":
-        arguments = block.get("input") or {}
-        shown = next(
-            (str(arguments[k]) for k in ("command", "file_path", "pattern", "url", "path")
-             if k in arguments),
-            json.dumps(arguments, ensure_ascii=False),
-        )  # fmt: skip
-        return [f"→ {block.get('name', 'tool')}: {' '.join(shown.split())[:200]}"]
-    if kind == "tool_result":
-        result = block.get("content")
-        if isinstance(result, list):
-            result = " ".join(
-                str(part.get("text", "")) for part in result if isinstance(part, dict)
-            )
-        lines = str(result or "").splitlines() or [""]
-        more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
-        mark = "✗" if block.get("is_error") else "←"
-        return [f"  {mark} {lines[0][:160]}{more}"]
-    return []
-
-
-class _TranscriptPrinter:
-    """Turns transcript text, however it arrives in pieces, into readable lines."""
-
-    def __init__(self) -> None:
-        self._partial = ""
-        self._last_words = ""  # the text of claude's last message
-
-    def feed(self, text: str) -> list[str]:
-        lines = (self._partial + text).split("\n")
-        self._partial = lines.pop()
-        return [shown for line in lines for shown in self._render(line)]
-
-    def flush(self) -> list[str]:
-        rest, self._partial = self._partial, ""
-        return self._render(rest) if rest else []
-
-    def _render(self, line: str) -> list[str]:
-        shown, last_words = _render_event(line, self._last_words)
-        if last_words is not None:
-            self._last_words = last_words
-        return [_printable(each) for each in shown]
-
-
-def _stored_transcript(job: Job) -> list[str]:
-    """The kept tail of a job's transcript, rendered; its first line may have been cut."""
-    text = job.transcript or ""
-    lines = []
-    if job.transcript_size > len(text):
-        lines.append(f"… ({job.transcript_size - len(text):,} earlier characters not kept)")
-        text = text.split("\n", 1)[1] if "\n" in text else ""
-    printer = _TranscriptPrinter()
-    return [*lines, *printer.feed(text), *printer.flush()]
 
 
 def _follow(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> int:
@@ -7680,14 +9160,6 @@ def list_command(
     click.echo(_table(headers, rows, paint="STATUS", optional=optional))
 
 
-def _dependency(job: Job) -> str:
-    """The jobs a job waits for, or waited for, by the first 8 digits of their ids."""
-    waits = [f"after {','.join(str(i)[:8] for i in job.after)}"] if job.after else []
-    if job.continue_from:
-        waits.append(f"continues {str(job.continue_from)[:8]}")
-    return "; ".join(waits)
-
-
 @cli.command("show")
 @click.argument("job_id", metavar="ID")
 @click.option("--json", "as_json", is_flag=True, help="Print the job as one JSON object.")
@@ -7709,135 +9181,7 @@ def show_command(config: _Config, job_id: str, as_json: bool) -> None:
     if as_json:
         click.echo(_json_text({**job.to_dict(), "why": reason and reason.text}))
     else:
-        click.echo(_describe(job, paused, awaited, reason))
-
-
-def _describe(
-    job: Job,
-    paused: set[str],
-    awaited: Mapping[uuid.UUID, tuple[str, str | None]] | None = None,
-    reason: Waiting | None = None,
-) -> str:
-    """A job as a person reads it (``awaited``: the status of each job it waits for, and the
-    host that keeps its claude session; ``reason``: why it waits or ended so)."""
-
-    def when(moment: datetime | None) -> str:
-        return f"{moment.astimezone():%Y-%m-%d %H:%M:%S %Z} ({_ago(moment)})" if moment else "-"
-
-    status = _status_of(job, paused)
-    reason_text = reason.text if reason else None
-    outcome = f"{_paint(status, status)}, attempt {job.attempts} of {job.max_attempts}"
-    if job.status == JobStatus.QUEUED and job.run_at > datetime.now(UTC):
-        outcome += f", runs {_ago(job.run_at)}"
-    if job.cancel_requested_at and job.status == JobStatus.RUNNING:
-        outcome += ", cancel requested"
-    rows = [
-        ("job", f"{job.id} · {job.kind} · queue {job.queue} · priority {job.priority}"),
-        ("status", outcome),
-        *([("why", reason.text)] if reason else []),
-        *([("error", job.last_error)] if job.last_error and job.last_error != reason_text else []),
-        ("created", when(job.created_at)),
-        ("started", when(job.started_at)),
-        ("finished", when(job.finished_at)),
-        ("worker", job.worker or "-"),
-    ]
-    if job.started_at and job.finished_at:
-        rows.append(("took", f"{(job.finished_at - job.started_at).total_seconds():.1f}s"))
-    rows += _chain_rows(job, awaited or {}) + _content_rows(job)
-    lines = [
-        f"{name:<9} {value if name == 'status' else _indent(_printable(str(value)), 10)}"
-        for name, value in rows
-    ]  # (the status alone is painted, and holds nothing of the job's)
-    lines += _attempt_lines(job)
-    if job.transcript:
-        lines.append("transcript (the end):")
-        lines.extend(f"  {line}" for line in _stored_transcript(job)[-15:])
-    return "\n".join(lines)
-
-
-def _chain_rows(
-    job: Job, awaited: Mapping[uuid.UUID, tuple[str, str | None]]
-) -> list[tuple[str, str]]:
-    """What a job waits for or continues, what that widens, and its concurrency key."""
-    rows = [
-        (("after", f"{waited} ({awaited.get(waited, ('gone',))[0]})")) for waited in job.after or []
-    ]
-    if job.continue_from:
-        status, host = awaited.get(job.continue_from, ("gone", None))
-        text = f"{job.continue_from} ({status}), resuming its session"
-        if job.status == JobStatus.QUEUED and host:
-            text += f", kept on {host}: only a worker there can run it"
-        rows.append(("continues", text))
-    if job.widens:
-        rows.append(("widens", "; ".join(job.widens)))
-    if job.concurrency_key is not None:
-        rows.append(("key", f"{job.concurrency_key} (at most {job.concurrency_limit} at once)"))
-    return rows
-
-
-def _content_rows(job: Job) -> list[tuple[str, str]]:
-    """What a job was asked (a claude job: where, its prompt and options) and what it gave."""
-    rows = []
-    if job.kind == DEFAULT_KIND:
-        rows.append(("cwd", job.payload.get("cwd") or "(the worker's directory)"))
-        if job.worktree or job.payload.get("worktree"):
-            rows.append(("branch", _branch_text(job)))
-        rows.append(("prompt", job.payload.get("prompt", "")))
-        options = {k: v for k, v in job.payload.items() if CLAUDE_PAYLOAD[k][1] or k == "env"}
-        if options:
-            rows.append(("options", json.dumps(options, ensure_ascii=False)))
-    else:
-        rows.append(("payload", json.dumps(job.payload, ensure_ascii=False)))
-    result = job.result
-    if isinstance(result, dict) and result.get("type") == "result":
-        said = result.get("result") or "; ".join(map(str, result.get("errors") or []))
-        rows.append(("result", said))
-        rows.append(("turns", str(result.get("num_turns", "-"))))
-    elif result is not None:
-        rows.append(("result", json.dumps(result, ensure_ascii=False)))
-    if job.kind == DEFAULT_KIND:
-        rows.append(("cost", _money(job.cost_usd)))
-        rows.append(("session", job.session_id or "-"))
-    return rows
-
-
-def _attempt_lines(job: Job) -> list[str]:
-    """A line for each attempt that ended in an error: where, when, how long, what error."""
-    lines = []
-    for entry in job.errors:
-        at = datetime.fromisoformat(entry["at"]) if entry.get("at") else None
-        when = [entry.get("worker") or "?", _ago(at)]
-        if at and entry.get("started"):
-            took = (at - datetime.fromisoformat(entry["started"])).total_seconds()
-            when.append(f"took {_duration_text(took) if took >= 60 else f'{took:.1f}s'}")
-        lines.append(
-            _printable(f"attempt {entry.get('attempt')} ({', '.join(when)}): ")
-            + _indent(_printable(str(entry.get("error"))), 4)
-        )
-    return lines
-
-
-def _branch_text(job: Job) -> str:
-    """The branch of a worktree job, whether it has new commits, and where its worktree is
-    while it exists."""
-    tree = job.worktree
-    if not tree and job.status in FINISHED_STATUSES:
-        return "none: the job ended before it made one"
-    if not tree:
-        return "(made when the job runs)"
-    text = tree["branch"]
-    if "commits" in tree:
-        commits = tree["commits"]
-        text += f" ({commits} new commit{'s' * (commits != 1)})" if commits else " (no new commits)"
-    if tree.get("uncommitted"):
-        text += f"; uncommitted changes are left in {tree['path']}"
-    elif tree.get("kept") or "commits" not in tree:
-        text += f"; worktree {tree['path']}"
-    return text
-
-
-def _indent(text: str, width: int) -> str:
-    return text.replace("\n", "\n" + " " * width)
+        click.echo(_describe(job, paused, awaited, reason, paint=_paint))
 
 
 @cli.command("logs")
@@ -8077,7 +9421,8 @@ def workers_command(config: _Config, as_json: bool) -> None:
         return
     rows = [
         [
-            str(w["id"])[:8], w["host"], str(w["pid"]), "lost" if w["lost"] else "alive",
+            str(w["id"])[:8], w["host"], str(w["pid"]),
+            "lost" if w["lost"] else "draining" if w["draining_since"] else "alive",
             f"{w['running']}/{w['concurrency']}", _ago(w["started_at"]),
             _ago(w["last_heartbeat"]), ",".join(w["queues"]), _claude_pause(w),
         ]
@@ -8085,6 +9430,40 @@ def workers_command(config: _Config, as_json: bool) -> None:
     ]  # fmt: skip
     headers = ["ID", "HOST", "PID", "STATE", "RUNNING", "STARTED", "HEARTBEAT", "QUEUES", "NOTE"]
     click.echo(_table(headers, rows, optional=("STARTED", "PID", "RUNNING")))
+
+
+@cli.command("drain")
+@click.argument("worker")
+@click.pass_obj
+def drain_command(config: _Config, worker: str) -> None:
+    """Ask a worker to claim no more jobs and exit once its running jobs end (it learns it at
+    once, through NOTIFY). WORKER: its id, a prefix of it, or HOST:PID, as `workers` lists.
+
+    \b
+    Example:
+      claude-jobs drain 3f2a91c0
+      claude-jobs drain build-box:4242
+    """
+    with config.connect() as conn:
+        row = drain_worker(conn, worker)
+    click.echo(f"worker {row['id']} ({row['host']}:{row['pid']}) drains: it exits once its "
+               "running jobs end")  # fmt: skip
+
+
+@cli.command("run-now")
+@click.argument("job_id", metavar="ID")
+@click.pass_obj
+def run_now_command(config: _Config, job_id: str) -> None:
+    """Run a queued job that waits for its time (delayed, or retrying after a failure) as
+    soon as a worker is free.
+
+    \b
+    Example:
+      claude-jobs run-now 6f1c2e9a
+    """
+    with config.connect() as conn:
+        key = run_now(conn, job_id)
+    click.echo(f"job {key} is due now")
 
 
 def _claude_pause(worker: Mapping[str, Any]) -> str:
