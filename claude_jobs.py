@@ -777,66 +777,82 @@ CREATE TABLE claude_jobs_run_times (
 CREATE FUNCTION claude_jobs_run_time_buckets() RETURNS double precision[]
     IMMUTABLE LANGUAGE sql AS $$ SELECT '{1,5,15,30,60,120,300,600,1800,3600,7200,Infinity}'
     ::double precision[] $$;
-CREATE FUNCTION claude_jobs_keep_counts() RETURNS trigger LANGUAGE plpgsql AS $keep$
+-- Each statement appends one row per queue and status it changed (and per run-time bound);
+-- a statement that changed none appends nothing. One function per operation, one statement
+-- each: a trigger costs every write to the jobs, so it does as little as it can.
+CREATE FUNCTION claude_jobs_count_inserts() RETURNS trigger LANGUAGE plpgsql AS $count$
 BEGIN
-    IF TG_OP = 'TRUNCATE' THEN  -- (what there is goes; what entered stays counted)
-        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
-        SELECT queue, status, -sum(jobs), -sum(cost_usd) FROM claude_jobs_counts
-        GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0;
-        RETURN NULL;
-    END IF;
-    IF TG_OP = 'INSERT' THEN
+    WITH counted AS (
         INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
         SELECT queue, status, count(*), sum(cost_usd), count(*),
             coalesce(sum(extract(epoch FROM finished_at - started_at))
                      FILTER (WHERE status IN ('succeeded', 'failed')), 0)
-        FROM new_jobs GROUP BY 1, 2;
-        INSERT INTO claude_jobs_run_times (queue, status, le, runs)
-        SELECT n.queue, n.status, b.le, count(*)
-        FROM new_jobs n JOIN unnest(claude_jobs_run_time_buckets()) b(le)
-            ON extract(epoch FROM n.finished_at - n.started_at) <= b.le
-        WHERE n.status IN ('succeeded', 'failed')
-        GROUP BY 1, 2, 3;
-    ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
-        SELECT queue, status, -count(*), -sum(cost_usd) FROM old_jobs GROUP BY 1, 2;
-    ELSE
-        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
-        SELECT queue, status, sum(jobs), sum(cost_usd), sum(entered), sum(run_seconds)
-        FROM (
-            SELECT o.queue, o.status, -1 AS jobs, -o.cost_usd AS cost_usd, 0 AS entered,
-                0 AS run_seconds
-            FROM old_jobs o
-            UNION ALL
-            SELECT n.queue, n.status, 1, n.cost_usd, (n.status <> o.status)::int,
-                CASE WHEN o.status = 'running' AND n.status IN ('succeeded', 'failed')
-                     THEN coalesce(extract(epoch FROM n.finished_at - n.started_at), 0) ELSE 0
-                END
-            FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-        ) changed
-        GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0 OR sum(entered) <> 0;
-        INSERT INTO claude_jobs_run_times (queue, status, le, runs)
-        SELECT n.queue, n.status, b.le, count(*)
-        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-            JOIN unnest(claude_jobs_run_time_buckets()) b(le)
-            ON extract(epoch FROM n.finished_at - n.started_at) <= b.le
-        WHERE n.status IN ('succeeded', 'failed') AND o.status = 'running'
-        GROUP BY 1, 2, 3;
-    END IF;
+        FROM new_jobs GROUP BY 1, 2
+    )
+    INSERT INTO claude_jobs_run_times (queue, status, le, runs)
+    SELECT n.queue, n.status, b.le, count(*)
+    FROM new_jobs n JOIN unnest(claude_jobs_run_time_buckets()) b(le)
+        ON extract(epoch FROM n.finished_at - n.started_at) <= b.le
+    WHERE n.status IN ('succeeded', 'failed')
+    GROUP BY 1, 2, 3;
     RETURN NULL;
 END
-$keep$;
+$count$;
+CREATE FUNCTION claude_jobs_count_updates() RETURNS trigger LANGUAGE plpgsql AS $count$
+BEGIN
+    WITH changed AS (  -- (many updates change none of these: a transcript, a block lifted)
+        SELECT o.queue AS old_queue, o.status AS old_status, o.cost_usd AS old_cost,
+            n.queue, n.status, n.cost_usd,
+            CASE WHEN o.status = 'running' AND n.status IN ('succeeded', 'failed')
+                 THEN extract(epoch FROM n.finished_at - n.started_at) END AS ran
+        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+        WHERE n.status <> o.status OR n.queue <> o.queue OR n.cost_usd <> o.cost_usd
+    ), counted AS (
+        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
+        SELECT queue, status, sum(jobs), sum(cost_usd), sum(entered), sum(run_seconds)
+        FROM (SELECT old_queue AS queue, old_status AS status, -1 AS jobs,
+                  -old_cost AS cost_usd, 0 AS entered, 0 AS run_seconds
+              FROM changed
+              UNION ALL
+              SELECT queue, status, 1, cost_usd, (status <> old_status)::int, coalesce(ran, 0)
+              FROM changed) moves
+        GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0 OR sum(entered) <> 0
+    )
+    INSERT INTO claude_jobs_run_times (queue, status, le, runs)
+    SELECT queue, status, b.le, count(*)
+    FROM changed JOIN unnest(claude_jobs_run_time_buckets()) b(le) ON ran <= b.le
+    GROUP BY 1, 2, 3;
+    RETURN NULL;
+END
+$count$;
+CREATE FUNCTION claude_jobs_count_deletes() RETURNS trigger LANGUAGE plpgsql AS $count$
+BEGIN
+    INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
+    SELECT queue, status, -count(*), -sum(cost_usd) FROM old_jobs GROUP BY 1, 2;
+    RETURN NULL;
+END
+$count$;
+CREATE FUNCTION claude_jobs_count_truncates() RETURNS trigger LANGUAGE plpgsql AS $count$
+BEGIN  -- (what there is goes; what entered stays counted)
+    INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
+    SELECT queue, status, -sum(jobs), -sum(cost_usd) FROM claude_jobs_counts
+    GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0;
+    RETURN NULL;
+END
+$count$;
 -- (the triggers come first: they lock the table until the end of the migration, so the
 -- counts below are of jobs no one changes meanwhile)
 CREATE TRIGGER claude_jobs_count_inserts AFTER INSERT ON claude_jobs
-    REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+    REFERENCING NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_count_inserts();
 CREATE TRIGGER claude_jobs_count_updates AFTER UPDATE ON claude_jobs
     REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_count_updates();
 CREATE TRIGGER claude_jobs_count_deletes AFTER DELETE ON claude_jobs
-    REFERENCING OLD TABLE AS old_jobs FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+    REFERENCING OLD TABLE AS old_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_count_deletes();
 CREATE TRIGGER claude_jobs_count_truncates AFTER TRUNCATE ON claude_jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_count_truncates();
 INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
 SELECT queue, status, count(*), sum(cost_usd), count(*),
     coalesce(sum(extract(epoch FROM finished_at - started_at))
@@ -851,8 +867,12 @@ GROUP BY 1, 2, 3;
 -- the oldest queued job of a queue (its ready age), and its queued jobs (pause, purge)
 DROP INDEX claude_jobs_queued_in_queue;
 CREATE INDEX claude_jobs_queued_in_queue ON claude_jobs (queue, run_at) WHERE status = 'queued';
--- list, the dashboard and the API page jobs newest first by this one (keyset, not OFFSET)
+-- list, the dashboard and the API page jobs newest first by this one (keyset, not OFFSET),
+-- and the failed and cancelled ones (few among many: walking the first for them is slow) by
+-- the second; the running ones come through claude_jobs_running
 CREATE INDEX claude_jobs_newest ON claude_jobs (created_at DESC, id DESC);
+CREATE INDEX claude_jobs_newest_ended_badly ON claude_jobs (created_at DESC, id DESC)
+    WHERE status IN ('failed', 'cancelled');
 -- A worker may be asked to drain: claim no more, and exit when its running jobs end.
 ALTER TABLE claude_jobs_workers ADD COLUMN draining_since timestamptz;
 """,
@@ -7344,8 +7364,8 @@ class _Feed:
     streams follow it. ``text``: the transcript's kept tail, from character ``base`` on.
     Lives on the event loop; its reads run on threads."""
 
-    def __init__(self, read: Callable[[_Feed], None]) -> None:
-        self._read = read
+    def __init__(self, read: Callable[[int], Any], take: Callable[[_Feed, Any], bool]) -> None:
+        self._read, self._take = read, take  # (a read, on a thread; what it read, on the loop)
         self.version = 0  # bumped by every read that changed something
         self.followers = 0
         self.state: Any = None
@@ -7360,6 +7380,25 @@ class _Feed:
         if seen < self.base:
             return self.text, self.base - seen
         return self.text[seen - self.base :], 0
+
+    def take_update(self, update: FollowUpdate) -> bool:
+        """A job's new state and the transcript it gained; whether anything changed."""
+        grew = bool(update.text or update.skipped)
+        if update.skipped:  # (only the kept tail was there to read)
+            self.text, self.base = update.text, self.size + update.skipped
+        else:
+            self.text += update.text
+        self.size += len(update.text) + update.skipped
+        if len(self.text) > TRANSCRIPT_LIMIT:
+            self.base += len(self.text) - TRANSCRIPT_LIMIT
+            self.text = self.text[-TRANSCRIPT_LIMIT:]
+        moved = self.state is None or update.state != self.state.state
+        self.state = update
+        return grew or moved
+
+    def take_overview(self, overview: dict[str, Any]) -> bool:
+        changed, self.state = overview != self.state, overview
+        return changed
 
     async def changed(self, version: int, timeout: float) -> None:
         """Wait until the version is not ``version`` (or ``timeout`` passes)."""
@@ -7398,15 +7437,15 @@ class _Feed:
                 if wait := self._read_at + at_most_every - time.monotonic():
                     await asyncio.sleep(max(0.0, wait))
                 self._read_at = time.monotonic()
-                version = self.version
                 try:
-                    await run_in_threadpool(self._read, self)
-                    self.error = None
+                    read = await run_in_threadpool(self._read, self.size)
+                    changed, self.error = self._take(self, read), None
                 except Exception as error:  # (told to the streams: they end, or say so)
-                    self.error = error
+                    changed, self.error = True, error
+                if changed:
                     self.version += 1
-                if self.version != version and self._changed is not None:
-                    self._changed.set()
+                    if self._changed is not None:
+                        self._changed.set()
                 if not self._again:
                     return
         finally:
@@ -7416,7 +7455,8 @@ class _Feed:
 class _Hub:
     """The one LISTEN connection every event stream shares: a thread waits for the workers'
     notices and wakes the feeds they concern (a job's, by its id; the overview, by any),
-    and every WEB_POLL_INTERVAL all of them. Feeds exist while someone follows them."""
+    and every WEB_POLL_INTERVAL all of them; now and then it folds the kept counts, as
+    workers do (there may be none). Feeds exist while someone follows them."""
 
     def __init__(self, url: str, pool: ConnectionPool) -> None:
         self._url, self._pool = url, pool
@@ -7440,8 +7480,10 @@ class _Hub:
         """The feed of job ``key`` (None: the overview), while the caller follows it."""
         feed = self._feeds.get(key)
         if feed is None:
-            read = self._read_overview if key is None else functools.partial(self._read_job, key)
-            feed = self._feeds[key] = _Feed(read)
+            feed = self._feeds[key] = (
+                _Feed(self._read_overview, _Feed.take_overview) if key is None
+                else _Feed(functools.partial(self._read_job, key), _Feed.take_update)
+            )  # fmt: skip
         feed.followers += 1
         try:
             yield feed
@@ -7451,7 +7493,7 @@ class _Hub:
                 del self._feeds[key]
 
     def _listen(self) -> None:
-        backoff = _Backoff(start=0.5, cap=10.0)
+        backoff, folded = _Backoff(start=0.5, cap=10.0), 0.0
         while not self._closed.is_set():
             try:
                 with connect(self._url, autocommit=True) as conn:
@@ -7468,6 +7510,10 @@ class _Hub:
                                 break
                         self._wake(None)
                         polled = time.monotonic()
+                        if polled - folded > UNBLOCK_CHECK_INTERVAL:  # (no worker may run)
+                            with self._pool.connection() as pooled:
+                                fold_counts(pooled)
+                            folded = polled
             except (psycopg.Error, DatabaseUnavailable) as error:
                 logger.debug("listening for notices failed: %s", error)
             self.listening = False
@@ -7487,29 +7533,20 @@ class _Hub:
                 self._tasks.add(task)  # (the loop keeps only a weak reference to a task)
                 task.add_done_callback(self._tasks.discard)
 
-    def _read_job(self, key: uuid.UUID, feed: _Feed) -> None:
+    def _read_job(self, key: uuid.UUID, seen: int) -> FollowUpdate:
         with self._pool.connection() as conn:
-            update = job_update(conn, key, feed.size)
-        if update.text or update.skipped:
-            feed.text += update.text
-            feed.size += len(update.text) + update.skipped
-            if update.skipped:  # (only the kept tail is there to read)
-                feed.base = feed.size - len(update.text)
-                feed.text = update.text
-            elif len(feed.text) > TRANSCRIPT_LIMIT:
-                feed.base += len(feed.text) - TRANSCRIPT_LIMIT
-                feed.text = feed.text[-TRANSCRIPT_LIMIT:]
-            feed.version += 1
-        if feed.state is None or update.state != feed.state.state:
-            feed.version += 1
-        feed.state = update
+            return job_update(conn, key, seen)
 
-    def _read_overview(self, feed: _Feed) -> None:
+    def _read_overview(self, seen: int) -> dict[str, Any]:
         with self._pool.connection() as conn:
-            overview = _overview(conn)
-        if overview != feed.state:
-            feed.state = overview
-            feed.version += 1
+            return _overview(conn)
+
+
+def _configure_web_connection(conn: psycopg.Connection) -> None:
+    """A plan for each request's own filters: psycopg prepares a statement run five times on
+    a connection, and a generic plan of LIST_JOBS (its filters optional) could not pick the
+    index that a filter needs."""
+    conn.execute("SET plan_cache_mode = force_custom_plan")
 
 
 def _overview(conn: psycopg.Connection) -> dict[str, Any]:
@@ -7666,15 +7703,17 @@ def web_app(
     """The ASGI app of `claude-jobs serve` (Starlette): the dashboard at /, the JSON API under
     /api, /metrics, /healthz and /readyz, on the database at ``url``. ``token``: every request
     but the health checks (and /metrics with ``public_metrics``) needs ``Authorization:
-    Bearer <token>``; ``read_only``: no action and no enqueue. Mount it in another ASGI app
-    or serve it with uvicorn; its pool opens and closes with the app's lifespan. ConfigError
-    when the web extra is not installed."""
+    Bearer <token>``; ``read_only``: no action and no enqueue. Serve it with uvicorn, or mount
+    it in another Starlette app (with ``lifespan=app.router.lifespan_context``: its pool and
+    its listening connection open and close with the app's lifespan). ConfigError when the
+    web extra is not installed."""
     try:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         from prometheus_client.registry import CollectorRegistry
         from psycopg_pool import ConnectionPool
         from starlette.applications import Starlette
         from starlette.concurrency import run_in_threadpool
+        from starlette.middleware import Middleware
         from starlette.requests import Request
         from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
         from starlette.routing import Route
@@ -7684,6 +7723,7 @@ def web_app(
     pool = ConnectionPool(
         url, min_size=1, max_size=pool_size, open=False, timeout=5.0, name="claude-jobs-web",
         kwargs={"autocommit": True}, check=ConnectionPool.check_connection,
+        configure=_configure_web_connection,
     )  # fmt: skip
     hub = _Hub(url, pool)
 
@@ -7793,9 +7833,9 @@ def web_app(
         Route("/api/holds/{kind}/lift", database(_api_lift), methods=["POST"]),
         Route("/api/stats", database(_api_stats)),
     ]
-    app = Starlette(routes=routes, lifespan=lifespan)
     open_paths = {"/healthz", "/readyz", "/", *(["/metrics"] if public_metrics else [])}
-    return _Guard(app, token, open_paths) if token else app
+    guard = [Middleware(_Guard, token=token, open_paths=open_paths)] if token else []
+    return Starlette(routes=routes, lifespan=lifespan, middleware=guard)
 
 
 class _Guard:
@@ -7805,7 +7845,7 @@ class _Guard:
         self.app, self._token, self._open = app, token.encode(), set(open_paths)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http" and scope["path"] not in self._open:
+        if scope["type"] == "http" and _route_path(scope) not in self._open:
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, value = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self._token):
@@ -7816,6 +7856,12 @@ class _Guard:
                 await send({"type": "http.response.body", "body": body})
                 return
         await self.app(scope, receive, send)
+
+
+def _route_path(scope: Any) -> str:
+    """The request's path within the app (mounted below a prefix, without it)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    return (path[len(root) :] or "/") if root and path.startswith(root) else path
 
 
 def _check_action(request: Any, read_only: bool) -> None:
@@ -8117,6 +8163,7 @@ async function act(path, done) {
   catch (e) { say(e.message, true); }
 }
 const sleep = ms => new Promise(ok => setTimeout(ok, ms));
+// (paths are relative: the app may be mounted below a prefix)
 // Server-Sent Events over fetch (EventSource cannot send the token); resumes with Last-Event-ID.
 async function follow(path, onEvent, signal) {
   let lastId = null;
@@ -8177,7 +8224,7 @@ function overviewPage() {
   fill(main, queues, workers, jobs);
   const filters = jobFilters(jobs);
   let lastCounts = "";
-  follow("/api/events", (event, data) => {
+  follow("api/events", (event, data) => {
     if (event === "error") { say(data.error, true); return; }
     if (event !== "overview") return;
     fill(queues, $("h2", {}, "Queues"), queueTable(data), holdList(data.holds));
@@ -8203,14 +8250,14 @@ function queueTable(data) {
       $("td", { class: "num wide" }, secs(q.median_run_seconds)),
       $("td", { class: "num" }, money(q.cost_today_usd)),
       $("td", { class: "num wide" }, money(q.cost_7d_usd)),
-      $("td", {}, $("button", { onclick: () => act("/api/queues/" + encodeURIComponent(q.queue)
+      $("td", {}, $("button", { onclick: () => act("api/queues/" + encodeURIComponent(q.queue)
         + (q.paused ? "/resume" : "/pause")) }, q.paused ? "resume" : "pause")))));
 }
 function holdList(holds) {
   if (!holds.length) return null;
   return $("p", {}, ...holds.map(h => $("span", {}, "hold on ", $("b", {}, h.kind), " until ",
     ago(h.until), ": ", h.reason, " ", $("button", { onclick: () =>
-      act("/api/holds/" + encodeURIComponent(h.kind) + "/lift") }, "lift"))));
+      act("api/holds/" + encodeURIComponent(h.kind) + "/lift") }, "lift"))));
 }
 function workerTable(list) {
   if (!list.length) return $("p", { class: "dim" }, "no workers");
@@ -8223,7 +8270,7 @@ function workerTable(list) {
           $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8)), " ", j.excerpt.slice(0, 80)))),
         $("td", {}, state === "alive" ? $("button", { onclick: () => {
           if (confirm("Drain " + w.host + ":" + w.pid + "? It takes no more jobs and exits once "
-            + "its running jobs end.")) act("/api/workers/" + w.id + "/drain"); } }, "drain")
+            + "its running jobs end.")) act("api/workers/" + w.id + "/drain"); } }, "drain")
           : null)); }));
 }
 function jobFilters(section) {
@@ -8243,7 +8290,7 @@ function jobFilters(section) {
     const p = query(); const before = pages[pages.length - 1];
     if (before) p.set("before", before);
     try {
-      const data = await api("/api/jobs?" + p);
+      const data = await api("api/jobs?" + p);
       fill(body, jobTable(data.jobs));
       more.style.display = data.next ? "" : "none";
       more.onclick = () => { pages.push(data.next); load(); };
@@ -8260,7 +8307,8 @@ function jobTable(jobs) {
       $("td", {}, j.queue), $("td", { class: "wide" }, j.kind),
       $("td", { title: j.why || "" }, status(j.shown_status)),
       $("td", { class: "num wide" }, j.attempts + "/" + j.max_attempts),
-      $("td", {}, ago(j.finished_at || j.started_at || j.created_at)),
+      $("td", {}, ago(j.status === "queued" && Date.parse(j.run_at) > Date.now() ? j.run_at
+        : j.finished_at || j.started_at || j.created_at)),
       $("td", { class: "text" }, j.excerpt.slice(0, 200)))));
 }
 
@@ -8274,24 +8322,24 @@ function jobPage(id) {
   fill(main, facts, $("section", {}, $("h2", {}, "Transcript"), transcript, outcome));
   const refresh = async () => {
     try {
-      const job = await api("/api/jobs/" + encodeURIComponent(id));
+      const job = await api("api/jobs/" + encodeURIComponent(id));
       const rows = job.rows.map(([name, value]) => [$("dt", {}, name),
         $("dd", {}, name === "status" ? status(job.shown_status) : value,
           name === "status" ? value.slice(job.shown_status.length) : "")]);
       const extra = job.attempt_errors.map(line => $("div", { class: "error" }, line));
       fill(actions,
         ["queued", "running"].includes(job.status) ? $("button", { onclick: () => act(
-          "/api/jobs/" + job.id + "/cancel", refresh) }, "cancel") : null, " ",
+          "api/jobs/" + job.id + "/cancel", refresh) }, "cancel") : null, " ",
         ["failed", "cancelled"].includes(job.status) ? $("button", { onclick: () => act(
-          "/api/jobs/" + job.id + "/retry", () => location.reload()) }, "retry") : null, " ",
+          "api/jobs/" + job.id + "/retry", () => location.reload()) }, "retry") : null, " ",
         job.status === "queued" && Date.parse(job.run_at) > Date.now() ? $("button", {
-          onclick: () => act("/api/jobs/" + job.id + "/run-now", refresh) }, "run now") : null);
+          onclick: () => act("api/jobs/" + job.id + "/run-now", refresh) }, "run now") : null);
       fill(facts, $("h2", {}, "Job ", job.id), actions, $("dl", {}, rows.flat()),
         ...extra, job.diff_stat ? $("pre", {}, job.diff_stat) : null);
     } catch (e) { say(e.message, true); }
   };
   refresh();
-  follow("/api/jobs/" + encodeURIComponent(id) + "/events", (event, data) => {
+  follow("api/jobs/" + encodeURIComponent(id) + "/events", (event, data) => {
     if (event === "transcript") {
       if (data.skipped) transcript.append("… (" + data.skipped + " characters not kept)\\n");
       const atEnd = transcript.scrollTop + transcript.clientHeight >= transcript.scrollHeight - 4;
@@ -8931,6 +8979,7 @@ def serve_command(
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         listener.bind((host, port))
+        listener.listen(2048)  # (from here, a client waits for the server rather than fail)
     except OSError as error:
         listener.close()
         raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from None

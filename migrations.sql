@@ -276,66 +276,82 @@ CREATE TABLE claude_jobs_run_times (
 CREATE FUNCTION claude_jobs_run_time_buckets() RETURNS double precision[]
     IMMUTABLE LANGUAGE sql AS $$ SELECT '{1,5,15,30,60,120,300,600,1800,3600,7200,Infinity}'
     ::double precision[] $$;
-CREATE FUNCTION claude_jobs_keep_counts() RETURNS trigger LANGUAGE plpgsql AS $keep$
+-- Each statement appends one row per queue and status it changed (and per run-time bound);
+-- a statement that changed none appends nothing. One function per operation, one statement
+-- each: a trigger costs every write to the jobs, so it does as little as it can.
+CREATE FUNCTION claude_jobs_count_inserts() RETURNS trigger LANGUAGE plpgsql AS $count$
 BEGIN
-    IF TG_OP = 'TRUNCATE' THEN  -- (what there is goes; what entered stays counted)
-        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
-        SELECT queue, status, -sum(jobs), -sum(cost_usd) FROM claude_jobs_counts
-        GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0;
-        RETURN NULL;
-    END IF;
-    IF TG_OP = 'INSERT' THEN
+    WITH counted AS (
         INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
         SELECT queue, status, count(*), sum(cost_usd), count(*),
             coalesce(sum(extract(epoch FROM finished_at - started_at))
                      FILTER (WHERE status IN ('succeeded', 'failed')), 0)
-        FROM new_jobs GROUP BY 1, 2;
-        INSERT INTO claude_jobs_run_times (queue, status, le, runs)
-        SELECT n.queue, n.status, b.le, count(*)
-        FROM new_jobs n JOIN unnest(claude_jobs_run_time_buckets()) b(le)
-            ON extract(epoch FROM n.finished_at - n.started_at) <= b.le
-        WHERE n.status IN ('succeeded', 'failed')
-        GROUP BY 1, 2, 3;
-    ELSIF TG_OP = 'DELETE' THEN
-        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
-        SELECT queue, status, -count(*), -sum(cost_usd) FROM old_jobs GROUP BY 1, 2;
-    ELSE
-        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
-        SELECT queue, status, sum(jobs), sum(cost_usd), sum(entered), sum(run_seconds)
-        FROM (
-            SELECT o.queue, o.status, -1 AS jobs, -o.cost_usd AS cost_usd, 0 AS entered,
-                0 AS run_seconds
-            FROM old_jobs o
-            UNION ALL
-            SELECT n.queue, n.status, 1, n.cost_usd, (n.status <> o.status)::int,
-                CASE WHEN o.status = 'running' AND n.status IN ('succeeded', 'failed')
-                     THEN coalesce(extract(epoch FROM n.finished_at - n.started_at), 0) ELSE 0
-                END
-            FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-        ) changed
-        GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0 OR sum(entered) <> 0;
-        INSERT INTO claude_jobs_run_times (queue, status, le, runs)
-        SELECT n.queue, n.status, b.le, count(*)
-        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
-            JOIN unnest(claude_jobs_run_time_buckets()) b(le)
-            ON extract(epoch FROM n.finished_at - n.started_at) <= b.le
-        WHERE n.status IN ('succeeded', 'failed') AND o.status = 'running'
-        GROUP BY 1, 2, 3;
-    END IF;
+        FROM new_jobs GROUP BY 1, 2
+    )
+    INSERT INTO claude_jobs_run_times (queue, status, le, runs)
+    SELECT n.queue, n.status, b.le, count(*)
+    FROM new_jobs n JOIN unnest(claude_jobs_run_time_buckets()) b(le)
+        ON extract(epoch FROM n.finished_at - n.started_at) <= b.le
+    WHERE n.status IN ('succeeded', 'failed')
+    GROUP BY 1, 2, 3;
     RETURN NULL;
 END
-$keep$;
+$count$;
+CREATE FUNCTION claude_jobs_count_updates() RETURNS trigger LANGUAGE plpgsql AS $count$
+BEGIN
+    WITH changed AS (  -- (many updates change none of these: a transcript, a block lifted)
+        SELECT o.queue AS old_queue, o.status AS old_status, o.cost_usd AS old_cost,
+            n.queue, n.status, n.cost_usd,
+            CASE WHEN o.status = 'running' AND n.status IN ('succeeded', 'failed')
+                 THEN extract(epoch FROM n.finished_at - n.started_at) END AS ran
+        FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+        WHERE n.status <> o.status OR n.queue <> o.queue OR n.cost_usd <> o.cost_usd
+    ), counted AS (
+        INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
+        SELECT queue, status, sum(jobs), sum(cost_usd), sum(entered), sum(run_seconds)
+        FROM (SELECT old_queue AS queue, old_status AS status, -1 AS jobs,
+                  -old_cost AS cost_usd, 0 AS entered, 0 AS run_seconds
+              FROM changed
+              UNION ALL
+              SELECT queue, status, 1, cost_usd, (status <> old_status)::int, coalesce(ran, 0)
+              FROM changed) moves
+        GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0 OR sum(entered) <> 0
+    )
+    INSERT INTO claude_jobs_run_times (queue, status, le, runs)
+    SELECT queue, status, b.le, count(*)
+    FROM changed JOIN unnest(claude_jobs_run_time_buckets()) b(le) ON ran <= b.le
+    GROUP BY 1, 2, 3;
+    RETURN NULL;
+END
+$count$;
+CREATE FUNCTION claude_jobs_count_deletes() RETURNS trigger LANGUAGE plpgsql AS $count$
+BEGIN
+    INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
+    SELECT queue, status, -count(*), -sum(cost_usd) FROM old_jobs GROUP BY 1, 2;
+    RETURN NULL;
+END
+$count$;
+CREATE FUNCTION claude_jobs_count_truncates() RETURNS trigger LANGUAGE plpgsql AS $count$
+BEGIN  -- (what there is goes; what entered stays counted)
+    INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd)
+    SELECT queue, status, -sum(jobs), -sum(cost_usd) FROM claude_jobs_counts
+    GROUP BY 1, 2 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0;
+    RETURN NULL;
+END
+$count$;
 -- (the triggers come first: they lock the table until the end of the migration, so the
 -- counts below are of jobs no one changes meanwhile)
 CREATE TRIGGER claude_jobs_count_inserts AFTER INSERT ON claude_jobs
-    REFERENCING NEW TABLE AS new_jobs FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+    REFERENCING NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_count_inserts();
 CREATE TRIGGER claude_jobs_count_updates AFTER UPDATE ON claude_jobs
     REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_count_updates();
 CREATE TRIGGER claude_jobs_count_deletes AFTER DELETE ON claude_jobs
-    REFERENCING OLD TABLE AS old_jobs FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+    REFERENCING OLD TABLE AS old_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_count_deletes();
 CREATE TRIGGER claude_jobs_count_truncates AFTER TRUNCATE ON claude_jobs
-    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_keep_counts();
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_count_truncates();
 INSERT INTO claude_jobs_counts (queue, status, jobs, cost_usd, entered, run_seconds)
 SELECT queue, status, count(*), sum(cost_usd), count(*),
     coalesce(sum(extract(epoch FROM finished_at - started_at))
@@ -350,8 +366,12 @@ GROUP BY 1, 2, 3;
 -- the oldest queued job of a queue (its ready age), and its queued jobs (pause, purge)
 DROP INDEX claude_jobs_queued_in_queue;
 CREATE INDEX claude_jobs_queued_in_queue ON claude_jobs (queue, run_at) WHERE status = 'queued';
--- list, the dashboard and the API page jobs newest first by this one (keyset, not OFFSET)
+-- list, the dashboard and the API page jobs newest first by this one (keyset, not OFFSET),
+-- and the failed and cancelled ones (few among many: walking the first for them is slow) by
+-- the second; the running ones come through claude_jobs_running
 CREATE INDEX claude_jobs_newest ON claude_jobs (created_at DESC, id DESC);
+CREATE INDEX claude_jobs_newest_ended_badly ON claude_jobs (created_at DESC, id DESC)
+    WHERE status IN ('failed', 'cancelled');
 -- A worker may be asked to drain: claim no more, and exit when its running jobs end.
 ALTER TABLE claude_jobs_workers ADD COLUMN draining_since timestamptz;
 INSERT INTO claude_jobs_schema (version) VALUES (7);

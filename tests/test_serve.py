@@ -164,6 +164,22 @@ def test_a_token_guards_everything_but_the_health_checks(web, conn) -> None:
     assert web(token="s3cret", public_metrics=True).get("/metrics").status_code == 200
 
 
+def test_the_app_mounts_below_a_prefix_in_another_app(db_url, conn) -> None:
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    inner = claude_jobs.web_app(db_url, token="t0ken")
+    outer = Starlette(routes=[Mount("/jobs", app=inner)], lifespan=inner.router.lifespan_context)
+    claude_jobs.enqueue(conn, {"prompt": "mounted"})
+    with TestClient(outer) as client:
+        assert client.get("/jobs/healthz").status_code == 200
+        assert client.get("/jobs/api/jobs").status_code == 401
+        listed = client.get("/jobs/api/jobs", headers={"Authorization": "Bearer t0ken"})
+        assert listed.json()["jobs"][0]["excerpt"] == "mounted"
+        page = client.get("/jobs/")
+        assert page.status_code == 200 and '"api/jobs' in page.text and '"/api/' not in page.text
+
+
 def test_read_only_refuses_every_action_and_enqueue(web, conn) -> None:
     client = web(read_only=True)
     job = claude_jobs.enqueue(conn, {"prompt": "stay"})
@@ -280,6 +296,7 @@ class Serve:
             lambda: re.search(r"http://127\.0\.0\.1:\d+/", log.read_text()), 20, "serve to start"
         )
         self.url = found.group()
+        wait_for(lambda: _answers(f"{self.url}healthz"), 20, "serve to answer")
 
     def stop(self) -> None:
         self.process.terminate()
@@ -302,6 +319,13 @@ def serve(db_url: str, tmp_path: Path) -> Iterator[Callable[..., Serve]]:
     yield start
     for server in started:
         server.stop()
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 def read_events(response: httpx.Response) -> Iterator[tuple[str, str | None, Any]]:

@@ -281,3 +281,46 @@ def test_every_setting_with_a_flag_is_an_option_of_its_command() -> None:
 def test_the_claude_settings_of_a_worker_are_keywords_of_the_claude_handler() -> None:
     keywords = inspect.signature(claude_jobs.ClaudeHandler).parameters
     assert {f.name for f in dataclasses.fields(claude_jobs.ClaudeSettings)} <= set(keywords)
+
+
+# -- the HTTP face ------------------------------------------------------------------------------
+
+
+def test_a_page_cursor_names_the_exact_moment_and_job() -> None:
+    moment = datetime(2026, 12, 2, 15, 4, 5, 123456, tzinfo=UTC)
+    job = claude_jobs.Job.from_row(
+        {"id": uuid.uuid4(), "queue": "q", "kind": "claude", "priority": 0, "payload": {},
+         "status": "queued", "run_at": moment, "attempts": 0, "max_attempts": 1,
+         "errors": [], "cost_usd": 0, "created_at": moment, "updated_at": moment}
+    )  # fmt: skip
+    assert claude_jobs._parse_cursor(claude_jobs._cursor_text(job)) == (moment, job.id)
+    for bad in ("", "12", "x.y", f"1e400.{uuid.uuid4()}"):
+        with pytest.raises(claude_jobs._HTTPError) as raised:
+            claude_jobs._parse_cursor(bad)
+        assert raised.value.status == 400
+
+
+def test_every_bucket_of_the_histogram_is_given_cumulatively() -> None:
+    filled = dict(claude_jobs._all_buckets([("60", 1.0), ("300", 2.0), ("+Inf", 3.0)]))
+    assert list(filled) == list(claude_jobs.RUN_TIME_BUCKETS)
+    assert (filled["1"], filled["30"], filled["60"], filled["120"], filled["7200"]) == (
+        0, 0, 1, 1, 2,
+    )  # fmt: skip
+    assert filled["+Inf"] == 3
+
+
+def test_library_errors_read_as_http_statuses() -> None:
+    cases = {
+        claude_jobs.JobNotFound("x"): 404, claude_jobs.WorkerNotFound("x"): 404,
+        claude_jobs.WrongState("x"): 409, claude_jobs.InvalidJob("x"): 422,
+        claude_jobs.DatabaseUnavailable("x"): 503, claude_jobs.JobsError("x"): 400,
+    }  # fmt: skip
+    for error, status in cases.items():
+        assert claude_jobs._http_status(error) == status, error
+    with pytest.raises(StopIteration):
+        claude_jobs._http_status(KeyError("a bug is a 500, not a 4xx"))
+
+
+def test_only_this_machines_addresses_count_as_loopback() -> None:
+    assert all(map(claude_jobs._loopback, ["127.0.0.1", "127.1.2.3", "::1", "localhost"]))
+    assert not any(map(claude_jobs._loopback, ["0.0.0.0", "::", "192.168.1.4", "example.com"]))
