@@ -415,6 +415,14 @@ def test_serve_refuses_to_listen_beyond_this_machine_without_a_token(invoke) -> 
     )
 
 
+def test_serve_without_the_web_extra_says_which_to_install(invoke, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # (import uvicorn: ImportError)
+    result = invoke("serve")
+    assert (result.exit_code, result.output) == (
+        2, "Error: claude-jobs serve needs the web extra: pip install 'claude-jobs[web]'\n",
+    )  # fmt: skip
+
+
 # -- draining and probing workers ---------------------------------------------------------------
 
 
