@@ -185,6 +185,7 @@ __all__ = [
     "queue_known",
     "queue_stats",
     "registered_kinds",
+    "reschedule",
     "resolve_job_id",
     "resume_queue",
     "retry_jobs",
@@ -192,6 +193,7 @@ __all__ = [
     "run_times",
     "schema_sql",
     "schema_version",
+    "set_priority",
     "start_embedded",
     "worktree_diff",
 ]
@@ -1224,6 +1226,22 @@ WITH due AS (
     RETURNING id, queue
 )
 SELECT id, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM due
+"""
+
+CHANGE_QUEUED = """
+-- change_queued: a queued job's due time or priority (what is NULL here stays); the workers
+-- of its queue wake (when it is due)
+WITH changed AS (
+    UPDATE claude_jobs
+    SET run_at = coalesce(%(run_at)s, run_at), priority = coalesce(%(priority)s, priority),
+        updated_at = now()
+    WHERE id = %(id)s AND status = 'queued'
+    RETURNING id, queue, run_at, priority
+)
+SELECT id, run_at, priority, pg_notify(%(channel)s, json_build_object(
+    'queue', queue,
+    'at', CASE WHEN run_at > now() THEN extract(epoch FROM run_at) END)::text)
+FROM changed
 """
 
 PAUSE_QUEUE = """
@@ -3615,10 +3633,43 @@ def run_now(conn: psycopg.Connection, job_id: uuid.UUID | str) -> uuid.UUID:
     raise WrongState(f"job {key} is {status}: {why}")
 
 
+def reschedule(conn: psycopg.Connection, job_id: uuid.UUID | str, run_at: datetime) -> datetime:
+    """Make a queued job due at ``run_at`` (sooner or later); the time it is due. WrongState
+    for a job that is not queued."""
+    if run_at.tzinfo is None:
+        raise InvalidJob("run_at needs a time zone")
+    return _change_queued(conn, job_id, run_at=_checked_time(run_at))[0]
+
+
+def set_priority(conn: psycopg.Connection, job_id: uuid.UUID | str, priority: int) -> int:
+    """Give a queued job another priority (higher runs first); the priority. WrongState for a
+    job that is not queued."""
+    if not PG_INT_MIN <= priority <= PG_INT_MAX:
+        raise InvalidJob(f"priority {priority} is out of range [{PG_INT_MIN}, {PG_INT_MAX}]")
+    return _change_queued(conn, job_id, priority=priority)[1]
+
+
+def _change_queued(
+    conn: psycopg.Connection,
+    job_id: uuid.UUID | str,
+    *,
+    run_at: datetime | None = None,
+    priority: int | None = None,
+) -> tuple[datetime, int]:
+    key = resolve_job_id(conn, job_id)
+    params = {"id": key, "run_at": run_at, "priority": priority, "channel": NOTIFY_CHANNEL}
+    row = conn.execute(CHANGE_QUEUED, params).fetchone()
+    if row is None:
+        status = job_statuses(conn, [key]).get(key, ("gone",))[0]
+        raise WrongState(f"job {key} is {status}: only a queued job can be changed")
+    return row[1], row[2]
+
+
 def drain_worker(conn: psycopg.Connection, worker: str | uuid.UUID) -> dict[str, Any]:
     """Ask a worker (its id, a prefix of it, or its host:pid) to claim no more jobs and exit
     once its running jobs end; it learns it at once (NOTIFY), or at its next heartbeat. Its
-    row (id, host, pid). JobsError when no worker, or more than one, answers to ``worker``."""
+    row (id, host, pid). WorkerNotFound when no worker answers to ``worker``, InvalidJob when
+    several do."""
     name = str(worker).strip()
     params = {"prefix": name.lower().replace("%", "").replace("_", ""), "name": name}
     with conn.cursor(row_factory=dict_row) as cur:
@@ -6370,10 +6421,10 @@ class _Janitor(threading.Thread):
 
 
 class _HealthServer(threading.Thread):
-    """ "claude-jobs-health": answers a supervisor's probes (--health-port). GET /healthz:
-    the process is up, and the worker's state; GET /readyz: 200 while the worker's lease
-    holds, its heartbeats reach the database and it is not draining, else 503. Owns its
-    socket; shares nothing but what Worker.health() reads."""
+    """The thread "claude-jobs-health": answers a supervisor's probes (--health-port).
+    GET /healthz: the process is up, and the worker's state; GET /readyz: 200 while the
+    worker's lease holds, its heartbeats reach the database and it is not draining, else 503.
+    Owns its socket; shares nothing but what Worker.health() reads."""
 
     def __init__(self, worker: Worker, host: str, port: int) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -6683,6 +6734,9 @@ class Worker:
         left for other workers to reap) and close the connections. Idempotent."""
         if self._closed.is_set() or self._session is None:
             self._closed.set()
+            if self._health is not None:
+                self._health.close()
+                self._health = None
             return
         if self._dispatcher is not None and not self._force.is_set():
             self._dispatcher.finish(until=time.monotonic() + 5.0)  # what is left to write
@@ -6697,6 +6751,7 @@ class Worker:
         self._pool.close(timeout=5.0)
         if self._health is not None:
             self._health.close()
+            self._health = None
         logger.info("worker %s stopped", self.name, extra={"fields": {"event": "stopped"}})
 
     def __enter__(self) -> Worker:
@@ -6726,6 +6781,8 @@ class Worker:
         if self.settings.health_port is not None:  # (first: a port in use stops nothing)
             self._health = _HealthServer(self, self.settings.health_host, self.settings.health_port)
             self._health.start()
+            logger.info("answering health checks on %s:%d (/healthz, /readyz)",
+                        self.settings.health_host, self._health.port)  # fmt: skip
         # (by which a reaper finds this process's sessions, the token first: TERMINATE_VANISHED)
         token = uuid.uuid4().hex[:8]
         options = {"application_name": f"claude-jobs worker {token} {self.name}"[:63]}
@@ -7602,20 +7659,33 @@ def _enqueue_request(conn: psycopg.Connection, body: Any) -> Job:
     the caller."""
     if not isinstance(body, dict) or not isinstance(body.get("payload"), dict):
         raise _HTTPError(400, 'the body must be a JSON object with a "payload" object')
-    settings = {key: value for key, value in body.items() if key != "payload"}
-    try:
-        if isinstance(settings.get("run_at"), str):
-            settings["run_at"] = parse_time(settings["run_at"])
-        for name in ("delay", "timeout"):
-            if isinstance(settings.get(name), str):
-                settings[name] = parse_duration(settings[name])
-    except (ValueError, click.BadParameter) as error:
-        raise InvalidJob(str(error)) from None
+    settings = _enqueue_settings({key: value for key, value in body.items() if key != "payload"})
     cwd = body["payload"].get("cwd")
     if isinstance(cwd, str) and not os.path.isabs(os.path.expanduser(cwd)):
         raise InvalidJob(f'"cwd" must be an absolute path over HTTP, not {cwd!r}')
     with conn.transaction():
         return enqueue(conn, body["payload"], **settings)
+
+
+def _enqueue_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    """Settings as JSON gives them: run_at as ISO 8601 text, delay and timeout as seconds or
+    as text (30m, 2h)."""
+    try:
+        if settings.get("run_at") is not None:
+            if not isinstance(settings["run_at"], str):
+                raise InvalidJob('"run_at" must be an ISO 8601 time, as text')
+            settings["run_at"] = parse_time(settings["run_at"])
+        for name in ("delay", "timeout"):
+            value = settings.get(name)
+            if isinstance(value, str):
+                settings[name] = parse_duration(value)
+            elif value is not None and (
+                isinstance(value, bool) or not isinstance(value, int | float)
+            ):
+                raise InvalidJob(f'"{name}" must be seconds or a duration such as 30m')
+    except (ValueError, click.BadParameter) as error:
+        raise InvalidJob(str(error)) from None
+    return settings
 
 
 def _prometheus_families(conn: psycopg.Connection) -> list[Any]:
@@ -8026,7 +8096,27 @@ def _api_job_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[s
         return {"id": str(key), "retried": len(retried)}
     if action == "run-now":
         return {"id": str(run_now(conn, job)), "due": "now"}
-    raise _HTTPError(404, f"no action {action!r}: cancel, retry or run-now")
+    if action == "reschedule":
+        return {"id": str(resolve_job_id(conn, job)), "run_at": _api_reschedule(conn, job, body)}
+    if action == "priority":  # {"priority": N}
+        priority = body.get("priority") if isinstance(body, dict) else None
+        if not isinstance(priority, int) or isinstance(priority, bool):
+            raise _HTTPError(400, 'give "priority", a whole number')
+        return {"id": str(resolve_job_id(conn, job)), "priority": set_priority(conn, job, priority)}
+    raise _HTTPError(404, f"no action {action!r}: cancel, retry, run-now, reschedule or priority")
+
+
+def _api_reschedule(conn: psycopg.Connection, job: str, body: Mapping[str, Any]) -> datetime:
+    """POST /api/jobs/{id}/reschedule: ``{"at": ISO 8601}`` or ``{"delay": 3600 or "1h"}``."""
+    if not isinstance(body, dict):
+        raise _HTTPError(400, 'the body must be a JSON object: {"at": ...} or {"delay": ...}')
+    when = _enqueue_settings({"run_at": body.get("at"), "delay": body.get("delay")})
+    run_at, delay = when["run_at"], when["delay"]
+    if (run_at is None) == (delay is None):
+        raise _HTTPError(400, 'give "at" (an ISO 8601 time) or "delay", one of them')
+    if delay is not None and not (isinstance(delay, int | float) and 0 <= delay <= MAX_DURATION):
+        raise InvalidJob(f"delay must be from 0 up to ten years, not {delay!r}")
+    return reschedule(conn, job, run_at or datetime.now(UTC) + timedelta(seconds=delay))
 
 
 def _api_queues(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
@@ -9497,6 +9587,47 @@ def drain_command(config: _Config, worker: str) -> None:
         row = drain_worker(conn, worker)
     click.echo(f"worker {row['id']} ({row['host']}:{row['pid']}) drains: it exits once its "
                "running jobs end")  # fmt: skip
+
+
+@cli.command("reschedule")
+@click.argument("job_id", metavar="ID")
+@click.option("--at", "run_at", type=_TIME_TYPE, help="Run no sooner than this ISO 8601 time.")
+@click.option("--delay", type=_DURATION_TYPE, help="Run no sooner than this from now: 30m, 2h.")
+@click.pass_obj
+def reschedule_command(
+    config: _Config, job_id: str, run_at: datetime | None, delay: float | None
+) -> None:
+    """Change when a queued job runs (sooner or later).
+
+    \b
+    Examples:
+      claude-jobs reschedule 6f1c2e9a --delay 2h
+      claude-jobs reschedule 6f1c2e9a --at 2026-12-24T02:00:00+01:00
+    """
+    if (run_at is None) == (delay is None):
+        raise click.UsageError("give --at or --delay (one of them)")
+    when = run_at if run_at is not None else datetime.now(UTC) + timedelta(seconds=delay or 0)
+    with config.connect() as conn:
+        key = resolve_job_id(conn, job_id)
+        due = reschedule(conn, key, when)
+    click.echo(f"job {key} runs {_ago(due)} ({due.astimezone():%Y-%m-%d %H:%M:%S %Z})")
+
+
+@cli.command("set-priority")
+@click.argument("job_id", metavar="ID")
+@click.argument("priority", type=click.IntRange(PG_INT_MIN, PG_INT_MAX))
+@click.pass_obj
+def set_priority_command(config: _Config, job_id: str, priority: int) -> None:
+    """Give a queued job another priority (higher runs first).
+
+    \b
+    Example:
+      claude-jobs set-priority 6f1c2e9a 10
+    """
+    with config.connect() as conn:
+        key = resolve_job_id(conn, job_id)
+        set_priority(conn, key, priority)
+    click.echo(f"job {key} has priority {priority}")
 
 
 @cli.command("run-now")

@@ -468,6 +468,34 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+def test_reschedule_and_set_priority_change_a_queued_job_only(invoke, conn, client) -> None:
+    job = claude_jobs.enqueue(conn, {"prompt": "later"}, delay=600)
+    moved = invoke("reschedule", str(job.id)[:8], "--delay", "2h")
+    assert moved.exit_code == 0 and moved.output.startswith(f"job {job.id} runs in ")
+    due = claude_jobs.get_job(conn, job.id).run_at
+    assert timedelta(minutes=119) < due - datetime.now(UTC) < timedelta(minutes=121)
+    at = "2030-01-02T03:04:05+00:00"
+    assert invoke("reschedule", str(job.id), "--at", at).exit_code == 0
+    assert claude_jobs.get_job(conn, job.id).run_at == datetime.fromisoformat(at)
+    assert invoke("reschedule", str(job.id)).exit_code == 2  # --at or --delay
+    assert invoke("set-priority", str(job.id), "7").output == f"job {job.id} has priority 7\n"
+    assert claude_jobs.get_job(conn, job.id).priority == 7
+    api = client.post(f"/api/jobs/{job.id}/reschedule", json={"delay": "30m"})
+    assert api.status_code == 200, api.text
+    assert claude_jobs.get_job(conn, job.id).run_at < datetime.now(UTC) + timedelta(minutes=31)
+    assert (
+        client.post(f"/api/jobs/{job.id}/priority", json={"priority": -3}).json()["priority"] == -3
+    )
+    bad = [("reschedule", {}), ("reschedule", {"at": 5}), ("reschedule", {"delay": -1}),
+           ("priority", {"priority": "x"})]  # fmt: skip
+    for path, body in bad:
+        assert client.post(f"/api/jobs/{job.id}/{path}", json=body).status_code in (400, 422), body
+    claude_jobs.cancel_jobs(conn, [job.id])
+    refused = invoke("set-priority", str(job.id), "1")
+    assert refused.exit_code == 1 and "only a queued job can be changed" in refused.output
+    assert client.post(f"/api/jobs/{job.id}/priority", json={"priority": 1}).status_code == 409
+
+
 def test_run_now_makes_a_delayed_job_due(invoke, conn) -> None:
     job = claude_jobs.enqueue(conn, {"prompt": "later"}, delay=600)
     assert invoke("run-now", str(job.id)[:8]).output == f"job {job.id} is due now\n"

@@ -195,8 +195,11 @@ def test_resume_hold_lifts_a_workers_own_unfit_back_off(
 ) -> None:  # fmt: skip
     later = tmp_path / "bin" / "claude"
     job = claude_jobs.enqueue(conn, {"prompt": "p", "cwd": str(tmp_path)})
-    worker = start_worker(CLAUDE_JOBS_CLAUDE_BIN=str(later))
-    worker.wait_for_log("this worker cannot run claude jobs")
+    start_worker(CLAUDE_JOBS_CLAUDE_BIN=str(later))
+    wait_for(  # (logged as unfit first, recorded on its row just after)
+        lambda: [w for w in claude_jobs.list_workers(conn) if w["claude_paused_until"]],
+        what="the worker to record that it backs off claude jobs",
+    )
     later.parent.mkdir()
     later.symlink_to(fake_claude)  # someone installs claude
     result = invoke("resume", "--hold", "claude")
