@@ -7827,8 +7827,10 @@ def web_app(
 
         return endpoint
 
+    shown = _PAGE.replace("<body>", '<body class="read-only">') if read_only else _PAGE
+
     async def page(request: Request) -> Response:
-        return HTMLResponse(_PAGE, headers=_PAGE_HEADERS)
+        return HTMLResponse(shown, headers=_PAGE_HEADERS)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "up"})
@@ -8204,6 +8206,7 @@ pre { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; font: 12.5px/1.
 .dim { color: var(--dim); } .error { color: var(--failed); } #message:empty { display: none; }
 #message { position: fixed; bottom: 1rem; right: 1rem; background: var(--card); padding: .5rem 1rem;
   border: 1px solid var(--line); border-radius: 6px; max-width: 90vw; }
+.read-only .action { display: none; }  /* (a --read-only server refuses them anyway) */
 a { color: var(--running); text-decoration: none; } a:hover { text-decoration: underline; }
 @media (max-width: 700px) { main { padding: .5rem; } .wide { display: none; } }
 </style></head>
@@ -8253,6 +8256,7 @@ async function act(path, done) {
   catch (e) { say(e.message, true); }
 }
 const sleep = ms => new Promise(ok => setTimeout(ok, ms));
+const action = (label, onclick) => $("button", { class: "action", onclick }, label);
 // (paths are relative: the app may be mounted below a prefix)
 // Server-Sent Events over fetch (EventSource cannot send the token); resumes with Last-Event-ID.
 async function follow(path, onEvent, signal) {
@@ -8340,14 +8344,14 @@ function queueTable(data) {
       $("td", { class: "num wide" }, secs(q.median_run_seconds)),
       $("td", { class: "num" }, money(q.cost_today_usd)),
       $("td", { class: "num wide" }, money(q.cost_7d_usd)),
-      $("td", {}, $("button", { onclick: () => act("api/queues/" + encodeURIComponent(q.queue)
-        + (q.paused ? "/resume" : "/pause")) }, q.paused ? "resume" : "pause")))));
+      $("td", {}, action(q.paused ? "resume" : "pause", () => act("api/queues/"
+        + encodeURIComponent(q.queue) + (q.paused ? "/resume" : "/pause")))))));
 }
 function holdList(holds) {
   if (!holds.length) return null;
   return $("p", {}, ...holds.map(h => $("span", {}, "hold on ", $("b", {}, h.kind), " until ",
-    ago(h.until), ": ", h.reason, " ", $("button", { onclick: () =>
-      act("api/holds/" + encodeURIComponent(h.kind) + "/lift") }, "lift"))));
+    ago(h.until), ": ", h.reason, " ",
+    action("lift", () => act("api/holds/" + encodeURIComponent(h.kind) + "/lift")))));
 }
 function workerTable(list) {
   if (!list.length) return $("p", { class: "dim" }, "no workers");
@@ -8358,10 +8362,9 @@ function workerTable(list) {
         $("td", { class: "wide" }, w.queues.join(",")), $("td", {}, ago(w.last_heartbeat)),
         $("td", { class: "text" }, ...w.jobs.map(j => $("div", {},
           $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8)), " ", j.excerpt.slice(0, 80)))),
-        $("td", {}, state === "alive" ? $("button", { onclick: () => {
+        $("td", {}, state === "alive" ? action("drain", () => {
           if (confirm("Drain " + w.host + ":" + w.pid + "? It takes no more jobs and exits once "
-            + "its running jobs end.")) act("api/workers/" + w.id + "/drain"); } }, "drain")
-          : null)); }));
+            + "its running jobs end.")) act("api/workers/" + w.id + "/drain"); }) : null)); }));
 }
 function jobFilters(section) {
   const field = (name, hint) => $("input", { name, placeholder: hint, size: 12 });
@@ -8418,12 +8421,13 @@ function jobPage(id) {
           name === "status" ? value.slice(job.shown_status.length) : "")]);
       const extra = job.attempt_errors.map(line => $("div", { class: "error" }, line));
       fill(actions,
-        ["queued", "running"].includes(job.status) ? $("button", { onclick: () => act(
-          "api/jobs/" + job.id + "/cancel", refresh) }, "cancel") : null, " ",
-        ["failed", "cancelled"].includes(job.status) ? $("button", { onclick: () => act(
-          "api/jobs/" + job.id + "/retry", () => location.reload()) }, "retry") : null, " ",
-        job.status === "queued" && Date.parse(job.run_at) > Date.now() ? $("button", {
-          onclick: () => act("api/jobs/" + job.id + "/run-now", refresh) }, "run now") : null);
+        ["queued", "running"].includes(job.status)
+          ? action("cancel", () => act("api/jobs/" + job.id + "/cancel", refresh)) : null, " ",
+        ["failed", "cancelled"].includes(job.status)
+          ? action("retry", () => act("api/jobs/" + job.id + "/retry", () => location.reload()))
+          : null, " ",
+        job.status === "queued" && Date.parse(job.run_at) > Date.now()
+          ? action("run now", () => act("api/jobs/" + job.id + "/run-now", refresh)) : null);
       fill(facts, $("h2", {}, "Job ", job.id), actions, $("dl", {}, rows.flat()),
         ...extra, job.diff_stat ? $("pre", {}, job.diff_stat) : null);
     } catch (e) { say(e.message, true); }

@@ -188,6 +188,7 @@ def test_read_only_refuses_every_action_and_enqueue(web, conn) -> None:
         assert response.status_code == 403 and "read-only" in response.json()["error"], path
     assert status_of(conn, job.id) == "queued" and claude_jobs.paused_queues(conn) == set()
     assert client.get("/api/jobs").status_code == 200
+    assert '<body class="read-only">' in client.get("/").text  # (its buttons are hidden)
 
 
 def test_cross_site_requests_change_nothing(client, conn) -> None:
