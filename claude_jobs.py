@@ -1082,7 +1082,13 @@ WITH chosen AS (
 SELECT id, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM again
 """
 
-QUEUE_STATS = """
+# How long the oldest ready job of queue {q} has waited (NULL: none is ready): an index probe
+# through claude_jobs_queued_in_queue (queue, run_at).
+_OLDEST_READY = """(
+    SELECT extract(epoch FROM now() - min(j.run_at)) FROM claude_jobs j
+    WHERE j.status = 'queued' AND j.queue = {q} AND j.run_at <= now())"""
+
+QUEUE_STATS = f"""
 -- queue_stats: per queue: jobs by status (kept counts: see migration 7), the oldest ready
 -- job, the last hour, run times of the last day, what claude cost; paused queues even when
 -- empty. Cost at 1M jobs: the counts; an index range over the jobs due later; an index probe
@@ -1125,10 +1131,7 @@ SELECT coalesce(queues.queue, paused.queue) AS queue, paused.queue IS NOT NULL A
     coalesce(failed, 0) AS failed, coalesce(cancelled, 0) AS cancelled,
     coalesce(succeeded_last_hour, 0) AS succeeded_last_hour,
     coalesce(failed_last_hour, 0) AS failed_last_hour,
-    -- (through claude_jobs_queued_in_queue: the first queued job of the queue)
-    (SELECT extract(epoch FROM now() - min(j.run_at)) FROM claude_jobs j
-     WHERE j.status = 'queued' AND j.queue = queues.queue AND j.run_at <= now())
-        AS oldest_ready_seconds,
+    {_OLDEST_READY.format(q="queues.queue")} AS oldest_ready_seconds,
     median_run_seconds, p95_run_seconds, coalesce(cost_usd, 0) AS cost_usd
 FROM queues FULL JOIN paused ON paused.queue = queues.queue
     LEFT JOIN later ON later.queue = queues.queue
@@ -1154,12 +1157,10 @@ GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
 #: writes them.
 RUN_TIME_BUCKETS = ("1", "5", "15", "30", "60", "120", "300", "600", "1800", "3600", "7200", "+Inf")
 
-READY_AGES = """
+READY_AGES = f"""
 -- ready_ages: per queue with queued jobs, how long its oldest ready one has waited (an index
--- probe per queue, through claude_jobs_queued_in_queue)
-SELECT c.queue, extract(epoch FROM now() - (
-    SELECT min(j.run_at) FROM claude_jobs j
-    WHERE j.status = 'queued' AND j.queue = c.queue AND j.run_at <= now())) AS age
+-- probe per queue)
+SELECT c.queue, {_OLDEST_READY.format(q="c.queue")} AS age
 FROM (SELECT queue FROM claude_jobs_counts WHERE status = 'queued' GROUP BY queue
       HAVING sum(jobs) > 0) c
 """
@@ -1217,25 +1218,15 @@ WITH asked AS (
 SELECT id, pg_notify(%(channel)s, json_build_object('drain', id)::text) FROM asked
 """
 
-RUN_NOW = """
--- run_now: a queued job that waits for its time (delayed, or retrying after a failure) is due
--- now; the workers of its queue wake
-WITH due AS (
-    UPDATE claude_jobs SET run_at = now(), updated_at = now()
-    WHERE id = %(id)s AND status = 'queued' AND run_at > now()
-    RETURNING id, queue
-)
-SELECT id, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM due
-"""
-
 CHANGE_QUEUED = """
--- change_queued: a queued job's due time or priority (what is NULL here stays); the workers
+-- change_queued: a queued job's due time or priority (what is NULL here stays), or (`now`)
+-- a job that waits for its time (delayed, or retrying after a failure) due now; the workers
 -- of its queue wake (when it is due)
 WITH changed AS (
     UPDATE claude_jobs
-    SET run_at = coalesce(%(run_at)s, run_at), priority = coalesce(%(priority)s, priority),
-        updated_at = now()
-    WHERE id = %(id)s AND status = 'queued'
+    SET run_at = CASE WHEN %(now)s THEN now() ELSE coalesce(%(run_at)s, run_at) END,
+        priority = coalesce(%(priority)s, priority), updated_at = now()
+    WHERE id = %(id)s AND status = 'queued' AND (NOT %(now)s OR run_at > now())
     RETURNING id, queue, run_at, priority
 )
 SELECT id, run_at, priority, pg_notify(%(channel)s, json_build_object(
@@ -1346,12 +1337,11 @@ DELETE FROM claude_jobs WHERE id IN (
 RETURNING id, CASE WHEN concurrency_limit > 0 THEN concurrency_key END AS slot_key
 """
 
-FOLLOW_JOB = """
--- follow_job: a job's state and what its transcript gained since `seen` characters; whether
--- the worker running it is lost (gone, or silent for longer than the lock grace), and
--- whether its queue is paused
-SELECT j.status, j.transcript_size, j.attempts, j.max_attempts, j.last_error, j.run_at,
-    j.worker, j.queue,
+FOLLOW_JOB = f"""
+-- follow_job: a job (without its transcript) and what its transcript gained since `seen`
+-- characters; whether the worker running it is lost (gone, or silent for longer than the
+-- lock grace), and whether its queue is paused
+SELECT {_JOB_COLUMNS},
     right(j.transcript, least(j.transcript_size - %(seen)s, length(j.transcript))::integer)
         AS new,
     j.status = 'running' AND NOT EXISTS (
@@ -2627,14 +2617,7 @@ class JobOptions:
         """The options of enqueue's keywords (JobSettings): a ``delay`` becomes a ``run_at``,
         a timedelta seconds; what is not given takes the field's default."""
         values: dict[str, Any] = dict(settings)
-        delay, run_at = values.pop("delay", None), values.get("run_at")
-        if run_at is not None and delay is not None:
-            raise InvalidJob("give a delay or a run_at time, not both")
-        if delay is not None:
-            seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
-            if not 0 <= seconds <= MAX_DURATION:
-                raise InvalidJob(f"delay must be from 0 up to ten years, not {seconds}")
-            values["run_at"] = datetime.now(UTC) + timedelta(seconds=seconds)
+        values["run_at"] = _due_at(values.get("run_at"), values.pop("delay", None))
         timeout = values.get("timeout")
         if isinstance(timeout, timedelta):
             values["timeout"] = timeout = timeout.total_seconds()
@@ -2645,6 +2628,19 @@ class JobOptions:
         if unknown:
             raise InvalidJob(f"not a job option: {', '.join(unknown)}")
         return cls(**values)
+
+
+def _due_at(run_at: datetime | None, delay: float | timedelta | None) -> datetime | None:
+    """When a job given ``run_at`` or ``delay`` (seconds or a timedelta from now) is due:
+    InvalidJob for both, or a delay that is negative or over ten years."""
+    if run_at is not None and delay is not None:
+        raise InvalidJob("give a delay or a run_at time, not both")
+    if delay is None:
+        return run_at
+    seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
+    if not 0 <= seconds <= MAX_DURATION:
+        raise InvalidJob(f"delay must be from 0 up to ten years, not {seconds}")
+    return datetime.now(UTC) + timedelta(seconds=seconds)
 
 
 # -- claude payloads ----------------------------------------------------------------------------
@@ -3256,11 +3252,12 @@ def resolve_job_id(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID
     return ids[0]
 
 
-def get_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> Job:
-    """One job (by id or unique prefix), with its transcript; JobNotFound when there is none."""
+def get_job(conn: psycopg.Connection, job_id: uuid.UUID | str, *, transcript: bool = True) -> Job:
+    """One job (by id or unique prefix), with its transcript unless not asked for (it may
+    be a megabyte); JobNotFound when there is none."""
     key = resolve_job_id(conn, job_id)
     with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(GET_JOB, {"id": key}).fetchone()
+        row = cur.execute(GET_JOB if transcript else GET_JOB_STATE, {"id": key}).fetchone()
     if row is None:
         raise JobNotFound(f"no job {key}")
     return Job.from_row(row)
@@ -3455,12 +3452,16 @@ def lift_hold(conn: psycopg.Connection, kind: str = DEFAULT_KIND) -> Lifted | No
 
 def list_workers(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Registered workers: host, pid, queues, jobs running now, started, last heartbeat,
-    ``lost`` (no heartbeat within the lock grace period: dead, or cut off), and until when and
-    why it starts no claude job (claude_paused_until, claude_paused_reason)."""
+    ``lost`` (no heartbeat within the lock grace period: dead, or cut off), ``draining_since``
+    (asked to drain), ``state`` (lost, draining or alive), and until when and why it starts
+    no claude job (claude_paused_until, claude_paused_reason)."""
     with conn.cursor(row_factory=dict_row) as cur:
         workers = cur.execute(LIST_WORKERS).fetchall()
     for worker in workers:
         worker["lost"] = worker["silent_seconds"] > LOCK_GRACE
+        worker["state"] = (
+            "lost" if worker["lost"] else "draining" if worker["draining_since"] else "alive"
+        )
     return workers
 
 
@@ -3626,11 +3627,8 @@ def run_now(conn: psycopg.Connection, job_id: uuid.UUID | str) -> uuid.UUID:
     """Make a queued job that waits for its time (delayed, or retrying after a failure) due
     now; its id. WrongState when it is not waiting for its time."""
     key = resolve_job_id(conn, job_id)
-    if conn.execute(RUN_NOW, {"id": key, "channel": NOTIFY_CHANNEL}).fetchone():
-        return key
-    status = job_statuses(conn, [key]).get(key, ("gone",))[0]
-    why = "it is due already" if status == JobStatus.QUEUED else "only a queued job can run now"
-    raise WrongState(f"job {key} is {status}: {why}")
+    _change_queued(conn, key, now=True)
+    return key
 
 
 def reschedule(conn: psycopg.Connection, job_id: uuid.UUID | str, run_at: datetime) -> datetime:
@@ -3655,13 +3653,21 @@ def _change_queued(
     *,
     run_at: datetime | None = None,
     priority: int | None = None,
+    now: bool = False,
 ) -> tuple[datetime, int]:
+    """CHANGE_QUEUED: the job's due time and priority after; WrongState, saying why, when it
+    is not queued (or, ``now``, due already)."""
     key = resolve_job_id(conn, job_id)
-    params = {"id": key, "run_at": run_at, "priority": priority, "channel": NOTIFY_CHANNEL}
+    params = {"id": key, "run_at": run_at, "priority": priority, "now": now,
+              "channel": NOTIFY_CHANNEL}  # fmt: skip
     row = conn.execute(CHANGE_QUEUED, params).fetchone()
     if row is None:
         status = job_statuses(conn, [key]).get(key, ("gone",))[0]
-        raise WrongState(f"job {key} is {status}: only a queued job can be changed")
+        why = "only a queued job can be changed"
+        if now:
+            due = status == JobStatus.QUEUED
+            why = "it is due already" if due else "only a queued job can run now"
+        raise WrongState(f"job {key} is {status}: {why}")
     return row[1], row[2]
 
 
@@ -3944,15 +3950,14 @@ def job_update(conn: psycopg.Connection, job_id: uuid.UUID, seen: int = 0) -> Fo
         row = cur.execute(FOLLOW_JOB, params).fetchone()
     if row is None:
         raise JobNotFound(f"job {job_id} was deleted")
-    text = row.pop("new") or ""
-    size = row.pop("transcript_size")
-    status = JobStatus(row.pop("status"))
-    with conn.cursor(row_factory=dict_row) as cur:
-        state_row = cur.execute(GET_JOB_STATE, {"id": job_id}).fetchone()
-    reason = explain_jobs(conn, [Job.from_row(state_row)]).get(job_id) if state_row else None
+    job, text = Job.from_row(row), row["new"] or ""
+    reason = explain_jobs(conn, [job]).get(job_id)
     return FollowUpdate(
-        status=status, text=text, skipped=max(0, size - seen - len(text)),
-        why=reason and reason.text, gist=reason and reason.gist, **row,
+        status=job.status, attempts=job.attempts, max_attempts=job.max_attempts,
+        last_error=job.last_error, run_at=job.run_at, worker=job.worker, queue=job.queue,
+        text=text, skipped=max(0, job.transcript_size - seen - len(text)),
+        worker_lost=row["worker_lost"], paused=row["paused"],
+        why=reason and reason.text, gist=reason and reason.gist,
     )  # fmt: skip
 
 
@@ -6724,11 +6729,6 @@ class Worker:
             "last_heartbeat_seconds_ago": None if silent is None else round(silent, 3),
         }  # fmt: skip
 
-    @property
-    def health_port(self) -> int | None:
-        """The port that answers health checks, once started (--health-port 0 picks one)."""
-        return self._health.port if self._health is not None else None
-
     def close(self, leave: bool = True) -> None:
         """Stop the threads, deregister (unless ``leave`` is False: then the registration is
         left for other workers to reap) and close the connections. Idempotent."""
@@ -7191,6 +7191,11 @@ class _TranscriptPrinter:
         self._partial = lines.pop()
         return [shown for line in lines for shown in self._render(line)]
 
+    @property
+    def pending(self) -> int:
+        """Characters of a line not complete yet (not rendered)."""
+        return len(self._partial)
+
     def flush(self) -> list[str]:
         rest, self._partial = self._partial, ""
         return self._render(rest) if rest else []
@@ -7268,7 +7273,7 @@ def _describe(
     status = _status_of(job, paused)
     lines = [
         f"{name:<9} {_indent(_printable(str(value)), 10)}" if name != "status"
-        else f"{name:<9} {value.replace(status, paint(status, status), 1)}"
+        else f"{name:<9} {paint(status, status)}{value[len(status) :]}"
         for name, value in rows
     ]  # fmt: skip
     lines += _attempt_lines(job)
@@ -7516,7 +7521,7 @@ class _Hub:
     workers do (there may be none). Feeds exist while someone follows them."""
 
     def __init__(self, url: str, pool: ConnectionPool) -> None:
-        self._url, self._pool = url, pool
+        self.url, self._pool = url, pool
         self._feeds: dict[uuid.UUID | None, _Feed] = {}  # None: the overview
         self._loop: Any = None
         self._tasks: set[Any] = set()
@@ -7553,7 +7558,7 @@ class _Hub:
         backoff, folded = _Backoff(start=0.5, cap=10.0), 0.0
         while not self._closed.is_set():
             try:
-                with connect(self._url, autocommit=True) as conn:
+                with connect(self.url, autocommit=True) as conn:
                     _db_listen(conn, NOTIFY_CHANNEL)
                     _db_listen(conn, OUTPUT_CHANNEL)
                     self.listening = True
@@ -7568,13 +7573,20 @@ class _Hub:
                         self._wake(None)
                         polled = time.monotonic()
                         if polled - folded > UNBLOCK_CHECK_INTERVAL:  # (no worker may run)
-                            with self._pool.connection() as pooled:
-                                fold_counts(pooled)
+                            self._fold()
                             folded = polled
             except (psycopg.Error, DatabaseUnavailable) as error:
                 logger.debug("listening for notices failed: %s", error)
             self.listening = False
             self._closed.wait(backoff.next())
+
+    def _fold(self) -> None:
+        """Fold the kept counts; a failure waits for the next time (and keeps the LISTEN)."""
+        try:
+            with self._pool.connection() as conn:
+                fold_counts(conn)
+        except psycopg.Error as error:
+            logger.debug("cannot fold the kept counts for now: %s", error)
 
     def _wake(self, payloads: set[str] | None) -> None:
         """Refresh the feeds these notices concern (None: every feed)."""
@@ -7689,9 +7701,9 @@ def _enqueue_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prometheus_families(conn: psycopg.Connection) -> list[Any]:
-    """The metrics of one scrape, from five cheap queries (kept counts and run times, the
+    """The metrics of one scrape, from seven cheap queries (kept counts and run times, the
     oldest queued job per queue through its index, the spend ledger, the workers, the
-    holds and paused queues): the same few milliseconds at a million jobs as at ten."""
+    holds, the paused queues): the same few milliseconds at a million jobs as at ten."""
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
@@ -7724,17 +7736,17 @@ def _prometheus_families(conn: psycopg.Connection) -> list[Any]:
                              "How long the oldest ready job of a queue has waited.",
                              labels=["queue"])  # fmt: skip
     for queue, age in conn.execute(READY_AGES).fetchall():
-        ages.add_metric([queue], float(age))
+        if age is not None:  # (a queue whose jobs are all due later)
+            ages.add_metric([queue], float(age))
     cost = CounterMetricFamily("claude_jobs_cost_usd", "What claude cost (the spend ledger).",
                                labels=["queue"])  # fmt: skip
     for queue, spent in conn.execute(COST_TOTALS).fetchall():
         cost.add_metric([queue], float(spent))
     workers = GaugeMetricFamily("claude_jobs_workers", "Registered workers, alive or lost.",
                                 labels=["state"])  # fmt: skip
-    listed = list_workers(conn)
+    states = [worker["state"] for worker in list_workers(conn)]
     for state in ("alive", "lost", "draining"):
-        found = [w for w in listed if _worker_state(w) == state]
-        workers.add_metric([state], float(len(found)))
+        workers.add_metric([state], float(states.count(state)))
     holds = GaugeMetricFamily("claude_jobs_hold_until_seconds",
                               "Until when no worker starts jobs of a kind (Unix time).",
                               labels=["kind"])  # fmt: skip
@@ -7756,10 +7768,6 @@ def _all_buckets(found: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
         total = counts.get(bound, total)
         filled.append((bound, total))
     return filled
-
-
-def _worker_state(worker: Mapping[str, Any]) -> str:
-    return "lost" if worker["lost"] else "draining" if worker["draining_since"] else "alive"
 
 
 def web_app(
@@ -7994,7 +8002,7 @@ async def _job_stream(hub: _Hub, key: uuid.UUID, since: int) -> Any:
         while True:
             version = feed.version
             if feed.error is not None:
-                yield _sse("error", {"error": _scrub(str(feed.error), hub._url)})
+                yield _sse("error", {"error": _scrub(str(feed.error), hub.url)})
                 return
             update: FollowUpdate = feed.state
             text, skipped = feed.text_since(seen)
@@ -8003,7 +8011,7 @@ async def _job_stream(hub: _Hub, key: uuid.UUID, since: int) -> Any:
             if update.finished:
                 lines += printer.flush()
             if lines or skipped:
-                complete = seen - len(printer._partial)
+                complete = seen - printer.pending
                 yield _sse("transcript", {"lines": lines, "skipped": skipped}, complete)
             if update.state != told:
                 told = update.state
@@ -8023,7 +8031,7 @@ async def _overview_stream(hub: _Hub) -> Any:
         while True:
             version = feed.version
             if feed.error is not None:
-                yield _sse("error", {"error": _scrub(str(feed.error), hub._url)})
+                yield _sse("error", {"error": _scrub(str(feed.error), hub.url)})
             else:
                 yield _sse("overview", feed.state)
             await feed.changed(version, KEEPALIVE_INTERVAL)
@@ -8065,8 +8073,9 @@ def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
 
 
 def _api_job(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
-    """GET /api/jobs/{id or prefix}: everything `show` prints, row by row, and the job."""
-    job = get_job(conn, request.path_params["job"])
+    """GET /api/jobs/{id or prefix}: everything `show` prints, row by row, and the job (its
+    transcript comes by its events)."""
+    job = get_job(conn, request.path_params["job"], transcript=False)
     paused = paused_queues(conn)
     reason = explain_jobs(conn, [job]).get(job.id)
     try:
@@ -8087,38 +8096,35 @@ def _api_enqueue(conn: psycopg.Connection, request: Any, body: Any) -> dict[str,
 
 
 def _api_job_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
-    """POST /api/jobs/{id}/cancel|retry|run-now."""
-    action, job = request.path_params["action"], request.path_params["job"]
+    """POST /api/jobs/{id}/cancel|retry|run-now|reschedule|priority."""
+    action, actions = request.path_params["action"], ("cancel", "retry", "run-now", "reschedule")
+    if action not in (*actions, "priority"):
+        raise _HTTPError(404, f"no action {action!r}: {', '.join(actions)} or priority")
+    key = resolve_job_id(conn, request.path_params["job"])
     if action == "cancel":
-        return {"id": str(resolve_job_id(conn, job)), "status": cancel_job(conn, job)}
+        return {"id": str(key), "status": cancel_job(conn, key)}
     if action == "retry":
-        key = resolve_job_id(conn, job)
         with conn.transaction():
-            retried = retry_jobs(conn, [key])
-        return {"id": str(key), "retried": len(retried)}
+            return {"id": str(key), "retried": len(retry_jobs(conn, [key]))}
     if action == "run-now":
-        return {"id": str(run_now(conn, job)), "due": "now"}
-    if action == "reschedule":
-        return {"id": str(resolve_job_id(conn, job)), "run_at": _api_reschedule(conn, job, body)}
-    if action == "priority":  # {"priority": N}
-        priority = body.get("priority") if isinstance(body, dict) else None
-        if not isinstance(priority, int) or isinstance(priority, bool):
-            raise _HTTPError(400, 'give "priority", a whole number')
-        return {"id": str(resolve_job_id(conn, job)), "priority": set_priority(conn, job, priority)}
-    raise _HTTPError(404, f"no action {action!r}: cancel, retry, run-now, reschedule or priority")
+        return {"id": str(run_now(conn, key)), "due": "now"}
+    if action == "reschedule":  # {"at": ISO 8601} or {"delay": 3600 or "1h"}
+        return {"id": str(key), "run_at": _api_reschedule(conn, key, body)}
+    priority = body.get("priority") if isinstance(body, dict) else None  # {"priority": N}
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        raise _HTTPError(400, 'give "priority", a whole number')
+    return {"id": str(key), "priority": set_priority(conn, key, priority)}
 
 
-def _api_reschedule(conn: psycopg.Connection, job: str, body: Mapping[str, Any]) -> datetime:
-    """POST /api/jobs/{id}/reschedule: ``{"at": ISO 8601}`` or ``{"delay": 3600 or "1h"}``."""
+def _api_reschedule(conn: psycopg.Connection, job: uuid.UUID, body: Any) -> datetime:
+    """The new due time of POST /api/jobs/{id}/reschedule."""
     if not isinstance(body, dict):
         raise _HTTPError(400, 'the body must be a JSON object: {"at": ...} or {"delay": ...}')
     when = _enqueue_settings({"run_at": body.get("at"), "delay": body.get("delay")})
-    run_at, delay = when["run_at"], when["delay"]
-    if (run_at is None) == (delay is None):
+    run_at = _due_at(when["run_at"], when["delay"])
+    if run_at is None:
         raise _HTTPError(400, 'give "at" (an ISO 8601 time) or "delay", one of them')
-    if delay is not None and not (isinstance(delay, int | float) and 0 <= delay <= MAX_DURATION):
-        raise InvalidJob(f"delay must be from 0 up to ten years, not {delay!r}")
-    return reschedule(conn, job, run_at or datetime.now(UTC) + timedelta(seconds=delay))
+    return reschedule(conn, job, run_at)
 
 
 def _api_queues(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
@@ -8356,15 +8362,15 @@ function holdList(holds) {
 function workerTable(list) {
   if (!list.length) return $("p", { class: "dim" }, "no workers");
   return table(["worker", "state", "running", "·queues", "heartbeat", "jobs", ""],
-    list.map(w => { const state = w.lost ? "lost" : w.draining_since ? "draining" : "alive";
-      return $("tr", {}, $("td", { title: w.id }, w.host + ":" + w.pid), $("td", {}, status(state)),
+    list.map(w => $("tr", {}, $("td", { title: w.id }, w.host + ":" + w.pid),
+        $("td", {}, status(w.state)),
         $("td", { class: "num" }, w.running + "/" + w.concurrency),
         $("td", { class: "wide" }, w.queues.join(",")), $("td", {}, ago(w.last_heartbeat)),
         $("td", { class: "text" }, ...w.jobs.map(j => $("div", {},
           $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8)), " ", j.excerpt.slice(0, 80)))),
-        $("td", {}, state === "alive" ? action("drain", () => {
+        $("td", {}, w.state === "alive" ? action("drain", () => {
           if (confirm("Drain " + w.host + ":" + w.pid + "? It takes no more jobs and exits once "
-            + "its running jobs end.")) act("api/workers/" + w.id + "/drain"); }) : null)); }));
+            + "its running jobs end.")) act("api/workers/" + w.id + "/drain"); }) : null))));
 }
 function jobFilters(section) {
   const field = (name, hint) => $("input", { name, placeholder: hint, size: 12 });
@@ -9066,19 +9072,8 @@ def serve_command(
         )
     app = web_app(config.url(), token=token, read_only=read_only, public_metrics=public_metrics)
     config.connect().close()  # a missing or old schema: say so before serving
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # (IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
-    # without it a keep-alive client waits 40 ms for every answer)
-    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        listener.bind((host, port))
-        listener.listen(2048)  # (from here, a client waits for the server rather than fail)
-    except OSError as error:
-        listener.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from None
-    bound = listener.getsockname()[1]
-    address = f"http://{f'[{host}]' if ':' in host else host}:{bound}/"
+    listener = _listening_socket(host, port)
+    address = f"http://{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}/"
     click.echo(f"claude-jobs serve: {address}{' (read-only)' if read_only else ''} on "
                f"{mask_url(config.url())}")  # fmt: skip
     configure_logging("text", logging.WARNING)
@@ -9090,6 +9085,23 @@ def serve_command(
         app, log_level="warning", timeout_graceful_shutdown=2, lifespan="on",
     ))  # fmt: skip
     server.run(sockets=[listener])
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A socket listening on ``host``:``port`` (0: any free port), for uvicorn to serve on:
+    clients that come before it starts wait in the backlog rather than fail."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # (IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets that say they are TCP, and
+    # without it a keep-alive client waits 40 ms for every answer)
+    listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        listener.bind((host, port))
+        listener.listen(2048)
+    except OSError as error:
+        listener.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    return listener
 
 
 def _loopback(host: str) -> bool:
@@ -9564,8 +9576,7 @@ def workers_command(config: _Config, as_json: bool) -> None:
         return
     rows = [
         [
-            str(w["id"])[:8], w["host"], str(w["pid"]),
-            "lost" if w["lost"] else "draining" if w["draining_since"] else "alive",
+            str(w["id"])[:8], w["host"], str(w["pid"]), w["state"],
             f"{w['running']}/{w['concurrency']}", _ago(w["started_at"]),
             _ago(w["last_heartbeat"]), ",".join(w["queues"]), _claude_pause(w),
         ]
@@ -9608,9 +9619,9 @@ def reschedule_command(
       claude-jobs reschedule 6f1c2e9a --delay 2h
       claude-jobs reschedule 6f1c2e9a --at 2026-12-24T02:00:00+01:00
     """
-    if (run_at is None) == (delay is None):
+    when = _due_at(run_at, delay)
+    if when is None:
         raise click.UsageError("give --at or --delay (one of them)")
-    when = run_at if run_at is not None else datetime.now(UTC) + timedelta(seconds=delay or 0)
     with config.connect() as conn:
         key = resolve_job_id(conn, job_id)
         due = reschedule(conn, key, when)
