@@ -271,6 +271,14 @@ def test_metrics_parse_and_agree_with_the_jobs(client, conn) -> None:
     assert sample("claude_jobs_workers", "claude_jobs_workers", state="alive") == 0
 
 
+def test_metrics_answer_when_a_queue_has_only_jobs_due_later(client, conn) -> None:
+    claude_jobs.enqueue(conn, {"prompt": "tomorrow"}, queue="later", delay=86400)
+    response = client.get("/metrics")
+    assert response.status_code == 200, response.text
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    assert not families["claude_jobs_ready_age_seconds"].samples
+
+
 def test_the_histogram_bounds_match_the_schema(conn) -> None:
     bounds = conn.execute("SELECT claude_jobs_run_time_buckets()").fetchone()[0]
     assert [f"{b:g}" if b != float("inf") else "+Inf" for b in bounds] == list(
