@@ -36,7 +36,8 @@ Map of the module. Sections, top to bottom; data flows down the page, nothing ca
     queries                   every SQL statement, named in capitals, with why-comments
     database helpers          connect, the embedded PostgreSQL, ``_db_*``: one small typed
                               function per statement, the only place its parameters are built
-    queue API                 enqueue, enqueue_many, cancel, retry, list, stats, why a job waits
+    queue API                 enqueue, enqueue_many, cancel, retry, list, stats, why a job waits;
+                              schedules (add, edit, fire: the due-time arithmetic is _Timing)
     execution                 decide (an attempt's outcome: a pure function), backoff, the run
                               context, the supervisor of a claude run, ClaudeHandler, ClaudePolicy
     worker                    the parts below, and Worker, which starts and stops them
@@ -51,6 +52,7 @@ The worker's parts, each with one job, and the thread it runs on:
                   recovery of dead workers' jobs
     _Watchdog     "claude-jobs-watchdog": fences the lease when heartbeats stop getting through
     _Janitor      "claude-jobs-janitor": unblocks jobs races left blocked; deletes old jobs
+    _Scheduler    "claude-jobs-scheduler": fires due schedules, each due time once
     _Book, _Holds what those threads share, each behind its own lock
 
 The path of a job: ``enqueue`` inserts it (``blocked`` when it waits for another job or a busy
@@ -121,6 +123,7 @@ __all__ = [
     "ClaudeSettings",
     "ConfigError",
     "DatabaseUnavailable",
+    "Enqueued",
     "InvalidJob",
     "Job",
     "JobFailed",
@@ -134,6 +137,7 @@ __all__ = [
     "PermanentError",
     "Postpone",
     "RunContext",
+    "Schedule",
     "SchemaError",
     "Spend",
     "UsageLimitReached",
@@ -142,6 +146,7 @@ __all__ = [
     "WorkerNotFound",
     "WorkerSettings",
     "WorkerUnfit",
+    "add_schedule",
     "backoff_delay",
     "cancel_job",
     "cancel_jobs",
@@ -157,12 +162,15 @@ __all__ = [
     "default_handlers",
     "default_home",
     "drain_worker",
+    "edit_schedule",
     "enqueue",
     "enqueue_many",
     "explain_jobs",
+    "fire_due_schedules",
     "fold_counts",
     "follow_job",
     "get_job",
+    "get_schedule",
     "handler",
     "job_branch",
     "job_counts",
@@ -171,6 +179,7 @@ __all__ = [
     "lift_hold",
     "list_holds",
     "list_jobs",
+    "list_schedules",
     "list_workers",
     "list_worktrees",
     "main",
@@ -179,22 +188,28 @@ __all__ = [
     "parse_duration",
     "parse_time",
     "pause_queue",
+    "pause_schedule",
     "prepare_payload",
     "prune_worktrees",
     "purge_queue",
     "queue_known",
     "queue_stats",
     "registered_kinds",
+    "remove_schedule",
     "reschedule",
     "resolve_job_id",
     "resume_queue",
+    "resume_schedule",
     "retry_jobs",
     "run_now",
+    "run_schedule",
     "run_times",
+    "schedule_runs",
     "schema_sql",
     "schema_version",
     "set_priority",
     "start_embedded",
+    "sync_schedules",
     "worktree_diff",
 ]
 
@@ -212,6 +227,8 @@ OUTPUT_CHANNEL = "claude_jobs_output"  # a job's transcript grew, or it moved on
 LOCK_NAMESPACE = 0x636A6F62
 #: First key of the lock of a concurrency key ("ckey"); the second, its hash.
 KEY_LOCK_NAMESPACE = 0x636B6579
+#: First key of the lock enqueue_many takes on a unique key ("cunq"); the second, its hash.
+UNIQUE_LOCK_NAMESPACE = 0x63756E71
 MIGRATION_LOCK_KEY = 0
 #: Second keys of the locks that let one worker at a time do a task.
 CLEANUP_TASK, UNBLOCK_TASK, FOLD_TASK = -1, -2, -3
@@ -234,6 +251,18 @@ UNFIT_BACKOFF = (300.0, 3600.0)
 #: how soon after it starts.
 JANITOR_INTERVAL = 300.0
 JANITOR_FIRST_PASS = 10.0
+
+#: Workers look for due schedules this often.
+SCHEDULE_INTERVAL = 1.0
+#: A due time is missed (a catch-up policy applies) once it is older than this; under it, it
+#: is only late (the database was away a while, the workers were restarting).
+SCHEDULE_GRACE = 300.0
+#: The most runs `--catch-up all` makes at once, for the latest missed due times.
+CATCH_UP_LIMIT = 100
+#: How far a catch-up counts missed due times of a cron schedule (it says "at least" beyond).
+MISSED_COUNT_LIMIT = 10_000
+CATCH_UPS = ("latest", "all", "none")
+OVERLAPS = ("skip", "queue", "allow")
 
 #: A worker writes its heartbeat this often, on the connection that holds its lock.
 HEARTBEAT_INTERVAL = 1.0
@@ -428,6 +457,10 @@ class Job:
     resumes: dict[str, Any] | None = None  # claimed continuations: what they continue
     transcript: str | None = None
     transcript_size: int = 0  # characters ever written to the transcript (it keeps the tail)
+    unique_key: str | None = None  # no second job of the key while this one is unfinished
+    schedule: str | None = None  # the schedule that made it, and for which due time
+    scheduled_for: datetime | None = None
+    duplicate: bool = False  # enqueue made no job: this one, queued before, holds its unique key
     claim: uuid.UUID | None = field(default=None, repr=False)
     context: RunContext | None = field(default=None, repr=False, compare=False)
 
@@ -437,6 +470,7 @@ class Job:
         values["status"] = JobStatus(values["status"])
         values["cost_usd"] = float(values["cost_usd"] or 0)
         values["transcript_size"] = values["transcript_size"] or 0
+        values["duplicate"] = bool(values["duplicate"])
         if values["concurrency_limit"] is None:
             values["concurrency_limit"] = 1
         return cls(**values, context=context)
@@ -516,6 +550,51 @@ def _money(amount: float) -> str:
         return f"${amount:,.2f}"
     decimals = 3 - math.floor(math.log10(abs(amount)))
     return f"${amount:.{decimals}f}"
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One row of ``claude_jobs_schedules``: a job made again and again, at the times of a
+    cron expression (in ``timezone``) or ``every`` so many seconds. ``payload`` and
+    ``options`` (queue, priority... : JobSettings) make each run, an ordinary job that
+    records the schedule's name and its due time. ``last_run``: the latest run (due_at,
+    job_id, outcome, note, status of its job), where read with it."""
+
+    name: str
+    cron: str | None
+    every: float | None
+    timezone: str
+    kind: str
+    payload: dict[str, Any]
+    options: dict[str, Any]
+    catch_up: str
+    overlap: str
+    only_if_changed: bool
+    good_head: str | None  # --only-if-changed: the commit at its latest successful run
+    next_run_at: datetime
+    paused_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+    last_run: dict[str, Any] | None = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Schedule:
+        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
+        if last := values["last_run"]:  # (as JSON: text for the time and the id)
+            values["last_run"] = {
+                **last,
+                "due_at": datetime.fromisoformat(last["due_at"]),
+                "job_id": last["job_id"] and uuid.UUID(last["job_id"]),
+            }
+        return cls(**values)
+
+    @property
+    def when(self) -> str:
+        """When it runs, as people write it: ``cron 0 2 * * *`` or ``every 30m``."""
+        return f"cron {self.cron}" if self.cron else f"every {_duration_text(self.every or 0)}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 ###############################################################################
@@ -879,6 +958,68 @@ CREATE INDEX claude_jobs_newest_ended_badly ON claude_jobs (created_at DESC, id 
 ALTER TABLE claude_jobs_workers ADD COLUMN draining_since timestamptz;
 """,
     ),
+    (
+        8,
+        """\
+-- Unique jobs and schedules.
+-- Unique jobs: while a job of a unique key is queued or running, no other job of that key is
+-- (the index says so, not a read before a write: an enqueue that finds the key taken inserts
+-- nothing). A key enqueued with a window (--unique-for) also keeps others out until the
+-- window ends, whatever became of its job: the window is a row of its own.
+ALTER TABLE claude_jobs ADD COLUMN unique_key text;
+CREATE UNIQUE INDEX claude_jobs_unique_unfinished ON claude_jobs (unique_key)
+    WHERE status IN ('queued', 'running');
+CREATE TABLE claude_jobs_unique_windows (
+    key     text PRIMARY KEY,
+    job_id  uuid NOT NULL,                 -- the job enqueued with it
+    until   timestamptz NOT NULL            -- the key is free for another job from then on
+);
+-- Schedules: a job made again and again, at the times of a cron expression or every so
+-- often; workers fire them. A due time is fired once: the worker that fires it locks the
+-- schedule, moves next_run_at past it and records the run in one transaction, and a run's
+-- key is (schedule, due time).
+CREATE TABLE claude_jobs_schedules (
+    name             text PRIMARY KEY,
+    cron             text,                          -- a cron expression, in timezone; or
+    every            double precision CHECK (every > 0), -- seconds from one run to the next
+    timezone         text NOT NULL DEFAULT 'UTC',
+    kind             text NOT NULL,
+    payload          jsonb NOT NULL,                -- of each run, checked when added
+    options          jsonb NOT NULL,                -- each run's job options (queue, ...)
+    catch_up         text NOT NULL DEFAULT 'latest' CHECK (catch_up IN ('latest', 'all', 'none')),
+    overlap          text NOT NULL DEFAULT 'skip' CHECK (overlap IN ('skip', 'queue', 'allow')),
+    only_if_changed  boolean NOT NULL DEFAULT false, -- skip a run while the repository is as it
+                                                    -- was at the last successful run:
+    good_head        text,                          -- then (as its runs recorded it)
+    next_run_at      timestamptz NOT NULL,          -- the first due time not fired yet
+    paused_at        timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    CHECK ((cron IS NULL) <> (every IS NULL))
+);
+CREATE INDEX claude_jobs_schedules_due ON claude_jobs_schedules (next_run_at)
+    WHERE paused_at IS NULL;
+-- Each due time of a schedule that was fired: the job it made, or why none.
+CREATE TABLE claude_jobs_schedule_runs (
+    schedule  text NOT NULL REFERENCES claude_jobs_schedules ON DELETE CASCADE,
+    due_at    timestamptz NOT NULL,
+    job_id    uuid,                                 -- NULL: no job (see outcome)
+    outcome   text NOT NULL CHECK (outcome IN ('enqueued', 'skipped', 'missed', 'manual')),
+    note      text,                                 -- why none; what a catch-up left out
+    head      text,                                 -- --only-if-changed: the commit it saw
+    fired_at  timestamptz NOT NULL DEFAULT now(),
+    fired_by  text NOT NULL,                        -- the worker (host:pid), or who ran it
+    PRIMARY KEY (schedule, due_at)
+);
+CREATE INDEX claude_jobs_schedule_runs_job ON claude_jobs_schedule_runs (job_id);
+ALTER TABLE claude_jobs
+    ADD COLUMN schedule text,                       -- the schedule that made it
+    ADD COLUMN scheduled_for timestamptz;           -- the due time it was made for
+-- (--overlap: is a run of the schedule still queued or running)
+CREATE INDEX claude_jobs_unfinished_of_schedule ON claude_jobs (schedule)
+    WHERE schedule IS NOT NULL AND status IN ('queued', 'running');
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -924,7 +1065,8 @@ def schema_sql(migrations: Sequence[tuple[int, str]] = MIGRATIONS) -> str:
 _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, max_attempts,
     timeout, last_error, errors, worker_id, worker, result, session_id, cost_usd, created_at,
     started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
-    concurrency_limit, after, continue_from, session_host, worktree, widens, claim"""
+    concurrency_limit, after, continue_from, session_host, worktree, widens, unique_key,
+    schedule, scheduled_for, claim"""
 
 JOB_STATUSES = """
 -- job_statuses: the status of each of these jobs, and the host that keeps its claude session
@@ -942,19 +1084,66 @@ SELECT max(version) AS version FROM claude_jobs_schema
 """
 
 ENQUEUE = f"""
--- enqueue: insert one job and wake the workers of its queue, in one statement
+-- enqueue: insert one job and wake the workers of its queue, in one statement; nothing (no
+-- row) if a queued or running job holds its unique key
 WITH job AS (
-    INSERT INTO claude_jobs (queue, kind, priority, payload, run_at, max_attempts, timeout,
-        concurrency_key, concurrency_limit, after, continue_from, widens, blocked)
-    VALUES (%(queue)s, %(kind)s, %(priority)s, %(payload)s::jsonb, coalesce(%(run_at)s, now()),
-            %(max_attempts)s, %(timeout)s, %(concurrency_key)s, %(concurrency_limit)s,
-            %(after)s::uuid[], %(continue_from)s, %(widens)s::text[], %(blocked)s)
+    INSERT INTO claude_jobs (id, queue, kind, priority, payload, run_at, max_attempts, timeout,
+        concurrency_key, concurrency_limit, after, continue_from, widens, blocked, unique_key,
+        schedule, scheduled_for)
+    VALUES (%(id)s, %(queue)s, %(kind)s, %(priority)s, %(payload)s::jsonb,
+            coalesce(%(run_at)s, now()), %(max_attempts)s, %(timeout)s, %(concurrency_key)s,
+            %(concurrency_limit)s, %(after)s::uuid[], %(continue_from)s, %(widens)s::text[],
+            %(blocked)s, %(unique_key)s, %(schedule)s, %(scheduled_for)s)
+    ON CONFLICT (unique_key) WHERE status IN ('queued', 'running') DO NOTHING
     RETURNING {_JOB_COLUMNS}
 )
 SELECT job.*, pg_notify(%(channel)s, json_build_object(
     'queue', job.queue,
     'at', CASE WHEN job.run_at > now() THEN extract(epoch FROM job.run_at) END)::text)
 FROM job
+"""
+
+UNIQUE_HOLDER = f"""
+-- unique_holder: the queued or running job that holds a unique key
+SELECT {_JOB_COLUMNS} FROM claude_jobs
+WHERE unique_key = %(key)s AND status IN ('queued', 'running')
+"""
+
+TAKE_UNIQUE_WINDOW = """
+-- take_unique_window: open a key's window for a new job, unless one is open (its row is
+-- locked either way, until the end of the transaction); no row: the window is someone's
+INSERT INTO claude_jobs_unique_windows AS w (key, job_id, until)
+VALUES (%(key)s, %(id)s, now() + make_interval(secs => %(seconds)s))
+ON CONFLICT (key) DO UPDATE SET job_id = excluded.job_id, until = excluded.until
+WHERE w.until <= now()
+RETURNING job_id
+"""
+
+UNIQUE_WINDOW_HOLDER = f"""
+-- unique_window_holder: the job of a key's open window (the row is ours, locked), if it is
+-- still there (cleanup deletes old jobs)
+SELECT w.job_id AS holder, j.* FROM claude_jobs_unique_windows w
+LEFT JOIN LATERAL (SELECT {_JOB_COLUMNS} FROM claude_jobs WHERE id = w.job_id) j ON true
+WHERE w.key = %(key)s
+"""
+
+HAND_OVER_UNIQUE_WINDOW = """
+-- hand_over_unique_window: the window of a key whose job is gone is the new job's
+UPDATE claude_jobs_unique_windows
+SET job_id = %(id)s, until = now() + make_interval(secs => %(seconds)s)
+WHERE key = %(key)s
+"""
+
+LOCK_UNIQUE_KEYS = """
+-- lock_unique_keys: one enqueue_many at a time per unique key, taken in order (two batches
+-- that share keys then never wait for each other's index entries in a circle)
+SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(key))
+FROM unnest(%(keys)s::text[]) AS k(key) ORDER BY key
+"""
+
+CLOSED_UNIQUE_WINDOWS = """
+-- closed_unique_windows: forget the windows that have ended
+DELETE FROM claude_jobs_unique_windows WHERE until < now()
 """
 
 COPY_JOBS = """
@@ -1056,12 +1245,17 @@ RETRY = f"""
 -- retry: failed or cancelled jobs (these ids, or all of a status and queue) back to the
 -- queue now, with fresh attempts; their errors stay on record. Not a job that waits for one
 -- that failed or was cancelled (unless this retries that one too), or that waits for or
--- continues one that is gone: it would only be cancelled again.
+-- continues one that is gone: it would only be cancelled again. Not a job whose unique key
+-- a queued or running job holds, and of several of one key, only the newest.
 WITH chosen AS (
-    SELECT id FROM claude_jobs
-    WHERE status IN ('failed', 'cancelled') AND status = ANY(%(statuses)s::text[])
-      AND (%(ids)s::uuid[] IS NULL OR id = ANY(%(ids)s::uuid[]))
-      AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+    SELECT DISTINCT ON (coalesce(c.unique_key, c.id::text)) c.id FROM claude_jobs c
+    WHERE c.status IN ('failed', 'cancelled') AND c.status = ANY(%(statuses)s::text[])
+      AND (%(ids)s::uuid[] IS NULL OR c.id = ANY(%(ids)s::uuid[]))
+      AND (%(queue)s::text IS NULL OR c.queue = %(queue)s::text)
+      AND (c.unique_key IS NULL OR NOT EXISTS (
+          SELECT FROM claude_jobs h
+          WHERE h.unique_key = c.unique_key AND h.status IN ('queued', 'running')))
+    ORDER BY coalesce(c.unique_key, c.id::text), c.created_at DESC
 ), again AS (
     UPDATE claude_jobs j
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
@@ -1860,6 +2054,146 @@ RECOVER_ORPHANS = _REQUEUE_INTERRUPTED.format(
     condition="NOT EXISTS (SELECT FROM claude_jobs_workers w WHERE w.id = worker_id)",
 )
 
+# -- schedules ---------------------------------------------------------------------------------
+
+_SCHEDULE_COLUMNS = """s.name, s.cron, s.every, s.timezone, s.kind, s.payload, s.options,
+    s.catch_up, s.overlap, s.only_if_changed, s.good_head, s.next_run_at, s.paused_at,
+    s.created_at, s.updated_at"""
+
+# The latest run of schedule {s} (and the status of its job), as a JSON object.
+_LAST_RUN = """(
+    SELECT json_build_object('due_at', r.due_at, 'job_id', r.job_id, 'outcome', r.outcome,
+                             'note', r.note, 'status', j.status)
+    FROM claude_jobs_schedule_runs r LEFT JOIN claude_jobs j ON j.id = r.job_id
+    WHERE r.schedule = {s}.name ORDER BY r.due_at DESC LIMIT 1)"""
+
+INSERT_SCHEDULE = f"""
+-- insert_schedule: a new schedule; no row if one of that name exists
+INSERT INTO claude_jobs_schedules AS s (name, cron, every, timezone, kind, payload, options,
+    catch_up, overlap, only_if_changed, next_run_at)
+VALUES (%(name)s, %(cron)s, %(every)s, %(timezone)s, %(kind)s, %(payload)s::jsonb,
+        %(options)s::jsonb, %(catch_up)s, %(overlap)s, %(only_if_changed)s, %(next_run_at)s)
+ON CONFLICT (name) DO NOTHING
+RETURNING {_SCHEDULE_COLUMNS}
+"""
+
+UPDATE_SCHEDULE = f"""
+-- update_schedule: a schedule's new settings, and its next due time from now
+UPDATE claude_jobs_schedules s
+SET cron = %(cron)s, every = %(every)s, timezone = %(timezone)s, kind = %(kind)s,
+    payload = %(payload)s::jsonb, options = %(options)s::jsonb, catch_up = %(catch_up)s,
+    overlap = %(overlap)s, only_if_changed = %(only_if_changed)s,
+    next_run_at = %(next_run_at)s, updated_at = now()
+WHERE name = %(name)s
+RETURNING {_SCHEDULE_COLUMNS}
+"""
+
+GET_SCHEDULE = f"""
+-- get_schedule: one schedule, with its latest run; locked with `lock` (edit, run)
+SELECT {_SCHEDULE_COLUMNS}, {_LAST_RUN.format(s="s")} AS last_run
+FROM claude_jobs_schedules s WHERE s.name = %(name)s
+"""
+
+LOCK_SCHEDULE = f"""
+-- lock_schedule: one schedule, locked until the end of the transaction (edit, run, pause)
+SELECT {_SCHEDULE_COLUMNS}, now() AS now FROM claude_jobs_schedules s
+WHERE s.name = %(name)s FOR UPDATE
+"""
+
+LIST_SCHEDULES = f"""
+-- list_schedules: every schedule by name, with its latest run
+SELECT {_SCHEDULE_COLUMNS}, {_LAST_RUN.format(s="s")} AS last_run
+FROM claude_jobs_schedules s ORDER BY s.name
+"""
+
+SCHEDULE_RUNS = """
+-- schedule_runs: a schedule's latest runs, newest first, with their jobs' state
+SELECT r.due_at, r.job_id, r.outcome, r.note, r.head, r.fired_at, r.fired_by, j.status,
+    j.cost_usd, j.finished_at
+FROM claude_jobs_schedule_runs r LEFT JOIN claude_jobs j ON j.id = r.job_id
+WHERE r.schedule = %(name)s ORDER BY r.due_at DESC LIMIT %(limit)s
+"""
+
+PAUSE_SCHEDULE = """
+-- pause_schedule: no run is fired until resumed (already paused: unchanged)
+UPDATE claude_jobs_schedules SET paused_at = coalesce(paused_at, now()), updated_at = now()
+WHERE name = %(name)s RETURNING name
+"""
+
+RESUME_SCHEDULE = """
+-- resume_schedule: fire again from the next due time after now (what fell due while it was
+-- paused is not caught up)
+UPDATE claude_jobs_schedules SET paused_at = NULL, next_run_at = %(next_run_at)s,
+    updated_at = now()
+WHERE name = %(name)s RETURNING name
+"""
+
+REMOVE_SCHEDULE = """
+-- remove_schedule: a schedule and its record of runs go (the jobs it made stay)
+DELETE FROM claude_jobs_schedules WHERE name = %(name)s RETURNING name
+"""
+
+DATABASE_NOW = """
+-- database_now: the time by the database's clock (the one clock every worker shares)
+SELECT now()
+"""
+
+DUE_SCHEDULES = """
+-- due_schedules: the schedules with a due time not fired yet, by the database's clock
+SELECT name FROM claude_jobs_schedules
+WHERE paused_at IS NULL AND next_run_at <= now() ORDER BY next_run_at LIMIT 100
+"""
+
+LOCK_DUE_SCHEDULE = f"""
+-- lock_due_schedule: a due schedule to fire, locked, and the database's time; no row if it
+-- is no longer due or another worker fires it now
+SELECT {_SCHEDULE_COLUMNS}, now() AS now FROM claude_jobs_schedules s
+WHERE s.name = %(name)s AND s.paused_at IS NULL AND s.next_run_at <= now()
+FOR UPDATE SKIP LOCKED
+"""
+
+MOVE_SCHEDULE_ON = """
+-- move_schedule_on: the next due time of a schedule just fired (and the commit of its latest
+-- successful run, kept here for when cleanup has deleted that job)
+UPDATE claude_jobs_schedules SET next_run_at = %(next_run_at)s, good_head = %(good_head)s
+WHERE name = %(name)s
+"""
+
+RECORD_SCHEDULE_RUN = """
+-- record_schedule_run: a due time fired, once (no row: it was fired before)
+INSERT INTO claude_jobs_schedule_runs (schedule, due_at, outcome, note, head, fired_by)
+VALUES (%(schedule)s, %(due_at)s, %(outcome)s, %(note)s, %(head)s, %(fired_by)s)
+ON CONFLICT DO NOTHING RETURNING due_at
+"""
+
+SET_RUN_JOB = """
+-- set_run_job: the job a run made (or, if its unique key was taken, why it made none)
+UPDATE claude_jobs_schedule_runs
+SET job_id = %(job_id)s, outcome = %(outcome)s, note = %(note)s
+WHERE schedule = %(schedule)s AND due_at = %(due_at)s
+"""
+
+UNFINISHED_RUN = """
+-- unfinished_run: a queued or running job of a schedule (--overlap)
+SELECT id, status FROM claude_jobs
+WHERE schedule = %(name)s AND status IN ('queued', 'running') LIMIT 1
+"""
+
+LAST_SUCCESSFUL_HEAD = """
+-- last_successful_head: the commit a schedule's repository was at when the latest of its
+-- runs that succeeded was fired (--only-if-changed)
+SELECT r.head FROM claude_jobs_schedule_runs r JOIN claude_jobs j ON j.id = r.job_id
+WHERE r.schedule = %(name)s AND j.status = 'succeeded' AND r.head IS NOT NULL
+ORDER BY r.due_at DESC LIMIT 1
+"""
+
+OLD_SCHEDULE_RUNS = """
+-- old_schedule_runs: forget runs older than the retention, but each schedule's latest
+DELETE FROM claude_jobs_schedule_runs r
+WHERE r.fired_at < %(before)s AND r.due_at < (
+    SELECT max(l.due_at) FROM claude_jobs_schedule_runs l WHERE l.schedule = r.schedule)
+"""
+
 
 ###############################################################################
 # Database helpers
@@ -2534,6 +2868,8 @@ class JobSettings(TypedDict, total=False):
     concurrency_limit: int
     after: Sequence[uuid.UUID | str]
     continue_from: uuid.UUID | str | None
+    unique_key: str | None
+    unique_for: float | timedelta | None
 
 
 @dataclass(frozen=True)
@@ -2544,6 +2880,8 @@ class JobOptions:
     across all workers (a claude job's key is its absolute cwd unless it says otherwise; a
     limit of 0 means no key). ``after``: jobs that must all succeed first.
     ``continue_from``: a claude job whose session this one resumes, once it finished.
+    ``unique_key``: no new job while a job of that key is queued or running (or, with
+    ``unique_for``, was enqueued within that many seconds, whatever became of it).
     """
 
     kind: str = _option(DEFAULT_KIND, "Job kind.", env="KIND")
@@ -2583,13 +2921,20 @@ class JobOptions:
         "Resume that claude job's session (same cwd or worktree) once it finished.",
         metavar="ID",
     )
+    unique_key: str | None = _option(
+        None,
+        "Enqueue nothing (print the job that has it) while a job with this key is queued "
+        "or running.",
+        metavar="KEY",
+    )
+    unique_for: float | None = _option(
+        None,
+        "With --unique-key: also while the job with the key was enqueued less than this "
+        "ago, whatever became of it (24h).",
+        value="duration",
+    )
 
     def __post_init__(self) -> None:
-        if self.kind not in registered_kinds():
-            raise InvalidJob(
-                f"unknown kind {self.kind!r}: known kinds are {', '.join(registered_kinds())} "
-                "(a Python kind is known once the module that registers it is imported)"
-            )
         check_queue(self.queue)
         if not PG_INT_MIN <= self.priority <= PG_INT_MAX:
             raise InvalidJob(
@@ -2611,23 +2956,45 @@ class JobOptions:
             raise InvalidJob("a concurrency key contains a NUL character, which cannot be stored")
         if self.continue_from is not None and self.kind != DEFAULT_KIND:
             raise InvalidJob("only claude jobs can continue another job's session")
+        _check_unique(self.unique_key, self.unique_for)
 
     @classmethod
     def build(cls, **settings: Unpack[JobSettings]) -> JobOptions:
         """The options of enqueue's keywords (JobSettings): a ``delay`` becomes a ``run_at``,
-        a timedelta seconds; what is not given takes the field's default."""
+        a timedelta seconds; what is not given takes the field's default. The kind must be
+        known here (a schedule's runs are built with the constructor: the worker that fires
+        one need not run its kind)."""
+        kind = settings.get("kind", DEFAULT_KIND)
+        if kind not in registered_kinds():
+            raise InvalidJob(
+                f"unknown kind {kind!r}: known kinds are {', '.join(registered_kinds())} "
+                "(a Python kind is known once the module that registers it is imported)"
+            )
         values: dict[str, Any] = dict(settings)
         values["run_at"] = _due_at(values.get("run_at"), values.pop("delay", None))
-        timeout = values.get("timeout")
-        if isinstance(timeout, timedelta):
-            values["timeout"] = timeout = timeout.total_seconds()
-        if timeout is not None and timeout > MAX_DURATION:
-            raise InvalidJob(f"timeout must be at most ten years, not {timeout}")
+        for name in ("timeout", "unique_for"):
+            seconds = values.get(name)
+            if isinstance(seconds, timedelta):
+                values[name] = seconds = seconds.total_seconds()
+            if seconds is not None and seconds > MAX_DURATION:
+                raise InvalidJob(f"{name} must be at most ten years, not {seconds}")
         values["after"] = tuple(values.get("after") or ())
         unknown = sorted(set(values) - {each.name for each in dataclasses.fields(cls)})
         if unknown:
             raise InvalidJob(f"not a job option: {', '.join(unknown)}")
         return cls(**values)
+
+
+def _check_unique(key: Any, seconds: Any) -> None:
+    """InvalidJob unless ``key`` is a unique key (or None) and ``seconds`` its window."""
+    if key is not None and (not isinstance(key, str) or not key.strip() or "\x00" in key):
+        raise InvalidJob("a unique key must be non-empty text without NUL characters")
+    if seconds is None:
+        return
+    if key is None:
+        raise InvalidJob("--unique-for is how long a --unique-key holds: give the key too")
+    if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds > 0:
+        raise InvalidJob(f"unique_for must be a positive duration, not {seconds!r}")
 
 
 def _due_at(run_at: datetime | None, delay: float | timedelta | None) -> datetime | None:
@@ -2773,6 +3140,8 @@ CLAUDE_PAYLOAD: dict[str, tuple[Check, str | None]] = {
     "base": (_check_text, None),  # the worktree's starting point (default: HEAD)
     "concurrency_key": (_check_key, None),  # stored on the job, not in the payload
     "timeout": (_check_timeout, None),  # stored on the job, not in the payload
+    "unique_key": (_check_key, None),  # stored on the job, not in the payload
+    "unique_for": (_check_timeout, None),  # (the window of unique_key)
     "env": (_check_env, None),  # extra environment for claude
     "model": (_check_text, "--model"),
     "fallback_model": (_check_text, "--fallback-model"),
@@ -2788,7 +3157,7 @@ CLAUDE_PAYLOAD: dict[str, tuple[Check, str | None]] = {
     "effort": (_check_choice(EFFORT_LEVELS), "--effort"),
 }
 #: Payload keys that are the job's settings rather than claude's.
-_JOB_KEYS = ("concurrency_key", "timeout")
+_JOB_KEYS = ("concurrency_key", "timeout", "unique_key", "unique_for")
 
 
 def prepare_payload(kind: str, payload: Any, base_dir: str | Path | None = None) -> dict[str, Any]:
@@ -2807,7 +3176,7 @@ class _Prepared:
 
     payload: dict[str, Any]
     text: str  # the payload's JSON
-    settings: dict[str, Any]  # concurrency_key and timeout, when the payload gave them
+    settings: dict[str, Any]  # the _JOB_KEYS the payload gave
 
 
 def _prepare(
@@ -2921,12 +3290,17 @@ def job_branch(job: Job) -> str | None:
 
 
 def _row(options: JobOptions, prepared: _Prepared, previous: Job | None = None) -> dict[str, Any]:
-    """The columns of one job."""
+    """The columns of one job (and the window of its unique key)."""
+    unique_key = prepared.settings.get("unique_key", options.unique_key)
+    unique_for = prepared.settings.get("unique_for", options.unique_for)
+    _check_unique(unique_key, unique_for)
     return {
         "payload": prepared.text,
         "timeout": prepared.settings.get("timeout", options.timeout),
         "concurrency_key": _concurrency_key(options, prepared, previous),
         "concurrency_limit": options.concurrency_limit,
+        "unique_key": unique_key,
+        "unique_for": unique_for,
     }
 
 
@@ -3143,6 +3517,10 @@ def enqueue(
     ``widens``). A relative cwd in a claude payload is resolved against ``base_dir``
     (default: the current directory).
 
+    With ``unique_key`` (and ``unique_for``, seconds or a timedelta), no job is made while a
+    job of that key is queued or running (or was enqueued within ``unique_for``): the one
+    returned is that job, with ``duplicate`` set.
+
     The insert and the NOTIFY that wakes idle workers are one statement, run in the caller's
     transaction: the job exists once the caller commits and vanishes if it rolls back.
     """
@@ -3154,20 +3532,99 @@ def enqueue(
     if previous is not None:
         dropped = {key for key, value in payload.items() if value is None}
         options, widens = _as_continuation(options, prepared, previous, dropped)
-    row = _row(options, prepared, previous)
-    params = {
+    return _enqueue_prepared(conn, options, prepared, chain, widens)
+
+
+def _enqueue_prepared(
+    conn: psycopg.Connection,
+    options: JobOptions,
+    prepared: _Prepared,
+    chain: _Chain,
+    widens: list[str] | None = None,
+    origin: tuple[str, datetime] | None = None,
+) -> Job:
+    """Queue one checked job (see enqueue); ``origin``: the schedule and due time it is a
+    run of."""
+    row = _row(options, prepared, chain.previous)
+    blocked = _blocked(conn, options, [row["concurrency_key"]], chain.waits)[0]
+    return _insert_job(conn, _enqueue_params(options, row, chain, blocked, widens, origin))
+
+
+def _enqueue_params(
+    options: JobOptions,
+    row: dict[str, Any],
+    chain: _Chain,
+    blocked: str | None,
+    widens: list[str] | None = None,
+    origin: tuple[str, datetime] | None = None,
+) -> dict[str, Any]:
+    """ENQUEUE's parameters for one job."""
+    schedule, due = origin or (None, None)
+    return {
         **dataclasses.asdict(options),
         **row,
         "after": chain.after,
-        "continue_from": previous.id if previous else None,
+        "continue_from": chain.previous.id if chain.previous else None,
         "widens": widens or None,
-        "blocked": _blocked(conn, options, [row["concurrency_key"]], chain.waits)[0],
+        "blocked": blocked,
         "channel": NOTIFY_CHANNEL,
+        "schedule": schedule,
+        "scheduled_for": due,
     }
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(ENQUEUE, params).fetchone()
-    assert row is not None
-    return Job.from_row(row)
+
+
+class _KeyTaken(Exception):
+    """The unique key of a job being inserted is held by this job (the insert is undone)."""
+
+    def __init__(self, holder: Job) -> None:
+        self.holder = holder
+
+
+def _insert_job(conn: psycopg.Connection, params: dict[str, Any]) -> Job:
+    """Insert one job (ENQUEUE's ``params``, the id drawn here), unless a job holds its unique
+    key: then that job, marked ``duplicate``. The index on unfinished keys decides, and the
+    window's row (locked by whoever opens it) for a key with a window; a holder that ends
+    while we look makes us try again."""
+    key, seconds = params["unique_key"], params["unique_for"]
+    while True:
+        params["id"] = uuid.uuid4()
+        try:
+            with _savepoint(conn), conn.cursor(row_factory=dict_row) as cur:
+                if key is not None and seconds is not None:
+                    _take_unique_window(cur, key, seconds, params["id"])
+                row = cur.execute(ENQUEUE, params).fetchone()
+                if row is not None:
+                    return Job.from_row(row)
+                assert key is not None  # (only a unique key makes ENQUEUE insert nothing)
+                holder = cur.execute(UNIQUE_HOLDER, {"key": key}).fetchone()
+                if holder is not None:
+                    raise _KeyTaken(Job.from_row({**holder, "duplicate": True}))
+        except _KeyTaken as taken:  # (the transaction above is undone: the window too)
+            return taken.holder
+
+
+def _take_unique_window(cur: psycopg.Cursor[Any], key: str, seconds: float, job: uuid.UUID) -> None:
+    """Open the window of ``key`` for the new job ``job``, or raise _KeyTaken with the job
+    whose window is open. A window whose job is gone (cleaned up) is handed over."""
+    params = {"key": key, "seconds": seconds, "id": job}
+    if cur.execute(TAKE_UNIQUE_WINDOW, params).fetchone() is not None:
+        return
+    row = cur.execute(UNIQUE_WINDOW_HOLDER, params).fetchone()
+    assert row is not None  # (the row is locked by TAKE_UNIQUE_WINDOW: it stays)
+    if row["id"] is None:
+        cur.execute(HAND_OVER_UNIQUE_WINDOW, params)
+        return
+    raise _KeyTaken(Job.from_row({**row, "duplicate": True}))
+
+
+class Enqueued(list[uuid.UUID]):
+    """The ids of the jobs enqueue_many queued, in the order of their payloads; where a
+    payload's unique key was taken, the id of the job that holds it, and its position
+    (0-based) in ``duplicates``."""
+
+    def __init__(self, ids: Iterable[uuid.UUID] = (), duplicates: Iterable[int] = ()) -> None:
+        super().__init__(ids)
+        self.duplicates: list[int] = list(duplicates)
 
 
 def enqueue_many(
@@ -3175,14 +3632,17 @@ def enqueue_many(
     payloads: Iterable[Mapping[str, Any]],
     *,
     base_dir: str | Path | None = None,
+    unique_keys: Sequence[str | None] | None = None,
     **settings: Unpack[JobSettings],
-) -> list[uuid.UUID]:
+) -> Enqueued:
     """Queue many jobs with the same settings (those of enqueue, but continue_from), all or
     nothing; returns their ids in order.
 
     Every payload is checked before anything is written; a bad one raises InvalidJob naming
     its position (1-based). The rows go in with one COPY, followed by one NOTIFY, in the
-    caller's transaction (or one of their own on an autocommit connection).
+    caller's transaction (or one of their own on an autocommit connection). Jobs with unique
+    keys (``unique_keys``: one per payload, or None; a claude payload's "unique_key") go in
+    one by one, and a payload whose key is taken makes no job (see Enqueued).
     """
     options = JobOptions.build(**settings)
     prepared: list[_Prepared] = []
@@ -3192,24 +3652,37 @@ def enqueue_many(
             prepared.append(_prepare(options.kind, payload, base_dir, seen))
         except InvalidJob as error:
             raise InvalidJob(f"job {number}: {error}", position=number, detail=str(error)) from None
+    if unique_keys is not None:
+        if len(unique_keys) != len(prepared):
+            raise InvalidJob(f"{len(unique_keys)} unique keys for {len(prepared)} payloads")
+        for each, key in zip(prepared, unique_keys, strict=True):
+            if key is not None:
+                each.settings["unique_key"] = key
     return _copy_jobs(conn, options, prepared)
 
 
 def _copy_jobs(
     conn: psycopg.Connection, options: JobOptions, prepared: list[_Prepared]
-) -> list[uuid.UUID]:
-    """Insert checked jobs with one COPY, then NOTIFY."""
+) -> Enqueued:
+    """Insert checked jobs with one COPY, then NOTIFY (or one by one: see _insert_unique)."""
     if options.continue_from is not None:
         raise InvalidJob("a continuation is one job: enqueue it alone")
     chain = _chain(conn, options)
-    ids = [uuid.uuid4() for _ in prepared]
+    rows = []
+    for number, each in enumerate(prepared, 1):
+        try:
+            rows.append(_row(options, each))
+        except InvalidJob as error:
+            raise InvalidJob(f"job {number}: {error}", position=number, detail=str(error)) from None
     if not prepared:
-        return ids
+        return Enqueued()
+    ids = [uuid.uuid4() for _ in prepared]
     common = (options.queue, options.kind, options.priority, options.max_attempts)
     scheduled = () if options.run_at is None else (options.run_at,)
-    rows = [_row(options, each) for each in prepared]
     with _atomic(conn), conn.cursor() as cur:
         marks = _blocked(conn, options, [row["concurrency_key"] for row in rows], chain.waits)
+        if any(row["unique_key"] is not None for row in rows):
+            return _insert_unique(conn, options, chain, rows, marks)
         with cur.copy(COPY_SCHEDULED_JOBS if scheduled else COPY_JOBS) as copy:
             for job_id, row, blocked in zip(ids, rows, marks, strict=True):
                 copy.write_row(
@@ -3220,7 +3693,37 @@ def _copy_jobs(
             NOTIFY_QUEUE,
             {"channel": NOTIFY_CHANNEL, "queue": options.queue, "run_at": options.run_at},
         )
-    return ids
+    return Enqueued(ids)
+
+
+def _insert_unique(
+    conn: psycopg.Connection,
+    options: JobOptions,
+    chain: _Chain,
+    rows: list[dict[str, Any]],
+    marks: list[str | None],
+) -> Enqueued:
+    """Insert jobs one by one, in order, where some have unique keys (COPY cannot skip a
+    row). The keys are locked first, in one order, so that two such batches sharing keys
+    cannot each wait for the other."""
+    keys = sorted({row["unique_key"] for row in rows if row["unique_key"] is not None})
+    conn.execute(LOCK_UNIQUE_KEYS, {"namespace": UNIQUE_LOCK_NAMESPACE, "keys": keys})
+    done = Enqueued()
+    for position, (row, blocked) in enumerate(zip(rows, marks, strict=True)):
+        job = _insert_job(conn, _enqueue_params(options, row, chain, blocked))
+        done.append(job.id)
+        if job.duplicate:
+            done.duplicates.append(position)
+    return done
+
+
+def _savepoint(conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
+    """A savepoint in the caller's transaction, or a transaction of our own on an autocommit
+    connection. (psycopg would commit a block begun where no transaction is open yet: one
+    statement first opens the caller's, which stays the caller's to end.)"""
+    if not conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        conn.execute(DATABASE_NOW)
+    return conn.transaction()
 
 
 def _atomic(conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
@@ -3361,7 +3864,13 @@ def retry_jobs(
         "channel": NOTIFY_CHANNEL,
     }
     with conn.transaction():  # all of these ids, or none
-        again = [row[0] for row in conn.execute(RETRY, params).fetchall()]
+        try:
+            again = [row[0] for row in conn.execute(RETRY, params).fetchall()]
+        except psycopg.errors.UniqueViolation:
+            raise WrongState(
+                "a job was enqueued with the unique key of one of these meanwhile: "
+                "nothing was retried"
+            ) from None
         if keys is not None and len(again) < len(set(keys)):
             wrong = [get_job(conn, key) for key in keys if key not in again]
             for job in wrong:
@@ -3373,7 +3882,12 @@ def retry_jobs(
 
 
 def _why_blocked(conn: psycopg.Connection, job: Job) -> str:
-    """Why retry refused a failed or cancelled job: what it waits for or continues."""
+    """Why retry refused a failed or cancelled job: another holds its unique key, or what
+    it waits for or continues."""
+    if job.unique_key is not None:
+        holder = conn.execute(UNIQUE_HOLDER, {"key": job.unique_key}).fetchone()
+        if holder is not None:
+            return f"job {holder[0]} holds {job.id}'s unique key {job.unique_key!r}"
     found = job_statuses(conn, job.awaits)
     gone = [job_id for job_id in job.awaits if job_id not in found]
     if gone:
@@ -3381,7 +3895,9 @@ def _why_blocked(conn: psycopg.Connection, job: Job) -> str:
     blocking = [
         f"{d} ({found[d][0]})" for d in job.after or () if found[d][0] != JobStatus.SUCCEEDED
     ]
-    return f"{job.id} waits for {', '.join(blocking)}: retry that first (or with it)"
+    if blocking or job.unique_key is None:
+        return f"{job.id} waits for {', '.join(blocking)}: retry that first (or with it)"
+    return f"{job.id} has the unique key {job.unique_key!r} of a newer job retried with it"
 
 
 def queue_stats(conn: psycopg.Connection) -> list[dict[str, Any]]:
@@ -3728,6 +4244,8 @@ def cleanup_jobs(
             count = conn.execute(CLEANUP_BATCH, params).rowcount
         deleted += count
         if count < batch:
+            conn.execute(CLOSED_UNIQUE_WINDOWS)
+            conn.execute(OLD_SCHEDULE_RUNS, {"before": before})
             return deleted
 
 
@@ -3959,6 +4477,540 @@ def job_update(conn: psycopg.Connection, job_id: uuid.UUID, seen: int = 0) -> Fo
         worker_lost=row["worker_lost"], paused=row["paused"],
         why=reason and reason.text, gist=reason and reason.gist,
     )  # fmt: skip
+
+
+# -- schedules ---------------------------------------------------------------------------------
+
+
+def _zone(name: str) -> zoneinfo.ZoneInfo:
+    """The IANA time zone ``name``; InvalidJob for one there is no such zone."""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise InvalidJob(
+            f"unknown time zone {name!r}: give an IANA name such as Europe/Berlin or UTC"
+        ) from None
+
+
+def _cron(expression: str, start: datetime, *, reverse: bool = False) -> Iterator[datetime]:
+    """The times of a five-field cron expression after ``start`` (before it, with
+    ``reverse``), in ``start``'s zone: cronsim does the arithmetic, including the days when
+    the clocks change (as Debian's cron: a time skipped runs when the clocks have moved on,
+    a time repeated runs once)."""
+    try:
+        from cronsim import CronSim, CronSimError
+    except ImportError:
+        raise ConfigError(
+            "cron schedules need cronsim: pip install 'claude-jobs[schedules]'"
+        ) from None
+    if len(expression.split()) != 5:
+        raise InvalidJob(
+            f"bad cron expression {expression!r}: give five fields, minute hour "
+            "day-of-month month day-of-week (as 0 2 * * *)"
+        )
+    try:
+        return iter(CronSim(expression, start, reverse=reverse))
+    except (CronSimError, ValueError) as error:
+        reason = str(error)
+        raise InvalidJob(
+            f"bad cron expression {expression!r}: {reason[:1].lower()}{reason[1:]}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class _Timing:
+    """When a schedule's runs are due: the times of a cron expression in a time zone, or
+    every so many seconds from a first due time. Pure arithmetic on given times (the
+    database's clock, never this machine's)."""
+
+    cron: str | None
+    every: float | None
+    zone: zoneinfo.ZoneInfo
+
+    @classmethod
+    def of(cls, cron: str | None, every: float | None, timezone: str) -> _Timing:
+        """Checked: one of cron and every; InvalidJob for a bad expression or zone."""
+        if (cron is None) == (every is None):
+            raise InvalidJob("a schedule runs by --cron EXPRESSION or --every DURATION: give one")
+        if every is not None and not 1 <= every <= MAX_DURATION:
+            raise InvalidJob(f"--every must be from 1s up to ten years, not {every}")
+        timing = cls(cron, every, _zone(timezone))
+        if cron is not None:
+            timing.next_after(datetime.now(UTC))  # (an expression that never fires fails now)
+        return timing
+
+    def next_after(self, moment: datetime, anchor: datetime | None = None) -> datetime:
+        """The first due time after ``moment``; ``every``: one of anchor + n * every (the
+        first after moment when there is no anchor)."""
+        if self.cron is not None:
+            try:
+                return next(_cron(self.cron, moment.astimezone(self.zone))).astimezone(UTC)
+            except StopIteration:
+                raise InvalidJob(f"the cron expression {self.cron!r} never fires") from None
+        assert self.every is not None
+        if anchor is None:
+            return moment + timedelta(seconds=self.every)
+        steps = max(0, math.floor((moment - anchor).total_seconds() / self.every) + 1)
+        return anchor + timedelta(seconds=steps * self.every)
+
+    def due_until(self, first: datetime, now: datetime) -> tuple[list[datetime], int]:
+        """The due times from ``first`` (itself one) up to ``now``: the latest
+        CATCH_UP_LIMIT of them, oldest first, and how many there are (a cron schedule's
+        count stops at MISSED_COUNT_LIMIT)."""
+        if self.every is not None:
+            count = math.floor((now - first).total_seconds() / self.every) + 1
+            start = max(0, count - CATCH_UP_LIMIT)
+            return [first + timedelta(seconds=n * self.every) for n in range(start, count)], count
+        assert self.cron is not None
+        times, count = [first], 1
+        for moment in _cron(self.cron, first.astimezone(self.zone)):
+            if moment > now or count >= MISSED_COUNT_LIMIT:
+                break
+            times.append(moment.astimezone(UTC))
+            count += 1
+            del times[:-CATCH_UP_LIMIT]
+        if count >= MISSED_COUNT_LIMIT:  # (the latest ones, counting back from now)
+            back = _cron(
+                self.cron, (now + timedelta(seconds=1)).astimezone(self.zone), reverse=True
+            )
+            times = sorted(
+                moment.astimezone(UTC) for moment in itertools.islice(back, CATCH_UP_LIMIT)
+            )
+        return times, count
+
+
+def _catching_up(
+    policy: str, due: list[datetime], count: int, now: datetime
+) -> tuple[list[datetime], str | None, datetime | None]:
+    """Which of the due times a schedule fires now (``due``: the latest, oldest first;
+    ``count``: how many there are), a note on those it leaves out, and the due time to
+    record as missed when it fires none. A due time under SCHEDULE_GRACE old is only late;
+    older ones were missed (no worker fired them) and the schedule's policy says what
+    happens: "latest" fires one run for them all, "all" one for each (the latest
+    CATCH_UP_LIMIT), "none" fires none of them."""
+    earlier = count - 1
+    many = f"{earlier:,}" + ("+" if count >= MISSED_COUNT_LIMIT else "")
+    if policy == "all":
+        dropped = count - len(due)
+        note = f"{dropped:,}+ earlier due times dropped: at most {CATCH_UP_LIMIT} at once"
+        return due, note if dropped else None, None
+    latest = due[-1]
+    if policy == "latest":
+        return [latest], f"one run for {many} earlier due times missed" if earlier else None, None
+    if (now - latest).total_seconds() <= SCHEDULE_GRACE:
+        return [latest], f"{many} earlier due times missed, not run" if earlier else None, None
+    return [], f"{count:,} due times missed, not run (--catch-up none)", latest
+
+
+def _schedule_head(payload: Mapping[str, Any]) -> str | None:
+    """The commit a claude schedule's job would start from: HEAD of its cwd's repository
+    (a worktree job: its base); None where that cannot be read from here."""
+    cwd = payload.get("cwd")
+    if not cwd:
+        return None
+    ref = payload.get("base") or "HEAD" if payload.get("worktree") else "HEAD"
+    try:
+        return _git(cwd, "rev-parse", "--verify", "--end-of-options", f"{ref}^{{commit}}")
+    except (_GitError, OSError):
+        return None
+
+
+def _schedule_columns(
+    name: str,
+    payload: Any,
+    *,
+    cron: str | None,
+    every: float | timedelta | None,
+    timezone: str,
+    catch_up: str,
+    overlap: str,
+    only_if_changed: bool,
+    base_dir: str | Path | None,
+    settings: Mapping[str, Any],
+) -> tuple[dict[str, Any], _Timing]:
+    """The stored columns of a schedule, every part checked (InvalidJob says what is wrong),
+    and its timing."""
+    if not name or not name.strip() or len(name) > 200 or "\x00" in name:
+        raise InvalidJob(f"invalid schedule name {name!r}: not empty, at most 200 characters")
+    refused = sorted({"run_at", "delay", "after", "continue_from"} & set(settings))
+    if refused:
+        raise InvalidJob(f"a schedule's runs are due by its timing: not {', '.join(refused)}")
+    if isinstance(every, timedelta):
+        every = every.total_seconds()
+    timing = _Timing.of(cron, every, timezone)
+    if catch_up not in CATCH_UPS:
+        raise InvalidJob(f"--catch-up is one of {', '.join(CATCH_UPS)}, not {catch_up!r}")
+    if overlap not in OVERLAPS:
+        raise InvalidJob(f"--overlap is one of {', '.join(OVERLAPS)}, not {overlap!r}")
+    options = JobOptions.build(**settings)
+    prepared = _prepare(options.kind, payload, base_dir)
+    options = dataclasses.replace(options, **prepared.settings)  # (the payload's keys win)
+    _row(options, prepared)  # (what only a whole job can check: a unique key's window)
+    if only_if_changed and not (
+        options.kind == DEFAULT_KIND
+        and prepared.payload.get("cwd")
+        and _git_ok(prepared.payload["cwd"], "rev-parse", "--git-dir")
+    ):
+        raise InvalidJob("--only-if-changed is for claude jobs whose cwd is in a git repository")
+    stored = dataclasses.asdict(options)
+    for each in ("kind", "run_at", "after", "continue_from"):
+        del stored[each]
+    columns = {
+        "name": name, "cron": cron, "every": every, "timezone": timezone, "kind": options.kind,
+        "payload": prepared.text, "options": json.dumps(stored), "catch_up": catch_up,
+        "overlap": overlap, "only_if_changed": only_if_changed,
+    }  # fmt: skip
+    return columns, timing
+
+
+def _database_now(conn: psycopg.Connection) -> datetime:
+    row = conn.execute(DATABASE_NOW).fetchone()
+    assert row is not None
+    return row[0]
+
+
+def add_schedule(
+    conn: psycopg.Connection,
+    name: str,
+    payload: Mapping[str, Any],
+    *,
+    cron: str | None = None,
+    every: float | timedelta | None = None,
+    timezone: str = "UTC",
+    catch_up: str = "latest",
+    overlap: str = "skip",
+    only_if_changed: bool = False,
+    base_dir: str | Path | None = None,
+    **settings: Unpack[JobSettings],
+) -> Schedule:
+    """Add a schedule: a job of ``payload`` and ``settings`` (those of enqueue, but run_at,
+    delay, after and continue_from) made at the times of ``cron`` (five fields, in
+    ``timezone``) or ``every`` so many seconds (the first one from now). Workers fire it.
+
+    ``catch_up``: what the first worker up after a time when none fired it does with the
+    due times it missed: "latest" (one run), "all" (one each, up to CATCH_UP_LIMIT) or
+    "none". ``overlap``: what a due time does while a run of it is still queued or running:
+    "skip" it, "queue" one more (runs of a schedule without a concurrency key then get one
+    of their own: they run one at a time), or "allow" it. ``only_if_changed``: a claude job's
+    run is skipped while its repository's HEAD (a worktree job's base) is the commit it was
+    at when the last successful run was fired. InvalidJob for anything wrong, WrongState if
+    the name is taken."""
+    columns, timing = _schedule_columns(
+        name, payload, cron=cron, every=every, timezone=timezone, catch_up=catch_up,
+        overlap=overlap, only_if_changed=only_if_changed, base_dir=base_dir, settings=settings,
+    )  # fmt: skip
+    columns["next_run_at"] = timing.next_after(_database_now(conn))
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(INSERT_SCHEDULE, columns).fetchone()
+    if row is None:
+        raise WrongState(f"a schedule named {name!r} exists: change it with `schedule edit`")
+    return Schedule.from_row(row)
+
+
+#: What edit_schedule may change besides the job's settings.
+_SCHEDULE_SETTINGS = ("cron", "every", "timezone", "catch_up", "overlap", "only_if_changed")
+
+
+def edit_schedule(
+    conn: psycopg.Connection,
+    name: str,
+    *,
+    payload: Mapping[str, Any] | None = None,
+    base_dir: str | Path | None = None,
+    **changes: Any,
+) -> Schedule:
+    """Change a schedule: a new ``payload`` (whole), and any of cron or every (one replaces
+    the other), timezone, catch_up, overlap, only_if_changed and the job's settings (as
+    add_schedule takes them; a None drops a setting). Checked as add_schedule checks; the
+    next due time is computed again from now. JobNotFound-like NotFound if there is none."""
+    with _atomic(conn), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(LOCK_SCHEDULE, {"name": name}).fetchone()
+        if row is None:
+            raise NotFound(f"no schedule {name!r}")
+        old = Schedule.from_row(row)
+        values = {key: getattr(old, key) for key in _SCHEDULE_SETTINGS}
+        if changes.get("cron") is not None:
+            values["every"] = None
+        if changes.get("every") is not None:
+            values["cron"] = None
+        values.update({key: changes.pop(key) for key in _SCHEDULE_SETTINGS if key in changes})
+        settings = {**old.options, "kind": old.kind, **changes}
+        settings = {key: value for key, value in settings.items() if value is not None}
+        given = old.payload if payload is None else payload
+        columns, timing = _schedule_columns(
+            name, given, base_dir=base_dir, settings=settings, **values
+        )
+        columns["next_run_at"] = timing.next_after(row["now"])
+        updated = cur.execute(UPDATE_SCHEDULE, columns).fetchone()
+    assert updated is not None
+    return Schedule.from_row(updated)
+
+
+def get_schedule(conn: psycopg.Connection, name: str) -> Schedule:
+    """One schedule, with its latest run; NotFound if there is none."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(GET_SCHEDULE, {"name": name}).fetchone()
+    if row is None:
+        raise NotFound(f"no schedule {name!r}")
+    return Schedule.from_row(row)
+
+
+def list_schedules(conn: psycopg.Connection) -> list[Schedule]:
+    """Every schedule by name, each with its latest run."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [Schedule.from_row(row) for row in cur.execute(LIST_SCHEDULES).fetchall()]
+
+
+def schedule_runs(conn: psycopg.Connection, name: str, limit: int = 20) -> list[dict[str, Any]]:
+    """A schedule's latest runs, newest first: due_at, job_id (None: it made none), outcome
+    (enqueued, skipped, missed, manual), note, head, fired_at, fired_by, and its job's
+    status, cost_usd and finished_at."""
+    get_schedule(conn, name)
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(SCHEDULE_RUNS, {"name": name, "limit": limit}).fetchall()
+
+
+def pause_schedule(conn: psycopg.Connection, name: str) -> None:
+    """No run of it is fired until it is resumed."""
+    if conn.execute(PAUSE_SCHEDULE, {"name": name}).fetchone() is None:
+        raise NotFound(f"no schedule {name!r}")
+
+
+def resume_schedule(conn: psycopg.Connection, name: str) -> Schedule:
+    """Fire it again, from its next due time after now (what fell due while it was paused
+    is not caught up)."""
+    with _atomic(conn), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(LOCK_SCHEDULE, {"name": name}).fetchone()
+        if row is None:
+            raise NotFound(f"no schedule {name!r}")
+        schedule = Schedule.from_row(row)
+        timing = _Timing.of(schedule.cron, schedule.every, schedule.timezone)
+        next_run_at = timing.next_after(row["now"], anchor=schedule.next_run_at)
+        cur.execute(RESUME_SCHEDULE, {"name": name, "next_run_at": next_run_at})
+    return get_schedule(conn, name)
+
+
+def remove_schedule(conn: psycopg.Connection, name: str) -> None:
+    """Remove a schedule and its record of runs (the jobs it made stay)."""
+    if conn.execute(REMOVE_SCHEDULE, {"name": name}).fetchone() is None:
+        raise NotFound(f"no schedule {name!r}")
+
+
+def run_schedule(conn: psycopg.Connection, name: str, *, by: str | None = None) -> Job:
+    """One run of a schedule now, whatever its timing, overlap and only-if-changed say
+    (`schedule run`): recorded among its runs as "manual"."""
+    with _atomic(conn), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(LOCK_SCHEDULE, {"name": name}).fetchone()
+        if row is None:
+            raise NotFound(f"no schedule {name!r}")
+        schedule = Schedule.from_row(row)
+        head = _schedule_head(schedule.payload) if schedule.only_if_changed else None
+        run = _Run(schedule, row["now"], "manual", None, head, by or _worker_name())
+        job = _fire_run(conn, run)
+    assert job is not None
+    return job
+
+
+def fire_due_schedules(conn: psycopg.Connection, *, by: str | None = None) -> list[Job]:
+    """Fire the schedules that are due, each in a transaction of its own (what workers do
+    every second; ``by`` names who fires, the worker): the jobs made. A schedule another
+    fires at the same moment is left to it; one that cannot be fired here (its cron needs
+    cronsim, which is not installed) is left for another worker, with a warning."""
+    made: list[Job] = []
+    for (name,) in conn.execute(DUE_SCHEDULES).fetchall():
+        try:
+            made.extend(_fire_schedule(conn, name, by or _worker_name()))
+        except (ConfigError, InvalidJob) as error:
+            logger.warning("cannot fire schedule %s: %s", name, error)
+    return made
+
+
+#: The keys of a schedule in a `schedule sync` file besides its job's settings and payload.
+_SYNC_PAYLOAD_KEYS = ("prompt", "cwd", "worktree", "base", "max_budget_usd")
+_SYNC_DURATIONS = ("every", "timeout", "unique_for")
+
+
+def _synced_schedule(name: str, entry: Any) -> tuple[Any, dict[str, Any]]:
+    """The payload and add_schedule keywords of one schedule of a sync file (a TOML
+    table: cron or every, timezone, catch_up, overlap, only_if_changed; the job's settings
+    as enqueue's keywords; prompt, cwd, worktree, base, max_budget_usd and a payload table)."""
+    if not isinstance(entry, dict):
+        raise InvalidJob(f"give it as a table, [{name}]")
+    entry = dict(entry)
+    payload = entry.pop("payload", {})
+    if not isinstance(payload, dict):
+        raise InvalidJob("payload must be a table")
+    payload = {**{key: entry.pop(key) for key in _SYNC_PAYLOAD_KEYS if key in entry}, **payload}
+    for key in _SYNC_DURATIONS:
+        if isinstance(entry.get(key), str):
+            entry[key] = parse_duration(entry[key])
+    allowed = {*_SCHEDULE_SETTINGS, *JobSettings.__annotations__} - {
+        "run_at", "delay", "after", "continue_from"
+    }  # fmt: skip
+    unknown = sorted(set(entry) - allowed)
+    if unknown:
+        raise InvalidJob(
+            f"unknown key {', '.join(unknown)} (allowed: "
+            f"{', '.join(sorted(allowed | {'payload', *_SYNC_PAYLOAD_KEYS}))})"
+        )
+    return payload, entry
+
+
+def sync_schedules(
+    conn: psycopg.Connection,
+    entries: Mapping[str, Any],
+    *,
+    base_dir: str | Path | None = None,
+    prune: bool = False,
+    dry_run: bool = False,
+) -> list[tuple[str, str, list[str]]]:
+    """Make the schedules match ``entries`` (name: table, as a `schedule sync` TOML file
+    holds them; relative paths against ``base_dir``): add those missing, change those that
+    differ, and with ``prune`` remove the rest; all or nothing (``dry_run``: nothing, only
+    say). Returns (what, name, the fields that differ) for each: added, changed, unchanged,
+    removed."""
+    plan: list[tuple[str, str, list[str]]] = []
+    with conn.transaction(force_rollback=dry_run), conn.cursor(row_factory=dict_row) as cur:
+        now = _database_now(conn)
+        existing = {schedule.name: schedule for schedule in list_schedules(conn)}
+        for name, entry in entries.items():
+            try:
+                payload, settings = _synced_schedule(name, entry)
+                columns, timing = _schedule_columns(
+                    name, payload, base_dir=base_dir, **_schedule_keywords(settings)
+                )
+            except InvalidJob as error:
+                raise InvalidJob(f"schedule {name!r}: {error}") from None
+            columns["next_run_at"] = timing.next_after(now)
+            old = existing.pop(name, None)
+            if old is None:
+                cur.execute(INSERT_SCHEDULE, columns)
+                plan.append(("added", name, []))
+                continue
+            differ = [
+                key for key in ("cron", "every", "timezone", "kind", "payload", "options",
+                                "catch_up", "overlap", "only_if_changed")
+                if (json.loads(columns[key]) if key in ("payload", "options") else columns[key])
+                != getattr(old, key)
+            ]  # fmt: skip
+            if differ:
+                cur.execute(UPDATE_SCHEDULE, columns)
+            plan.append(("changed" if differ else "unchanged", name, differ))
+        for name in existing if prune else ():
+            cur.execute(REMOVE_SCHEDULE, {"name": name})
+            plan.append(("removed", name, []))
+    return plan
+
+
+def _schedule_keywords(settings: dict[str, Any]) -> dict[str, Any]:
+    """add_schedule's keywords of a schedule's settings: its own (with their defaults) and
+    the job's (``settings``, what remains)."""
+    own = {"cron": None, "every": None, "timezone": "UTC", "catch_up": "latest",
+           "overlap": "skip", "only_if_changed": False}  # fmt: skip
+    own.update({key: settings.pop(key) for key in _SCHEDULE_SETTINGS if key in settings})
+    return {**own, "settings": settings}
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One due time of a schedule being fired: how, by whom, and what was seen of it."""
+
+    schedule: Schedule
+    due_at: datetime
+    outcome: str  # enqueued, manual, skipped, missed
+    note: str | None
+    head: str | None
+    by: str
+
+
+def _fire_schedule(conn: psycopg.Connection, name: str, by: str) -> list[Job]:
+    """Fire one due schedule: lock it (another worker firing it: leave it), the runs its
+    catch-up policy says, and its next due time, in one transaction."""
+    with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(LOCK_DUE_SCHEDULE, {"name": name}).fetchone()
+        if row is None:
+            return []
+        schedule, now = Schedule.from_row(row), row["now"]
+        timing = _Timing.of(schedule.cron, schedule.every, schedule.timezone)
+        due, count = timing.due_until(schedule.next_run_at, now)
+        fired, note, missed = _catching_up(schedule.catch_up, due, count, now)
+        good = schedule.good_head
+        if schedule.only_if_changed:
+            found = cur.execute(LAST_SUCCESSFUL_HEAD, {"name": name}).fetchone()
+            good = found["head"] if found else good
+        made = []
+        for due_at in fired:
+            run = _Run(schedule, due_at, "enqueued", note, None, by)
+            if job := _fire_run(conn, _checked_run(conn, run, good)):
+                made.append(job)
+        if missed is not None:
+            _fire_run(conn, _Run(schedule, missed, "missed", note, None, by))
+        next_run_at = timing.next_after(now, anchor=schedule.next_run_at)
+        cur.execute(MOVE_SCHEDULE_ON, {"name": name, "next_run_at": next_run_at, "good_head": good})
+    return made
+
+
+def _checked_run(conn: psycopg.Connection, run: _Run, good: str | None) -> _Run:
+    """A run, or the same run skipped: its schedule's previous run is still queued or
+    running (--overlap skip), or its repository is where the last successful run found it
+    (--only-if-changed)."""
+    schedule = run.schedule
+    if schedule.overlap == "skip":
+        busy = conn.execute(UNFINISHED_RUN, {"name": schedule.name}).fetchone()
+        if busy is not None:
+            note = f"job {busy[0]}, a run before it, is still {busy[1]}"
+            return dataclasses.replace(run, outcome="skipped", note=note)
+    if not schedule.only_if_changed:
+        return run
+    head = _schedule_head(schedule.payload)
+    if head is not None and head == good:
+        note = f"unchanged: {schedule.payload['cwd']} is at {head[:12]}, as at the last success"
+        return dataclasses.replace(run, outcome="skipped", note=note, head=head)
+    return dataclasses.replace(run, head=head)
+
+
+def _fire_run(conn: psycopg.Connection, run: _Run) -> Job | None:
+    """Record a run of a schedule and, unless it is skipped or missed, make its job: in a
+    savepoint, undone (None) if the due time was fired before (the key of a run is its
+    schedule and due time)."""
+    schedule = run.schedule
+    params = {
+        "schedule": schedule.name, "due_at": run.due_at, "outcome": run.outcome,
+        "note": run.note, "head": run.head, "fired_by": run.by,
+    }  # fmt: skip
+    try:
+        with conn.transaction():
+            if conn.execute(RECORD_SCHEDULE_RUN, params).fetchone() is None:
+                raise _FiredBefore
+            if run.outcome not in ("enqueued", "manual"):
+                return None
+            job = _enqueue_run(conn, schedule, run.due_at)
+            if job.duplicate:
+                note = f"job {job.id} has the unique key {job.unique_key!r}"
+                conn.execute(SET_RUN_JOB, {**params, "job_id": None, "outcome": "skipped",
+                                           "note": note})  # fmt: skip
+                return None
+            conn.execute(SET_RUN_JOB, {**params, "job_id": job.id})
+            return job
+    except _FiredBefore:
+        logger.warning("schedule %s: the run due %s was fired before", schedule.name, run.due_at)
+        return None
+
+
+class _FiredBefore(Exception):
+    """A schedule's due time has a run already (its insert is undone)."""
+
+
+def _enqueue_run(conn: psycopg.Connection, schedule: Schedule, due_at: datetime) -> Job:
+    """The job of one run of a schedule, as it was checked when the schedule was stored
+    (its paths are not looked at again: the worker firing it may be on another host)."""
+    options = JobOptions(kind=schedule.kind, **schedule.options)
+    prepared = _Prepared(schedule.payload, _payload_json(schedule.payload), {})
+    if schedule.overlap == "queue" and _concurrency_key(options, prepared) is None:
+        key = f"schedule {schedule.name}"  # (its runs, one at a time)
+        options = dataclasses.replace(options, concurrency_key=key, concurrency_limit=1)
+    chain = _Chain(None, None, False)
+    return _enqueue_prepared(conn, options, prepared, chain, origin=(schedule.name, due_at))
 
 
 ###############################################################################
@@ -6425,6 +7477,27 @@ class _Janitor(threading.Thread):
             )
 
 
+class _Scheduler(threading.Thread):
+    """The thread "claude-jobs-scheduler": every SCHEDULE_INTERVAL, fires the schedules that
+    are due (fire_due_schedules: each due time once, whichever worker gets there first).
+    With a connection from the pool; owns nothing."""
+
+    def __init__(self, worker: Worker, pool: ConnectionPool) -> None:
+        super().__init__(name="claude-jobs-scheduler", daemon=True)
+        self._worker, self._pool = worker, pool
+
+    def run(self) -> None:
+        while not self._worker._closed.wait(SCHEDULE_INTERVAL):
+            try:
+                with self._pool.connection() as conn:
+                    for job in fire_due_schedules(conn, by=self._worker.name):
+                        _log_job("scheduled", job, schedule=job.schedule, due=job.scheduled_for)
+            except (_TRANSIENT, psycopg.errors.TransactionRollbackError) as error:
+                logger.debug("cannot fire schedules for now: %s", error)
+            except Exception:
+                logger.exception("cannot fire schedules")
+
+
 class _HealthServer(threading.Thread):
     """The thread "claude-jobs-health": answers a supervisor's probes (--health-port).
     GET /healthz: the process is up, and the worker's state; GET /readyz: 200 while the
@@ -6541,6 +7614,12 @@ class WorkerSettings:
     )
     health_host: str = _option(
         "127.0.0.1", "The address of --health-port (0.0.0.0: every interface).", env="HEALTH_HOST"
+    )
+    schedules: bool = _option(
+        True,
+        "Fire due schedules (--no-schedules: leave them to other workers).",
+        env="SCHEDULES",
+        flag="--schedules/--no-schedules",
     )
     lock_grace: float = LOCK_GRACE  # (no option: how long a dead worker's lock may linger)
 
@@ -6791,7 +7870,7 @@ class Worker:
         self._pool = ConnectionPool(
             self._conninfo,
             min_size=1,
-            max_size=self.concurrency + 2,
+            max_size=self.concurrency + 3,  # (and the dispatcher, janitor and scheduler)
             open=False,
             kwargs={"autocommit": True, **_CONNECT_OPTIONS, **options},
             configure=_configure_worker_connection,
@@ -6817,6 +7896,8 @@ class Worker:
         self._runners.start()
         self._threads.append(_Watchdog(self, self._session))
         self._threads.append(_Janitor(self, self._pool))
+        if self.settings.schedules:
+            self._threads.append(_Scheduler(self, self._pool))
         for thread in self._threads[self.concurrency :]:
             thread.start()
         logger.info(
@@ -7687,7 +8768,7 @@ def _enqueue_settings(settings: dict[str, Any]) -> dict[str, Any]:
             if not isinstance(settings["run_at"], str):
                 raise InvalidJob('"run_at" must be an ISO 8601 time, as text')
             settings["run_at"] = parse_time(settings["run_at"])
-        for name in ("delay", "timeout"):
+        for name in ("delay", "timeout", "unique_for", "every"):
             value = settings.get(name)
             if isinstance(value, str):
                 settings[name] = parse_duration(value)
@@ -7831,7 +8912,9 @@ def web_app(
                 result = await run_in_threadpool(run)
             except Exception as error:
                 return _error_response(error, url)
-            return JSONResponse(_jsonable(result), status_code=created)
+            # (an enqueue that found its unique key taken created nothing)
+            duplicate = isinstance(result, dict) and result.get("duplicate") is True
+            return JSONResponse(_jsonable(result), status_code=200 if duplicate else created)
 
         return endpoint
 
@@ -7912,6 +8995,10 @@ def web_app(
         Route("/api/workers/{worker}/drain", database(_api_drain), methods=["POST"]),
         Route("/api/holds/{kind}/lift", database(_api_lift), methods=["POST"]),
         Route("/api/stats", database(_api_stats)),
+        Route("/api/schedules", database(_api_schedules)),
+        Route("/api/schedules", database(_api_add_schedule, created=201), methods=["POST"]),
+        Route("/api/schedules/{name}", database(_api_schedule)),
+        Route("/api/schedules/{name}/{action}", database(_api_schedule_action), methods=["POST"]),
     ]
     open_paths = {"/healthz", "/readyz", "/", *(["/metrics"] if public_metrics else [])}
     guard = [Middleware(_Guard, token=token, open_paths=open_paths)] if token else []
@@ -8154,6 +9241,65 @@ def _api_lift(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
     if lifted is None:
         raise WrongState(f"nothing holds {request.path_params['kind']} jobs")
     return dataclasses.asdict(lifted)
+
+
+def _api_schedules(conn: psycopg.Connection, request: Any, body: Any) -> list[dict[str, Any]]:
+    """GET /api/schedules: every schedule, with its latest run."""
+    return [schedule.to_dict() for schedule in list_schedules(conn)]
+
+
+def _api_schedule(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """GET /api/schedules/{name}?runs=20: a schedule and its latest runs."""
+    name = request.path_params["name"]
+    try:
+        limit = int(request.query_params.get("runs") or 20)
+    except ValueError:
+        raise _HTTPError(400, "runs must be a whole number") from None
+    return {**get_schedule(conn, name).to_dict(), "runs": schedule_runs(conn, name, limit)}
+
+
+def _schedule_request(body: Any, fields: str = "") -> tuple[Any, dict[str, Any]]:
+    """The payload (None: not given) and keywords of a schedule's body (see
+    _api_add_schedule); a claude job's cwd must be absolute, as for POST /api/jobs."""
+    if not isinstance(body, dict) or not isinstance(body.get("payload", {}), dict):
+        raise _HTTPError(400, f'the body must be a JSON object{fields}, "payload" an object')
+    settings = _enqueue_settings({key: value for key, value in body.items() if key != "payload"})
+    payload = body.get("payload")
+    cwd = (payload or {}).get("cwd")
+    if isinstance(cwd, str) and not os.path.isabs(os.path.expanduser(cwd)):
+        raise InvalidJob(f'"cwd" must be an absolute path over HTTP, not {cwd!r}')
+    return payload, settings
+
+
+def _api_add_schedule(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """POST /api/schedules: ``{"name": ..., "payload": {...}, "cron": ... or "every": ...,
+    "timezone", "catch_up", "overlap", "only_if_changed", and enqueue's options}``."""
+    payload, settings = _schedule_request(body, ' with "name" and "payload"')
+    name = settings.pop("name", None)
+    if not isinstance(name, str) or payload is None:
+        raise _HTTPError(400, 'give "name" (text) and "payload" (an object)')
+    return add_schedule(conn, name, payload, **settings).to_dict()
+
+
+def _api_schedule_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """POST /api/schedules/{name}/pause|resume|run|remove|edit (edit: the body holds what
+    changes, as POST /api/schedules takes it)."""
+    name, action = request.path_params["name"], request.path_params["action"]
+    if action == "pause":
+        pause_schedule(conn, name)
+    elif action == "resume":
+        resume_schedule(conn, name)
+    elif action == "run":
+        return _job_summary(run_schedule(conn, name, by="claude-jobs serve"))
+    elif action == "remove":
+        remove_schedule(conn, name)
+        return {"name": name, "removed": True}
+    elif action == "edit":
+        payload, changes = _schedule_request(body)
+        edit_schedule(conn, name, payload=payload, **changes)
+    else:
+        raise _HTTPError(404, f"no action {action!r}: pause, resume, run, remove or edit")
+    return get_schedule(conn, name).to_dict()
 
 
 def _api_stats(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
@@ -8710,24 +9856,48 @@ def migrate_command(config: _Config, print_sql: bool) -> None:
         click.echo(f"migrated {mask_url(url)} from version {before or 'none'} to {after}")
 
 
+def _payload_flags(command: Any) -> Any:
+    """The options that give a job's payload (enqueue, schedule add and edit): a PROMPT
+    argument, --prompt-file, --cwd, --payload, --worktree, --base, --max-budget-usd."""
+    for option in reversed([
+        click.argument("prompt", required=False),
+        click.option(
+            "--prompt-file",
+            metavar="PATH",
+            help="Read the prompt from this file, byte for byte ('-': stdin).",
+        ),
+        click.option(
+            "--cwd",
+            metavar="DIR",
+            help='The claude job\'s directory (payload "cwd") [default with a prompt: here].',
+        ),
+        click.option(
+            "--payload",
+            metavar="JSON",
+            help="The job's payload, a JSON object (@PATH: read it from a file); with a "
+            "prompt, the rest of it (claude's options).",
+        ),
+        click.option(
+            "--worktree",
+            is_flag=True,
+            help='Run claude in a fresh git worktree on its own branch (payload "worktree": '
+            "true).",
+        ),
+        click.option(
+            "--base", metavar="REF", help="The worktree's starting point [default: HEAD]."
+        ),
+        click.option(
+            "--max-budget-usd",
+            type=click.FloatRange(0, min_open=True),
+            help='claude stops once the job has cost this much (payload "max_budget_usd").',
+        ),
+    ]):  # fmt: skip
+        command = option(command)
+    return command
+
+
 @cli.command("enqueue")
-@click.argument("prompt", required=False)
-@click.option(
-    "--prompt-file",
-    metavar="PATH",
-    help="Read the prompt from this file, byte for byte ('-': stdin).",
-)
-@click.option(
-    "--cwd",
-    metavar="DIR",
-    help='The claude job\'s directory (payload "cwd") [default with a prompt: here].',
-)
-@click.option(
-    "--payload",
-    metavar="JSON",
-    help="The job's payload, a JSON object (@PATH: read it from a file); with a prompt, the "
-    "rest of it (claude's options).",
-)
+@_payload_flags
 @click.option(
     "--file",
     "payload_file",
@@ -8743,17 +9913,6 @@ def migrate_command(config: _Config, print_sql: bool) -> None:
     help="Run no sooner than this from now: 30s, 5m, 1h30m.",
 )
 @click.option("--no-concurrency-key", is_flag=True, help="Run regardless of other jobs' keys.")
-@click.option(
-    "--worktree",
-    is_flag=True,
-    help='Run claude in a fresh git worktree on its own branch (payload "worktree": true).',
-)
-@click.option("--base", metavar="REF", help="The worktree's starting point [default: HEAD].")
-@click.option(
-    "--max-budget-usd",
-    type=click.FloatRange(0, min_open=True),
-    help='claude stops once the job has cost this much (payload "max_budget_usd").',
-)
 @_import_option
 @click.option("--json", "as_json", is_flag=True, help="Print the new job as JSON, not its id.")
 @click.option(
@@ -8802,13 +9961,9 @@ def enqueue_command(
     options["after"] = [job_id for each in after for job_id in each.split(",") if job_id.strip()]
     job_options = JobOptions.build(**options)  # the options first, before reading input
     extra = _claude_keys(job_options.kind, worktree, base, max_budget_usd, cwd)
-    if one:
-        given = _payload_given(payload) if payload is not None else {}
-        if text is not None:  # here, unless --cwd says where (or it continues a job: there)
-            here = cwd is None and options["continue_from"] is None
-            given = _with_prompt(job_options.kind, given, text, here=here)
-        if isinstance(given, dict):
-            given = {**extra, **given}
+    if one:  # (here, unless --cwd says where, or it continues a job: there)
+        here = cwd is None and options["continue_from"] is None
+        given = _payload_of(job_options.kind, text, payload, extra, here=here)
         if options["continue_from"] is None:  # checked before the database is needed
             given = prepare_payload(job_options.kind, given)  # (a continuation's, with its job)
         jobs = [_enqueue_one(config, given, options, wait)]
@@ -8831,10 +9986,25 @@ def _enqueue_file(
             if error.position is None:
                 raise
             raise InvalidJob(f"{lines[error.position - 1]}: {error.detail}") from None
+        for position in ids.duplicates:
+            _note_duplicate(get_job(conn, ids[position], transcript=False), lines[position])
         if not rows:
             click.echo("".join(f"{job_id}\n" for job_id in ids), nl=False)
             return []
-        return [get_job(conn, job_id) for job_id in ids]
+        jobs = [get_job(conn, job_id, transcript=False) for job_id in ids]
+        return [
+            dataclasses.replace(job, duplicate=True) if n in ids.duplicates else job
+            for n, job in enumerate(jobs)
+        ]
+
+
+def _note_duplicate(holder: Job, where: str = "") -> None:
+    """Say on stderr that a job was not made: ``holder`` has its unique key."""
+    click.echo(
+        f"note: {where + ': ' if where else ''}job {holder.id} ({holder.status}) has the unique "
+        f"key {_printable(repr(holder.unique_key))}: nothing was enqueued",
+        err=True,
+    )
 
 
 def _check_enqueue_flags(
@@ -8859,6 +10029,8 @@ def _enqueue_one(config: _Config, payload: Any, options: dict[str, Any], wait: b
     (and exit as it ended)."""
     with config.connect() as conn:
         job = enqueue(conn, payload, **options)
+        if job.duplicate:
+            _note_duplicate(job)
         if job.widens:
             click.echo(
                 f"note: this continuation widens what job {job.continue_from} could do: "
@@ -8939,6 +10111,17 @@ def _payload_given(payload: str) -> Any:
     return _parse_json(text, path)
 
 
+def _payload_of(
+    kind: str, text: str | None, payload: str | None, extra: Mapping[str, Any], here: bool
+) -> Any:
+    """The payload that a prompt ``text``, --payload and the keys ``extra`` (of --cwd,
+    --worktree...) give together; ``here``: a prompt runs in this directory unless told."""
+    given = _payload_given(payload) if payload is not None else {}
+    if text is not None:
+        given = _with_prompt(kind, given, text, here=here)
+    return {**extra, **given} if isinstance(given, dict) else given
+
+
 def _with_prompt(kind: str, given: Any, prompt: str, here: bool) -> dict[str, Any]:
     """A claude payload of ``prompt`` and the rest of the payload ``given``; ``here``: run in
     this directory unless ``given`` says where."""
@@ -8977,13 +10160,359 @@ def _read_json_lines(
     return lines, payloads
 
 
+# -- schedules -------------------------------------------------------------------------------
+
+#: The job settings a schedule's runs take: enqueue's, but those of timing and chains.
+_RUN_SETTINGS = (
+    "kind", "queue", "priority", "max_attempts", "timeout", "concurrency_key",
+    "concurrency_limit", "unique_key", "unique_for",
+)  # fmt: skip
+
+
+def _schedule_flags(command: Any) -> Any:
+    """The options of a schedule's timing and policies (schedule add and edit)."""
+    for option in reversed([
+        click.option("--cron", metavar="EXPR", help="Run at the times of this cron expression "
+                     "(five fields: minute hour day month weekday), e.g. '0 2 * * *'."),
+        click.option("--every", type=_DURATION_TYPE, help="Or run every so often: 30m, 6h, 1d "
+                     "(the first run one interval from now)."),
+        click.option("--timezone", default="UTC", show_default=True, metavar="ZONE",
+                     help="The time zone of --cron's times (IANA: Europe/Berlin)."),
+        click.option("--catch-up", type=click.Choice(CATCH_UPS), default="latest",
+                     show_default=True, help="Due times missed while no worker ran: one run "
+                     "for all (latest), one each (all, at most 100), or none."),
+        click.option("--overlap", type=click.Choice(OVERLAPS), default="skip",
+                     show_default=True, help="While a run is still queued or running: skip "
+                     "the next, queue it (to run after), or allow both at once."),
+        click.option("--only-if-changed/--always", default=False, show_default=True,
+                     help="Skip a claude run while its repository's HEAD is where it was at "
+                     "the last successful run."),
+        click.option("--no-concurrency-key", is_flag=True,
+                     help="Runs go regardless of other jobs' keys."),
+    ]):  # fmt: skip
+        command = option(command)
+    return command
+
+
+def _given(ctx: click.Context, values: Mapping[str, Any]) -> dict[str, Any]:
+    """Of these parameters, those given on the command line (not defaults, nor variables)."""
+    source = click.core.ParameterSource.COMMANDLINE
+    return {key: value for key, value in values.items() if ctx.get_parameter_source(key) == source}
+
+
+def _local_time(moment: datetime | None, zone: str) -> str:
+    """A time in a schedule's zone, and how far it is: 2026-12-03 02:00 CET (in 7h)."""
+    if moment is None:
+        return "-"
+    return f"{moment.astimezone(_zone(zone)):%Y-%m-%d %H:%M %Z} ({_ago(moment)})"
+
+
+@cli.group("schedule")
+def schedule_group() -> None:
+    """Jobs made again and again, by cron or every so often; workers fire them.
+
+    \b
+    Examples:
+      claude-jobs schedule add nightly-review "review today's changes" --cwd ~/src/shop \\
+          --cron '0 2 * * *' --timezone Europe/Berlin --only-if-changed
+      claude-jobs schedule list
+      claude-jobs schedule show nightly-review
+      claude-jobs schedule sync schedules.toml --prune
+    """
+
+
+@schedule_group.command("add")
+@click.argument("name")
+@_payload_flags
+@_schedule_flags
+@_flags(JobOptions, *_RUN_SETTINGS)
+@_import_option
+@click.option("--json", "as_json", is_flag=True, help="Print the schedule as JSON.")
+@click.pass_obj
+def schedule_add_command(
+    config: _Config,
+    name: str,
+    prompt: str | None,
+    prompt_file: str | None,
+    cwd: str | None,
+    payload: str | None,
+    worktree: bool,
+    base: str | None,
+    max_budget_usd: float | None,
+    no_concurrency_key: bool,
+    imports: Sequence[str],
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Add schedule NAME: the job of PROMPT (or --prompt-file, or --payload; the options of
+    `enqueue`), made at the times of --cron (in --timezone) or --every so often. A run is an
+    ordinary job that records its schedule and due time.
+
+    \b
+    Examples:
+      claude-jobs schedule add nightly-review --prompt-file review.md --cwd ~/src/shop \\
+          --cron '0 2 * * *' --timezone Europe/Berlin --only-if-changed --max-budget-usd 5
+      claude-jobs schedule add bump --every 7d --catch-up none "bump the dependencies"
+      claude-jobs schedule add vacuum --kind maintenance --import myapp.jobs \\
+          --payload '{"table": "events"}' --cron '30 3 * * 0' --overlap queue
+    """
+    _import_modules(imports)
+    text = _prompt_given(prompt, prompt_file, None)
+    if text is None and payload is None:
+        raise InvalidJob("give the job: a PROMPT (or --prompt-file), or --payload JSON")
+    job = {key: options.pop(key) for key in _RUN_SETTINGS}
+    if no_concurrency_key:
+        job["concurrency_limit"] = 0
+    extra = _claude_keys(job["kind"], worktree, base, max_budget_usd, cwd)
+    given = _payload_of(job["kind"], text, payload, extra, here=cwd is None)
+    with config.connect() as conn:
+        schedule = add_schedule(conn, name, given, **options, **job)
+    if as_json:
+        click.echo(_json_text(schedule.to_dict()))
+    else:
+        click.echo(f"added schedule {name}: {schedule.when}, next run "
+                   f"{_local_time(schedule.next_run_at, schedule.timezone)}")  # fmt: skip
+
+
+@schedule_group.command("edit")
+@click.argument("name")
+@_payload_flags
+@_schedule_flags
+@_flags(JobOptions, *_RUN_SETTINGS)
+@_import_option
+@click.option("--json", "as_json", is_flag=True, help="Print the schedule as JSON.")
+@click.pass_context
+def schedule_edit_command(
+    ctx: click.Context,
+    name: str,
+    prompt: str | None,
+    prompt_file: str | None,
+    payload: str | None,
+    imports: Sequence[str],
+    as_json: bool,
+    **options: Any,
+) -> None:
+    """Change what schedule NAME makes or when: each option given replaces the schedule's
+    (a PROMPT or --prompt-file its prompt; --payload's keys its payload's, a null drops one;
+    --cron replaces --every and the other way round). The next run is computed again.
+
+    \b
+    Examples:
+      claude-jobs schedule edit nightly-review --cron '0 3 * * 1-5'
+      claude-jobs schedule edit nightly-review --prompt-file review-v2.md --max-budget-usd 8
+    """
+    _import_modules(imports)
+    config: _Config = ctx.obj
+    text = _prompt_given(prompt, prompt_file, None)
+    changes = _given(ctx, options)
+    if changes.pop("no_concurrency_key", False):
+        changes["concurrency_limit"] = 0
+    keys = {key: changes.pop(key) for key in ("cwd", "worktree", "base", "max_budget_usd")
+            if key in changes}  # fmt: skip
+    if not changes and not keys and text is None and payload is None:
+        raise InvalidJob("nothing to change: give the options to change")
+    with config.connect() as conn:
+        old = get_schedule(conn, name)
+        new_payload = None
+        if keys or text is not None or payload is not None:
+            kind = changes.get("kind", old.kind)
+            extra = _claude_keys(
+                kind, keys.get("worktree", False), keys.get("base"),
+                keys.get("max_budget_usd"), keys.get("cwd"),
+            )  # fmt: skip
+            merged = {**old.payload, **_payload_of(kind, text, payload, extra, here=False)}
+            new_payload = {key: value for key, value in merged.items() if value is not None}
+        schedule = edit_schedule(conn, name, payload=new_payload, **changes)
+    if as_json:
+        click.echo(_json_text(schedule.to_dict()))
+    else:
+        click.echo(f"changed schedule {name}: {schedule.when}, next run "
+                   f"{_local_time(schedule.next_run_at, schedule.timezone)}")  # fmt: skip
+
+
+@schedule_group.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one schedule a line.")
+@click.pass_obj
+def schedule_list_command(config: _Config, as_json: bool) -> None:
+    """Every schedule: when it runs, in which zone, its next run, its last run (the job it
+    made and how that went, or why it made none), and whether it is paused.
+
+    \b
+    Example:
+      claude-jobs schedule list
+    """
+    with config.connect() as conn:
+        schedules = list_schedules(conn)
+    if as_json:
+        for schedule in schedules:
+            click.echo(_json_text(schedule.to_dict()))
+        return
+    if not schedules:
+        click.echo("no schedules", err=True)
+        return
+    rows = [
+        [s.name, s.when, s.timezone,
+         "paused" if s.paused_at else _local_time(s.next_run_at, s.timezone),
+         _last_run_text(s.last_run)]
+        for s in schedules
+    ]  # fmt: skip
+    click.echo(_table(["NAME", "WHEN", "ZONE", "NEXT RUN", "LAST RUN"], rows))
+
+
+def _last_run_text(run: Mapping[str, Any] | None) -> str:
+    """A schedule's latest run on one line: when it was due, the job it made (and how that
+    went) or why it made none."""
+    if run is None:
+        return "-"
+    made = f"job {str(run['job_id'])[:8]} {run['status'] or 'deleted'}" if run["job_id"] else ""
+    why = f"{run['outcome']}: {run['note']}" if run["outcome"] in ("skipped", "missed") else ""
+    return f"{_ago(run['due_at'])}: {made or why or run['outcome']}"
+
+
+@schedule_group.command("show")
+@click.argument("name")
+@click.option("--runs", "limit", default=20, show_default=True, type=click.IntRange(1, 10_000),
+              help="How many of its latest runs to show.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the schedule and its runs as JSON.")
+@click.pass_obj
+def schedule_show_command(config: _Config, name: str, limit: int, as_json: bool) -> None:
+    """Schedule NAME: what it makes, when, its policies, and its latest runs (the job each
+    made, its status and cost, or why it made none).
+
+    \b
+    Example:
+      claude-jobs schedule show nightly-review --runs 50
+    """
+    with config.connect() as conn:
+        schedule = get_schedule(conn, name)
+        runs = schedule_runs(conn, name, limit)
+    if as_json:
+        click.echo(_json_text({**schedule.to_dict(), "runs": runs}))
+        return
+    options = {k: v for k, v in schedule.options.items() if v not in (None, ())}
+    fields = [
+        ("name", schedule.name), ("when", f"{schedule.when} ({schedule.timezone})"),
+        ("next run", "paused since " + _ago(schedule.paused_at) if schedule.paused_at
+         else _local_time(schedule.next_run_at, schedule.timezone)),
+        ("kind", schedule.kind), ("catch up", schedule.catch_up), ("overlap", schedule.overlap),
+        ("only if changed", "yes" if schedule.only_if_changed else "no"),
+        ("job options", _json_text(options)), ("payload", _json_text(schedule.payload)),
+    ]  # fmt: skip
+    for label, value in fields:
+        click.echo(f"{label + ':':<17}{_printable(value)}")
+    if not runs:
+        click.echo("no runs yet")
+        return
+    rows = [
+        [_local_time(r["due_at"], schedule.timezone), r["outcome"],
+         str(r["job_id"])[:8] if r["job_id"] else "-", r["status"] or "-",
+         _money(float(r["cost_usd"] or 0)), r["note"] or ""]
+        for r in runs
+    ]  # fmt: skip
+    click.echo()
+    click.echo(_table(["DUE", "OUTCOME", "JOB", "STATUS", "COST", "NOTE"], rows))
+
+
+@schedule_group.command("pause")
+@click.argument("name")
+@click.pass_obj
+def schedule_pause_command(config: _Config, name: str) -> None:
+    """Fire no run of schedule NAME until it is resumed."""
+    with config.connect() as conn:
+        pause_schedule(conn, name)
+    click.echo(f"paused schedule {name}")
+
+
+@schedule_group.command("resume")
+@click.argument("name")
+@click.pass_obj
+def schedule_resume_command(config: _Config, name: str) -> None:
+    """Fire schedule NAME again, from its next due time (what fell due while it was paused
+    is not caught up)."""
+    with config.connect() as conn:
+        schedule = resume_schedule(conn, name)
+    click.echo(f"resumed schedule {name}: next run "
+               f"{_local_time(schedule.next_run_at, schedule.timezone)}")  # fmt: skip
+
+
+@schedule_group.command("remove")
+@click.argument("name")
+@click.pass_obj
+def schedule_remove_command(config: _Config, name: str) -> None:
+    """Remove schedule NAME and its record of runs (the jobs it made stay)."""
+    with config.connect() as conn:
+        remove_schedule(conn, name)
+    click.echo(f"removed schedule {name}")
+
+
+@schedule_group.command("run")
+@click.argument("name")
+@click.option("--json", "as_json", is_flag=True, help="Print the new job as JSON, not its id.")
+@click.pass_obj
+def schedule_run_command(config: _Config, name: str, as_json: bool) -> None:
+    """Make one run of schedule NAME now, whatever its timing and policies say; prints the
+    new job's id. Its timing goes on as before.
+
+    \b
+    Example:
+      claude-jobs schedule run nightly-review
+    """
+    with config.connect() as conn:
+        job = run_schedule(conn, name, by=f"{_worker_name()} (schedule run)")
+    click.echo(_json_text(job.to_dict()) if as_json else job.id)
+
+
+@schedule_group.command("sync")
+@click.argument("path", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--prune", is_flag=True, help="Remove the schedules the file does not have.")
+@click.option("--dry-run", is_flag=True, help="Say what would change; change nothing.")
+@_import_option
+@click.pass_obj
+def schedule_sync_command(
+    config: _Config, path: Path, prune: bool, dry_run: bool, imports: Sequence[str]
+) -> None:
+    """Make the schedules match a TOML file kept in version control: one table per
+    schedule, named as the schedule, with the keys of `schedule add` (cron or every,
+    timezone, catch_up, overlap, only_if_changed, prompt, cwd, queue, max_budget_usd...,
+    and a payload table). Relative paths are against the file's directory. Prints what
+    changed; all or nothing.
+
+    \b
+    Example:
+      claude-jobs schedule sync schedules.toml --prune --dry-run
+    """
+    import tomllib
+
+    _import_modules(imports)
+    try:
+        entries = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise InvalidJob(f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise InvalidJob(f"{path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as error:
+        raise InvalidJob(f"{path} is not valid TOML: {error}") from None
+    with config.connect() as conn:
+        plan = sync_schedules(
+            conn, entries, base_dir=path.resolve().parent, prune=prune, dry_run=dry_run
+        )
+    for what, name, differ in plan:
+        if what == "unchanged":
+            continue
+        verb = {"added": "add", "changed": "change", "removed": "remove"}[what]
+        said = f"would {verb}" if dry_run else what
+        click.echo(f"{said} {name}" + (f" ({', '.join(differ)})" if differ else ""))
+    if all(what == "unchanged" for what, _, _ in plan):
+        click.echo("the schedules match the file", err=True)
+
+
 @cli.command("worker")
 @_flags(WorkerSettings, "concurrency", "queues", "poll_interval", "burst")
 @_import_option
 @_flags(WorkerSettings, "shutdown_timeout")
 @_flags(ClaudeSettings)
 @_flags(WorkerSettings, "daily_budget_usd", "heartbeat_timeout", "backoff_base", "backoff_max",
-        "retention", "health_port", "health_host")  # fmt: skip
+        "retention", "health_port", "health_host", "schedules")  # fmt: skip
 @_setting(
     "--log-format",
     env="LOG_FORMAT",

@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 7.
+-- The claude-jobs schema, version 8.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -377,4 +377,68 @@ ALTER TABLE claude_jobs_workers ADD COLUMN draining_since timestamptz;
 INSERT INTO claude_jobs_schema (version) VALUES (7);
 END IF;
 END $migration_7$;
+
+-- version 8
+DO $migration_8$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 8) THEN
+-- Unique jobs and schedules.
+-- Unique jobs: while a job of a unique key is queued or running, no other job of that key is
+-- (the index says so, not a read before a write: an enqueue that finds the key taken inserts
+-- nothing). A key enqueued with a window (--unique-for) also keeps others out until the
+-- window ends, whatever became of its job: the window is a row of its own.
+ALTER TABLE claude_jobs ADD COLUMN unique_key text;
+CREATE UNIQUE INDEX claude_jobs_unique_unfinished ON claude_jobs (unique_key)
+    WHERE status IN ('queued', 'running');
+CREATE TABLE claude_jobs_unique_windows (
+    key     text PRIMARY KEY,
+    job_id  uuid NOT NULL,                 -- the job enqueued with it
+    until   timestamptz NOT NULL            -- the key is free for another job from then on
+);
+-- Schedules: a job made again and again, at the times of a cron expression or every so
+-- often; workers fire them. A due time is fired once: the worker that fires it locks the
+-- schedule, moves next_run_at past it and records the run in one transaction, and a run's
+-- key is (schedule, due time).
+CREATE TABLE claude_jobs_schedules (
+    name             text PRIMARY KEY,
+    cron             text,                          -- a cron expression, in timezone; or
+    every            double precision CHECK (every > 0), -- seconds from one run to the next
+    timezone         text NOT NULL DEFAULT 'UTC',
+    kind             text NOT NULL,
+    payload          jsonb NOT NULL,                -- of each run, checked when added
+    options          jsonb NOT NULL,                -- each run's job options (queue, ...)
+    catch_up         text NOT NULL DEFAULT 'latest' CHECK (catch_up IN ('latest', 'all', 'none')),
+    overlap          text NOT NULL DEFAULT 'skip' CHECK (overlap IN ('skip', 'queue', 'allow')),
+    only_if_changed  boolean NOT NULL DEFAULT false, -- skip a run while the repository is as it
+                                                    -- was at the last successful run:
+    good_head        text,                          -- then (as its runs recorded it)
+    next_run_at      timestamptz NOT NULL,          -- the first due time not fired yet
+    paused_at        timestamptz,
+    created_at       timestamptz NOT NULL DEFAULT now(),
+    updated_at       timestamptz NOT NULL DEFAULT now(),
+    CHECK ((cron IS NULL) <> (every IS NULL))
+);
+CREATE INDEX claude_jobs_schedules_due ON claude_jobs_schedules (next_run_at)
+    WHERE paused_at IS NULL;
+-- Each due time of a schedule that was fired: the job it made, or why none.
+CREATE TABLE claude_jobs_schedule_runs (
+    schedule  text NOT NULL REFERENCES claude_jobs_schedules ON DELETE CASCADE,
+    due_at    timestamptz NOT NULL,
+    job_id    uuid,                                 -- NULL: no job (see outcome)
+    outcome   text NOT NULL CHECK (outcome IN ('enqueued', 'skipped', 'missed', 'manual')),
+    note      text,                                 -- why none; what a catch-up left out
+    head      text,                                 -- --only-if-changed: the commit it saw
+    fired_at  timestamptz NOT NULL DEFAULT now(),
+    fired_by  text NOT NULL,                        -- the worker (host:pid), or who ran it
+    PRIMARY KEY (schedule, due_at)
+);
+CREATE INDEX claude_jobs_schedule_runs_job ON claude_jobs_schedule_runs (job_id);
+ALTER TABLE claude_jobs
+    ADD COLUMN schedule text,                       -- the schedule that made it
+    ADD COLUMN scheduled_for timestamptz;           -- the due time it was made for
+-- (--overlap: is a run of the schedule still queued or running)
+CREATE INDEX claude_jobs_unfinished_of_schedule ON claude_jobs (schedule)
+    WHERE schedule IS NOT NULL AND status IN ('queued', 'running');
+INSERT INTO claude_jobs_schema (version) VALUES (8);
+END IF;
+END $migration_8$;
 COMMIT;
