@@ -119,6 +119,7 @@ __all__ = [
     "FINISHED_STATUSES",
     "MIGRATIONS",
     "SCHEMA_VERSION",
+    "Batch",
     "ClaudeHandler",
     "ClaudeSettings",
     "ConfigError",
@@ -148,6 +149,8 @@ __all__ = [
     "WorkerUnfit",
     "add_schedule",
     "backoff_delay",
+    "batch_results",
+    "cancel_batch",
     "cancel_job",
     "cancel_jobs",
     "check_conninfo",
@@ -169,6 +172,7 @@ __all__ = [
     "fire_due_schedules",
     "fold_counts",
     "follow_job",
+    "get_batch",
     "get_job",
     "get_schedule",
     "handler",
@@ -177,6 +181,7 @@ __all__ = [
     "job_statuses",
     "job_update",
     "lift_hold",
+    "list_batches",
     "list_holds",
     "list_jobs",
     "list_schedules",
@@ -197,9 +202,11 @@ __all__ = [
     "registered_kinds",
     "remove_schedule",
     "reschedule",
+    "resolve_batch",
     "resolve_job_id",
     "resume_queue",
     "resume_schedule",
+    "retry_batch",
     "retry_jobs",
     "run_now",
     "run_schedule",
@@ -244,6 +251,11 @@ DEFAULT_BACKOFF_MAX = 300.0
 DEFAULT_CLAUDE_TIMEOUT = 3600.0
 DEFAULT_CLAUDE_BIN = "claude"
 DEFAULT_RETENTION = 14 * 86400.0  # workers delete succeeded and cancelled jobs older than this
+#: What a batch's claude callback is told after its prompt: where the batch's outcome is.
+BATCH_RESULTS_NOTE = (
+    "\n\n(claude-jobs: what each job of the batch came to is in {path}, one JSON object a "
+    "line with its id, status, prompt, result, cost_usd and error.)"
+)
 #: A worker unfit for claude jobs (not logged in, no credit...) starts none for this long,
 #: doubling while it stays unfit, up to the second figure.
 UNFIT_BACKOFF = (300.0, 3600.0)
@@ -460,6 +472,8 @@ class Job:
     unique_key: str | None = None  # no second job of the key while this one is unfinished
     schedule: str | None = None  # the schedule that made it, and for which due time
     scheduled_for: datetime | None = None
+    batch_id: uuid.UUID | None = None  # the batch it belongs to
+    callback_of: uuid.UUID | None = None  # the batch it is a callback of
     duplicate: bool = False  # enqueue made no job: this one, queued before, holds its unique key
     claim: uuid.UUID | None = field(default=None, repr=False)
     context: RunContext | None = field(default=None, repr=False, compare=False)
@@ -595,6 +609,46 @@ class Schedule:
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A batch of jobs (``claude_jobs_batches``) and its progress: how many of its jobs are in
+    each status (``counts``), what they cost, when the first started and the last ended, and
+    the callbacks it queued when it finished."""
+
+    id: uuid.UUID
+    name: str
+    created_at: datetime
+    finished_at: datetime | None
+    on_finish: dict[str, Any] | None
+    on_success: dict[str, Any] | None
+    counts: dict[str, int]
+    cost_usd: float
+    started_at: datetime | None
+    ended_at: datetime | None
+    callbacks: list[uuid.UUID]
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Batch:
+        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
+        values["counts"] = {k: int(v) for k, v in (values["counts"] or {}).items()}
+        values["cost_usd"] = float(values["cost_usd"] or 0)
+        values["callbacks"] = list(values["callbacks"] or ())
+        return cls(**values)
+
+    @property
+    def jobs(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def ended(self) -> int:
+        """Its jobs that have ended (succeeded, failed or were cancelled)."""
+        return sum(self.counts.get(status, 0) for status in FINISHED_STATUSES)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {**data, "jobs": self.jobs, "ended": self.ended}
 
 
 ###############################################################################
@@ -961,7 +1015,7 @@ ALTER TABLE claude_jobs_workers ADD COLUMN draining_since timestamptz;
     (
         8,
         """\
--- Unique jobs and schedules.
+-- Unique jobs, schedules and batches.
 -- Unique jobs: while a job of a unique key is queued or running, no other job of that key is
 -- (the index says so, not a read before a write: an enqueue that finds the key taken inserts
 -- nothing). A key enqueued with a window (--unique-for) also keeps others out until the
@@ -1018,6 +1072,72 @@ ALTER TABLE claude_jobs
 -- (--overlap: is a run of the schedule still queued or running)
 CREATE INDEX claude_jobs_unfinished_of_schedule ON claude_jobs (schedule)
     WHERE schedule IS NOT NULL AND status IN ('queued', 'running');
+-- Batches: jobs grouped under a name; when the last of them has ended, the batch is finished
+-- and its callbacks are queued, once. Enqueueing to a batch takes a share of its row's lock;
+-- whatever ends its jobs takes the whole lock before it looks at the rest (the trigger below),
+-- so that of two transactions that end its last two jobs at once, the second to take the lock
+-- sees the first's job ended, and a job added as its last one ends keeps it open.
+CREATE TABLE claude_jobs_batches (
+    id           uuid PRIMARY KEY,
+    name         text NOT NULL,
+    on_finish    jsonb,                -- the job queued once all its jobs have ended
+    on_success   jsonb,                -- the job queued once all its jobs have succeeded
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz           -- when its last job ended (its callbacks were queued)
+);
+-- one open batch of a name: enqueue --batch NAME adds to it (or opens a new one)
+CREATE UNIQUE INDEX claude_jobs_open_batches ON claude_jobs_batches (name)
+    WHERE finished_at IS NULL;
+CREATE INDEX claude_jobs_batches_newest ON claude_jobs_batches (created_at DESC);
+ALTER TABLE claude_jobs
+    ADD COLUMN batch_id uuid,                       -- the batch it belongs to
+    ADD COLUMN callback_of uuid;                    -- the batch it is a callback of
+-- a batch's progress, counted from the index alone
+CREATE INDEX claude_jobs_of_batch ON claude_jobs (batch_id, status)
+    INCLUDE (cost_usd, started_at, finished_at) WHERE batch_id IS NOT NULL;
+CREATE INDEX claude_jobs_callbacks ON claude_jobs (callback_of) WHERE callback_of IS NOT NULL;
+CREATE FUNCTION claude_jobs_finish_batches() RETURNS trigger LANGUAGE plpgsql AS $finish$
+DECLARE
+    ending uuid[];
+    queues text[];
+BEGIN
+    SELECT array_agg(DISTINCT n.batch_id) INTO ending
+    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE n.batch_id IS NOT NULL AND n.status IN ('succeeded', 'failed', 'cancelled')
+      AND o.status IN ('queued', 'running');
+    IF ending IS NULL THEN  -- (most statements: no job of a batch ended)
+        RETURN NULL;
+    END IF;
+    -- the batches' locks, in one order (no deadlock); the statements below see what the
+    -- transactions that held them committed
+    PERFORM FROM claude_jobs_batches WHERE id = ANY(ending) ORDER BY id FOR UPDATE;
+    WITH done AS (
+        UPDATE claude_jobs_batches b SET finished_at = now()
+        WHERE b.id = ANY(ending) AND b.finished_at IS NULL AND NOT EXISTS (
+            SELECT FROM claude_jobs j
+            WHERE j.batch_id = b.id AND j.status IN ('queued', 'running'))
+        RETURNING b.id, b.on_finish, CASE WHEN NOT EXISTS (
+            SELECT FROM claude_jobs j WHERE j.batch_id = b.id AND j.status <> 'succeeded')
+            THEN b.on_success END AS on_success
+    ), made AS (
+        INSERT INTO claude_jobs (id, queue, kind, priority, payload, max_attempts, timeout,
+            concurrency_key, concurrency_limit, callback_of)
+        SELECT gen_random_uuid(), c->>'queue', c->>'kind', (c->>'priority')::integer,
+            c->'payload', (c->>'max_attempts')::integer, (c->>'timeout')::double precision,
+            c->>'concurrency_key', (c->>'concurrency_limit')::integer, done.id
+        FROM done, LATERAL (VALUES (done.on_finish), (done.on_success)) AS callbacks(c)
+        WHERE c IS NOT NULL
+        RETURNING queue
+    )
+    SELECT array_agg(DISTINCT queue) INTO queues FROM made;
+    PERFORM pg_notify('claude_jobs', json_build_object('queue', q)::text)
+    FROM unnest(queues) AS q;
+    RETURN NULL;
+END
+$finish$;
+CREATE TRIGGER claude_jobs_finish_batches AFTER UPDATE ON claude_jobs
+    REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_finish_batches();
 """,
     ),
 )
@@ -1066,7 +1186,7 @@ _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, 
     timeout, last_error, errors, worker_id, worker, result, session_id, cost_usd, created_at,
     started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
     concurrency_limit, after, continue_from, session_host, worktree, widens, unique_key,
-    schedule, scheduled_for, claim"""
+    schedule, scheduled_for, batch_id, callback_of, claim"""
 
 JOB_STATUSES = """
 -- job_statuses: the status of each of these jobs, and the host that keeps its claude session
@@ -1089,11 +1209,11 @@ ENQUEUE = f"""
 WITH job AS (
     INSERT INTO claude_jobs (id, queue, kind, priority, payload, run_at, max_attempts, timeout,
         concurrency_key, concurrency_limit, after, continue_from, widens, blocked, unique_key,
-        schedule, scheduled_for)
+        schedule, scheduled_for, batch_id)
     VALUES (%(id)s, %(queue)s, %(kind)s, %(priority)s, %(payload)s::jsonb,
             coalesce(%(run_at)s, now()), %(max_attempts)s, %(timeout)s, %(concurrency_key)s,
             %(concurrency_limit)s, %(after)s::uuid[], %(continue_from)s, %(widens)s::text[],
-            %(blocked)s, %(unique_key)s, %(schedule)s, %(scheduled_for)s)
+            %(blocked)s, %(unique_key)s, %(schedule)s, %(scheduled_for)s, %(batch_id)s)
     ON CONFLICT (unique_key) WHERE status IN ('queued', 'running') DO NOTHING
     RETURNING {_JOB_COLUMNS}
 )
@@ -1149,13 +1269,32 @@ DELETE FROM claude_jobs_unique_windows WHERE until < now()
 COPY_JOBS = """
 -- copy_jobs: bulk insert (enqueue_many) of jobs ready now, by the database's clock
 COPY claude_jobs (id, queue, kind, priority, max_attempts, payload, timeout, concurrency_key,
-    concurrency_limit, after, blocked) FROM STDIN
+    concurrency_limit, after, blocked, batch_id) FROM STDIN
 """
 
 COPY_SCHEDULED_JOBS = """
 -- copy_scheduled_jobs: bulk insert (enqueue_many) of jobs that wait for their run_at
 COPY claude_jobs (id, queue, kind, priority, max_attempts, payload, timeout, concurrency_key,
-    concurrency_limit, after, blocked, run_at) FROM STDIN
+    concurrency_limit, after, blocked, batch_id, run_at) FROM STDIN
+"""
+
+OPEN_BATCH = """
+-- open_batch: a new batch of a name, unless one of that name is open (no row then)
+INSERT INTO claude_jobs_batches (id, name, on_finish, on_success)
+VALUES (%(id)s, %(name)s, %(on_finish)s::jsonb, %(on_success)s::jsonb)
+ON CONFLICT (name) WHERE finished_at IS NULL DO NOTHING
+RETURNING id
+"""
+
+JOIN_BATCH = """
+-- join_batch: the open batch of a name, its row share-locked until the end of the transaction
+-- (it cannot finish before the jobs added to it are committed); its callbacks replaced by
+-- those given
+UPDATE claude_jobs_batches
+SET on_finish = coalesce(%(on_finish)s::jsonb, on_finish),
+    on_success = coalesce(%(on_success)s::jsonb, on_success)
+WHERE name = %(name)s AND finished_at IS NULL
+RETURNING id
 """
 
 NOTIFY_QUEUE = """
@@ -1198,6 +1337,7 @@ WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
   AND (%(text)s::text IS NULL OR strpos(lower(payload->>'prompt'), lower(%(text)s::text)) > 0)
   AND (%(cwd)s::text IS NULL OR payload->>'cwd' = %(cwd)s::text)
+  AND (%(batch)s::uuid IS NULL OR batch_id = %(batch)s::uuid)
   AND (%(before_at)s::timestamptz IS NULL
        OR (created_at, id) < (%(before_at)s::timestamptz, %(before_id)s::uuid))
 ORDER BY created_at DESC, id DESC
@@ -2054,6 +2194,73 @@ RECOVER_ORPHANS = _REQUEUE_INTERRUPTED.format(
     condition="NOT EXISTS (SELECT FROM claude_jobs_workers w WHERE w.id = worker_id)",
 )
 
+# -- batches -----------------------------------------------------------------------------------
+
+# A batch {b}'s progress: its jobs by status, their cost, when the first started and the last
+# ended (from claude_jobs_of_batch alone), and the callbacks it queued.
+_BATCH_PROGRESS = """
+SELECT {b}.id, {b}.name, {b}.created_at, {b}.finished_at, {b}.on_finish->'payload' AS on_finish,
+    {b}.on_success->'payload' AS on_success, p.counts, p.cost_usd, p.started_at, p.ended_at,
+    ARRAY(SELECT c.id FROM claude_jobs c WHERE c.callback_of = {b}.id ORDER BY c.seq)
+        AS callbacks
+FROM claude_jobs_batches {b}, LATERAL (
+    SELECT jsonb_object_agg(s.status, s.jobs) AS counts, sum(s.cost) AS cost_usd,
+        min(s.started) AS started_at,
+        max(s.ended) FILTER (WHERE s.status IN ('succeeded', 'failed', 'cancelled')) AS ended_at
+    FROM (SELECT j.status, count(*) AS jobs, sum(j.cost_usd) AS cost,
+              min(j.started_at) AS started, max(j.finished_at) AS ended
+          FROM claude_jobs j WHERE j.batch_id = {b}.id GROUP BY j.status) s
+) p"""
+
+GET_BATCH = f"""
+-- get_batch: one batch and its progress
+{_BATCH_PROGRESS.format(b="b")}
+WHERE b.id = %(id)s
+"""
+
+LIST_BATCHES = f"""
+-- list_batches: the newest batches (the open ones, or all), each with its progress
+{_BATCH_PROGRESS.format(b="b")}
+WHERE b.id IN (SELECT id FROM claude_jobs_batches
+               WHERE NOT %(open)s OR finished_at IS NULL
+               ORDER BY created_at DESC LIMIT %(limit)s)
+ORDER BY b.created_at DESC
+"""
+
+BATCH_BY_NAME = """
+-- batch_by_name: the batch of a name: the open one, else the newest
+SELECT id FROM claude_jobs_batches WHERE name = %(name)s
+ORDER BY finished_at IS NULL DESC, created_at DESC LIMIT 1
+"""
+
+BATCHES_IN_RANGE = """
+-- batches_in_range: batch ids between two ids (an id prefix, padded)
+SELECT id FROM claude_jobs_batches WHERE id BETWEEN %(low)s AND %(high)s ORDER BY id LIMIT 6
+"""
+
+BATCH_JOBS_IN = """
+-- batch_jobs_in: a batch's jobs of these statuses, locked (batch cancel, batch retry)
+SELECT id FROM claude_jobs WHERE batch_id = %(id)s AND status = ANY(%(statuses)s::text[])
+ORDER BY id FOR UPDATE
+"""
+
+REOPEN_BATCH = """
+-- reopen_batch: a finished batch takes jobs again (its callbacks are queued again when it
+-- finishes again); no row if it is open already
+UPDATE claude_jobs_batches SET finished_at = NULL WHERE id = %(id)s AND finished_at IS NOT NULL
+RETURNING id
+"""
+
+BATCH_RESULTS = """
+-- batch_results: what each job of a batch came to, in the order they were queued (the file a
+-- callback reads)
+SELECT id, status, payload->>'prompt' AS prompt,
+    CASE WHEN jsonb_typeof(result) = 'object' AND result ? 'result' THEN result->'result'
+         ELSE result END AS result,
+    cost_usd, last_error AS error
+FROM claude_jobs WHERE batch_id = %(id)s ORDER BY seq, created_at
+"""
+
 # -- schedules ---------------------------------------------------------------------------------
 
 _SCHEDULE_COLUMNS = """s.name, s.cron, s.every, s.timezone, s.kind, s.payload, s.options,
@@ -2870,6 +3077,9 @@ class JobSettings(TypedDict, total=False):
     continue_from: uuid.UUID | str | None
     unique_key: str | None
     unique_for: float | timedelta | None
+    batch: str | None
+    on_finish: Mapping[str, Any] | None
+    on_success: Mapping[str, Any] | None
 
 
 @dataclass(frozen=True)
@@ -2882,6 +3092,9 @@ class JobOptions:
     ``continue_from``: a claude job whose session this one resumes, once it finished.
     ``unique_key``: no new job while a job of that key is queued or running (or, with
     ``unique_for``, was enqueued within that many seconds, whatever became of it).
+    ``batch``: the name of the open batch the job joins (a new batch if none is open);
+    ``on_finish`` and ``on_success``: the payloads of the jobs (of the same kind and options)
+    queued once every job of the batch has ended, or succeeded.
     """
 
     kind: str = _option(DEFAULT_KIND, "Job kind.", env="KIND")
@@ -2933,6 +3146,20 @@ class JobOptions:
         "ago, whatever became of it (24h).",
         value="duration",
     )
+    batch: str | None = _option(
+        None,
+        "Add the job(s) to the open batch of this name (a new batch if none is open).",
+        metavar="NAME",
+    )
+    on_finish: Mapping[str, Any] | None = _option(
+        None,
+        "With --batch: queue this payload (a job of the same kind and options) once every "
+        "job of the batch has ended (@PATH: from a file).",
+        value="payload",
+    )
+    on_success: Mapping[str, Any] | None = _option(
+        None, "With --batch: the same, only if every job of the batch succeeded.", value="payload"
+    )
 
     def __post_init__(self) -> None:
         check_queue(self.queue)
@@ -2957,6 +3184,18 @@ class JobOptions:
         if self.continue_from is not None and self.kind != DEFAULT_KIND:
             raise InvalidJob("only claude jobs can continue another job's session")
         _check_unique(self.unique_key, self.unique_for)
+        if self.batch is not None and (
+            not self.batch.strip() or len(self.batch) > 200 or "\x00" in self.batch
+        ):
+            raise InvalidJob(
+                f"invalid batch name {self.batch!r}: not empty, 200 characters or less"
+            )
+        for name in ("on_finish", "on_success"):
+            callback = getattr(self, name)
+            if callback is not None and self.batch is None:
+                raise InvalidJob(f"--{name.replace('_', '-')} is a batch's callback: give --batch")
+            if callback is not None and not isinstance(callback, Mapping):
+                raise InvalidJob(f"{name} must be a payload: a JSON object")
 
     @classmethod
     def build(cls, **settings: Unpack[JobSettings]) -> JobOptions:
@@ -3185,11 +3424,67 @@ def _prepare(
     base_dir: str | Path | None,
     seen: dict[tuple[str, str | None], str | None] | None = None,
 ) -> _Prepared:
-    checked = _checked_payload(kind, payload, base_dir, seen)
+    return _as_prepared(kind, _checked_payload(kind, payload, base_dir, seen))
+
+
+def _as_prepared(kind: str, checked: Mapping[str, Any]) -> _Prepared:
+    """A checked payload as stored: the job's settings it carries (a claude payload's
+    _JOB_KEYS) apart."""
+    payload = dict(checked)
     settings = {
-        key: checked.pop(key) for key in _JOB_KEYS if kind == DEFAULT_KIND and key in checked
+        key: payload.pop(key) for key in _JOB_KEYS if kind == DEFAULT_KIND and key in payload
     }
-    return _Prepared(checked, _payload_json(checked), settings)
+    return _Prepared(payload, _payload_json(payload), settings)
+
+
+def _with_checked_callbacks(options: JobOptions, base_dir: str | Path | None) -> JobOptions:
+    """``options`` with the payloads of its batch's callbacks checked (as enqueue checks a
+    payload of its kind: a claude callback's cwd made absolute)."""
+    changes = {}
+    for name in ("on_finish", "on_success"):
+        if (payload := getattr(options, name)) is not None:
+            try:
+                changes[name] = _checked_payload(options.kind, dict(payload), base_dir)
+            except InvalidJob as error:
+                raise InvalidJob(f"{name}: {error}") from None
+    return dataclasses.replace(options, **changes) if changes else options
+
+
+def _batch_of(conn: psycopg.Connection, options: JobOptions) -> uuid.UUID | None:
+    """The open batch that jobs of ``options`` join (a new one if none of its name is open),
+    locked until the end of the transaction; its callbacks set to those of ``options`` (checked
+    before: see _with_checked_callbacks). None without a batch."""
+    if options.batch is None:
+        return None
+    params = {
+        "id": uuid.uuid4(),
+        "name": options.batch,
+        "on_finish": _callback_spec(options, options.on_finish),
+        "on_success": _callback_spec(options, options.on_success),
+    }
+    while True:  # (a batch of that name that finishes between the two: open a new one)
+        if (row := conn.execute(OPEN_BATCH, params).fetchone()) is not None:
+            return row[0]
+        if (row := conn.execute(JOIN_BATCH, params).fetchone()) is not None:
+            return row[0]
+
+
+def _callback_spec(options: JobOptions, payload: Mapping[str, Any] | None) -> str | None:
+    """What a batch keeps of a callback (checked), to queue it when the batch ends: a job of
+    the kind and options of the jobs that set it (see claude_jobs_finish_batches)."""
+    if payload is None:
+        return None
+    prepared = _as_prepared(options.kind, payload)
+    plain = dataclasses.replace(
+        options, unique_key=None, unique_for=None, batch=None, on_finish=None, on_success=None
+    )
+    row = _row(plain, prepared)
+    return json.dumps({
+        "queue": options.queue, "kind": options.kind, "priority": options.priority,
+        "payload": prepared.payload, "max_attempts": options.max_attempts,
+        "timeout": row["timeout"], "concurrency_key": row["concurrency_key"],
+        "concurrency_limit": options.concurrency_limit,
+    })  # fmt: skip
 
 
 def _checked_payload(
@@ -3524,7 +3819,7 @@ def enqueue(
     The insert and the NOTIFY that wakes idle workers are one statement, run in the caller's
     transaction: the job exists once the caller commits and vanishes if it rolls back.
     """
-    options = JobOptions.build(**settings)
+    options = _with_checked_callbacks(JobOptions.build(**settings), base_dir)
     chain = _chain(conn, options)
     previous = chain.previous
     prepared = _prepare(options.kind, _continuing(payload, previous), base_dir)
@@ -3546,8 +3841,12 @@ def _enqueue_prepared(
     """Queue one checked job (see enqueue); ``origin``: the schedule and due time it is a
     run of."""
     row = _row(options, prepared, chain.previous)
-    blocked = _blocked(conn, options, [row["concurrency_key"]], chain.waits)[0]
-    return _insert_job(conn, _enqueue_params(options, row, chain, blocked, widens, origin))
+    # (a batch stays locked until the job is committed: one transaction for both)
+    with _atomic(conn) if options.batch else contextlib.nullcontext():
+        batch = _batch_of(conn, options)
+        blocked = _blocked(conn, options, [row["concurrency_key"]], chain.waits)[0]
+        params = _enqueue_params(options, row, chain, blocked, widens, origin, batch)
+        return _insert_job(conn, params)
 
 
 def _enqueue_params(
@@ -3557,6 +3856,7 @@ def _enqueue_params(
     blocked: str | None,
     widens: list[str] | None = None,
     origin: tuple[str, datetime] | None = None,
+    batch: uuid.UUID | None = None,
 ) -> dict[str, Any]:
     """ENQUEUE's parameters for one job."""
     schedule, due = origin or (None, None)
@@ -3570,6 +3870,7 @@ def _enqueue_params(
         "channel": NOTIFY_CHANNEL,
         "schedule": schedule,
         "scheduled_for": due,
+        "batch_id": batch,
     }
 
 
@@ -3644,7 +3945,7 @@ def enqueue_many(
     keys (``unique_keys``: one per payload, or None; a claude payload's "unique_key") go in
     one by one, and a payload whose key is taken makes no job (see Enqueued).
     """
-    options = JobOptions.build(**settings)
+    options = _with_checked_callbacks(JobOptions.build(**settings), base_dir)
     prepared: list[_Prepared] = []
     seen: dict[tuple[str, str | None], str | None] = {}
     for number, payload in enumerate(payloads, 1):
@@ -3680,14 +3981,15 @@ def _copy_jobs(
     common = (options.queue, options.kind, options.priority, options.max_attempts)
     scheduled = () if options.run_at is None else (options.run_at,)
     with _atomic(conn), conn.cursor() as cur:
+        batch = _batch_of(conn, options)
         marks = _blocked(conn, options, [row["concurrency_key"] for row in rows], chain.waits)
         if any(row["unique_key"] is not None for row in rows):
-            return _insert_unique(conn, options, chain, rows, marks)
+            return _insert_unique(conn, options, chain, rows, marks, batch)
         with cur.copy(COPY_SCHEDULED_JOBS if scheduled else COPY_JOBS) as copy:
             for job_id, row, blocked in zip(ids, rows, marks, strict=True):
                 copy.write_row(
                     (job_id, *common, row["payload"], row["timeout"], row["concurrency_key"],
-                     row["concurrency_limit"], chain.after, blocked, *scheduled)
+                     row["concurrency_limit"], chain.after, blocked, batch, *scheduled)
                 )  # fmt: skip
         cur.execute(
             NOTIFY_QUEUE,
@@ -3702,6 +4004,7 @@ def _insert_unique(
     chain: _Chain,
     rows: list[dict[str, Any]],
     marks: list[str | None],
+    batch: uuid.UUID | None,
 ) -> Enqueued:
     """Insert jobs one by one, in order, where some have unique keys (COPY cannot skip a
     row). The keys are locked first, in one order, so that two such batches sharing keys
@@ -3710,7 +4013,7 @@ def _insert_unique(
     conn.execute(LOCK_UNIQUE_KEYS, {"namespace": UNIQUE_LOCK_NAMESPACE, "keys": keys})
     done = Enqueued()
     for position, (row, blocked) in enumerate(zip(rows, marks, strict=True)):
-        job = _insert_job(conn, _enqueue_params(options, row, chain, blocked))
+        job = _insert_job(conn, _enqueue_params(options, row, chain, blocked, batch=batch))
         done.append(job.id)
         if job.duplicate:
             done.duplicates.append(position)
@@ -3775,12 +4078,14 @@ def list_jobs(
     since: datetime | None = None,
     text: str | None = None,
     cwd: str | None = None,
+    batch: uuid.UUID | None = None,
     before: Job | tuple[datetime, uuid.UUID] | None = None,
     limit: int = 50,
 ) -> list[Job]:
     """Jobs newest first (without their transcripts), filtered by each given argument:
-    ``text`` found in the prompt (any case), ``cwd`` the prompt's directory; ``before``: the
-    page after the one that ended with this job (or its (created_at, id))."""
+    ``text`` found in the prompt (any case), ``cwd`` the prompt's directory, ``batch`` the
+    batch's id; ``before``: the page after the one that ended with this job (or its
+    (created_at, id))."""
     if isinstance(before, Job):
         before = (before.created_at, before.id)
     params = {
@@ -3790,12 +4095,90 @@ def list_jobs(
         "since": since,
         "text": text,
         "cwd": cwd,
+        "batch": batch,
         "before_at": before and before[0],
         "before_id": before and before[1],
         "limit": limit,
     }
     with conn.cursor(row_factory=dict_row) as cur:
         return [Job.from_row(row) for row in cur.execute(LIST_JOBS, params).fetchall()]
+
+
+def resolve_batch(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID:
+    """The batch named ``text`` (the open one, else the newest of that name), or whose id is
+    or begins with it (6 hex digits or more); NotFound, or InvalidJob for an ambiguous
+    prefix."""
+    if isinstance(text, uuid.UUID):
+        return text
+    if row := conn.execute(BATCH_BY_NAME, {"name": text}).fetchone():
+        return row[0]
+    digits = text.strip().lower().replace("-", "")
+    if re.fullmatch(r"[0-9a-f]{6,32}", digits):
+        bounds = {"low": digits.ljust(32, "0"), "high": digits.ljust(32, "f")}
+        ids = [row[0] for row in conn.execute(BATCHES_IN_RANGE, bounds).fetchall()]
+        if len(ids) > 1:
+            raise InvalidJob(f"{text.strip()} is ambiguous: it begins {ids[0]}, {ids[1]}, ...")
+        if ids:
+            return ids[0]
+    raise NotFound(f"no batch {text!r}")
+
+
+def get_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> Batch:
+    """A batch (by name or id: see resolve_batch) and its progress."""
+    key = resolve_batch(conn, batch)
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(GET_BATCH, {"id": key}).fetchone()
+    if row is None:
+        raise NotFound(f"no batch {batch!r}")
+    return Batch.from_row(row)
+
+
+def list_batches(
+    conn: psycopg.Connection, *, only_open: bool = False, limit: int = 50
+) -> list[Batch]:
+    """The newest batches (``only_open``: those not finished), each with its progress."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(LIST_BATCHES, {"open": only_open, "limit": limit}).fetchall()
+    return [Batch.from_row(row) for row in rows]
+
+
+def cancel_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> dict[uuid.UUID, JobStatus]:
+    """Cancel a batch's queued and running jobs (as cancel_jobs does); what each came to. Its
+    on-finish callback is queued once they have all ended, as for any other ending."""
+    key = resolve_batch(conn, batch)
+    with _atomic(conn):
+        params = {"id": key, "statuses": [JobStatus.QUEUED, JobStatus.RUNNING]}
+        ids = [row[0] for row in conn.execute(BATCH_JOBS_IN, params).fetchall()]
+        return cancel_jobs(conn, ids) if ids else {}
+
+
+def retry_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> list[uuid.UUID]:
+    """Put a batch's failed jobs back in the queue (as retry_jobs does) and, if it had
+    finished, open it again: its callbacks are queued again when it finishes again. WrongState
+    when it has no failed job, or when another batch of its name is open."""
+    key = resolve_batch(conn, batch)
+    with conn.transaction():
+        params = {"id": key, "statuses": [JobStatus.FAILED]}
+        ids = [row[0] for row in conn.execute(BATCH_JOBS_IN, params).fetchall()]
+        if not ids:
+            raise WrongState(f"batch {batch} has no failed job")
+        try:
+            with conn.transaction():
+                conn.execute(REOPEN_BATCH, {"id": key})
+        except psycopg.errors.UniqueViolation:
+            raise WrongState(
+                f"another batch named {get_batch(conn, key).name!r} is open: retry its jobs "
+                "with `retry`, or wait for it to finish"
+            ) from None
+        return retry_jobs(conn, ids)
+
+
+def batch_results(conn: psycopg.Connection, batch: uuid.UUID) -> list[dict[str, Any]]:
+    """What each job of a batch came to, in the order they were queued: id, status, prompt
+    (a claude job's), result (a claude job's answer, or the handler's result), cost_usd and
+    error (the last one)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(BATCH_RESULTS, {"id": batch}).fetchall()
 
 
 def paused_queues(conn: psycopg.Connection) -> set[str]:
@@ -4642,7 +5025,7 @@ def _schedule_columns(
         raise InvalidJob(f"--catch-up is one of {', '.join(CATCH_UPS)}, not {catch_up!r}")
     if overlap not in OVERLAPS:
         raise InvalidJob(f"--overlap is one of {', '.join(OVERLAPS)}, not {overlap!r}")
-    options = JobOptions.build(**settings)
+    options = _with_checked_callbacks(JobOptions.build(**settings), base_dir)
     prepared = _prepare(options.kind, payload, base_dir)
     options = dataclasses.replace(options, **prepared.settings)  # (the payload's keys win)
     _row(options, prepared)  # (what only a whole job can check: a unique key's window)
@@ -5217,7 +5600,8 @@ class RunContext:
     lost (or is about to lose) its claim. ``deadline`` is the attempt's time limit on the
     ``time.monotonic()`` clock, or None. ``append_transcript`` and ``record`` only gather: the
     worker writes what they gathered twice a second and with the outcome, fenced on the
-    claim, so a handler never waits for the database.
+    claim, so a handler never waits for the database. ``batch_results``: for a batch's
+    callback, the file (JSON Lines: see batch_results) of what each job of the batch came to.
     """
 
     def __init__(
@@ -5237,6 +5621,7 @@ class RunContext:
         self._lease = lease
         self._lock = threading.Lock()
         self._gathered = Progress()
+        self.batch_results: Path | None = None
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -6085,12 +6470,17 @@ class ClaudeHandler:
         stream = _ClaudeStream(context)
         mark = {"type": "claude_jobs", "attempt": job.attempts, "worker": _worker_name()}
         context.append_transcript(json.dumps(mark) + "\n")
+        prompt, env = job.payload["prompt"], {**os.environ, **job.payload.get("env", {})}
+        if context.batch_results is not None:  # (a batch's callback: where its outcome is)
+            argv = [*argv, "--add-dir", str(context.batch_results.parent)]
+            env["CLAUDE_JOBS_BATCH_RESULTS"] = str(context.batch_results)
+            prompt += BATCH_RESULTS_NOTE.format(path=context.batch_results)
         try:
             ended = _run_process(
                 argv,
                 cwd=cwd,
-                env={**os.environ, **job.payload.get("env", {})},
-                stdin=job.payload["prompt"].encode("utf-8"),
+                env=env,
+                stdin=prompt.encode("utf-8"),
                 context=context,
                 on_line=stream.feed,
                 kill_grace=self.kill_grace,
@@ -7342,7 +7732,8 @@ class _Runners:
         error: BaseException | None = None
         trace: str | None = None
         try:
-            value = worker.handlers[job.kind](job)
+            with self._batch_results(job, context):
+                value = worker.handlers[job.kind](job)
         except (_Interrupted, JobFailed, Postpone) as raised:
             error = raised
         except BaseException as raised:  # KeyboardInterrupt and SystemExit too: the thread goes on
@@ -7365,6 +7756,22 @@ class _Runners:
         elif isinstance(error, Postpone):
             _log_job("postponed", job, logging.WARNING, until=outcome.run_at, reason=str(error))
         return outcome
+
+    @contextlib.contextmanager
+    def _batch_results(self, job: Job, context: RunContext) -> Iterator[None]:
+        """For a batch's callback: the file of what the batch's jobs came to, written here
+        for the handler (context.batch_results), removed after it."""
+        if job.callback_of is None:
+            yield
+            return
+        with self._pool.connection() as conn:
+            results = batch_results(conn, job.callback_of)
+        with tempfile.TemporaryDirectory(prefix=f"claude-jobs-batch-{job.id.hex[:12]}-") as d:
+            path = Path(d) / "results.jsonl"
+            lines = (json.dumps(_jsonable(row), ensure_ascii=False) + "\n" for row in results)
+            path.write_text("".join(lines))
+            context.batch_results = path
+            yield
 
     def _admit(self, job: Job) -> bool:
         """Take a slot of the job's concurrency key (True when it has none to take): under
@@ -8699,10 +9106,15 @@ def _configure_web_connection(conn: psycopg.Connection) -> None:
     conn.execute("SET plan_cache_mode = force_custom_plan")
 
 
+#: How many of the newest batches the overview shows.
+OVERVIEW_BATCHES = 10
+
+
 def _overview(conn: psycopg.Connection) -> dict[str, Any]:
     """What the dashboard's overview shows: per queue the counts by status, the oldest ready
     job, cost today and in the last 7 days, paused or not; live workers and the jobs they
-    run; the holds. Cheap at a million jobs (kept counts, an index probe per queue)."""
+    run; the holds; the newest batches' progress; the schedules. Cheap at a million jobs
+    (kept counts, an index probe per queue, a batch's progress from its index)."""
     today = datetime.now(UTC).date()
     cost: dict[str, dict[str, float]] = {}
     for row in cost_stats(conn, 7):
@@ -8718,7 +9130,10 @@ def _overview(conn: psycopg.Connection) -> dict[str, Any]:
     workers = list_workers(conn)
     for worker in workers:
         worker["jobs"] = [_job_summary(job) for job in running if job.worker_id == worker["id"]]
-    return _jsonable({"queues": queues, "workers": workers, "holds": list_holds(conn)})
+    batches = [batch.to_dict() for batch in list_batches(conn, limit=OVERVIEW_BATCHES)]
+    schedules = [schedule.to_dict() for schedule in list_schedules(conn)]
+    return _jsonable({"queues": queues, "workers": workers, "holds": list_holds(conn),
+                      "batches": batches, "schedules": schedules})  # fmt: skip
 
 
 def _job_summary(job: Job, paused: Collection[str] = (), why: str | None = None) -> dict[str, Any]:
@@ -8995,6 +9410,9 @@ def web_app(
         Route("/api/workers/{worker}/drain", database(_api_drain), methods=["POST"]),
         Route("/api/holds/{kind}/lift", database(_api_lift), methods=["POST"]),
         Route("/api/stats", database(_api_stats)),
+        Route("/api/batches", database(_api_batches)),
+        Route("/api/batches/{batch}", database(_api_batch)),
+        Route("/api/batches/{batch}/{action}", database(_api_batch_action), methods=["POST"]),
         Route("/api/schedules", database(_api_schedules)),
         Route("/api/schedules", database(_api_add_schedule, created=201), methods=["POST"]),
         Route("/api/schedules/{name}", database(_api_schedule)),
@@ -9131,8 +9549,8 @@ async def _overview_stream(hub: _Hub) -> Any:
 
 
 def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
-    """GET /api/jobs?status=&queue=&kind=&q=&cwd=&before=&limit=: a page of jobs, newest first,
-    and the cursor of the next (null on the last)."""
+    """GET /api/jobs?status=&queue=&kind=&q=&cwd=&batch=&before=&limit=: a page of jobs,
+    newest first, and the cursor of the next (null on the last)."""
     query = request.query_params
     statuses = [s for value in query.getlist("status") for s in value.split(",") if s]
     for status in statuses:
@@ -9146,10 +9564,11 @@ def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
     if not 1 <= limit <= MAX_PAGE:
         raise _HTTPError(400, f"limit must be from 1 to {MAX_PAGE}")
     before = _parse_cursor(query["before"]) if query.get("before") else None
+    batch = resolve_batch(conn, query["batch"]) if query.get("batch") else None
     jobs = list_jobs(
         conn, statuses=statuses or None, queue=query.get("queue") or None,
         kind=query.get("kind") or None, text=query.get("q") or None,
-        cwd=query.get("cwd") or None, before=before, limit=limit,
+        cwd=query.get("cwd") or None, batch=batch, before=before, limit=limit,
     )  # fmt: skip
     paused = paused_queues(conn)
     reasons = explain_jobs(conn, jobs)
@@ -9241,6 +9660,35 @@ def _api_lift(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
     if lifted is None:
         raise WrongState(f"nothing holds {request.path_params['kind']} jobs")
     return dataclasses.asdict(lifted)
+
+
+def _api_batches(conn: psycopg.Connection, request: Any, body: Any) -> list[dict[str, Any]]:
+    """GET /api/batches?open=1&limit=50: the newest batches and their progress."""
+    try:
+        limit = int(request.query_params.get("limit") or 50)
+    except ValueError:
+        raise _HTTPError(400, "limit must be a number") from None
+    only_open = request.query_params.get("open") in ("1", "true")
+    return [batch.to_dict() for batch in list_batches(conn, only_open=only_open, limit=limit)]
+
+
+def _api_batch(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """GET /api/batches/{name or id}: a batch and its progress (its jobs: /api/jobs?batch=)."""
+    return get_batch(conn, request.path_params["batch"]).to_dict()
+
+
+def _api_batch_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """POST /api/batches/{name or id}/cancel|retry."""
+    batch, action = request.path_params["batch"], request.path_params["action"]
+    if action == "cancel":
+        done = cancel_batch(conn, batch)
+        return {
+            "cancelled": [str(key) for key, status in done.items() if status != "running"],
+            "stopping": [str(key) for key, status in done.items() if status == "running"],
+        }
+    if action == "retry":
+        return {"retried": [str(key) for key in retry_batch(conn, batch)]}
+    raise _HTTPError(404, f"no action {action!r}: cancel or retry")
 
 
 def _api_schedules(conn: psycopg.Connection, request: Any, body: Any) -> list[dict[str, Any]]:
@@ -9466,8 +9914,10 @@ function overviewPage() {
   const stop = new AbortController();
   const queues = $("section", {}, $("h2", {}, "Queues"), $("p", { class: "dim" }, "loading…"));
   const workers = $("section", {}, $("h2", {}, "Workers"));
+  const batches = $("section", { id: "batches" }, $("h2", {}, "Batches"));
+  const schedules = $("section", { id: "schedules" }, $("h2", {}, "Schedules"));
   const jobs = $("section", { id: "jobs" }, $("h2", {}, "Jobs"));
-  fill(main, queues, workers, jobs);
+  fill(main, queues, workers, batches, schedules, jobs);
   const filters = jobFilters(jobs);
   let lastCounts = "";
   follow("api/events", (event, data) => {
@@ -9475,6 +9925,8 @@ function overviewPage() {
     if (event !== "overview") return;
     fill(queues, $("h2", {}, "Queues"), queueTable(data), holdList(data.holds));
     fill(workers, $("h2", {}, "Workers"), workerTable(data.workers));
+    fill(batches, $("h2", {}, "Batches"), batchTable(data.batches));
+    fill(schedules, $("h2", {}, "Schedules"), scheduleTable(data.schedules));
     const counts = JSON.stringify(data.queues.map(q => [q.queue, q.ready, q.scheduled,
       q.running, q.succeeded, q.failed, q.cancelled]));
     if (counts !== lastCounts && filters.firstPage()) filters.load();
@@ -9518,12 +9970,47 @@ function workerTable(list) {
           if (confirm("Drain " + w.host + ":" + w.pid + "? It takes no more jobs and exits once "
             + "its running jobs end.")) act("api/workers/" + w.id + "/drain"); }) : null))));
 }
+function batchTable(list) {
+  if (!list.length) return $("p", { class: "dim" }, "no batches");
+  const shown = ["succeeded", "failed", "cancelled", "running", "queued"];
+  return table(["batch", "progress", "jobs", "cost", "created", "finished", "callbacks", ""],
+    list.map(b => $("tr", {},
+      $("td", { title: b.id }, $("a", { href: "#/batch/" + b.id }, b.name)),
+      $("td", {}, $("progress", { max: b.jobs || 1, value: b.ended }), " ",
+        b.ended + " of " + b.jobs),
+      $("td", {}, ...shown.filter(s => b.counts[s]).map(s =>
+        $("span", {}, status(s), " " + b.counts[s] + " "))),
+      $("td", { class: "num" }, money(b.cost_usd)), $("td", {}, ago(b.created_at)),
+      $("td", {}, b.finished_at ? ago(b.finished_at) : "open"),
+      $("td", {}, ...b.callbacks.map(id => $("a", { href: "#/jobs/" + id }, id.slice(0, 8) + " "))),
+      $("td", {}, b.finished_at ? null : action("cancel", () => {
+          if (confirm("Cancel the unfinished jobs of batch " + b.name + "?"))
+            act("api/batches/" + b.id + "/cancel"); }),
+        b.counts.failed ? action("retry failed", () => act("api/batches/" + b.id + "/retry"))
+          : null))));
+}
+function scheduleTable(list) {
+  if (!list.length) return $("p", { class: "dim" }, "no schedules");
+  return table(["schedule", "when", "next run", "last run", ""],
+    list.map(s => $("tr", {}, $("td", {}, s.name),
+      $("td", {}, (s.cron ? s.cron : "every " + secs(s.every)) + " (" + s.timezone + ")"),
+      $("td", {}, s.paused_at ? status("paused") : ago(s.next_run_at)),
+      $("td", { class: "text" }, !s.last_run ? "-" : [ago(s.last_run.due_at), " ",
+        s.last_run.job_id ? $("a", { href: "#/jobs/" + s.last_run.job_id },
+          s.last_run.job_id.slice(0, 8)) : s.last_run.outcome,
+        " ", s.last_run.status ? status(s.last_run.status) : (s.last_run.note || "")]),
+      $("td", {}, action("run now", () => act("api/schedules/"
+          + encodeURIComponent(s.name) + "/run")),
+        action(s.paused_at ? "resume" : "pause", () => act("api/schedules/"
+          + encodeURIComponent(s.name) + (s.paused_at ? "/resume" : "/pause")))))));
+}
 function jobFilters(section) {
   const field = (name, hint) => $("input", { name, placeholder: hint, size: 12 });
   const statusSelect = $("select", { name: "status" }, $("option", { value: "" }, "any status"),
     ["queued", "running", "succeeded", "failed", "cancelled"].map(s => $("option", {}, s)));
   const form = $("form", {}, statusSelect, field("queue", "queue"), field("kind", "kind"),
-    field("q", "text in the prompt"), field("cwd", "cwd"), $("button", {}, "filter"));
+    field("q", "text in the prompt"), field("cwd", "cwd"), field("batch", "batch"),
+    $("button", {}, "filter"));
   const body = $("div", {});
   const more = $("button", {}, "older →");
   section.append(form, body, more);
@@ -9605,10 +10092,39 @@ function jobPage(id) {
   return () => stop.abort();
 }
 
+// -- a batch ---------------------------------------------------------------------------------
+function batchPage(id) {
+  const facts = $("section", {}, $("h2", {}, "Batch ", id));
+  const jobs = $("section", {}, $("h2", {}, "Its jobs"));
+  fill(main, facts, jobs);
+  const refresh = async () => {
+    try {
+      const b = await api("api/batches/" + encodeURIComponent(id));
+      const page = await api("api/jobs?limit=200&batch=" + encodeURIComponent(id));
+      const rows = [["progress", b.ended + " of " + b.jobs + " ended"],
+        ["by status", Object.entries(b.counts).map(([k, v]) => v + " " + k).join(", ") || "-"],
+        ["cost", money(b.cost_usd)], ["created", ago(b.created_at)],
+        ["started", b.started_at ? ago(b.started_at) : "-"],
+        ["finished", b.finished_at ? ago(b.finished_at) : "not yet"],
+        ["on finish", b.on_finish ? JSON.stringify(b.on_finish) : "-"],
+        ["on success", b.on_success ? JSON.stringify(b.on_success) : "-"]];
+      fill(facts, $("h2", {}, "Batch ", b.name), $("progress", { max: b.jobs || 1,
+        value: b.ended }), $("dl", {}, rows.map(([k, v]) => [$("dt", {}, k), $("dd", {}, v)])
+        .flat(), $("dt", {}, "callbacks"), $("dd", {}, ...b.callbacks.map(c =>
+          $("a", { href: "#/jobs/" + c }, c.slice(0, 8) + " ")))));
+      fill(jobs, $("h2", {}, "Its jobs"), jobTable(page.jobs));
+    } catch (e) { say(e.message, true); }
+  };
+  refresh();
+  const timer = setInterval(refresh, 3000);
+  return () => clearInterval(timer);
+}
+
 function route() {
   if (view) view();
-  const match = location.hash.match(/^#\\/jobs\\/([0-9a-fA-F-]+)$/);
-  view = match ? jobPage(match[1]) : overviewPage();
+  const job = location.hash.match(/^#\\/jobs\\/([0-9a-fA-F-]+)$/);
+  const batch = location.hash.match(/^#\\/batch\\/([0-9a-fA-F-]+)$/);
+  view = job ? jobPage(job[1]) : batch ? batchPage(batch[1]) : overviewPage();
 }
 window.addEventListener("hashchange", route);
 route();
@@ -9733,9 +10249,27 @@ class _TimeType(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
+class _PayloadType(click.ParamType):
+    """A payload: a JSON object, or @PATH, a file that holds one."""
+
+    name = "payload"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, Mapping):
+            return value
+        try:
+            payload = _payload_given(value, "it")
+        except InvalidJob as error:
+            self.fail(str(error), param, ctx)
+        if not isinstance(payload, dict):
+            self.fail(f"must be a JSON object, not {_json_type(payload)}", param, ctx)
+        return payload
+
+
 _DURATION_TYPE = _DurationType()
 _TIME_TYPE = _TimeType()
 _VALUE_TYPES = {
+    "payload": _PayloadType(),
     "duration": _DURATION_TYPE,
     "duration, unit needed": _DurationType(unit_needed=True),
     "time": _TIME_TYPE,
@@ -10097,10 +10631,10 @@ def _prompt_given(prompt: str | None, prompt_file: str | None, payload_file: Any
         raise InvalidJob(f"--prompt-file {prompt_file} is not UTF-8 text") from None
 
 
-def _payload_given(payload: str) -> Any:
-    """The JSON of --payload, or of the file it names as @PATH."""
+def _payload_given(payload: str, what: str = "--payload") -> Any:
+    """The JSON of --payload (or ``what``), or of the file it names as @PATH."""
     if not payload.startswith("@"):
-        return _parse_json(payload, "--payload")
+        return _parse_json(payload, what)
     path = payload[1:]
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -10165,7 +10699,7 @@ def _read_json_lines(
 #: The job settings a schedule's runs take: enqueue's, but those of timing and chains.
 _RUN_SETTINGS = (
     "kind", "queue", "priority", "max_attempts", "timeout", "concurrency_key",
-    "concurrency_limit", "unique_key", "unique_for",
+    "concurrency_limit", "unique_key", "unique_for", "batch", "on_finish", "on_success",
 )  # fmt: skip
 
 
@@ -10506,6 +11040,121 @@ def schedule_sync_command(
         click.echo("the schedules match the file", err=True)
 
 
+# -- batches ---------------------------------------------------------------------------------
+
+
+@cli.group("batch")
+def batch_group() -> None:
+    """Jobs grouped under a name (enqueue --batch NAME), and what follows when they end.
+
+    \b
+    Examples:
+      claude-jobs enqueue --file repos.jsonl --batch review --on-finish @summarise.json
+      claude-jobs batch list
+      claude-jobs batch show review
+      claude-jobs batch retry review
+    """
+
+
+def _batch_line(batch: Batch) -> list[str]:
+    """A batch as `batch list` shows it."""
+    counts = batch.counts
+    by_status = ", ".join(f"{counts[s]} {s}" for s in JobStatus if counts.get(s))
+    return [
+        str(batch.id)[:8], batch.name, f"{batch.ended}/{batch.jobs}", by_status or "-",
+        _money(batch.cost_usd), _ago(batch.created_at),
+        _ago(batch.finished_at) if batch.finished_at else "open",
+        ", ".join(str(c)[:8] for c in batch.callbacks) or "-",
+    ]  # fmt: skip
+
+
+_BATCH_HEADERS = ["ID", "NAME", "ENDED", "JOBS", "COST", "CREATED", "FINISHED", "CALLBACKS"]
+
+
+@batch_group.command("list")
+@click.option("--open", "only_open", is_flag=True, help="Only batches not finished yet.")
+@click.option("--limit", type=click.IntRange(1, 10_000), default=50, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one batch a line.")
+@click.pass_obj
+def batch_list_command(config: _Config, only_open: bool, limit: int, as_json: bool) -> None:
+    """The newest batches: how many of their jobs have ended (and in which status), their
+    cost, when they were made and finished, the callbacks they queued.
+
+    \b
+    Example:
+      claude-jobs batch list --open
+    """
+    with config.connect() as conn:
+        batches = list_batches(conn, only_open=only_open, limit=limit)
+    if as_json:
+        for batch in batches:
+            click.echo(_json_text(batch.to_dict()))
+        return
+    if not batches:
+        click.echo("no batches", err=True)
+        return
+    click.echo(_table(_BATCH_HEADERS, [_batch_line(batch) for batch in batches]))
+
+
+@batch_group.command("show")
+@click.argument("batch", metavar="NAME|ID")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True,
+              help="How many of its jobs to list, newest first.")  # fmt: skip
+@click.option("--json", "as_json", is_flag=True, help="Print the batch as JSON (no jobs).")
+@click.pass_obj
+def batch_show_command(config: _Config, batch: str, limit: int, as_json: bool) -> None:
+    """A batch (by name: the open one, else the newest; or by id): its progress, n of m by
+    status, cost so far, started, finished, its callbacks, then its jobs.
+
+    \b
+    Example:
+      claude-jobs batch show nightly-review
+    """
+    with config.connect() as conn:
+        found = get_batch(conn, batch)
+        if as_json:
+            click.echo(_json_text(found.to_dict()))
+            return
+        counts = ", ".join(f"{found.counts[s]} {s}" for s in JobStatus if found.counts.get(s))
+        callbacks = [("on finish", found.on_finish), ("on success", found.on_success)]
+        fields = [
+            ("batch", f"{found.name} ({found.id})"),
+            ("progress", f"{found.ended} of {found.jobs} ended{': ' if counts else ''}{counts}"),
+            ("cost", _money(found.cost_usd)),
+            ("created", _ago(found.created_at)), ("started", _ago(found.started_at)),
+            ("finished", _ago(found.finished_at) if found.finished_at else "not yet"),
+            *((label, _json_text(payload)) for label, payload in callbacks if payload),
+            ("callbacks", ", ".join(map(str, found.callbacks)) or "-"),
+        ]  # fmt: skip
+        for label, value in fields:
+            click.echo(f"{label + ':':<12}{_printable(value)}")
+        click.echo()
+        _print_jobs(conn, list_jobs(conn, batch=found.id, limit=limit), as_json=False)
+
+
+@batch_group.command("cancel")
+@click.argument("batch", metavar="NAME|ID")
+@click.pass_obj
+def batch_cancel_command(config: _Config, batch: str) -> None:
+    """Cancel a batch's queued and running jobs (its on-finish callback then runs, as when
+    they end otherwise)."""
+    with config.connect() as conn:
+        done = cancel_batch(conn, batch)
+    stopping = sum(status == JobStatus.RUNNING for status in done.values())
+    click.echo(f"cancelled {len(done) - stopping} queued job(s); stopping {stopping} running")
+
+
+@batch_group.command("retry")
+@click.argument("batch", metavar="NAME|ID")
+@click.pass_obj
+def batch_retry_command(config: _Config, batch: str) -> None:
+    """Put a batch's failed jobs back in the queue; a finished batch opens again, and its
+    callbacks run again when it finishes again."""
+    with config.connect() as conn:
+        again = retry_batch(conn, batch)
+    click.echo(f"retrying {len(again)} failed job(s)")
+
+
 @cli.command("worker")
 @_flags(WorkerSettings, "concurrency", "queues", "poll_interval", "burst")
 @_import_option
@@ -10776,6 +11425,7 @@ def _job_ids_argument(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--since", type=_DURATION_TYPE, help="Only jobs enqueued this recently: 30m, 2h, 7d.")
 @click.option("--search", "text", metavar="TEXT", help="Only jobs whose prompt has this text.")
 @click.option("--cwd", help="Only jobs whose prompt runs in this directory.")
+@click.option("--batch", metavar="NAME|ID", help="Only jobs of this batch.")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one job a line.")
 @click.pass_obj
@@ -10787,6 +11437,7 @@ def list_command(
     since: float | None,
     text: str | None,
     cwd: str | None,
+    batch: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
@@ -10798,17 +11449,24 @@ def list_command(
       claude-jobs list --status failed --queue nightly --since 1d
       claude-jobs list --status running --json | jq -r .id
       claude-jobs list --search "security review" --cwd ~/src/api
+      claude-jobs list --batch nightly-review --status failed
     """
     after = datetime.now(UTC) - timedelta(seconds=since) if since is not None else None
     if cwd is not None:
         cwd = str(Path(cwd).expanduser().resolve())
     with config.connect() as conn:
+        batch_id = resolve_batch(conn, batch) if batch is not None else None
         jobs = list_jobs(
             conn, statuses=statuses, queue=queue, kind=kind, since=after, text=text, cwd=cwd,
-            limit=limit,
+            batch=batch_id, limit=limit,
         )  # fmt: skip
-        paused = paused_queues(conn)
-        reasons = explain_jobs(conn, jobs)
+        _print_jobs(conn, jobs, as_json)
+
+
+def _print_jobs(conn: psycopg.Connection, jobs: Sequence[Job], as_json: bool) -> None:
+    """Jobs as `list` prints them: a table with why each waits, or JSON Lines."""
+    paused = paused_queues(conn)
+    reasons = explain_jobs(conn, jobs)
     if as_json:
         for job in jobs:
             reason = reasons.get(job.id)
@@ -10997,8 +11655,8 @@ def retry_command(
 @click.pass_obj
 def stats_command(config: _Config, cost: bool, days: int, as_json: bool) -> None:
     """Per queue: jobs by status, the oldest ready job's age, running now, the last hour's
-    successes and failures, median and p95 run time (last day) and total cost; then what no
-    worker starts now (a usage limit). With --cost: cost per day and queue.
+    successes and failures, median and p95 run time (last day) and total cost; what no
+    worker starts now (a usage limit); the open batches. With --cost: cost per day and queue.
 
     \b
     Examples:
@@ -11011,16 +11669,23 @@ def stats_command(config: _Config, cost: bool, days: int, as_json: bool) -> None
             return
         queues = queue_stats(conn)
         holds = list_holds(conn)
+        batches = list_batches(conn, only_open=True)
     if as_json:
         for queue in queues:
             click.echo(_json_text(queue))
         for hold in holds:
             click.echo(_json_text({"hold": hold}))
+        for batch in batches:
+            click.echo(_json_text({"batch": batch.to_dict()}))
         return
     _print_holds(holds)
     if not queues:
         click.echo("no jobs", err=True)
         return
+    if batches:  # (after the queues' table, below)
+        open_batches = _table(_BATCH_HEADERS, [_batch_line(batch) for batch in batches])
+    else:
+        open_batches = ""
 
     def seconds(value: float | None) -> str:
         return "-" if value is None else _duration_text(value) if value >= 60 else f"{value:.1f}s"
@@ -11039,6 +11704,8 @@ def stats_command(config: _Config, cost: bool, days: int, as_json: bool) -> None
                "CANCELLED", "OK/1H", "FAIL/1H", "OLDEST", "MEDIAN", "P95", "COST"]  # fmt: skip
     optional = ("CANCELLED", "LATER", "FAIL/1H", "OK/1H", "P95", "MEDIAN", "OLDEST", "RUNNING")
     click.echo(_table(headers, rows, paint="STATE", optional=optional))
+    if open_batches:
+        click.echo(f"\nopen batches:\n{open_batches}")
 
 
 def _print_holds(holds: Sequence[Mapping[str, Any]]) -> None:

@@ -381,7 +381,7 @@ END $migration_7$;
 -- version 8
 DO $migration_8$ BEGIN
 IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 8) THEN
--- Unique jobs and schedules.
+-- Unique jobs, schedules and batches.
 -- Unique jobs: while a job of a unique key is queued or running, no other job of that key is
 -- (the index says so, not a read before a write: an enqueue that finds the key taken inserts
 -- nothing). A key enqueued with a window (--unique-for) also keeps others out until the
@@ -438,6 +438,72 @@ ALTER TABLE claude_jobs
 -- (--overlap: is a run of the schedule still queued or running)
 CREATE INDEX claude_jobs_unfinished_of_schedule ON claude_jobs (schedule)
     WHERE schedule IS NOT NULL AND status IN ('queued', 'running');
+-- Batches: jobs grouped under a name; when the last of them has ended, the batch is finished
+-- and its callbacks are queued, once. Enqueueing to a batch takes a share of its row's lock;
+-- whatever ends its jobs takes the whole lock before it looks at the rest (the trigger below),
+-- so that of two transactions that end its last two jobs at once, the second to take the lock
+-- sees the first's job ended, and a job added as its last one ends keeps it open.
+CREATE TABLE claude_jobs_batches (
+    id           uuid PRIMARY KEY,
+    name         text NOT NULL,
+    on_finish    jsonb,                -- the job queued once all its jobs have ended
+    on_success   jsonb,                -- the job queued once all its jobs have succeeded
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    finished_at  timestamptz           -- when its last job ended (its callbacks were queued)
+);
+-- one open batch of a name: enqueue --batch NAME adds to it (or opens a new one)
+CREATE UNIQUE INDEX claude_jobs_open_batches ON claude_jobs_batches (name)
+    WHERE finished_at IS NULL;
+CREATE INDEX claude_jobs_batches_newest ON claude_jobs_batches (created_at DESC);
+ALTER TABLE claude_jobs
+    ADD COLUMN batch_id uuid,                       -- the batch it belongs to
+    ADD COLUMN callback_of uuid;                    -- the batch it is a callback of
+-- a batch's progress, counted from the index alone
+CREATE INDEX claude_jobs_of_batch ON claude_jobs (batch_id, status)
+    INCLUDE (cost_usd, started_at, finished_at) WHERE batch_id IS NOT NULL;
+CREATE INDEX claude_jobs_callbacks ON claude_jobs (callback_of) WHERE callback_of IS NOT NULL;
+CREATE FUNCTION claude_jobs_finish_batches() RETURNS trigger LANGUAGE plpgsql AS $finish$
+DECLARE
+    ending uuid[];
+    queues text[];
+BEGIN
+    SELECT array_agg(DISTINCT n.batch_id) INTO ending
+    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE n.batch_id IS NOT NULL AND n.status IN ('succeeded', 'failed', 'cancelled')
+      AND o.status IN ('queued', 'running');
+    IF ending IS NULL THEN  -- (most statements: no job of a batch ended)
+        RETURN NULL;
+    END IF;
+    -- the batches' locks, in one order (no deadlock); the statements below see what the
+    -- transactions that held them committed
+    PERFORM FROM claude_jobs_batches WHERE id = ANY(ending) ORDER BY id FOR UPDATE;
+    WITH done AS (
+        UPDATE claude_jobs_batches b SET finished_at = now()
+        WHERE b.id = ANY(ending) AND b.finished_at IS NULL AND NOT EXISTS (
+            SELECT FROM claude_jobs j
+            WHERE j.batch_id = b.id AND j.status IN ('queued', 'running'))
+        RETURNING b.id, b.on_finish, CASE WHEN NOT EXISTS (
+            SELECT FROM claude_jobs j WHERE j.batch_id = b.id AND j.status <> 'succeeded')
+            THEN b.on_success END AS on_success
+    ), made AS (
+        INSERT INTO claude_jobs (id, queue, kind, priority, payload, max_attempts, timeout,
+            concurrency_key, concurrency_limit, callback_of)
+        SELECT gen_random_uuid(), c->>'queue', c->>'kind', (c->>'priority')::integer,
+            c->'payload', (c->>'max_attempts')::integer, (c->>'timeout')::double precision,
+            c->>'concurrency_key', (c->>'concurrency_limit')::integer, done.id
+        FROM done, LATERAL (VALUES (done.on_finish), (done.on_success)) AS callbacks(c)
+        WHERE c IS NOT NULL
+        RETURNING queue
+    )
+    SELECT array_agg(DISTINCT queue) INTO queues FROM made;
+    PERFORM pg_notify('claude_jobs', json_build_object('queue', q)::text)
+    FROM unnest(queues) AS q;
+    RETURN NULL;
+END
+$finish$;
+CREATE TRIGGER claude_jobs_finish_batches AFTER UPDATE ON claude_jobs
+    REFERENCING OLD TABLE AS old_jobs NEW TABLE AS new_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_finish_batches();
 INSERT INTO claude_jobs_schema (version) VALUES (8);
 END IF;
 END $migration_8$;

@@ -58,6 +58,7 @@ TARGETS = [
     ("claude / raw spawn", ">=", 0.8, "the subprocess path within 80% of the raw spawn rate"),
     ("memory idle", "<", 60, "an idle worker under 60 MB resident"),
     ("claim query, 100k blocked", "<", 1, "claim with 100,000 blocked jobs under 1 ms"),
+    ("batch progress 10k", "<", 10, "a 10,000-job batch's progress under 10 ms"),
     ("list", "<", 250, "`claude-jobs list` under 250 ms wall, import included"),
     ("api jobs p99", "<", 50, "GET /api/jobs at 2M jobs: p99 under 50 ms"),
     ("api job p99", "<", 50, "GET /api/jobs/{id} at 2M jobs: p99 under 50 ms"),
@@ -456,6 +457,35 @@ def bench_list(b: Bench) -> None:
         b.record("list", "ms", statistics.median(times))
 
 
+def bench_batch(b: Bench) -> None:
+    """11. A 10,000-job batch's progress (get_batch: counts by status, cost, times, callbacks;
+    what `batch show`, `batch list` and the dashboard read), half its jobs ended, among
+    200,000 other jobs: the median of 51 calls, round trip included."""
+    b.reset()
+    b.fill(100_000)
+    b.fill(100_000, status="succeeded")
+    with b.connection() as conn:
+        ids = claude_jobs.enqueue_many(
+            conn, [{"n": n} for n in range(10_000)], kind="noop", batch="bench",
+            on_finish={"then": "summary"},
+        )  # fmt: skip
+        for status, chunk in (("succeeded", ids[:4000]), ("failed", ids[4000:5000])):
+            conn.execute(
+                "UPDATE claude_jobs SET status = %s, cost_usd = 0.01, started_at = now(), "
+                "finished_at = now() WHERE id = ANY(%s)",
+                [status, list(chunk)],
+            )
+        conn.execute("VACUUM ANALYZE claude_jobs")
+        for _ in range(b.runs):
+            times = []
+            for _ in range(51):
+                started = time.perf_counter()
+                batch = claude_jobs.get_batch(conn, "bench")
+                times.append((time.perf_counter() - started) * 1000)
+            assert batch.jobs == 10_000 and batch.ended == 5_000
+            b.record("batch progress 10k", "ms", statistics.median(times))
+
+
 def bench_web(b: Bench) -> None:
     """10. `claude-jobs serve` at 1M queued + 1M finished jobs: the API, a job, /metrics, the
     overview, `stats` and `list`; then 200 event streams following one running job."""
@@ -678,6 +708,7 @@ BENCHMARKS: dict[str, Callable[[Bench], None]] = {
     "blocked": bench_blocked,
     "list": bench_list,
     "web": bench_web,
+    "batch": bench_batch,
 }
 
 

@@ -159,7 +159,9 @@ ignore_term (ignore SIGTERM), cost (total_cost_usd), session (the session id), r
 argv lists, to run in the working directory first), track (a directory: while it runs, a file
 of its own is there, and on start it appends how many there are to <track>.counts), unless
 (a path: when it exists, every other directive is ignored: a plain success), big_line (print
-one line of that many "x" before the result).
+one line of that many "x" before the result), copy_results (a path: copy the file that
+$CLAUDE_JOBS_BATCH_RESULTS names there, as a batch's callback would read it). The directives
+are the first line of the prompt (the worker may add lines after it).
 """
 import base64, json, os, signal, subprocess, sys, time, uuid
 
@@ -170,10 +172,15 @@ record = {{
     "started": time.time(),
     "stdin": base64.b64encode(prompt).decode(), "stdin_closed": sys.stdin.buffer.read() == b"",
     "env": {{k: os.environ.get(k) for k in ("CLAUDE_JOBS_JOB_ID", "CLAUDE_JOBS_ATTEMPT",
-            "IS_SANDBOX", "FAKE_MARKER")}},
+            "IS_SANDBOX", "FAKE_MARKER", "CLAUDE_JOBS_BATCH_RESULTS")}},
 }}
 text = prompt.decode("utf-8", "replace")
-directives = json.loads(text[5:]) if text.startswith("FAKE:") else {{}}
+directives = json.loads(text[5:].partition(chr(10))[0]) if text.startswith("FAKE:") else {{}}
+if "copy_results" in directives:
+    with open(os.environ["CLAUDE_JOBS_BATCH_RESULTS"], "rb") as f:
+        results = f.read()
+    with open(directives["copy_results"], "wb") as out:
+        out.write(results)
 if "unless" in directives and os.path.exists(directives["unless"]):
     directives = {{}}
 for command in directives.get("run", []):

@@ -475,3 +475,77 @@ def test_schedules_over_http(db_url: str, tmp_path: Path) -> None:
             "name": "nightly", "removed": True
         }  # fmt: skip
         assert client.get("/api/schedules/nightly").status_code == 404
+
+
+NIGHTLY = """
+[review-shop]
+cron = "0 2 * * *"
+timezone = "Europe/Berlin"
+prompt = "review shop"
+cwd = "shop"
+only_if_changed = true
+batch = "nightly-review"
+on_finish = {prompt = "summarise the reviews", cwd = "."}
+
+[review-blog]
+cron = "0 2 * * *"
+timezone = "Europe/Berlin"
+prompt = "review blog"
+cwd = "blog"
+only_if_changed = true
+batch = "nightly-review"
+on_finish = {prompt = "summarise the reviews", cwd = "."}
+"""
+
+
+def test_every_night_review_the_changed_repositories_then_summarise(
+    invoke: Callable[..., Result],
+    conn: psycopg.Connection,
+    tmp_path: Path,
+    start_worker: Callable[..., Any],
+    claude_log: Path,
+) -> None:
+    """The issue's whole story: schedules from a file, one agent per repository, unchanged
+    ones skipped, one batch a night whose callback summarises; nothing runs twice."""
+    for name in ("shop", "blog"):
+        (tmp_path / name).mkdir()
+        git(tmp_path / name, "init", "-q")
+        commit(tmp_path / name, "start")
+    (tmp_path / "schedules.toml").write_text(NIGHTLY)
+    assert invoke("schedule", "sync", str(tmp_path / "schedules.toml")).exit_code == 0
+    start_worker("--concurrency", "3", "--no-schedules")
+
+    def night() -> list[str]:  # (as if 02:00 had come: each schedule is due)
+        conn.execute("UPDATE claude_jobs_schedules SET next_run_at = now() - interval '1s'")
+        made = claude_jobs.fire_due_schedules(conn)
+        wait_for(
+            lambda: all(
+                s == "succeeded"
+                for (s,) in conn.execute("SELECT status FROM claude_jobs").fetchall()
+            ),
+            timeout=60,
+            what="the night's jobs",
+        )
+        return sorted(job.payload["prompt"] for job in made)
+
+    assert night() == ["review blog", "review shop"]
+    [batch] = claude_jobs.list_batches(conn)
+    assert batch.counts == {"succeeded": 2} and len(batch.callbacks) == 1
+    summary = claude_jobs.get_job(conn, batch.callbacks[0])
+    assert summary.payload["prompt"] == "summarise the reviews"
+    assert night() == []  # nothing changed: both skipped, no batch, no summary
+    assert len(claude_jobs.list_batches(conn)) == 1
+    commit(tmp_path / "blog", "a new post")
+    assert night() == ["review blog"]
+    newest = claude_jobs.list_batches(conn)[0]
+    assert newest.counts == {"succeeded": 1} and len(newest.callbacks) == 1
+    listed = invoke("schedule", "list").stdout
+    assert "review-shop" in listed and "skipped: unchanged" in listed
+    runs = conn.execute("SELECT count(*), count(DISTINCT (schedule, due_at)) "
+                        "FROM claude_jobs_schedule_runs").fetchone()  # fmt: skip
+    assert runs == (6, 6)
+
+
+def commit(repo: Path, message: str) -> None:
+    git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
+        "-m", message)  # fmt: skip

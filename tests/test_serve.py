@@ -602,10 +602,21 @@ def test_in_a_browser_the_dashboard_lives_streams_and_cancels(
     wait_for(lambda: status_of(conn, job.id) == "cancelled", 20, "the job to be cancelled")
     until(browser, lambda d: "job cancelled" in d.find_element("id", "outcome").text, "the end")
     assert "step 39" not in browser.find_element("id", "transcript").text
+    summary = {"prompt": "Summarise tonight's reviews into REVIEWS.md", "cwd": str(tmp_path)}
     for repo in ("api", "billing", "web"):  # (a night's work, for the screenshot)
         prompt = f"Review the {repo} service for injection flaws and open a branch with fixes"
-        claude_jobs.enqueue(conn, {"prompt": prompt}, queue="nightly", delay=3600)
+        claude_jobs.enqueue(conn, {"prompt": prompt}, queue="nightly", delay=3600,
+                            batch="nightly-review", on_finish=summary)  # fmt: skip
+    claude_jobs.add_schedule(conn, "weekly-bump", {"prompt": "bump the dependencies"},
+                             cron="0 3 * * 1", timezone="Europe/Berlin")  # fmt: skip
     claude_jobs.pause_queue(conn, "nightly")
     browser.get(server.url)
     until(browser, lambda d: "alive" in page_text(d) and "paused" in page_text(d), "overview")
+    until(browser, lambda d: "0 of 3" in d.find_element("id", "batches").text
+          and "0 3 * * 1 (Europe/Berlin)" in d.find_element("id", "schedules").text,
+          "the batch and the schedule")  # fmt: skip
     screenshot(browser, "overview.png", tmp_path)
+    # a batch's page: its progress and its jobs
+    browser.find_element("link text", "nightly-review").click()
+    until(browser, lambda d: "Review the billing service" in page_text(d)
+          and "not yet" in page_text(d), "the batch's page")  # fmt: skip
