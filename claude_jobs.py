@@ -5194,17 +5194,24 @@ def run_schedule(conn: psycopg.Connection, name: str, *, by: str | None = None) 
     return job
 
 
-def fire_due_schedules(conn: psycopg.Connection, *, by: str | None = None) -> list[Job]:
+def fire_due_schedules(
+    conn: psycopg.Connection, *, by: str | None = None, unfit: dict[str, float] | None = None
+) -> list[Job]:
     """Fire the schedules that are due, each in a transaction of its own (what workers do
     every second; ``by`` names who fires, the worker): the jobs made. A schedule another
     fires at the same moment is left to it; one that cannot be fired here (its cron needs
-    cronsim, which is not installed) is left for another worker, with a warning."""
+    cronsim, which is not installed) is left for another worker, with a warning, and tried
+    again after JANITOR_INTERVAL (``unfit``: when each was left, on the monotonic clock)."""
     made: list[Job] = []
+    unfit = {} if unfit is None else unfit
     for (name,) in conn.execute(DUE_SCHEDULES).fetchall():
+        if time.monotonic() - unfit.get(name, -math.inf) < JANITOR_INTERVAL:
+            continue
         try:
             made.extend(_fire_schedule(conn, name, by or _worker_name()))
         except (ConfigError, InvalidJob) as error:
-            logger.warning("cannot fire schedule %s: %s", name, error)
+            logger.warning("cannot fire schedule %s here (other workers may): %s", name, error)
+            unfit[name] = time.monotonic()
     return made
 
 
@@ -7887,17 +7894,19 @@ class _Janitor(threading.Thread):
 class _Scheduler(threading.Thread):
     """The thread "claude-jobs-scheduler": every SCHEDULE_INTERVAL, fires the schedules that
     are due (fire_due_schedules: each due time once, whichever worker gets there first).
-    With a connection from the pool; owns nothing."""
+    With a connection from the pool; owns the names of the schedules it cannot fire."""
 
     def __init__(self, worker: Worker, pool: ConnectionPool) -> None:
         super().__init__(name="claude-jobs-scheduler", daemon=True)
         self._worker, self._pool = worker, pool
+        self._unfit: dict[str, float] = {}  # the schedules it could not fire, and when
 
     def run(self) -> None:
         while not self._worker._closed.wait(SCHEDULE_INTERVAL):
             try:
                 with self._pool.connection() as conn:
-                    for job in fire_due_schedules(conn, by=self._worker.name):
+                    fired = fire_due_schedules(conn, by=self._worker.name, unfit=self._unfit)
+                    for job in fired:
                         _log_job("scheduled", job, schedule=job.schedule, due=job.scheduled_for)
             except (_TRANSIENT, psycopg.errors.TransactionRollbackError) as error:
                 logger.debug("cannot fire schedules for now: %s", error)
@@ -9168,11 +9177,20 @@ def _enqueue_request(conn: psycopg.Connection, body: Any) -> Job:
     if not isinstance(body, dict) or not isinstance(body.get("payload"), dict):
         raise _HTTPError(400, 'the body must be a JSON object with a "payload" object')
     settings = _enqueue_settings({key: value for key, value in body.items() if key != "payload"})
-    cwd = body["payload"].get("cwd")
-    if isinstance(cwd, str) and not os.path.isabs(os.path.expanduser(cwd)):
-        raise InvalidJob(f'"cwd" must be an absolute path over HTTP, not {cwd!r}')
+    _check_absolute_cwds(body)
     with conn.transaction():
         return enqueue(conn, body["payload"], **settings)
+
+
+def _check_absolute_cwds(body: Mapping[str, Any]) -> None:
+    """InvalidJob unless the cwd of each payload of a request's body (the job's, and its
+    batch's callbacks') is absolute: the server's directory means nothing to the caller."""
+    for key in ("payload", "on_finish", "on_success"):
+        payload = body.get(key)
+        cwd = payload.get("cwd") if isinstance(payload, dict) else None
+        if isinstance(cwd, str) and not os.path.isabs(os.path.expanduser(cwd)):
+            where = '"cwd"' if key == "payload" else f'the "cwd" of {key}'
+            raise InvalidJob(f"{where} must be an absolute path over HTTP, not {cwd!r}")
 
 
 def _enqueue_settings(settings: dict[str, Any]) -> dict[str, Any]:
@@ -9712,11 +9730,8 @@ def _schedule_request(body: Any, fields: str = "") -> tuple[Any, dict[str, Any]]
     if not isinstance(body, dict) or not isinstance(body.get("payload", {}), dict):
         raise _HTTPError(400, f'the body must be a JSON object{fields}, "payload" an object')
     settings = _enqueue_settings({key: value for key, value in body.items() if key != "payload"})
-    payload = body.get("payload")
-    cwd = (payload or {}).get("cwd")
-    if isinstance(cwd, str) and not os.path.isabs(os.path.expanduser(cwd)):
-        raise InvalidJob(f'"cwd" must be an absolute path over HTTP, not {cwd!r}')
-    return payload, settings
+    _check_absolute_cwds(body)
+    return body.get("payload"), settings
 
 
 def _api_add_schedule(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:

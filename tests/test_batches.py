@@ -242,5 +242,10 @@ def test_batches_over_http(db_url: str, conn: psycopg.Connection) -> None:
         assert {job["id"] for job in page["jobs"]} == {str(i) for i in ids}
         cancelled = client.post("/api/batches/b/cancel").json()
         assert sorted(cancelled["cancelled"]) == sorted(map(str, ids))
+        relative = {"payload": {"prompt": "x", "cwd": "/"}, "batch": "c",
+                    "on_finish": {"prompt": "summarise", "cwd": "."}}  # fmt: skip
+        refused = client.post("/api/jobs", json=relative)
+        assert refused.status_code == 422
+        assert 'the "cwd" of on_finish must be an absolute path' in refused.json()["error"]
         overview = client.get("/api/stats").json()
         assert overview["batches"][0]["finished_at"] is not None

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import signal
 import subprocess
+import sys
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -549,3 +551,36 @@ def test_every_night_review_the_changed_repositories_then_summarise(
 def commit(repo: Path, message: str) -> None:
     git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty",
         "-m", message)  # fmt: skip
+
+
+WITHOUT_CRONSIM = """
+import logging, sys
+sys.modules["cronsim"] = None  # (as on a worker installed without the schedules extra)
+import claude_jobs
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+unfit = {}
+with claude_jobs.connect(sys.argv[1], autocommit=True) as conn:
+    print(len(claude_jobs.fire_due_schedules(conn, unfit=unfit)))
+    print(len(claude_jobs.fire_due_schedules(conn, unfit=unfit)))
+"""
+
+
+def test_a_worker_without_cronsim_leaves_cron_schedules_to_others(
+    db_url: str, conn: psycopg.Connection
+) -> None:
+    add(conn, "by-cron", cron="*/5 * * * *")
+    add(conn, "every", every=60)
+    set_due(conn, "by-cron", timedelta(seconds=1))
+    set_due(conn, "every", timedelta(seconds=1))
+    ran = subprocess.run(
+        [sys.executable, "-c", WITHOUT_CRONSIM, db_url], capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).parent.parent)}, timeout=60,
+    )  # fmt: skip
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.split() == ["1", "0"]  # (the --every one fired; the cron one left)
+    warnings = [line for line in ran.stderr.splitlines() if "cannot fire" in line]
+    assert warnings == [
+        "cannot fire schedule by-cron here (other workers may): cron schedules need cronsim: "
+        "pip install 'claude-jobs[schedules]'"
+    ]  # (said once)
+    assert [job.schedule for job in claude_jobs.fire_due_schedules(conn)] == ["by-cron"]
