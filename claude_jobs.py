@@ -496,15 +496,19 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         """The job as JSON-able values (ISO 8601 times, string ids)."""
-        skip = {"claim", "context"}
-        return {
-            f.name: _jsonable(getattr(self, f.name))
-            for f in dataclasses.fields(self)
-            if f.name not in skip
-        }
+        return _fields_of(self, skip={"claim", "context"})
 
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job) if f.name != "context")
+
+
+def _fields_of(value: Any, skip: Collection[str] = ()) -> dict[str, Any]:
+    """The fields of a dataclass instance as JSON-able values, but those in ``skip``."""
+    return {
+        f.name: _jsonable(getattr(value, f.name))
+        for f in dataclasses.fields(value)
+        if f.name not in skip
+    }
 
 
 def _jsonable(value: Any) -> Any:
@@ -608,7 +612,7 @@ class Schedule:
         return f"cron {self.cron}" if self.cron else f"every {_duration_text(self.every or 0)}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return _fields_of(self)
 
 
 @dataclass(frozen=True)
@@ -647,8 +651,7 @@ class Batch:
         return sum(self.counts.get(status, 0) for status in FINISHED_STATUSES)
 
     def to_dict(self) -> dict[str, Any]:
-        data = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        return {**data, "jobs": self.jobs, "ended": self.ended}
+        return {**_fields_of(self), "jobs": self.jobs, "ended": self.ended}
 
 
 ###############################################################################
@@ -1073,10 +1076,11 @@ ALTER TABLE claude_jobs
 CREATE INDEX claude_jobs_unfinished_of_schedule ON claude_jobs (schedule)
     WHERE schedule IS NOT NULL AND status IN ('queued', 'running');
 -- Batches: jobs grouped under a name; when the last of them has ended, the batch is finished
--- and its callbacks are queued, once. Enqueueing to a batch takes a share of its row's lock;
--- whatever ends its jobs takes the whole lock before it looks at the rest (the trigger below),
--- so that of two transactions that end its last two jobs at once, the second to take the lock
--- sees the first's job ended, and a job added as its last one ends keeps it open.
+-- and its callbacks are queued, once. Enqueueing to a batch locks its row (enqueuers to one
+-- batch take turns); whatever ends its jobs takes the lock too before it looks at the rest
+-- (the trigger below), so that of two transactions that end its last two jobs at once, the
+-- second to take the lock sees the first's job ended, and a job added as its last one ends
+-- keeps it open.
 CREATE TABLE claude_jobs_batches (
     id           uuid PRIMARY KEY,
     name         text NOT NULL,
@@ -1287,7 +1291,7 @@ RETURNING id
 """
 
 JOIN_BATCH = """
--- join_batch: the open batch of a name, its row share-locked until the end of the transaction
+-- join_batch: the open batch of a name, its row locked until the end of the transaction
 -- (it cannot finish before the jobs added to it are committed); its callbacks replaced by
 -- those given
 UPDATE claude_jobs_batches
@@ -4047,15 +4051,22 @@ def resolve_job_id(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID
         return uuid.UUID(digits)
     if not re.fullmatch(r"[0-9a-f]{6,31}", digits):
         raise InvalidJob(f"{text!r} is not a job id: give an id, or its first 6 or more digits")
-    bounds = {"low": digits.ljust(32, "0"), "high": digits.ljust(32, "f")}
-    ids = [row[0] for row in conn.execute(JOBS_IN_RANGE, bounds).fetchall()]
-    if not ids:
+    found = _by_prefix(conn, JOBS_IN_RANGE, text)
+    if found is None:
         raise JobNotFound(f"no job {text.strip()}")
+    return found
+
+
+def _by_prefix(conn: psycopg.Connection, query: str, text: str) -> uuid.UUID | None:
+    """The one id that begins with the hex digits of ``text`` (``query``: the ids in a range,
+    at most 6), None if none does; InvalidJob naming them if several do."""
+    digits = text.strip().lower().replace("-", "")
+    bounds = {"low": digits.ljust(32, "0"), "high": digits.ljust(32, "f")}
+    ids = [row[0] for row in conn.execute(query, bounds).fetchall()]
     if len(ids) > 1:
-        shown = ", ".join(str(job_id) for job_id in ids[:5])
-        shown += ", ..." if len(ids) > 5 else ""
+        shown = ", ".join(str(each) for each in ids[:5]) + (", ..." if len(ids) > 5 else "")
         raise InvalidJob(f"{text.strip()} is ambiguous: it begins {shown}")
-    return ids[0]
+    return ids[0] if ids else None
 
 
 def get_job(conn: psycopg.Connection, job_id: uuid.UUID | str, *, transcript: bool = True) -> Job:
@@ -4113,13 +4124,10 @@ def resolve_batch(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID:
     if row := conn.execute(BATCH_BY_NAME, {"name": text}).fetchone():
         return row[0]
     digits = text.strip().lower().replace("-", "")
-    if re.fullmatch(r"[0-9a-f]{6,32}", digits):
-        bounds = {"low": digits.ljust(32, "0"), "high": digits.ljust(32, "f")}
-        ids = [row[0] for row in conn.execute(BATCHES_IN_RANGE, bounds).fetchall()]
-        if len(ids) > 1:
-            raise InvalidJob(f"{text.strip()} is ambiguous: it begins {ids[0]}, {ids[1]}, ...")
-        if ids:
-            return ids[0]
+    if re.fullmatch(r"[0-9a-f]{6,32}", digits) and (
+        found := _by_prefix(conn, BATCHES_IN_RANGE, text)
+    ):
+        return found
     raise NotFound(f"no batch {text!r}")
 
 
@@ -4813,9 +4821,7 @@ class FollowUpdate:
 
     def to_dict(self) -> dict[str, Any]:
         """The state as JSON-able values (not the transcript text)."""
-        skip = {"text", "skipped", "gist"}
-        values = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
-        return {key: value for key, value in values.items() if key not in skip}
+        return _fields_of(self, skip={"text", "skipped", "gist"})
 
 
 def follow_job(
@@ -7855,23 +7861,13 @@ class _Janitor(threading.Thread):
         assert self._worker._session is not None
         self._worker._session.ready.wait(UNBLOCK_CHECK_INTERVAL)  # registered: it counts
         while True:  # (a first pass at once: what waited for a worker to exist)
-            self._task("unblock the jobs that may run", self._unblock)
-            self._task("fold the kept counts", fold_counts)
+            _pooled_task(self._pool, "unblock the jobs that may run", self._unblock)
+            _pooled_task(self._pool, "fold the kept counts", fold_counts)
             if self._worker.settings.retention and time.monotonic() >= next_cleanup:
                 next_cleanup = time.monotonic() + JANITOR_INTERVAL
-                self._task("clean up finished jobs", self._clean_up)
+                _pooled_task(self._pool, "clean up finished jobs", self._clean_up)
             if self._worker._closed.wait(UNBLOCK_CHECK_INTERVAL):
                 return
-
-    def _task(self, what: str, task: Callable[[psycopg.Connection], None]) -> None:
-        """Run a task; an error is tried again next time (the database gone away, a bug)."""
-        try:
-            with self._pool.connection() as conn:
-                task(conn)
-        except (_TRANSIENT, psycopg.errors.TransactionRollbackError) as error:
-            logger.debug("cannot %s for now: %s", what, error)
-        except Exception:
-            logger.exception("cannot %s", what)
 
     def _unblock(self, conn: psycopg.Connection) -> None:
         if unblocked := _db_unblock_all(conn):
@@ -7903,15 +7899,25 @@ class _Scheduler(threading.Thread):
 
     def run(self) -> None:
         while not self._worker._closed.wait(SCHEDULE_INTERVAL):
-            try:
-                with self._pool.connection() as conn:
-                    fired = fire_due_schedules(conn, by=self._worker.name, unfit=self._unfit)
-                    for job in fired:
-                        _log_job("scheduled", job, schedule=job.schedule, due=job.scheduled_for)
-            except (_TRANSIENT, psycopg.errors.TransactionRollbackError) as error:
-                logger.debug("cannot fire schedules for now: %s", error)
-            except Exception:
-                logger.exception("cannot fire schedules")
+            _pooled_task(self._pool, "fire schedules", self._fire)
+
+    def _fire(self, conn: psycopg.Connection) -> None:
+        for job in fire_due_schedules(conn, by=self._worker.name, unfit=self._unfit):
+            _log_job("scheduled", job, schedule=job.schedule, due=job.scheduled_for)
+
+
+def _pooled_task(
+    pool: ConnectionPool, what: str, task: Callable[[psycopg.Connection], None]
+) -> None:
+    """Run a worker's task on a pooled connection; an error is logged and the task tried again
+    next time (the database gone away, a bug)."""
+    try:
+        with pool.connection() as conn:
+            task(conn)
+    except (_TRANSIENT, psycopg.errors.TransactionRollbackError) as error:
+        logger.debug("cannot %s for now: %s", what, error)
+    except Exception:
+        logger.exception("cannot %s", what)
 
 
 class _HealthServer(threading.Thread):
@@ -9566,6 +9572,14 @@ async def _overview_stream(hub: _Hub) -> Any:
 # -- the API's endpoints: (connection, request, JSON body) -> what they answer ------------------
 
 
+def _query_int(request: Any, name: str, default: int) -> int:
+    """The whole number a query parameter gives (``default`` without one); 400 for another."""
+    try:
+        return int(request.query_params.get(name) or default)
+    except ValueError:
+        raise _HTTPError(400, f"{name} must be a number") from None
+
+
 def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
     """GET /api/jobs?status=&queue=&kind=&q=&cwd=&batch=&before=&limit=: a page of jobs,
     newest first, and the cursor of the next (null on the last)."""
@@ -9575,10 +9589,7 @@ def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
         if status not in JobStatus.__members__.values():
             raise _HTTPError(400, f"unknown status {status!r}: one of "
                              + ", ".join(JobStatus))  # fmt: skip
-    try:
-        limit = int(query.get("limit") or 50)
-    except ValueError:
-        raise _HTTPError(400, "limit must be a number") from None
+    limit = _query_int(request, "limit", 50)
     if not 1 <= limit <= MAX_PAGE:
         raise _HTTPError(400, f"limit must be from 1 to {MAX_PAGE}")
     before = _parse_cursor(query["before"]) if query.get("before") else None
@@ -9682,10 +9693,7 @@ def _api_lift(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
 
 def _api_batches(conn: psycopg.Connection, request: Any, body: Any) -> list[dict[str, Any]]:
     """GET /api/batches?open=1&limit=50: the newest batches and their progress."""
-    try:
-        limit = int(request.query_params.get("limit") or 50)
-    except ValueError:
-        raise _HTTPError(400, "limit must be a number") from None
+    limit = _query_int(request, "limit", 50)
     only_open = request.query_params.get("open") in ("1", "true")
     return [batch.to_dict() for batch in list_batches(conn, only_open=only_open, limit=limit)]
 
@@ -9717,10 +9725,7 @@ def _api_schedules(conn: psycopg.Connection, request: Any, body: Any) -> list[di
 def _api_schedule(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
     """GET /api/schedules/{name}?runs=20: a schedule and its latest runs."""
     name = request.path_params["name"]
-    try:
-        limit = int(request.query_params.get("runs") or 20)
-    except ValueError:
-        raise _HTTPError(400, "runs must be a whole number") from None
+    limit = _query_int(request, "runs", 20)
     return {**get_schedule(conn, name).to_dict(), "runs": schedule_runs(conn, name, limit)}
 
 
@@ -9767,10 +9772,7 @@ def _api_schedule_action(conn: psycopg.Connection, request: Any, body: Any) -> d
 
 def _api_stats(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
     """GET /api/stats?days=7: the overview, and what claude cost per day, queue and model."""
-    try:
-        days = int(request.query_params.get("days") or 7)
-    except ValueError:
-        raise _HTTPError(400, "days must be a number") from None
+    days = _query_int(request, "days", 7)
     return {**_overview(conn), "cost": cost_stats(conn, max(1, min(days, 3660)))}
 
 

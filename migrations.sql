@@ -439,10 +439,11 @@ ALTER TABLE claude_jobs
 CREATE INDEX claude_jobs_unfinished_of_schedule ON claude_jobs (schedule)
     WHERE schedule IS NOT NULL AND status IN ('queued', 'running');
 -- Batches: jobs grouped under a name; when the last of them has ended, the batch is finished
--- and its callbacks are queued, once. Enqueueing to a batch takes a share of its row's lock;
--- whatever ends its jobs takes the whole lock before it looks at the rest (the trigger below),
--- so that of two transactions that end its last two jobs at once, the second to take the lock
--- sees the first's job ended, and a job added as its last one ends keeps it open.
+-- and its callbacks are queued, once. Enqueueing to a batch locks its row (enqueuers to one
+-- batch take turns); whatever ends its jobs takes the lock too before it looks at the rest
+-- (the trigger below), so that of two transactions that end its last two jobs at once, the
+-- second to take the lock sees the first's job ended, and a job added as its last one ends
+-- keeps it open.
 CREATE TABLE claude_jobs_batches (
     id           uuid PRIMARY KEY,
     name         text NOT NULL,
