@@ -94,6 +94,8 @@ import tempfile
 import threading
 import time
 import traceback
+import types
+import typing
 import uuid
 import warnings
 import zoneinfo
@@ -632,6 +634,7 @@ class Batch:
     started_at: datetime | None
     ended_at: datetime | None
     callbacks: list[uuid.UUID]
+    purged: int  # its jobs deleted before they ended (purge)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Batch:
@@ -1144,6 +1147,86 @@ CREATE TRIGGER claude_jobs_finish_batches AFTER UPDATE ON claude_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_finish_batches();
 """,
     ),
+    (
+        9,
+        """\
+-- A batch whose last unfinished jobs are deleted (purge) finishes too, and queues its
+-- on-finish callback; never its on-success one, since jobs of it never ran: the batch counts
+-- the jobs it lost so. (Enqueuers to a batch no longer take turns, as version 8 says: they
+-- insert their jobs first, then share the batch's lock; see _into_batch.)
+ALTER TABLE claude_jobs_batches ADD COLUMN purged integer NOT NULL DEFAULT 0;
+-- Finish those of these batches that have no queued or running job left, and queue their
+-- callbacks (once: the batches are locked, in one order, before they are looked at).
+CREATE FUNCTION claude_jobs_end_batches(ending uuid[]) RETURNS void LANGUAGE plpgsql AS $end$
+DECLARE
+    queues text[];
+BEGIN
+    -- the batches' locks, in one order (no deadlock); the statements below see what the
+    -- transactions that held them committed
+    PERFORM FROM claude_jobs_batches WHERE id = ANY(ending) ORDER BY id FOR UPDATE;
+    WITH done AS (
+        UPDATE claude_jobs_batches b SET finished_at = now()
+        WHERE b.id = ANY(ending) AND b.finished_at IS NULL AND NOT EXISTS (
+            SELECT FROM claude_jobs j
+            WHERE j.batch_id = b.id AND j.status IN ('queued', 'running'))
+        RETURNING b.id, b.on_finish, CASE WHEN b.purged = 0 AND NOT EXISTS (
+            SELECT FROM claude_jobs j WHERE j.batch_id = b.id AND j.status <> 'succeeded')
+            THEN b.on_success END AS on_success
+    ), made AS (
+        INSERT INTO claude_jobs (id, queue, kind, priority, payload, max_attempts, timeout,
+            concurrency_key, concurrency_limit, callback_of)
+        SELECT gen_random_uuid(), c->>'queue', c->>'kind', (c->>'priority')::integer,
+            c->'payload', (c->>'max_attempts')::integer, (c->>'timeout')::double precision,
+            c->>'concurrency_key', (c->>'concurrency_limit')::integer, done.id
+        FROM done, LATERAL (VALUES (done.on_finish), (done.on_success)) AS callbacks(c)
+        WHERE c IS NOT NULL
+        RETURNING queue
+    )
+    SELECT array_agg(DISTINCT queue) INTO queues FROM made;
+    PERFORM pg_notify('claude_jobs', json_build_object('queue', q)::text)
+    FROM unnest(queues) AS q;
+END
+$end$;
+CREATE OR REPLACE FUNCTION claude_jobs_finish_batches() RETURNS trigger LANGUAGE plpgsql AS
+$finish$
+DECLARE
+    ending uuid[];
+BEGIN
+    SELECT array_agg(DISTINCT n.batch_id) INTO ending
+    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE n.batch_id IS NOT NULL AND n.status IN ('succeeded', 'failed', 'cancelled')
+      AND o.status IN ('queued', 'running');
+    IF ending IS NOT NULL THEN  -- (most statements: no job of a batch ended)
+        PERFORM claude_jobs_end_batches(ending);
+    END IF;
+    RETURN NULL;
+END
+$finish$;
+CREATE FUNCTION claude_jobs_finish_purged_batches() RETURNS trigger LANGUAGE plpgsql AS
+$purged$
+DECLARE
+    ending uuid[];
+BEGIN
+    SELECT array_agg(DISTINCT batch_id) INTO ending FROM old_jobs
+    WHERE batch_id IS NOT NULL AND status IN ('queued', 'running');
+    IF ending IS NULL THEN  -- (cleanup: finished jobs)
+        RETURN NULL;
+    END IF;
+    PERFORM FROM claude_jobs_batches WHERE id = ANY(ending) ORDER BY id FOR UPDATE;
+    UPDATE claude_jobs_batches b SET purged = b.purged + gone.jobs
+    FROM (SELECT batch_id, count(*) AS jobs FROM old_jobs
+          WHERE batch_id IS NOT NULL AND status IN ('queued', 'running')
+          GROUP BY batch_id) gone
+    WHERE b.id = gone.batch_id AND b.finished_at IS NULL;
+    PERFORM claude_jobs_end_batches(ending);
+    RETURN NULL;
+END
+$purged$;
+CREATE TRIGGER claude_jobs_finish_purged_batches AFTER DELETE ON claude_jobs
+    REFERENCING OLD TABLE AS old_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_finish_purged_batches();
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -1251,6 +1334,14 @@ LEFT JOIN LATERAL (SELECT {_JOB_COLUMNS} FROM claude_jobs WHERE id = w.job_id) j
 WHERE w.key = %(key)s
 """
 
+OPEN_UNIQUE_WINDOW_JOB = f"""
+-- open_unique_window_job: the job of a key's window, if the window is open and its job still
+-- there (what keeps an enqueue of the key without a window of its own out)
+SELECT {_JOB_COLUMNS} FROM claude_jobs
+WHERE id = (SELECT job_id FROM claude_jobs_unique_windows
+            WHERE key = %(key)s AND until > now())
+"""
+
 HAND_OVER_UNIQUE_WINDOW = """
 -- hand_over_unique_window: the window of a key whose job is gone is the new job's
 UPDATE claude_jobs_unique_windows
@@ -1282,6 +1373,11 @@ COPY claude_jobs (id, queue, kind, priority, max_attempts, payload, timeout, con
     concurrency_limit, after, blocked, batch_id, run_at) FROM STDIN
 """
 
+FIND_BATCH = """
+-- find_batch: the open batch of a name, if there is one
+SELECT id FROM claude_jobs_batches WHERE name = %(name)s AND finished_at IS NULL
+"""
+
 OPEN_BATCH = """
 -- open_batch: a new batch of a name, unless one of that name is open (no row then)
 INSERT INTO claude_jobs_batches (id, name, on_finish, on_success)
@@ -1290,14 +1386,21 @@ ON CONFLICT (name) WHERE finished_at IS NULL DO NOTHING
 RETURNING id
 """
 
-JOIN_BATCH = """
--- join_batch: the open batch of a name, its row locked until the end of the transaction
--- (it cannot finish before the jobs added to it are committed); its callbacks replaced by
--- those given
+HOLD_BATCH = """
+-- hold_batch: keep a batch open until the end of the transaction, that jobs were just added
+-- to (whatever ends its jobs waits for the lock, then sees them); no row if it has finished
+SELECT id FROM claude_jobs_batches WHERE id = %(id)s AND finished_at IS NULL FOR SHARE
+"""
+
+CHANGE_BATCH_CALLBACKS = """
+-- change_batch_callbacks: replace an open batch's callbacks by those given, if they differ
+-- (its row then locked until the end of the transaction); no row if they do not
 UPDATE claude_jobs_batches
 SET on_finish = coalesce(%(on_finish)s::jsonb, on_finish),
     on_success = coalesce(%(on_success)s::jsonb, on_success)
-WHERE name = %(name)s AND finished_at IS NULL
+WHERE id = %(id)s AND finished_at IS NULL
+  AND (on_finish, on_success) IS DISTINCT FROM
+      (coalesce(%(on_finish)s::jsonb, on_finish), coalesce(%(on_success)s::jsonb, on_success))
 RETURNING id
 """
 
@@ -1354,11 +1457,12 @@ SELECT id, status FROM claude_jobs WHERE id = ANY(%(ids)s::uuid[]) ORDER BY id F
 """
 
 CANCEL_QUEUED = """
--- cancel_queued: a queued job is cancelled at once
+-- cancel_queued: queued jobs are cancelled at once, in one statement (the batches of them
+-- all are then locked together, in one order: see claude_jobs_finish_batches)
 UPDATE claude_jobs
 SET status = 'cancelled', finished_at = now(), updated_at = now(),
     last_error = 'cancelled before it ran'
-WHERE id = %(id)s AND status = 'queued'
+WHERE id = ANY(%(ids)s::uuid[]) AND status = 'queued'
 RETURNING id, CASE WHEN concurrency_limit > 0 THEN concurrency_key END AS slot_key
 """
 
@@ -1667,10 +1771,17 @@ COUNT_QUEUED = """
 SELECT count(*) FROM claude_jobs WHERE queue = %(queue)s AND status = 'queued'
 """
 
+PURGE_BOUND = """
+-- purge_bound: a number above the seq of every job enqueued so far (purge deletes those:
+-- not the callbacks its deletions queue, nor jobs enqueued while it runs)
+SELECT nextval('claude_jobs_seq')
+"""
+
 PURGE_BATCH = """
--- purge_batch: delete up to `batch` queued jobs of a queue
+-- purge_batch: delete up to `batch` queued jobs of a queue enqueued before `bound`
 DELETE FROM claude_jobs WHERE id IN (
-    SELECT id FROM claude_jobs WHERE queue = %(queue)s AND status = 'queued'
+    SELECT id FROM claude_jobs
+    WHERE queue = %(queue)s AND status = 'queued' AND (seq IS NULL OR seq < %(bound)s)
     LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
 RETURNING id, CASE WHEN concurrency_limit > 0 THEN concurrency_key END AS slot_key
 """
@@ -2204,7 +2315,8 @@ RECOVER_ORPHANS = _REQUEUE_INTERRUPTED.format(
 # ended (from claude_jobs_of_batch alone), and the callbacks it queued.
 _BATCH_PROGRESS = """
 SELECT {b}.id, {b}.name, {b}.created_at, {b}.finished_at, {b}.on_finish->'payload' AS on_finish,
-    {b}.on_success->'payload' AS on_success, p.counts, p.cost_usd, p.started_at, p.ended_at,
+    {b}.on_success->'payload' AS on_success, {b}.purged, p.counts, p.cost_usd, p.started_at,
+    p.ended_at,
     ARRAY(SELECT c.id FROM claude_jobs c WHERE c.callback_of = {b}.id ORDER BY c.seq)
         AS callbacks
 FROM claude_jobs_batches {b}, LATERAL (
@@ -2237,15 +2349,32 @@ SELECT id FROM claude_jobs_batches WHERE name = %(name)s
 ORDER BY finished_at IS NULL DESC, created_at DESC LIMIT 1
 """
 
+OLD_BATCHES = """
+-- old_batches: forget the batches that finished before `before` and have no job left (of
+-- theirs, or a callback)
+DELETE FROM claude_jobs_batches b
+WHERE b.finished_at < %(before)s
+  AND NOT EXISTS (SELECT FROM claude_jobs j WHERE j.batch_id = b.id)
+  AND NOT EXISTS (SELECT FROM claude_jobs c WHERE c.callback_of = b.id)
+"""
+
 BATCHES_IN_RANGE = """
 -- batches_in_range: batch ids between two ids (an id prefix, padded)
 SELECT id FROM claude_jobs_batches WHERE id BETWEEN %(low)s AND %(high)s ORDER BY id LIMIT 6
 """
 
 BATCH_JOBS_IN = """
--- batch_jobs_in: a batch's jobs of these statuses, locked (batch cancel, batch retry)
+-- batch_jobs_in: a batch's jobs of these statuses, locked (batch cancel)
 SELECT id FROM claude_jobs WHERE batch_id = %(id)s AND status = ANY(%(statuses)s::text[])
 ORDER BY id FOR UPDATE
+"""
+
+BATCH_FAILED_JOBS = """
+-- batch_failed_jobs: a batch's failed jobs to retry: of several with one unique key, the
+-- newest (only one of them can be queued)
+SELECT DISTINCT ON (coalesce(unique_key, id::text)) id FROM claude_jobs
+WHERE batch_id = %(id)s AND status = 'failed'
+ORDER BY coalesce(unique_key, id::text), created_at DESC
 """
 
 REOPEN_BATCH = """
@@ -3215,17 +3344,70 @@ class JobOptions:
             )
         values: dict[str, Any] = dict(settings)
         values["run_at"] = _due_at(values.get("run_at"), values.pop("delay", None))
-        for name in ("timeout", "unique_for"):
-            seconds = values.get(name)
-            if isinstance(seconds, timedelta):
-                values[name] = seconds = seconds.total_seconds()
-            if seconds is not None and seconds > MAX_DURATION:
-                raise InvalidJob(f"{name} must be at most ten years, not {seconds}")
+        durations = ("timeout", "unique_for")
+        for name in durations:
+            if isinstance(seconds := values.get(name), timedelta):
+                values[name] = seconds.total_seconds()
+        if isinstance(values.get("after"), str):
+            raise InvalidJob("after must be a list of job ids, not a string")
         values["after"] = tuple(values.get("after") or ())
         unknown = sorted(set(values) - {each.name for each in dataclasses.fields(cls)})
         if unknown:
             raise InvalidJob(f"not a job option: {', '.join(unknown)}")
+        hints = _field_types(cls)
+        for name, value in values.items():
+            if hints[name] is int and isinstance(value, float) and value.is_integer():
+                values[name] = value = int(value)  # (JSON and TOML may say 3.0)
+            _check_type(name, value, hints[name])
+        for name in durations:
+            if (seconds := values.get(name)) is not None and seconds > MAX_DURATION:
+                raise InvalidJob(f"{name} must be at most ten years, not {seconds}")
         return cls(**values)
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """The types of a dataclass's fields (for _check_type)."""
+    return typing.get_type_hints(cls)
+
+
+#: How a message names a value of each type.
+_TYPE_WORDS = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+               datetime: "a time", timedelta: "a timedelta", uuid.UUID: "an id",
+               Mapping: "an object"}  # fmt: skip
+
+
+def _check_type(name: str, value: Any, hint: Any) -> None:
+    """InvalidJob unless ``value`` is of the type ``hint`` (a field's annotation: a class, a
+    union of classes and None, a tuple of them, a Mapping): settings come from TOML files and
+    JSON as well as from Python. A bool is no number."""
+    if typing.get_origin(hint) is tuple:
+        if not isinstance(value, tuple):
+            raise InvalidJob(f"{name} must be a list, not {_json_type(value)}")
+        for each in value:
+            _check_type(f"each of {name}", each, typing.get_args(hint)[0])
+        return
+    if not _fits(value, hint):
+        union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+        members = [t for t in typing.get_args(hint) if t is not type(None)] if union else [hint]
+        words = " or ".join(_TYPE_WORDS[typing.get_origin(t) or t] for t in members)
+        raise InvalidJob(f"{name} must be {words}, not {_json_type(value)}")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the type ``hint`` (see _check_type)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, each) for each in typing.get_args(hint))
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if hint in (int, float) and isinstance(value, bool):
+        return False
+    if hint is float:
+        return isinstance(value, int | float)
+    return isinstance(value, origin or hint)
 
 
 def _check_unique(key: Any, seconds: Any) -> None:
@@ -3247,6 +3429,7 @@ def _due_at(run_at: datetime | None, delay: float | timedelta | None) -> datetim
         raise InvalidJob("give a delay or a run_at time, not both")
     if delay is None:
         return run_at
+    _check_type("delay", delay, float | timedelta)
     seconds = delay.total_seconds() if isinstance(delay, timedelta) else float(delay)
     if not 0 <= seconds <= MAX_DURATION:
         raise InvalidJob(f"delay must be from 0 up to ten years, not {seconds}")
@@ -3454,22 +3637,69 @@ def _with_checked_callbacks(options: JobOptions, base_dir: str | Path | None) ->
     return dataclasses.replace(options, **changes) if changes else options
 
 
-def _batch_of(conn: psycopg.Connection, options: JobOptions) -> uuid.UUID | None:
-    """The open batch that jobs of ``options`` join (a new one if none of its name is open),
-    locked until the end of the transaction; its callbacks set to those of ``options`` (checked
-    before: see _with_checked_callbacks). None without a batch."""
+class _BatchFinished(Exception):
+    """The batch that jobs were added to finished before they were committed."""
+
+
+class _NoneMade(Exception):
+    """Every job being added to a batch was a duplicate: the batch is left as it was."""
+
+    def __init__(self, made: Any) -> None:
+        self.made = made
+
+
+_MadeT = TypeVar("_MadeT", bound="Job | Enqueued")
+
+
+def _into_batch(
+    conn: psycopg.Connection, options: JobOptions, insert: Callable[[uuid.UUID | None], _MadeT]
+) -> _MadeT:
+    """``insert(batch)`` the jobs of ``options`` into its batch: the open one of its name, or a
+    new one; its callbacks set to those of ``options`` (checked: see _with_checked_callbacks).
+
+    The jobs go in first and the batch's row is locked after, until the end of the
+    transaction (FOR SHARE: enqueuers to a batch do not wait for each other, but for one that
+    changes its callbacks): what ends a batch's last job waits for that lock, then sees the
+    new jobs, and the batch stays open. In that order an enqueue never holds the batch while
+    it waits for a job's row (a unique key's holder being ended), which the ender, holding
+    that row, would wait for in turn. (A caller's transaction that goes on after an enqueue
+    holds the lock meanwhile: two that both go on to end jobs of the batch can deadlock, and
+    PostgreSQL then undoes one.) If the batch finished meanwhile, the jobs go again, into a
+    new one. If all were duplicates (their unique keys taken), no batch is opened or
+    changed."""
     if options.batch is None:
-        return None
+        return insert(None)
     params = {
         "id": uuid.uuid4(),
         "name": options.batch,
         "on_finish": _callback_spec(options, options.on_finish),
         "on_success": _callback_spec(options, options.on_success),
     }
-    while True:  # (a batch of that name that finishes between the two: open a new one)
-        if (row := conn.execute(OPEN_BATCH, params).fetchone()) is not None:
+    callbacks = params["on_finish"] is not None or params["on_success"] is not None
+    while True:
+        try:
+            with _savepoint(conn):
+                batch = _open_batch(conn, params)
+                made = insert(batch)
+                if made.duplicate if isinstance(made, Job) else len(made.duplicates) == len(made):
+                    raise _NoneMade(made)
+                held = {**params, "id": batch}
+                changed = callbacks and conn.execute(CHANGE_BATCH_CALLBACKS, held).fetchone()
+                if not changed and conn.execute(HOLD_BATCH, held).fetchone() is None:
+                    raise _BatchFinished
+                return made
+        except _NoneMade as none:
+            return none.made
+        except _BatchFinished:
+            continue
+
+
+def _open_batch(conn: psycopg.Connection, params: dict[str, Any]) -> uuid.UUID:
+    """The id of the open batch of a name, opened if none is (OPEN_BATCH's ``params``)."""
+    while True:  # (one of that name opened or finished between the two: look again)
+        if (row := conn.execute(FIND_BATCH, params).fetchone()) is not None:
             return row[0]
-        if (row := conn.execute(JOIN_BATCH, params).fetchone()) is not None:
+        if (row := conn.execute(OPEN_BATCH, params).fetchone()) is not None:
             return row[0]
 
 
@@ -3845,12 +4075,13 @@ def _enqueue_prepared(
     """Queue one checked job (see enqueue); ``origin``: the schedule and due time it is a
     run of."""
     row = _row(options, prepared, chain.previous)
-    # (a batch stays locked until the job is committed: one transaction for both)
-    with _atomic(conn) if options.batch else contextlib.nullcontext():
-        batch = _batch_of(conn, options)
-        blocked = _blocked(conn, options, [row["concurrency_key"]], chain.waits)[0]
+    blocked = _blocked(conn, options, [row["concurrency_key"]], chain.waits)[0]
+
+    def insert(batch: uuid.UUID | None) -> Job:
         params = _enqueue_params(options, row, chain, blocked, widens, origin, batch)
         return _insert_job(conn, params)
+
+    return _into_batch(conn, options, insert)
 
 
 def _enqueue_params(
@@ -3888,8 +4119,9 @@ class _KeyTaken(Exception):
 def _insert_job(conn: psycopg.Connection, params: dict[str, Any]) -> Job:
     """Insert one job (ENQUEUE's ``params``, the id drawn here), unless a job holds its unique
     key: then that job, marked ``duplicate``. The index on unfinished keys decides, and the
-    window's row (locked by whoever opens it) for a key with a window; a holder that ends
-    while we look makes us try again."""
+    key's window: an enqueue with a window of its own opens it (its row, locked by whoever
+    opens it, decides), one without keeps out of an open one. A holder that ends while we
+    look makes us try again."""
     key, seconds = params["unique_key"], params["unique_for"]
     while True:
         params["id"] = uuid.uuid4()
@@ -3897,6 +4129,10 @@ def _insert_job(conn: psycopg.Connection, params: dict[str, Any]) -> Job:
             with _savepoint(conn), conn.cursor(row_factory=dict_row) as cur:
                 if key is not None and seconds is not None:
                     _take_unique_window(cur, key, seconds, params["id"])
+                elif key is not None:
+                    row = cur.execute(OPEN_UNIQUE_WINDOW_JOB, {"key": key}).fetchone()
+                    if row is not None:
+                        raise _KeyTaken(Job.from_row({**row, "duplicate": True}))
                 row = cur.execute(ENQUEUE, params).fetchone()
                 if row is not None:
                     return Job.from_row(row)
@@ -3984,22 +4220,26 @@ def _copy_jobs(
     ids = [uuid.uuid4() for _ in prepared]
     common = (options.queue, options.kind, options.priority, options.max_attempts)
     scheduled = () if options.run_at is None else (options.run_at,)
-    with _atomic(conn), conn.cursor() as cur:
-        batch = _batch_of(conn, options)
-        marks = _blocked(conn, options, [row["concurrency_key"] for row in rows], chain.waits)
+    marks = _blocked(conn, options, [row["concurrency_key"] for row in rows], chain.waits)
+
+    def insert(batch: uuid.UUID | None) -> Enqueued:
         if any(row["unique_key"] is not None for row in rows):
             return _insert_unique(conn, options, chain, rows, marks, batch)
-        with cur.copy(COPY_SCHEDULED_JOBS if scheduled else COPY_JOBS) as copy:
-            for job_id, row, blocked in zip(ids, rows, marks, strict=True):
-                copy.write_row(
-                    (job_id, *common, row["payload"], row["timeout"], row["concurrency_key"],
-                     row["concurrency_limit"], chain.after, blocked, batch, *scheduled)
-                )  # fmt: skip
-        cur.execute(
-            NOTIFY_QUEUE,
-            {"channel": NOTIFY_CHANNEL, "queue": options.queue, "run_at": options.run_at},
-        )
-    return Enqueued(ids)
+        with conn.cursor() as cur:
+            with cur.copy(COPY_SCHEDULED_JOBS if scheduled else COPY_JOBS) as copy:
+                for job_id, row, blocked in zip(ids, rows, marks, strict=True):
+                    copy.write_row(
+                        (job_id, *common, row["payload"], row["timeout"], row["concurrency_key"],
+                         row["concurrency_limit"], chain.after, blocked, batch, *scheduled)
+                    )  # fmt: skip
+            cur.execute(
+                NOTIFY_QUEUE,
+                {"channel": NOTIFY_CHANNEL, "queue": options.queue, "run_at": options.run_at},
+            )
+        return Enqueued(ids)
+
+    with _atomic(conn):
+        return _into_batch(conn, options, insert)
 
 
 def _insert_unique(
@@ -4163,11 +4403,11 @@ def cancel_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> dict[uuid.
 def retry_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> list[uuid.UUID]:
     """Put a batch's failed jobs back in the queue (as retry_jobs does) and, if it had
     finished, open it again: its callbacks are queued again when it finishes again. WrongState
-    when it has no failed job, or when another batch of its name is open."""
+    when it has no failed job, or when another batch of its name is open. Of several failed
+    jobs with one unique key, the newest goes back."""
     key = resolve_batch(conn, batch)
     with conn.transaction():
-        params = {"id": key, "statuses": [JobStatus.FAILED]}
-        ids = [row[0] for row in conn.execute(BATCH_JOBS_IN, params).fetchall()]
+        ids = [row[0] for row in conn.execute(BATCH_FAILED_JOBS, {"id": key}).fetchall()]
         if not ids:
             raise WrongState(f"batch {batch} has no failed job")
         try:
@@ -4222,16 +4462,15 @@ def cancel_jobs(
                     f"job {key} is {found[key]}: only queued or running jobs can be cancelled"
                     + ("; nothing was cancelled" if len(keys) > 1 else "")
                 )
-        slots: list[str | None] = []
+        cancelled = dict(conn.execute(CANCEL_QUEUED, {"ids": keys}).fetchall())
         for key in keys:
-            if cancelled := conn.execute(CANCEL_QUEUED, {"id": key}).fetchone():
+            if key in cancelled:
                 done[key] = JobStatus.CANCELLED
-                slots.append(cancelled[1])
             else:
                 conn.execute(REQUEST_CANCEL, {"id": key, "channel": NOTIFY_CHANNEL})
                 done[key] = JobStatus.RUNNING
-        if slots:
-            _db_unblock(conn, [key for key in keys if done[key] == JobStatus.CANCELLED], slots)
+        if cancelled:
+            _db_unblock(conn, list(cancelled), list(cancelled.values()))
     return done
 
 
@@ -4619,8 +4858,10 @@ def cleanup_jobs(
 ) -> int:
     """Delete succeeded and cancelled (and, with ``include_failed``, failed) jobs that
     finished more than ``older_than`` (seconds) ago, ``batch`` at a time, each batch its own
-    short transaction; returns how many. ``exclusive``: give way (stop) whenever another
-    exclusive cleanup is at work, as workers do."""
+    short transaction; returns how many. Then forget the unique windows that ended, older
+    schedule runs (not a schedule's latest) and finished batches with no job left.
+    ``exclusive``: give way (stop) whenever another exclusive cleanup is at work, as workers
+    do."""
     seconds = older_than.total_seconds() if isinstance(older_than, timedelta) else older_than
     statuses = [JobStatus.SUCCEEDED, JobStatus.CANCELLED]
     if include_failed:
@@ -4637,15 +4878,19 @@ def cleanup_jobs(
         if count < batch:
             conn.execute(CLOSED_UNIQUE_WINDOWS)
             conn.execute(OLD_SCHEDULE_RUNS, {"before": before})
+            conn.execute(OLD_BATCHES, {"before": before})
             return deleted
 
 
 def purge_queue(conn: psycopg.Connection, queue: str, *, batch: int = 1000) -> int:
-    """Delete every queued job of ``queue``, ``batch`` at a time; returns how many."""
+    """Delete every queued job of ``queue`` (those enqueued before it began: not the
+    callbacks of batches it ends), ``batch`` at a time; returns how many."""
     deleted = 0
+    bound = conn.execute(PURGE_BOUND).fetchone()[0]  # type: ignore[index]
+    params = {"queue": queue, "batch": batch, "bound": bound}
     while True:
         with _atomic(conn):
-            rows = conn.execute(PURGE_BATCH, {"queue": queue, "batch": batch}).fetchall()
+            rows = conn.execute(PURGE_BATCH, params).fetchall()
             if not rows:
                 return deleted
             _db_unblock(conn, [row[0] for row in rows], [row[1] for row in rows])
@@ -4959,12 +5204,9 @@ class _Timing:
             count += 1
             del times[:-CATCH_UP_LIMIT]
         if count >= MISSED_COUNT_LIMIT:  # (the latest ones, counting back from now)
-            back = _cron(
-                self.cron, (now + timedelta(seconds=1)).astimezone(self.zone), reverse=True
-            )
-            times = sorted(
-                moment.astimezone(UTC) for moment in itertools.islice(back, CATCH_UP_LIMIT)
-            )
+            after_now = (now + timedelta(seconds=1)).astimezone(self.zone)  # (now included)
+            back = (m.astimezone(UTC) for m in _cron(self.cron, after_now, reverse=True))
+            times = sorted(itertools.islice((m for m in back if m <= now), CATCH_UP_LIMIT))
         return times, count
 
 
@@ -5026,6 +5268,11 @@ def _schedule_columns(
         raise InvalidJob(f"a schedule's runs are due by its timing: not {', '.join(refused)}")
     if isinstance(every, timedelta):
         every = every.total_seconds()
+    own = {"cron": (cron, str | None), "every": (every, float | None), "timezone": (timezone, str),
+           "catch_up": (catch_up, str), "overlap": (overlap, str),
+           "only_if_changed": (only_if_changed, bool)}  # fmt: skip
+    for key, (value, hint) in own.items():
+        _check_type(key, value, hint)
     timing = _Timing.of(cron, every, timezone)
     if catch_up not in CATCH_UPS:
         raise InvalidJob(f"--catch-up is one of {', '.join(CATCH_UPS)}, not {catch_up!r}")
@@ -5203,8 +5450,10 @@ def run_schedule(conn: psycopg.Connection, name: str, *, by: str | None = None) 
 def fire_due_schedules(
     conn: psycopg.Connection, *, by: str | None = None, unfit: dict[str, float] | None = None
 ) -> list[Job]:
-    """Fire the schedules that are due, each in a transaction of its own (what workers do
-    every second; ``by`` names who fires, the worker): the jobs made. A schedule another
+    """Fire the schedules that are due, each in a transaction of its own on an autocommit
+    connection (as workers do every second; on another, each in a savepoint of the caller's
+    transaction, for the caller to commit); ``by`` names who fires, the worker. The jobs
+    made. A schedule another
     fires at the same moment is left to it; one that cannot be fired here (its cron needs
     cronsim, which is not installed) is left for another worker, with a warning, and tried
     again after JANITOR_INTERVAL (``unfit``: when each was left, on the monotonic clock)."""
@@ -11137,6 +11386,7 @@ def batch_show_command(config: _Config, batch: str, limit: int, as_json: bool) -
         fields = [
             ("batch", f"{found.name} ({found.id})"),
             ("progress", f"{found.ended} of {found.jobs} ended{': ' if counts else ''}{counts}"),
+            *([("purged", f"{found.purged} job(s), deleted before they ran")] * bool(found.purged)),
             ("cost", _money(found.cost_usd)),
             ("created", _ago(found.created_at)), ("started", _ago(found.started_at)),
             ("finished", _ago(found.finished_at) if found.finished_at else "not yet"),

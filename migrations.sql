@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 8.
+-- The claude-jobs schema, version 9.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -508,4 +508,86 @@ CREATE TRIGGER claude_jobs_finish_batches AFTER UPDATE ON claude_jobs
 INSERT INTO claude_jobs_schema (version) VALUES (8);
 END IF;
 END $migration_8$;
+
+-- version 9
+DO $migration_9$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 9) THEN
+-- A batch whose last unfinished jobs are deleted (purge) finishes too, and queues its
+-- on-finish callback; never its on-success one, since jobs of it never ran: the batch counts
+-- the jobs it lost so. (Enqueuers to a batch no longer take turns, as version 8 says: they
+-- insert their jobs first, then share the batch's lock; see _into_batch.)
+ALTER TABLE claude_jobs_batches ADD COLUMN purged integer NOT NULL DEFAULT 0;
+-- Finish those of these batches that have no queued or running job left, and queue their
+-- callbacks (once: the batches are locked, in one order, before they are looked at).
+CREATE FUNCTION claude_jobs_end_batches(ending uuid[]) RETURNS void LANGUAGE plpgsql AS $end$
+DECLARE
+    queues text[];
+BEGIN
+    -- the batches' locks, in one order (no deadlock); the statements below see what the
+    -- transactions that held them committed
+    PERFORM FROM claude_jobs_batches WHERE id = ANY(ending) ORDER BY id FOR UPDATE;
+    WITH done AS (
+        UPDATE claude_jobs_batches b SET finished_at = now()
+        WHERE b.id = ANY(ending) AND b.finished_at IS NULL AND NOT EXISTS (
+            SELECT FROM claude_jobs j
+            WHERE j.batch_id = b.id AND j.status IN ('queued', 'running'))
+        RETURNING b.id, b.on_finish, CASE WHEN b.purged = 0 AND NOT EXISTS (
+            SELECT FROM claude_jobs j WHERE j.batch_id = b.id AND j.status <> 'succeeded')
+            THEN b.on_success END AS on_success
+    ), made AS (
+        INSERT INTO claude_jobs (id, queue, kind, priority, payload, max_attempts, timeout,
+            concurrency_key, concurrency_limit, callback_of)
+        SELECT gen_random_uuid(), c->>'queue', c->>'kind', (c->>'priority')::integer,
+            c->'payload', (c->>'max_attempts')::integer, (c->>'timeout')::double precision,
+            c->>'concurrency_key', (c->>'concurrency_limit')::integer, done.id
+        FROM done, LATERAL (VALUES (done.on_finish), (done.on_success)) AS callbacks(c)
+        WHERE c IS NOT NULL
+        RETURNING queue
+    )
+    SELECT array_agg(DISTINCT queue) INTO queues FROM made;
+    PERFORM pg_notify('claude_jobs', json_build_object('queue', q)::text)
+    FROM unnest(queues) AS q;
+END
+$end$;
+CREATE OR REPLACE FUNCTION claude_jobs_finish_batches() RETURNS trigger LANGUAGE plpgsql AS
+$finish$
+DECLARE
+    ending uuid[];
+BEGIN
+    SELECT array_agg(DISTINCT n.batch_id) INTO ending
+    FROM new_jobs n JOIN old_jobs o ON o.id = n.id
+    WHERE n.batch_id IS NOT NULL AND n.status IN ('succeeded', 'failed', 'cancelled')
+      AND o.status IN ('queued', 'running');
+    IF ending IS NOT NULL THEN  -- (most statements: no job of a batch ended)
+        PERFORM claude_jobs_end_batches(ending);
+    END IF;
+    RETURN NULL;
+END
+$finish$;
+CREATE FUNCTION claude_jobs_finish_purged_batches() RETURNS trigger LANGUAGE plpgsql AS
+$purged$
+DECLARE
+    ending uuid[];
+BEGIN
+    SELECT array_agg(DISTINCT batch_id) INTO ending FROM old_jobs
+    WHERE batch_id IS NOT NULL AND status IN ('queued', 'running');
+    IF ending IS NULL THEN  -- (cleanup: finished jobs)
+        RETURN NULL;
+    END IF;
+    PERFORM FROM claude_jobs_batches WHERE id = ANY(ending) ORDER BY id FOR UPDATE;
+    UPDATE claude_jobs_batches b SET purged = b.purged + gone.jobs
+    FROM (SELECT batch_id, count(*) AS jobs FROM old_jobs
+          WHERE batch_id IS NOT NULL AND status IN ('queued', 'running')
+          GROUP BY batch_id) gone
+    WHERE b.id = gone.batch_id AND b.finished_at IS NULL;
+    PERFORM claude_jobs_end_batches(ending);
+    RETURN NULL;
+END
+$purged$;
+CREATE TRIGGER claude_jobs_finish_purged_batches AFTER DELETE ON claude_jobs
+    REFERENCING OLD TABLE AS old_jobs
+    FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_finish_purged_batches();
+INSERT INTO claude_jobs_schema (version) VALUES (9);
+END IF;
+END $migration_9$;
 COMMIT;

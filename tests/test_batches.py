@@ -8,6 +8,7 @@ import base64
 import json
 import threading
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +147,19 @@ def test_batch_retry_reopens_it_and_its_callbacks_come_again(conn: psycopg.Conne
     assert len(claude_jobs.get_batch(conn, "b").callbacks) == 2
 
 
+def test_batch_retry_puts_back_the_newest_of_failed_jobs_sharing_a_unique_key(
+    conn: psycopg.Connection,
+) -> None:
+    ids = claude_jobs.enqueue_many(
+        conn, [{"n": 1}, {"n": 2}], kind="record", batch="b", unique_keys=["k", None]
+    )  # (the second keeps the batch open)
+    conn.execute("UPDATE claude_jobs SET status = 'failed' WHERE id = %s", (ids[0],))
+    newer = claude_jobs.enqueue_many(conn, [{"n": 3}], kind="record", batch="b", unique_keys=["k"])
+    conn.execute("UPDATE claude_jobs SET status = 'failed' WHERE id = %s", (newer[0],))
+    assert batch_of(conn, newer[0]) == batch_of(conn, ids[0])
+    assert claude_jobs.retry_batch(conn, "b") == newer
+
+
 def test_a_claude_callback_reads_what_each_job_came_to(
     db_url: str,
     conn: psycopg.Connection,
@@ -249,3 +263,200 @@ def test_batches_over_http(db_url: str, conn: psycopg.Connection) -> None:
         assert 'the "cwd" of on_finish must be an absolute path' in refused.json()["error"]
         overview = client.get("/api/stats").json()
         assert overview["batches"][0]["finished_at"] is not None
+
+
+# (a job whose payload has "slow" is inserted or cancelled that many seconds late)
+SLOW_WRITES = """
+CREATE FUNCTION slow_write() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.payload ? 'slow' AND NEW.status IN ('queued', 'cancelled') THEN
+        PERFORM pg_sleep((NEW.payload->>'slow')::float);
+    END IF;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER slow_write BEFORE INSERT OR UPDATE ON claude_jobs
+    FOR EACH ROW EXECUTE FUNCTION slow_write();
+"""
+
+
+def waiting(conn: psycopg.Connection, *, on: str) -> int:
+    """How many other sessions of this database wait: on="Lock" for a lock, "PgSleep" asleep."""
+    return conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND pid <> pg_backend_pid() AND (wait_event_type = %s OR wait_event = %s)",
+        (on, on),
+    ).fetchone()[0]
+
+
+def in_thread(target: Callable[[], Any]) -> tuple[threading.Thread, dict[str, Any]]:
+    """Run ``target`` in a thread; what it returned or raised lands in the dict."""
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = target()
+        except BaseException as error:  # (for the test to see)
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread, outcome
+
+
+def test_an_enqueue_with_the_unique_key_of_a_batch_job_being_ended_does_not_deadlock(
+    db_url: str, conn: psycopg.Connection
+) -> None:
+    """What ends a batch's job holds the job's row, then waits for the batch; an enqueue into
+    that batch with the job's unique key waits for that row (the index decides whether the key
+    is free): it must not hold the batch meanwhile, or each waits for the other."""
+    holder = claude_jobs.enqueue(
+        conn, {"n": 1}, kind="record", unique_key="k", batch="b", on_finish={"then": "finish"}
+    )
+    first = batch_of(conn, holder.id)
+    conn.execute(SLOW_WRITES)
+
+    def enqueue() -> claude_jobs.Job:
+        with psycopg.connect(db_url, autocommit=True) as other:
+            return claude_jobs.enqueue(
+                other, {"slow": 0.5}, kind="record", unique_key="k", batch="b"
+            )
+
+    thread, outcome = in_thread(enqueue)
+    wait_for(lambda: waiting(conn, on="PgSleep") == 1, what="the enqueue to be inserting")
+    with psycopg.connect(db_url) as ender:  # (the worker recording the holder's outcome)
+        ender.execute("UPDATE claude_jobs SET status = 'succeeded' WHERE id = %s", (holder.id,))
+        wait_for(lambda: waiting(conn, on="Lock") == 1, what="the enqueue to wait for the ender")
+        ender.commit()
+    thread.join(30)
+    assert "error" not in outcome, outcome
+    job = outcome["value"]
+    assert not job.duplicate and batch_of(conn, job.id) not in (None, first)
+    assert claude_jobs.get_batch(conn, first).finished_at is not None
+    assert [row["payload"] for row in callbacks(conn, first)] == [{"then": "finish"}]
+    assert claude_jobs.get_batch(conn, "b").id == batch_of(conn, job.id)  # (a new one, open)
+
+
+def cancel(url: str, ids: list[Any]) -> Any:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return claude_jobs.cancel_jobs(conn, ids)
+
+
+def succeed(url: str, ids: list[Any]) -> int:
+    """End these jobs in one statement, as a worker records outcomes."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        query = "UPDATE claude_jobs SET status = 'succeeded' WHERE id = ANY(%s)"
+        return conn.execute(query, (ids,)).rowcount
+
+
+def test_cancelling_jobs_of_two_batches_while_a_worker_ends_others_does_not_deadlock(
+    db_url: str, conn: psycopg.Connection
+) -> None:
+    """A cancel of jobs in two batches and a worker recording jobs of both lock the two
+    batches in one order: here the cancel's second job is slow to cancel, and the worker
+    comes meanwhile."""
+    one, two = sorted(
+        [claude_jobs.enqueue_many(conn, [{"n": 1}, {"n": 2}], kind="record", batch=name)
+         for name in ("x", "y")],
+        key=lambda ids: batch_of(conn, ids[0]),
+    )  # fmt: skip
+    conn.execute("""UPDATE claude_jobs SET payload = '{"slow": 0.5}' WHERE id = %s""", (one[0],))
+    conn.execute(SLOW_WRITES)
+    canceller = in_thread(partial(cancel, db_url, [two[0], one[0]]))
+    wait_for(lambda: waiting(conn, on="PgSleep") == 1, what="the cancel to be at its 2nd job")
+    worker = in_thread(partial(succeed, db_url, [one[1], two[1]]))
+    for thread, _ in (canceller, worker):
+        thread.join(30)
+    assert [outcome.get("error") for _, outcome in (canceller, worker)] == [None, None]
+    for ids in (one, two):
+        assert claude_jobs.get_batch(conn, batch_of(conn, ids[0])).finished_at is not None
+
+
+def test_enqueuers_to_one_batch_with_the_same_callbacks_do_not_wait_for_each_other(
+    db_url: str, conn: psycopg.Connection
+) -> None:
+    claude_jobs.enqueue(conn, {"n": 0}, kind="record", batch="b", on_finish={"then": "finish"})
+    with psycopg.connect(db_url) as open_transaction:  # (a caller's, left open)
+        claude_jobs.enqueue(
+            open_transaction, {"n": 1}, kind="record", batch="b", on_finish={"then": "finish"}
+        )
+        thread, outcome = in_thread(
+            partial(enqueue_in, db_url, {"n": 2}, batch="b", on_finish={"then": "finish"})
+        )
+        thread.join(10)
+        assert not thread.is_alive() and not outcome["value"].duplicate
+        open_transaction.rollback()
+    assert claude_jobs.get_batch(conn, "b").counts == {"queued": 2}
+
+
+def enqueue_in(url: str, payload: dict[str, Any], **settings: Any) -> claude_jobs.Job:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return claude_jobs.enqueue(conn, payload, kind="record", **settings)
+
+
+def test_a_duplicate_enqueue_opens_no_batch_and_changes_none(conn: psycopg.Connection) -> None:
+    first = claude_jobs.enqueue(conn, {"n": 1}, kind="record", unique_key="k")
+    again = claude_jobs.enqueue(
+        conn, {"n": 2}, kind="record", unique_key="k", batch="b", on_finish={"then": "finish"}
+    )
+    assert again.duplicate and again.id == first.id
+    many = claude_jobs.enqueue_many(conn, [{"n": 3}], kind="record", unique_keys=["k"], batch="b")
+    assert many == [first.id] and many.duplicates == [0]
+    assert conn.execute("SELECT count(*) FROM claude_jobs_batches").fetchone() == (0,)
+    claude_jobs.enqueue(conn, {"n": 4}, kind="record", batch="b", on_finish={"then": "one"})
+    claude_jobs.enqueue(
+        conn, {"n": 5}, kind="record", unique_key="k", batch="b", on_finish={"then": "two"}
+    )
+    assert claude_jobs.get_batch(conn, "b").on_finish == {"then": "one"}  # (a duplicate's: not)
+
+
+def test_a_batch_whose_last_jobs_are_purged_finishes_without_its_success_callback(
+    invoke: Callable[..., Result], conn: psycopg.Connection
+) -> None:
+    ids = claude_jobs.enqueue_many(
+        conn, [{"n": 1}, {"n": 2}, {"n": 3}], kind="record", batch="b", queue="work",
+        on_finish={"then": "finish"}, on_success={"then": "success"},
+    )  # fmt: skip
+    conn.execute("UPDATE claude_jobs SET status = 'succeeded' WHERE id = %s", (ids[0],))
+    conn.execute("UPDATE claude_jobs SET status = 'running' WHERE id = %s", (ids[1],))
+    assert claude_jobs.purge_queue(conn, "work") == 1  # (the queued one)
+    batch = claude_jobs.get_batch(conn, "b")
+    assert batch.finished_at is None and batch.purged == 1
+    conn.execute("UPDATE claude_jobs SET status = 'succeeded' WHERE id = %s", (ids[1],))
+    batch = claude_jobs.get_batch(conn, batch.id)  # (every job left succeeded: not all did)
+    assert batch.finished_at is not None
+    assert [row["payload"] for row in callbacks(conn, batch.id)] == [{"then": "finish"}]
+    assert "purged:     1 job(s), deleted before they ran" in invoke("batch", "show", "b").stdout
+    claude_jobs.cancel_job(conn, batch.callbacks[0])
+    # purged whole, in the callback's queue: the callback it queues is not purged with it
+    whole = claude_jobs.enqueue_many(
+        conn, [{"n": 4}, {"n": 5}], kind="record", batch="d", queue="work",
+        on_finish={"then": "finish d"},
+    )  # fmt: skip
+    assert claude_jobs.purge_queue(conn, "work") == 2
+    [callback] = callbacks(conn, batch_of_name(conn, "d"))
+    assert callback["status"] == "queued" and not set(whole) & {callback["id"]}
+    claude_jobs.cancel_job(conn, callback["id"])
+    more = claude_jobs.enqueue_many(conn, [{"n": 4}], kind="record", batch="c", queue="work",
+                                    on_finish={"then": "finish c"})  # fmt: skip
+    conn.execute("DELETE FROM claude_jobs WHERE id = %s", (more[0],))  # (by hand, as purge)
+    assert [row["payload"] for row in callbacks(conn, batch_of_name(conn, "c"))] == [
+        {"then": "finish c"}
+    ]
+
+
+def batch_of_name(conn: psycopg.Connection, name: str) -> Any:
+    return conn.execute("SELECT id FROM claude_jobs_batches WHERE name = %s", (name,)).fetchone()[0]
+
+
+def test_cleanup_forgets_finished_batches_with_no_job_left(conn: psycopg.Connection) -> None:
+    ids = claude_jobs.enqueue_many(conn, [{"n": 1}], kind="record", batch="old")
+    claude_jobs.enqueue_many(conn, [{"n": 2}], kind="record", batch="open")
+    conn.execute(
+        "UPDATE claude_jobs SET status = 'succeeded', finished_at = now() - interval '2 days' "
+        "WHERE id = %s",
+        (ids[0],),
+    )
+    conn.execute("UPDATE claude_jobs_batches SET finished_at = now() - interval '2 days'"
+                 " WHERE name = 'old'")  # fmt: skip
+    assert claude_jobs.cleanup_jobs(conn, 86400) == 1
+    assert [b.name for b in claude_jobs.list_batches(conn)] == ["open"]

@@ -82,6 +82,17 @@ def test_every_keeps_its_rhythm_from_the_first_due_time() -> None:
     assert due[-1] == first + timedelta(days=30)
 
 
+def test_a_cron_catch_up_past_the_count_limit_ends_at_now_not_after() -> None:
+    """Over MISSED_COUNT_LIMIT missed minutes the latest due times are counted back from now:
+    half a second before a minute, that minute is not due yet."""
+    timing = _Timing.of("* * * * *", None, "UTC")
+    first = datetime(2026, 1, 1, tzinfo=UTC)
+    now = first + timedelta(days=10, seconds=-0.5)
+    due, count = timing.due_until(first, now)
+    assert count == claude_jobs.MISSED_COUNT_LIMIT and len(due) == claude_jobs.CATCH_UP_LIMIT
+    assert due[-1] == first + timedelta(days=10, minutes=-1) and due == sorted(set(due))
+
+
 def test_catch_up_policies() -> None:
     now = datetime(2026, 1, 4, 12, tzinfo=UTC)
     due = [datetime(2026, 1, day, 2, tzinfo=UTC) for day in (2, 3, 4)]
@@ -370,6 +381,31 @@ def test_schedule_sync(invoke: Callable[..., Result], tmp_path: Path) -> None:
     bad = invoke("schedule", "sync", str(path), "--prune")
     assert bad.exit_code == 2 and "schedule 'broken': unknown key colour" in bad.stderr
     assert names(invoke) == ["nightly-review"]  # (all or nothing)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("cron = 5", "cron must be a string, not a number"),
+        ("timezone = 5", "timezone must be a string, not a number"),
+        ("every = true", "every must be a number, not a boolean"),
+        ('only_if_changed = "yes"', "only_if_changed must be true or false, not a string"),
+        ('priority = "high"', "priority must be an integer, not a string"),
+        ("max_attempts = 2.5", "max_attempts must be an integer, not a number"),
+        ("queue = [1]", "queue must be a string, not an array"),
+        ("timeout = [1]", "timeout must be a number, not an array"),
+    ],
+)
+def test_a_sync_file_value_of_the_wrong_type_exits_2_saying_which(
+    invoke: Callable[..., Result], tmp_path: Path, line: str, message: str
+) -> None:
+    timing = "" if line.startswith(("cron", "every")) else 'cron = "0 2 * * *"\n'
+    path = tmp_path / "schedules.toml"
+    path.write_text(f'[nightly]\nprompt = "review"\ncwd = "."\n{timing}{line}\n')
+    result = invoke("schedule", "sync", str(path))
+    assert result.exit_code == 2, result.output
+    assert f"schedule 'nightly': {message}" in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1 and names(invoke) == []
 
 
 def names(invoke: Callable[..., Result]) -> list[str]:

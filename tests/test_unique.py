@@ -121,6 +121,17 @@ def test_a_window_outlives_its_job_and_then_expires(conn: psycopg.Connection) ->
     assert conn.execute("SELECT count(*) FROM claude_jobs_unique_windows").fetchone() == (0,)
 
 
+def test_an_open_window_keeps_out_an_enqueue_without_one(conn: psycopg.Connection) -> None:
+    first = claude_jobs.enqueue(conn, {}, kind="record", unique_key="k", unique_for=3600)
+    claude_jobs.cancel_job(conn, first.id)
+    plain = claude_jobs.enqueue(conn, {}, kind="record", unique_key="k")
+    assert plain.duplicate and plain.id == first.id
+    [held] = claude_jobs.enqueue_many(conn, [{}], kind="record", unique_keys=["k"])
+    assert held == first.id
+    conn.execute("UPDATE claude_jobs_unique_windows SET until = now() - interval '1s'")
+    assert not claude_jobs.enqueue(conn, {}, kind="record", unique_key="k").duplicate
+
+
 def test_a_window_whose_job_was_cleaned_up_is_handed_over(conn: psycopg.Connection) -> None:
     first = claude_jobs.enqueue(conn, {}, kind="record", unique_key="k", unique_for=3600)
     claude_jobs.cancel_job(conn, first.id)

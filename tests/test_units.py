@@ -260,6 +260,31 @@ def test_job_options_are_built_with_the_fields_defaults_and_a_delay_becomes_run_
         claude_jobs.JobOptions.build(delay=1, run_at=datetime.now(UTC))
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"priority": "high"}, "priority must be an integer, not a string"),
+        ({"max_attempts": 2.5}, "max_attempts must be an integer, not a number"),
+        ({"timeout": True}, "timeout must be a number, not a boolean"),
+        ({"timeout": [1]}, "timeout must be a number, not an array"),
+        ({"delay": "soon"}, "delay must be a number or a timedelta, not a string"),
+        ({"after": "abc"}, "after must be a list of job ids, not a string"),
+        ({"after": [1]}, "each of after must be an id or a string, not a number"),
+        ({"queue": None}, "queue must be a string, not null"),
+        ({"batch": "b", "on_finish": [1]}, "on_finish must be an object, not an array"),
+    ],
+)
+def test_job_options_of_the_wrong_type_say_which(settings: dict[str, Any], message: str) -> None:
+    """Settings come from TOML and JSON too: a wrong type is InvalidJob, not a TypeError."""
+    with pytest.raises(claude_jobs.InvalidJob) as raised:
+        claude_jobs.JobOptions.build(**settings)
+    assert str(raised.value) == message
+
+
+def test_job_options_take_a_whole_float_for_an_integer() -> None:
+    assert claude_jobs.JobOptions.build(priority=3.0, max_attempts=2.0).priority == 3
+
+
 def test_worker_settings_are_checked_when_made() -> None:
     with pytest.raises(claude_jobs.ConfigError, match="concurrency"):
         claude_jobs.WorkerSettings(concurrency=0)
