@@ -1206,18 +1206,19 @@ CREATE FUNCTION claude_jobs_finish_purged_batches() RETURNS trigger LANGUAGE plp
 $purged$
 DECLARE
     ending uuid[];
+    lost integer[];
 BEGIN
-    SELECT array_agg(DISTINCT batch_id) INTO ending FROM old_jobs
-    WHERE batch_id IS NOT NULL AND status IN ('queued', 'running');
+    SELECT array_agg(batch_id), array_agg(jobs) INTO ending, lost
+    FROM (SELECT batch_id, count(*)::integer AS jobs FROM old_jobs
+          WHERE batch_id IS NOT NULL AND status IN ('queued', 'running')
+          GROUP BY batch_id) gone;
     IF ending IS NULL THEN  -- (cleanup: finished jobs)
         RETURN NULL;
     END IF;
     PERFORM FROM claude_jobs_batches WHERE id = ANY(ending) ORDER BY id FOR UPDATE;
     UPDATE claude_jobs_batches b SET purged = b.purged + gone.jobs
-    FROM (SELECT batch_id, count(*) AS jobs FROM old_jobs
-          WHERE batch_id IS NOT NULL AND status IN ('queued', 'running')
-          GROUP BY batch_id) gone
-    WHERE b.id = gone.batch_id AND b.finished_at IS NULL;
+    FROM unnest(ending, lost) AS gone(id, jobs)
+    WHERE b.id = gone.id AND b.finished_at IS NULL;
     PERFORM claude_jobs_end_batches(ending);
     RETURN NULL;
 END
@@ -3637,17 +3638,6 @@ def _with_checked_callbacks(options: JobOptions, base_dir: str | Path | None) ->
     return dataclasses.replace(options, **changes) if changes else options
 
 
-class _BatchFinished(Exception):
-    """The batch that jobs were added to finished before they were committed."""
-
-
-class _NoneMade(Exception):
-    """Every job being added to a batch was a duplicate: the batch is left as it was."""
-
-    def __init__(self, made: Any) -> None:
-        self.made = made
-
-
 _MadeT = TypeVar("_MadeT", bound="Job | Enqueued")
 
 
@@ -3677,21 +3667,20 @@ def _into_batch(
     }
     callbacks = params["on_finish"] is not None or params["on_success"] is not None
     while True:
-        try:
-            with _savepoint(conn):
-                batch = _open_batch(conn, params)
-                made = insert(batch)
-                if made.duplicate if isinstance(made, Job) else len(made.duplicates) == len(made):
-                    raise _NoneMade(made)
+        with _savepoint(conn) as savepoint:
+            batch = _open_batch(conn, params)
+            made = insert(batch)
+            new = not made.duplicate if isinstance(made, Job) else len(made.duplicates) < len(made)
+            if new:
                 held = {**params, "id": batch}
                 changed = callbacks and conn.execute(CHANGE_BATCH_CALLBACKS, held).fetchone()
-                if not changed and conn.execute(HOLD_BATCH, held).fetchone() is None:
-                    raise _BatchFinished
-                return made
-        except _NoneMade as none:
-            return none.made
-        except _BatchFinished:
-            continue
+                if changed or conn.execute(HOLD_BATCH, held).fetchone() is not None:
+                    return made
+            # (all duplicates: undone, no batch touched; else the batch finished meanwhile:
+            # undone, and again, into a new one)
+            raise psycopg.Rollback(savepoint)
+        if not new:
+            return made
 
 
 def _open_batch(conn: psycopg.Connection, params: dict[str, Any]) -> uuid.UUID:
@@ -5453,10 +5442,10 @@ def fire_due_schedules(
     """Fire the schedules that are due, each in a transaction of its own on an autocommit
     connection (as workers do every second; on another, each in a savepoint of the caller's
     transaction, for the caller to commit); ``by`` names who fires, the worker. The jobs
-    made. A schedule another
-    fires at the same moment is left to it; one that cannot be fired here (its cron needs
-    cronsim, which is not installed) is left for another worker, with a warning, and tried
-    again after JANITOR_INTERVAL (``unfit``: when each was left, on the monotonic clock)."""
+    made. A schedule another fires at the same moment is left to it; one that cannot be
+    fired here (its cron needs cronsim, which is not installed) is left for another worker,
+    with a warning, and tried again after JANITOR_INTERVAL (``unfit``: when each was left, on
+    the monotonic clock)."""
     made: list[Job] = []
     unfit = {} if unfit is None else unfit
     for (name,) in conn.execute(DUE_SCHEDULES).fetchall():

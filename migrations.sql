@@ -568,18 +568,19 @@ CREATE FUNCTION claude_jobs_finish_purged_batches() RETURNS trigger LANGUAGE plp
 $purged$
 DECLARE
     ending uuid[];
+    lost integer[];
 BEGIN
-    SELECT array_agg(DISTINCT batch_id) INTO ending FROM old_jobs
-    WHERE batch_id IS NOT NULL AND status IN ('queued', 'running');
+    SELECT array_agg(batch_id), array_agg(jobs) INTO ending, lost
+    FROM (SELECT batch_id, count(*)::integer AS jobs FROM old_jobs
+          WHERE batch_id IS NOT NULL AND status IN ('queued', 'running')
+          GROUP BY batch_id) gone;
     IF ending IS NULL THEN  -- (cleanup: finished jobs)
         RETURN NULL;
     END IF;
     PERFORM FROM claude_jobs_batches WHERE id = ANY(ending) ORDER BY id FOR UPDATE;
     UPDATE claude_jobs_batches b SET purged = b.purged + gone.jobs
-    FROM (SELECT batch_id, count(*) AS jobs FROM old_jobs
-          WHERE batch_id IS NOT NULL AND status IN ('queued', 'running')
-          GROUP BY batch_id) gone
-    WHERE b.id = gone.batch_id AND b.finished_at IS NULL;
+    FROM unnest(ending, lost) AS gone(id, jobs)
+    WHERE b.id = gone.id AND b.finished_at IS NULL;
     PERFORM claude_jobs_end_batches(ending);
     RETURN NULL;
 END
