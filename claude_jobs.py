@@ -240,7 +240,7 @@ KEY_LOCK_NAMESPACE = 0x636B6579
 UNIQUE_LOCK_NAMESPACE = 0x63756E71
 MIGRATION_LOCK_KEY = 0
 #: Second keys of the locks that let one worker at a time do a task.
-CLEANUP_TASK, UNBLOCK_TASK, FOLD_TASK = -1, -2, -3
+CLEANUP_TASK, UNBLOCK_TASK, FOLD_TASK, ANALYZE_TASK = -1, -2, -3, -4
 
 DEFAULT_QUEUE = "default"
 DEFAULT_KIND = "claude"
@@ -261,10 +261,22 @@ BATCH_RESULTS_NOTE = (
 #: A worker unfit for claude jobs (not logged in, no credit...) starts none for this long,
 #: doubling while it stays unfit, up to the second figure.
 UNFIT_BACKOFF = (300.0, 3600.0)
+#: A back-off older than this that the worker's row no longer shows was lifted (`resume
+#: --hold`): the worker tries again, even if it missed the notice.
+LIFT_SEEN_AFTER = 5.0
 #: How often a worker looks for jobs past the retention (one worker at a time deletes), and
 #: how soon after it starts.
 JANITOR_INTERVAL = 300.0
 JANITOR_FIRST_PASS = 10.0
+#: How often a worker compares the backlog with what the planner's statistics say of it; it
+#: analyzes the jobs table (one worker at a time) when there are ANALYZE_GROWTH times as many
+#: unfinished jobs as the statistics say, and at least ANALYZE_MIN_JOBS.
+STATISTICS_INTERVAL = 2.0
+ANALYZE_GROWTH = 10.0
+ANALYZE_MIN_JOBS = 1000
+#: A part of a worker (its scheduler, janitor...) that fails this many passes in a row is
+#: reported as failing: `workers` says so, and its /readyz answers 503.
+FAILING_PASSES = 5
 
 #: Workers look for due schedules this often.
 SCHEDULE_INTERVAL = 1.0
@@ -286,6 +298,8 @@ HEARTBEAT_INTERVAL = 1.0
 LOCK_GRACE = 5.0
 #: How often each worker looks for dead workers.
 SWEEP_INTERVAL = 1.0
+#: `workers` lists a worker found dead (and when, and the jobs of it that went back) this long.
+LOST_WORKERS_KEPT = 3600.0
 
 #: How often a worker looks for blocked jobs that may run (what ends jobs unblocks those that
 #: waited for them; this finds those that two transactions at once each left to the other).
@@ -311,6 +325,8 @@ TRANSCRIPT_FLUSH_INTERVAL = 0.5
 RECORD_BATCH = 500
 
 PG_INT_MIN, PG_INT_MAX = -(2**31), 2**31 - 1
+#: The longest concurrency or unique key (indexed: PostgreSQL's B-trees take about 2.7 kB a row).
+MAX_KEY_BYTES = 1024
 #: The longest duration anything accepts (ten years).
 MAX_DURATION = 10 * 365 * 86400.0
 
@@ -477,6 +493,7 @@ class Job:
     batch_id: uuid.UUID | None = None  # the batch it belongs to
     callback_of: uuid.UUID | None = None  # the batch it is a callback of
     duplicate: bool = False  # enqueue made no job: this one, queued before, holds its unique key
+    seq: int = 0  # enqueue order (of jobs enqueued at one time: created_at is the same)
     claim: uuid.UUID | None = field(default=None, repr=False)
     context: RunContext | None = field(default=None, repr=False, compare=False)
 
@@ -487,6 +504,7 @@ class Job:
         values["cost_usd"] = float(values["cost_usd"] or 0)
         values["transcript_size"] = values["transcript_size"] or 0
         values["duplicate"] = bool(values["duplicate"])
+        values["seq"] = values["seq"] or 0
         if values["concurrency_limit"] is None:
             values["concurrency_limit"] = 1
         return cls(**values, context=context)
@@ -1228,6 +1246,38 @@ CREATE TRIGGER claude_jobs_finish_purged_batches AFTER DELETE ON claude_jobs
     FOR EACH STATEMENT EXECUTE FUNCTION claude_jobs_finish_purged_batches();
 """,
     ),
+    (
+        10,
+        """\
+-- What goes wrong in a worker, and the workers found dead. A worker's heartbeat writes what is
+-- wrong with its parts (a thread that died, or failed many passes in a row; NULL: nothing).
+ALTER TABLE claude_jobs_workers ADD COLUMN trouble text;
+-- A worker found dead is forgotten from claude_jobs_workers, and kept here a while for
+-- `workers` to show: when, why, and how many of its running jobs went back to the queue.
+CREATE TABLE claude_jobs_lost_workers (
+    id              uuid PRIMARY KEY,
+    host            text NOT NULL,
+    pid             integer NOT NULL,
+    queues          text[] NOT NULL,
+    kinds           text[] NOT NULL,
+    concurrency     integer NOT NULL,
+    started_at      timestamptz NOT NULL,
+    last_heartbeat  timestamptz NOT NULL,
+    lost_at         timestamptz NOT NULL DEFAULT now(),
+    reason          text NOT NULL,
+    recovered       integer NOT NULL                  -- its running jobs put back
+);
+-- Jobs are listed newest first in the order they were enqueued: those of one transaction (one
+-- created_at) by their sequence too. (The jobs enqueued before version 4 have none: 0.)
+UPDATE claude_jobs SET seq = 0 WHERE seq IS NULL;
+ALTER TABLE claude_jobs ALTER COLUMN seq SET NOT NULL;
+DROP INDEX claude_jobs_newest;
+DROP INDEX claude_jobs_newest_ended_badly;
+CREATE INDEX claude_jobs_newest ON claude_jobs (created_at DESC, seq DESC, id DESC);
+CREATE INDEX claude_jobs_newest_ended_badly ON claude_jobs (created_at DESC, seq DESC, id DESC)
+    WHERE status IN ('failed', 'cancelled');
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -1274,7 +1324,7 @@ _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, 
     timeout, last_error, errors, worker_id, worker, result, session_id, cost_usd, created_at,
     started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
     concurrency_limit, after, continue_from, session_host, worktree, widens, unique_key,
-    schedule, scheduled_for, batch_id, callback_of, claim"""
+    schedule, scheduled_for, batch_id, callback_of, seq, claim"""
 
 JOB_STATUSES = """
 -- job_statuses: the status of each of these jobs, and the host that keeps its claude session
@@ -1436,8 +1486,9 @@ SELECT id FROM claude_jobs WHERE id BETWEEN %(low)s AND %(high)s ORDER BY id LIM
 """
 
 LIST_JOBS = f"""
--- list_jobs: jobs newest first, filtered, from where the last page ended (keyset paging
--- through claude_jobs_newest: a page costs the same at the millionth job as at the first)
+-- list_jobs: jobs newest first (in enqueue order), filtered, from where the last page ended
+-- (keyset paging through claude_jobs_newest: a page costs the same at the millionth job as at
+-- the first)
 SELECT {_JOB_COLUMNS} FROM claude_jobs
 WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
@@ -1446,9 +1497,9 @@ WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(text)s::text IS NULL OR strpos(lower(payload->>'prompt'), lower(%(text)s::text)) > 0)
   AND (%(cwd)s::text IS NULL OR payload->>'cwd' = %(cwd)s::text)
   AND (%(batch)s::uuid IS NULL OR batch_id = %(batch)s::uuid)
-  AND (%(before_at)s::timestamptz IS NULL
-       OR (created_at, id) < (%(before_at)s::timestamptz, %(before_id)s::uuid))
-ORDER BY created_at DESC, id DESC
+  AND (%(before_at)s::timestamptz IS NULL OR (created_at, seq, id)
+       < (%(before_at)s::timestamptz, %(before_seq)s::bigint, %(before_id)s::uuid))
+ORDER BY created_at DESC, seq DESC, id DESC
 LIMIT %(limit)s
 """
 
@@ -1509,7 +1560,7 @@ WITH chosen AS (
     UPDATE claude_jobs j
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
         cancel_requested_at = NULL, claim = NULL, worker_id = NULL, worker = NULL,
-        updated_at = now(),
+        last_error = NULL, updated_at = now(),
         -- (still waiting for a job not over, or continuing one retried here with it)
         blocked = CASE WHEN {_WAITS_FOR_JOBS.format(w="j")}
                             OR j.continue_from IN (SELECT id FROM chosen) THEN 'jobs' END
@@ -1624,6 +1675,27 @@ GROUP BY 1, 2
 HAVING sum(jobs) <> 0 OR sum(cost_usd) <> 0 OR sum(entered) <> 0 OR sum(run_seconds) <> 0
 """
 
+BACKLOG_BELIEF = """
+-- backlog_belief: how many unfinished (queued or running) jobs there are, by the kept counts,
+-- and how many the planner believes there are, by the table's statistics (its estimate of
+-- rows times the share of unfinished ones in ANALYZE's sample; 0 for a table never analyzed)
+SELECT (SELECT coalesce(sum(jobs), 0) FROM claude_jobs_counts
+        WHERE status IN ('queued', 'running'))::float8 AS actual,
+    (SELECT greatest(c.reltuples, 0) * coalesce((
+         SELECT sum(m.freq) FROM pg_stats s,
+             unnest(s.most_common_vals::text::text[], s.most_common_freqs) AS m(value, freq)
+         WHERE s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = 'status'
+           AND m.value IN ('queued', 'running')), 0)
+     FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+     WHERE c.oid = 'claude_jobs'::regclass)::float8 AS believed
+"""
+
+ANALYZE_JOBS = """
+-- analyze_jobs: fresh statistics of the jobs table (every session's plans of it are made
+-- again with them)
+ANALYZE claude_jobs
+"""
+
 FOLD_RUN_TIMES = """
 -- fold_run_times: the same for the run times
 WITH gone AS (DELETE FROM claude_jobs_run_times RETURNING *)
@@ -1631,17 +1703,34 @@ INSERT INTO claude_jobs_run_times (queue, status, le, runs)
 SELECT queue, status, le, sum(runs) FROM gone GROUP BY 1, 2, 3 HAVING sum(runs) <> 0
 """
 
-LIST_WORKERS = """
--- list_workers: every registered worker, the jobs it runs now, how long it has been silent
+LIST_WORKERS = f"""
+-- list_workers: every registered worker, the jobs it runs now, how long it has been silent,
+-- whether its session still holds its lock (none does once it was killed: it is lost before
+-- its heartbeat is old), and what is wrong with its parts; then the workers found dead in the
+-- last LOST_WORKERS_KEPT seconds, with when and how many of their jobs went back
 SELECT w.id, w.host, w.pid, w.queues, w.kinds, w.concurrency, w.started_at, w.last_heartbeat,
     w.draining_since, extract(epoch FROM now() - w.last_heartbeat) AS silent_seconds,
+    w.lock_key NOT IN (
+        SELECT l.objid::bigint FROM pg_locks l
+        WHERE l.locktype = 'advisory' AND l.granted AND l.classid = {LOCK_NAMESPACE}
+          AND l.objsubid = 2 AND l.database = (SELECT oid FROM pg_database
+                                               WHERE datname = current_database())
+    ) AS unlocked,
     (SELECT count(*) FROM claude_jobs j WHERE j.status = 'running' AND j.worker_id = w.id)
         AS running,
     -- it starts no claude job until then, and why (unfit for them, or its budget is spent)
     CASE WHEN w.claude_paused_until > now() THEN w.claude_paused_until END AS claude_paused_until,
     CASE WHEN w.claude_paused_until > now() THEN w.claude_paused_reason END
-        AS claude_paused_reason
-FROM claude_jobs_workers w ORDER BY w.started_at
+        AS claude_paused_reason,
+    w.trouble, NULL::timestamptz AS lost_at, NULL AS lost_because, NULL::integer AS recovered
+FROM claude_jobs_workers w
+UNION ALL
+SELECT d.id, d.host, d.pid, d.queues, d.kinds, d.concurrency, d.started_at, d.last_heartbeat,
+    NULL, extract(epoch FROM now() - d.last_heartbeat), true, 0, NULL, NULL, NULL, d.lost_at,
+    d.reason, d.recovered
+FROM claude_jobs_lost_workers d
+WHERE d.lost_at > now() - make_interval(secs => {LOST_WORKERS_KEPT})
+ORDER BY started_at
 """
 
 FIND_WORKERS = """
@@ -1782,7 +1871,7 @@ PURGE_BATCH = """
 -- purge_batch: delete up to `batch` queued jobs of a queue enqueued before `bound`
 DELETE FROM claude_jobs WHERE id IN (
     SELECT id FROM claude_jobs
-    WHERE queue = %(queue)s AND status = 'queued' AND (seq IS NULL OR seq < %(bound)s)
+    WHERE queue = %(queue)s AND status = 'queued' AND seq < %(bound)s
     LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
 RETURNING id, CASE WHEN concurrency_limit > 0 THEN concurrency_key END AS slot_key
 """
@@ -1894,16 +1983,19 @@ WITH o AS (
         result text, error text, traceback text, permanent boolean, delay float8,
         run_at timestamptz, transcript text, session_id text, cost_usd numeric, worktree text)
 ), m AS (
-    -- the rows still claimed so, locked, with the status each comes to
-    SELECT o.*, CASE
+    -- the rows still claimed so, locked, with the status each comes to (`live`: it runs). Found
+    -- by a walk of the primary key, whatever the table's size or statistics: no condition here
+    -- that another index could serve (a partial index of unfinished jobs, walked whole, was the
+    -- plan of a worker prepared while the queue was nearly empty)
+    SELECT o.*, j.status = 'running' AS live, CASE
             WHEN o.verdict = 'progress' THEN 'running'
             WHEN o.verdict = 'succeeded' THEN 'succeeded'
             WHEN o.verdict = 'cancelled' OR j.cancel_requested_at IS NOT NULL THEN 'cancelled'
             WHEN o.verdict = 'released' THEN 'queued'
             WHEN o.permanent OR j.attempts >= j.max_attempts THEN 'failed'
             ELSE 'queued' END AS status
-    FROM o JOIN claude_jobs j ON j.id = o.id AND j.claim = o.claim AND j.status = 'running'
-    WHERE j.id = ANY(ARRAY(SELECT id FROM o))  -- a walk of the primary key, whatever the size
+    FROM o JOIN claude_jobs j ON j.id = o.id AND j.claim = o.claim
+    WHERE j.id = ANY(ARRAY(SELECT id FROM o))
     FOR UPDATE OF j
 ), done AS (
 UPDATE claude_jobs j
@@ -1920,6 +2012,7 @@ SET status = m.status,
     last_error = CASE m.verdict WHEN 'failed' THEN m.error
                                 WHEN 'released' THEN coalesce(m.error, j.last_error)
                                 WHEN 'cancelled' THEN 'cancelled while running'
+                                WHEN 'succeeded' THEN NULL  -- (the attempts' errors stay)
                                 ELSE j.last_error END,
     errors = CASE m.verdict  -- every attempt that ended so is kept
         WHEN 'failed' THEN j.errors || jsonb_build_array(jsonb_build_object(
@@ -1941,7 +2034,7 @@ SET status = m.status,
     cost_usd = j.cost_usd + coalesce(m.cost_usd, 0),
     worktree = coalesce(m.worktree, j.worktree),
     updated_at = now()
-FROM m WHERE j.id = m.id
+FROM m WHERE j.id = m.id AND m.live
 {_OUTCOME_RETURNING}, j.queue
 ), spent AS (
     INSERT INTO claude_jobs_spend AS s (day, queue, model, runs, cost_usd, input_tokens,
@@ -2103,26 +2196,31 @@ SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(key)s))
 
 CANCEL_BLOCKED = """
 -- cancel_blocked: queued jobs that wait for a job that failed, was cancelled or is gone, or
--- that continue a job that is gone, are cancelled, saying which
-UPDATE claude_jobs j
-SET status = 'cancelled', finished_at = now(), updated_at = now(), last_error = blocked.reason
-FROM (
-    SELECT w.id, min('cancelled: it waits for job ' || a.id || ', which '
-                     || CASE WHEN d.id IS NULL THEN 'is gone'
-                             WHEN d.status = 'failed' THEN 'failed'
-                             ELSE 'was cancelled' END) AS reason
-    FROM claude_jobs w CROSS JOIN LATERAL unnest(w.after) AS a(id)
-    LEFT JOIN claude_jobs d ON d.id = a.id
-    WHERE w.status = 'queued' AND w.after IS NOT NULL
-      AND (d.id IS NULL OR d.status IN ('failed', 'cancelled'))
-    GROUP BY w.id
-    UNION ALL
-    SELECT w.id, 'cancelled: it continues job ' || w.continue_from || ', which is gone'
+-- that continue a job that is gone, are cancelled, saying which. The queued jobs that wait for
+-- others are walked once, what each waits for looked up by id, and the doomed ones updated
+-- through the primary key: no step joins two sets of jobs, so no plan of it (one made while
+-- the queue was nearly empty, say) costs more than a few lookups per waiting job.
+WITH doomed AS MATERIALIZED (
+    SELECT w.id, coalesce((
+        SELECT min('cancelled: it waits for job ' || a.id || ', which '
+                   || CASE WHEN d.status IS NULL THEN 'is gone'
+                           WHEN d.status = 'failed' THEN 'failed' ELSE 'was cancelled' END)
+        FROM unnest(w.after) AS a(id)
+            CROSS JOIN LATERAL (SELECT (SELECT s.status FROM claude_jobs s WHERE s.id = a.id)
+                                AS status) d
+        WHERE d.status IS NULL OR d.status IN ('failed', 'cancelled')),
+        CASE WHEN w.continue_from IS NOT NULL
+              AND NOT EXISTS (SELECT FROM claude_jobs p WHERE p.id = w.continue_from)
+             THEN 'cancelled: it continues job ' || w.continue_from || ', which is gone' END
+    ) AS reason
     FROM claude_jobs w
-    WHERE w.status = 'queued' AND w.continue_from IS NOT NULL
-      AND NOT EXISTS (SELECT FROM claude_jobs p WHERE p.id = w.continue_from)
-) blocked
-WHERE j.id = blocked.id AND j.status = 'queued'
+    WHERE w.status = 'queued' AND (w.after IS NOT NULL OR w.continue_from IS NOT NULL)
+)
+UPDATE claude_jobs j
+SET status = 'cancelled', finished_at = now(), updated_at = now(), last_error = doomed.reason
+FROM doomed
+WHERE j.id = ANY(ARRAY(SELECT id FROM doomed WHERE reason IS NOT NULL)) AND j.id = doomed.id
+  AND j.status = 'queued'
 RETURNING j.id, j.queue, j.kind, j.last_error, pg_notify(%(output)s, j.id::text),
     CASE WHEN j.concurrency_limit > 0 THEN j.concurrency_key END AS slot_key
 """
@@ -2176,6 +2274,18 @@ UPDATE claude_jobs_workers SET claude_paused_until = %(until)s, claude_paused_re
 WHERE id = %(id)s
 """
 
+UNPAUSE_WORKER_KIND = """
+-- unpause_worker_kind: this worker starts claude jobs again (its back-off for this reason is
+-- over: a job ran)
+UPDATE claude_jobs_workers SET claude_paused_until = NULL, claude_paused_reason = NULL
+WHERE id = %(id)s AND claude_paused_reason = %(reason)s
+"""
+
+WORKER_PAUSED = """
+-- worker_paused: whether this worker's row says it starts no claude job now
+SELECT coalesce(claude_paused_until > now(), false) FROM claude_jobs_workers WHERE id = %(id)s
+"""
+
 SPENT_TODAY = """
 -- spent_today: what claude cost since midnight UTC, by the ledger
 SELECT coalesce(sum(cost_usd), 0) FROM claude_jobs_spend
@@ -2226,8 +2336,10 @@ VALUES (%(id)s, %(key)s, %(host)s, %(pid)s, %(queues)s, %(kinds)s, %(concurrency
 """
 
 HEARTBEAT = """
--- heartbeat: I am alive (no row: another worker declared me dead); am I asked to drain?
-UPDATE claude_jobs_workers SET last_heartbeat = now(), backend_pid = pg_backend_pid()
+-- heartbeat: I am alive (no row: another worker declared me dead), and what is wrong with my
+-- parts, if anything; am I asked to drain?
+UPDATE claude_jobs_workers
+SET last_heartbeat = now(), backend_pid = pg_backend_pid(), trouble = %(trouble)s
 WHERE id = %(id)s
 RETURNING draining_since IS NOT NULL AS draining
 """
@@ -2280,7 +2392,23 @@ DELETE FROM claude_jobs_workers
 WHERE id = %(id)s
   AND greatest(last_heartbeat, pg_postmaster_start_time())
       < now() - make_interval(secs => %(grace)s)
-RETURNING host, pid
+RETURNING id, host, pid, queues, kinds, concurrency, started_at, last_heartbeat
+"""
+
+RECORD_LOST_WORKER = """
+-- record_lost_worker: a worker found dead, why, and how many of its running jobs went back
+-- (what `workers` shows for a while; cleanup forgets it)
+INSERT INTO claude_jobs_lost_workers (id, host, pid, queues, kinds, concurrency, started_at,
+    last_heartbeat, reason, recovered)
+VALUES (%(id)s, %(host)s, %(pid)s, %(queues)s, %(kinds)s, %(concurrency)s, %(started_at)s,
+        %(last_heartbeat)s, %(reason)s, %(recovered)s)
+ON CONFLICT (id) DO NOTHING
+"""
+
+OLD_LOST_WORKERS = f"""
+-- old_lost_workers: forget the workers found dead longer ago than LOST_WORKERS_KEPT
+DELETE FROM claude_jobs_lost_workers
+WHERE lost_at < now() - make_interval(secs => {LOST_WORKERS_KEPT})
 """
 
 _REQUEUE_INTERRUPTED = """
@@ -2378,10 +2506,13 @@ WHERE batch_id = %(id)s AND status = 'failed'
 ORDER BY coalesce(unique_key, id::text), created_at DESC
 """
 
-REOPEN_BATCH = """
--- reopen_batch: a finished batch takes jobs again (its callbacks are queued again when it
--- finishes again); no row if it is open already
-UPDATE claude_jobs_batches SET finished_at = NULL WHERE id = %(id)s AND finished_at IS NOT NULL
+REOPEN_BATCHES = """
+-- reopen_batches: the finished batches of these jobs (retried) take jobs again: their
+-- callbacks are queued again when they finish again (not on-success, if jobs of them were
+-- purged: those never ran)
+UPDATE claude_jobs_batches SET finished_at = NULL
+WHERE finished_at IS NOT NULL
+  AND id IN (SELECT batch_id FROM claude_jobs WHERE id = ANY(%(ids)s::uuid[]))
 RETURNING id
 """
 
@@ -2581,12 +2712,19 @@ def _scrub(message: str, url: str) -> str:
 
 
 def check_conninfo(url: str) -> None:
-    """Raise ConfigError when ``url`` is not a valid PostgreSQL URL or conninfo string."""
+    """Raise ConfigError when ``url`` is not a valid PostgreSQL URL or conninfo string (its
+    port too: libpq would only say so when connecting)."""
     try:
-        psycopg.conninfo.conninfo_to_dict(url)
+        ports = str(psycopg.conninfo.conninfo_to_dict(url).get("port") or "")
     except psycopg.ProgrammingError as error:
         reason = _scrub(str(error), url)
         raise ConfigError(f"invalid database URL {mask_url(url)}: {reason}") from None
+    for port in ports.split(","):  # (one per host; an empty one: the default)
+        if port.strip() and not (port.strip().isdigit() and 0 < int(port) < 65536):
+            raise ConfigError(
+                f"invalid database URL {mask_url(url)}: the port must be a number from 1 to "
+                f"65535, not {_scrub(port, url)!r}"
+            )
 
 
 def connect(url: str, *, autocommit: bool = False, **options: Any) -> psycopg.Connection:
@@ -2839,6 +2977,17 @@ def _db_pause_worker_kind(
     conn.execute(PAUSE_WORKER_KIND, {"id": worker_id, "until": until, "reason": reason})
 
 
+def _db_unpause_worker_kind(conn: psycopg.Connection, worker_id: uuid.UUID, reason: str) -> None:
+    """Show in `workers` that this worker starts claude jobs again (if ``reason`` held it)."""
+    conn.execute(UNPAUSE_WORKER_KIND, {"id": worker_id, "reason": reason})
+
+
+def _db_worker_paused(conn: psycopg.Connection, worker_id: uuid.UUID) -> bool:
+    """Whether this worker's row says it starts no claude job now."""
+    row = conn.execute(WORKER_PAUSED, {"id": worker_id}).fetchone()
+    return bool(row and row[0])
+
+
 def _db_spent_today(conn: psycopg.Connection) -> float:
     """What claude spent since midnight UTC, by the ledger."""
     return float(conn.execute(SPENT_TODAY).fetchone()[0])  # type: ignore[index]
@@ -2873,10 +3022,13 @@ def _db_register_worker(
     return key
 
 
-def _db_heartbeat(conn: psycopg.Connection, worker_id: uuid.UUID) -> bool | None:
-    """Write the heartbeat; whether the worker is asked to drain; None when the registration
-    is gone (declared dead)."""
-    row = conn.execute(HEARTBEAT, {"id": worker_id}).fetchone()
+def _db_heartbeat(
+    conn: psycopg.Connection, worker_id: uuid.UUID, trouble: str | None = None
+) -> bool | None:
+    """Write the heartbeat, with what is wrong with the worker's parts (None: nothing);
+    whether the worker is asked to drain; None when the registration is gone (declared
+    dead)."""
+    row = conn.execute(HEARTBEAT, {"id": worker_id, "trouble": trouble}).fetchone()
     return None if row is None else bool(row[0])
 
 
@@ -2926,11 +3078,19 @@ def _db_reap(
                       "session_name": worker["session_name"]}  # fmt: skip
             with contextlib.suppress(psycopg.errors.InsufficientPrivilege), conn.transaction():
                 cur.execute(TERMINATE_VANISHED, params)
-        if cur.execute(REAP_WORKER, {"id": worker["id"], "grace": grace}).fetchone() is None:
+        gone = cur.execute(REAP_WORKER, {"id": worker["id"], "grace": grace}).fetchone()
+        if gone is None:
             return None  # it came back
         jobs = cur.execute(RECOVER_JOBS_OF, {"worker_id": worker["id"]}).fetchall()
         _db_recovered(conn, jobs)
+        reason = _NO_HEARTBEAT if worker["vanished"] else _SESSION_ENDED
+        cur.execute(RECORD_LOST_WORKER, {**gone, "reason": reason, "recovered": len(jobs)})
     return jobs
+
+
+#: Why a worker was found dead.
+_SESSION_ENDED = "its session ended (killed, crashed or cut off)"
+_NO_HEARTBEAT = "no heartbeat within the timeout (its host vanished, or it froze)"
 
 
 def _db_recover_orphans(conn: psycopg.Connection) -> list[dict[str, Any]]:
@@ -2985,6 +3145,28 @@ def fold_counts(conn: psycopg.Connection) -> None:
         if _db_try_task_lock(conn, FOLD_TASK):
             conn.execute(FOLD_COUNTS)
             conn.execute(FOLD_RUN_TIMES)
+
+
+def _db_refresh_statistics(conn: psycopg.Connection, analyzed: float | None) -> int | None:
+    """Analyze the jobs table if the backlog has outgrown what its statistics say of it (and
+    what it was at this worker's last analysis, ``analyzed``) ANALYZE_GROWTH times over, and
+    no other worker is at it: how many unfinished jobs there were then (None: not analyzed).
+
+    The worker's statements run as generic plans, made once from the statistics of their
+    time: those of a queue that was nearly empty when the worker started would walk a whole
+    backlog of thousands where they should look up a few rows. The statements are written to
+    stay fast with any plan (see _configure_worker_connection), and this brings the plans
+    themselves back to what the backlog is, within seconds of a burst: autovacuum would wait
+    for a share of the whole table to change, which a burst beside a long history is not."""
+    actual, believed = conn.execute(BACKLOG_BELIEF).fetchone()  # type: ignore[misc]
+    floor = max(believed, analyzed or 0.0, ANALYZE_MIN_JOBS / ANALYZE_GROWTH)
+    if actual < ANALYZE_GROWTH * floor:
+        return None
+    with conn.transaction():
+        if not _db_try_task_lock(conn, ANALYZE_TASK):
+            return None
+        conn.execute(ANALYZE_JOBS)
+    return int(actual)
 
 
 def _db_key_taken(
@@ -3114,6 +3296,31 @@ def _git_ok(cwd: str | Path, *args: str) -> bool:
     except _GitError:
         return False
     return True
+
+
+#: What git leaves in a worktree's own git directory while an operation is half done.
+_UNFINISHED_OPERATIONS = (("rebase-merge", "a rebase"), ("rebase-apply", "a rebase or git am"),
+                          ("MERGE_HEAD", "a merge"), ("CHERRY_PICK_HEAD", "a cherry-pick"),
+                          ("REVERT_HEAD", "a revert"), ("BISECT_LOG", "a bisect"))  # fmt: skip
+
+
+def _unfinished_operation(path: str | Path) -> str | None:
+    """The git operation half done in the worktree at ``path`` (a rebase, a merge...), if
+    any: removing the worktree would lose what it holds."""
+    for name, what in _UNFINISHED_OPERATIONS:
+        if Path(path, _git(path, "rev-parse", "--git-path", name)).exists():
+            return what
+    return None
+
+
+def _detached_commits(path: str | Path) -> int:
+    """How many commits the detached HEAD of the worktree at ``path`` has that no branch, tag
+    or remote branch holds (0 when HEAD is on a branch): removing the worktree would leave
+    them to git's garbage collection."""
+    if _git_ok(path, "symbolic-ref", "-q", "HEAD"):
+        return 0
+    return int(_git(path, "rev-list", "--count", "HEAD", "--not", "--branches", "--tags",
+                    "--remotes"))  # fmt: skip
 
 
 ###############################################################################
@@ -3812,10 +4019,17 @@ def _row(options: JobOptions, prepared: _Prepared, previous: Job | None = None) 
     unique_key = prepared.settings.get("unique_key", options.unique_key)
     unique_for = prepared.settings.get("unique_for", options.unique_for)
     _check_unique(unique_key, unique_for)
+    concurrency_key = _concurrency_key(options, prepared, previous)
+    for what, key in (("concurrency key", concurrency_key), ("unique key", unique_key)):
+        if key is not None and len(key.encode("utf-8", "replace")) > MAX_KEY_BYTES:
+            raise InvalidJob(
+                f"the job's {what} is longer than {MAX_KEY_BYTES:,} bytes (a claude job's "
+                "concurrency key is its cwd unless it gives one)"
+            )
     return {
         "payload": prepared.text,
         "timeout": prepared.settings.get("timeout", options.timeout),
-        "concurrency_key": _concurrency_key(options, prepared, previous),
+        "concurrency_key": concurrency_key,
         "concurrency_limit": options.concurrency_limit,
         "unique_key": unique_key,
         "unique_for": unique_for,
@@ -3849,11 +4063,11 @@ def _chain(conn: psycopg.Connection, options: JobOptions) -> _Chain:
     try:
         after = [resolve_job_id(conn, job_id) for job_id in options.after] or None
     except JobNotFound as error:
-        raise InvalidJob(f"cannot wait for it: {error}") from None
+        raise JobNotFound(f"cannot wait for it: {error}") from None
     found = job_statuses(conn, after or [])
     for job_id in after or ():
         if job_id not in found:
-            raise InvalidJob(f"cannot wait for it: no job {job_id}")
+            raise JobNotFound(f"cannot wait for it: no job {job_id}")
         status = found[job_id][0]
         if status in (JobStatus.FAILED, JobStatus.CANCELLED):
             raise InvalidJob(f"cannot wait for job {job_id}: it is {status}")
@@ -4319,15 +4533,15 @@ def list_jobs(
     text: str | None = None,
     cwd: str | None = None,
     batch: uuid.UUID | None = None,
-    before: Job | tuple[datetime, uuid.UUID] | None = None,
+    before: Job | tuple[datetime, int, uuid.UUID] | None = None,
     limit: int = 50,
 ) -> list[Job]:
-    """Jobs newest first (without their transcripts), filtered by each given argument:
-    ``text`` found in the prompt (any case), ``cwd`` the prompt's directory, ``batch`` the
-    batch's id; ``before``: the page after the one that ended with this job (or its
-    (created_at, id))."""
+    """Jobs newest first, in enqueue order (without their transcripts), filtered by each
+    given argument: ``text`` found in the prompt (any case), ``cwd`` the prompt's directory,
+    ``batch`` the batch's id; ``before``: the page after the one that ended with this job (or
+    its (created_at, seq, id))."""
     if isinstance(before, Job):
-        before = (before.created_at, before.id)
+        before = (before.created_at, before.seq, before.id)
     params = {
         "statuses": list(statuses) if statuses else None,
         "queue": queue,
@@ -4337,7 +4551,8 @@ def list_jobs(
         "cwd": cwd,
         "batch": batch,
         "before_at": before and before[0],
-        "before_id": before and before[1],
+        "before_seq": before and before[1],
+        "before_id": before and before[2],
         "limit": limit,
     }
     with conn.cursor(row_factory=dict_row) as cur:
@@ -4395,19 +4610,10 @@ def retry_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> list[uuid.U
     when it has no failed job, or when another batch of its name is open. Of several failed
     jobs with one unique key, the newest goes back."""
     key = resolve_batch(conn, batch)
-    with conn.transaction():
-        ids = [row[0] for row in conn.execute(BATCH_FAILED_JOBS, {"id": key}).fetchall()]
-        if not ids:
-            raise WrongState(f"batch {batch} has no failed job")
-        try:
-            with conn.transaction():
-                conn.execute(REOPEN_BATCH, {"id": key})
-        except psycopg.errors.UniqueViolation:
-            raise WrongState(
-                f"another batch named {get_batch(conn, key).name!r} is open: retry its jobs "
-                "with `retry`, or wait for it to finish"
-            ) from None
-        return retry_jobs(conn, ids)
+    ids = [row[0] for row in conn.execute(BATCH_FAILED_JOBS, {"id": key}).fetchall()]
+    if not ids:
+        raise WrongState(f"batch {batch} has no failed job")
+    return retry_jobs(conn, ids)
 
 
 def batch_results(conn: psycopg.Connection, batch: uuid.UUID) -> list[dict[str, Any]]:
@@ -4490,6 +4696,7 @@ def retry_jobs(
                 "a job was enqueued with the unique key of one of these meanwhile: "
                 "nothing was retried"
             ) from None
+        _reopen_batches(conn, again)
         if keys is not None and len(again) < len(set(keys)):
             wrong = [get_job(conn, key) for key in keys if key not in again]
             for job in wrong:
@@ -4498,6 +4705,20 @@ def retry_jobs(
             states = ", ".join(f"{job.id} is {job.status}" for job in wrong)
             raise WrongState(f"{states}: only failed or cancelled jobs can be retried")
     return again
+
+
+def _reopen_batches(conn: psycopg.Connection, jobs: Sequence[uuid.UUID]) -> None:
+    """Open again the finished batches these retried jobs belong to, as if they had never
+    finished: their callbacks are queued again (once) when they finish again. WrongState when
+    another batch of one's name is open meanwhile (only one of a name can be)."""
+    try:
+        with conn.transaction():
+            conn.execute(REOPEN_BATCHES, {"ids": list(jobs)})
+    except psycopg.errors.UniqueViolation:
+        raise WrongState(
+            "a job of these belongs to a batch that finished, and another batch of its name is "
+            "open now: nothing was retried (retry once that one has finished)"
+        ) from None
 
 
 def _why_blocked(conn: psycopg.Connection, job: Job) -> str:
@@ -4587,16 +4808,20 @@ def lift_hold(conn: psycopg.Connection, kind: str = DEFAULT_KIND) -> Lifted | No
 
 def list_workers(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Registered workers: host, pid, queues, jobs running now, started, last heartbeat,
-    ``lost`` (no heartbeat within the lock grace period: dead, or cut off), ``draining_since``
-    (asked to drain), ``state`` (lost, draining or alive), and until when and why it starts
-    no claude job (claude_paused_until, claude_paused_reason)."""
+    ``lost`` (its session is gone, or no heartbeat within the lock grace period: dead, or cut
+    off), ``draining_since`` (asked to drain), ``trouble`` (what is wrong with its parts: a
+    thread died, or keeps failing), ``state`` (lost, failing, draining or alive), and until
+    when and why it starts no claude job (claude_paused_until, claude_paused_reason). Then
+    the workers found dead in the last LOST_WORKERS_KEPT seconds, lost, with ``lost_at``,
+    ``lost_because`` and how many of their running jobs went back (``recovered``)."""
     with conn.cursor(row_factory=dict_row) as cur:
         workers = cur.execute(LIST_WORKERS).fetchall()
     for worker in workers:
-        worker["lost"] = worker["silent_seconds"] > LOCK_GRACE
+        worker["lost"] = worker.pop("unlocked") or worker["silent_seconds"] > LOCK_GRACE
         worker["state"] = (
-            "lost" if worker["lost"] else "draining" if worker["draining_since"] else "alive"
-        )
+            "lost" if worker["lost"] else "failing" if worker["trouble"]
+            else "draining" if worker["draining_since"] else "alive"
+        )  # fmt: skip
     return workers
 
 
@@ -4866,6 +5091,7 @@ def cleanup_jobs(
         deleted += count
         if count < batch:
             conn.execute(CLOSED_UNIQUE_WINDOWS)
+            conn.execute(OLD_LOST_WORKERS)
             conn.execute(OLD_SCHEDULE_RUNS, {"before": before})
             conn.execute(OLD_BATCHES, {"before": before})
             return deleted
@@ -4933,8 +5159,9 @@ def list_worktrees(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """The git worktrees jobs ran in (kept beyond the jobs' own rows), newest first: host,
     path, repo, branch, base, job_id, created_at, used_at, status (of the job that made it;
     None when deleted), busy (an unfinished job needs it); and, for those of this machine,
-    here, exists, uncommitted, size_bytes, commits (on its branch since the base) and
-    branch_exists (None where git could not tell)."""
+    here, exists, uncommitted, size_bytes, commits (on its branch since the base),
+    branch_exists, detached_commits (of a detached HEAD, on no branch) and operation (one
+    half done: "a rebase"...); None where git could not tell."""
     with conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(LIST_WORKTREES).fetchall()
     here = socket.gethostname()
@@ -4948,7 +5175,8 @@ def _worktree_state(row: Mapping[str, Any]) -> dict[str, Any]:
     be told: its repository moved, say)."""
     state: dict[str, Any] = {"here": True, "exists": Path(row["path"]).is_dir(),
                              "uncommitted": None, "size_bytes": None, "commits": None,
-                             "branch_exists": None}  # fmt: skip
+                             "branch_exists": None, "detached_commits": None,
+                             "operation": None}  # fmt: skip
     try:
         tree = _checked_record(row)
         state["branch_exists"] = _git_ok(
@@ -4959,6 +5187,8 @@ def _worktree_state(row: Mapping[str, Any]) -> dict[str, Any]:
             state["commits"] = int(_git(tree["repo"], "rev-list", "--count", since))
         if state["exists"]:
             state["uncommitted"] = bool(_git(tree["path"], "status", "--porcelain"))
+            state["operation"] = _unfinished_operation(tree["path"])
+            state["detached_commits"] = _detached_commits(tree["path"])
     except (_GitError, WorkerUnfit, ValueError):
         pass
     if state["exists"]:
@@ -5012,9 +5242,17 @@ def _prune_worktree(tree: Mapping[str, Any], *, merged: bool, force: bool) -> li
         listed = _git(repo, "worktree", "list", "--porcelain").splitlines()
         if f"worktree {path}" not in listed:
             return [f"kept {path}: git does not know it as a worktree of {repo}"]
+        operation = _unfinished_operation(path)
+        if not force and operation:
+            return [f"kept {path}: it is in the middle of {operation} (finish or abort it; "
+                    "--force removes it all the same)"]  # fmt: skip
         if not force and _git(path, "status", "--porcelain"):
             return [f"kept {path}: it has uncommitted changes (--force removes them)"]
         _, common = _repository_of(repo)
+        if detached := _detached_commits(path):  # (saved on a branch first, even with --force)
+            saved = _save_detached(common, repo, path, branch)
+            done.append(f"saved {detached} commit(s) of the detached HEAD of {path} on branch "
+                        f"{saved}")  # fmt: skip
         _git_retrying(common, repo, "worktree", "remove", *(["--force"] * force), path)
         done.append(f"removed worktree {path}")
     known = _git_ok(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}")
@@ -5023,6 +5261,18 @@ def _prune_worktree(tree: Mapping[str, Any], *, merged: bool, force: bool) -> li
         _git_retrying(common, repo, "branch", "-D", branch)
         done.append(f"deleted branch {branch} (merged)")
     return done
+
+
+def _save_detached(common: str, repo: str, path: str, branch: str) -> str:
+    """Put a branch on the detached HEAD of the worktree at ``path`` (the job's ``branch``
+    with -detached, and a number if that is taken); its name."""
+    head = _git(path, "rev-parse", "HEAD")
+    for number in itertools.count(1):
+        name = f"{branch}-detached" + (f"-{number}" if number > 1 else "")
+        if not _git_ok(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{name}"):
+            _git_retrying(common, repo, "branch", name, head)
+            return name
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)
@@ -6468,8 +6718,10 @@ def claude_outcome(
     result: dict[str, Any] | None,
     plain: Sequence[str],
     rate_limit_reset: float | None = None,
+    time_limit: float | None = None,
 ) -> Any:
-    """The job's result from how claude ended: the CLI's result object on success.
+    """The job's result from how claude ended: the CLI's result object on success
+    (``time_limit``: the attempt's, for the error when it passed).
 
     Raises UsageLimitReached when the subscription's usage limit was hit (``rate_limit_reset``:
     the resetsAt of a rejecting rate_limit_event), WorkerUnfit for what is wrong with the
@@ -6482,7 +6734,10 @@ def claude_outcome(
     errors = (result or {}).get("errors") or []
     detail = said or "; ".join(map(str, errors))
     if ended.timed_out:
-        raise JobFailed("timed out: claude and what it started were terminated", result=result)
+        limit = f" after {_duration_text(time_limit)}, its time limit" if time_limit else ""
+        raise JobFailed(
+            f"timed out{limit}: claude and what it started were terminated", result=result
+        )
     if ended.returncode == 0 and result is not None and result.get("is_error") is False:
         return result
     subtype = (result or {}).get("subtype")
@@ -6584,16 +6839,18 @@ def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | 
 
 def _close_worktree(tree: _Worktree, keep: bool) -> dict[str, Any]:
     """What became of the worktree: its branch's new commits, and whether the directory was
-    removed (never with uncommitted changes in it: those stay for review, like the branch)."""
+    removed (never with what only it holds: uncommitted changes, commits of a detached HEAD,
+    an operation half done; those stay for review, like the branch)."""
     try:
         commits = int(_git(tree.repo, "rev-list", "--count", f"{tree.base}..{tree.branch}"))
         dirty = bool(_git(tree.path, "status", "--porcelain"))
-        if not (keep or dirty):
+        held = dirty or bool(_detached_commits(tree.path) or _unfinished_operation(tree.path))
+        if not (keep or held):
             _git_retrying(tree.common_dir, tree.repo, "worktree", "remove", tree.path)
     except (_GitError, WorkerUnfit, ValueError) as error:
         logger.warning("cannot tidy up the worktree %s: %s", tree.path, error)
         return tree.record()
-    return tree.record(commits=commits, kept=keep or dirty, uncommitted=dirty)
+    return tree.record(commits=commits, kept=keep or held, uncommitted=dirty)
 
 
 # -- the claude handler -------------------------------------------------------------------------
@@ -6748,7 +7005,8 @@ class ClaudeHandler:
                 "interrupted: no heartbeat of its worker reached the database in time, so "
                 "its lease ran out and every process of the attempt was stopped"
             )
-        return claude_outcome(ended, stream.result, stream.plain, stream.rate_limit_reset)
+        limit = job.timeout or self.default_timeout
+        return claude_outcome(ended, stream.result, stream.plain, stream.rate_limit_reset, limit)
 
     def unfit(self) -> str | None:
         """Why no claude job can run on this worker at all, known before one comes: claude is
@@ -6813,6 +7071,10 @@ class ClaudePolicy:
     ) -> None:
         """Show in `workers` that this worker starts no claude job until ``until``, and why."""
         _db_pause_worker_kind(conn, worker_id, until, reason)
+
+    def show_lifted(self, conn: psycopg.Connection, worker_id: uuid.UUID, reason: str) -> None:
+        """Show in `workers` that the hold of ``reason`` is over."""
+        _db_unpause_worker_kind(conn, worker_id, reason)
 
 
 @dataclass(frozen=True)
@@ -7155,12 +7417,26 @@ class _Book:
         return max(0.0, min(until, due) - now)
 
 
+@dataclass(frozen=True)
+class _Hold:
+    """A kind this worker alone starts no job of, until a time (time.monotonic()): a back-off
+    because it cannot run them (``unfit``), or a policy's hold (a daily budget spent)."""
+
+    until: float
+    why: str
+    unfit: bool
+    since: float = field(default_factory=time.monotonic)
+
+
 class _Holds:
     """Which kinds of job this worker may start now. A kind is held on every worker until a
     time (a usage limit: one row per kind in the database, learned at every poll and on
-    NOTIFY), or on this worker alone: it is unfit for the kind (a back-off of 5 minutes,
-    doubling to an hour while it stays unfit), or a handler's policy holds it (claude's daily
-    budget). Any thread may ask and tell; one lock guards it all."""
+    NOTIFY), or on this worker alone (a _Hold): it is unfit for the kind (a back-off of 5
+    minutes, doubling to an hour while it stays unfit), or a handler's policy holds it
+    (claude's daily budget). An unfit worker's back-off is one thing, shown in `workers` (the
+    worker's row, which `show` reads too) and lifted as one: by a job of the kind that
+    succeeds here, or by `resume --hold` (heard by NOTIFY, or seen in the row at a poll). Any
+    thread may ask and tell; one lock guards it all."""
 
     def __init__(
         self,
@@ -7173,8 +7449,7 @@ class _Holds:
         self._worker_id = worker_id
         self._lock = threading.Lock()
         self._everywhere: dict[str, tuple[float, str]] = {}  # kind: (until, why), monotonic
-        self._here: dict[str, tuple[float, str]] = {}
-        self._unfit: dict[str, str] = {}  # kind: why this worker cannot run it
+        self._here: dict[str, _Hold] = {}
         self._unfit_for = UNFIT_BACKOFF[0]  # the next back-off
         self.changed = True  # learn them again at the next round (any thread may set it)
 
@@ -7182,20 +7457,22 @@ class _Holds:
         """The kinds this worker may start now."""
         now = time.monotonic()
         with self._lock:
-            held = {k for holds in (self._everywhere, self._here) for k, (t, _) in holds.items()
-                    if t > now}  # fmt: skip
+            held = {k for k, (until, _) in self._everywhere.items() if until > now}
+            held |= {k for k, hold in self._here.items() if hold.until > now}
         return [kind for kind in self.kinds if kind not in held]
 
     def unfit(self) -> dict[str, str]:
+        """The kinds this worker cannot run, and why (until one runs, or is lifted)."""
         with self._lock:
-            return dict(self._unfit)
+            return {kind: hold.why for kind, hold in self._here.items() if hold.unfit}
 
     def learn(
         self, conn: psycopg.Connection
     ) -> tuple[list[tuple[str, float, str]], list[tuple[str, float, str]]]:
-        """Learn the holds on every worker, and ask the policies (a budget spent). Returns the
-        holds on every worker that are new or longer, (kind, until, why), to be logged and
-        woken up for, and the policies' holds of this worker, (kind, seconds, why)."""
+        """Learn the holds on every worker, and ask the policies (a budget spent); see whether
+        someone lifted this worker's back-off while its notice was missed. Returns the holds
+        on every worker that are new or longer, (kind, until, why), to be logged and woken up
+        for, and the policies' holds of this worker, (kind, seconds, why)."""
         self.changed = False
         rows = _db_holds(conn)
         own = [(kind, *hold) for kind, policy in self._policies.items()
@@ -7205,6 +7482,15 @@ class _Holds:
         with self._lock:
             known = {k: t for k, (t, _) in self._everywhere.items() if t > now}
             self._everywhere = held
+            shown = [kind for kind, hold in self._here.items()
+                     if hold.unfit and hold.until > now and now - hold.since > LIFT_SEEN_AFTER
+                     and kind in self._policies]  # fmt: skip
+        worker_id = self._worker_id()
+        if shown and worker_id is not None and not _db_worker_paused(conn, worker_id):
+            for kind in shown:  # (lifted in its row: `resume --hold`, its notice missed)
+                if self.refit(kind):
+                    logger.info("this worker tries %s jobs again (its back-off was lifted)", kind,
+                                extra={"fields": {"event": "refit", "kind": kind}})  # fmt: skip
         fresh = [(kind, until, why) for kind, (until, why) in held.items()
                  if abs(until - known.get(kind, 0.0)) > 1.0]  # fmt: skip
         return fresh, own
@@ -7221,48 +7507,42 @@ class _Holds:
             self._everywhere[kind] = (when, reason)
         return when
 
-    def back_off(self, kind: str, reason: str) -> float | None:
-        """This worker is unfit for ``kind`` jobs: the seconds it starts none for (None when
-        it backs off already)."""
+    def back_off(self, kind: str) -> float | None:
+        """This worker is unfit for ``kind`` jobs: the seconds it should start none for (None
+        when it backs off already)."""
         with self._lock:
-            self._unfit[kind] = reason
-            if self._here.get(kind, (0.0, ""))[0] > time.monotonic():
+            hold = self._here.get(kind)
+            if hold is not None and hold.unfit and hold.until > time.monotonic():
                 return None
             seconds, self._unfit_for = self._unfit_for, min(self._unfit_for * 2, UNFIT_BACKOFF[1])
         return seconds
 
     def hold_here(self, conn: psycopg.Connection | None, kind: str, seconds: float,
-                  reason: str) -> bool:  # fmt: skip
-        """This worker starts no ``kind`` job for ``seconds``, and its policy may show it
-        (`workers`); False when it was held as long already."""
+                  reason: str, unfit: bool = False) -> bool:  # fmt: skip
+        """This worker starts no ``kind`` job for ``seconds`` (``unfit``: it cannot run them),
+        and its policy may show it (`workers`); False when it was held as long already."""
         now = time.monotonic()
         with self._lock:
-            held = self._here.get(kind, (0.0, ""))[0]
-            if held > now and held >= now + seconds - 1:
+            held = self._here.get(kind)
+            if held is not None and held.until > now and held.until >= now + seconds - 1:
                 return False
-            self._here[kind] = (now + seconds, reason)
+            self._here[kind] = _Hold(now + seconds, reason, unfit)
         policy, worker_id = self._policies.get(kind), self._worker_id()
         if policy is not None and conn is not None and worker_id is not None:
             until = datetime.now(UTC) + timedelta(seconds=seconds)
             policy.show_hold(conn, worker_id, until, reason)
         return True
 
-    def refit(self, kind: str) -> bool:
-        """Someone lifted the back-off of workers unfit for ``kind``: try it again now (a
-        policy's hold stays). Whether this worker was unfit for it."""
+    def refit(self, kind: str) -> str | None:
+        """This worker may run ``kind`` jobs after all (one ran, or someone lifted its
+        back-off): its back-off ends (a policy's hold stays). Why it was unfit, if it was."""
         with self._lock:
-            was = self._unfit.pop(kind, None)
-            held = self._here.get(kind)
-            if was and held and held[1] == was:
-                del self._here[kind]
+            hold = self._here.get(kind)
+            if hold is None or not hold.unfit:
+                return None
+            del self._here[kind]
             self._unfit_for = UNFIT_BACKOFF[0]
-        return was is not None
-
-    def works(self, kind: str) -> None:
-        """A ``kind`` job succeeded here: the worker is fit for it."""
-        with self._lock:
-            self._unfit.pop(kind, None)
-            self._unfit_for = UNFIT_BACKOFF[0]
+        return hold.why
 
 
 class _Writer:
@@ -7376,8 +7656,10 @@ class _Session(threading.Thread):
         before_leaving: Callable[[], None],
         grace: float,
         heartbeat_timeout: float,
+        pulse: _Pulse,
     ) -> None:
         super().__init__(name="claude-jobs-session", daemon=True)
+        self._pulse = pulse
         self._conninfo = conninfo
         self._identity = identity
         self._options = options
@@ -7435,8 +7717,9 @@ class _Session(threading.Thread):
     def run(self) -> None:
         try:
             self._run()
-        except Exception as error:  # a bug: stop the worker rather than run it without a lease
+        except BaseException as error:  # (not a pass's): stop the worker, it has no lease now
             logger.exception("the worker's database session failed")
+            self._pulse.died("session", error)
             self.broken = True
             self.fatal = JobsError(f"the worker's database session failed: {error}")
 
@@ -7457,15 +7740,19 @@ class _Session(threading.Thread):
             except SchemaError as error:
                 self.fatal = error
                 return
-            except (DatabaseUnavailable, psycopg.Error, _Busy) as error:
+            except Exception as error:  # the database went away, or a bug: reconnect
                 self.ready.clear()
                 self.broken = True
+                failures = self._pulse.failed("session", error)
                 if self._closing.is_set():
                     break
                 # While the lease may still hold, try again at once: each second counts.
                 quick = self.alive and _lease_clock() - self.last_ok < self._grace
                 wait = random.uniform(0.1, 0.25) if quick else delay.next()
                 reason = _scrub(str(error), self._conninfo)
+                bug = not isinstance(error, DatabaseUnavailable | psycopg.Error | _Busy)
+                if bug and _worth_a_traceback(failures):
+                    logger.exception("the worker's database session failed; reconnecting")
                 logger.warning(
                     "database session lost: %s; reconnecting in %.1fs",
                     reason,
@@ -7516,8 +7803,9 @@ class _Session(threading.Thread):
         declared this one dead), register anew."""
         stamp = _lease_clock()
         assert self.worker_id is not None
-        draining = _db_heartbeat(conn, self.worker_id)
+        draining = _db_heartbeat(conn, self.worker_id, self._pulse.trouble())
         if draining is not None:
+            self._pulse.passed("session")
             self.last_ok = stamp
             if draining:
                 self._on_drain()
@@ -7612,6 +7900,7 @@ def _configure_worker_connection(conn: psycopg.Connection) -> None:
     which costs it three to five times the work (1.5 ms against 0.3 for UNBLOCK). Their
     texts are written for it: no flag parameter that changes which index serves them."""
     conn.execute("SET enable_sort = off")
+    conn.execute("SET enable_seqscan = off")
     conn.execute("SET jit = off")
     conn.execute("SET plan_cache_mode = force_generic_plan")
 
@@ -7723,13 +8012,17 @@ class _Dispatcher:
             with self._pool.connection() as conn:
                 written = self._writer.one_by_one(conn, finished)
             claimed = 0
-        except _TRANSIENT as error:
+        except Exception as error:  # the database went away, or a bug: the same round again
             self._book.give_back(finished)
             self._writing = False
+            failures = self._worker._pulse.failed("dispatcher", error)
+            if not isinstance(error, _TRANSIENT) and _worth_a_traceback(failures):
+                logger.exception("a round of the dispatcher failed")
             self._wait_after(error, len(finished))
             return 0
         finally:
             self._writing = False
+        self._worker._pulse.passed("dispatcher")
         if running:
             self._next_save = time.monotonic() + TRANSCRIPT_FLUSH_INTERVAL
         self._failures.reset()
@@ -8000,8 +8293,8 @@ class _Runners:
             retry_delay=backoff_delay(job.attempts, settings.backoff_base, settings.backoff_max),
             jitter=random.uniform(0, 60),
         )  # fmt: skip
-        if outcome.verdict == Verdict.SUCCEEDED:
-            worker._holds.works(job.kind)
+        if outcome.verdict == Verdict.SUCCEEDED and (was := worker._holds.refit(job.kind)):
+            worker._lift_hold_here(job.kind, was)  # (it ran here: the worker is fit for it)
         elif outcome.verdict == Verdict.ABANDONED:
             _log_job("abandoned", job, logging.WARNING, reason="the claim was lost")
         elif isinstance(error, Postpone):
@@ -8049,9 +8342,9 @@ class _Runners:
             _log_hold(job.kind, when, str(postponed))
             book.wake_in(when - time.monotonic())
         elif isinstance(postponed, WorkerUnfit):
-            seconds = holds.back_off(job.kind, str(postponed))
+            seconds = holds.back_off(job.kind)
             if seconds is not None:
-                self._worker._hold_here(job.kind, seconds, str(postponed))
+                self._worker._hold_here(job.kind, seconds, str(postponed), unfit=True)
 
 
 def _log_hold(kind: str, until: float, reason: str) -> None:
@@ -8064,48 +8357,165 @@ def _log_hold(kind: str, until: float, reason: str) -> None:
     )
 
 
-class _Watchdog(threading.Thread):
+class _Pulse:
+    """How the worker's long-lived parts fare: for each, how many passes in a row failed and
+    why, and whether its thread died. Every part reports here; the heartbeat shows what is
+    wrong in `workers`, and `health()` (so /readyz) reads it. One lock guards it."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failing: dict[str, tuple[int, str]] = {}  # part: (passes failed in a row, why)
+        self._dead: dict[str, str] = {}  # part: what ended its thread
+
+    def passed(self, part: str) -> None:
+        with self._lock:
+            self._failing.pop(part, None)
+
+    def failed(self, part: str, error: BaseException) -> int:
+        """A pass of ``part`` failed; how many in a row have now."""
+        with self._lock:
+            count = self._failing.get(part, (0, ""))[0] + 1
+            self._failing[part] = (count, _error_text(error))
+        return count
+
+    def died(self, part: str, error: BaseException) -> None:
+        with self._lock:
+            self._dead[part] = _error_text(error)
+
+    def trouble(self) -> str | None:
+        """What is wrong with the worker's parts, in a line: a part whose thread died, or that
+        failed FAILING_PASSES passes in a row; None when nothing is."""
+        with self._lock:
+            said = [f"its {part} died ({why})" for part, why in sorted(self._dead.items())]
+            said += [
+                f"its {part} failed {count} passes in a row ({why})"
+                for part, (count, why) in sorted(self._failing.items())
+                if count >= FAILING_PASSES
+            ]
+        return "; ".join(said) or None
+
+
+def _worth_a_traceback(failures: int) -> bool:
+    """Whether the ``failures``-th failure in a row of a part is logged with its traceback:
+    the first few, then one in 60 (a pass a second fails, say, but the log is not flooded)."""
+    return failures <= FAILING_PASSES or failures % 60 == 0
+
+
+def _error_text(error: BaseException) -> str:
+    """An exception in a few words: its class and its message's first line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
+
+
+class _Part(threading.Thread):
+    """A long-lived thread of the worker ("claude-jobs-PART") that works in passes until the
+    worker closes. No exception ends it: a pass that fails is logged (with its traceback, but
+    for the database being away, which the session reports) and counted in the pulse, and the
+    next pass comes as usual. Should the thread end all the same, the pulse says it died."""
+
+    def __init__(self, worker: Worker, part: str) -> None:
+        super().__init__(name=f"claude-jobs-{part}", daemon=True)
+        self.part = part
+        self._worker = worker
+        self._pulse = worker._pulse
+
+    def run(self) -> None:
+        try:
+            self.work()
+        except BaseException as error:  # (not a pass's: those are caught in attempt)
+            logger.exception("the worker's %s stopped", self.part)
+            self._pulse.died(self.part, error)
+
+    def work(self) -> None:
+        raise NotImplementedError
+
+    def attempt(self, what: str, task: Callable[[], None]) -> bool:
+        """Run one pass (or a task of one); whether it went through."""
+        try:
+            task()
+        except _TRANSIENT as error:
+            logger.debug("cannot %s for now: %s", what, error)
+            self._pulse.failed(self.part, error)
+            return False
+        except Exception as error:
+            failures = self._pulse.failed(self.part, error)
+            if _worth_a_traceback(failures):
+                logger.exception("cannot %s (%d time(s) in a row)", what, failures)
+            return False
+        self._pulse.passed(self.part)
+        return True
+
+    def pooled(self, what: str, task: Callable[[psycopg.Connection], None]) -> bool:
+        """A pass that runs ``task`` on a connection of the worker's pool (see attempt)."""
+        pool = self._worker._pool
+        assert pool is not None
+
+        def with_connection() -> None:
+            with pool.connection() as conn:
+                task(conn)
+
+        return self.attempt(what, with_connection)
+
+
+class _Watchdog(_Part):
     """Stops this worker's jobs before others may take them over: when no heartbeat has
     reached the database for nearly the lock grace period, it fences the lease (and each
     job's supervisor does the same on its own). Owns nothing."""
 
     def __init__(self, worker: Worker, session: _Session) -> None:
-        super().__init__(name="claude-jobs-watchdog", daemon=True)
-        self._worker, self._session = worker, session
+        super().__init__(worker, "watchdog")
+        self._session = session
 
-    def run(self) -> None:
+    def work(self) -> None:
         while not self._worker._closed.wait(0.25):
-            with self._session.lease_lock:
-                alive, epoch = self._session.alive, self._session.epoch
-                silent = _lease_clock() - self._session.last_ok
-            if alive and silent > self._worker.settings.lock_grace - FENCE_MARGIN:
-                self._worker._fence(epoch, f"no heartbeat reached the database for {silent:.1f}s")
+            self.attempt("watch the heartbeat", self._watch)
+
+    def _watch(self) -> None:
+        with self._session.lease_lock:
+            alive, epoch = self._session.alive, self._session.epoch
+            silent = _lease_clock() - self._session.last_ok
+        if alive and silent > self._worker.settings.lock_grace - FENCE_MARGIN:
+            self._worker._fence(epoch, f"no heartbeat reached the database for {silent:.1f}s")
 
 
-class _Janitor(threading.Thread):
+class _Janitor(_Part):
     """Keeps the queue tidy, one worker at a time for each task: now and then it unblocks
     the blocked jobs that may run and that nothing unblocked (two transactions at once may
     each leave one to the other), and it deletes succeeded and cancelled jobs older than the
-    retention (failed ones stay for people to look at), in small batches. On a thread of its
-    own, with a connection from the pool: none of it may hold up the heartbeat. Owns
-    nothing."""
+    retention (failed ones stay for people to look at), in small batches; and it keeps the
+    planner's statistics of the jobs true to the backlog (see _db_refresh_statistics). On a
+    thread of its own, with a connection from the pool: none of it may hold up the heartbeat.
+    Owns the times of its tasks."""
 
-    def __init__(self, worker: Worker, pool: ConnectionPool) -> None:
-        super().__init__(name="claude-jobs-janitor", daemon=True)
-        self._worker, self._pool = worker, pool
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker, "janitor")
+        self._analyzed: float | None = None  # the unfinished jobs at its last ANALYZE
 
-    def run(self) -> None:
-        next_cleanup = time.monotonic() + JANITOR_FIRST_PASS
+    def work(self) -> None:
+        now = time.monotonic()
+        next_unblock, next_cleanup = now, now + JANITOR_FIRST_PASS
         assert self._worker._session is not None
         self._worker._session.ready.wait(UNBLOCK_CHECK_INTERVAL)  # registered: it counts
         while True:  # (a first pass at once: what waited for a worker to exist)
-            _pooled_task(self._pool, "unblock the jobs that may run", self._unblock)
-            _pooled_task(self._pool, "fold the kept counts", fold_counts)
+            self.pooled("keep the planner's statistics", self._statistics)
+            if time.monotonic() >= next_unblock:
+                next_unblock = time.monotonic() + UNBLOCK_CHECK_INTERVAL
+                self.pooled("unblock the jobs that may run", self._unblock)
+                self.pooled("fold the kept counts", fold_counts)
             if self._worker.settings.retention and time.monotonic() >= next_cleanup:
                 next_cleanup = time.monotonic() + JANITOR_INTERVAL
-                _pooled_task(self._pool, "clean up finished jobs", self._clean_up)
-            if self._worker._closed.wait(UNBLOCK_CHECK_INTERVAL):
+                self.pooled("clean up finished jobs", self._clean_up)
+            if self._worker._closed.wait(STATISTICS_INTERVAL):
                 return
+
+    def _statistics(self, conn: psycopg.Connection) -> None:
+        analyzed = _db_refresh_statistics(conn, self._analyzed)
+        if analyzed is not None:
+            self._analyzed = analyzed
+            logger.info(
+                "analyzed the jobs table: %d unfinished job(s), many more than its statistics "
+                "said", analyzed, extra={"fields": {"event": "analyzed", "jobs": analyzed}},
+            )  # fmt: skip
 
     def _unblock(self, conn: psycopg.Connection) -> None:
         if unblocked := _db_unblock_all(conn):
@@ -8125,37 +8535,22 @@ class _Janitor(threading.Thread):
             )
 
 
-class _Scheduler(threading.Thread):
+class _Scheduler(_Part):
     """The thread "claude-jobs-scheduler": every SCHEDULE_INTERVAL, fires the schedules that
     are due (fire_due_schedules: each due time once, whichever worker gets there first).
     With a connection from the pool; owns the names of the schedules it cannot fire."""
 
-    def __init__(self, worker: Worker, pool: ConnectionPool) -> None:
-        super().__init__(name="claude-jobs-scheduler", daemon=True)
-        self._worker, self._pool = worker, pool
+    def __init__(self, worker: Worker) -> None:
+        super().__init__(worker, "scheduler")
         self._unfit: dict[str, float] = {}  # the schedules it could not fire, and when
 
-    def run(self) -> None:
+    def work(self) -> None:
         while not self._worker._closed.wait(SCHEDULE_INTERVAL):
-            _pooled_task(self._pool, "fire schedules", self._fire)
+            self.pooled("fire schedules", self._fire)
 
     def _fire(self, conn: psycopg.Connection) -> None:
         for job in fire_due_schedules(conn, by=self._worker.name, unfit=self._unfit):
             _log_job("scheduled", job, schedule=job.schedule, due=job.scheduled_for)
-
-
-def _pooled_task(
-    pool: ConnectionPool, what: str, task: Callable[[psycopg.Connection], None]
-) -> None:
-    """Run a worker's task on a pooled connection; an error is logged and the task tried again
-    next time (the database gone away, a bug)."""
-    try:
-        with pool.connection() as conn:
-            task(conn)
-    except (_TRANSIENT, psycopg.errors.TransactionRollbackError) as error:
-        logger.debug("cannot %s for now: %s", what, error)
-    except Exception:
-        logger.exception("cannot %s", what)
 
 
 class _HealthServer(threading.Thread):
@@ -8384,6 +8779,7 @@ class Worker:
             else {}
         )
         self._book = _Book()
+        self._pulse = _Pulse()
         self._holds = _Holds(self.handlers, self._policies, lambda: self.id)
         self._stop = threading.Event()  # stop claiming
         self._force = threading.Event()  # stop running jobs too
@@ -8454,17 +8850,20 @@ class Worker:
 
     def health(self) -> dict[str, Any]:
         """What a supervisor probes (--health-port): ``ready`` while the lease holds, the last
-        heartbeat reached the database within the lock grace and it is not draining; the jobs
-        it runs; how long ago its last heartbeat got through. Safe from any thread."""
+        heartbeat reached the database within the lock grace, no part of it is in ``trouble``
+        (a thread died, or failed FAILING_PASSES passes in a row) and it is not draining; the
+        jobs it runs; how long ago its last heartbeat got through. Safe from any thread."""
         session = self._session
         silent = _lease_clock() - session.last_ok if session is not None else None
         lease = bool(session is not None and session.alive)
         draining = self._stop.is_set()
         fresh = silent is not None and silent < self.settings.lock_grace
+        trouble = self._pulse.trouble()
         return {
             "worker_id": str(self.id) if self.id else None, "name": self.name,
-            "ready": lease and fresh and not draining, "lease": lease, "draining": draining,
-            "running": self._book.counts()[0], "concurrency": self.concurrency,
+            "ready": lease and fresh and not draining and trouble is None, "lease": lease,
+            "draining": draining, "trouble": trouble, "running": self._book.counts()[0],
+            "concurrency": self.concurrency,
             "last_heartbeat_seconds_ago": None if silent is None else round(silent, 3),
         }  # fmt: skip
 
@@ -8550,14 +8949,15 @@ class Worker:
             before_leaving=lambda: self._dispatcher and self._dispatcher.flush(LEAVE_FLUSH_TIMEOUT),
             grace=self.settings.lock_grace,
             heartbeat_timeout=self.settings.heartbeat_timeout,
+            pulse=self._pulse,
         )  # fmt: skip
         self._dispatcher = _Dispatcher(self, self._pool, self._session)
         self._session.start()
         self._runners.start()
         self._threads.append(_Watchdog(self, self._session))
-        self._threads.append(_Janitor(self, self._pool))
+        self._threads.append(_Janitor(self))
         if self.settings.schedules:
-            self._threads.append(_Scheduler(self, self._pool))
+            self._threads.append(_Scheduler(self))
         for thread in self._threads[self.concurrency :]:
             thread.start()
         logger.info(
@@ -8571,7 +8971,16 @@ class Worker:
         )  # fmt: skip
 
     def _spawn(self, target: Callable[[], None], name: str) -> None:
-        thread = threading.Thread(target=target, name=name, daemon=True)
+        """Start a thread of the worker; should it end by an error, the pulse says it died."""
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException as error:
+                logger.exception("the worker's thread %s stopped", name)
+                self._pulse.died(name.removeprefix("claude-jobs-"), error)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
         thread.start()
         self._threads.append(thread)
 
@@ -8579,9 +8988,9 @@ class Worker:
         """Before any job comes: a handler that cannot run at all on this worker (claude is
         missing, say) makes the worker back off its kind as after a WorkerUnfit."""
         for kind, reason in _unfit_handlers(self.handlers):
-            seconds = self._holds.back_off(kind, reason)
+            seconds = self._holds.back_off(kind)
             if seconds is not None:
-                self._hold_here(kind, seconds, reason)
+                self._hold_here(kind, seconds, reason, unfit=True)
 
     def _why_idle(self) -> str | None:
         """Why a burst ran nothing though jobs were ready for it: it is unfit for them."""
@@ -8596,13 +9005,14 @@ class Worker:
             kind = _db_ready_of_kinds(conn, sorted(unfit), queues)
         return None if kind is None else f"this worker cannot run {kind} jobs: {unfit[kind]}"
 
-    def _hold_here(self, kind: str, seconds: float, reason: str) -> None:
-        """This worker starts no ``kind`` job for ``seconds``; say so (`workers` too)."""
+    def _hold_here(self, kind: str, seconds: float, reason: str, unfit: bool = False) -> None:
+        """This worker starts no ``kind`` job for ``seconds`` (``unfit``: it cannot run them);
+        say so (`workers` too)."""
         assert self._pool is not None
         held = False
         with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
-            held = self._holds.hold_here(conn, kind, seconds, reason)
-        if not held and not self._holds.hold_here(None, kind, seconds, reason):
+            held = self._holds.hold_here(conn, kind, seconds, reason, unfit)
+        if not held and not self._holds.hold_here(None, kind, seconds, reason, unfit):
             return
         logger.warning(
             "this worker starts no %s job until %s: %s",
@@ -8613,6 +9023,18 @@ class Worker:
         )
         self._book.wake_in(seconds)
 
+    def _lift_hold_here(self, kind: str, reason: str) -> None:
+        """This worker's back-off from ``kind`` (for ``reason``) is over: `workers` says so."""
+        assert self._pool is not None
+        policy, worker_id = self._policies.get(kind), self.id
+        if policy is not None and worker_id is not None:
+            with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
+                policy.show_lifted(conn, worker_id, reason)
+        logger.info(
+            "this worker runs %s jobs again", kind,
+            extra={"fields": {"event": "refit", "kind": kind}},
+        )  # fmt: skip
+
     def _drain(self) -> int:
         """Wait for running jobs to finish and their outcomes to be written; at the shutdown
         timeout, or on a forced stop, stop them (they go back to the queue unspent). Returns
@@ -8622,7 +9044,8 @@ class Worker:
         held, busy, _ = self._book.counts()
         if held and not self._force.is_set():
             logger.info(
-                "stopping: waiting for %d running job(s) to finish%s",
+                "stopping: waiting for %d running job(s) to finish%s; a second Ctrl-C (or "
+                "SIGTERM) stops them now and puts them back in the queue",
                 busy,
                 f" (at most {self.settings.shutdown_timeout:g}s)"
                 if self.settings.shutdown_timeout
@@ -8981,6 +9404,9 @@ def _job_rows(
         return f"{moment.astimezone():%Y-%m-%d %H:%M:%S %Z} ({_ago(moment)})" if moment else "-"
 
     reason_text = reason.text if reason else None
+    # (the error that ended it; an earlier attempt's error is that attempt's, see
+    # _attempt_lines, and why a queued job waits is its reason)
+    ended_by = job.last_error if job.status in (JobStatus.FAILED, JobStatus.CANCELLED) else None
     outcome = f"{_status_of(job, paused)}, attempt {job.attempts} of {job.max_attempts}"
     if job.status == JobStatus.QUEUED and job.run_at > datetime.now(UTC):
         outcome += f", runs {_ago(job.run_at)}"
@@ -8990,7 +9416,7 @@ def _job_rows(
         ("job", f"{job.id} · {job.kind} · queue {job.queue} · priority {job.priority}"),
         ("status", outcome),
         *([("why", reason.text)] if reason else []),
-        *([("error", job.last_error)] if job.last_error and job.last_error != reason_text else []),
+        *([("error", ended_by)] if ended_by and ended_by != reason_text else []),
         ("created", when(job.created_at)),
         ("started", when(job.started_at)),
         ("finished", when(job.finished_at)),
@@ -9124,6 +9550,16 @@ KEEPALIVE_INTERVAL = 15.0
 WEB_POOL_SIZE = 2
 #: The largest page of jobs the API gives.
 MAX_PAGE = 500
+#: The most of a prompt (on one line) a job's summary gives.
+EXCERPT_LIMIT = 500
+#: The largest request body the server reads (serve --max-body).
+DEFAULT_MAX_BODY = 10 * 1024 * 1024
+#: A client has this long (serve --client-timeout) to send a request's line and headers, on a
+#: new connection or a kept one, and then each piece of its body: one slower (or that stops
+#: half way) is dropped.
+DEFAULT_CLIENT_TIMEOUT = 10.0
+#: The host names every server answers to (and any IP address: a page cannot rebind one).
+LOCAL_HOST_NAMES = ("localhost",)
 #: What the server needs besides the core: the `web` extra.
 WEB_EXTRA_HINT = "claude-jobs serve needs the web extra: pip install 'claude-jobs[web]'"
 
@@ -9143,6 +9579,8 @@ _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidJob, 422),
     (ConfigError, 422),
     (DatabaseUnavailable, 503),
+    (psycopg.DataError, 400),  # a value PostgreSQL cannot take
+    (psycopg.errors.ProgramLimitExceeded, 400),  # one too large for its index
     (psycopg.OperationalError, 503),
     (JobsError, 400),
 )
@@ -9269,6 +9707,7 @@ class _Hub:
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._listen, name="claude-jobs-listener")
         self.listening = False
+        self.ending = False  # the server stops: the streams end
 
     def start(self, loop: Any) -> None:
         self._loop = loop
@@ -9277,6 +9716,19 @@ class _Hub:
     def close(self) -> None:
         self._closed.set()
         self._thread.join()
+
+    def end_streams(self) -> None:
+        """The server stops: every event stream ends now (from any thread, a signal handler
+        too), rather than keep the server waiting for it."""
+        self.ending = True
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._wake_every_stream)
+
+    def _wake_every_stream(self) -> None:
+        for feed in self._feeds.values():
+            feed.version += 1
+            if feed._changed is not None:
+                feed._changed.set()
 
     @contextlib.contextmanager
     def follow(self, key: uuid.UUID | None) -> Iterator[_Feed]:
@@ -9394,21 +9846,23 @@ def _job_summary(job: Job, paused: Collection[str] = (), why: str | None = None)
     its status reads as (paused, for a queued job of a paused queue), and why it waits."""
     data = job.to_dict()
     del data["transcript"]
-    data.update(excerpt=_excerpt(job), shown_status=_status_of(job, set(paused)), why=why)
+    excerpt = _cut(_excerpt(job), EXCERPT_LIMIT)
+    data.update(excerpt=excerpt, shown_status=_status_of(job, set(paused)), why=why)
     return data
 
 
 def _cursor_text(job: Job) -> str:
-    """Where the next page begins: after this job (its enqueue time in microseconds, id)."""
+    """Where the next page begins: after this job (its enqueue time in microseconds, its
+    sequence number, its id)."""
     micros = (job.created_at - datetime(1970, 1, 1, tzinfo=UTC)) // timedelta(microseconds=1)
-    return f"{micros}.{job.id}"
+    return f"{micros}.{job.seq}.{job.id}"
 
 
-def _parse_cursor(text: str) -> tuple[datetime, uuid.UUID]:
+def _parse_cursor(text: str) -> tuple[datetime, int, uuid.UUID]:
     try:
-        micros, key = text.split(".", 1)
+        micros, seq, key = text.split(".", 2)
         at = datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=int(micros))
-        return at, uuid.UUID(key)
+        return at, int(seq), uuid.UUID(key)
     except (ValueError, OverflowError):
         raise _HTTPError(400, f"bad cursor {text!r}: give the `next` of the last page") from None
 
@@ -9420,10 +9874,18 @@ def _enqueue_request(conn: psycopg.Connection, body: Any) -> Job:
     the caller."""
     if not isinstance(body, dict) or not isinstance(body.get("payload"), dict):
         raise _HTTPError(400, 'the body must be a JSON object with a "payload" object')
+    _check_keys(body, {"payload", *JobSettings.__annotations__})
     settings = _enqueue_settings({key: value for key, value in body.items() if key != "payload"})
     _check_absolute_cwds(body)
     with conn.transaction():
         return enqueue(conn, body["payload"], **settings)
+
+
+def _check_keys(body: Mapping[str, Any], documented: Collection[str]) -> None:
+    """InvalidJob for a key of a request's body that is not one of the ``documented``."""
+    unknown = sorted(set(body) - set(documented))
+    if unknown:
+        raise InvalidJob(f"not a job option: {', '.join(map(repr, unknown))}")
 
 
 def _check_absolute_cwds(body: Mapping[str, Any]) -> None:
@@ -9503,7 +9965,7 @@ def _prometheus_families(conn: psycopg.Connection) -> list[Any]:
     workers = GaugeMetricFamily("claude_jobs_workers", "Registered workers, alive or lost.",
                                 labels=["state"])  # fmt: skip
     states = [worker["state"] for worker in list_workers(conn)]
-    for state in ("alive", "lost", "draining"):
+    for state in ("alive", "lost", "failing", "draining"):
         workers.add_metric([state], float(states.count(state)))
     holds = GaugeMetricFamily("claude_jobs_hold_until_seconds",
                               "Until when no worker starts jobs of a kind (Unix time).",
@@ -9535,20 +9997,28 @@ def web_app(
     read_only: bool = False,
     public_metrics: bool = False,
     pool_size: int = WEB_POOL_SIZE,
+    allowed_hosts: Collection[str] = (),
+    max_body: int = DEFAULT_MAX_BODY,
+    client_timeout: float = DEFAULT_CLIENT_TIMEOUT,
 ) -> Any:
     """The ASGI app of `claude-jobs serve` (Starlette): the dashboard at /, the JSON API under
     /api, /metrics, /healthz and /readyz, on the database at ``url``. ``token``: every request
     but the health checks (and /metrics with ``public_metrics``) needs ``Authorization:
-    Bearer <token>``; ``read_only``: no action and no enqueue. Serve it with uvicorn, or mount
-    it in another Starlette app (with ``lifespan=app.router.lifespan_context``: its pool and
-    its listening connection open and close with the app's lifespan). ConfigError when the
-    web extra is not installed."""
+    Bearer <token>``; ``read_only``: no action and no enqueue. It answers only requests whose
+    Host is an IP address, localhost, or one of ``allowed_hosts`` (a name of this machine's,
+    a proxy's; "*": any): a page whose name was made to resolve to this machine (DNS
+    rebinding) gets 421. A request body over ``max_body`` bytes gets 413, one that stalls
+    for ``client_timeout`` seconds 408. Serve it with
+    uvicorn, or mount it in another Starlette app (with
+    ``lifespan=app.router.lifespan_context``: its pool and its listening connection open and
+    close with the app's lifespan). ConfigError when the web extra is not installed."""
     try:
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
         from prometheus_client.registry import CollectorRegistry
         from psycopg_pool import ConnectionPool
         from starlette.applications import Starlette
         from starlette.concurrency import run_in_threadpool
+        from starlette.exceptions import HTTPException
         from starlette.middleware import Middleware
         from starlette.requests import Request
         from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
@@ -9578,9 +10048,11 @@ def web_app(
 
         async def endpoint(request: Request) -> Response:
             try:
+                _check_text_given(request)
                 if request.method == "POST":
                     _check_action(request, read_only)
-                body = await _json_body(request) if request.method == "POST" else None
+                posted = request.method == "POST"
+                body = await _json_body(request, max_body, client_timeout) if posted else None
 
                 def run() -> Any:
                     with pool.connection() as conn:
@@ -9655,6 +10127,18 @@ def web_app(
             hub.close()
             pool.close()
 
+    async def http_error(request: Request, error: Exception) -> Response:
+        """Starlette's own refusals (no such path, a method the path does not take): JSON under
+        /api, as every other error there."""
+        assert isinstance(error, HTTPException)
+        if not _route_path(request.scope).startswith("/api/"):
+            return Response(error.detail, status_code=error.status_code, headers=error.headers)
+        said = {404: f"no such path: {request.method} {_route_path(request.scope)}",
+                405: f"{request.method} is not allowed here: "
+                     f"{(error.headers or {}).get('allow', 'see the API')}"}  # fmt: skip
+        return JSONResponse({"error": said.get(error.status_code, error.detail)},
+                            status_code=error.status_code, headers=error.headers)  # fmt: skip
+
     routes = [
         Route("/", page),
         Route("/healthz", healthz),
@@ -9681,8 +10165,64 @@ def web_app(
         Route("/api/schedules/{name}/{action}", database(_api_schedule_action), methods=["POST"]),
     ]
     open_paths = {"/healthz", "/readyz", "/", *(["/metrics"] if public_metrics else [])}
-    guard = [Middleware(_Guard, token=token, open_paths=open_paths)] if token else []
-    return Starlette(routes=routes, lifespan=lifespan, middleware=guard)
+    middleware = [Middleware(_HostCheck, allowed=allowed_hosts)]
+    if token:
+        middleware.append(Middleware(_Guard, token=token, open_paths=open_paths))
+    app = Starlette(routes=routes, lifespan=lifespan, middleware=middleware,
+                    exception_handlers={HTTPException: http_error})  # fmt: skip
+    app.state.end_streams = hub.end_streams  # (for the server that stops: see serve)
+    return app
+
+
+class _HostCheck:
+    """ASGI middleware: only requests to this server by a name it answers to (see web_app)
+    get through; any other Host gets 421 before a route runs. A page on evil.example whose
+    name is made to resolve to 127.0.0.1 is same-origin with the server as the browser sees
+    it: only the Host header it sends tells it apart."""
+
+    def __init__(self, app: Any, allowed: Collection[str]) -> None:
+        self.app = app
+        self._allowed = {_host_name(name) for name in (*LOCAL_HOST_NAMES, *allowed)}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            given = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = _host_name(given)
+            if not _answers_to(name, self._allowed):
+                said = f"this server does not answer to the host name {given[:100]!r}"
+                await _refuse(
+                    send, 421, f"{said}: see serve --allowed-host", b"connection", b"close"
+                )
+                return
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Any, status: int, error: str, *header: bytes) -> None:
+    """Answer an ASGI request, before any route runs, with {"error": ...} (and ``header``: a
+    name and its value)."""
+    headers = [(b"content-type", b"application/json"), *([tuple(header)] if header else [])]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": json.dumps({"error": error}).encode()})
+
+
+def _host_name(host: str) -> str:
+    """A Host header's name, without its port and brackets, in lower case."""
+    host = host.strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def _answers_to(name: str, allowed: Collection[str]) -> bool:
+    """Whether a server that answers to ``allowed`` names answers to ``name``: one of them,
+    or any IP address ("*" among them: any name at all)."""
+    if "*" in allowed or name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 class _Guard:
@@ -9696,11 +10236,8 @@ class _Guard:
             given = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, value = given.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), self._token):
-                body = b'{"error": "this server needs its token: Authorization: Bearer <token>"}'
-                await send({"type": "http.response.start", "status": 401, "headers": [
-                    (b"content-type", b"application/json"), (b"www-authenticate", b"Bearer"),
-                ]})  # fmt: skip
-                await send({"type": "http.response.body", "body": body})
+                said = "this server needs its token: Authorization: Bearer <token>"
+                await _refuse(send, 401, said, b"www-authenticate", b"Bearer")
                 return
         await self.app(scope, receive, send)
 
@@ -9724,23 +10261,63 @@ def _check_action(request: Any, read_only: bool) -> None:
         raise _HTTPError(403, f"a request from {origin} may change nothing here")
 
 
-async def _json_body(request: Any) -> Any:
-    raw = await request.body()
+def _check_text_given(request: Any) -> None:
+    """400 for a path or query parameter that holds a NUL character (no text in PostgreSQL
+    can)."""
+    given = [*request.path_params.values(), *request.query_params.values()]
+    if any("\x00" in str(value) for value in given):
+        raise _HTTPError(400, "a parameter holds a NUL character, which no job or name can")
+
+
+async def _json_body(request: Any, limit: int, timeout: float) -> Any:
+    """A request's JSON body ({} when empty): 413 past ``limit`` bytes (refused before it is
+    read whole), 408 when the client pauses for longer than ``timeout`` seconds, 400 when it
+    is not JSON (or nests so deep that Python cannot read it) or the client went away."""
+    import asyncio
+
+    from starlette.requests import ClientDisconnect
+
+    declared = request.headers.get("content-length", "")
+    too_big = _HTTPError(413, f"the body is larger than {limit:,} bytes (serve --max-body)")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    pieces, size, stream = [], 0, request.stream()
+    try:
+        while True:
+            try:
+                piece = await asyncio.wait_for(anext(stream), timeout)
+            except StopAsyncIteration:
+                break
+            size += len(piece)
+            if size > limit:
+                raise too_big
+            pieces.append(piece)
+    except TimeoutError:
+        raise _HTTPError(408, f"no part of the body came for {timeout:g}s") from None
+    except ClientDisconnect:
+        raise _HTTPError(400, "the client went away before its body arrived whole") from None
+    raw = b"".join(pieces)
     if not raw.strip():
         return {}
     try:
-        return json.loads(raw)
-    except ValueError as error:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, InvalidJob) as error:
         raise _HTTPError(400, f"the body is not JSON: {error}") from None
+    except RecursionError:
+        raise _HTTPError(400, "the body nests too deeply to be read") from None
 
 
 def _error_response(error: BaseException, url: str, status: int | None = None) -> Any:
+    """An error as the API answers it: {"error": its first line, password masked}. One the
+    API does not know (a bug) is a 500, logged with its traceback."""
     from starlette.responses import JSONResponse
 
     try:
         status = status or _http_status(error)
     except StopIteration:
-        raise error from None
+        logger.error("internal error: %s", _scrub(str(error), url), exc_info=error)
+        said = _scrub(_error_text(error), url)
+        return JSONResponse({"error": f"internal error: {said}"}, status_code=500)
     message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     if status == 503 and not isinstance(error, _HTTPError | SchemaError):
         message = f"the database is unreachable: {message}"
@@ -9766,7 +10343,7 @@ async def _job_stream(hub: _Hub, key: uuid.UUID, since: int) -> Any:
     printer, seen, told = _TranscriptPrinter(), since, None
     with hub.follow(key) as feed:
         await feed.ready()
-        while True:
+        while not hub.ending:
             version = feed.version
             if feed.error is not None:
                 yield _sse("error", {"error": _scrub(str(feed.error), hub.url)})
@@ -9795,14 +10372,14 @@ async def _overview_stream(hub: _Hub) -> Any:
     """The overview, each time it changes."""
     with hub.follow(None) as feed:
         await feed.ready()
-        while True:
+        while not hub.ending:
             version = feed.version
             if feed.error is not None:
                 yield _sse("error", {"error": _scrub(str(feed.error), hub.url)})
             else:
                 yield _sse("overview", feed.state)
             await feed.changed(version, KEEPALIVE_INTERVAL)
-            while feed.version == version:
+            while feed.version == version and not hub.ending:
                 yield ": keepalive\n\n"
                 await feed.changed(version, KEEPALIVE_INTERVAL)
 
@@ -9810,12 +10387,16 @@ async def _overview_stream(hub: _Hub) -> Any:
 # -- the API's endpoints: (connection, request, JSON body) -> what they answer ------------------
 
 
-def _query_int(request: Any, name: str, default: int) -> int:
-    """The whole number a query parameter gives (``default`` without one); 400 for another."""
+def _query_int(request: Any, name: str, default: int, high: int = MAX_PAGE) -> int:
+    """The whole number a query parameter gives (``default`` without one), from 1 to
+    ``high``; 400 for another."""
     try:
-        return int(request.query_params.get(name) or default)
+        value = int(request.query_params.get(name) or default)
     except ValueError:
         raise _HTTPError(400, f"{name} must be a number") from None
+    if not 1 <= value <= high:
+        raise _HTTPError(400, f"{name} must be from 1 to {high}")
+    return value
 
 
 def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
@@ -9828,8 +10409,6 @@ def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
             raise _HTTPError(400, f"unknown status {status!r}: one of "
                              + ", ".join(JobStatus))  # fmt: skip
     limit = _query_int(request, "limit", 50)
-    if not 1 <= limit <= MAX_PAGE:
-        raise _HTTPError(400, f"limit must be from 1 to {MAX_PAGE}")
     before = _parse_cursor(query["before"]) if query.get("before") else None
     batch = resolve_batch(conn, query["batch"]) if query.get("batch") else None
     jobs = list_jobs(
@@ -9864,8 +10443,11 @@ def _api_job(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any
 
 
 def _api_enqueue(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
-    """POST /api/jobs: enqueue one job (see _enqueue_request)."""
-    return _job_summary(_enqueue_request(conn, body))
+    """POST /api/jobs: enqueue one job (see _enqueue_request); the job as listed, without its
+    payload (it was just sent: a big prompt is not sent back)."""
+    summary = _job_summary(_enqueue_request(conn, body))
+    del summary["payload"]
+    return summary
 
 
 def _api_job_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
@@ -9963,7 +10545,7 @@ def _api_schedules(conn: psycopg.Connection, request: Any, body: Any) -> list[di
 def _api_schedule(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
     """GET /api/schedules/{name}?runs=20: a schedule and its latest runs."""
     name = request.path_params["name"]
-    limit = _query_int(request, "runs", 20)
+    limit = _query_int(request, "runs", 20, high=10_000)
     return {**get_schedule(conn, name).to_dict(), "runs": schedule_runs(conn, name, limit)}
 
 
@@ -9972,6 +10554,7 @@ def _schedule_request(body: Any, fields: str = "") -> tuple[Any, dict[str, Any]]
     _api_add_schedule); a claude job's cwd must be absolute, as for POST /api/jobs."""
     if not isinstance(body, dict) or not isinstance(body.get("payload", {}), dict):
         raise _HTTPError(400, f'the body must be a JSON object{fields}, "payload" an object')
+    _check_keys(body, {"name", "payload", *_SCHEDULE_SETTINGS, *JobSettings.__annotations__})
     settings = _enqueue_settings({key: value for key, value in body.items() if key != "payload"})
     _check_absolute_cwds(body)
     return body.get("payload"), settings
@@ -10010,8 +10593,8 @@ def _api_schedule_action(conn: psycopg.Connection, request: Any, body: Any) -> d
 
 def _api_stats(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
     """GET /api/stats?days=7: the overview, and what claude cost per day, queue and model."""
-    days = _query_int(request, "days", 7)
-    return {**_overview(conn), "cost": cost_stats(conn, max(1, min(days, 3660)))}
+    days = _query_int(request, "days", 7, high=3660)
+    return {**_overview(conn), "cost": cost_stats(conn, days)}
 
 
 #: The dashboard: one page, no build step, nothing from elsewhere. Every value from a job is
@@ -10046,7 +10629,7 @@ td.text { white-space: normal; max-width: 40rem; overflow-wrap: anywhere; }
 .s { font-weight: 600; } .s-queued { color: var(--queued); } .s-running { color: var(--running); }
 .s-succeeded { color: var(--succeeded); } .s-failed { color: var(--failed); }
 .s-cancelled { color: var(--cancelled); } .s-paused, .s-draining { color: var(--paused); }
-.s-lost { color: var(--failed); } .s-alive { color: var(--succeeded); }
+.s-lost, .s-failing { color: var(--failed); } .s-alive { color: var(--succeeded); }
 button { font: inherit; padding: .15rem .6rem; border: 1px solid var(--line); border-radius: 5px;
   background: var(--bg); color: var(--fg); cursor: pointer; }
 button:hover { border-color: var(--dim); }
@@ -10216,7 +10799,10 @@ function workerTable(list) {
   if (!list.length) return $("p", { class: "dim" }, "no workers");
   return table(["worker", "state", "running", "·queues", "heartbeat", "jobs", ""],
     list.map(w => $("tr", {}, $("td", { title: w.id }, w.host + ":" + w.pid),
-        $("td", {}, status(w.state)),
+        $("td", {}, status(w.state),
+          w.trouble ? $("div", { class: "dim" }, w.trouble) : null,
+          w.lost_at ? $("div", { class: "dim" }, "found dead ", ago(w.lost_at), ": ",
+            w.lost_because + "; " + w.recovered + " running job(s) went back") : null),
         $("td", { class: "num" }, w.running + "/" + w.concurrency),
         $("td", { class: "wide" }, w.queues.join(",")), $("td", {}, ago(w.last_heartbeat)),
         $("td", { class: "text" }, ...w.jobs.map(j => $("div", {},
@@ -10404,6 +10990,7 @@ class _Cli(click.Group):
         standalone_mode: bool = True,
         **extra: Any,
     ) -> Any:
+        _stop_by_exception(signal.SIGTERM)
         try:
             outcome = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
             code = outcome if isinstance(outcome, int) else 0
@@ -10411,8 +10998,11 @@ class _Cli(click.Group):
             code = _fail(error.format_message(), 2)
         except click.ClickException as error:
             code = _fail(error.format_message(), error.exit_code)
-        except click.Abort:
-            code = _fail("aborted", 1)
+        except (KeyboardInterrupt, _Stopped) as stopped:  # (the process exits: atexit runs,
+            code = 128 + getattr(stopped, "signum", signal.SIGINT)  # the embedded server goes)
+        except click.Abort as error:  # (click's own, for Ctrl-C: stopped, not failed)
+            interrupted = isinstance(error.__context__, KeyboardInterrupt)
+            code = 128 + signal.SIGINT if interrupted else _fail("aborted", 1)
         except (InvalidJob, ConfigError) as error:
             code = _fail(str(error), 2)
         except JobsError as error:
@@ -10423,6 +11013,28 @@ class _Cli(click.Group):
             gc.freeze()  # the collection at exit would walk every object for nothing: ~50 ms
             sys.exit(code)
         return code
+
+
+class _Stopped(BaseException):
+    """The process got ``signum`` (SIGTERM): it unwinds as for Ctrl-C, and exits 128 + signum
+    (so what it holds is let go: the embedded PostgreSQL stops once its last user has gone)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _stop_by_exception(signum: int) -> None:
+    """From now on, ``signum`` raises _Stopped in the main thread (unless it is ignored, as
+    under nohup); the commands that stop gracefully (worker, serve) set their own handlers."""
+    if signal.getsignal(signum) is signal.SIG_IGN:
+        return
+
+    def stop(number: int, frame: object) -> None:
+        raise _Stopped(number)
+
+    with contextlib.suppress(ValueError):  # (not the main thread: a test calling main())
+        signal.signal(signum, stop)
 
 
 def _fail(message: str, code: int) -> int:
@@ -10519,6 +11131,20 @@ class _PayloadType(click.ParamType):
         if not isinstance(payload, dict):
             self.fail(f"must be a JSON object, not {_json_type(payload)}", param, ctx)
         return payload
+
+
+class _SizeType(click.ParamType):
+    """A size in bytes: 1048576, 512k, 10MiB, 1G (k, M, G: powers of 1024)."""
+
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, int):
+            return value
+        match = re.fullmatch(r"\s*(\d+)\s*([kmg]?)(?:i?b)?\s*", str(value), flags=re.I)
+        if not match or int(match.group(1)) == 0:
+            self.fail(f"{value!r} is not a size: give bytes, or like 512k, 10MiB, 1G", param, ctx)
+        return int(match.group(1)) * 1024 ** "_kmg".index(match.group(2).lower() or "_")
 
 
 _DURATION_TYPE = _DurationType()
@@ -10881,9 +11507,13 @@ def _prompt_given(prompt: str | None, prompt_file: str | None, payload_file: Any
     except OSError as error:
         raise InvalidJob(f"cannot read --prompt-file {prompt_file}: {error.strerror}") from None
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidJob(f"--prompt-file {prompt_file} is not UTF-8 text") from None
+    if not text.strip():
+        where = "stdin" if prompt_file == "-" else prompt_file
+        raise InvalidJob(f"--prompt-file {where} is empty: a claude job needs a prompt")
+    return text
 
 
 def _payload_given(payload: str, what: str = "--payload") -> Any:
@@ -10989,11 +11619,15 @@ def _given(ctx: click.Context, values: Mapping[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if ctx.get_parameter_source(key) == source}
 
 
-def _local_time(moment: datetime | None, zone: str) -> str:
-    """A time in a schedule's zone, and how far it is: 2026-12-03 02:00 CET (in 7h)."""
+def _local_time(moment: datetime | None, schedule: Schedule) -> str:
+    """A time in a schedule's zone, and how far it is: 2026-12-03 02:00 CET (in 7h); to the
+    second for a schedule whose runs are not a whole number of minutes apart."""
     if moment is None:
         return "-"
-    return f"{moment.astimezone(_zone(zone)):%Y-%m-%d %H:%M %Z} ({_ago(moment)})"
+    seconds = ":%S" if schedule.every is not None and schedule.every % 60 else ""
+    return (
+        f"{moment.astimezone(_zone(schedule.timezone)):%Y-%m-%d %H:%M{seconds} %Z} ({_ago(moment)})"
+    )
 
 
 @cli.group("schedule")
@@ -11060,7 +11694,7 @@ def schedule_add_command(
         click.echo(_json_text(schedule.to_dict()))
     else:
         click.echo(f"added schedule {name}: {schedule.when}, next run "
-                   f"{_local_time(schedule.next_run_at, schedule.timezone)}")  # fmt: skip
+                   f"{_local_time(schedule.next_run_at, schedule)}")  # fmt: skip
 
 
 @schedule_group.command("edit")
@@ -11116,7 +11750,7 @@ def schedule_edit_command(
         click.echo(_json_text(schedule.to_dict()))
     else:
         click.echo(f"changed schedule {name}: {schedule.when}, next run "
-                   f"{_local_time(schedule.next_run_at, schedule.timezone)}")  # fmt: skip
+                   f"{_local_time(schedule.next_run_at, schedule)}")  # fmt: skip
 
 
 @schedule_group.command("list")
@@ -11141,7 +11775,7 @@ def schedule_list_command(config: _Config, as_json: bool) -> None:
         return
     rows = [
         [s.name, s.when, s.timezone,
-         "paused" if s.paused_at else _local_time(s.next_run_at, s.timezone),
+         "paused" if s.paused_at else _local_time(s.next_run_at, s),
          _last_run_text(s.last_run)]
         for s in schedules
     ]  # fmt: skip
@@ -11182,7 +11816,7 @@ def schedule_show_command(config: _Config, name: str, limit: int, as_json: bool)
     fields = [
         ("name", schedule.name), ("when", f"{schedule.when} ({schedule.timezone})"),
         ("next run", "paused since " + _ago(schedule.paused_at) if schedule.paused_at
-         else _local_time(schedule.next_run_at, schedule.timezone)),
+         else _local_time(schedule.next_run_at, schedule)),
         ("kind", schedule.kind), ("catch up", schedule.catch_up), ("overlap", schedule.overlap),
         ("only if changed", "yes" if schedule.only_if_changed else "no"),
         ("job options", _json_text(options)), ("payload", _json_text(schedule.payload)),
@@ -11193,7 +11827,7 @@ def schedule_show_command(config: _Config, name: str, limit: int, as_json: bool)
         click.echo("no runs yet")
         return
     rows = [
-        [_local_time(r["due_at"], schedule.timezone), r["outcome"],
+        [_local_time(r["due_at"], schedule), r["outcome"],
          str(r["job_id"])[:8] if r["job_id"] else "-", r["status"] or "-",
          _money(float(r["cost_usd"] or 0)), r["note"] or ""]
         for r in runs
@@ -11221,7 +11855,7 @@ def schedule_resume_command(config: _Config, name: str) -> None:
     with config.connect() as conn:
         schedule = resume_schedule(conn, name)
     click.echo(f"resumed schedule {name}: next run "
-               f"{_local_time(schedule.next_run_at, schedule.timezone)}")  # fmt: skip
+               f"{_local_time(schedule.next_run_at, schedule)}")  # fmt: skip
 
 
 @schedule_group.command("remove")
@@ -11479,21 +12113,31 @@ def _stop_on_signals(worker: Worker) -> None:
           help="No actions and no enqueue: watch only.")  # fmt: skip
 @_setting("--public-metrics", env="PUBLIC_METRICS", is_flag=True,
           help="/metrics needs no token (for a scraper on a trusted network).")  # fmt: skip
+@_setting("--allowed-host", "allowed_hosts", env="ALLOWED_HOSTS", multiple=True, metavar="NAME",
+          help="Answer requests to this host name too (repeatable): a reverse proxy's, or "
+          "this machine's. Others get 421 (IP addresses and localhost need none).")  # fmt: skip
+@_setting("--max-body", env="MAX_BODY", type=_SizeType(), default="10MiB", show_default=True,
+          help="Refuse request bodies larger than this (413).")  # fmt: skip
+@_setting("--client-timeout", env="CLIENT_TIMEOUT", type=_DURATION_TYPE, default="10s",
+          show_default=True, help="Drop a client that takes longer than this to send a "
+          "request's headers, or the next piece of its body.")  # fmt: skip
 @click.option("--open", "open_browser", is_flag=True, help="Open the dashboard in a browser.")
 @click.pass_obj
 def serve_command(
     config: _Config, host: str, port: int, token: str | None, read_only: bool,
-    public_metrics: bool, open_browser: bool,
+    public_metrics: bool, allowed_hosts: Sequence[str], max_body: int, client_timeout: float,
+    open_browser: bool,
 ) -> None:  # fmt: skip
     """Serve the dashboard, the JSON API, /metrics and health checks: watch and steer every
     job and worker from a browser, a script or Prometheus. Whoever can reach it can start
-    agents: it listens on this machine only unless given a token.
+    agents: it listens on this machine only unless given a token. SIGTERM or Ctrl-C ends its
+    event streams and stops it within seconds.
 
     \b
     Examples:
       claude-jobs serve --open
       CLAUDE_JOBS_TOKEN=$(openssl rand -hex 16) claude-jobs serve --host 0.0.0.0
-      claude-jobs serve --read-only --port 9000
+      claude-jobs serve --read-only --port 9000 --allowed-host jobs.example.internal
     """
     try:
         import uvicorn
@@ -11504,7 +12148,11 @@ def serve_command(
             f"listening on {host} needs --token (or CLAUDE_JOBS_TOKEN): whoever reaches the "
             "server could start agents"
         )
-    app = web_app(config.url(), token=token, read_only=read_only, public_metrics=public_metrics)
+    app = web_app(
+        config.url(), token=token, read_only=read_only, public_metrics=public_metrics,
+        allowed_hosts=[*allowed_hosts, *_names_of(host)], max_body=max_body,
+        client_timeout=client_timeout,
+    )  # fmt: skip
     config.connect().close()  # a missing or old schema: say so before serving
     listener = _listening_socket(host, port)
     address = f"http://{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}/"
@@ -11515,10 +12163,85 @@ def serve_command(
         import webbrowser
 
         threading.Timer(0.5, webbrowser.open, [address]).start()
-    server = uvicorn.Server(uvicorn.Config(
+    server = _server_class()(app, uvicorn.Config(
         app, log_level="warning", timeout_graceful_shutdown=2, lifespan="on",
+        timeout_keep_alive=5, http=_impatient_protocol(client_timeout),
     ))  # fmt: skip
-    server.run(sockets=[listener])
+    # (uvicorn raises the signal that stopped it again once it has: a stop asked for)
+    with contextlib.suppress(KeyboardInterrupt, _Stopped):
+        server.run(sockets=[listener])
+
+
+def _names_of(host: str) -> list[str]:
+    """The host names a server listening on ``host`` is reached by: that name, or, on every
+    interface (0.0.0.0, ::), this machine's names (IP addresses need no naming)."""
+    if host in ("0.0.0.0", "::", ""):
+        return [socket.gethostname(), socket.getfqdn()]
+    return [host]
+
+
+def _server_class() -> type:
+    """uvicorn's Server, but a stop (SIGTERM, Ctrl-C) first ends the event streams of the app
+    (which never end on their own), so that it stops within seconds."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def __init__(self, app: Any, config: Any) -> None:
+            super().__init__(config)
+            self._app = app
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            self._app.state.end_streams()
+            super().handle_exit(sig, frame)
+
+    return Server
+
+
+def _impatient_protocol(timeout: float) -> Any:
+    """uvicorn's HTTP/1.1 protocol (h11), but a client gets ``timeout`` seconds to send a
+    request's line and headers, on a new connection or a kept one, and is dropped after it:
+    uvicorn itself would hold a half-sent request for ever. (What a body may take is the app's
+    to say: web_app's client_timeout.) uvicorn's own, where its internals are not as expected."""
+    try:
+        from uvicorn.protocols.http.h11_impl import H11Protocol
+    except ImportError:
+        return "auto"
+
+    class Impatient(H11Protocol):
+        _timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._expect_headers()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            cycle = getattr(self, "cycle", None)
+            if self._timer is not None and cycle is not None and not cycle.response_complete:
+                self._timer.cancel()  # the headers are in
+                self._timer = None
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._expect_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            super().connection_lost(exc)
+
+        def _expect_headers(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = self.loop.call_later(timeout, self._too_slow)
+
+        def _too_slow(self) -> None:
+            self._timer = None
+            cycle = getattr(self, "cycle", None)
+            if (cycle is None or cycle.response_complete) and not self.transport.is_closing():
+                self.transport.close()
+
+    return Impatient
 
 
 def _listening_socket(host: str, port: int) -> socket.socket:
@@ -11583,8 +12306,11 @@ def _table(
     """Aligned columns fitting the terminal's width: while too wide, the ``optional`` columns
     are left out (those that say nothing, all zeros or dashes, first; then in that order),
     then the widest columns are cut with … (not below 8 characters); the last one gets what
-    is left (at least 10). Column ``paint`` (a status) is coloured."""
-    width = shutil.get_terminal_size((120, 24)).columns
+    is left (at least 10). Piped, to no terminal, nothing is left out or cut (unless
+    COLUMNS asks for a width). Column ``paint`` (a status) is coloured."""
+    width: float = shutil.get_terminal_size((120, 24)).columns
+    if not (_stdout_is_terminal() or os.environ.get("COLUMNS")):
+        width = math.inf
     rows = [[_printable(cell) for cell in row] for row in rows]
     optional = [name for name in optional if name in headers]
     natural = {h: max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)}
@@ -11628,13 +12354,15 @@ def _table(
 
 def _follow(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> int:
     """Print a job's transcript as it grows and say what happens to it, until it finishes;
-    returns its exit status: 0 when it succeeded, else 1."""
+    returns its exit status: 0 when it succeeded, else 1 (130 when Ctrl-C stopped it)."""
     try:
         return _print_followed(conn, job_id, since)
     except KeyboardInterrupt:
-        raise JobsError(
-            f"stopped following job {job_id}, which goes on (`claude-jobs logs -f {job_id}`)"
-        ) from None
+        click.echo(
+            f"stopped following job {job_id}, which goes on (`claude-jobs logs -f {job_id}`)",
+            err=True,
+        )
+        return 128 + signal.SIGINT
 
 
 def _print_followed(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> int:
@@ -11742,8 +12470,9 @@ def _print_jobs(conn: psycopg.Connection, jobs: Sequence[Job], as_json: bool) ->
         for job in jobs
     ]  # fmt: skip
     headers = ["ID", "QUEUE", "KIND", "STATUS", "PRI", "TRIES", "WHEN", "PROMPT / PAYLOAD"]
-    shorts = {
-        job.id: (reasons[job.id].short if job.id in reasons else "") or _dependency(job)
+    shorts = {  # (what a job waited for is no reason once it has finished)
+        job.id: (reasons[job.id].short if job.id in reasons else "")
+        or ("" if job.status in FINISHED_STATUSES else _dependency(job))
         for job in jobs
     }
     if any(shorts.values()):
@@ -12030,7 +12759,7 @@ def workers_command(config: _Config, as_json: bool) -> None:
         [
             str(w["id"])[:8], w["host"], str(w["pid"]), w["state"],
             f"{w['running']}/{w['concurrency']}", _ago(w["started_at"]),
-            _ago(w["last_heartbeat"]), ",".join(w["queues"]), _claude_pause(w),
+            _ago(w["last_heartbeat"]), ",".join(w["queues"]), _worker_note(w),
         ]
         for w in workers
     ]  # fmt: skip
@@ -12113,11 +12842,24 @@ def run_now_command(config: _Config, job_id: str) -> None:
     click.echo(f"job {key} is due now")
 
 
-def _claude_pause(worker: Mapping[str, Any]) -> str:
-    until = worker["claude_paused_until"]
-    if until is None:
-        return ""
-    return f"no claude jobs until {until.astimezone():%H:%M}: {worker['claude_paused_reason']}"
+def _worker_note(worker: Mapping[str, Any]) -> str:
+    """What `workers` says of a worker besides its state: when a lost one was found dead and
+    what went back, what is wrong with a failing one's parts, why it starts no claude job."""
+    notes = []
+    if worker["lost_at"] is not None:
+        notes.append(
+            f"found dead {_ago(worker['lost_at'])}: {worker['lost_because']}; "
+            f"{worker['recovered']} running job(s) went back"
+        )
+    elif worker["lost"]:
+        notes.append("its jobs go back to the queue within seconds, unless it comes back")
+    if worker["trouble"]:
+        notes.append(f"trouble: {worker['trouble']}")
+    if (until := worker["claude_paused_until"]) is not None:
+        notes.append(
+            f"no claude jobs until {until.astimezone():%H:%M}: {worker['claude_paused_reason']}"
+        )
+    return "; ".join(notes)
 
 
 @cli.command("pause")
@@ -12259,7 +13001,12 @@ def _tree_state(tree: Mapping[str, Any]) -> str:
     commits = "" if tree["commits"] is None else f", {tree['commits']} commit(s)"
     if tree["exists"]:
         state = {True: "uncommitted changes", False: "clean", None: "not a worktree of git's"}
-        return state[tree["uncommitted"]] + commits
+        said = state[tree["uncommitted"]] + commits
+        if tree["detached_commits"]:
+            said += f", {tree['detached_commits']} on a detached HEAD only"
+        if tree["operation"]:
+            said += f", in the middle of {tree['operation']}"
+        return said
     if tree["branch_exists"]:
         return f"removed, branch kept{commits}"
     return "gone"

@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 9.
+-- The claude-jobs schema, version 10.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -591,4 +591,38 @@ CREATE TRIGGER claude_jobs_finish_purged_batches AFTER DELETE ON claude_jobs
 INSERT INTO claude_jobs_schema (version) VALUES (9);
 END IF;
 END $migration_9$;
+
+-- version 10
+DO $migration_10$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 10) THEN
+-- What goes wrong in a worker, and the workers found dead. A worker's heartbeat writes what is
+-- wrong with its parts (a thread that died, or failed many passes in a row; NULL: nothing).
+ALTER TABLE claude_jobs_workers ADD COLUMN trouble text;
+-- A worker found dead is forgotten from claude_jobs_workers, and kept here a while for
+-- `workers` to show: when, why, and how many of its running jobs went back to the queue.
+CREATE TABLE claude_jobs_lost_workers (
+    id              uuid PRIMARY KEY,
+    host            text NOT NULL,
+    pid             integer NOT NULL,
+    queues          text[] NOT NULL,
+    kinds           text[] NOT NULL,
+    concurrency     integer NOT NULL,
+    started_at      timestamptz NOT NULL,
+    last_heartbeat  timestamptz NOT NULL,
+    lost_at         timestamptz NOT NULL DEFAULT now(),
+    reason          text NOT NULL,
+    recovered       integer NOT NULL                  -- its running jobs put back
+);
+-- Jobs are listed newest first in the order they were enqueued: those of one transaction (one
+-- created_at) by their sequence too. (The jobs enqueued before version 4 have none: 0.)
+UPDATE claude_jobs SET seq = 0 WHERE seq IS NULL;
+ALTER TABLE claude_jobs ALTER COLUMN seq SET NOT NULL;
+DROP INDEX claude_jobs_newest;
+DROP INDEX claude_jobs_newest_ended_badly;
+CREATE INDEX claude_jobs_newest ON claude_jobs (created_at DESC, seq DESC, id DESC);
+CREATE INDEX claude_jobs_newest_ended_badly ON claude_jobs (created_at DESC, seq DESC, id DESC)
+    WHERE status IN ('failed', 'cancelled');
+INSERT INTO claude_jobs_schema (version) VALUES (10);
+END IF;
+END $migration_10$;
 COMMIT;

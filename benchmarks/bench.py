@@ -68,6 +68,7 @@ TARGETS = [
     ("list 2M", "<", 200, "what `list` asks at 2M jobs under 200 ms (1.0 s before)"),
     ("sse db connections", "<=", 3, "200 event streams on at most 3 database connections"),
     ("sse delay p99", "<", 250, "200 event streams: event delay p99 under 250 ms"),
+    ("warm burst / fresh", ">=", 0.9, "a warm worker drains a burst at 90% of a fresh one"),
 ]
 
 
@@ -159,6 +160,26 @@ class Bench:
         with self.connection() as conn:
             query = "SELECT count(*) FROM claude_jobs WHERE status = %s"
             return conn.execute(query, [status]).fetchone()[0]
+
+    def status(self, job_id: uuid.UUID) -> str:
+        with self.connection() as conn:
+            query = "SELECT status FROM claude_jobs WHERE id = %s"
+            return conn.execute(query, [job_id]).fetchone()[0]
+
+    def unfinished(self, queue: str) -> int:
+        with self.connection() as conn:
+            query = "SELECT count(*) FROM claude_jobs WHERE queue = %s AND status <> 'succeeded'"
+            return conn.execute(query, [queue]).fetchone()[0]
+
+    def queue_rate(self, queue: str) -> float:
+        """Jobs per second of a queue, from its first start to its last finish."""
+        with self.connection() as conn:
+            count, first, last = conn.execute(
+                "SELECT count(*), min(started_at), max(finished_at) FROM claude_jobs "
+                "WHERE queue = %s",
+                [queue],
+            ).fetchone()
+        return count / (last - first).total_seconds()
 
     def count_workers(self) -> int:
         with self.connection() as conn:
@@ -682,6 +703,42 @@ class _Rollback(Exception):
     pass
 
 
+def bench_warm(b: Bench) -> None:
+    """9. A warm worker's burst: a worker that ran 30 jobs one at a time on a queue with a
+    history (100,000 finished jobs, analyzed: its statistics say no job is queued) drains a
+    burst of 20,000, against a fresh worker started on the next such burst (as a ratio)."""
+    history = 10_000 if b.quick else 100_000
+    burst = 5_000 if b.quick else 20_000
+    for _ in range(b.runs):
+        b.reset()
+        b.fill(history, status="succeeded")
+        with b.connection() as conn:
+            conn.execute("VACUUM ANALYZE claude_jobs")
+            # (no autoanalyze in the middle of a measurement: the worker's own is measured)
+            conn.execute("ALTER TABLE claude_jobs SET (autovacuum_enabled = false)")
+        try:
+            for label, warm in (("warm", True), ("fresh", False)):
+                worker = b.worker("--concurrency", "10", log=f"{label}.log")
+                try:
+                    b.wait_for(lambda: b.count_workers() == 1, 30, "the worker to register")
+                    with b.connection() as conn:
+                        for n in range(30 if warm else 0):  # a trickle, one at a time
+                            job = claude_jobs.enqueue(conn, {"n": n}, kind="noop", queue="trickle")
+                            b.wait_for(
+                                lambda j=job: b.status(j.id) == "succeeded", 30, "a trickled job"
+                            )
+                        payloads = [{"n": n} for n in range(burst)]
+                        claude_jobs.enqueue_many(conn, payloads, kind="noop", queue=label)
+                    b.wait_for(lambda q=label: b.unfinished(q) == 0, 600, f"the {label} burst")
+                    b.record(f"{label} burst", "jobs/s", b.queue_rate(label))
+                finally:
+                    worker.terminate()
+                    worker.wait()
+        finally:
+            with b.connection() as conn:
+                conn.execute("ALTER TABLE claude_jobs RESET (autovacuum_enabled)")
+
+
 def bench_memory(b: Bench) -> None:
     """7. An idle worker's resident memory (the busy figure comes from the c50 drain)."""
     for _ in range(b.runs):
@@ -709,6 +766,7 @@ BENCHMARKS: dict[str, Callable[[Bench], None]] = {
     "list": bench_list,
     "web": bench_web,
     "batch": bench_batch,
+    "warm": bench_warm,
 }
 
 
@@ -716,6 +774,7 @@ def report(b: Bench, started: datetime, settings: dict[str, object]) -> dict[str
     b.ratio("drain c10 / floor", "drain c10", "floor")
     b.ratio("backlog 1M / 10k", "backlog 1M", "backlog 10k")
     b.ratio("claude / raw spawn", "claude", "raw spawn")
+    b.ratio("warm burst / fresh", "warm burst", "fresh burst")
     print(f"\n{'figure':<22} {'median':>12} {'min':>12} {'max':>12}  unit")
     for figure in b.figures.values():
         values = figure.values

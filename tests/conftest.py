@@ -31,6 +31,8 @@ from pytest_postgresql import factories
 import claude_jobs
 
 TESTS = Path(__file__).parent
+#: Where the tests' HTTP clients say they send their requests (a name the server answers to).
+LOCAL = "http://localhost"
 FIXTURES = TESTS / "fixtures" / "claude-cli"
 
 

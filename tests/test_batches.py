@@ -16,7 +16,7 @@ import handlers
 import psycopg
 import pytest
 from click.testing import Result
-from conftest import claude_runs, fake, wait_for
+from conftest import LOCAL, claude_runs, fake, wait_for
 
 import claude_jobs
 
@@ -147,6 +147,43 @@ def test_batch_retry_reopens_it_and_its_callbacks_come_again(conn: psycopg.Conne
     assert len(claude_jobs.get_batch(conn, "b").callbacks) == 2
 
 
+def test_retry_of_a_job_of_a_finished_batch_reopens_it_as_batch_retry_does(
+    conn: psycopg.Connection, invoke: Callable[..., Any]
+) -> None:
+    ids = claude_jobs.enqueue_many(
+        conn, [{"n": 1}, {"n": 2}], kind="record", batch="b", on_finish={"then": "finish"},
+        on_success={"then": "success"},
+    )  # fmt: skip
+    conn.execute(
+        "UPDATE claude_jobs SET status = 'failed', finished_at = now() WHERE id = %s", (ids[0],)
+    )
+    conn.execute(
+        "UPDATE claude_jobs SET status = 'succeeded', finished_at = now() WHERE id = %s", (ids[1],)
+    )
+    assert [c["payload"] for c in callbacks(conn, batch_of(conn, ids[0]))] == [{"then": "finish"}]
+    result = invoke("retry", str(ids[0]))
+    assert result.exit_code == 0, result.output
+    batch = claude_jobs.get_batch(conn, "b")
+    assert batch.finished_at is None and batch.counts == {"queued": 1, "succeeded": 1}
+    assert "1 of 2 ended" in invoke("batch", "show", "b").output
+    conn.execute(
+        "UPDATE claude_jobs SET status = 'succeeded', finished_at = now() WHERE id = %s", (ids[0],)
+    )
+    batch = claude_jobs.get_batch(conn, "b")
+    made = [c["payload"] for c in callbacks(conn, batch.id)]
+    assert made == [{"then": "finish"}, {"then": "finish"}, {"then": "success"}]
+    assert batch.finished_at is not None and batch.finished_at >= batch.ended_at
+    # (another batch of its name open: a retry would reopen a second one; nothing happens)
+    conn.execute(
+        "UPDATE claude_jobs SET status = 'failed', finished_at = now() WHERE id = %s", (ids[1],)
+    )
+    other = claude_jobs.enqueue(conn, {"n": 3}, kind="record", batch="b")
+    refused = invoke("retry", str(ids[1]))
+    assert refused.exit_code == 1 and "another batch of its name is open" in refused.output
+    assert claude_jobs.get_job(conn, ids[1]).status == "failed"
+    assert batch_of(conn, other.id) != batch.id
+
+
 def test_batch_retry_puts_back_the_newest_of_failed_jobs_sharing_a_unique_key(
     conn: psycopg.Connection,
 ) -> None:
@@ -248,7 +285,7 @@ def test_batches_over_http(db_url: str, conn: psycopg.Connection) -> None:
     from starlette.testclient import TestClient
 
     ids = claude_jobs.enqueue_many(conn, [{"n": 1}, {"n": 2}], kind="record", batch="b")
-    with TestClient(claude_jobs.web_app(db_url)) as client:
+    with TestClient(claude_jobs.web_app(db_url), base_url=LOCAL) as client:
         [listed] = client.get("/api/batches").json()
         assert (listed["name"], listed["jobs"], listed["ended"]) == ("b", 2, 0)
         assert client.get("/api/batches/b").json()["counts"] == {"queued": 2}

@@ -252,3 +252,66 @@ def test_a_worker_runs_a_keyed_batch_and_a_blocked_chain_to_the_end(
     ).fetchall()
     assert len(spans) == 30
     assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans)), "one at a time"
+
+
+# -- plans that hold whatever the table's history ------------------------------------------------
+
+
+def _plan_faults(node: dict[str, Any], repeated: bool = False) -> list[str]:
+    """What is wrong in a plan for a worker: a sequential scan of the jobs, or a scan of them
+    without an index condition where it runs again and again (in a subplan, or on the inner
+    side of a nested loop): a walk of the whole backlog per row, which the plan of a statement
+    prepared while the queue was nearly empty made of a burst of thousands."""
+    faults = []
+    scan, relation = node.get("Node Type", ""), node.get("Relation Name")
+    if relation == "claude_jobs" and scan == "Seq Scan":
+        faults.append(f"a sequential scan of the jobs ({node.get('Filter', '')})")
+    elif relation == "claude_jobs" and repeated and "Index Cond" not in node:
+        faults.append(f"{scan} of {node.get('Index Name')} without a condition, again and again")
+    for number, child in enumerate(node.get("Plans", [])):
+        again = (
+            repeated
+            or child.get("Parent Relationship") == "SubPlan"
+            or (node.get("Node Type") == "Nested Loop" and number == 1)
+        )
+        faults += _plan_faults(child, again)
+    return faults
+
+
+def _prepared_plans(conn: psycopg.Connection) -> dict[str, dict[str, Any]]:
+    """The plans this connection's prepared statements run now (the cached generic ones), by
+    the name their text's first comment gives them."""
+    plans = {}
+    for name, text, types in conn.execute(
+        "SELECT name, statement, parameter_types FROM pg_prepared_statements"
+    ).fetchall():
+        purpose = text.strip().removeprefix("-- ").split(":")[0]
+        arguments = f"({', '.join(['NULL'] * len(types))})" if types else ""
+        plan = conn.execute(f"EXPLAIN (FORMAT JSON) EXECUTE {name}{arguments}").fetchone()[0]
+        plans[purpose] = plan[0]["Plan"]
+    return plans
+
+
+def test_the_plans_a_warm_worker_prepared_on_an_empty_queue_serve_a_burst(
+    conn: psycopg.Connection, worker_id: uuid.UUID, db_url: str
+) -> None:
+    """A worker's statements run as generic plans, made from the statistics of the moment they
+    were prepared: a worker that ran a few jobs while the queue was nearly empty must still
+    claim, record, unblock and sweep a burst of 20,000 by index, row by row."""
+    conn.execute("ALTER TABLE claude_jobs SET (autovacuum_enabled = false)")  # (no analysis)
+    with psycopg.connect(db_url, autocommit=True) as warm:
+        claude_jobs._configure_worker_connection(warm)
+        for _ in range(7):  # (psycopg prepares a statement on its fifth run)
+            claude_jobs.enqueue_many(conn, [{"n": 1}, {"n": 2}], kind=KIND)
+            for row in claim(warm, worker_id):
+                finish(warm, row)
+            claude_jobs._db_cancel_blocked(warm)
+        first = claude_jobs.enqueue(conn, {"n": 0}, kind=KIND)
+        claude_jobs.enqueue_many(conn, [{"n": n} for n in range(20_000)], kind=KIND)
+        claude_jobs.enqueue_many(conn, [{"n": n} for n in range(2_000)], kind=KIND,
+                                 after=[first.id])  # fmt: skip
+        plans = _prepared_plans(warm)
+        assert {"claim", "record", "unblock", "cancel_blocked"} <= set(plans)
+        faults = {name: found for name, plan in plans.items() if (found := _plan_faults(plan))}
+        assert faults == {}
+        assert len(claim(warm, worker_id)) == 10

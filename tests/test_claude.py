@@ -205,7 +205,7 @@ def test_a_timeout_kills_the_whole_process_group(
     run_jobs(db_url, fake_claude, kill_grace=1)
     row = job_row(conn, job.id)
     assert (row["status"], row["attempts"]) == ("failed", 1)
-    assert row["last_error"].startswith("timed out")
+    assert row["last_error"].startswith("timed out after 1s, its time limit:")
     [run] = claude_runs(claude_log)
     wait_for(
         lambda: not pid_alive(run["pid"]) and not pid_alive(run["child"]),

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from click.testing import CliRunner
-from conftest import TESTS, job_row
+from conftest import TESTS, job_row, wait_for
 
 import claude_jobs
 
@@ -323,3 +325,52 @@ def test_the_embedded_database_runs_the_quick_start(
     assert shown.returncode == 0, shown.stderr
     assert "succeeded" in shown.stdout and "echo: explain this code" in shown.stdout
     assert f"cwd       {project}" in shown.stdout
+
+
+@pytest.mark.slow
+def test_a_command_stopped_by_sigterm_or_ctrl_c_lets_the_embedded_postgresql_go(
+    tmp_path: Path,
+) -> None:
+    """serve stops on SIGTERM and exits 0; a command that waits (logs -f) stops on Ctrl-C and
+    exits 130, saying so but no error; either way the embedded server stops after them."""
+    home = tmp_path / "home"
+    env = {**os.environ, "PYTHONPATH": str(TESTS.parent), "CLAUDE_JOBS_HOME": str(home)}
+    for name in ("DATABASE_URL", "CLAUDE_JOBS_DATABASE_URL"):
+        env.pop(name, None)
+    pidfile = home / "pgdata" / "postmaster.pid"
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = tmp_path / f"{args[0]}.log"
+        process = subprocess.Popen([sys.executable, "-m", "claude_jobs", *args], env=env,
+                                   stdout=log.open("wb"), stderr=subprocess.STDOUT)  # fmt: skip
+        started.append(process)
+        return process, log
+
+    try:
+        _stop_and_see_the_embedded_server_go(start, env, tmp_path, pidfile)
+    finally:
+        for process in started:
+            if process.poll() is None:
+                process.kill()
+
+
+def _stop_and_see_the_embedded_server_go(
+    start: Any, env: dict[str, str], tmp_path: Path, pidfile: Path
+) -> None:
+    serve, log = start("serve", "--port", "0")
+    wait_for(lambda: "claude-jobs serve: http" in log.read_text(), 60, "serve to start")
+    assert pidfile.exists()
+    serve.send_signal(signal.SIGTERM)
+    assert serve.wait(10) == 0, log.read_text()
+    wait_for(lambda: not pidfile.exists(), 20, "the embedded server to stop after serve")
+    enqueued = subprocess.run([sys.executable, "-m", "claude_jobs", "enqueue", "wait for me"],
+                              env=env, cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert enqueued.returncode == 0, enqueued.stderr
+    follow, log = start("logs", "-f", enqueued.stdout.strip())
+    wait_for(lambda: "waiting:" in log.read_text(), 60, "logs -f to wait for the job")
+    follow.send_signal(signal.SIGINT)
+    assert follow.wait(10) == 130
+    said = log.read_text()
+    assert "stopped following job" in said and "Error" not in said and "Traceback" not in said
+    wait_for(lambda: not pidfile.exists(), 20, "the embedded server to stop after logs -f")

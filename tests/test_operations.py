@@ -388,8 +388,22 @@ def test_stats_per_queue(invoke, conn) -> None:
     assert "QUEUE" in table.splitlines()[0] and "paused" in table and "$1.50" in table
 
 
+def test_piped_list_output_is_not_cut_and_a_files_jobs_list_in_their_order(
+    invoke, conn, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COLUMNS", raising=False)  # (and stdout is no terminal)
+    make_job(conn, payload=json.dumps({"prompt": "word " * 100}))
+    line = invoke("list").output.splitlines()[1]
+    assert line.endswith(("word " * 100).strip()) and len(line) > 500
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text("".join(json.dumps({"prompt": f"job {n}"}) + "\n" for n in range(20)))
+    ids = invoke("enqueue", "--file", str(lines)).output.split()
+    listed = [json.loads(row)["id"] for row in invoke("list", "--json").output.splitlines()]
+    assert listed[:20] == ids[::-1]  # newest first: the file's last line first
+
+
 def test_list_pages_by_keyset_and_finds_text_and_directory(invoke, conn, tmp_path) -> None:
-    same_moment = datetime.now(UTC)  # (ties on created_at are broken by id)
+    same_moment = datetime.now(UTC)  # (ties on created_at are broken by enqueue order)
     ids = {make_job(conn, created_at=same_moment) for _ in range(5)}
     ids |= {make_job(conn, created_at=hours_ago(n)) for n in range(1, 6)}
     pages, before = [], None
@@ -398,7 +412,7 @@ def test_list_pages_by_keyset_and_finds_text_and_directory(invoke, conn, tmp_pat
         before = page[-1]
     seen = [job for page in pages for job in page]
     assert [len(page) for page in pages] == [3, 3, 3, 1] and {job.id for job in seen} == ids
-    assert seen == sorted(seen, key=lambda job: (job.created_at, job.id), reverse=True)
+    assert seen == sorted(seen, key=lambda job: (job.created_at, job.seq), reverse=True)
     make_job(conn, payload=json.dumps({"prompt": "Run the SECURITY review", "cwd": str(tmp_path)}))
     found = invoke("list", "--search", "security rev", "--cwd", str(tmp_path), "--json").output
     assert [json.loads(line)["payload"]["prompt"] for line in found.splitlines()] == [

@@ -304,6 +304,7 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str | None, int, str]]:
         + b"]" * 5000
         + b"}\n",
     }
+    files["empty.txt"] = b"  \n"
     for name, content in files.items():
         (tmp / name).write_bytes(content)
     (tmp / "a-directory").mkdir(exist_ok=True)
@@ -361,7 +362,22 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str | None, int, str]]:
         (["worker", "--poll-interval", "0"], None, 2, "poll interval"),
         (["worker", "--import", "no.such.module"], None, 2, "cannot import"),
         (["no-such-command"], None, 2, "No such command"),
-        (["enqueue", *payload, "--after", str(uuid.uuid4())], None, 2, "no job"),
+        (["enqueue", *payload, "--after", str(uuid.uuid4())], None, 1, "no job"),
+        (["enqueue", *payload, "--unique-key", "k" * 10_000], None, 2, "longer than 1,024 bytes"),
+        (["enqueue", *payload, "--concurrency-key", "é" * 600], None, 2, "longer than 1,024"),
+        (
+            ["enqueue", "--payload", json.dumps({"prompt": "a", "unique_key": "u" * 5000})],
+            None,
+            2,
+            "unique key is longer",
+        ),
+        (
+            ["--database-url", "postgresql://me@localhost:abc/db", "list"],
+            None,
+            2,
+            "the port must be a number",
+        ),
+        (["enqueue", "--prompt-file", str(tmp / "empty.txt")], None, 2, "empty.txt is empty"),
         (["enqueue", "--payload", '{"prompt": "a", "cwd": "a\\u0000b"}'], None, 2, "NUL"),
         (["enqueue", "--payload", '{"prompt": "a", "add_dirs": ["\\u0000"]}'], None, 2, "NUL"),
         (["enqueue", "--payload", '{"prompt": "a", "mcp_config": "x\\u0000"}'], None, 2, "NUL"),
@@ -444,3 +460,42 @@ def test_hostile_prompts_reach_claude_byte_for_byte_without_a_shell(
     assert not Path("/tmp/pwned").exists()
     with psycopg.connect(db_url) as conn:
         assert count(conn, "succeeded") == len(prompts)
+
+
+# -- a worker's parts outlive their failures --------------------------------------------------
+
+
+def test_a_worker_whose_connections_are_terminated_three_times_goes_on_firing_a_schedule(
+    conn: psycopg.Connection, db_url: str, start_worker
+) -> None:
+    """A database outage makes the tasks of a worker fail: the scheduler (and the janitor) must
+    go on after it, however often it happens. Each time here, the scheduler is caught in the
+    middle of firing (a lock holds it up) when PostgreSQL ends every session of the worker."""
+    claude_jobs.add_schedule(conn, "tick", {"prompt": "tick"}, every=2)
+    worker = start_worker("--concurrency", "2")
+
+    def runs() -> int:
+        query = "SELECT count(*) FROM claude_jobs_schedule_runs WHERE schedule = 'tick'"
+        return conn.execute(query).fetchone()[0]
+
+    def firing() -> bool:
+        query = """SELECT EXISTS (SELECT FROM pg_stat_activity
+                   WHERE application_name LIKE 'claude-jobs worker%%' AND wait_event_type = 'Lock'
+                     AND query LIKE '%%record_schedule_run%%')"""
+        return conn.execute(query).fetchone()[0]
+
+    wait_for(lambda: runs() >= 1, 20, "the first run")
+    for _ in range(3):
+        with psycopg.connect(db_url) as blocker:
+            blocker.execute("LOCK TABLE claude_jobs_schedule_runs IN EXCLUSIVE MODE")
+            wait_for(firing, 20, "the scheduler to wait in the middle of firing")
+            ended = conn.execute(
+                """SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+                   WHERE datname = current_database()
+                     AND application_name LIKE 'claude-jobs worker%'"""
+            ).fetchone()[0]
+            assert ended >= 2  # (its session and its pool's connections)
+        before = runs()
+        wait_for(lambda: runs() >= before + 2, 20, "the schedule to fire again")  # noqa: B023
+    assert worker.process.poll() is None
+    assert "cannot fire schedules" not in worker.log()  # (the database's going: not a bug)

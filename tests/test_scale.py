@@ -475,6 +475,51 @@ def test_an_unfit_worker_backs_off_longer_each_time_and_recovers_at_once(
         thread.join(10)
 
 
+def test_a_success_beside_an_unfit_run_lifts_the_back_off_and_what_workers_says(
+    conn: psycopg.Connection, invoke, start_worker, claude_log: Path, tmp_path: Path
+) -> None:
+    """A worker backs off after a 401 while another of its jobs runs on; that job then
+    succeeds: claude works here, so the back-off ends, on the worker and in `workers` and
+    `show` alike (one state), and the jobs waiting start at once."""
+    slow = claude_jobs.enqueue(conn, {"prompt": fake(sleep=3), "cwd": str(tmp_path)},
+                               concurrency_limit=0)  # fmt: skip
+    worker = start_worker("--concurrency", "3")
+    wait_for(lambda: status_of(conn, slow.id) == "running", what="the slow job to start")
+    key_fixed = tmp_path / "key-fixed"
+    bad = claude_jobs.enqueue(conn, {"prompt": fake(emit="invalid-api-key.json", exit=1,
+                                                    unless=str(key_fixed)),
+                                     "cwd": str(tmp_path)}, concurrency_limit=0)  # fmt: skip
+    worker.wait_for_log("this worker starts no claude job until")
+    wait_for(lambda: "invalid" in invoke("workers", "--json").output, what="workers to say why")
+    waiting = claude_jobs.enqueue(conn, {"prompt": "next", "cwd": str(tmp_path)},
+                                  concurrency_limit=0)  # fmt: skip
+    wait_for(lambda: "no fit worker" in invoke("list").output, what="list to say why")
+    key_fixed.touch()
+    wait_for(lambda: status_of(conn, slow.id) == "succeeded", what="the slow job to succeed")
+    for job in (waiting, bad):
+        wait_for(lambda j=job: status_of(conn, j.id) == "succeeded", 10, "the jobs, at once")
+    worker.wait_for_log("this worker runs claude jobs again")
+    assert json.loads(invoke("workers", "--json").output)["claude_paused_until"] is None
+    lifted = invoke("resume", "--hold", "claude")
+    assert lifted.exit_code == 1 and "no hold is on claude jobs" in lifted.output
+
+
+def test_resume_hold_makes_a_backed_off_worker_start_claude_jobs_at_once(
+    conn: psycopg.Connection, invoke, start_worker, claude_log: Path, tmp_path: Path
+) -> None:
+    bad = claude_jobs.enqueue(conn, {"prompt": fake(emit="invalid-api-key.json", exit=1),
+                                     "cwd": str(tmp_path)}, concurrency_limit=0)  # fmt: skip
+    worker = start_worker("--concurrency", "3")
+    worker.wait_for_log("this worker starts no claude job until")
+    conn.execute("UPDATE claude_jobs SET payload = jsonb_set(payload, '{prompt}', '\"fixed\"')")
+    lifted = invoke("resume", "--hold", "claude")
+    assert lifted.exit_code == 0 and "1 worker(s) that could not run claude try again" in (
+        lifted.output
+    )
+    wait_for(lambda: status_of(conn, bad.id) == "succeeded", 10, "the job, at once")
+    assert json.loads(invoke("workers", "--json").output)["claude_paused_until"] is None
+
+
 def test_overloaded_and_server_errors_retry_with_the_normal_backoff(
     conn: psycopg.Connection, db_url: str, fake_claude: Path, claude_log: Path, tmp_path: Path
 ) -> None:
@@ -619,7 +664,7 @@ def test_continue_from_resumes_the_session_in_the_same_directory_once_the_job_fi
     assert run["cwd"] == str(tmp_path)
     shown = invoke("show", str(then.id)).output
     assert f"continues {first.id} (succeeded), resuming its session" in shown
-    assert f"continues {str(first.id)[:8]}" in invoke("list").output
+    assert "continues" not in invoke("list").output  # (finished: it waits for nothing now)
 
 
 def test_a_continuation_of_a_worktree_job_goes_on_with_its_branch(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import handlers
 import psycopg
 import pytest
 from click.testing import Result
-from conftest import wait_for
+from conftest import LOCAL, wait_for
 
 import claude_jobs
 from claude_jobs import _catching_up, _Timing
@@ -362,6 +363,18 @@ payload = {model = "opus"}
 """
 
 
+def test_a_schedule_every_30s_shows_its_due_times_to_the_second(
+    invoke: Callable[..., Result],
+) -> None:
+    added = invoke("schedule", "add", "often", "look", "--every", "30s")
+    assert added.exit_code == 0, added.output
+    assert re.search(r"next run \d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC", added.output)
+    listed = invoke("schedule", "list").output
+    assert re.search(r"\d\d:\d\d:\d\d UTC", listed)
+    hourly = invoke("schedule", "add", "hourly", "look", "--every", "1h").output
+    assert re.search(r"next run \d{4}-\d\d-\d\d \d\d:\d\d UTC", hourly)
+
+
 def test_schedule_sync(invoke: Callable[..., Result], tmp_path: Path) -> None:
     path = tmp_path / "schedules.toml"
     path.write_text(SYNC_FILE)
@@ -490,7 +503,7 @@ def test_schedules_over_http(db_url: str, tmp_path: Path) -> None:
 
     body = {"name": "nightly", "payload": {"prompt": "review", "cwd": str(tmp_path)},
             "cron": "0 2 * * *", "timezone": "Europe/Berlin", "queue": "reviews"}  # fmt: skip
-    with TestClient(claude_jobs.web_app(db_url)) as client:
+    with TestClient(claude_jobs.web_app(db_url), base_url=LOCAL) as client:
         added = client.post("/api/schedules", json=body)
         assert added.status_code == 201, added.text
         assert added.json()["options"]["queue"] == "reviews"

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from conftest import TESTS, fake, status_of, wait_for
+from conftest import LOCAL, TESTS, fake, status_of, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 from test_operations import hours_ago, make_job
@@ -33,7 +33,8 @@ def web(db_url: str) -> Iterator[Callable[..., TestClient]]:
 
         def make(**options: Any) -> TestClient:
             app = claude_jobs.web_app(db_url, **options)
-            return stack.enter_context(TestClient(app, raise_server_exceptions=True))
+            client = TestClient(app, base_url=LOCAL, raise_server_exceptions=True)
+            return stack.enter_context(client)
 
         yield make
 
@@ -171,7 +172,7 @@ def test_the_app_mounts_below_a_prefix_in_another_app(db_url, conn) -> None:
     inner = claude_jobs.web_app(db_url, token="t0ken")
     outer = Starlette(routes=[Mount("/jobs", app=inner)], lifespan=inner.router.lifespan_context)
     claude_jobs.enqueue(conn, {"prompt": "mounted"})
-    with TestClient(outer) as client:
+    with TestClient(outer, base_url=LOCAL) as client:
         assert client.get("/jobs/healthz").status_code == 200
         assert client.get("/jobs/api/jobs").status_code == 401
         listed = client.get("/jobs/api/jobs", headers={"Authorization": "Bearer t0ken"})
@@ -199,7 +200,7 @@ def test_cross_site_requests_change_nothing(client, conn) -> None:
         assert response.status_code == 403, headers
     assert status_of(conn, job.id) == "queued"
     assert client.get(f"/api/jobs/{job.id}/cancel").status_code == 405  # POST only
-    same = {"Origin": "http://testserver", "Sec-Fetch-Site": "same-origin"}
+    same = {"Origin": LOCAL, "Sec-Fetch-Site": "same-origin"}
     assert client.post(f"/api/jobs/{job.id}/cancel", headers=same).status_code == 200
 
 
@@ -215,7 +216,7 @@ def test_the_page_runs_only_its_own_script_and_shows_no_job_data(client, conn) -
 
 def test_no_password_of_the_database_url_appears_in_an_error(pg_server, conn) -> None:
     url = "postgresql://postgres:hunter2@127.0.0.1:1/nowhere?connect_timeout=1"
-    with TestClient(claude_jobs.web_app(url)) as client:
+    with TestClient(claude_jobs.web_app(url), base_url=LOCAL) as client:
         for path in ("/api/jobs", "/readyz", "/metrics"):
             response = client.get(path)
             assert response.status_code == 503, path
@@ -620,3 +621,131 @@ def test_in_a_browser_the_dashboard_lives_streams_and_cancels(
     browser.find_element("link text", "nightly-review").click()
     until(browser, lambda d: "Review the billing service" in page_text(d)
           and "not yet" in page_text(d), "the batch's page")  # fmt: skip
+
+
+# -- what a second attack found ---------------------------------------------------------------
+
+
+def _raw_request(url: str, data: bytes, wait: float = 0.0) -> bytes:
+    """Send ``data`` to the server of ``url`` on a socket of its own; what comes back until the
+    server closes it (or ``wait`` seconds pass)."""
+    import socket
+
+    host, port = url.split("//")[1].rstrip("/").split(":")
+    with socket.create_connection((host, int(port)), timeout=max(wait, 5.0)) as connection:
+        connection.sendall(data)
+        received = b""
+        with contextlib.suppress(TimeoutError):
+            while chunk := connection.recv(65536):
+                received += chunk
+    return received
+
+
+def test_a_page_whose_name_was_made_to_resolve_here_gets_421(serve, conn) -> None:
+    """DNS rebinding: a page on evil.example, its name then resolving to 127.0.0.1, is
+    same-origin with the server as the browser sees it. Only its Host tells it apart."""
+    server = serve("--allowed-host", "jobs.internal")
+    port = server.url.rstrip("/").rsplit(":", 1)[1]
+    rebound = {"Host": f"evil.example:{port}", "Origin": f"http://evil.example:{port}",
+               "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors"}  # fmt: skip
+    for method, path in (("GET", "/api/jobs"), ("GET", "/"), ("POST", "/api/jobs"),
+                         ("GET", "/api/events"), ("GET", "/metrics")):  # fmt: skip
+        response = httpx.request(method, f"{server.url}{path.lstrip('/')}", headers=rebound,
+                                 json={"payload": {"prompt": "x"}}, timeout=5)  # fmt: skip
+        assert response.status_code == 421, (method, path, response.text)
+        assert "evil.example" in response.json()["error"]
+    assert conn.execute("SELECT count(*) FROM claude_jobs").fetchone()[0] == 0
+    for name in (f"127.0.0.1:{port}", f"localhost:{port}", f"jobs.internal:{port}"):
+        response = httpx.get(f"{server.url}api/jobs", headers={"Host": name}, timeout=5)
+        assert response.status_code == 200, name
+
+
+def test_api_input_gets_a_json_4xx_never_a_500(client, conn, tmp_path) -> None:
+    job = claude_jobs.enqueue(conn, {"prompt": "here"})
+    deep = b'{"payload": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    requests = {
+        ("GET", "/api/jobs?q=%00"): 400,
+        ("GET", "/api/jobs?cwd=%00"): 400,
+        ("GET", "/api/jobs?kind=a%00b"): 400,
+        ("GET", "/api/jobs/%00"): 400,
+        ("GET", "/api/batches/%00"): 400,
+        ("POST", "/api/holds/%00/lift"): 400,
+        ("GET", "/api/batches?limit=-3"): 400,
+        ("GET", "/api/batches?limit=100000"): 400,
+        ("GET", "/api/schedules/x?runs=0"): 400,
+        ("GET", "/api/no/such/thing"): 404,
+        ("DELETE", f"/api/jobs/{job.id}"): 405,
+        ("GET", f"/api/jobs/{job.id}/cancel"): 405,
+    }
+    for (method, path), status in requests.items():
+        response = client.request(method, path)
+        assert response.status_code == status, (method, path, response.text)
+        assert list(response.json()) == ["error"], (method, path)
+    response = client.post("/api/jobs", content=deep)
+    assert response.status_code == 400 and "deep" in response.json()["error"]
+    for extra in ({"base_dir": str(tmp_path)}, {"base_dir": 7}, {"unique_keys": ["a"]}):
+        body = {"payload": {"prompt": "x", "cwd": str(tmp_path)}, **extra}
+        response = client.post("/api/jobs", json=body)
+        assert response.status_code == 422, (extra, response.text)
+        assert "not a job option" in response.json()["error"]
+    assert (
+        client.post(
+            "/api/schedules",
+            json={"name": "n", "payload": {"prompt": "x"}, "every": 60, "base_dir": "/"},
+        ).status_code
+        == 422
+    )
+    assert conn.execute("SELECT count(*) FROM claude_jobs").fetchone()[0] == 1
+
+
+def test_bodies_past_the_limit_get_413_and_a_big_prompt_is_not_sent_back(web, conn) -> None:
+    client = web(max_body=64 * 1024)
+    big = {"payload": {"prompt": "x" * 100_000}}
+    response = client.post("/api/jobs", json=big)
+    assert response.status_code == 413
+    assert "larger than 65,536 bytes" in response.json()["error"]
+
+    def chunks() -> Iterator[bytes]:  # (no Content-Length: counted as it comes)
+        yield b'{"payload": {"prompt": "'
+        for _ in range(100):
+            yield b"y" * 1024
+        yield b'"}}'
+
+    assert client.post("/api/jobs", content=chunks()).status_code == 413
+    made = client.post("/api/jobs", json={"payload": {"prompt": "z" * 60_000}})
+    assert made.status_code == 201 and len(made.content) < 3_000
+    assert "payload" not in made.json() and made.json()["excerpt"].startswith("zzz")
+    assert claude_jobs.get_job(conn, made.json()["id"]).payload["prompt"] == "z" * 60_000
+
+
+def test_a_slow_or_vanishing_client_is_dropped_and_leaves_no_traceback(serve) -> None:
+    server = serve("--client-timeout", "1s")
+    started = time.monotonic()
+    answer = _raw_request(server.url, b"GET /api/jobs HTTP/1.1\r\nHost: local", wait=10)
+    assert answer == b"" and time.monotonic() - started < 5  # dropped, headers half sent
+    started = time.monotonic()
+    head = (b"POST /api/jobs HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000\r\n\r\n")  # fmt: skip
+    answer = _raw_request(server.url, head + b'{"payload":', wait=10)
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
+    import socket
+
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1][:-1]))) as gone:
+        gone.sendall(head + b'{"payload": {"pro')  # and goes away mid-body
+    assert httpx.get(f"{server.url}healthz", timeout=5).status_code == 200
+    time.sleep(0.5)
+    assert "Traceback" not in server.log_path.read_text()
+
+
+def test_serve_stops_on_sigterm_within_seconds_ending_its_streams(serve) -> None:
+    import signal
+
+    server = serve()
+    with httpx.stream("GET", f"{server.url}api/events", timeout=10) as events:
+        next(read_events(events))  # the overview: the stream is open
+        started = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(10) == 0
+    assert time.monotonic() - started < 3
+    log = server.log_path.read_text()
+    assert "timeout graceful shutdown exceeded" not in log and "Traceback" not in log

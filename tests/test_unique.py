@@ -16,7 +16,7 @@ import handlers  # noqa: F401  (the "record" kind)
 import psycopg
 import pytest
 from click.testing import Result
-from conftest import TESTS, wait_for
+from conftest import LOCAL, TESTS, wait_for
 
 import claude_jobs
 
@@ -233,7 +233,7 @@ def test_the_api_answers_a_duplicate_with_200_and_the_holder(db_url: str) -> Non
     from starlette.testclient import TestClient
 
     body = {"payload": {"n": 1}, "kind": "record", "unique_key": "k", "unique_for": "10m"}
-    with TestClient(claude_jobs.web_app(db_url)) as client:
+    with TestClient(claude_jobs.web_app(db_url), base_url=LOCAL) as client:
         first = client.post("/api/jobs", json=body)
         again = client.post("/api/jobs", json=body)
     assert first.status_code == 201 and first.json()["duplicate"] is False

@@ -35,14 +35,17 @@ def register_worker(
     paused_until: datetime | None = None,
     reason: str | None = None,
 ) -> uuid.UUID:
-    """A live worker row (its heartbeat now), as `claude-jobs workers` would list it."""
+    """A live worker row (its heartbeat now, its lock held by this test's session), as
+    `claude-jobs workers` would list it."""
     worker_id = uuid.uuid4()
-    conn.execute(
+    (key,) = conn.execute(
         """INSERT INTO claude_jobs_workers (id, lock_key, host, pid, queues, kinds, concurrency,
                claude_paused_until, claude_paused_reason)
-           VALUES (%s, nextval('claude_jobs_worker_keys'), %s, 4120, %s, %s, 5, %s, %s)""",
+           VALUES (%s, nextval('claude_jobs_worker_keys'), %s, 4120, %s, %s, 5, %s, %s)
+           RETURNING lock_key""",
         [worker_id, host, list(queues), list(kinds), paused_until, reason],
-    )
+    ).fetchone()
+    conn.execute("SELECT pg_advisory_lock(%s, %s)", [claude_jobs.LOCK_NAMESPACE, key])
     return worker_id
 
 
@@ -443,6 +446,88 @@ def test_worktrees_prune_merged_deletes_merged_branches(
     assert merged.exit_code == 0, merged.output
     assert git(repo, "branch", "--list", branch) == ""
     assert f"deleted branch {branch} (merged)" in merged.output
+
+
+def test_a_worktree_with_commits_no_branch_holds_or_a_rebase_half_done_is_not_lost(
+    conn: psycopg.Connection, invoke, start_worker, claude_log: Path, repo: Path, tmp_path: Path
+) -> None:
+    """A commit made on a detached HEAD (a clean worktree, as git status sees it) is saved on a
+    branch before its worktree goes, by the worker and by prune; a worktree in the middle of a
+    rebase is kept."""
+    home = tmp_path / "home"
+    detached = claude_jobs.enqueue(conn, {"prompt": fake(run=[
+        ["git", "checkout", "-q", "--detach"], commit_file("lost.txt")]), "cwd": str(repo),
+        "worktree": True})  # fmt: skip
+    rebasing = claude_jobs.enqueue(
+        conn, {"prompt": fake(run=[commit_file("b.txt")]), "cwd": str(repo), "worktree": True}
+    )
+    assert start_worker("--burst", CLAUDE_JOBS_HOME=str(home)).wait() == 0
+    trees = {row["job_id"]: row["path"] for row in claude_jobs.list_worktrees(conn)}
+    assert Path(trees[detached.id]).exists()  # (the worker did not remove it)
+    assert not Path(trees[rebasing.id]).exists()  # (clean, its commit on its branch)
+    listed = invoke("--home", str(home), "worktrees").output
+    assert "1 on a detached HEAD only" in listed
+    lost = git(Path(trees[detached.id]), "rev-parse", "HEAD").strip()
+    branch = f"claude-jobs/{rebasing.id.hex[:12]}"
+    again = Path(trees[rebasing.id])
+    git(repo, "worktree", "add", "-q", str(again), branch)
+    editor = {**os.environ, "GIT_SEQUENCE_EDITOR": "sed -i 1s/^pick/edit/"}
+    subprocess.run(["git", "rebase", "-q", "-i", "HEAD~1"], cwd=again, env=editor, check=True,
+                   capture_output=True)  # fmt: skip
+    assert git(again, "status", "--porcelain") == ""  # (clean: only the rebase holds it)
+    assert "in the middle of a rebase" in invoke("--home", str(home), "worktrees").output
+    pruned = invoke("--home", str(home), "worktrees", "prune")
+    assert pruned.exit_code == 0, pruned.output
+    saved = f"claude-jobs/{detached.id.hex[:12]}-detached"
+    assert f"saved 1 commit(s) of the detached HEAD of {trees[detached.id]} on branch {saved}" in (
+        pruned.output
+    )
+    assert not Path(trees[detached.id]).exists()
+    assert git(repo, "rev-parse", saved).strip() == lost
+    assert f"kept {again}: it is in the middle of a rebase" in pruned.output and again.exists()
+
+
+@claude_jobs.handler("flaky-once")
+def flaky_once(job: claude_jobs.Job) -> str:
+    if job.attempts == 1:
+        raise RuntimeError("first attempt broke")
+    return "fine"
+
+
+def show_rows(invoke, job_id: Any) -> dict[str, str]:
+    """The rows of `show`, by name (the first word of each line)."""
+    lines = invoke("show", str(job_id)).output.splitlines()
+    return {line.split()[0]: line[10:] for line in lines if line[:1].isalpha() and len(line) > 9}
+
+
+def test_finished_jobs_show_earlier_errors_as_their_attempts_and_no_stale_reasons(
+    conn: psycopg.Connection, invoke, db_url: str
+) -> None:
+    job = claude_jobs.enqueue(conn, {}, kind="flaky-once", queue="flaky")
+    with claude_jobs.Worker(db_url, handlers={"flaky-once": flaky_once}, backoff_base=0.01,
+                            backoff_max=0.01) as worker:  # fmt: skip
+        worker.run_once()
+        wait_for(lambda: status_of(conn, job.id) == "queued", what="the retry")
+        wait_for(lambda: claude_jobs.get_job(conn, job.id).run_at <= datetime.now(UTC))
+        worker.run_once()
+    assert status_of(conn, job.id) == "succeeded"
+    rows = show_rows(invoke, job.id)
+    assert "error" not in rows and "why" not in rows
+    shown = invoke("show", str(job.id)).output
+    assert "attempt 1 (" in shown and "RuntimeError: first attempt broke" in shown
+    assert json.loads(invoke("show", str(job.id), "--json").output)["last_error"] is None
+    # cancelled while running, then retried: running again, nothing says it was cancelled
+    again = make_job(conn, status="cancelled", last_error="cancelled while running", attempts=1,
+                     errors=[{"attempt": 1, "error": "cancelled while running"}])  # fmt: skip
+    assert invoke("retry", str(again)).exit_code == 0
+    conn.execute("UPDATE claude_jobs SET status = 'running', attempts = 1 WHERE id = %s", [again])
+    assert "error" not in show_rows(invoke, again)
+    assert claude_jobs.get_job(conn, again).last_error is None
+    # a job that waited for another, both finished: nothing to wait for in `list`
+    first = make_job(conn, status="succeeded", queue="chain")
+    second = make_job(conn, status="succeeded", queue="chain", after=[first])
+    listed = invoke("list", "--queue", "chain").output
+    assert str(second)[:8] in listed and "after" not in listed and "WAITS FOR" not in listed
 
 
 # -- small things ------------------------------------------------------------------------------

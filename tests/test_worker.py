@@ -4,6 +4,7 @@ exactly-once across processes, crash recovery, shutdown, and losing the database
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import signal
 import subprocess
@@ -302,6 +303,34 @@ def test_jobs_of_a_worker_killed_with_sigkill_are_recovered_within_10s(
     assert "recovered" in survivor.log()
 
 
+def test_a_killed_worker_is_listed_lost_at_once_and_for_a_while_after_its_recovery(
+    conn: psycopg.Connection, start_worker, claude_log, invoke, tmp_path
+) -> None:
+    job = claude_jobs.enqueue(conn, {"prompt": fake(sleep=600), "cwd": str(tmp_path)})
+    doomed = start_worker("--concurrency", "1")
+    wait_for(lambda: status_of(conn, job.id) == "running", what="the job to start")
+    (row,) = claude_jobs.list_workers(conn)
+    survivor = start_worker("--concurrency", "1", "--queues", "elsewhere")
+    survivor.wait_for_log("started")
+    doomed.signal(signal.SIGKILL)
+    killed_at = time.monotonic()
+
+    def state() -> str | None:
+        return next((w["state"] for w in claude_jobs.list_workers(conn) if w["id"] == row["id"]),
+                    None)  # fmt: skip
+
+    wait_for(lambda: state() == "lost", 5, "the killed worker to be listed lost")
+    assert time.monotonic() - killed_at < 3  # (its session is gone: lost before its heartbeat ages)
+    wait_for(lambda: status_of(conn, job.id) == "queued", 15, "its job to go back")
+    time.sleep(1.0)  # (long after its recovery, it is still listed)
+    lost = next(w for w in claude_jobs.list_workers(conn) if w["id"] == row["id"])
+    assert (lost["state"], lost["recovered"], lost["running"]) == ("lost", 1, 0)
+    assert lost["lost_because"].startswith("its session ended")
+    table = invoke("workers").output
+    assert "lost" in table and "1 running job(s) went back" in table
+    assert json.loads(invoke("workers", "--json").output.splitlines()[0])["lost_at"] is not None
+
+
 def test_sigterm_stops_claiming_and_lets_running_jobs_finish(
     conn: psycopg.Connection, start_worker, claude_log, tmp_path
 ) -> None:
@@ -310,6 +339,7 @@ def test_sigterm_stops_claiming_and_lets_running_jobs_finish(
     wait_for(lambda: status_of(conn, running.id) == "running", what="the job to start")
     worker.signal(signal.SIGTERM)
     worker.wait_for_log("stopping: waiting for 1 running job(s)")
+    assert "a second Ctrl-C (or SIGTERM) stops them now" in worker.log()
     later = claude_jobs.enqueue(conn, {"prompt": "not now", "cwd": str(tmp_path)})
     assert worker.wait() == 0
     assert status_of(conn, running.id) == "succeeded"
@@ -639,7 +669,7 @@ def test_the_workers_sessions_run_without_jit(conn: psycopg.Connection, db_url: 
 
 
 def test_bad_options_from_python_are_refused_in_one_line(conn: psycopg.Connection) -> None:
-    with pytest.raises(claude_jobs.InvalidJob, match="no job"):
+    with pytest.raises(claude_jobs.JobNotFound, match="no job"):  # (an unknown id: exit 1)
         claude_jobs.enqueue(conn, {"name": "x"}, kind="note", after=[uuid.uuid4()])
     with pytest.raises(claude_jobs.InvalidJob, match="concurrency key contains a NUL"):
         claude_jobs.enqueue(conn, {"name": "x"}, kind="note", concurrency_key="a\x00b")
@@ -656,3 +686,71 @@ def test_a_payload_that_holds_itself_is_refused_in_one_line(conn: psycopg.Connec
     for kind, payload in (("note", {"name": loop}), ("claude", {"prompt": "p", "env": loop})):
         with pytest.raises(claude_jobs.InvalidJob, match="levels deep"):
             claude_jobs.enqueue(conn, payload, kind=kind)
+
+
+# -- parts that fail ------------------------------------------------------------------------------
+
+
+def _readyz(port: int) -> tuple[int, dict[str, Any]]:
+    import httpx2 as httpx
+
+    response = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5)
+    return response.status_code, response.json()
+
+
+def test_a_pass_that_raises_does_not_end_its_thread_and_the_worker_says_it_is_failing(
+    conn: psycopg.Connection, run_worker, invoke, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception of one pass (here one the scheduler could never have expected, as an
+    except clause naming a class its library lacks raises) is logged and counted: the thread
+    goes on, and after FAILING_PASSES in a row `workers`, the worker's health and its /readyz
+    say so, until a pass goes through again."""
+    broken = threading.Event()
+    broken.set()
+    calls: list[float] = []
+
+    def fire(conn: psycopg.Connection, **options: Any) -> list[Any]:
+        calls.append(time.monotonic())
+        if broken.is_set():
+            raise AttributeError("module 'psycopg.errors' has no attribute 'Imaginary'")
+        return []
+
+    monkeypatch.setattr(claude_jobs, "fire_due_schedules", fire)
+    running = run_worker(health_port=0)
+    worker = running.worker
+    port = worker._health.port
+    failing = claude_jobs.FAILING_PASSES
+    wait_for(lambda: len(calls) > failing, 30, "the scheduler to fail again and again")
+    health = worker.health()
+    assert health["trouble"].startswith("its scheduler failed ")
+    assert "passes in a row (AttributeError: module 'psycopg.errors'" in health["trouble"]
+    assert health["ready"] is False and _readyz(port)[0] == 503
+    wait_for(lambda: claude_jobs.list_workers(conn)[0]["state"] == "failing", 10, "the row")
+    (row,) = claude_jobs.list_workers(conn)
+    assert "scheduler failed" in row["trouble"] and "AttributeError" in row["trouble"]
+    table = invoke("workers").output
+    assert "failing" in table and "trouble: its scheduler failed" in table
+    broken.clear()
+    wait_for(lambda: worker.health()["trouble"] is None, 10, "a pass to go through")
+    assert _readyz(port)[0] == 200
+    scheduler = [t for t in worker._threads if t.name == "claude-jobs-scheduler"]
+    assert scheduler and scheduler[0].is_alive()
+    wait_for(lambda: claude_jobs.list_workers(conn)[0]["state"] == "alive", 10, "the row again")
+    running.stop()
+
+
+def test_a_part_whose_thread_dies_makes_the_worker_unready(
+    conn: psycopg.Connection, run_worker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def crash(self: Any) -> None:
+        raise RuntimeError("the janitor's own loop broke")
+
+    monkeypatch.setattr(claude_jobs._Janitor, "work", crash)
+    running = run_worker(health_port=0)
+    wait_for(lambda: running.worker.health()["trouble"], 10, "the pulse to say it died")
+    assert running.worker.health()["trouble"] == (
+        "its janitor died (RuntimeError: the janitor's own loop broke)"
+    )
+    assert _readyz(running.worker._health.port)[0] == 503
+    wait_for(lambda: claude_jobs.list_workers(conn)[0]["state"] == "failing", 10, "the row")
+    running.stop()
