@@ -451,6 +451,9 @@ class JobStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+FINISHED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
 @dataclass(frozen=True)
 class Job:
     """One row of ``claude_jobs``. Handlers receive it, with ``context`` set."""
@@ -545,6 +548,31 @@ def _jsonable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return [_jsonable(v) for v in value]
     return value
+
+
+def _storable(value: Any) -> Any:
+    """``value`` with what PostgreSQL cannot store in text or jsonb (NUL characters, unpaired
+    surrogates) replaced."""
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
+    if isinstance(value, dict):
+        return {_storable(k): _storable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_storable(v) for v in value]
+    return value
+
+
+def _to_json(value: Any) -> str:
+    """A handler's result as JSON text PostgreSQL accepts; ValueError when there is none."""
+    try:
+        return json.dumps(_storable(value), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as error:
+        raise ValueError(f"the handler's result is not JSON: {error}") from None
+
+
+def _no_constant(name: str) -> Any:
+    """json.loads takes NaN and Infinity by default; JSON has no such numbers."""
+    raise InvalidJob(f"{name} is not a JSON number")
 
 
 # -- how values read to people --------------------------------------------------------------
@@ -673,6 +701,101 @@ class Batch:
 
     def to_dict(self) -> dict[str, Any]:
         return {**_fields_of(self), "jobs": self.jobs, "ended": self.ended}
+
+
+class Verdict(enum.StrEnum):
+    """What an attempt came to (see decide)."""
+
+    SUCCEEDED = "succeeded"  # the handler returned: its result is stored
+    FAILED = "failed"  # retried after `delay` while attempts remain and it is not permanent
+    RELEASED = "released"  # back to the queue unspent, to run at `run_at` (None: now)
+    CANCELLED = "cancelled"  # `cancel` stopped it
+    ABANDONED = "abandoned"  # the claim is gone: nothing is written, another worker may run it
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What an attempt came to, as the record statement writes it."""
+
+    verdict: Verdict
+    result: str | None = None  # JSON: what the handler returned, or what claude said of a failure
+    error: str | None = None  # failed: the error; released: why it went back
+    traceback: str | None = None
+    permanent: bool = False  # failed: no retry can help
+    delay: float = 0.0  # failed: seconds before the next attempt
+    run_at: datetime | None = None  # released: when it runs again (None: now)
+    quiet: bool = False  # already logged when it was decided (a postponement, a busy key)
+
+
+@dataclass(frozen=True)
+class Spend:
+    """What one claude run spent on one model (for the ledger that outlives the jobs)."""
+
+    model: str = ""  # "" where claude did not say
+    runs: int = 0  # 1 on the first Spend of a claude run, 0 on the others of that run
+    cost_usd: float = 0.0
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_write_tokens: int = 0
+
+    @classmethod
+    def of_result(cls, result: Mapping[str, Any]) -> list[Spend]:
+        """What claude's result object says it spent: a Spend per model of its modelUsage,
+        or one for the whole run from its total cost and usage."""
+        models = result.get("modelUsage")
+        if isinstance(models, dict) and models:
+            names = ("costUSD", "inputTokens", "outputTokens", "cacheReadInputTokens",
+                     "cacheCreationInputTokens")  # fmt: skip
+            spent = [
+                cls._of(_storable(str(model))[:200], used, *names)
+                for model, used in models.items()
+                if isinstance(used, dict)
+            ]
+            return [dataclasses.replace(spent[0], runs=1), *spent[1:]] if spent else []
+        usage = result.get("usage") if isinstance(result.get("usage"), dict) else {}
+        names = ("total_cost_usd", "input_tokens", "output_tokens", "cache_read_input_tokens",
+                 "cache_creation_input_tokens")  # fmt: skip
+        spent = cls._of("", {**usage, "total_cost_usd": result.get("total_cost_usd")}, *names)
+        return [dataclasses.replace(spent, runs=1)] if spent != cls() else []
+
+    @classmethod
+    def _of(cls, model: str, numbers: Mapping[str, Any], cost: str, *tokens: str) -> Spend:
+        """A Spend from a mapping, by the names it gives the cost and the four token counts
+        (what is missing, or not a sane number, counts 0)."""
+
+        def number(name: str) -> float:
+            value = numbers.get(name)
+            ok = isinstance(value, int | float) and not isinstance(value, bool)
+            return float(value) if ok and 0 <= value < 1e15 else 0.0
+
+        return cls(model, 0, number(cost), *(int(number(name)) for name in tokens))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What a running attempt produced that is not written yet."""
+
+    transcript: str | None = None
+    session_id: str | None = None
+    cost_usd: float = 0.0
+    worktree: str | None = None  # JSON: the git worktree and branch the job runs in
+    spend: tuple[Spend, ...] = ()  # for the ledger
+
+    def __add__(self, later: Progress) -> Progress:
+        text = (self.transcript or "") + (later.transcript or "")
+        return Progress(
+            text[-TRANSCRIPT_LIMIT:] or None,
+            later.session_id or self.session_id,
+            self.cost_usd + later.cost_usd,
+            later.worktree or self.worktree,
+            self.spend + later.spend,
+        )
+
+    def __bool__(self) -> bool:
+        return bool(
+            self.transcript or self.session_id or self.cost_usd or self.worktree or self.spend
+        )
 
 
 ###############################################################################
@@ -2862,37 +2985,40 @@ def start_embedded(home: Path) -> str:
     return server.get_uri()
 
 
+def _savepoint(conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
+    """A savepoint in the caller's transaction, or a transaction of our own on an autocommit
+    connection. (psycopg would commit a block begun where no transaction is open yet: one
+    statement first opens the caller's, which stays the caller's to end.)"""
+    if not conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+        conn.execute(DATABASE_NOW)
+    return conn.transaction()
+
+
+def _atomic(conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
+    """A transaction of our own on an autocommit connection; else the caller's transaction."""
+    return conn.transaction() if conn.autocommit else contextlib.nullcontext()
+
+
+def _configure_worker_connection(conn: psycopg.Connection) -> None:
+    """The claim must walk its index in claim order, whatever the statistics say: right
+    after a bulk insert they can be so stale (a table analyzed while empty) that the planner
+    prefers sorting every ready job, on every claim. No other query of the worker sorts.
+    And no JIT: with a large backlog the claim's estimated cost passes jit_above_cost, and a
+    server built with LLVM (Debian's, for one) then compiles it on every call: 84 ms of JIT
+    for 0.2 ms of work. The worker's statements are all short; none gains from JIT. And
+    generic plans for the statements psycopg prepares (those run more than a few times): left
+    to choose, PostgreSQL plans the round's statements again on every call (a custom plan),
+    which costs it three to five times the work (1.5 ms against 0.3 for UNBLOCK). Their
+    texts are written for it: no flag parameter that changes which index serves them."""
+    conn.execute("SET enable_sort = off")
+    conn.execute("SET enable_seqscan = off")
+    conn.execute("SET jit = off")
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+
+
 ###############################################################################
-# Handler registry
+# Statements: one typed function per statement
 ###############################################################################
-
-Handler = Callable[[Job], Any]
-_HandlerT = TypeVar("_HandlerT", bound=Handler)
-
-#: Python job kinds registered with @handler, by kind. Workers run these and "claude".
-_registry: dict[str, Handler] = {}
-
-
-def handler(kind: str) -> Callable[[_HandlerT], _HandlerT]:
-    """Register a function as the handler of jobs of ``kind``.
-
-    The function receives the Job (``job.context`` gives the stop event and deadline) and may
-    return a JSON-able value, stored as the job's result. Raising retries the job with backoff;
-    raising PermanentError fails it at once.
-    """
-    if not kind or kind == DEFAULT_KIND:
-        raise ConfigError(f"cannot register a handler for kind {kind!r}")
-
-    def register(fn: _HandlerT) -> _HandlerT:
-        _registry[kind] = fn
-        return fn
-
-    return register
-
-
-def registered_kinds() -> list[str]:
-    """Every kind this process can run: claude and the registered Python kinds."""
-    return sorted({DEFAULT_KIND, *_registry})
 
 
 # -- statements ------------------------------------------------------------------------------
@@ -3182,6 +3308,128 @@ def _db_key_taken(
     return dict(conn.execute(KEY_TAKEN, params).fetchall())
 
 
+@dataclass(frozen=True)
+class _Row:
+    """One row for the record statement: a claimed job, what its attempt came to (None: it
+    runs on, and only its progress is written), and its progress."""
+
+    job_id: uuid.UUID
+    claim: uuid.UUID | None
+    outcome: Outcome | None
+    progress: Progress
+    key: str | None = None  # the concurrency key whose slot it gives up when it ends
+
+
+def _slot_key(job: Job) -> str | None:
+    """The concurrency key of which the job takes a slot while it runs (None: no limit)."""
+    return job.concurrency_key if job.concurrency_limit else None
+
+
+#: The outcome columns of a row that brings progress only.
+_NO_OUTCOME = Outcome(Verdict.SUCCEEDED)
+
+
+def _record_params(rows: Sequence[_Row], host: str) -> dict[str, Any]:
+    """The one place where outcomes and progress become the record statement's parameters:
+    the rows as one JSON array (a progress row's outcome fields empty), then what claude
+    spent and the worktrees, by job; ``host``: where the worktrees are. (JSON: one
+    parameter, where an array per column cost the worker more than the statement.)"""
+    records, spent = [], []
+    for row in rows:
+        outcome, progress, job_id = row.outcome or _NO_OUTCOME, row.progress, str(row.job_id)
+        records.append({
+            "id": job_id, "claim": str(row.claim) if row.claim else None,
+            "verdict": row.outcome.verdict if row.outcome else "progress",
+            "result": outcome.result, "error": outcome.error, "traceback": outcome.traceback,
+            "permanent": outcome.permanent, "delay": outcome.delay,
+            "run_at": outcome.run_at.isoformat() if outcome.run_at else None,
+            "transcript": progress.transcript, "session_id": progress.session_id,
+            "cost_usd": progress.cost_usd, "worktree": progress.worktree,
+        })  # fmt: skip
+        spent += [{"job_id": job_id, "model": each.model, "runs": each.runs,
+                   "cost": each.cost_usd, "input": each.input_tokens,
+                   "output": each.output_tokens, "cache_read": each.cache_read_tokens,
+                   "cache_write": each.cache_write_tokens}
+                  for each in progress.spend]  # fmt: skip
+    return {
+        "rows": json.dumps(records, ensure_ascii=False),
+        "spend": json.dumps(spent, ensure_ascii=False),
+        "host": host,
+        "limit": TRANSCRIPT_LIMIT,
+        "output": OUTPUT_CHANNEL,
+    }
+
+
+@functools.cache
+def _positional(query: str) -> tuple[str, tuple[str, ...]]:
+    """``query`` with $1, $2... for its %(name)s placeholders, and the names in that order,
+    for a raw cursor: psycopg parses again on every call a statement longer than 4 kB."""
+    names: list[str] = []
+
+    def number(match: re.Match[str]) -> str:
+        if match.group(1) not in names:
+            names.append(match.group(1))
+        return f"${names.index(match.group(1)) + 1}"
+
+    return re.sub(r"%\((\w+)\)s", number, query), tuple(names)
+
+
+def _db_record(
+    conn: psycopg.Connection, rows: Sequence[_Row], host: str
+) -> psycopg.Cursor[Any] | None:
+    """Send the record statement (see RECORD) for these rows, then what unblocks the jobs
+    waiting for those that ended (in the caller's transaction or pipeline), for their new
+    statuses to be fetched (a row fenced out is missing): (job, status, run_at). None with
+    no rows."""
+    if not rows:
+        return None
+    text, names = _positional(RECORD)
+    params = _record_params(rows, host)
+    recorded = psycopg.RawCursor(conn).execute(text, [params[name] for name in names])
+    ended = [row for row in rows if row.outcome is not None]
+    if ended:
+        _db_unblock(conn, [row.job_id for row in ended], [row.key for row in ended])
+    return recorded
+
+
+def _db_recorded(cursor: psycopg.Cursor[Any] | None) -> dict[uuid.UUID, str]:
+    """The new status of each row a record statement wrote."""
+    return {} if cursor is None else {job_id: status for job_id, status, _ in cursor.fetchall()}
+
+
+###############################################################################
+# Handler registry
+###############################################################################
+
+Handler = Callable[[Job], Any]
+_HandlerT = TypeVar("_HandlerT", bound=Handler)
+
+#: Python job kinds registered with @handler, by kind. Workers run these and "claude".
+_registry: dict[str, Handler] = {}
+
+
+def handler(kind: str) -> Callable[[_HandlerT], _HandlerT]:
+    """Register a function as the handler of jobs of ``kind``.
+
+    The function receives the Job (``job.context`` gives the stop event and deadline) and may
+    return a JSON-able value, stored as the job's result. Raising retries the job with backoff;
+    raising PermanentError fails it at once.
+    """
+    if not kind or kind == DEFAULT_KIND:
+        raise ConfigError(f"cannot register a handler for kind {kind!r}")
+
+    def register(fn: _HandlerT) -> _HandlerT:
+        _registry[kind] = fn
+        return fn
+
+    return register
+
+
+def registered_kinds() -> list[str]:
+    """Every kind this process can run: claude and the registered Python kinds."""
+    return sorted({DEFAULT_KIND, *_registry})
+
+
 ###############################################################################
 # Git: what worktree jobs need of it
 ###############################################################################
@@ -3324,7 +3572,7 @@ def _detached_commits(path: str | Path) -> int:
 
 
 ###############################################################################
-# Queue API
+# Queue API: options and payloads
 ###############################################################################
 
 _DURATION = re.compile(r"(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m(?!s))?(?:(\d+(?:\.\d+)?)s)?(?:(\d+)ms)?")
@@ -3845,78 +4093,6 @@ def _with_checked_callbacks(options: JobOptions, base_dir: str | Path | None) ->
     return dataclasses.replace(options, **changes) if changes else options
 
 
-_MadeT = TypeVar("_MadeT", bound="Job | Enqueued")
-
-
-def _into_batch(
-    conn: psycopg.Connection, options: JobOptions, insert: Callable[[uuid.UUID | None], _MadeT]
-) -> _MadeT:
-    """``insert(batch)`` the jobs of ``options`` into its batch: the open one of its name, or a
-    new one; its callbacks set to those of ``options`` (checked: see _with_checked_callbacks).
-
-    The jobs go in first and the batch's row is locked after, until the end of the
-    transaction (FOR SHARE: enqueuers to a batch do not wait for each other, but for one that
-    changes its callbacks): what ends a batch's last job waits for that lock, then sees the
-    new jobs, and the batch stays open. In that order an enqueue never holds the batch while
-    it waits for a job's row (a unique key's holder being ended), which the ender, holding
-    that row, would wait for in turn. (A caller's transaction that goes on after an enqueue
-    holds the lock meanwhile: two that both go on to end jobs of the batch can deadlock, and
-    PostgreSQL then undoes one.) If the batch finished meanwhile, the jobs go again, into a
-    new one. If all were duplicates (their unique keys taken), no batch is opened or
-    changed."""
-    if options.batch is None:
-        return insert(None)
-    params = {
-        "id": uuid.uuid4(),
-        "name": options.batch,
-        "on_finish": _callback_spec(options, options.on_finish),
-        "on_success": _callback_spec(options, options.on_success),
-    }
-    callbacks = params["on_finish"] is not None or params["on_success"] is not None
-    while True:
-        with _savepoint(conn) as savepoint:
-            batch = _open_batch(conn, params)
-            made = insert(batch)
-            new = not made.duplicate if isinstance(made, Job) else len(made.duplicates) < len(made)
-            if new:
-                held = {**params, "id": batch}
-                changed = callbacks and conn.execute(CHANGE_BATCH_CALLBACKS, held).fetchone()
-                if changed or conn.execute(HOLD_BATCH, held).fetchone() is not None:
-                    return made
-            # (all duplicates: undone, no batch touched; else the batch finished meanwhile:
-            # undone, and again, into a new one)
-            raise psycopg.Rollback(savepoint)
-        if not new:
-            return made
-
-
-def _open_batch(conn: psycopg.Connection, params: dict[str, Any]) -> uuid.UUID:
-    """The id of the open batch of a name, opened if none is (OPEN_BATCH's ``params``)."""
-    while True:  # (one of that name opened or finished between the two: look again)
-        if (row := conn.execute(FIND_BATCH, params).fetchone()) is not None:
-            return row[0]
-        if (row := conn.execute(OPEN_BATCH, params).fetchone()) is not None:
-            return row[0]
-
-
-def _callback_spec(options: JobOptions, payload: Mapping[str, Any] | None) -> str | None:
-    """What a batch keeps of a callback (checked), to queue it when the batch ends: a job of
-    the kind and options of the jobs that set it (see claude_jobs_finish_batches)."""
-    if payload is None:
-        return None
-    prepared = _as_prepared(options.kind, payload)
-    plain = dataclasses.replace(
-        options, unique_key=None, unique_for=None, batch=None, on_finish=None, on_success=None
-    )
-    row = _row(plain, prepared)
-    return json.dumps({
-        "queue": options.queue, "kind": options.kind, "priority": options.priority,
-        "payload": prepared.payload, "max_attempts": options.max_attempts,
-        "timeout": row["timeout"], "concurrency_key": row["concurrency_key"],
-        "concurrency_limit": options.concurrency_limit,
-    })  # fmt: skip
-
-
 def _checked_payload(
     kind: str,
     payload: Any,
@@ -4034,72 +4210,6 @@ def _row(options: JobOptions, prepared: _Prepared, previous: Job | None = None) 
         "unique_key": unique_key,
         "unique_for": unique_for,
     }
-
-
-def job_statuses(
-    conn: psycopg.Connection, ids: Sequence[uuid.UUID]
-) -> dict[uuid.UUID, tuple[str, str | None]]:
-    """The status of each of these jobs that exists, and the host that keeps its claude
-    session (what a job waiting for them waits for)."""
-    if not ids:
-        return {}
-    rows = conn.execute(JOB_STATUSES, {"ids": list(ids)}).fetchall()
-    return {job_id: (status, host) for job_id, status, host in rows}
-
-
-@dataclass(frozen=True)
-class _Chain:
-    """What a new job waits for: the jobs it runs after, the claude job it continues, and
-    whether any of them is not over yet (it is enqueued blocked, then)."""
-
-    after: list[uuid.UUID] | None
-    previous: Job | None
-    waits: bool
-
-
-def _chain(conn: psycopg.Connection, options: JobOptions) -> _Chain:
-    """The jobs this one waits for (they must exist, and not have failed or been cancelled)
-    and the claude job it continues."""
-    try:
-        after = [resolve_job_id(conn, job_id) for job_id in options.after] or None
-    except JobNotFound as error:
-        raise JobNotFound(f"cannot wait for it: {error}") from None
-    found = job_statuses(conn, after or [])
-    for job_id in after or ():
-        if job_id not in found:
-            raise JobNotFound(f"cannot wait for it: no job {job_id}")
-        status = found[job_id][0]
-        if status in (JobStatus.FAILED, JobStatus.CANCELLED):
-            raise InvalidJob(f"cannot wait for job {job_id}: it is {status}")
-    previous = get_job(conn, options.continue_from) if options.continue_from else None
-    if previous is not None and previous.kind != DEFAULT_KIND:
-        raise InvalidJob(f"job {previous.id} is not a claude job: there is no session to continue")
-    waits = any(found[job_id][0] != JobStatus.SUCCEEDED for job_id in after or ()) or (
-        previous is not None and previous.status in (JobStatus.QUEUED, JobStatus.RUNNING)
-    )
-    return _Chain(after, previous, waits)
-
-
-def _blocked(
-    conn: psycopg.Connection, options: JobOptions, keys: Sequence[str | None], waits: bool
-) -> list[str | None]:
-    """How each of these new jobs (of these concurrency keys, in enqueue order) is marked:
-    "jobs" (all of them) when they wait for jobs not over yet; else "key" for those that find
-    every slot of their key taken (by jobs running, and those queued ahead of them), None for
-    the rest. (A mark only keeps a job out of the claim's way: see UNBLOCK.)"""
-    if waits:
-        return ["jobs"] * len(keys)
-    limit = options.concurrency_limit
-    distinct = {key for key in keys if key is not None}
-    if not limit or not distinct:
-        return [None] * len(keys)
-    taken = _db_key_taken(conn, distinct, options.priority, options.run_at, limit)
-    marks: list[str | None] = []
-    for key in keys:
-        marks.append(None if key is None or taken[key] < limit else "key")
-        if key is not None:
-            taken[key] += 1
-    return marks
 
 
 def _continuing(payload: Any, previous: Job | None) -> Any:
@@ -4230,6 +4340,591 @@ def _payload_json(payload: dict[str, Any]) -> str:
     except UnicodeEncodeError:
         raise InvalidJob("the payload contains text that is not valid Unicode") from None
     return text
+
+
+###############################################################################
+# Queue API: reading and explaining jobs
+###############################################################################
+
+
+def resolve_job_id(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID:
+    """The job whose id is ``text``, or starts with it (at least 6 hex digits, as git does).
+
+    InvalidJob for what cannot be an id, or for a prefix of several; JobNotFound when no job
+    matches.
+    """
+    if isinstance(text, uuid.UUID):
+        return text
+    digits = text.strip().lower().replace("-", "")
+    if len(digits) == 32 and re.fullmatch(r"[0-9a-f]{32}", digits):
+        return uuid.UUID(digits)
+    if not re.fullmatch(r"[0-9a-f]{6,31}", digits):
+        raise InvalidJob(f"{text!r} is not a job id: give an id, or its first 6 or more digits")
+    found = _by_prefix(conn, JOBS_IN_RANGE, text)
+    if found is None:
+        raise JobNotFound(f"no job {text.strip()}")
+    return found
+
+
+def _by_prefix(conn: psycopg.Connection, query: str, text: str) -> uuid.UUID | None:
+    """The one id that begins with the hex digits of ``text`` (``query``: the ids in a range,
+    at most 6), None if none does; InvalidJob naming them if several do."""
+    digits = text.strip().lower().replace("-", "")
+    bounds = {"low": digits.ljust(32, "0"), "high": digits.ljust(32, "f")}
+    ids = [row[0] for row in conn.execute(query, bounds).fetchall()]
+    if len(ids) > 1:
+        shown = ", ".join(str(each) for each in ids[:5]) + (", ..." if len(ids) > 5 else "")
+        raise InvalidJob(f"{text.strip()} is ambiguous: it begins {shown}")
+    return ids[0] if ids else None
+
+
+def get_job(conn: psycopg.Connection, job_id: uuid.UUID | str, *, transcript: bool = True) -> Job:
+    """One job (by id or unique prefix), with its transcript unless not asked for (it may
+    be a megabyte); JobNotFound when there is none."""
+    key = resolve_job_id(conn, job_id)
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(GET_JOB if transcript else GET_JOB_STATE, {"id": key}).fetchone()
+    if row is None:
+        raise JobNotFound(f"no job {key}")
+    return Job.from_row(row)
+
+
+def job_statuses(
+    conn: psycopg.Connection, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, tuple[str, str | None]]:
+    """The status of each of these jobs that exists, and the host that keeps its claude
+    session (what a job waiting for them waits for)."""
+    if not ids:
+        return {}
+    rows = conn.execute(JOB_STATUSES, {"ids": list(ids)}).fetchall()
+    return {job_id: (status, host) for job_id, status, host in rows}
+
+
+def list_jobs(
+    conn: psycopg.Connection,
+    *,
+    statuses: Sequence[str] | None = None,
+    queue: str | None = None,
+    kind: str | None = None,
+    since: datetime | None = None,
+    text: str | None = None,
+    cwd: str | None = None,
+    batch: uuid.UUID | None = None,
+    before: Job | tuple[datetime, int, uuid.UUID] | None = None,
+    limit: int = 50,
+) -> list[Job]:
+    """Jobs newest first, in enqueue order (without their transcripts), filtered by each
+    given argument: ``text`` found in the prompt (any case), ``cwd`` the prompt's directory,
+    ``batch`` the batch's id; ``before``: the page after the one that ended with this job (or
+    its (created_at, seq, id))."""
+    if isinstance(before, Job):
+        before = (before.created_at, before.seq, before.id)
+    params = {
+        "statuses": list(statuses) if statuses else None,
+        "queue": queue,
+        "kind": kind,
+        "since": since,
+        "text": text,
+        "cwd": cwd,
+        "batch": batch,
+        "before_at": before and before[0],
+        "before_seq": before and before[1],
+        "before_id": before and before[2],
+        "limit": limit,
+    }
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [Job.from_row(row) for row in cur.execute(LIST_JOBS, params).fetchall()]
+
+
+def resolve_batch(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID:
+    """The batch named ``text`` (the open one, else the newest of that name), or whose id is
+    or begins with it (6 hex digits or more); NotFound, or InvalidJob for an ambiguous
+    prefix."""
+    if isinstance(text, uuid.UUID):
+        return text
+    if row := conn.execute(BATCH_BY_NAME, {"name": text}).fetchone():
+        return row[0]
+    digits = text.strip().lower().replace("-", "")
+    if re.fullmatch(r"[0-9a-f]{6,32}", digits) and (
+        found := _by_prefix(conn, BATCHES_IN_RANGE, text)
+    ):
+        return found
+    raise NotFound(f"no batch {text!r}")
+
+
+def get_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> Batch:
+    """A batch (by name or id: see resolve_batch) and its progress."""
+    key = resolve_batch(conn, batch)
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(GET_BATCH, {"id": key}).fetchone()
+    if row is None:
+        raise NotFound(f"no batch {batch!r}")
+    return Batch.from_row(row)
+
+
+def list_batches(
+    conn: psycopg.Connection, *, only_open: bool = False, limit: int = 50
+) -> list[Batch]:
+    """The newest batches (``only_open``: those not finished), each with its progress."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(LIST_BATCHES, {"open": only_open, "limit": limit}).fetchall()
+    return [Batch.from_row(row) for row in rows]
+
+
+def batch_results(conn: psycopg.Connection, batch: uuid.UUID) -> list[dict[str, Any]]:
+    """What each job of a batch came to, in the order they were queued: id, status, prompt
+    (a claude job's), result (a claude job's answer, or the handler's result), cost_usd and
+    error (the last one)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(BATCH_RESULTS, {"id": batch}).fetchall()
+
+
+def paused_queues(conn: psycopg.Connection) -> set[str]:
+    """The queues that workers do not claim from."""
+    return {row[0] for row in conn.execute(PAUSED_QUEUES).fetchall()}
+
+
+def queue_stats(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Per queue: jobs by status, the oldest ready job's age, the last hour's outcomes, the
+    median and p95 run time of the last day, and the cost of its claude jobs."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(QUEUE_STATS).fetchall()
+
+
+def job_counts(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Per queue and status (kept counts, as cheap at a million jobs as at ten): ``jobs``
+    there are now, ``entered``: jobs that ever entered the status (cleanup does not lower it),
+    ``cost_usd`` of the jobs there are, ``run_seconds``: the run times of the jobs that
+    ended there after running."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(JOB_COUNTS).fetchall()
+
+
+def run_times(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Per queue and status (succeeded or failed), how many runs took at most ``le``
+    seconds, for each bound of the histogram (the last one: infinity)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(RUN_TIMES).fetchall()
+
+
+def cost_stats(conn: psycopg.Connection, days: int = 7) -> list[dict[str, Any]]:
+    """What claude spent in the last ``days`` UTC days (today included), by the ledger that
+    outlives the jobs, per day, queue and model, newest day first: day, queue, model ("" where
+    claude did not say), runs, cost_usd, input_tokens, output_tokens, cache_read_tokens,
+    cache_write_tokens."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(COST_STATS, {"days": days}).fetchall()
+
+
+def list_holds(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """The kinds no worker starts now (a usage limit of claude): kind, until, reason."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return [
+            {k: row[k] for k in ("kind", "until", "reason")}
+            for row in cur.execute(HOLDS).fetchall()
+        ]
+
+
+def list_workers(conn: psycopg.Connection) -> list[dict[str, Any]]:
+    """Registered workers: host, pid, queues, jobs running now, started, last heartbeat,
+    ``lost`` (its session is gone, or no heartbeat within the lock grace period: dead, or cut
+    off), ``draining_since`` (asked to drain), ``trouble`` (what is wrong with its parts: a
+    thread died, or keeps failing), ``state`` (lost, failing, draining or alive), and until
+    when and why it starts no claude job (claude_paused_until, claude_paused_reason). Then
+    the workers found dead in the last LOST_WORKERS_KEPT seconds, lost, with ``lost_at``,
+    ``lost_because`` and how many of their running jobs went back (``recovered``)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        workers = cur.execute(LIST_WORKERS).fetchall()
+    for worker in workers:
+        worker["lost"] = worker.pop("unlocked") or worker["silent_seconds"] > LOCK_GRACE
+        worker["state"] = (
+            "lost" if worker["lost"] else "failing" if worker["trouble"]
+            else "draining" if worker["draining_since"] else "alive"
+        )  # fmt: skip
+    return workers
+
+
+def queue_known(conn: psycopg.Connection, queue: str) -> bool:
+    """Whether any job (or what claude spent) ever used ``queue``: a name that none did is
+    likely a typo."""
+    return bool(conn.execute(QUEUE_KNOWN, {"queue": queue}).fetchone()[0])  # type: ignore[index]
+
+
+def known_queues(conn: psycopg.Connection) -> list[str]:
+    """The queues that jobs, or the ledger of what claude spent, name."""
+    return [row[0] for row in conn.execute(KNOWN_QUEUES).fetchall()]
+
+
+def count_queued(conn: psycopg.Connection, queue: str) -> int:
+    """How many jobs wait in ``queue``."""
+    return conn.execute(COUNT_QUEUED, {"queue": queue}).fetchone()[0]  # type: ignore[index]
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why a job does not run now, or ended as it did: ``text`` says it in a sentence (for
+    `show`, `logs -f`, `--wait`), ``short`` in a few words for a column of `list` (empty when
+    there is nothing to mark there)."""
+
+    short: str
+    text: str
+
+    @property
+    def gist(self) -> str:
+        """The reason without its relative times ("in 3m", "12s ago"), which change by the
+        second: what tells that the reason itself changed."""
+        return re.sub(r" \((?:in [^()]*|[^()]* ago)\)", "", self.text)
+
+
+@dataclass(frozen=True)
+class _Circumstances:
+    """What decides whether jobs can run now, read once for many jobs (see explain_jobs)."""
+
+    now: datetime
+    paused: frozenset[str]  # queues
+    holds: Mapping[str, Mapping[str, Any]]  # kind: until, reason
+    workers: Sequence[Mapping[str, Any]]  # the live ones, as list_workers gives them
+    awaited: Mapping[uuid.UUID, tuple[str, str | None]]  # job: status, host of its session
+    holders: Mapping[str, Sequence[uuid.UUID]]  # concurrency key: running jobs holding it
+
+
+def explain_jobs(conn: psycopg.Connection, jobs: Sequence[Job]) -> dict[uuid.UUID, Waiting]:
+    """Why each of these jobs waits (queued), or is stuck (running on a lost worker), or ended
+    as it did (failed, cancelled); jobs with nothing to explain are left out."""
+    open_jobs = [job for job in jobs if job.status in (JobStatus.QUEUED, JobStatus.RUNNING)]
+    keys = sorted({job.concurrency_key for job in open_jobs if job.concurrency_key})
+    holders: dict[str, list[uuid.UUID]] = {}
+    if keys:
+        holders = dict(conn.execute(KEY_HOLDERS, {"keys": keys}).fetchall())
+    seen = _Circumstances(
+        now=datetime.now(UTC),
+        paused=frozenset(paused_queues(conn)) if open_jobs else frozenset(),
+        holds={hold["kind"]: hold for hold in list_holds(conn)} if open_jobs else {},
+        workers=[w for w in list_workers(conn) if not w["lost"]] if open_jobs else [],
+        awaited=job_statuses(conn, [each for job in open_jobs for each in job.awaits]),
+        holders=holders,
+    )
+    reasons = {job.id: _waiting(job, seen) for job in jobs}
+    return {job_id: reason for job_id, reason in reasons.items() if reason is not None}
+
+
+def _waiting(job: Job, seen: _Circumstances) -> Waiting | None:
+    """Why ``job`` waits, or ended as it did, from what was ``seen`` of the queue; None when
+    there is nothing to say (it runs, or succeeded). The first reason that holds, in the order
+    a worker would meet them."""
+    if job.status == JobStatus.SUCCEEDED:
+        return None
+    if job.status == JobStatus.CANCELLED:
+        return Waiting("", job.last_error or "cancelled")
+    if job.status == JobStatus.FAILED:
+        permanent = bool(job.errors) and bool(job.errors[-1].get("permanent"))
+        how = "its error is one no retry can fix" if permanent else "its attempts are spent"
+        return Waiting("", f"it failed for good: {how} ({job.attempts} of {job.max_attempts})")
+    if job.status == JobStatus.RUNNING:
+        if not any(worker["id"] == job.worker_id for worker in seen.workers):
+            then = "within seconds" if seen.workers else "when a worker starts"
+            return Waiting(
+                "worker lost",
+                f"its worker {job.worker} is lost: a live worker puts the job back {then}",
+            )
+        return None
+    if job.queue in seen.paused:
+        return Waiting("paused", f"queue {job.queue} is paused: `claude-jobs resume {job.queue}`")
+    if job.run_at > seen.now:
+        return _waiting_for_time(job, seen.now)
+    return _waiting_for_others(job, seen) or _waiting_for_a_worker(job, seen)
+
+
+def _waiting_for_time(job: Job, now: datetime) -> Waiting:
+    """A queued job whose run_at is still to come: after a failed attempt, a limit, or as
+    enqueued."""
+    when, soon = f"{job.run_at.astimezone():%Y-%m-%d %H:%M:%S %Z}", _ago(job.run_at, now)
+    error = job.last_error
+    if error and error.startswith(USAGE_LIMIT_NOTE):
+        return Waiting(f"limit, {soon}", f"{error}; it runs again at {when} ({soon})")
+    if error and job.attempts and job.errors and job.errors[-1].get("error") == error:
+        failed = f"attempt {job.attempts} of {job.max_attempts} failed ({error})"
+        return Waiting(f"retry {soon}", f"{failed}; it runs again at {when} ({soon})")
+    if error:
+        return Waiting(f"due {soon}", f"{error}; it runs again at {when} ({soon})")
+    return Waiting(f"due {soon}", f"it is due at {when} ({soon})")
+
+
+def _waiting_for_others(job: Job, seen: _Circumstances) -> Waiting | None:
+    """What a ready job waits for that other jobs hold: jobs it waits for, the job it
+    continues (and the host of its session), a hold on its kind, its concurrency key."""
+    blocking = [
+        (each, seen.awaited.get(each, ("gone", None))[0])
+        for each in job.after or ()
+        if seen.awaited.get(each, ("gone", None))[0] != JobStatus.SUCCEEDED
+    ]
+    if blocking:
+        jobs = ", ".join(f"{each} ({status})" for each, status in blocking)
+        short = "after " + ",".join(str(each)[:8] for each, _ in blocking)
+        return Waiting(short, f"it waits for job{'s' * (len(blocking) > 1)} {jobs} to succeed")
+    if job.continue_from is not None:
+        status, host = seen.awaited.get(job.continue_from, ("gone", None))
+        if status not in FINISHED_STATUSES:
+            short = f"continues {str(job.continue_from)[:8]}"
+            return Waiting(short, f"it waits for job {job.continue_from} ({status}) to finish")
+        if host and not [w for w in _takers(job, seen) if w["host"] == host]:
+            return Waiting(
+                f"on {host}",
+                f"it runs only on {host}, where the claude session of job {job.continue_from} "
+                "is kept, and no live worker there takes it",
+            )
+    hold = seen.holds.get(job.kind)
+    if hold is not None:
+        until = f"{hold['until'].astimezone():%Y-%m-%d %H:%M %Z} ({_ago(hold['until'], seen.now)})"
+        return Waiting("held", f"no worker starts {job.kind} jobs until {until}: {hold['reason']}")
+    held_by = seen.holders.get(job.concurrency_key or "", ())
+    if job.concurrency_key and job.concurrency_limit and len(held_by) >= job.concurrency_limit:
+        jobs = ", ".join(map(str, held_by))
+        return Waiting(
+            "key busy",
+            f"it waits for its concurrency key {job.concurrency_key}, held by "
+            f"job{'s' * (len(held_by) > 1)} {jobs}",
+        )
+    return None
+
+
+def _takers(job: Job, seen: _Circumstances) -> list[Mapping[str, Any]]:
+    """The live workers that take jobs of this kind from this queue."""
+    return [
+        worker
+        for worker in seen.workers
+        if job.kind in worker["kinds"]
+        and ("*" in worker["queues"] or job.queue in worker["queues"])
+    ]
+
+
+def _waiting_for_a_worker(job: Job, seen: _Circumstances) -> Waiting:
+    """A job nothing else holds back: it waits for a worker, if one takes it and can run it."""
+    takers = _takers(job, seen)
+    if not takers:  # (not marked in `list`: every queued job would be, until one starts)
+        return Waiting(
+            "",
+            f"no live worker takes {job.kind} jobs of queue {job.queue}: start one "
+            "(`claude-jobs worker`)",
+        )
+    unfit = [w for w in takers if job.kind == DEFAULT_KIND and w["claude_paused_until"]]
+    if len(unfit) == len(takers):
+        said = "; ".join(
+            f"{w['host']}:{w['pid']} starts none until "
+            f"{w['claude_paused_until'].astimezone():%H:%M}: {w['claude_paused_reason']}"
+            for w in unfit
+        )
+        return Waiting("no fit worker", f"no live worker can run {job.kind} jobs now: {said}")
+    return Waiting("", "ready: it waits for a free worker")
+
+
+@dataclass(frozen=True)
+class FollowUpdate:
+    """What changed in a followed job: its state, and the transcript text it gained."""
+
+    status: JobStatus
+    attempts: int
+    max_attempts: int
+    last_error: str | None
+    run_at: datetime
+    worker: str | None
+    queue: str
+    text: str  # new transcript text
+    skipped: int  # characters of transcript that went past unseen (the kept tail is bounded)
+    worker_lost: bool = False  # running, but its worker is gone: it waits for recovery
+    paused: bool = False  # its queue is paused
+    why: str | None = None  # why it waits, or ended as it did (see explain_jobs)
+    gist: str | None = None  # that reason, without what changes by the second
+
+    @property
+    def finished(self) -> bool:
+        return self.status in FINISHED_STATUSES
+
+    @property
+    def state(self) -> tuple[Any, ...]:
+        """What a follower is told of when it changes (not the transcript)."""
+        return (self.status, self.attempts, self.run_at, self.worker, self.worker_lost,
+                self.paused, self.gist)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        """The state as JSON-able values (not the transcript text)."""
+        return _fields_of(self, skip={"text", "skipped", "gist"})
+
+
+def follow_job(
+    conn: psycopg.Connection, job_id: uuid.UUID | str, *, since: int = 0, poll: float = 5.0
+) -> Iterator[FollowUpdate]:
+    """Follow a job until it finishes: an update when its transcript grows (the worker's
+    NOTIFY wakes us) or its state or why it waits changes (looked at every ``poll`` seconds,
+    at least every 2 while it is queued); the last one is the finished job. ``since``:
+    transcript characters already seen. ``conn`` must be in autocommit mode (notifications
+    arrive between transactions)."""
+    key = resolve_job_id(conn, job_id)
+    _db_listen(conn, OUTPUT_CHANNEL)
+    seen, last_state = since, None
+    while True:
+        update = job_update(conn, key, seen)
+        seen += len(update.text) + update.skipped
+        if update.text or update.skipped or update.state != last_state:
+            yield update
+        if update.finished:
+            return
+        last_state = update.state
+        wait = min(poll, 2.0) if update.status == JobStatus.QUEUED else poll
+        for notice in conn.notifies(timeout=wait):
+            if notice.payload == str(key):
+                break
+
+
+def job_update(conn: psycopg.Connection, job_id: uuid.UUID, seen: int = 0) -> FollowUpdate:
+    """A job's state now, why it waits, and the transcript text it gained after the first
+    ``seen`` characters (what went past the kept tail unseen: ``skipped``)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        params = {"id": job_id, "seen": seen, "grace": LOCK_GRACE}
+        row = cur.execute(FOLLOW_JOB, params).fetchone()
+    if row is None:
+        raise JobNotFound(f"job {job_id} was deleted")
+    job, text = Job.from_row(row), row["new"] or ""
+    reason = explain_jobs(conn, [job]).get(job_id)
+    return FollowUpdate(
+        status=job.status, attempts=job.attempts, max_attempts=job.max_attempts,
+        last_error=job.last_error, run_at=job.run_at, worker=job.worker, queue=job.queue,
+        text=text, skipped=max(0, job.transcript_size - seen - len(text)),
+        worker_lost=row["worker_lost"], paused=row["paused"],
+        why=reason and reason.text, gist=reason and reason.gist,
+    )  # fmt: skip
+
+
+###############################################################################
+# Queue API: enqueue, batches and unique keys
+###############################################################################
+
+
+@dataclass(frozen=True)
+class _Chain:
+    """What a new job waits for: the jobs it runs after, the claude job it continues, and
+    whether any of them is not over yet (it is enqueued blocked, then)."""
+
+    after: list[uuid.UUID] | None
+    previous: Job | None
+    waits: bool
+
+
+def _chain(conn: psycopg.Connection, options: JobOptions) -> _Chain:
+    """The jobs this one waits for (they must exist, and not have failed or been cancelled)
+    and the claude job it continues."""
+    try:
+        after = [resolve_job_id(conn, job_id) for job_id in options.after] or None
+    except JobNotFound as error:
+        raise JobNotFound(f"cannot wait for it: {error}") from None
+    found = job_statuses(conn, after or [])
+    for job_id in after or ():
+        if job_id not in found:
+            raise JobNotFound(f"cannot wait for it: no job {job_id}")
+        status = found[job_id][0]
+        if status in (JobStatus.FAILED, JobStatus.CANCELLED):
+            raise InvalidJob(f"cannot wait for job {job_id}: it is {status}")
+    previous = get_job(conn, options.continue_from) if options.continue_from else None
+    if previous is not None and previous.kind != DEFAULT_KIND:
+        raise InvalidJob(f"job {previous.id} is not a claude job: there is no session to continue")
+    waits = any(found[job_id][0] != JobStatus.SUCCEEDED for job_id in after or ()) or (
+        previous is not None and previous.status in (JobStatus.QUEUED, JobStatus.RUNNING)
+    )
+    return _Chain(after, previous, waits)
+
+
+def _blocked(
+    conn: psycopg.Connection, options: JobOptions, keys: Sequence[str | None], waits: bool
+) -> list[str | None]:
+    """How each of these new jobs (of these concurrency keys, in enqueue order) is marked:
+    "jobs" (all of them) when they wait for jobs not over yet; else "key" for those that find
+    every slot of their key taken (by jobs running, and those queued ahead of them), None for
+    the rest. (A mark only keeps a job out of the claim's way: see UNBLOCK.)"""
+    if waits:
+        return ["jobs"] * len(keys)
+    limit = options.concurrency_limit
+    distinct = {key for key in keys if key is not None}
+    if not limit or not distinct:
+        return [None] * len(keys)
+    taken = _db_key_taken(conn, distinct, options.priority, options.run_at, limit)
+    marks: list[str | None] = []
+    for key in keys:
+        marks.append(None if key is None or taken[key] < limit else "key")
+        if key is not None:
+            taken[key] += 1
+    return marks
+
+
+_MadeT = TypeVar("_MadeT", bound="Job | Enqueued")
+
+
+def _into_batch(
+    conn: psycopg.Connection, options: JobOptions, insert: Callable[[uuid.UUID | None], _MadeT]
+) -> _MadeT:
+    """``insert(batch)`` the jobs of ``options`` into its batch: the open one of its name, or a
+    new one; its callbacks set to those of ``options`` (checked: see _with_checked_callbacks).
+
+    The jobs go in first and the batch's row is locked after, until the end of the
+    transaction (FOR SHARE: enqueuers to a batch do not wait for each other, but for one that
+    changes its callbacks): what ends a batch's last job waits for that lock, then sees the
+    new jobs, and the batch stays open. In that order an enqueue never holds the batch while
+    it waits for a job's row (a unique key's holder being ended), which the ender, holding
+    that row, would wait for in turn. (A caller's transaction that goes on after an enqueue
+    holds the lock meanwhile: two that both go on to end jobs of the batch can deadlock, and
+    PostgreSQL then undoes one.) If the batch finished meanwhile, the jobs go again, into a
+    new one. If all were duplicates (their unique keys taken), no batch is opened or
+    changed."""
+    if options.batch is None:
+        return insert(None)
+    params = {
+        "id": uuid.uuid4(),
+        "name": options.batch,
+        "on_finish": _callback_spec(options, options.on_finish),
+        "on_success": _callback_spec(options, options.on_success),
+    }
+    callbacks = params["on_finish"] is not None or params["on_success"] is not None
+    while True:
+        with _savepoint(conn) as savepoint:
+            batch = _open_batch(conn, params)
+            made = insert(batch)
+            new = not made.duplicate if isinstance(made, Job) else len(made.duplicates) < len(made)
+            if new:
+                held = {**params, "id": batch}
+                changed = callbacks and conn.execute(CHANGE_BATCH_CALLBACKS, held).fetchone()
+                if changed or conn.execute(HOLD_BATCH, held).fetchone() is not None:
+                    return made
+            # (all duplicates: undone, no batch touched; else the batch finished meanwhile:
+            # undone, and again, into a new one)
+            raise psycopg.Rollback(savepoint)
+        if not new:
+            return made
+
+
+def _open_batch(conn: psycopg.Connection, params: dict[str, Any]) -> uuid.UUID:
+    """The id of the open batch of a name, opened if none is (OPEN_BATCH's ``params``)."""
+    while True:  # (one of that name opened or finished between the two: look again)
+        if (row := conn.execute(FIND_BATCH, params).fetchone()) is not None:
+            return row[0]
+        if (row := conn.execute(OPEN_BATCH, params).fetchone()) is not None:
+            return row[0]
+
+
+def _callback_spec(options: JobOptions, payload: Mapping[str, Any] | None) -> str | None:
+    """What a batch keeps of a callback (checked), to queue it when the batch ends: a job of
+    the kind and options of the jobs that set it (see claude_jobs_finish_batches)."""
+    if payload is None:
+        return None
+    prepared = _as_prepared(options.kind, payload)
+    plain = dataclasses.replace(
+        options, unique_key=None, unique_for=None, batch=None, on_finish=None, on_success=None
+    )
+    row = _row(plain, prepared)
+    return json.dumps({
+        "queue": options.queue, "kind": options.kind, "priority": options.priority,
+        "payload": prepared.payload, "max_attempts": options.max_attempts,
+        "timeout": row["timeout"], "concurrency_key": row["concurrency_key"],
+        "concurrency_limit": options.concurrency_limit,
+    })  # fmt: skip
 
 
 def enqueue(
@@ -4467,169 +5162,9 @@ def _insert_unique(
     return done
 
 
-def _savepoint(conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
-    """A savepoint in the caller's transaction, or a transaction of our own on an autocommit
-    connection. (psycopg would commit a block begun where no transaction is open yet: one
-    statement first opens the caller's, which stays the caller's to end.)"""
-    if not conn.autocommit and conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
-        conn.execute(DATABASE_NOW)
-    return conn.transaction()
-
-
-def _atomic(conn: psycopg.Connection) -> contextlib.AbstractContextManager[Any]:
-    """A transaction of our own on an autocommit connection; else the caller's transaction."""
-    return conn.transaction() if conn.autocommit else contextlib.nullcontext()
-
-
-def resolve_job_id(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID:
-    """The job whose id is ``text``, or starts with it (at least 6 hex digits, as git does).
-
-    InvalidJob for what cannot be an id, or for a prefix of several; JobNotFound when no job
-    matches.
-    """
-    if isinstance(text, uuid.UUID):
-        return text
-    digits = text.strip().lower().replace("-", "")
-    if len(digits) == 32 and re.fullmatch(r"[0-9a-f]{32}", digits):
-        return uuid.UUID(digits)
-    if not re.fullmatch(r"[0-9a-f]{6,31}", digits):
-        raise InvalidJob(f"{text!r} is not a job id: give an id, or its first 6 or more digits")
-    found = _by_prefix(conn, JOBS_IN_RANGE, text)
-    if found is None:
-        raise JobNotFound(f"no job {text.strip()}")
-    return found
-
-
-def _by_prefix(conn: psycopg.Connection, query: str, text: str) -> uuid.UUID | None:
-    """The one id that begins with the hex digits of ``text`` (``query``: the ids in a range,
-    at most 6), None if none does; InvalidJob naming them if several do."""
-    digits = text.strip().lower().replace("-", "")
-    bounds = {"low": digits.ljust(32, "0"), "high": digits.ljust(32, "f")}
-    ids = [row[0] for row in conn.execute(query, bounds).fetchall()]
-    if len(ids) > 1:
-        shown = ", ".join(str(each) for each in ids[:5]) + (", ..." if len(ids) > 5 else "")
-        raise InvalidJob(f"{text.strip()} is ambiguous: it begins {shown}")
-    return ids[0] if ids else None
-
-
-def get_job(conn: psycopg.Connection, job_id: uuid.UUID | str, *, transcript: bool = True) -> Job:
-    """One job (by id or unique prefix), with its transcript unless not asked for (it may
-    be a megabyte); JobNotFound when there is none."""
-    key = resolve_job_id(conn, job_id)
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(GET_JOB if transcript else GET_JOB_STATE, {"id": key}).fetchone()
-    if row is None:
-        raise JobNotFound(f"no job {key}")
-    return Job.from_row(row)
-
-
-def list_jobs(
-    conn: psycopg.Connection,
-    *,
-    statuses: Sequence[str] | None = None,
-    queue: str | None = None,
-    kind: str | None = None,
-    since: datetime | None = None,
-    text: str | None = None,
-    cwd: str | None = None,
-    batch: uuid.UUID | None = None,
-    before: Job | tuple[datetime, int, uuid.UUID] | None = None,
-    limit: int = 50,
-) -> list[Job]:
-    """Jobs newest first, in enqueue order (without their transcripts), filtered by each
-    given argument: ``text`` found in the prompt (any case), ``cwd`` the prompt's directory,
-    ``batch`` the batch's id; ``before``: the page after the one that ended with this job (or
-    its (created_at, seq, id))."""
-    if isinstance(before, Job):
-        before = (before.created_at, before.seq, before.id)
-    params = {
-        "statuses": list(statuses) if statuses else None,
-        "queue": queue,
-        "kind": kind,
-        "since": since,
-        "text": text,
-        "cwd": cwd,
-        "batch": batch,
-        "before_at": before and before[0],
-        "before_seq": before and before[1],
-        "before_id": before and before[2],
-        "limit": limit,
-    }
-    with conn.cursor(row_factory=dict_row) as cur:
-        return [Job.from_row(row) for row in cur.execute(LIST_JOBS, params).fetchall()]
-
-
-def resolve_batch(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID:
-    """The batch named ``text`` (the open one, else the newest of that name), or whose id is
-    or begins with it (6 hex digits or more); NotFound, or InvalidJob for an ambiguous
-    prefix."""
-    if isinstance(text, uuid.UUID):
-        return text
-    if row := conn.execute(BATCH_BY_NAME, {"name": text}).fetchone():
-        return row[0]
-    digits = text.strip().lower().replace("-", "")
-    if re.fullmatch(r"[0-9a-f]{6,32}", digits) and (
-        found := _by_prefix(conn, BATCHES_IN_RANGE, text)
-    ):
-        return found
-    raise NotFound(f"no batch {text!r}")
-
-
-def get_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> Batch:
-    """A batch (by name or id: see resolve_batch) and its progress."""
-    key = resolve_batch(conn, batch)
-    with conn.cursor(row_factory=dict_row) as cur:
-        row = cur.execute(GET_BATCH, {"id": key}).fetchone()
-    if row is None:
-        raise NotFound(f"no batch {batch!r}")
-    return Batch.from_row(row)
-
-
-def list_batches(
-    conn: psycopg.Connection, *, only_open: bool = False, limit: int = 50
-) -> list[Batch]:
-    """The newest batches (``only_open``: those not finished), each with its progress."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(LIST_BATCHES, {"open": only_open, "limit": limit}).fetchall()
-    return [Batch.from_row(row) for row in rows]
-
-
-def cancel_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> dict[uuid.UUID, JobStatus]:
-    """Cancel a batch's queued and running jobs (as cancel_jobs does); what each came to. Its
-    on-finish callback is queued once they have all ended, as for any other ending."""
-    key = resolve_batch(conn, batch)
-    with _atomic(conn):
-        params = {"id": key, "statuses": [JobStatus.QUEUED, JobStatus.RUNNING]}
-        ids = [row[0] for row in conn.execute(BATCH_JOBS_IN, params).fetchall()]
-        return cancel_jobs(conn, ids) if ids else {}
-
-
-def retry_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> list[uuid.UUID]:
-    """Put a batch's failed jobs back in the queue (as retry_jobs does) and, if it had
-    finished, open it again: its callbacks are queued again when it finishes again. WrongState
-    when it has no failed job, or when another batch of its name is open. Of several failed
-    jobs with one unique key, the newest goes back."""
-    key = resolve_batch(conn, batch)
-    ids = [row[0] for row in conn.execute(BATCH_FAILED_JOBS, {"id": key}).fetchall()]
-    if not ids:
-        raise WrongState(f"batch {batch} has no failed job")
-    return retry_jobs(conn, ids)
-
-
-def batch_results(conn: psycopg.Connection, batch: uuid.UUID) -> list[dict[str, Any]]:
-    """What each job of a batch came to, in the order they were queued: id, status, prompt
-    (a claude job's), result (a claude job's answer, or the handler's result), cost_usd and
-    error (the last one)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(BATCH_RESULTS, {"id": batch}).fetchall()
-
-
-def paused_queues(conn: psycopg.Connection) -> set[str]:
-    """The queues that workers do not claim from."""
-    return {row[0] for row in conn.execute(PAUSED_QUEUES).fetchall()}
-
-
-FINISHED_STATUSES = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+###############################################################################
+# Queue API: operations
+###############################################################################
 
 
 def cancel_job(conn: psycopg.Connection, job_id: uuid.UUID | str) -> JobStatus:
@@ -4740,45 +5275,26 @@ def _why_blocked(conn: psycopg.Connection, job: Job) -> str:
     return f"{job.id} has the unique key {job.unique_key!r} of a newer job retried with it"
 
 
-def queue_stats(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    """Per queue: jobs by status, the oldest ready job's age, the last hour's outcomes, the
-    median and p95 run time of the last day, and the cost of its claude jobs."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(QUEUE_STATS).fetchall()
+def cancel_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> dict[uuid.UUID, JobStatus]:
+    """Cancel a batch's queued and running jobs (as cancel_jobs does); what each came to. Its
+    on-finish callback is queued once they have all ended, as for any other ending."""
+    key = resolve_batch(conn, batch)
+    with _atomic(conn):
+        params = {"id": key, "statuses": [JobStatus.QUEUED, JobStatus.RUNNING]}
+        ids = [row[0] for row in conn.execute(BATCH_JOBS_IN, params).fetchall()]
+        return cancel_jobs(conn, ids) if ids else {}
 
 
-def job_counts(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    """Per queue and status (kept counts, as cheap at a million jobs as at ten): ``jobs``
-    there are now, ``entered``: jobs that ever entered the status (cleanup does not lower it),
-    ``cost_usd`` of the jobs there are, ``run_seconds``: the run times of the jobs that
-    ended there after running."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(JOB_COUNTS).fetchall()
-
-
-def run_times(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    """Per queue and status (succeeded or failed), how many runs took at most ``le``
-    seconds, for each bound of the histogram (the last one: infinity)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(RUN_TIMES).fetchall()
-
-
-def cost_stats(conn: psycopg.Connection, days: int = 7) -> list[dict[str, Any]]:
-    """What claude spent in the last ``days`` UTC days (today included), by the ledger that
-    outlives the jobs, per day, queue and model, newest day first: day, queue, model ("" where
-    claude did not say), runs, cost_usd, input_tokens, output_tokens, cache_read_tokens,
-    cache_write_tokens."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(COST_STATS, {"days": days}).fetchall()
-
-
-def list_holds(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    """The kinds no worker starts now (a usage limit of claude): kind, until, reason."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        return [
-            {k: row[k] for k in ("kind", "until", "reason")}
-            for row in cur.execute(HOLDS).fetchall()
-        ]
+def retry_batch(conn: psycopg.Connection, batch: str | uuid.UUID) -> list[uuid.UUID]:
+    """Put a batch's failed jobs back in the queue (as retry_jobs does) and, if it had
+    finished, open it again: its callbacks are queued again when it finishes again. WrongState
+    when it has no failed job, or when another batch of its name is open. Of several failed
+    jobs with one unique key, the newest goes back."""
+    key = resolve_batch(conn, batch)
+    ids = [row[0] for row in conn.execute(BATCH_FAILED_JOBS, {"id": key}).fetchall()]
+    if not ids:
+        raise WrongState(f"batch {batch} has no failed job")
+    return retry_jobs(conn, ids)
 
 
 @dataclass(frozen=True)
@@ -4804,183 +5320,6 @@ def lift_hold(conn: psycopg.Connection, kind: str = DEFAULT_KIND) -> Lifted | No
     held, sooner, refit, _ = conn.execute(LIFT_HOLD, params).fetchone()  # type: ignore[misc]
     lifted = Lifted(bool(held), int(sooner), int(refit))
     return lifted if lifted.hold or lifted.workers else None
-
-
-def list_workers(conn: psycopg.Connection) -> list[dict[str, Any]]:
-    """Registered workers: host, pid, queues, jobs running now, started, last heartbeat,
-    ``lost`` (its session is gone, or no heartbeat within the lock grace period: dead, or cut
-    off), ``draining_since`` (asked to drain), ``trouble`` (what is wrong with its parts: a
-    thread died, or keeps failing), ``state`` (lost, failing, draining or alive), and until
-    when and why it starts no claude job (claude_paused_until, claude_paused_reason). Then
-    the workers found dead in the last LOST_WORKERS_KEPT seconds, lost, with ``lost_at``,
-    ``lost_because`` and how many of their running jobs went back (``recovered``)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        workers = cur.execute(LIST_WORKERS).fetchall()
-    for worker in workers:
-        worker["lost"] = worker.pop("unlocked") or worker["silent_seconds"] > LOCK_GRACE
-        worker["state"] = (
-            "lost" if worker["lost"] else "failing" if worker["trouble"]
-            else "draining" if worker["draining_since"] else "alive"
-        )  # fmt: skip
-    return workers
-
-
-@dataclass(frozen=True)
-class Waiting:
-    """Why a job does not run now, or ended as it did: ``text`` says it in a sentence (for
-    `show`, `logs -f`, `--wait`), ``short`` in a few words for a column of `list` (empty when
-    there is nothing to mark there)."""
-
-    short: str
-    text: str
-
-    @property
-    def gist(self) -> str:
-        """The reason without its relative times ("in 3m", "12s ago"), which change by the
-        second: what tells that the reason itself changed."""
-        return re.sub(r" \((?:in [^()]*|[^()]* ago)\)", "", self.text)
-
-
-@dataclass(frozen=True)
-class _Circumstances:
-    """What decides whether jobs can run now, read once for many jobs (see explain_jobs)."""
-
-    now: datetime
-    paused: frozenset[str]  # queues
-    holds: Mapping[str, Mapping[str, Any]]  # kind: until, reason
-    workers: Sequence[Mapping[str, Any]]  # the live ones, as list_workers gives them
-    awaited: Mapping[uuid.UUID, tuple[str, str | None]]  # job: status, host of its session
-    holders: Mapping[str, Sequence[uuid.UUID]]  # concurrency key: running jobs holding it
-
-
-def explain_jobs(conn: psycopg.Connection, jobs: Sequence[Job]) -> dict[uuid.UUID, Waiting]:
-    """Why each of these jobs waits (queued), or is stuck (running on a lost worker), or ended
-    as it did (failed, cancelled); jobs with nothing to explain are left out."""
-    open_jobs = [job for job in jobs if job.status in (JobStatus.QUEUED, JobStatus.RUNNING)]
-    keys = sorted({job.concurrency_key for job in open_jobs if job.concurrency_key})
-    holders: dict[str, list[uuid.UUID]] = {}
-    if keys:
-        holders = dict(conn.execute(KEY_HOLDERS, {"keys": keys}).fetchall())
-    seen = _Circumstances(
-        now=datetime.now(UTC),
-        paused=frozenset(paused_queues(conn)) if open_jobs else frozenset(),
-        holds={hold["kind"]: hold for hold in list_holds(conn)} if open_jobs else {},
-        workers=[w for w in list_workers(conn) if not w["lost"]] if open_jobs else [],
-        awaited=job_statuses(conn, [each for job in open_jobs for each in job.awaits]),
-        holders=holders,
-    )
-    reasons = {job.id: _waiting(job, seen) for job in jobs}
-    return {job_id: reason for job_id, reason in reasons.items() if reason is not None}
-
-
-def _waiting(job: Job, seen: _Circumstances) -> Waiting | None:
-    """Why ``job`` waits, or ended as it did, from what was ``seen`` of the queue; None when
-    there is nothing to say (it runs, or succeeded). The first reason that holds, in the order
-    a worker would meet them."""
-    if job.status == JobStatus.SUCCEEDED:
-        return None
-    if job.status == JobStatus.CANCELLED:
-        return Waiting("", job.last_error or "cancelled")
-    if job.status == JobStatus.FAILED:
-        permanent = bool(job.errors) and bool(job.errors[-1].get("permanent"))
-        how = "its error is one no retry can fix" if permanent else "its attempts are spent"
-        return Waiting("", f"it failed for good: {how} ({job.attempts} of {job.max_attempts})")
-    if job.status == JobStatus.RUNNING:
-        if not any(worker["id"] == job.worker_id for worker in seen.workers):
-            then = "within seconds" if seen.workers else "when a worker starts"
-            return Waiting(
-                "worker lost",
-                f"its worker {job.worker} is lost: a live worker puts the job back {then}",
-            )
-        return None
-    if job.queue in seen.paused:
-        return Waiting("paused", f"queue {job.queue} is paused: `claude-jobs resume {job.queue}`")
-    if job.run_at > seen.now:
-        return _waiting_for_time(job, seen.now)
-    return _waiting_for_others(job, seen) or _waiting_for_a_worker(job, seen)
-
-
-def _waiting_for_time(job: Job, now: datetime) -> Waiting:
-    """A queued job whose run_at is still to come: after a failed attempt, a limit, or as
-    enqueued."""
-    when, soon = f"{job.run_at.astimezone():%Y-%m-%d %H:%M:%S %Z}", _ago(job.run_at, now)
-    error = job.last_error
-    if error and error.startswith(USAGE_LIMIT_NOTE):
-        return Waiting(f"limit, {soon}", f"{error}; it runs again at {when} ({soon})")
-    if error and job.attempts and job.errors and job.errors[-1].get("error") == error:
-        failed = f"attempt {job.attempts} of {job.max_attempts} failed ({error})"
-        return Waiting(f"retry {soon}", f"{failed}; it runs again at {when} ({soon})")
-    if error:
-        return Waiting(f"due {soon}", f"{error}; it runs again at {when} ({soon})")
-    return Waiting(f"due {soon}", f"it is due at {when} ({soon})")
-
-
-def _waiting_for_others(job: Job, seen: _Circumstances) -> Waiting | None:
-    """What a ready job waits for that other jobs hold: jobs it waits for, the job it
-    continues (and the host of its session), a hold on its kind, its concurrency key."""
-    blocking = [
-        (each, seen.awaited.get(each, ("gone", None))[0])
-        for each in job.after or ()
-        if seen.awaited.get(each, ("gone", None))[0] != JobStatus.SUCCEEDED
-    ]
-    if blocking:
-        jobs = ", ".join(f"{each} ({status})" for each, status in blocking)
-        short = "after " + ",".join(str(each)[:8] for each, _ in blocking)
-        return Waiting(short, f"it waits for job{'s' * (len(blocking) > 1)} {jobs} to succeed")
-    if job.continue_from is not None:
-        status, host = seen.awaited.get(job.continue_from, ("gone", None))
-        if status not in FINISHED_STATUSES:
-            short = f"continues {str(job.continue_from)[:8]}"
-            return Waiting(short, f"it waits for job {job.continue_from} ({status}) to finish")
-        if host and not [w for w in _takers(job, seen) if w["host"] == host]:
-            return Waiting(
-                f"on {host}",
-                f"it runs only on {host}, where the claude session of job {job.continue_from} "
-                "is kept, and no live worker there takes it",
-            )
-    hold = seen.holds.get(job.kind)
-    if hold is not None:
-        until = f"{hold['until'].astimezone():%Y-%m-%d %H:%M %Z} ({_ago(hold['until'], seen.now)})"
-        return Waiting("held", f"no worker starts {job.kind} jobs until {until}: {hold['reason']}")
-    held_by = seen.holders.get(job.concurrency_key or "", ())
-    if job.concurrency_key and job.concurrency_limit and len(held_by) >= job.concurrency_limit:
-        jobs = ", ".join(map(str, held_by))
-        return Waiting(
-            "key busy",
-            f"it waits for its concurrency key {job.concurrency_key}, held by "
-            f"job{'s' * (len(held_by) > 1)} {jobs}",
-        )
-    return None
-
-
-def _takers(job: Job, seen: _Circumstances) -> list[Mapping[str, Any]]:
-    """The live workers that take jobs of this kind from this queue."""
-    return [
-        worker
-        for worker in seen.workers
-        if job.kind in worker["kinds"]
-        and ("*" in worker["queues"] or job.queue in worker["queues"])
-    ]
-
-
-def _waiting_for_a_worker(job: Job, seen: _Circumstances) -> Waiting:
-    """A job nothing else holds back: it waits for a worker, if one takes it and can run it."""
-    takers = _takers(job, seen)
-    if not takers:  # (not marked in `list`: every queued job would be, until one starts)
-        return Waiting(
-            "",
-            f"no live worker takes {job.kind} jobs of queue {job.queue}: start one "
-            "(`claude-jobs worker`)",
-        )
-    unfit = [w for w in takers if job.kind == DEFAULT_KIND and w["claude_paused_until"]]
-    if len(unfit) == len(takers):
-        said = "; ".join(
-            f"{w['host']}:{w['pid']} starts none until "
-            f"{w['claude_paused_until'].astimezone():%H:%M}: {w['claude_paused_reason']}"
-            for w in unfit
-        )
-        return Waiting("no fit worker", f"no live worker can run {job.kind} jobs now: {said}")
-    return Waiting("", "ready: it waits for a free worker")
 
 
 def run_now(conn: psycopg.Connection, job_id: uuid.UUID | str) -> uuid.UUID:
@@ -5112,20 +5451,9 @@ def purge_queue(conn: psycopg.Connection, queue: str, *, batch: int = 1000) -> i
         deleted += len(rows)
 
 
-def queue_known(conn: psycopg.Connection, queue: str) -> bool:
-    """Whether any job (or what claude spent) ever used ``queue``: a name that none did is
-    likely a typo."""
-    return bool(conn.execute(QUEUE_KNOWN, {"queue": queue}).fetchone()[0])  # type: ignore[index]
-
-
-def known_queues(conn: psycopg.Connection) -> list[str]:
-    """The queues that jobs, or the ledger of what claude spent, name."""
-    return [row[0] for row in conn.execute(KNOWN_QUEUES).fetchall()]
-
-
-def count_queued(conn: psycopg.Connection, queue: str) -> int:
-    """How many jobs wait in ``queue``."""
-    return conn.execute(COUNT_QUEUED, {"queue": queue}).fetchone()[0]  # type: ignore[index]
+###############################################################################
+# Queue API: worktrees
+###############################################################################
 
 
 def worktree_diff(job: Job, *, stat: bool = False) -> bytes:
@@ -5275,81 +5603,9 @@ def _save_detached(common: str, repo: str, path: str, branch: str) -> str:
     raise AssertionError("unreachable")
 
 
-@dataclass(frozen=True)
-class FollowUpdate:
-    """What changed in a followed job: its state, and the transcript text it gained."""
-
-    status: JobStatus
-    attempts: int
-    max_attempts: int
-    last_error: str | None
-    run_at: datetime
-    worker: str | None
-    queue: str
-    text: str  # new transcript text
-    skipped: int  # characters of transcript that went past unseen (the kept tail is bounded)
-    worker_lost: bool = False  # running, but its worker is gone: it waits for recovery
-    paused: bool = False  # its queue is paused
-    why: str | None = None  # why it waits, or ended as it did (see explain_jobs)
-    gist: str | None = None  # that reason, without what changes by the second
-
-    @property
-    def finished(self) -> bool:
-        return self.status in FINISHED_STATUSES
-
-    @property
-    def state(self) -> tuple[Any, ...]:
-        """What a follower is told of when it changes (not the transcript)."""
-        return (self.status, self.attempts, self.run_at, self.worker, self.worker_lost,
-                self.paused, self.gist)  # fmt: skip
-
-    def to_dict(self) -> dict[str, Any]:
-        """The state as JSON-able values (not the transcript text)."""
-        return _fields_of(self, skip={"text", "skipped", "gist"})
-
-
-def follow_job(
-    conn: psycopg.Connection, job_id: uuid.UUID | str, *, since: int = 0, poll: float = 5.0
-) -> Iterator[FollowUpdate]:
-    """Follow a job until it finishes: an update when its transcript grows (the worker's
-    NOTIFY wakes us) or its state or why it waits changes (looked at every ``poll`` seconds,
-    at least every 2 while it is queued); the last one is the finished job. ``since``:
-    transcript characters already seen. ``conn`` must be in autocommit mode (notifications
-    arrive between transactions)."""
-    key = resolve_job_id(conn, job_id)
-    _db_listen(conn, OUTPUT_CHANNEL)
-    seen, last_state = since, None
-    while True:
-        update = job_update(conn, key, seen)
-        seen += len(update.text) + update.skipped
-        if update.text or update.skipped or update.state != last_state:
-            yield update
-        if update.finished:
-            return
-        last_state = update.state
-        wait = min(poll, 2.0) if update.status == JobStatus.QUEUED else poll
-        for notice in conn.notifies(timeout=wait):
-            if notice.payload == str(key):
-                break
-
-
-def job_update(conn: psycopg.Connection, job_id: uuid.UUID, seen: int = 0) -> FollowUpdate:
-    """A job's state now, why it waits, and the transcript text it gained after the first
-    ``seen`` characters (what went past the kept tail unseen: ``skipped``)."""
-    with conn.cursor(row_factory=dict_row) as cur:
-        params = {"id": job_id, "seen": seen, "grace": LOCK_GRACE}
-        row = cur.execute(FOLLOW_JOB, params).fetchone()
-    if row is None:
-        raise JobNotFound(f"job {job_id} was deleted")
-    job, text = Job.from_row(row), row["new"] or ""
-    reason = explain_jobs(conn, [job]).get(job_id)
-    return FollowUpdate(
-        status=job.status, attempts=job.attempts, max_attempts=job.max_attempts,
-        last_error=job.last_error, run_at=job.run_at, worker=job.worker, queue=job.queue,
-        text=text, skipped=max(0, job.transcript_size - seen - len(text)),
-        worker_lost=row["worker_lost"], paused=row["paused"],
-        why=reason and reason.text, gist=reason and reason.gist,
-    )  # fmt: skip
+###############################################################################
+# Queue API: schedules
+###############################################################################
 
 
 # -- schedules ---------------------------------------------------------------------------------
@@ -5898,7 +6154,7 @@ def _enqueue_run(conn: psycopg.Connection, schedule: Schedule, due_at: datetime)
 
 
 ###############################################################################
-# Execution: backoff, the run context, the claude handler
+# Execution: what an attempt came to, and what a claude exit means
 ###############################################################################
 
 #: Why a running attempt was told to stop.
@@ -5914,50 +6170,6 @@ def backoff_delay(
     ``min(base * 2^(attempt-1), maximum)`` plus up to 10% of that as jitter."""
     delay = min(base * 2.0 ** min(max(attempt, 1) - 1, 64), maximum)
     return delay + random.uniform(0, delay / 10)
-
-
-def _storable(value: Any) -> Any:
-    """``value`` with what PostgreSQL cannot store in text or jsonb (NUL characters, unpaired
-    surrogates) replaced."""
-    if isinstance(value, str):
-        return value.replace("\x00", "\ufffd").encode("utf-8", "replace").decode("utf-8")
-    if isinstance(value, dict):
-        return {_storable(k): _storable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_storable(v) for v in value]
-    return value
-
-
-def _to_json(value: Any) -> str:
-    """A handler's result as JSON text PostgreSQL accepts; ValueError when there is none."""
-    try:
-        return json.dumps(_storable(value), allow_nan=False)
-    except (TypeError, ValueError, RecursionError) as error:
-        raise ValueError(f"the handler's result is not JSON: {error}") from None
-
-
-class Verdict(enum.StrEnum):
-    """What an attempt came to (see decide)."""
-
-    SUCCEEDED = "succeeded"  # the handler returned: its result is stored
-    FAILED = "failed"  # retried after `delay` while attempts remain and it is not permanent
-    RELEASED = "released"  # back to the queue unspent, to run at `run_at` (None: now)
-    CANCELLED = "cancelled"  # `cancel` stopped it
-    ABANDONED = "abandoned"  # the claim is gone: nothing is written, another worker may run it
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What an attempt came to, as the record statement writes it."""
-
-    verdict: Verdict
-    result: str | None = None  # JSON: what the handler returned, or what claude said of a failure
-    error: str | None = None  # failed: the error; released: why it went back
-    traceback: str | None = None
-    permanent: bool = False  # failed: no retry can help
-    delay: float = 0.0  # failed: seconds before the next attempt
-    run_at: datetime | None = None  # released: when it runs again (None: now)
-    quiet: bool = False  # already logged when it was decided (a postponement, a busy key)
 
 
 def decide(
@@ -6023,75 +6235,161 @@ def _within_reach(when: datetime) -> datetime:
     return min(max(when, now), now + timedelta(seconds=MAX_DURATION))
 
 
-@dataclass(frozen=True)
-class Spend:
-    """What one claude run spent on one model (for the ledger that outlives the jobs)."""
+#: What tells that claude cannot run on this worker at all, as it prints it, with what to tell
+#: the operator: no job can succeed here until someone fixes the worker.
+_UNFIT_CLAUDE_ERRORS = (
+    (
+        "Not logged in",
+        "claude is not logged in: log in as the worker's user (run `claude`, then /login) "
+        "or give the worker ANTHROPIC_API_KEY",
+    ),
+    ("Invalid API key", "claude's API key is invalid"),
+    ("OAuth token has expired", "claude's login has expired: log in again"),
+    ("Credit balance is too low", "the API account's credit balance is too low"),
+    (
+        "cannot be used with root/sudo privileges",
+        "claude refuses --dangerously-skip-permissions as root: run the worker as a normal "
+        "user, or set IS_SANDBOX=1 in its environment",
+    ),
+)
+_MISSING_CLAUDE = (
+    "claude executable not found: {!r} (install Claude Code, or point the worker's "
+    "--claude-bin at it)"
+)
+_ROOT_REFUSAL = (
+    "claude refuses --dangerously-skip-permissions as root, and this worker is running as root "
+    "without IS_SANDBOX=1: run it as a normal user, or set IS_SANDBOX=1 in its environment"
+)
+_PERMANENT_CLAUDE_SUBTYPES = ("error_max_turns", "error_max_budget_usd")
+#: What claude says when it has no session of that id here (resumed in another directory).
+_NO_SESSION = "No conversation found with session ID"
+#: What a claude session id may look like (claude's are UUIDs): one that does not is never
+#: passed to --resume, where a value beginning with "-" would read as a flag.
+_SESSION_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
+#: A subscription usage limit, as claude says it: "You've hit your 5-hour limit · resets Mar 17,
+#: 2030, 5:46pm (UTC)", and in older versions "Claude AI usage limit reached|<epoch seconds>".
+_USAGE_LIMIT_TEXT = re.compile(
+    r"You(?:['\u2019]ve| have) hit your [^·\n]*limit"
+    r"(?:\s*·\s*resets\s+(?:at\s+)?([^()\n]+?)\s*\(([^)\n]+)\))?"
+)
+_OLD_USAGE_LIMIT_TEXT = re.compile(r"Claude AI usage limit reached(?:\|(\d+))?")
+_RESET_FORMATS = ("%b %d, %Y, %I:%M%p", "%b %d, %Y, %I%p", "%b %d, %I:%M%p", "%b %d, %I%p",
+                  "%I:%M%p", "%I%p")  # fmt: skip
+#: When claude gives no reset time for a usage limit, claude jobs wait this long.
+USAGE_LIMIT_UNKNOWN_RESET = 1800.0
+#: A reset given to the minute may have passed by this much when it is read: it means now,
+#: not the same time tomorrow (or next year).
+RESET_SLACK = timedelta(minutes=2)
 
-    model: str = ""  # "" where claude did not say
-    runs: int = 0  # 1 on the first Spend of a claude run, 0 on the others of that run
-    cost_usd: float = 0.0
-    input_tokens: int = 0
-    output_tokens: int = 0
-    cache_read_tokens: int = 0
-    cache_write_tokens: int = 0
 
-    @classmethod
-    def of_result(cls, result: Mapping[str, Any]) -> list[Spend]:
-        """What claude's result object says it spent: a Spend per model of its modelUsage,
-        or one for the whole run from its total cost and usage."""
-        models = result.get("modelUsage")
-        if isinstance(models, dict) and models:
-            names = ("costUSD", "inputTokens", "outputTokens", "cacheReadInputTokens",
-                     "cacheCreationInputTokens")  # fmt: skip
-            spent = [
-                cls._of(_storable(str(model))[:200], used, *names)
-                for model, used in models.items()
-                if isinstance(used, dict)
-            ]
-            return [dataclasses.replace(spent[0], runs=1), *spent[1:]] if spent else []
-        usage = result.get("usage") if isinstance(result.get("usage"), dict) else {}
-        names = ("total_cost_usd", "input_tokens", "output_tokens", "cache_read_input_tokens",
-                 "cache_creation_input_tokens")  # fmt: skip
-        spent = cls._of("", {**usage, "total_cost_usd": result.get("total_cost_usd")}, *names)
-        return [dataclasses.replace(spent, runs=1)] if spent != cls() else []
-
-    @classmethod
-    def _of(cls, model: str, numbers: Mapping[str, Any], cost: str, *tokens: str) -> Spend:
-        """A Spend from a mapping, by the names it gives the cost and the four token counts
-        (what is missing, or not a sane number, counts 0)."""
-
-        def number(name: str) -> float:
-            value = numbers.get(name)
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            return float(value) if ok and 0 <= value < 1e15 else 0.0
-
-        return cls(model, 0, number(cost), *(int(number(name)) for name in tokens))
+def _reset_time(text: str, zone: str, now: datetime | None = None) -> datetime | None:
+    """The moment a "resets ..." text means (the next one, when it gives no year or date)."""
+    try:
+        tz = zoneinfo.ZoneInfo(zone.strip())
+    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
+        return None
+    now = (now or datetime.now(UTC)).astimezone(tz)
+    earliest = now - RESET_SLACK
+    text = re.sub(r"\s*([ap]m)$", r"\1", " ".join(text.split()), flags=re.IGNORECASE)
+    for form in _RESET_FORMATS:
+        try:
+            parsed = datetime.strptime(text, form)
+        except ValueError:
+            continue
+        if "%Y" in form:
+            return parsed.replace(tzinfo=tz)
+        if "%b" in form:
+            moment = parsed.replace(year=now.year, tzinfo=tz)
+            return moment if moment > earliest else moment.replace(year=now.year + 1)
+        moment = now.replace(hour=parsed.hour, minute=parsed.minute, second=0, microsecond=0)
+        return moment if moment > earliest else moment + timedelta(days=1)
+    return None
 
 
-@dataclass(frozen=True)
-class Progress:
-    """What a running attempt produced that is not written yet."""
+def _epoch(seconds: float) -> datetime | None:
+    """An epoch time, in seconds or (when it is that large) milliseconds; None if absurd."""
+    try:
+        return datetime.fromtimestamp(seconds / 1000 if seconds > 1e11 else seconds, UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
 
-    transcript: str | None = None
-    session_id: str | None = None
-    cost_usd: float = 0.0
-    worktree: str | None = None  # JSON: the git worktree and branch the job runs in
-    spend: tuple[Spend, ...] = ()  # for the ledger
 
-    def __add__(self, later: Progress) -> Progress:
-        text = (self.transcript or "") + (later.transcript or "")
-        return Progress(
-            text[-TRANSCRIPT_LIMIT:] or None,
-            later.session_id or self.session_id,
-            self.cost_usd + later.cost_usd,
-            later.worktree or self.worktree,
-            self.spend + later.spend,
+def _usage_limit(result: Mapping[str, Any], evidence: str, reset: float | None) -> Postpone | None:
+    """A usage limit, if claude hit one (``reset``: from its rate_limit_event), with when it
+    resets."""
+    info = (result.get("api_error_params") or {}).get("rate_limit_info") or {}
+    reset = reset or info.get("resetsAt")
+    text, old = _USAGE_LIMIT_TEXT.search(evidence), _OLD_USAGE_LIMIT_TEXT.search(evidence)
+    if not (reset or result.get("api_error") == "usage_limit_reached" or text or old):
+        return None
+    at = None
+    if isinstance(reset, int | float) and not isinstance(reset, bool) and reset > 0:
+        at = _epoch(reset)
+    elif text and text.group(1):
+        at = _reset_time(text.group(1), text.group(2))
+    elif old and old.group(1):
+        at = _epoch(int(old.group(1)))
+    found = text or old
+    said = found.group(0) if found else "usage limit reached"
+    if at is None:
+        at = datetime.now(UTC) + timedelta(seconds=USAGE_LIMIT_UNKNOWN_RESET)
+        said += " (no reset time given)"
+    return UsageLimitReached(f"{USAGE_LIMIT_NOTE}{said}", run_at=at)
+
+
+def claude_outcome(
+    ended: _ProcessExit,
+    result: dict[str, Any] | None,
+    plain: Sequence[str],
+    rate_limit_reset: float | None = None,
+    time_limit: float | None = None,
+) -> Any:
+    """The job's result from how claude ended: the CLI's result object on success
+    (``time_limit``: the attempt's, for the error when it passed).
+
+    Raises UsageLimitReached when the subscription's usage limit was hit (``rate_limit_reset``:
+    the resetsAt of a rejecting rate_limit_event), WorkerUnfit for what is wrong with the
+    worker rather than the job (not logged in, a bad API key, no credit, the root refusal),
+    PermanentError for what no retry can fix (a turn or budget limit) and JobFailed for
+    everything else (API errors, overload: retried with backoff).
+    """
+    said = (result or {}).get("result")
+    said = said if isinstance(said, str) else ""
+    errors = (result or {}).get("errors") or []
+    detail = said or "; ".join(map(str, errors))
+    if ended.timed_out:
+        limit = f" after {_duration_text(time_limit)}, its time limit" if time_limit else ""
+        raise JobFailed(
+            f"timed out{limit}: claude and what it started were terminated", result=result
         )
-
-    def __bool__(self) -> bool:
-        return bool(
-            self.transcript or self.session_id or self.cost_usd or self.worktree or self.spend
+    if ended.returncode == 0 and result is not None and result.get("is_error") is False:
+        return result
+    subtype = (result or {}).get("subtype")
+    if subtype in _PERMANENT_CLAUDE_SUBTYPES:  # whatever limits it met on the way
+        raise PermanentError(f"claude stopped: {subtype}: {detail}", result=result)
+    evidence = "\n".join([said, ended.stderr, *plain])
+    if _NO_SESSION in evidence:  # no retry can bring a session back
+        found = evidence[evidence.index(_NO_SESSION) :].splitlines()[0]
+        raise PermanentError(
+            f"claude cannot resume the session: {found} (claude keeps sessions per "
+            "directory and per machine)",
+            result=result,
         )
+    limit = _usage_limit(result or {}, evidence, rate_limit_reset)
+    if limit is not None:
+        limit.result = result
+        raise limit
+    for marker, explanation in _UNFIT_CLAUDE_ERRORS:
+        if marker in evidence:
+            raise WorkerUnfit(f"{explanation} (claude said: {marker})", result=result)
+    if result is not None and detail:
+        raise JobFailed(f"claude failed: {detail}", result=result)
+    last_words = " ".join((ended.stderr.strip().splitlines() or plain or ["no output"])[-1:])
+    if ended.returncode < 0:
+        how = f"was killed by signal {-ended.returncode}"
+    else:
+        how = f"exited with status {ended.returncode}"
+    raise JobFailed(f"claude {how} without a result: {last_words[:500]}", result=result)
 
 
 class RunContext:
@@ -6167,6 +6465,11 @@ class RunContext:
             self._gathered += progress
 
 
+###############################################################################
+# Execution: the claude handler, its supervisor and its worktrees
+###############################################################################
+
+
 @dataclass
 class _ProcessExit:
     returncode: int
@@ -6175,162 +6478,6 @@ class _ProcessExit:
     stopped: str | None = None  # the stop reason, when stopped from outside
     lease_ran_out: bool = False  # its supervisor ended it: the worker's lease ran out
     cannot_run: str | None = None  # its supervisor could not start it: why
-
-
-#: The supervisor of one attempt's processes: a small program of its own (run as ``python -I -S
-#: -c``), so that it keeps working while its worker cannot (killed, stopped, frozen, cut off).
-#: It starts the command in a session of its own and is the subreaper of everything the command
-#: starts (Linux), so that no descendant escapes it, not even one in a session of its own (as
-#: claude's Bash tool runs commands). It kills that whole tree: when the command exits
-#: (SIGTERM, SIGKILL a second later), on "stop GRACE" from its worker or on SIGTERM, SIGHUP or
-#: SIGINT (SIGTERM, then SIGKILL after GRACE seconds), and at once when its worker is gone (the
-#: control pipe closes) or the worker's lease runs out ("lease DEADLINE" renews it; DEADLINE is
-#: on CLOCK_BOOTTIME): past it, another worker may take the job over. It watches all of that
-#: until the last process of the tree is gone, tells its worker why it ended early on a report
-#: pipe of their own, and exits as the command did. Arguments: the control and report file
-#: descriptors, the deadline (or -), the grace, NAME=VALUE environment for the command only,
-#: then -- and the command. It imports `_signal`, not `signal`: `signal` imports `enum`, which
-#: would double its start-up.
-_SUPERVISOR = r"""
-import os, select, sys, time, _signal
-
-control, report, deadline, grace = sys.argv[1:5]
-control, report, grace = int(control), int(report), float(grace)
-deadline = float("inf") if deadline == "-" else float(deadline)
-split = sys.argv.index("--")
-env = dict(os.environ, **dict(pair.split("=", 1) for pair in sys.argv[5:split]))
-command = sys.argv[split + 1 :]
-me = os.getpid()
-clock = getattr(time, "CLOCK_BOOTTIME", None)
-now = (lambda: time.clock_gettime(clock)) if clock is not None else time.monotonic
-
-def tell(word, text=""):
-    try:
-        os.write(report, (word + " " + text).strip().encode() + b"\n")
-    except OSError:
-        pass
-
-try:
-    import ctypes
-    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come to us
-except (ImportError, OSError, AttributeError):
-    pass
-wake, woken = os.pipe()
-os.set_blocking(woken, False)
-_signal.set_wakeup_fd(woken)
-asked = []
-for number in (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT):
-    _signal.signal(number, lambda number, frame: asked.append(number))
-_signal.signal(_signal.SIGCHLD, lambda number, frame: None)  # only to wake the select
-os.set_inheritable(control, False)
-os.set_inheritable(report, False)
-try:  # (Python ignores SIGPIPE and SIGXFSZ; the command gets them as a program expects)
-    child = os.posix_spawnp(
-        command[0], command, env, setsid=True, setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ)
-    )
-except OSError as error:
-    tell("cannot-run", "cannot run " + command[0] + ": " + (error.strerror or str(error)))
-    os._exit(127)
-null = os.open(os.devnull, os.O_RDWR)
-for fd in (0, 1, 2):  # the pipes are the command's now: they end when its processes end
-    os.dup2(null, fd)
-status = None
-
-def below():
-    # Every live process below this one; None where /proc cannot tell.
-    try:
-        names = os.listdir("/proc")
-    except OSError:
-        return None
-    children = {}
-    for name in names:
-        if name.isdigit():
-            try:
-                with open("/proc/" + name + "/stat", "rb") as f:
-                    fields = f.read().rsplit(b")", 1)[1].split()
-                children.setdefault(int(fields[1]), []).append((int(name), fields[0] != b"Z"))
-            except (OSError, IndexError, ValueError):
-                pass
-    found, todo = [], [me]
-    while todo:
-        for pid, alive in children.get(todo.pop(), ()):
-            todo.append(pid)
-            if alive:
-                found.append(pid)
-    return found
-
-def kill(number):
-    pids = below()
-    for pid in [-child] if pids is None else pids:  # without /proc: the command's group
-        try:
-            os.kill(pid, number)
-        except OSError:
-            pass
-
-def reap():
-    # Reap whatever has exited; False once no child is left (nor, as their subreaper, any
-    # process below us).
-    global status
-    while True:
-        try:
-            pid, code = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return False
-        if pid == 0:
-            return True
-        if pid == child:
-            status = code
-
-why, kill_at, pending = None, None, b""
-while True:
-    left = reap()
-    if status is not None and kill_at is None and left:  # exited, leaving processes behind
-        kill(_signal.SIGTERM)
-        kill_at = now() + 1.0
-    if not left or why is not None:
-        break
-    wait = min(deadline, kill_at or deadline) - now()
-    ready = select.select([control, wake], [], [], min(max(wait, 0.0), 1.0))[0]
-    if wake in ready:
-        os.read(wake, 512)
-    if control in ready:
-        data = os.read(control, 4096)
-        if not data:
-            why = "its worker is gone"
-        *lines, pending = (pending + data).split(b"\n")
-        for line in lines:
-            verb, _, value = line.decode().partition(" ")
-            if verb == "lease":
-                deadline = float(value)
-            elif verb == "stop" and kill_at is None:
-                kill(_signal.SIGTERM)
-                kill_at = now() + float(value)
-    if asked and kill_at is None:
-        kill(_signal.SIGTERM)
-        kill_at = now() + grace
-    if now() >= deadline:
-        why = "lease"
-        tell("lease", "its worker's lease ran out: the worker is stopped, frozen or cut off")
-    elif kill_at is not None and now() >= kill_at:
-        kill(_signal.SIGKILL)
-        kill_at = now() + 0.2  # again, if something is left then (not at once: no busy loop)
-end = now() + 10.0
-while reap() and now() < end:  # as their subreaper, no child left means nothing left
-    kill(_signal.SIGKILL)
-    time.sleep(0.05)
-if status is None:
-    os._exit(137)
-if os.WIFSIGNALED(status):
-    number = os.WTERMSIG(status)
-    try:
-        if number not in (_signal.SIGKILL, _signal.SIGSTOP):
-            _signal.signal(number, _signal.SIG_DFL)
-        os.kill(me, number)
-    except OSError:
-        pass
-    os._exit(128 + number)
-os._exit(os.waitstatus_to_exitcode(status))
-"""
 
 
 def _pipe(nonblocking_end: int) -> tuple[int, int]:
@@ -6609,163 +6756,6 @@ def _cut(text: str, limit: int) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]} … ({len(text) - limit:,} more characters not kept)"
-
-
-#: What tells that claude cannot run on this worker at all, as it prints it, with what to tell
-#: the operator: no job can succeed here until someone fixes the worker.
-_UNFIT_CLAUDE_ERRORS = (
-    (
-        "Not logged in",
-        "claude is not logged in: log in as the worker's user (run `claude`, then /login) "
-        "or give the worker ANTHROPIC_API_KEY",
-    ),
-    ("Invalid API key", "claude's API key is invalid"),
-    ("OAuth token has expired", "claude's login has expired: log in again"),
-    ("Credit balance is too low", "the API account's credit balance is too low"),
-    (
-        "cannot be used with root/sudo privileges",
-        "claude refuses --dangerously-skip-permissions as root: run the worker as a normal "
-        "user, or set IS_SANDBOX=1 in its environment",
-    ),
-)
-_MISSING_CLAUDE = (
-    "claude executable not found: {!r} (install Claude Code, or point the worker's "
-    "--claude-bin at it)"
-)
-_ROOT_REFUSAL = (
-    "claude refuses --dangerously-skip-permissions as root, and this worker is running as root "
-    "without IS_SANDBOX=1: run it as a normal user, or set IS_SANDBOX=1 in its environment"
-)
-_PERMANENT_CLAUDE_SUBTYPES = ("error_max_turns", "error_max_budget_usd")
-#: What claude says when it has no session of that id here (resumed in another directory).
-_NO_SESSION = "No conversation found with session ID"
-#: What a claude session id may look like (claude's are UUIDs): one that does not is never
-#: passed to --resume, where a value beginning with "-" would read as a flag.
-_SESSION_ID = re.compile(r"[0-9A-Za-z][0-9A-Za-z._-]{0,127}")
-#: A subscription usage limit, as claude says it: "You've hit your 5-hour limit · resets Mar 17,
-#: 2030, 5:46pm (UTC)", and in older versions "Claude AI usage limit reached|<epoch seconds>".
-_USAGE_LIMIT_TEXT = re.compile(
-    r"You(?:['\u2019]ve| have) hit your [^·\n]*limit"
-    r"(?:\s*·\s*resets\s+(?:at\s+)?([^()\n]+?)\s*\(([^)\n]+)\))?"
-)
-_OLD_USAGE_LIMIT_TEXT = re.compile(r"Claude AI usage limit reached(?:\|(\d+))?")
-_RESET_FORMATS = ("%b %d, %Y, %I:%M%p", "%b %d, %Y, %I%p", "%b %d, %I:%M%p", "%b %d, %I%p",
-                  "%I:%M%p", "%I%p")  # fmt: skip
-#: When claude gives no reset time for a usage limit, claude jobs wait this long.
-USAGE_LIMIT_UNKNOWN_RESET = 1800.0
-#: A reset given to the minute may have passed by this much when it is read: it means now,
-#: not the same time tomorrow (or next year).
-RESET_SLACK = timedelta(minutes=2)
-
-
-def _reset_time(text: str, zone: str, now: datetime | None = None) -> datetime | None:
-    """The moment a "resets ..." text means (the next one, when it gives no year or date)."""
-    try:
-        tz = zoneinfo.ZoneInfo(zone.strip())
-    except (ValueError, zoneinfo.ZoneInfoNotFoundError):
-        return None
-    now = (now or datetime.now(UTC)).astimezone(tz)
-    earliest = now - RESET_SLACK
-    text = re.sub(r"\s*([ap]m)$", r"\1", " ".join(text.split()), flags=re.IGNORECASE)
-    for form in _RESET_FORMATS:
-        try:
-            parsed = datetime.strptime(text, form)
-        except ValueError:
-            continue
-        if "%Y" in form:
-            return parsed.replace(tzinfo=tz)
-        if "%b" in form:
-            moment = parsed.replace(year=now.year, tzinfo=tz)
-            return moment if moment > earliest else moment.replace(year=now.year + 1)
-        moment = now.replace(hour=parsed.hour, minute=parsed.minute, second=0, microsecond=0)
-        return moment if moment > earliest else moment + timedelta(days=1)
-    return None
-
-
-def _epoch(seconds: float) -> datetime | None:
-    """An epoch time, in seconds or (when it is that large) milliseconds; None if absurd."""
-    try:
-        return datetime.fromtimestamp(seconds / 1000 if seconds > 1e11 else seconds, UTC)
-    except (ValueError, OverflowError, OSError):
-        return None
-
-
-def _usage_limit(result: Mapping[str, Any], evidence: str, reset: float | None) -> Postpone | None:
-    """A usage limit, if claude hit one (``reset``: from its rate_limit_event), with when it
-    resets."""
-    info = (result.get("api_error_params") or {}).get("rate_limit_info") or {}
-    reset = reset or info.get("resetsAt")
-    text, old = _USAGE_LIMIT_TEXT.search(evidence), _OLD_USAGE_LIMIT_TEXT.search(evidence)
-    if not (reset or result.get("api_error") == "usage_limit_reached" or text or old):
-        return None
-    at = None
-    if isinstance(reset, int | float) and not isinstance(reset, bool) and reset > 0:
-        at = _epoch(reset)
-    elif text and text.group(1):
-        at = _reset_time(text.group(1), text.group(2))
-    elif old and old.group(1):
-        at = _epoch(int(old.group(1)))
-    found = text or old
-    said = found.group(0) if found else "usage limit reached"
-    if at is None:
-        at = datetime.now(UTC) + timedelta(seconds=USAGE_LIMIT_UNKNOWN_RESET)
-        said += " (no reset time given)"
-    return UsageLimitReached(f"{USAGE_LIMIT_NOTE}{said}", run_at=at)
-
-
-def claude_outcome(
-    ended: _ProcessExit,
-    result: dict[str, Any] | None,
-    plain: Sequence[str],
-    rate_limit_reset: float | None = None,
-    time_limit: float | None = None,
-) -> Any:
-    """The job's result from how claude ended: the CLI's result object on success
-    (``time_limit``: the attempt's, for the error when it passed).
-
-    Raises UsageLimitReached when the subscription's usage limit was hit (``rate_limit_reset``:
-    the resetsAt of a rejecting rate_limit_event), WorkerUnfit for what is wrong with the
-    worker rather than the job (not logged in, a bad API key, no credit, the root refusal),
-    PermanentError for what no retry can fix (a turn or budget limit) and JobFailed for
-    everything else (API errors, overload: retried with backoff).
-    """
-    said = (result or {}).get("result")
-    said = said if isinstance(said, str) else ""
-    errors = (result or {}).get("errors") or []
-    detail = said or "; ".join(map(str, errors))
-    if ended.timed_out:
-        limit = f" after {_duration_text(time_limit)}, its time limit" if time_limit else ""
-        raise JobFailed(
-            f"timed out{limit}: claude and what it started were terminated", result=result
-        )
-    if ended.returncode == 0 and result is not None and result.get("is_error") is False:
-        return result
-    subtype = (result or {}).get("subtype")
-    if subtype in _PERMANENT_CLAUDE_SUBTYPES:  # whatever limits it met on the way
-        raise PermanentError(f"claude stopped: {subtype}: {detail}", result=result)
-    evidence = "\n".join([said, ended.stderr, *plain])
-    if _NO_SESSION in evidence:  # no retry can bring a session back
-        found = evidence[evidence.index(_NO_SESSION) :].splitlines()[0]
-        raise PermanentError(
-            f"claude cannot resume the session: {found} (claude keeps sessions per "
-            "directory and per machine)",
-            result=result,
-        )
-    limit = _usage_limit(result or {}, evidence, rate_limit_reset)
-    if limit is not None:
-        limit.result = result
-        raise limit
-    for marker, explanation in _UNFIT_CLAUDE_ERRORS:
-        if marker in evidence:
-            raise WorkerUnfit(f"{explanation} (claude said: {marker})", result=result)
-    if result is not None and detail:
-        raise JobFailed(f"claude failed: {detail}", result=result)
-    last_words = " ".join((ended.stderr.strip().splitlines() or plain or ["no output"])[-1:])
-    if ended.returncode < 0:
-        how = f"was killed by signal {-ended.returncode}"
-    else:
-        how = f"exited with status {ended.returncode}"
-    raise JobFailed(f"claude {how} without a result: {last_words[:500]}", result=result)
 
 
 # -- git worktrees ------------------------------------------------------------------------------
@@ -7123,7 +7113,7 @@ def default_handlers(
 
 
 ###############################################################################
-# Worker
+# Worker: what its parts share, and its session
 ###############################################################################
 
 #: The clock of leases: unlike time.monotonic() on Linux, it keeps counting while the machine
@@ -7241,93 +7231,54 @@ def _kill_leftovers(jobs: Iterable[Mapping[str, Any]]) -> int:
     return killed
 
 
-@dataclass(frozen=True)
-class _Row:
-    """One row for the record statement: a claimed job, what its attempt came to (None: it
-    runs on, and only its progress is written), and its progress."""
+class _Pulse:
+    """How the worker's long-lived parts fare: for each, how many passes in a row failed and
+    why, and whether its thread died. Every part reports here; the heartbeat shows what is
+    wrong in `workers`, and `health()` (so /readyz) reads it. One lock guards it."""
 
-    job_id: uuid.UUID
-    claim: uuid.UUID | None
-    outcome: Outcome | None
-    progress: Progress
-    key: str | None = None  # the concurrency key whose slot it gives up when it ends
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._failing: dict[str, tuple[int, str]] = {}  # part: (passes failed in a row, why)
+        self._dead: dict[str, str] = {}  # part: what ended its thread
 
+    def passed(self, part: str) -> None:
+        with self._lock:
+            self._failing.pop(part, None)
 
-def _record_params(rows: Sequence[_Row], host: str) -> dict[str, Any]:
-    """The one place where outcomes and progress become the record statement's parameters:
-    the rows as one JSON array (a progress row's outcome fields empty), then what claude
-    spent and the worktrees, by job; ``host``: where the worktrees are. (JSON: one
-    parameter, where an array per column cost the worker more than the statement.)"""
-    records, spent = [], []
-    for row in rows:
-        outcome, progress, job_id = row.outcome or _NO_OUTCOME, row.progress, str(row.job_id)
-        records.append({
-            "id": job_id, "claim": str(row.claim) if row.claim else None,
-            "verdict": row.outcome.verdict if row.outcome else "progress",
-            "result": outcome.result, "error": outcome.error, "traceback": outcome.traceback,
-            "permanent": outcome.permanent, "delay": outcome.delay,
-            "run_at": outcome.run_at.isoformat() if outcome.run_at else None,
-            "transcript": progress.transcript, "session_id": progress.session_id,
-            "cost_usd": progress.cost_usd, "worktree": progress.worktree,
-        })  # fmt: skip
-        spent += [{"job_id": job_id, "model": each.model, "runs": each.runs,
-                   "cost": each.cost_usd, "input": each.input_tokens,
-                   "output": each.output_tokens, "cache_read": each.cache_read_tokens,
-                   "cache_write": each.cache_write_tokens}
-                  for each in progress.spend]  # fmt: skip
-    return {
-        "rows": json.dumps(records, ensure_ascii=False),
-        "spend": json.dumps(spent, ensure_ascii=False),
-        "host": host,
-        "limit": TRANSCRIPT_LIMIT,
-        "output": OUTPUT_CHANNEL,
-    }
+    def failed(self, part: str, error: BaseException) -> int:
+        """A pass of ``part`` failed; how many in a row have now."""
+        with self._lock:
+            count = self._failing.get(part, (0, ""))[0] + 1
+            self._failing[part] = (count, _error_text(error))
+        return count
+
+    def died(self, part: str, error: BaseException) -> None:
+        with self._lock:
+            self._dead[part] = _error_text(error)
+
+    def trouble(self) -> str | None:
+        """What is wrong with the worker's parts, in a line: a part whose thread died, or that
+        failed FAILING_PASSES passes in a row; None when nothing is."""
+        with self._lock:
+            said = [f"its {part} died ({why})" for part, why in sorted(self._dead.items())]
+            said += [
+                f"its {part} failed {count} passes in a row ({why})"
+                for part, (count, why) in sorted(self._failing.items())
+                if count >= FAILING_PASSES
+            ]
+        return "; ".join(said) or None
 
 
-def _slot_key(job: Job) -> str | None:
-    """The concurrency key of which the job takes a slot while it runs (None: no limit)."""
-    return job.concurrency_key if job.concurrency_limit else None
+def _worth_a_traceback(failures: int) -> bool:
+    """Whether the ``failures``-th failure in a row of a part is logged with its traceback:
+    the first few, then one in 60 (a pass a second fails, say, but the log is not flooded)."""
+    return failures <= FAILING_PASSES or failures % 60 == 0
 
 
-#: The outcome columns of a row that brings progress only.
-_NO_OUTCOME = Outcome(Verdict.SUCCEEDED)
-
-
-@functools.cache
-def _positional(query: str) -> tuple[str, tuple[str, ...]]:
-    """``query`` with $1, $2... for its %(name)s placeholders, and the names in that order,
-    for a raw cursor: psycopg parses again on every call a statement longer than 4 kB."""
-    names: list[str] = []
-
-    def number(match: re.Match[str]) -> str:
-        if match.group(1) not in names:
-            names.append(match.group(1))
-        return f"${names.index(match.group(1)) + 1}"
-
-    return re.sub(r"%\((\w+)\)s", number, query), tuple(names)
-
-
-def _db_record(
-    conn: psycopg.Connection, rows: Sequence[_Row], host: str
-) -> psycopg.Cursor[Any] | None:
-    """Send the record statement (see RECORD) for these rows, then what unblocks the jobs
-    waiting for those that ended (in the caller's transaction or pipeline), for their new
-    statuses to be fetched (a row fenced out is missing): (job, status, run_at). None with
-    no rows."""
-    if not rows:
-        return None
-    text, names = _positional(RECORD)
-    params = _record_params(rows, host)
-    recorded = psycopg.RawCursor(conn).execute(text, [params[name] for name in names])
-    ended = [row for row in rows if row.outcome is not None]
-    if ended:
-        _db_unblock(conn, [row.job_id for row in ended], [row.key for row in ended])
-    return recorded
-
-
-def _db_recorded(cursor: psycopg.Cursor[Any] | None) -> dict[uuid.UUID, str]:
-    """The new status of each row a record statement wrote."""
-    return {} if cursor is None else {job_id: status for job_id, status, _ in cursor.fetchall()}
+def _error_text(error: BaseException) -> str:
+    """An exception in a few words: its class and its message's first line."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
 @dataclass
@@ -7888,21 +7839,16 @@ class _Session(threading.Thread):
             _log_recovered(job)
 
 
-def _configure_worker_connection(conn: psycopg.Connection) -> None:
-    """The claim must walk its index in claim order, whatever the statistics say: right
-    after a bulk insert they can be so stale (a table analyzed while empty) that the planner
-    prefers sorting every ready job, on every claim. No other query of the worker sorts.
-    And no JIT: with a large backlog the claim's estimated cost passes jit_above_cost, and a
-    server built with LLVM (Debian's, for one) then compiles it on every call: 84 ms of JIT
-    for 0.2 ms of work. The worker's statements are all short; none gains from JIT. And
-    generic plans for the statements psycopg prepares (those run more than a few times): left
-    to choose, PostgreSQL plans the round's statements again on every call (a custom plan),
-    which costs it three to five times the work (1.5 ms against 0.3 for UNBLOCK). Their
-    texts are written for it: no flag parameter that changes which index serves them."""
-    conn.execute("SET enable_sort = off")
-    conn.execute("SET enable_seqscan = off")
-    conn.execute("SET jit = off")
-    conn.execute("SET plan_cache_mode = force_generic_plan")
+###############################################################################
+# Worker: the dispatcher, the runners, the other parts and the Worker
+###############################################################################
+
+
+#: Why an outcome is discarded when its write matched nothing.
+_CLAIM_GONE = (
+    "this worker's claim on the job is gone (the job was put back or taken over while the "
+    "database was out of reach); this outcome is discarded"
+)
 
 
 class _Dispatcher:
@@ -8215,11 +8161,14 @@ class _Dispatcher:
         self._book.wake.set()
 
 
-#: Why an outcome is discarded when its write matched nothing.
-_CLAIM_GONE = (
-    "this worker's claim on the job is gone (the job was put back or taken over while the "
-    "database was out of reach); this outcome is discarded"
-)
+def _log_hold(kind: str, until: float, reason: str) -> None:
+    logger.warning(
+        "no worker starts %s jobs until %s: %s",
+        kind,
+        _clock_time(until),
+        reason,
+        extra={"fields": {"event": "held", "kind": kind, "reason": reason}},
+    )
 
 
 class _Runners:
@@ -8345,66 +8294,6 @@ class _Runners:
             seconds = holds.back_off(job.kind)
             if seconds is not None:
                 self._worker._hold_here(job.kind, seconds, str(postponed), unfit=True)
-
-
-def _log_hold(kind: str, until: float, reason: str) -> None:
-    logger.warning(
-        "no worker starts %s jobs until %s: %s",
-        kind,
-        _clock_time(until),
-        reason,
-        extra={"fields": {"event": "held", "kind": kind, "reason": reason}},
-    )
-
-
-class _Pulse:
-    """How the worker's long-lived parts fare: for each, how many passes in a row failed and
-    why, and whether its thread died. Every part reports here; the heartbeat shows what is
-    wrong in `workers`, and `health()` (so /readyz) reads it. One lock guards it."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._failing: dict[str, tuple[int, str]] = {}  # part: (passes failed in a row, why)
-        self._dead: dict[str, str] = {}  # part: what ended its thread
-
-    def passed(self, part: str) -> None:
-        with self._lock:
-            self._failing.pop(part, None)
-
-    def failed(self, part: str, error: BaseException) -> int:
-        """A pass of ``part`` failed; how many in a row have now."""
-        with self._lock:
-            count = self._failing.get(part, (0, ""))[0] + 1
-            self._failing[part] = (count, _error_text(error))
-        return count
-
-    def died(self, part: str, error: BaseException) -> None:
-        with self._lock:
-            self._dead[part] = _error_text(error)
-
-    def trouble(self) -> str | None:
-        """What is wrong with the worker's parts, in a line: a part whose thread died, or that
-        failed FAILING_PASSES passes in a row; None when nothing is."""
-        with self._lock:
-            said = [f"its {part} died ({why})" for part, why in sorted(self._dead.items())]
-            said += [
-                f"its {part} failed {count} passes in a row ({why})"
-                for part, (count, why) in sorted(self._failing.items())
-                if count >= FAILING_PASSES
-            ]
-        return "; ".join(said) or None
-
-
-def _worth_a_traceback(failures: int) -> bool:
-    """Whether the ``failures``-th failure in a row of a part is logged with its traceback:
-    the first few, then one in 60 (a pass a second fails, say, but the log is not flooded)."""
-    return failures <= FAILING_PASSES or failures % 60 == 0
-
-
-def _error_text(error: BaseException) -> str:
-    """An exception in a few words: its class and its message's first line."""
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
 class _Part(threading.Thread):
@@ -10597,384 +10486,8 @@ def _api_stats(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, A
     return {**_overview(conn), "cost": cost_stats(conn, days)}
 
 
-#: The dashboard: one page, no build step, nothing from elsewhere. Every value from a job is
-#: put in the page as text (textContent), never as markup: a prompt cannot run in it.
-_PAGE = """<!doctype html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>claude-jobs</title>
-<style>
-:root { --bg: #fbfbfa; --fg: #1d1d1f; --dim: #6e6e73; --line: #e3e3e0; --card: #fff;
-  --queued: #6b7280; --running: #2563eb; --succeeded: #15803d; --failed: #b91c1c;
-  --cancelled: #a16207; --paused: #7c3aed; }
-@media (prefers-color-scheme: dark) { :root { --bg: #161618; --fg: #ececec; --dim: #9a9aa0;
-  --line: #2c2c30; --card: #1e1e21; } }
-* { box-sizing: border-box; }
-body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
-  background: var(--bg); color: var(--fg); }
-header { display: flex; gap: 1rem; align-items: baseline; padding: .7rem 1rem;
-  border-bottom: 1px solid var(--line); background: var(--card); position: sticky; top: 0; }
-header h1 { font-size: 1.05rem; margin: 0; } header a { color: inherit; }
-#live { color: var(--dim); font-size: .85rem; margin-left: auto; }
-main { padding: 1rem; max-width: 1400px; margin: auto; }
-section { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
-  padding: .8rem 1rem; margin-bottom: 1rem; overflow-x: auto; }
-h2 { font-size: .95rem; margin: 0 0 .5rem; }
-table { border-collapse: collapse; width: 100%; }
-th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line);
-  white-space: nowrap; vertical-align: top; }
-th { font-weight: 600; color: var(--dim); font-size: .8rem; }
-td.num { text-align: right; font-variant-numeric: tabular-nums; }
-td.text { white-space: normal; max-width: 40rem; overflow-wrap: anywhere; }
-.s { font-weight: 600; } .s-queued { color: var(--queued); } .s-running { color: var(--running); }
-.s-succeeded { color: var(--succeeded); } .s-failed { color: var(--failed); }
-.s-cancelled { color: var(--cancelled); } .s-paused, .s-draining { color: var(--paused); }
-.s-lost, .s-failing { color: var(--failed); } .s-alive { color: var(--succeeded); }
-button { font: inherit; padding: .15rem .6rem; border: 1px solid var(--line); border-radius: 5px;
-  background: var(--bg); color: var(--fg); cursor: pointer; }
-button:hover { border-color: var(--dim); }
-form { display: flex; flex-wrap: wrap; gap: .4rem; margin-bottom: .6rem; }
-input, select { font: inherit; padding: .2rem .4rem; border: 1px solid var(--line);
-  border-radius: 5px; background: var(--bg); color: var(--fg); }
-dl { display: grid; grid-template-columns: max-content 1fr; gap: .25rem 1rem; margin: 0; }
-dt { color: var(--dim); } dd { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere;
-  max-height: 12em; overflow-y: auto; }
-pre { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; font: 12.5px/1.45 ui-monospace,
-  SFMono-Regular, Menlo, monospace; max-height: 70vh; overflow-y: auto; }
-.dim { color: var(--dim); } .error { color: var(--failed); } #message:empty { display: none; }
-#message { position: fixed; bottom: 1rem; right: 1rem; background: var(--card); padding: .5rem 1rem;
-  border: 1px solid var(--line); border-radius: 6px; max-width: 90vw; }
-.read-only .action { display: none; }  /* (a --read-only server refuses them anyway) */
-a { color: var(--running); text-decoration: none; } a:hover { text-decoration: underline; }
-@media (max-width: 700px) { main { padding: .5rem; } .wide { display: none; } }
-</style></head>
-<body>
-<header><h1><a href="#/">claude-jobs</a></h1><span id="live">connecting…</span></header>
-<main id="main"></main>
-<div id="message" role="status"></div>
-<script>
-"use strict";
-const $ = (tag, attrs = {}, ...children) => {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(attrs)) {
-    if (key === "onclick") node.onclick = value;
-    else if (value !== undefined && value !== null) node.setAttribute(key, value);
-  }
-  for (const child of children.flat()) {
-    if (child !== null && child !== undefined)
-      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
-  }
-  return node;
-};
-const fill = (node, ...children) =>  // (what is null or undefined is left out)
-  node.replaceChildren(...children.flat().filter(c => c !== null && c !== undefined));
-const main = document.getElementById("main");
-const say = (text, bad) => { const m = document.getElementById("message");
-  m.textContent = text; m.className = bad ? "error" : ""; clearTimeout(say.t);
-  say.t = setTimeout(() => { m.textContent = ""; }, 6000); };
-const headers = () => { const t = sessionStorage.getItem("claude-jobs-token");
-  return t ? { Authorization: "Bearer " + t } : {}; };
-function askToken() {
-  const t = prompt("This server needs its token:");
-  if (t) sessionStorage.setItem("claude-jobs-token", t.trim());
-}
-async function api(path, method = "GET") {
-  for (let tries = 0; tries < 3; tries++) {
-    const r = await fetch(path, { method, headers: headers() });
-    if (r.status === 401) { askToken(); continue; }
-    const body = await r.json().catch(() => ({ error: r.statusText }));
-    if (!r.ok) throw new Error(body.error || r.statusText);
-    return body;
-  }
-  throw new Error("no token");
-}
-async function act(path, done) {
-  try { await api(path, "POST"); say("done: " + path.split("/").slice(-1)[0]);
-        if (done) done(); }
-  catch (e) { say(e.message, true); }
-}
-const sleep = ms => new Promise(ok => setTimeout(ok, ms));
-const action = (label, onclick) => $("button", { class: "action", onclick }, label);
-// (paths are relative: the app may be mounted below a prefix)
-// Server-Sent Events over fetch (EventSource cannot send the token); resumes with Last-Event-ID.
-async function follow(path, onEvent, signal) {
-  let lastId = null;
-  while (!signal.aborted) {
-    try {
-      const h = headers(); if (lastId !== null) h["Last-Event-ID"] = lastId;
-      const r = await fetch(path, { headers: h, signal });
-      if (r.status === 401) { askToken(); continue; }
-      if (!r.ok) { const b = await r.json().catch(() => ({})); say(b.error || r.statusText, true);
-                   if (r.status === 404) return; throw new Error(r.status); }
-      live(true);
-      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
-      let buffer = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        buffer += value;
-        let cut;
-        while ((cut = buffer.indexOf("\\n\\n")) >= 0) {
-          const block = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
-          let event = "message", data = "";
-          for (const line of block.split("\\n")) {
-            if (line.startsWith("event: ")) event = line.slice(7);
-            else if (line.startsWith("data: ")) data += line.slice(6);
-            else if (line.startsWith("id: ")) lastId = line.slice(4);
-          }
-          if (data && onEvent(event, JSON.parse(data)) === false) return;
-        }
-      }
-    } catch (e) { if (signal.aborted) return; }
-    live(false);
-    await sleep(2000);
-  }
-}
-function live(on) { document.getElementById("live").textContent = on ? "● live" : "reconnecting…"; }
-function ago(iso) {
-  if (!iso) return $("span", {}, "-");
-  const s = (Date.parse(iso) - Date.now()) / 1000, a = Math.abs(s);
-  const text = a < 60 ? Math.round(a) + "s" : a < 3600 ? Math.round(a / 60) + "m"
-    : a < 86400 ? (a / 3600).toFixed(1) + "h" : (a / 86400).toFixed(1) + "d";
-  return $("span", { title: iso }, s > 1 ? "in " + text : text + " ago");
-}
-const secs = v => v === null || v === undefined ? "-" : v >= 60 ? (v / 60).toFixed(1) + "m"
-  : Number(v).toFixed(1) + "s";
-const money = v => "$" + Number(v || 0).toFixed(2);
-const status = s => $("span", { class: "s s-" + s }, s);
-const table = (heads, rows) => $("table", {}, $("thead", {}, $("tr", {},
-  heads.map(h => $("th", { class: h.startsWith("·") ? "wide" : "" }, h.replace("·", ""))))),
-  $("tbody", {}, rows));
-
-// -- the overview and the jobs ---------------------------------------------------------------
-let view = null;
-function overviewPage() {
-  const stop = new AbortController();
-  const queues = $("section", {}, $("h2", {}, "Queues"), $("p", { class: "dim" }, "loading…"));
-  const workers = $("section", {}, $("h2", {}, "Workers"));
-  const batches = $("section", { id: "batches" }, $("h2", {}, "Batches"));
-  const schedules = $("section", { id: "schedules" }, $("h2", {}, "Schedules"));
-  const jobs = $("section", { id: "jobs" }, $("h2", {}, "Jobs"));
-  fill(main, queues, workers, batches, schedules, jobs);
-  const filters = jobFilters(jobs);
-  let lastCounts = "";
-  follow("api/events", (event, data) => {
-    if (event === "error") { say(data.error, true); return; }
-    if (event !== "overview") return;
-    fill(queues, $("h2", {}, "Queues"), queueTable(data), holdList(data.holds));
-    fill(workers, $("h2", {}, "Workers"), workerTable(data.workers));
-    fill(batches, $("h2", {}, "Batches"), batchTable(data.batches));
-    fill(schedules, $("h2", {}, "Schedules"), scheduleTable(data.schedules));
-    const counts = JSON.stringify(data.queues.map(q => [q.queue, q.ready, q.scheduled,
-      q.running, q.succeeded, q.failed, q.cancelled]));
-    if (counts !== lastCounts && filters.firstPage()) filters.load();
-    lastCounts = counts;
-  }, stop.signal);
-  return () => stop.abort();
-}
-function queueTable(data) {
-  if (!data.queues.length) return $("p", { class: "dim" }, "no jobs yet");
-  return table(["queue", "state", "ready", "·later", "running", "succeeded", "failed",
-    "·cancelled", "oldest ready", "·ok/1h", "·fail/1h", "·median", "cost today", "·cost 7d", ""],
-    data.queues.map(q => $("tr", {},
-      $("td", {}, q.queue), $("td", {}, status(q.paused ? "paused" : "active")),
-      ...[q.ready, q.scheduled, q.running, q.succeeded, q.failed, q.cancelled].map((v, i) =>
-        $("td", { class: "num" + ([1, 5].includes(i) ? " wide" : "") }, v)),
-      $("td", { class: "num" }, secs(q.oldest_ready_seconds)),
-      $("td", { class: "num wide" }, q.succeeded_last_hour),
-      $("td", { class: "num wide" }, q.failed_last_hour),
-      $("td", { class: "num wide" }, secs(q.median_run_seconds)),
-      $("td", { class: "num" }, money(q.cost_today_usd)),
-      $("td", { class: "num wide" }, money(q.cost_7d_usd)),
-      $("td", {}, action(q.paused ? "resume" : "pause", () => act("api/queues/"
-        + encodeURIComponent(q.queue) + (q.paused ? "/resume" : "/pause")))))));
-}
-function holdList(holds) {
-  if (!holds.length) return null;
-  return $("p", {}, ...holds.map(h => $("span", {}, "hold on ", $("b", {}, h.kind), " until ",
-    ago(h.until), ": ", h.reason, " ",
-    action("lift", () => act("api/holds/" + encodeURIComponent(h.kind) + "/lift")))));
-}
-function workerTable(list) {
-  if (!list.length) return $("p", { class: "dim" }, "no workers");
-  return table(["worker", "state", "running", "·queues", "heartbeat", "jobs", ""],
-    list.map(w => $("tr", {}, $("td", { title: w.id }, w.host + ":" + w.pid),
-        $("td", {}, status(w.state),
-          w.trouble ? $("div", { class: "dim" }, w.trouble) : null,
-          w.lost_at ? $("div", { class: "dim" }, "found dead ", ago(w.lost_at), ": ",
-            w.lost_because + "; " + w.recovered + " running job(s) went back") : null),
-        $("td", { class: "num" }, w.running + "/" + w.concurrency),
-        $("td", { class: "wide" }, w.queues.join(",")), $("td", {}, ago(w.last_heartbeat)),
-        $("td", { class: "text" }, ...w.jobs.map(j => $("div", {},
-          $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8)), " ", j.excerpt.slice(0, 80)))),
-        $("td", {}, w.state === "alive" ? action("drain", () => {
-          if (confirm("Drain " + w.host + ":" + w.pid + "? It takes no more jobs and exits once "
-            + "its running jobs end.")) act("api/workers/" + w.id + "/drain"); }) : null))));
-}
-function batchTable(list) {
-  if (!list.length) return $("p", { class: "dim" }, "no batches");
-  const shown = ["succeeded", "failed", "cancelled", "running", "queued"];
-  return table(["batch", "progress", "jobs", "cost", "created", "finished", "callbacks", ""],
-    list.map(b => $("tr", {},
-      $("td", { title: b.id }, $("a", { href: "#/batch/" + b.id }, b.name)),
-      $("td", {}, $("progress", { max: b.jobs || 1, value: b.ended }), " ",
-        b.ended + " of " + b.jobs),
-      $("td", {}, ...shown.filter(s => b.counts[s]).map(s =>
-        $("span", {}, status(s), " " + b.counts[s] + " "))),
-      $("td", { class: "num" }, money(b.cost_usd)), $("td", {}, ago(b.created_at)),
-      $("td", {}, b.finished_at ? ago(b.finished_at) : "open"),
-      $("td", {}, ...b.callbacks.map(id => $("a", { href: "#/jobs/" + id }, id.slice(0, 8) + " "))),
-      $("td", {}, b.finished_at ? null : action("cancel", () => {
-          if (confirm("Cancel the unfinished jobs of batch " + b.name + "?"))
-            act("api/batches/" + b.id + "/cancel"); }),
-        b.counts.failed ? action("retry failed", () => act("api/batches/" + b.id + "/retry"))
-          : null))));
-}
-function scheduleTable(list) {
-  if (!list.length) return $("p", { class: "dim" }, "no schedules");
-  return table(["schedule", "when", "next run", "last run", ""],
-    list.map(s => $("tr", {}, $("td", {}, s.name),
-      $("td", {}, (s.cron ? s.cron : "every " + secs(s.every)) + " (" + s.timezone + ")"),
-      $("td", {}, s.paused_at ? status("paused") : ago(s.next_run_at)),
-      $("td", { class: "text" }, !s.last_run ? "-" : [ago(s.last_run.due_at), " ",
-        s.last_run.job_id ? $("a", { href: "#/jobs/" + s.last_run.job_id },
-          s.last_run.job_id.slice(0, 8)) : s.last_run.outcome,
-        " ", s.last_run.status ? status(s.last_run.status) : (s.last_run.note || "")]),
-      $("td", {}, action("run now", () => act("api/schedules/"
-          + encodeURIComponent(s.name) + "/run")),
-        action(s.paused_at ? "resume" : "pause", () => act("api/schedules/"
-          + encodeURIComponent(s.name) + (s.paused_at ? "/resume" : "/pause")))))));
-}
-function jobFilters(section) {
-  const field = (name, hint) => $("input", { name, placeholder: hint, size: 12 });
-  const statusSelect = $("select", { name: "status" }, $("option", { value: "" }, "any status"),
-    ["queued", "running", "succeeded", "failed", "cancelled"].map(s => $("option", {}, s)));
-  const form = $("form", {}, statusSelect, field("queue", "queue"), field("kind", "kind"),
-    field("q", "text in the prompt"), field("cwd", "cwd"), field("batch", "batch"),
-    $("button", {}, "filter"));
-  const body = $("div", {});
-  const more = $("button", {}, "older →");
-  section.append(form, body, more);
-  let pages = [null];
-  const query = () => { const p = new URLSearchParams();
-    for (const el of form.elements) if (el.name && el.value) p.set(el.name, el.value);
-    return p; };
-  async function load() {
-    const p = query(); const before = pages[pages.length - 1];
-    if (before) p.set("before", before);
-    try {
-      const data = await api("api/jobs?" + p);
-      fill(body, jobTable(data.jobs));
-      more.style.display = data.next ? "" : "none";
-      more.onclick = () => { pages.push(data.next); load(); };
-    } catch (e) { say(e.message, true); }
-  }
-  form.onsubmit = e => { e.preventDefault(); pages = [null]; load(); };
-  load();
-  return { load, firstPage: () => pages.length === 1 };
-}
-function jobTable(jobs) {
-  if (!jobs.length) return $("p", { class: "dim" }, "no jobs");
-  return table(["id", "queue", "·kind", "status", "·tries", "when", "prompt / payload"],
-    jobs.map(j => $("tr", {}, $("td", {}, $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8))),
-      $("td", {}, j.queue), $("td", { class: "wide" }, j.kind),
-      $("td", { title: j.why || "" }, status(j.shown_status)),
-      $("td", { class: "num wide" }, j.attempts + "/" + j.max_attempts),
-      $("td", {}, ago(j.status === "queued" && Date.parse(j.run_at) > Date.now() ? j.run_at
-        : j.finished_at || j.started_at || j.created_at)),
-      $("td", { class: "text" }, j.excerpt.slice(0, 200)))));
-}
-
-// -- a job -----------------------------------------------------------------------------------
-function jobPage(id) {
-  const stop = new AbortController();
-  const facts = $("section", {}, $("h2", {}, "Job ", id));
-  const actions = $("p", {});
-  const transcript = $("pre", { id: "transcript" });
-  const outcome = $("p", { id: "outcome", class: "dim" }, "following…");
-  fill(main, facts, $("section", {}, $("h2", {}, "Transcript"), transcript, outcome));
-  const refresh = async () => {
-    try {
-      const job = await api("api/jobs/" + encodeURIComponent(id));
-      const rows = job.rows.map(([name, value]) => [$("dt", {}, name),
-        $("dd", {}, name === "status" ? status(job.shown_status) : value,
-          name === "status" ? value.slice(job.shown_status.length) : "")]);
-      const extra = job.attempt_errors.map(line => $("div", { class: "error" }, line));
-      fill(actions,
-        ["queued", "running"].includes(job.status)
-          ? action("cancel", () => act("api/jobs/" + job.id + "/cancel", refresh)) : null, " ",
-        ["failed", "cancelled"].includes(job.status)
-          ? action("retry", () => act("api/jobs/" + job.id + "/retry", () => location.reload()))
-          : null, " ",
-        job.status === "queued" && Date.parse(job.run_at) > Date.now()
-          ? action("run now", () => act("api/jobs/" + job.id + "/run-now", refresh)) : null);
-      fill(facts, $("h2", {}, "Job ", job.id), actions, $("dl", {}, rows.flat()),
-        ...extra, job.diff_stat ? $("pre", {}, job.diff_stat) : null);
-    } catch (e) { say(e.message, true); }
-  };
-  refresh();
-  follow("api/jobs/" + encodeURIComponent(id) + "/events", (event, data) => {
-    if (event === "transcript") {
-      if (data.skipped) transcript.append("… (" + data.skipped + " characters not kept)\\n");
-      const atEnd = transcript.scrollTop + transcript.clientHeight >= transcript.scrollHeight - 4;
-      transcript.append(data.lines.map(line => line + "\\n").join(""));
-      if (atEnd) transcript.scrollTop = transcript.scrollHeight;
-    } else if (event === "status") {
-      fill(outcome, status(data.status), " attempt " + data.attempts + " of "
-        + data.max_attempts, data.why ? " · " + data.why : "");
-      refresh();
-    } else if (event === "end") {
-      fill(outcome, "job ", status(data.status),
-        data.last_error && data.status !== "succeeded" ? ": " + data.last_error : "");
-      live(false); document.getElementById("live").textContent = "ended";
-      return false;
-    } else if (event === "error") { say(data.error, true); }
-  }, stop.signal);
-  return () => stop.abort();
-}
-
-// -- a batch ---------------------------------------------------------------------------------
-function batchPage(id) {
-  const facts = $("section", {}, $("h2", {}, "Batch ", id));
-  const jobs = $("section", {}, $("h2", {}, "Its jobs"));
-  fill(main, facts, jobs);
-  const refresh = async () => {
-    try {
-      const b = await api("api/batches/" + encodeURIComponent(id));
-      const page = await api("api/jobs?limit=200&batch=" + encodeURIComponent(id));
-      const rows = [["progress", b.ended + " of " + b.jobs + " ended"],
-        ["by status", Object.entries(b.counts).map(([k, v]) => v + " " + k).join(", ") || "-"],
-        ["cost", money(b.cost_usd)], ["created", ago(b.created_at)],
-        ["started", b.started_at ? ago(b.started_at) : "-"],
-        ["finished", b.finished_at ? ago(b.finished_at) : "not yet"],
-        ["on finish", b.on_finish ? JSON.stringify(b.on_finish) : "-"],
-        ["on success", b.on_success ? JSON.stringify(b.on_success) : "-"]];
-      fill(facts, $("h2", {}, "Batch ", b.name), $("progress", { max: b.jobs || 1,
-        value: b.ended }), $("dl", {}, rows.map(([k, v]) => [$("dt", {}, k), $("dd", {}, v)])
-        .flat(), $("dt", {}, "callbacks"), $("dd", {}, ...b.callbacks.map(c =>
-          $("a", { href: "#/jobs/" + c }, c.slice(0, 8) + " ")))));
-      fill(jobs, $("h2", {}, "Its jobs"), jobTable(page.jobs));
-    } catch (e) { say(e.message, true); }
-  };
-  refresh();
-  const timer = setInterval(refresh, 3000);
-  return () => clearInterval(timer);
-}
-
-function route() {
-  if (view) view();
-  const job = location.hash.match(/^#\\/jobs\\/([0-9a-fA-F-]+)$/);
-  const batch = location.hash.match(/^#\\/batch\\/([0-9a-fA-F-]+)$/);
-  view = job ? jobPage(job[1]) : batch ? batchPage(batch[1]) : overviewPage();
-}
-window.addEventListener("hashchange", route);
-route();
-</script></body></html>
-"""
-
-
 ###############################################################################
-# Command line
+# Command line: the group, its types, migrate and enqueue
 ###############################################################################
 
 
@@ -11458,11 +10971,6 @@ def _enqueue_one(config: _Config, payload: Any, options: dict[str, Any], wait: b
     return job
 
 
-def _no_constant(name: str) -> Any:
-    """json.loads takes NaN and Infinity by default; JSON has no such numbers."""
-    raise InvalidJob(f"{name} is not a JSON number")
-
-
 def _parse_json(text: str, where: str) -> Any:
     try:
         return json.loads(text, parse_constant=_no_constant)
@@ -11577,6 +11085,11 @@ def _read_json_lines(
         except InvalidJob as error:
             raise InvalidJob(f"line {number} of {name}: {error}") from None
     return lines, payloads
+
+
+###############################################################################
+# Command line: schedules and batches
+###############################################################################
 
 
 # -- schedules -------------------------------------------------------------------------------
@@ -12045,6 +11558,11 @@ def batch_retry_command(config: _Config, batch: str) -> None:
     click.echo(f"retrying {len(again)} failed job(s)")
 
 
+###############################################################################
+# Command line: worker and serve
+###############################################################################
+
+
 @cli.command("worker")
 @_flags(WorkerSettings, "concurrency", "queues", "poll_interval", "burst")
 @_import_option
@@ -12269,6 +11787,11 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+###############################################################################
+# Command line: seeing and steering jobs
+###############################################################################
 
 
 # -- seeing jobs ------------------------------------------------------------------------------
@@ -13092,6 +12615,543 @@ def purge_command(config: _Config, queue: str, yes: bool) -> None:
 def main() -> None:
     """The `claude-jobs` console script."""
     cli.main(prog_name="claude-jobs")
+
+
+###############################################################################
+# Assets: the supervisor's script, the dashboard's page
+###############################################################################
+
+
+#: The supervisor of one attempt's processes: a small program of its own (run as ``python -I -S
+#: -c``), so that it keeps working while its worker cannot (killed, stopped, frozen, cut off).
+#: It starts the command in a session of its own and is the subreaper of everything the command
+#: starts (Linux), so that no descendant escapes it, not even one in a session of its own (as
+#: claude's Bash tool runs commands). It kills that whole tree: when the command exits
+#: (SIGTERM, SIGKILL a second later), on "stop GRACE" from its worker or on SIGTERM, SIGHUP or
+#: SIGINT (SIGTERM, then SIGKILL after GRACE seconds), and at once when its worker is gone (the
+#: control pipe closes) or the worker's lease runs out ("lease DEADLINE" renews it; DEADLINE is
+#: on CLOCK_BOOTTIME): past it, another worker may take the job over. It watches all of that
+#: until the last process of the tree is gone, tells its worker why it ended early on a report
+#: pipe of their own, and exits as the command did. Arguments: the control and report file
+#: descriptors, the deadline (or -), the grace, NAME=VALUE environment for the command only,
+#: then -- and the command. It imports `_signal`, not `signal`: `signal` imports `enum`, which
+#: would double its start-up.
+_SUPERVISOR = r"""
+import os, select, sys, time, _signal
+
+control, report, deadline, grace = sys.argv[1:5]
+control, report, grace = int(control), int(report), float(grace)
+deadline = float("inf") if deadline == "-" else float(deadline)
+split = sys.argv.index("--")
+env = dict(os.environ, **dict(pair.split("=", 1) for pair in sys.argv[5:split]))
+command = sys.argv[split + 1 :]
+me = os.getpid()
+clock = getattr(time, "CLOCK_BOOTTIME", None)
+now = (lambda: time.clock_gettime(clock)) if clock is not None else time.monotonic
+
+def tell(word, text=""):
+    try:
+        os.write(report, (word + " " + text).strip().encode() + b"\n")
+    except OSError:
+        pass
+
+try:
+    import ctypes
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER: orphans come to us
+except (ImportError, OSError, AttributeError):
+    pass
+wake, woken = os.pipe()
+os.set_blocking(woken, False)
+_signal.set_wakeup_fd(woken)
+asked = []
+for number in (_signal.SIGTERM, _signal.SIGHUP, _signal.SIGINT):
+    _signal.signal(number, lambda number, frame: asked.append(number))
+_signal.signal(_signal.SIGCHLD, lambda number, frame: None)  # only to wake the select
+os.set_inheritable(control, False)
+os.set_inheritable(report, False)
+try:  # (Python ignores SIGPIPE and SIGXFSZ; the command gets them as a program expects)
+    child = os.posix_spawnp(
+        command[0], command, env, setsid=True, setsigdef=(_signal.SIGPIPE, _signal.SIGXFSZ)
+    )
+except OSError as error:
+    tell("cannot-run", "cannot run " + command[0] + ": " + (error.strerror or str(error)))
+    os._exit(127)
+null = os.open(os.devnull, os.O_RDWR)
+for fd in (0, 1, 2):  # the pipes are the command's now: they end when its processes end
+    os.dup2(null, fd)
+status = None
+
+def below():
+    # Every live process below this one; None where /proc cannot tell.
+    try:
+        names = os.listdir("/proc")
+    except OSError:
+        return None
+    children = {}
+    for name in names:
+        if name.isdigit():
+            try:
+                with open("/proc/" + name + "/stat", "rb") as f:
+                    fields = f.read().rsplit(b")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append((int(name), fields[0] != b"Z"))
+            except (OSError, IndexError, ValueError):
+                pass
+    found, todo = [], [me]
+    while todo:
+        for pid, alive in children.get(todo.pop(), ()):
+            todo.append(pid)
+            if alive:
+                found.append(pid)
+    return found
+
+def kill(number):
+    pids = below()
+    for pid in [-child] if pids is None else pids:  # without /proc: the command's group
+        try:
+            os.kill(pid, number)
+        except OSError:
+            pass
+
+def reap():
+    # Reap whatever has exited; False once no child is left (nor, as their subreaper, any
+    # process below us).
+    global status
+    while True:
+        try:
+            pid, code = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return False
+        if pid == 0:
+            return True
+        if pid == child:
+            status = code
+
+why, kill_at, pending = None, None, b""
+while True:
+    left = reap()
+    if status is not None and kill_at is None and left:  # exited, leaving processes behind
+        kill(_signal.SIGTERM)
+        kill_at = now() + 1.0
+    if not left or why is not None:
+        break
+    wait = min(deadline, kill_at or deadline) - now()
+    ready = select.select([control, wake], [], [], min(max(wait, 0.0), 1.0))[0]
+    if wake in ready:
+        os.read(wake, 512)
+    if control in ready:
+        data = os.read(control, 4096)
+        if not data:
+            why = "its worker is gone"
+        *lines, pending = (pending + data).split(b"\n")
+        for line in lines:
+            verb, _, value = line.decode().partition(" ")
+            if verb == "lease":
+                deadline = float(value)
+            elif verb == "stop" and kill_at is None:
+                kill(_signal.SIGTERM)
+                kill_at = now() + float(value)
+    if asked and kill_at is None:
+        kill(_signal.SIGTERM)
+        kill_at = now() + grace
+    if now() >= deadline:
+        why = "lease"
+        tell("lease", "its worker's lease ran out: the worker is stopped, frozen or cut off")
+    elif kill_at is not None and now() >= kill_at:
+        kill(_signal.SIGKILL)
+        kill_at = now() + 0.2  # again, if something is left then (not at once: no busy loop)
+end = now() + 10.0
+while reap() and now() < end:  # as their subreaper, no child left means nothing left
+    kill(_signal.SIGKILL)
+    time.sleep(0.05)
+if status is None:
+    os._exit(137)
+if os.WIFSIGNALED(status):
+    number = os.WTERMSIG(status)
+    try:
+        if number not in (_signal.SIGKILL, _signal.SIGSTOP):
+            _signal.signal(number, _signal.SIG_DFL)
+        os.kill(me, number)
+    except OSError:
+        pass
+    os._exit(128 + number)
+os._exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+#: The dashboard: one page, no build step, nothing from elsewhere. Every value from a job is
+#: put in the page as text (textContent), never as markup: a prompt cannot run in it.
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>claude-jobs</title>
+<style>
+:root { --bg: #fbfbfa; --fg: #1d1d1f; --dim: #6e6e73; --line: #e3e3e0; --card: #fff;
+  --queued: #6b7280; --running: #2563eb; --succeeded: #15803d; --failed: #b91c1c;
+  --cancelled: #a16207; --paused: #7c3aed; }
+@media (prefers-color-scheme: dark) { :root { --bg: #161618; --fg: #ececec; --dim: #9a9aa0;
+  --line: #2c2c30; --card: #1e1e21; } }
+* { box-sizing: border-box; }
+body { margin: 0; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif;
+  background: var(--bg); color: var(--fg); }
+header { display: flex; gap: 1rem; align-items: baseline; padding: .7rem 1rem;
+  border-bottom: 1px solid var(--line); background: var(--card); position: sticky; top: 0; }
+header h1 { font-size: 1.05rem; margin: 0; } header a { color: inherit; }
+#live { color: var(--dim); font-size: .85rem; margin-left: auto; }
+main { padding: 1rem; max-width: 1400px; margin: auto; }
+section { background: var(--card); border: 1px solid var(--line); border-radius: 8px;
+  padding: .8rem 1rem; margin-bottom: 1rem; overflow-x: auto; }
+h2 { font-size: .95rem; margin: 0 0 .5rem; }
+table { border-collapse: collapse; width: 100%; }
+th, td { text-align: left; padding: .3rem .5rem; border-bottom: 1px solid var(--line);
+  white-space: nowrap; vertical-align: top; }
+th { font-weight: 600; color: var(--dim); font-size: .8rem; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.text { white-space: normal; max-width: 40rem; overflow-wrap: anywhere; }
+.s { font-weight: 600; } .s-queued { color: var(--queued); } .s-running { color: var(--running); }
+.s-succeeded { color: var(--succeeded); } .s-failed { color: var(--failed); }
+.s-cancelled { color: var(--cancelled); } .s-paused, .s-draining { color: var(--paused); }
+.s-lost, .s-failing { color: var(--failed); } .s-alive { color: var(--succeeded); }
+button { font: inherit; padding: .15rem .6rem; border: 1px solid var(--line); border-radius: 5px;
+  background: var(--bg); color: var(--fg); cursor: pointer; }
+button:hover { border-color: var(--dim); }
+form { display: flex; flex-wrap: wrap; gap: .4rem; margin-bottom: .6rem; }
+input, select { font: inherit; padding: .2rem .4rem; border: 1px solid var(--line);
+  border-radius: 5px; background: var(--bg); color: var(--fg); }
+dl { display: grid; grid-template-columns: max-content 1fr; gap: .25rem 1rem; margin: 0; }
+dt { color: var(--dim); } dd { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere;
+  max-height: 12em; overflow-y: auto; }
+pre { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; font: 12.5px/1.45 ui-monospace,
+  SFMono-Regular, Menlo, monospace; max-height: 70vh; overflow-y: auto; }
+.dim { color: var(--dim); } .error { color: var(--failed); } #message:empty { display: none; }
+#message { position: fixed; bottom: 1rem; right: 1rem; background: var(--card); padding: .5rem 1rem;
+  border: 1px solid var(--line); border-radius: 6px; max-width: 90vw; }
+.read-only .action { display: none; }  /* (a --read-only server refuses them anyway) */
+a { color: var(--running); text-decoration: none; } a:hover { text-decoration: underline; }
+@media (max-width: 700px) { main { padding: .5rem; } .wide { display: none; } }
+</style></head>
+<body>
+<header><h1><a href="#/">claude-jobs</a></h1><span id="live">connecting…</span></header>
+<main id="main"></main>
+<div id="message" role="status"></div>
+<script>
+"use strict";
+const $ = (tag, attrs = {}, ...children) => {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "onclick") node.onclick = value;
+    else if (value !== undefined && value !== null) node.setAttribute(key, value);
+  }
+  for (const child of children.flat()) {
+    if (child !== null && child !== undefined)
+      node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+};
+const fill = (node, ...children) =>  // (what is null or undefined is left out)
+  node.replaceChildren(...children.flat().filter(c => c !== null && c !== undefined));
+const main = document.getElementById("main");
+const say = (text, bad) => { const m = document.getElementById("message");
+  m.textContent = text; m.className = bad ? "error" : ""; clearTimeout(say.t);
+  say.t = setTimeout(() => { m.textContent = ""; }, 6000); };
+const headers = () => { const t = sessionStorage.getItem("claude-jobs-token");
+  return t ? { Authorization: "Bearer " + t } : {}; };
+function askToken() {
+  const t = prompt("This server needs its token:");
+  if (t) sessionStorage.setItem("claude-jobs-token", t.trim());
+}
+async function api(path, method = "GET") {
+  for (let tries = 0; tries < 3; tries++) {
+    const r = await fetch(path, { method, headers: headers() });
+    if (r.status === 401) { askToken(); continue; }
+    const body = await r.json().catch(() => ({ error: r.statusText }));
+    if (!r.ok) throw new Error(body.error || r.statusText);
+    return body;
+  }
+  throw new Error("no token");
+}
+async function act(path, done) {
+  try { await api(path, "POST"); say("done: " + path.split("/").slice(-1)[0]);
+        if (done) done(); }
+  catch (e) { say(e.message, true); }
+}
+const sleep = ms => new Promise(ok => setTimeout(ok, ms));
+const action = (label, onclick) => $("button", { class: "action", onclick }, label);
+// (paths are relative: the app may be mounted below a prefix)
+// Server-Sent Events over fetch (EventSource cannot send the token); resumes with Last-Event-ID.
+async function follow(path, onEvent, signal) {
+  let lastId = null;
+  while (!signal.aborted) {
+    try {
+      const h = headers(); if (lastId !== null) h["Last-Event-ID"] = lastId;
+      const r = await fetch(path, { headers: h, signal });
+      if (r.status === 401) { askToken(); continue; }
+      if (!r.ok) { const b = await r.json().catch(() => ({})); say(b.error || r.statusText, true);
+                   if (r.status === 404) return; throw new Error(r.status); }
+      live(true);
+      const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
+      let buffer = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buffer += value;
+        let cut;
+        while ((cut = buffer.indexOf("\\n\\n")) >= 0) {
+          const block = buffer.slice(0, cut); buffer = buffer.slice(cut + 2);
+          let event = "message", data = "";
+          for (const line of block.split("\\n")) {
+            if (line.startsWith("event: ")) event = line.slice(7);
+            else if (line.startsWith("data: ")) data += line.slice(6);
+            else if (line.startsWith("id: ")) lastId = line.slice(4);
+          }
+          if (data && onEvent(event, JSON.parse(data)) === false) return;
+        }
+      }
+    } catch (e) { if (signal.aborted) return; }
+    live(false);
+    await sleep(2000);
+  }
+}
+function live(on) { document.getElementById("live").textContent = on ? "● live" : "reconnecting…"; }
+function ago(iso) {
+  if (!iso) return $("span", {}, "-");
+  const s = (Date.parse(iso) - Date.now()) / 1000, a = Math.abs(s);
+  const text = a < 60 ? Math.round(a) + "s" : a < 3600 ? Math.round(a / 60) + "m"
+    : a < 86400 ? (a / 3600).toFixed(1) + "h" : (a / 86400).toFixed(1) + "d";
+  return $("span", { title: iso }, s > 1 ? "in " + text : text + " ago");
+}
+const secs = v => v === null || v === undefined ? "-" : v >= 60 ? (v / 60).toFixed(1) + "m"
+  : Number(v).toFixed(1) + "s";
+const money = v => "$" + Number(v || 0).toFixed(2);
+const status = s => $("span", { class: "s s-" + s }, s);
+const table = (heads, rows) => $("table", {}, $("thead", {}, $("tr", {},
+  heads.map(h => $("th", { class: h.startsWith("·") ? "wide" : "" }, h.replace("·", ""))))),
+  $("tbody", {}, rows));
+
+// -- the overview and the jobs ---------------------------------------------------------------
+let view = null;
+function overviewPage() {
+  const stop = new AbortController();
+  const queues = $("section", {}, $("h2", {}, "Queues"), $("p", { class: "dim" }, "loading…"));
+  const workers = $("section", {}, $("h2", {}, "Workers"));
+  const batches = $("section", { id: "batches" }, $("h2", {}, "Batches"));
+  const schedules = $("section", { id: "schedules" }, $("h2", {}, "Schedules"));
+  const jobs = $("section", { id: "jobs" }, $("h2", {}, "Jobs"));
+  fill(main, queues, workers, batches, schedules, jobs);
+  const filters = jobFilters(jobs);
+  let lastCounts = "";
+  follow("api/events", (event, data) => {
+    if (event === "error") { say(data.error, true); return; }
+    if (event !== "overview") return;
+    fill(queues, $("h2", {}, "Queues"), queueTable(data), holdList(data.holds));
+    fill(workers, $("h2", {}, "Workers"), workerTable(data.workers));
+    fill(batches, $("h2", {}, "Batches"), batchTable(data.batches));
+    fill(schedules, $("h2", {}, "Schedules"), scheduleTable(data.schedules));
+    const counts = JSON.stringify(data.queues.map(q => [q.queue, q.ready, q.scheduled,
+      q.running, q.succeeded, q.failed, q.cancelled]));
+    if (counts !== lastCounts && filters.firstPage()) filters.load();
+    lastCounts = counts;
+  }, stop.signal);
+  return () => stop.abort();
+}
+function queueTable(data) {
+  if (!data.queues.length) return $("p", { class: "dim" }, "no jobs yet");
+  return table(["queue", "state", "ready", "·later", "running", "succeeded", "failed",
+    "·cancelled", "oldest ready", "·ok/1h", "·fail/1h", "·median", "cost today", "·cost 7d", ""],
+    data.queues.map(q => $("tr", {},
+      $("td", {}, q.queue), $("td", {}, status(q.paused ? "paused" : "active")),
+      ...[q.ready, q.scheduled, q.running, q.succeeded, q.failed, q.cancelled].map((v, i) =>
+        $("td", { class: "num" + ([1, 5].includes(i) ? " wide" : "") }, v)),
+      $("td", { class: "num" }, secs(q.oldest_ready_seconds)),
+      $("td", { class: "num wide" }, q.succeeded_last_hour),
+      $("td", { class: "num wide" }, q.failed_last_hour),
+      $("td", { class: "num wide" }, secs(q.median_run_seconds)),
+      $("td", { class: "num" }, money(q.cost_today_usd)),
+      $("td", { class: "num wide" }, money(q.cost_7d_usd)),
+      $("td", {}, action(q.paused ? "resume" : "pause", () => act("api/queues/"
+        + encodeURIComponent(q.queue) + (q.paused ? "/resume" : "/pause")))))));
+}
+function holdList(holds) {
+  if (!holds.length) return null;
+  return $("p", {}, ...holds.map(h => $("span", {}, "hold on ", $("b", {}, h.kind), " until ",
+    ago(h.until), ": ", h.reason, " ",
+    action("lift", () => act("api/holds/" + encodeURIComponent(h.kind) + "/lift")))));
+}
+function workerTable(list) {
+  if (!list.length) return $("p", { class: "dim" }, "no workers");
+  return table(["worker", "state", "running", "·queues", "heartbeat", "jobs", ""],
+    list.map(w => $("tr", {}, $("td", { title: w.id }, w.host + ":" + w.pid),
+        $("td", {}, status(w.state),
+          w.trouble ? $("div", { class: "dim" }, w.trouble) : null,
+          w.lost_at ? $("div", { class: "dim" }, "found dead ", ago(w.lost_at), ": ",
+            w.lost_because + "; " + w.recovered + " running job(s) went back") : null),
+        $("td", { class: "num" }, w.running + "/" + w.concurrency),
+        $("td", { class: "wide" }, w.queues.join(",")), $("td", {}, ago(w.last_heartbeat)),
+        $("td", { class: "text" }, ...w.jobs.map(j => $("div", {},
+          $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8)), " ", j.excerpt.slice(0, 80)))),
+        $("td", {}, w.state === "alive" ? action("drain", () => {
+          if (confirm("Drain " + w.host + ":" + w.pid + "? It takes no more jobs and exits once "
+            + "its running jobs end.")) act("api/workers/" + w.id + "/drain"); }) : null))));
+}
+function batchTable(list) {
+  if (!list.length) return $("p", { class: "dim" }, "no batches");
+  const shown = ["succeeded", "failed", "cancelled", "running", "queued"];
+  return table(["batch", "progress", "jobs", "cost", "created", "finished", "callbacks", ""],
+    list.map(b => $("tr", {},
+      $("td", { title: b.id }, $("a", { href: "#/batch/" + b.id }, b.name)),
+      $("td", {}, $("progress", { max: b.jobs || 1, value: b.ended }), " ",
+        b.ended + " of " + b.jobs),
+      $("td", {}, ...shown.filter(s => b.counts[s]).map(s =>
+        $("span", {}, status(s), " " + b.counts[s] + " "))),
+      $("td", { class: "num" }, money(b.cost_usd)), $("td", {}, ago(b.created_at)),
+      $("td", {}, b.finished_at ? ago(b.finished_at) : "open"),
+      $("td", {}, ...b.callbacks.map(id => $("a", { href: "#/jobs/" + id }, id.slice(0, 8) + " "))),
+      $("td", {}, b.finished_at ? null : action("cancel", () => {
+          if (confirm("Cancel the unfinished jobs of batch " + b.name + "?"))
+            act("api/batches/" + b.id + "/cancel"); }),
+        b.counts.failed ? action("retry failed", () => act("api/batches/" + b.id + "/retry"))
+          : null))));
+}
+function scheduleTable(list) {
+  if (!list.length) return $("p", { class: "dim" }, "no schedules");
+  return table(["schedule", "when", "next run", "last run", ""],
+    list.map(s => $("tr", {}, $("td", {}, s.name),
+      $("td", {}, (s.cron ? s.cron : "every " + secs(s.every)) + " (" + s.timezone + ")"),
+      $("td", {}, s.paused_at ? status("paused") : ago(s.next_run_at)),
+      $("td", { class: "text" }, !s.last_run ? "-" : [ago(s.last_run.due_at), " ",
+        s.last_run.job_id ? $("a", { href: "#/jobs/" + s.last_run.job_id },
+          s.last_run.job_id.slice(0, 8)) : s.last_run.outcome,
+        " ", s.last_run.status ? status(s.last_run.status) : (s.last_run.note || "")]),
+      $("td", {}, action("run now", () => act("api/schedules/"
+          + encodeURIComponent(s.name) + "/run")),
+        action(s.paused_at ? "resume" : "pause", () => act("api/schedules/"
+          + encodeURIComponent(s.name) + (s.paused_at ? "/resume" : "/pause")))))));
+}
+function jobFilters(section) {
+  const field = (name, hint) => $("input", { name, placeholder: hint, size: 12 });
+  const statusSelect = $("select", { name: "status" }, $("option", { value: "" }, "any status"),
+    ["queued", "running", "succeeded", "failed", "cancelled"].map(s => $("option", {}, s)));
+  const form = $("form", {}, statusSelect, field("queue", "queue"), field("kind", "kind"),
+    field("q", "text in the prompt"), field("cwd", "cwd"), field("batch", "batch"),
+    $("button", {}, "filter"));
+  const body = $("div", {});
+  const more = $("button", {}, "older →");
+  section.append(form, body, more);
+  let pages = [null];
+  const query = () => { const p = new URLSearchParams();
+    for (const el of form.elements) if (el.name && el.value) p.set(el.name, el.value);
+    return p; };
+  async function load() {
+    const p = query(); const before = pages[pages.length - 1];
+    if (before) p.set("before", before);
+    try {
+      const data = await api("api/jobs?" + p);
+      fill(body, jobTable(data.jobs));
+      more.style.display = data.next ? "" : "none";
+      more.onclick = () => { pages.push(data.next); load(); };
+    } catch (e) { say(e.message, true); }
+  }
+  form.onsubmit = e => { e.preventDefault(); pages = [null]; load(); };
+  load();
+  return { load, firstPage: () => pages.length === 1 };
+}
+function jobTable(jobs) {
+  if (!jobs.length) return $("p", { class: "dim" }, "no jobs");
+  return table(["id", "queue", "·kind", "status", "·tries", "when", "prompt / payload"],
+    jobs.map(j => $("tr", {}, $("td", {}, $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8))),
+      $("td", {}, j.queue), $("td", { class: "wide" }, j.kind),
+      $("td", { title: j.why || "" }, status(j.shown_status)),
+      $("td", { class: "num wide" }, j.attempts + "/" + j.max_attempts),
+      $("td", {}, ago(j.status === "queued" && Date.parse(j.run_at) > Date.now() ? j.run_at
+        : j.finished_at || j.started_at || j.created_at)),
+      $("td", { class: "text" }, j.excerpt.slice(0, 200)))));
+}
+
+// -- a job -----------------------------------------------------------------------------------
+function jobPage(id) {
+  const stop = new AbortController();
+  const facts = $("section", {}, $("h2", {}, "Job ", id));
+  const actions = $("p", {});
+  const transcript = $("pre", { id: "transcript" });
+  const outcome = $("p", { id: "outcome", class: "dim" }, "following…");
+  fill(main, facts, $("section", {}, $("h2", {}, "Transcript"), transcript, outcome));
+  const refresh = async () => {
+    try {
+      const job = await api("api/jobs/" + encodeURIComponent(id));
+      const rows = job.rows.map(([name, value]) => [$("dt", {}, name),
+        $("dd", {}, name === "status" ? status(job.shown_status) : value,
+          name === "status" ? value.slice(job.shown_status.length) : "")]);
+      const extra = job.attempt_errors.map(line => $("div", { class: "error" }, line));
+      fill(actions,
+        ["queued", "running"].includes(job.status)
+          ? action("cancel", () => act("api/jobs/" + job.id + "/cancel", refresh)) : null, " ",
+        ["failed", "cancelled"].includes(job.status)
+          ? action("retry", () => act("api/jobs/" + job.id + "/retry", () => location.reload()))
+          : null, " ",
+        job.status === "queued" && Date.parse(job.run_at) > Date.now()
+          ? action("run now", () => act("api/jobs/" + job.id + "/run-now", refresh)) : null);
+      fill(facts, $("h2", {}, "Job ", job.id), actions, $("dl", {}, rows.flat()),
+        ...extra, job.diff_stat ? $("pre", {}, job.diff_stat) : null);
+    } catch (e) { say(e.message, true); }
+  };
+  refresh();
+  follow("api/jobs/" + encodeURIComponent(id) + "/events", (event, data) => {
+    if (event === "transcript") {
+      if (data.skipped) transcript.append("… (" + data.skipped + " characters not kept)\\n");
+      const atEnd = transcript.scrollTop + transcript.clientHeight >= transcript.scrollHeight - 4;
+      transcript.append(data.lines.map(line => line + "\\n").join(""));
+      if (atEnd) transcript.scrollTop = transcript.scrollHeight;
+    } else if (event === "status") {
+      fill(outcome, status(data.status), " attempt " + data.attempts + " of "
+        + data.max_attempts, data.why ? " · " + data.why : "");
+      refresh();
+    } else if (event === "end") {
+      fill(outcome, "job ", status(data.status),
+        data.last_error && data.status !== "succeeded" ? ": " + data.last_error : "");
+      live(false); document.getElementById("live").textContent = "ended";
+      return false;
+    } else if (event === "error") { say(data.error, true); }
+  }, stop.signal);
+  return () => stop.abort();
+}
+
+// -- a batch ---------------------------------------------------------------------------------
+function batchPage(id) {
+  const facts = $("section", {}, $("h2", {}, "Batch ", id));
+  const jobs = $("section", {}, $("h2", {}, "Its jobs"));
+  fill(main, facts, jobs);
+  const refresh = async () => {
+    try {
+      const b = await api("api/batches/" + encodeURIComponent(id));
+      const page = await api("api/jobs?limit=200&batch=" + encodeURIComponent(id));
+      const rows = [["progress", b.ended + " of " + b.jobs + " ended"],
+        ["by status", Object.entries(b.counts).map(([k, v]) => v + " " + k).join(", ") || "-"],
+        ["cost", money(b.cost_usd)], ["created", ago(b.created_at)],
+        ["started", b.started_at ? ago(b.started_at) : "-"],
+        ["finished", b.finished_at ? ago(b.finished_at) : "not yet"],
+        ["on finish", b.on_finish ? JSON.stringify(b.on_finish) : "-"],
+        ["on success", b.on_success ? JSON.stringify(b.on_success) : "-"]];
+      fill(facts, $("h2", {}, "Batch ", b.name), $("progress", { max: b.jobs || 1,
+        value: b.ended }), $("dl", {}, rows.map(([k, v]) => [$("dt", {}, k), $("dd", {}, v)])
+        .flat(), $("dt", {}, "callbacks"), $("dd", {}, ...b.callbacks.map(c =>
+          $("a", { href: "#/jobs/" + c }, c.slice(0, 8) + " ")))));
+      fill(jobs, $("h2", {}, "Its jobs"), jobTable(page.jobs));
+    } catch (e) { say(e.message, true); }
+  };
+  refresh();
+  const timer = setInterval(refresh, 3000);
+  return () => clearInterval(timer);
+}
+
+function route() {
+  if (view) view();
+  const job = location.hash.match(/^#\\/jobs\\/([0-9a-fA-F-]+)$/);
+  const batch = location.hash.match(/^#\\/batch\\/([0-9a-fA-F-]+)$/);
+  view = job ? jobPage(job[1]) : batch ? batchPage(batch[1]) : overviewPage();
+}
+window.addEventListener("hashchange", route);
+route();
+</script></body></html>
+"""
 
 
 if __name__ == "__main__":
