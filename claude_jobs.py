@@ -28,20 +28,49 @@ From Python::
 Environment: DATABASE_URL (or CLAUDE_JOBS_DATABASE_URL), CLAUDE_JOBS_HOME, and a CLAUDE_JOBS_*
 variable for every command-line option (``claude-jobs COMMAND --help`` names each one).
 
-Map of the module. Sections, top to bottom; data flows down the page, nothing calls upward:
+Map of the module: its sections, top to bottom. Data flows down the page: a section uses what
+stands above it, never what stands below (but the assets, last of all).
 
-    constants, exceptions     what can go wrong, and the numbers that tune it
-    data model                Job, JobStatus, JobOptions and how values read to people
-    schema                    MIGRATIONS: every schema change, in order (``migrate``)
-    queries                   every SQL statement, named in capitals, with why-comments
-    database helpers          connect, the embedded PostgreSQL, ``_db_*``: one small typed
-                              function per statement, the only place its parameters are built
-    queue API                 enqueue, enqueue_many, cancel, retry, list, stats, why a job waits;
-                              schedules (add, edit, fire: the due-time arithmetic is _Timing)
-    execution                 decide (an attempt's outcome: a pure function), backoff, the run
-                              context, the supervisor of a claude run, ClaudeHandler, ClaudePolicy
-    worker                    the parts below, and Worker, which starts and stops them
-    logging, command line     configure_logging and the click commands (public API only)
+    Constants and defaults     the numbers that tune it, each saying why
+    Exceptions                 JobsError and the few below it; what a handler may raise
+    Data model                 Job, JobStatus, Schedule, Batch; Verdict, Outcome, Spend and
+                               Progress (what the worker's parts hand each other); how values
+                               are stored and how they read to people
+    Schema                     MIGRATIONS: every schema change, in order (``migrate``)
+    Queries                    every SQL statement, named in capitals, each with its purpose
+    Database helpers           connect, mask a URL, migrate, the embedded PostgreSQL,
+                               transactions, how a worker's connections are set up
+    Statements                 ``_db_*``: one small typed function per statement the worker
+                               runs, the only place its parameters are built; RECORD's rows
+    Handler registry           @handler: the Python job kinds
+    Git                        what worktree jobs need of git
+    Queue API: options and payloads    JobOptions, a claude payload's keys and their checks
+    Queue API: reading and explaining  get, list, stats, workers; why a job waits; follow one
+    Queue API: enqueue, batches...     enqueue, enqueue_many, batches, unique keys
+    Queue API: operations              cancel, retry, holds, run now, pause, cleanup, purge
+    Queue API: worktrees               diff, list and prune the worktrees jobs left
+    Queue API: schedules               add, edit, fire (the due-time arithmetic is _Timing)
+    Execution: what an attempt came to   decide (a pure function), and what a claude exit
+                                         means (claude_outcome); the run context
+    Execution: the claude handler      its supervisor, claude's flags, worktrees;
+                                       ClaudeHandler, ClaudePolicy, ClaudeSettings
+    Worker: what its parts share       the book, the holds, the pulse; the writer; _Session
+    Worker: the dispatcher, ...        _Dispatcher, _Runners, _Watchdog, _Janitor,
+                                       _Scheduler, the health server; WorkerSettings, Worker
+    Logging                    configure_logging (the command line's: the library never does)
+    Presentation               how jobs and transcripts read to people (the command line,
+                               the dashboard)
+    HTTP                       web_app: the dashboard, the JSON API, /metrics, health checks
+    Command line (4 sections)  the click commands, each a few lines over the public API:
+                               the group and enqueue; schedules and batches; worker and serve;
+                               seeing and steering jobs
+    Assets                     long texts kept out of the way: the supervisor's script, the
+                               dashboard's page
+
+Read these first, about a thousand lines that carry a job from ``enqueue`` to its outcome, in
+this order: Job (data model); ENQUEUE, CLAIM and RECORD (queries); ``enqueue`` (enqueue,
+batches...); ``decide`` and ``claude_outcome`` (execution); ClaudeHandler; _Dispatcher.round
+and _Runners._run (worker); Worker.
 
 The worker's parts, each with one job, and the thread it runs on:
 
@@ -51,9 +80,10 @@ The worker's parts, each with one job, and the thread it runs on:
     _Session      "claude-jobs-session": advisory lock (the lease), LISTEN, heartbeat,
                   recovery of dead workers' jobs
     _Watchdog     "claude-jobs-watchdog": fences the lease when heartbeats stop getting through
-    _Janitor      "claude-jobs-janitor": unblocks jobs races left blocked; deletes old jobs
+    _Janitor      "claude-jobs-janitor": unblocks jobs races left blocked; deletes old jobs;
+                  keeps the planner's statistics true to the backlog
     _Scheduler    "claude-jobs-scheduler": fires due schedules, each due time once
-    _Book, _Holds what those threads share, each behind its own lock
+    _Book, _Holds, _Pulse   what those threads share, each behind its own lock
 
 The path of a job: ``enqueue`` inserts it (``blocked`` when it waits for another job or a busy
 concurrency key) and NOTIFYs; a dispatcher's round claims it (CLAIM: ``FOR UPDATE SKIP
@@ -3021,7 +3051,6 @@ def _configure_worker_connection(conn: psycopg.Connection) -> None:
 ###############################################################################
 
 
-# -- statements ------------------------------------------------------------------------------
 # One small typed function per statement of the worker (and of what the queue API shares with
 # it): the only place where that statement's parameters are built. Callers pass Python values.
 
@@ -5606,9 +5635,6 @@ def _save_detached(common: str, repo: str, path: str, branch: str) -> str:
 ###############################################################################
 # Queue API: schedules
 ###############################################################################
-
-
-# -- schedules ---------------------------------------------------------------------------------
 
 
 def _zone(name: str) -> zoneinfo.ZoneInfo:
@@ -11092,8 +11118,6 @@ def _read_json_lines(
 ###############################################################################
 
 
-# -- schedules -------------------------------------------------------------------------------
-
 #: The job settings a schedule's runs take: enqueue's, but those of timing and chains.
 _RUN_SETTINGS = (
     "kind", "queue", "priority", "max_attempts", "timeout", "concurrency_key",
@@ -11793,8 +11817,6 @@ def _loopback(host: str) -> bool:
 # Command line: seeing and steering jobs
 ###############################################################################
 
-
-# -- seeing jobs ------------------------------------------------------------------------------
 
 _STATUS_COLORS = {
     "queued": "cyan",
