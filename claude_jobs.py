@@ -743,9 +743,18 @@ class Verdict(enum.StrEnum):
     ABANDONED = "abandoned"  # the claim is gone: nothing is written, another worker may run it
 
 
+class Effect(enum.StrEnum):
+    """What an attempt's outcome does to the worker, besides to the job (see decide)."""
+
+    FIT = "fit"  # the kind ran here: the worker can run it (a back-off from it ends)
+    BACK_OFF = "back off"  # the worker cannot run the kind: it starts none for a while
+    HOLD_EVERYWHERE = "hold everywhere"  # a usage limit: no worker starts the kind until `until`
+
+
 @dataclass(frozen=True)
 class Outcome:
-    """What an attempt came to, as the record statement writes it."""
+    """What an attempt came to, as the record statement writes it, and what it does to the
+    worker that ran it (``effect``)."""
 
     verdict: Verdict
     result: str | None = None  # JSON: what the handler returned, or what claude said of a failure
@@ -755,6 +764,9 @@ class Outcome:
     delay: float = 0.0  # failed: seconds before the next attempt
     run_at: datetime | None = None  # released: when it runs again (None: now)
     quiet: bool = False  # already logged when it was decided (a postponement, a busy key)
+    # (what it does to the worker: no part of what is written, nor of what equal outcomes are)
+    effect: Effect | None = field(default=None, compare=False)
+    until: datetime | None = field(default=None, compare=False)  # HOLD_EVERYWHERE: till then
 
 
 @dataclass(frozen=True)
@@ -2031,17 +2043,10 @@ RETURNING id, CASE WHEN concurrency_limit > 0 THEN concurrency_key END AS slot_k
 
 FOLLOW_JOB = f"""
 -- follow_job: a job (without its transcript) and what its transcript gained since `seen`
--- characters; whether the worker running it is lost (gone, or silent for longer than the
--- lock grace), and whether its queue is paused
+-- characters
 SELECT {_JOB_COLUMNS},
     right(j.transcript, least(j.transcript_size - %(seen)s, length(j.transcript))::integer)
-        AS new,
-    j.status = 'running' AND NOT EXISTS (
-        SELECT FROM claude_jobs_workers w
-        WHERE w.id = j.worker_id AND w.last_heartbeat > now() - make_interval(secs => %(grace)s)
-    ) AS worker_lost,
-    EXISTS (SELECT FROM claude_jobs_queues q WHERE q.queue = j.queue AND q.paused_at IS NOT NULL)
-        AS paused
+        AS new
 FROM claude_jobs j WHERE j.id = %(id)s
 """
 
@@ -4607,7 +4612,8 @@ class Waiting:
 
 @dataclass(frozen=True)
 class _Circumstances:
-    """What decides whether jobs can run now, read once for many jobs (see explain_jobs)."""
+    """What decides whether jobs can run now and how they read, read once for many jobs (see
+    _circumstances): the facts that `list`, `show`, `logs -f` and the API show jobs by."""
 
     now: datetime
     paused: frozenset[str]  # queues
@@ -4617,24 +4623,46 @@ class _Circumstances:
     holders: Mapping[str, Sequence[uuid.UUID]]  # concurrency key: running jobs holding it
 
 
-def explain_jobs(conn: psycopg.Connection, jobs: Sequence[Job]) -> dict[uuid.UUID, Waiting]:
-    """Why each of these jobs waits (queued), or is stuck (running on a lost worker), or ended
-    as it did (failed, cancelled); jobs with nothing to explain are left out."""
+def _circumstances(conn: psycopg.Connection, jobs: Sequence[Job]) -> _Circumstances:
+    """What is to be known of the queue to show and explain these jobs, read once: what
+    holds back the unfinished ones, and the jobs each of them waits for or continues."""
     open_jobs = [job for job in jobs if job.status in (JobStatus.QUEUED, JobStatus.RUNNING)]
     keys = sorted({job.concurrency_key for job in open_jobs if job.concurrency_key})
     holders: dict[str, list[uuid.UUID]] = {}
     if keys:
         holders = dict(conn.execute(KEY_HOLDERS, {"keys": keys}).fetchall())
-    seen = _Circumstances(
+    return _Circumstances(
         now=datetime.now(UTC),
         paused=frozenset(paused_queues(conn)) if open_jobs else frozenset(),
         holds={hold["kind"]: hold for hold in list_holds(conn)} if open_jobs else {},
         workers=[w for w in list_workers(conn) if not w["lost"]] if open_jobs else [],
-        awaited=job_statuses(conn, [each for job in open_jobs for each in job.awaits]),
+        awaited=job_statuses(conn, [each for job in jobs for each in job.awaits]),
         holders=holders,
     )
+
+
+def explain_jobs(conn: psycopg.Connection, jobs: Sequence[Job]) -> dict[uuid.UUID, Waiting]:
+    """Why each of these jobs waits (queued), or is stuck (running on a lost worker), or ended
+    as it did (failed, cancelled); jobs with nothing to explain are left out."""
+    return _explained(jobs, _circumstances(conn, jobs))
+
+
+def _explained(jobs: Sequence[Job], seen: _Circumstances) -> dict[uuid.UUID, Waiting]:
+    """explain_jobs, from what was ``seen`` of the queue."""
     reasons = {job.id: _waiting(job, seen) for job in jobs}
     return {job_id: reason for job_id, reason in reasons.items() if reason is not None}
+
+
+def _status_of(job: Job, paused: Collection[str]) -> str:
+    """A job's status as it reads: "paused" for a queued job of a paused queue."""
+    return "paused" if job.status == JobStatus.QUEUED and job.queue in paused else job.status
+
+
+def _worker_lost(job: Job, seen: _Circumstances) -> bool:
+    """Whether a running job's worker is lost (it waits for a live worker to put it back)."""
+    return job.status == JobStatus.RUNNING and not any(
+        worker["id"] == job.worker_id for worker in seen.workers
+    )
 
 
 def _waiting(job: Job, seen: _Circumstances) -> Waiting | None:
@@ -4650,14 +4678,14 @@ def _waiting(job: Job, seen: _Circumstances) -> Waiting | None:
         how = "its error is one no retry can fix" if permanent else "its attempts are spent"
         return Waiting("", f"it failed for good: {how} ({job.attempts} of {job.max_attempts})")
     if job.status == JobStatus.RUNNING:
-        if not any(worker["id"] == job.worker_id for worker in seen.workers):
+        if _worker_lost(job, seen):
             then = "within seconds" if seen.workers else "when a worker starts"
             return Waiting(
                 "worker lost",
                 f"its worker {job.worker} is lost: a live worker puts the job back {then}",
             )
         return None
-    if job.queue in seen.paused:
+    if _status_of(job, seen.paused) == "paused":
         return Waiting("paused", f"queue {job.queue} is paused: `claude-jobs resume {job.queue}`")
     if job.run_at > seen.now:
         return _waiting_for_time(job, seen.now)
@@ -4809,18 +4837,19 @@ def job_update(conn: psycopg.Connection, job_id: uuid.UUID, seen: int = 0) -> Fo
     """A job's state now, why it waits, and the transcript text it gained after the first
     ``seen`` characters (what went past the kept tail unseen: ``skipped``)."""
     with conn.cursor(row_factory=dict_row) as cur:
-        params = {"id": job_id, "seen": seen, "grace": LOCK_GRACE}
-        row = cur.execute(FOLLOW_JOB, params).fetchone()
+        row = cur.execute(FOLLOW_JOB, {"id": job_id, "seen": seen}).fetchone()
     if row is None:
         raise JobNotFound(f"job {job_id} was deleted")
     job, text = Job.from_row(row), row["new"] or ""
-    reason = explain_jobs(conn, [job]).get(job_id)
+    circumstances = _circumstances(conn, [job])
+    reason = _explained([job], circumstances).get(job_id)
     return FollowUpdate(
         status=job.status, attempts=job.attempts, max_attempts=job.max_attempts,
         last_error=job.last_error, run_at=job.run_at, worker=job.worker, queue=job.queue,
         text=text, skipped=max(0, job.transcript_size - seen - len(text)),
-        worker_lost=row["worker_lost"], paused=row["paused"],
-        why=reason and reason.text, gist=reason and reason.gist,
+        worker_lost=_worker_lost(job, circumstances),
+        paused=_status_of(job, circumstances.paused) == "paused",
+        why=reason.text if reason else None, gist=reason.gist if reason else None,
     )  # fmt: skip
 
 
@@ -6212,16 +6241,23 @@ def decide(
     raised (``error``, with its ``trace``), and why it was told to stop, if it was (``stop``):
     a lost claim writes nothing; a cancel or a forced shutdown that interrupted it (or that it
     failed on) cancels it or puts it back unspent; Postpone puts it back unspent for later
-    (a usage limit ``jitter`` seconds later still); JobFailed and any other exception fail the
-    attempt (PermanentError for good) and it is retried after ``retry_delay``. A pure
-    function: the worker's decision logic, tested without a database."""
+    (a usage limit ``jitter`` seconds later still, and no worker starts the kind before the
+    limit resets; WorkerUnfit: this worker backs off from the kind); JobFailed and any other
+    exception fail the attempt (PermanentError for good) and it is retried after
+    ``retry_delay``; a success shows the worker fit for the kind. A pure function: the
+    worker's decision logic, tested without a database."""
     if stop == STOP_LOST:
         return Outcome(Verdict.ABANDONED)
     if isinstance(error, Postpone):
         run_at = None if error.run_at is None else _within_reach(error.run_at)
-        if run_at is not None and isinstance(error, UsageLimitReached):
+        said, effect, until = _storable(str(error)), None, None
+        if isinstance(error, UsageLimitReached) and run_at is not None:
+            effect, until = Effect.HOLD_EVERYWHERE, run_at
             run_at += timedelta(seconds=jitter)  # the workers waiting for it do not all start
-        return Outcome(Verdict.RELEASED, error=_storable(str(error)), run_at=run_at, quiet=True)
+        elif isinstance(error, WorkerUnfit):
+            effect = Effect.BACK_OFF
+        return Outcome(Verdict.RELEASED, error=said, run_at=run_at, quiet=True, effect=effect,
+                       until=until)  # fmt: skip
     interrupted = isinstance(error, _Interrupted)
     if stop == STOP_CANCEL and error is not None:
         return Outcome(Verdict.CANCELLED)
@@ -6229,7 +6265,7 @@ def decide(
         return Outcome(Verdict.RELEASED)
     if error is None:
         try:
-            return Outcome(Verdict.SUCCEEDED, result=_to_json(value))
+            return Outcome(Verdict.SUCCEEDED, result=_to_json(value), effect=Effect.FIT)
         except ValueError as unstorable:
             error = PermanentError(str(unstorable))
     if isinstance(error, JobFailed):
@@ -6370,15 +6406,27 @@ def claude_outcome(
     rate_limit_reset: float | None = None,
     time_limit: float | None = None,
 ) -> Any:
-    """The job's result from how claude ended: the CLI's result object on success
-    (``time_limit``: the attempt's, for the error when it passed).
+    """The job's result from how claude ended (the whole of what a claude exit means, for
+    decide to turn into an outcome): the CLI's result object on success (``time_limit``: the
+    attempt's, for the error when it passed).
 
-    Raises UsageLimitReached when the subscription's usage limit was hit (``rate_limit_reset``:
-    the resetsAt of a rejecting rate_limit_event), WorkerUnfit for what is wrong with the
-    worker rather than the job (not logged in, a bad API key, no credit, the root refusal),
-    PermanentError for what no retry can fix (a turn or budget limit) and JobFailed for
-    everything else (API errors, overload: retried with backoff).
+    Raises _Interrupted when it was stopped from outside (a shutdown, a cancel, a lost claim);
+    UsageLimitReached when the subscription's usage limit was hit (``rate_limit_reset``: the
+    resetsAt of a rejecting rate_limit_event); WorkerUnfit for what is wrong with the worker
+    rather than the job (claude would not start, not logged in, a bad API key, no credit, the
+    root refusal); PermanentError for what no retry can fix (a turn or budget limit, a session
+    that is not there) and JobFailed for everything else (a timeout, its worker's lease that
+    ran out, API errors, overload: retried with backoff).
     """
+    if ended.cannot_run:
+        raise WorkerUnfit(ended.cannot_run)
+    if ended.stopped:
+        raise _Interrupted(ended.stopped)
+    if ended.lease_ran_out:  # (if the lease is truly lost, the watchdog says so too, and
+        raise JobFailed(  # nothing is written: another worker may run the job now)
+            "interrupted: no heartbeat of its worker reached the database in time, so its "
+            "lease ran out and every process of the attempt was stopped"
+        )
     said = (result or {}).get("result")
     said = said if isinstance(said, str) else ""
     errors = (result or {}).get("errors") or []
@@ -7012,15 +7060,6 @@ class ClaudeHandler:
             )
         except OSError as error:
             raise WorkerUnfit(f"cannot run {argv[0]}: {error.strerror or error}") from None
-        if ended.cannot_run:
-            raise WorkerUnfit(ended.cannot_run)
-        if ended.stopped:
-            raise _Interrupted(ended.stopped)
-        if ended.lease_ran_out:  # (if the lease is truly lost, the watchdog says so too, and
-            raise JobFailed(  # nothing is written: another worker may run the job now)
-                "interrupted: no heartbeat of its worker reached the database in time, so "
-                "its lease ran out and every process of the attempt was stopped"
-            )
         limit = job.timeout or self.default_timeout
         return claude_outcome(ended, stream.result, stream.plain, stream.rate_limit_reset, limit)
 
@@ -8257,23 +8296,21 @@ class _Runners:
             error = raised
         except BaseException as raised:  # KeyboardInterrupt and SystemExit too: the thread goes on
             error, trace = raised, traceback.format_exc()[-8000:]
-        if isinstance(error, Postpone):
-            self._postponed(job, error)
-        if not isinstance(error, WorkerUnfit):
-            with worker._book.lock:
-                self.ran += 1
         settings = worker.settings
         outcome = decide(
             job, value=value, error=error, trace=trace, stop=context.stop_reason,
             retry_delay=backoff_delay(job.attempts, settings.backoff_base, settings.backoff_max),
             jitter=random.uniform(0, 60),
         )  # fmt: skip
-        if outcome.verdict == Verdict.SUCCEEDED and (was := worker._holds.refit(job.kind)):
-            worker._lift_hold_here(job.kind, was)  # (it ran here: the worker is fit for it)
-        elif outcome.verdict == Verdict.ABANDONED:
+        if outcome.effect is not None:
+            self._affected(job, outcome)
+        if outcome.effect != Effect.BACK_OFF:
+            with worker._book.lock:
+                self.ran += 1
+        if outcome.verdict == Verdict.ABANDONED:
             _log_job("abandoned", job, logging.WARNING, reason="the claim was lost")
-        elif isinstance(error, Postpone):
-            _log_job("postponed", job, logging.WARNING, until=outcome.run_at, reason=str(error))
+        elif outcome.verdict == Verdict.RELEASED and outcome.error:  # (a Postpone's)
+            _log_job("postponed", job, logging.WARNING, until=outcome.run_at, reason=outcome.error)
         return outcome
 
     @contextlib.contextmanager
@@ -8304,22 +8341,25 @@ class _Runners:
         except _TRANSIENT:
             return False  # the job goes back; the database decides when it is back
 
-    def _postponed(self, job: Job, postponed: Postpone) -> None:
-        """A usage limit holds the kind on every worker; a worker unfit for it stops taking
-        it for a while."""
-        holds, book = self._worker._holds, self._worker._book
-        if isinstance(postponed, UsageLimitReached) and postponed.run_at:
-            until, when = _within_reach(postponed.run_at), None
+    def _affected(self, job: Job, outcome: Outcome) -> None:
+        """What an outcome does to the worker (see Effect): a usage limit holds the kind on
+        every worker; a worker unfit for it stops taking it for a while; one that ran it is
+        fit for it."""
+        holds, book, reason = self._worker._holds, self._worker._book, outcome.error or ""
+        if outcome.effect == Effect.FIT and (was := holds.refit(job.kind)):
+            self._worker._lift_hold_here(job.kind, was)
+        elif outcome.effect == Effect.HOLD_EVERYWHERE and outcome.until is not None:
+            when = None
             with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
-                when = holds.hold_everywhere(conn, job.kind, until, str(postponed))
+                when = holds.hold_everywhere(conn, job.kind, outcome.until, reason)
             if when is None:  # the database is away: the others learn it from their own jobs
-                when = holds.hold_everywhere(None, job.kind, until, str(postponed))
-            _log_hold(job.kind, when, str(postponed))
+                when = holds.hold_everywhere(None, job.kind, outcome.until, reason)
+            _log_hold(job.kind, when, reason)
             book.wake_in(when - time.monotonic())
-        elif isinstance(postponed, WorkerUnfit):
+        elif outcome.effect == Effect.BACK_OFF:
             seconds = holds.back_off(job.kind)
             if seconds is not None:
-                self._worker._hold_here(job.kind, seconds, str(postponed), unfit=True)
+                self._worker._hold_here(job.kind, seconds, reason, unfit=True)
 
 
 class _Part(threading.Thread):
@@ -9169,10 +9209,6 @@ def _excerpt(job: Job) -> str:
     return " ".join(text.split())
 
 
-def _status_of(job: Job, paused: set[str]) -> str:
-    return "paused" if job.status == JobStatus.QUEUED and job.queue in paused else job.status
-
-
 def _when(job: Job, now: datetime) -> str:
     """When a job last moved: run_at when it waits for it, else its latest timestamp."""
     if job.status == JobStatus.QUEUED and job.run_at > now:
@@ -9306,14 +9342,11 @@ def _dependency(job: Job) -> str:
 
 
 def _job_rows(
-    job: Job,
-    paused: set[str],
-    awaited: Mapping[uuid.UUID, tuple[str, str | None]] | None = None,
-    reason: Waiting | None = None,
+    job: Job, seen: _Circumstances, reason: Waiting | None = None
 ) -> list[tuple[str, str]]:
-    """A job as a person reads it, row by row (``awaited``: the status of each job it waits
-    for, and the host that keeps its claude session; ``reason``: why it waits or ended so);
-    the second row is its status."""
+    """A job as a person reads it, row by row (``seen``: the paused queues, the status of
+    each job it waits for and the host that keeps its claude session; ``reason``: why it waits
+    or ended so); the second row is its status."""
 
     def when(moment: datetime | None) -> str:
         return f"{moment.astimezone():%Y-%m-%d %H:%M:%S %Z} ({_ago(moment)})" if moment else "-"
@@ -9322,7 +9355,7 @@ def _job_rows(
     # (the error that ended it; an earlier attempt's error is that attempt's, see
     # _attempt_lines, and why a queued job waits is its reason)
     ended_by = job.last_error if job.status in (JobStatus.FAILED, JobStatus.CANCELLED) else None
-    outcome = f"{_status_of(job, paused)}, attempt {job.attempts} of {job.max_attempts}"
+    outcome = f"{_status_of(job, seen.paused)}, attempt {job.attempts} of {job.max_attempts}"
     if job.status == JobStatus.QUEUED and job.run_at > datetime.now(UTC):
         outcome += f", runs {_ago(job.run_at)}"
     if job.cancel_requested_at and job.status == JobStatus.RUNNING:
@@ -9339,20 +9372,19 @@ def _job_rows(
     ]
     if job.started_at and job.finished_at:
         rows.append(("took", f"{(job.finished_at - job.started_at).total_seconds():.1f}s"))
-    return rows + _chain_rows(job, awaited or {}) + _content_rows(job)
+    return rows + _chain_rows(job, seen.awaited) + _content_rows(job)
 
 
 def _describe(
     job: Job,
-    paused: set[str],
-    awaited: Mapping[uuid.UUID, tuple[str, str | None]] | None = None,
+    seen: _Circumstances,
     reason: Waiting | None = None,
     paint: Callable[[str, str], str] = lambda text, status: text,
 ) -> str:
     """A job as `show` prints it: its rows, its failed attempts, the end of its transcript;
     ``paint`` colours its status (and nothing of the job's)."""
-    rows = _job_rows(job, paused, awaited, reason)
-    status = _status_of(job, paused)
+    rows = _job_rows(job, seen, reason)
+    status = _status_of(job, seen.paused)
     lines = [
         f"{name:<9} {_indent(_printable(str(value)), 10)}" if name != "status"
         else f"{name:<9} {paint(status, status)}{value[len(status) :]}"
@@ -9620,7 +9652,10 @@ class _Hub:
         self._loop: Any = None
         self._tasks: set[Any] = set()
         self._closed = threading.Event()
-        self._thread = threading.Thread(target=self._listen, name="claude-jobs-listener")
+        # (a daemon, joined on close: it never keeps a stopped process alive)
+        self._thread = threading.Thread(
+            target=self._listen, name="claude-jobs-listener", daemon=True
+        )
         self.listening = False
         self.ending = False  # the server stops: the streams end
 
@@ -9762,7 +9797,7 @@ def _job_summary(job: Job, paused: Collection[str] = (), why: str | None = None)
     data = job.to_dict()
     del data["transcript"]
     excerpt = _cut(_excerpt(job), EXCERPT_LIMIT)
-    data.update(excerpt=excerpt, shown_status=_status_of(job, set(paused)), why=why)
+    data.update(excerpt=excerpt, shown_status=_status_of(job, paused), why=why)
     return data
 
 
@@ -10331,10 +10366,10 @@ def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
         kind=query.get("kind") or None, text=query.get("q") or None,
         cwd=query.get("cwd") or None, batch=batch, before=before, limit=limit,
     )  # fmt: skip
-    paused = paused_queues(conn)
-    reasons = explain_jobs(conn, jobs)
+    seen = _circumstances(conn, jobs)
+    reasons = _explained(jobs, seen)
     return {
-        "jobs": [_job_summary(j, paused, (r := reasons.get(j.id)) and r.text) for j in jobs],
+        "jobs": [_job_summary(j, seen.paused, (r := reasons.get(j.id)) and r.text) for j in jobs],
         "next": _cursor_text(jobs[-1]) if len(jobs) == limit else None,
     }
 
@@ -10343,15 +10378,15 @@ def _api_job(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any
     """GET /api/jobs/{id or prefix}: everything `show` prints, row by row, and the job (its
     transcript comes by its events)."""
     job = get_job(conn, request.path_params["job"], transcript=False)
-    paused = paused_queues(conn)
-    reason = explain_jobs(conn, [job]).get(job.id)
+    seen = _circumstances(conn, [job])
+    reason = _explained([job], seen).get(job.id)
     try:
         diff_stat = worktree_diff(job, stat=True).decode(errors="replace") if job.worktree else None
     except JobsError:  # (the worktree is on another host, or gone)
         diff_stat = None
     return {
-        **_job_summary(job, paused, reason and reason.text),
-        "rows": _job_rows(job, paused, job_statuses(conn, job.awaits), reason),
+        **_job_summary(job, seen.paused, reason and reason.text),
+        "rows": _job_rows(job, seen, reason),
         "attempt_errors": _attempt_lines(job),
         "diff_stat": diff_stat,
     }
@@ -11698,19 +11733,20 @@ def serve_command(
     config.connect().close()  # a missing or old schema: say so before serving
     listener = _listening_socket(host, port)
     address = f"http://{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}/"
-    click.echo(f"claude-jobs serve: {address}{' (read-only)' if read_only else ''} on "
-               f"{mask_url(config.url())}")  # fmt: skip
-    configure_logging("text", logging.WARNING)
-    if open_browser:
-        import webbrowser
-
-        threading.Timer(0.5, webbrowser.open, [address]).start()
-    server = _server_class()(app, uvicorn.Config(
-        app, log_level="warning", timeout_graceful_shutdown=2, lifespan="on",
-        timeout_keep_alive=5, http=_impatient_protocol(client_timeout),
-    ))  # fmt: skip
-    # (uvicorn raises the signal that stopped it again once it has: a stop asked for)
+    # (a stop asked for from here on, even before uvicorn listens for it, and the signal that
+    # stopped it, which uvicorn raises again once it has, end the command as it should end)
     with contextlib.suppress(KeyboardInterrupt, _Stopped):
+        click.echo(f"claude-jobs serve: {address}{' (read-only)' if read_only else ''} on "
+                   f"{mask_url(config.url())}")  # fmt: skip
+        configure_logging("text", logging.WARNING)
+        if open_browser:
+            import webbrowser
+
+            threading.Timer(0.5, webbrowser.open, [address]).start()
+        server = _server_class()(app, uvicorn.Config(
+            app, log_level="warning", timeout_graceful_shutdown=2, lifespan="on",
+            timeout_keep_alive=5, http=_impatient_protocol(client_timeout),
+        ))  # fmt: skip
         server.run(sockets=[listener])
 
 
@@ -11994,12 +12030,13 @@ def list_command(
 
 def _print_jobs(conn: psycopg.Connection, jobs: Sequence[Job], as_json: bool) -> None:
     """Jobs as `list` prints them: a table with why each waits, or JSON Lines."""
-    paused = paused_queues(conn)
-    reasons = explain_jobs(conn, jobs)
+    seen = _circumstances(conn, jobs)
+    reasons = _explained(jobs, seen)
     if as_json:
         for job in jobs:
             reason = reasons.get(job.id)
-            data = {**job.to_dict(), "paused": job.queue in paused, "why": reason and reason.text}
+            paused = job.queue in seen.paused
+            data = {**job.to_dict(), "paused": paused, "why": reason and reason.text}
             data.pop("transcript")
             click.echo(_json_text(data))
         return
@@ -12009,7 +12046,7 @@ def _print_jobs(conn: psycopg.Connection, jobs: Sequence[Job], as_json: bool) ->
     now = datetime.now(UTC)
     rows = [
         [
-            str(job.id)[:8], job.queue, job.kind, _status_of(job, paused), str(job.priority),
+            str(job.id)[:8], job.queue, job.kind, _status_of(job, seen.paused), str(job.priority),
             f"{job.attempts}/{job.max_attempts}", _when(job, now), _excerpt(job),
         ]
         for job in jobs
@@ -12047,13 +12084,12 @@ def show_command(config: _Config, job_id: str, as_json: bool) -> None:
     """
     with config.connect() as conn:
         job = get_job(conn, job_id)
-        paused = paused_queues(conn)
-        awaited = job_statuses(conn, job.awaits)
-        reason = explain_jobs(conn, [job]).get(job.id)
+        seen = _circumstances(conn, [job])
+        reason = _explained([job], seen).get(job.id)
     if as_json:
         click.echo(_json_text({**job.to_dict(), "why": reason and reason.text}))
     else:
-        click.echo(_describe(job, paused, awaited, reason, paint=_paint))
+        click.echo(_describe(job, seen, reason, paint=_paint))
 
 
 @cli.command("logs")

@@ -103,6 +103,27 @@ def test_a_postponement_goes_back_unspent_at_its_time_and_a_usage_limit_later_st
     assert decide(a_job(), error=WorkerUnfit("not logged in")).run_at is None
 
 
+def test_what_an_outcome_does_to_the_worker_is_decided_with_it() -> None:
+    later = datetime.now(UTC) + timedelta(hours=1)
+    limited = decide(a_job(), error=UsageLimitReached("limit", run_at=later), jitter=30)
+    assert (limited.effect, limited.until) == (claude_jobs.Effect.HOLD_EVERYWHERE, later)
+    assert decide(a_job(), error=WorkerUnfit("not logged in")).effect == claude_jobs.Effect.BACK_OFF
+    assert decide(a_job(), value=1).effect == claude_jobs.Effect.FIT
+    for kwargs in ({"error": ValueError()}, {"error": Postpone("busy")},
+                   {"error": RuntimeError(), "stop": claude_jobs.STOP_SHUTDOWN}):  # fmt: skip
+        assert decide(a_job(), **kwargs).effect is None
+
+
+def test_what_a_claude_exit_means_if_claude_never_ran_or_was_stopped() -> None:
+    exit_ = claude_jobs._ProcessExit
+    with pytest.raises(WorkerUnfit, match="cannot run claude"):
+        claude_outcome(exit_(127, "", cannot_run="cannot run claude: No such file"), None, [])
+    with pytest.raises(claude_jobs._Interrupted):
+        claude_outcome(exit_(-15, "", stopped=claude_jobs.STOP_SHUTDOWN), None, [])
+    with pytest.raises(JobFailed, match="its lease ran out"):
+        claude_outcome(exit_(-9, "", lease_ran_out=True), None, [])
+
+
 def test_a_postponement_into_an_unreachable_future_is_brought_within_reach() -> None:
     outcome = decide(a_job(), error=Postpone("later", run_at=datetime(9999, 12, 31, tzinfo=UTC)))
     assert outcome.run_at is not None
