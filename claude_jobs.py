@@ -5009,14 +5009,49 @@ def enqueue(
     The insert and the NOTIFY that wakes idle workers are one statement, run in the caller's
     transaction: the job exists once the caller commits and vanishes if it rolls back.
     """
-    options = _with_checked_callbacks(JobOptions.build(**settings), base_dir)
+    request = _job_request(payload, base_dir, _checked_options(settings, base_dir))
+    return _enqueue_checked(conn, request)
+
+
+@dataclass(frozen=True)
+class _JobRequest:
+    """A job to enqueue, checked as far as it can be without the database: its options (its
+    batch's callbacks checked) and its payload as stored; a continuation's payload is checked
+    with the options of the job it continues, once that job is read (``prepared`` None)."""
+
+    options: JobOptions
+    payload: Mapping[str, Any]  # as given
+    base_dir: str | Path | None
+    prepared: _Prepared | None
+
+
+def _checked_options(settings: Mapping[str, Any], base_dir: str | Path | None) -> JobOptions:
+    """The options of enqueue's keywords, its batch's callbacks checked (see JobOptions.build
+    and _with_checked_callbacks)."""
+    return _with_checked_callbacks(JobOptions.build(**settings), base_dir)
+
+
+def _job_request(
+    payload: Mapping[str, Any], base_dir: str | Path | None, options: JobOptions
+) -> _JobRequest:
+    """A job checked once, before the database is needed (the command line checks what it
+    is given before it connects, and hands this over): see _JobRequest."""
+    continuation = options.continue_from is not None
+    prepared = None if continuation else _prepare(options.kind, payload, base_dir)
+    return _JobRequest(options, payload, base_dir, prepared)
+
+
+def _enqueue_checked(conn: psycopg.Connection, request: _JobRequest) -> Job:
+    """Queue one job checked by _job_request (see enqueue)."""
+    options, prepared, widens = request.options, request.prepared, None
     chain = _chain(conn, options)
     previous = chain.previous
-    prepared = _prepare(options.kind, _continuing(payload, previous), base_dir)
-    widens = None
     if previous is not None:
+        payload = request.payload
+        prepared = _prepare(options.kind, _continuing(payload, previous), request.base_dir)
         dropped = {key for key, value in payload.items() if value is None}
         options, widens = _as_continuation(options, prepared, previous, dropped)
+    assert prepared is not None  # (a job that continues none was prepared by _job_request)
     return _enqueue_prepared(conn, options, prepared, chain, widens)
 
 
@@ -5141,7 +5176,18 @@ def enqueue_many(
     keys (``unique_keys``: one per payload, or None; a claude payload's "unique_key") go in
     one by one, and a payload whose key is taken makes no job (see Enqueued).
     """
-    options = _with_checked_callbacks(JobOptions.build(**settings), base_dir)
+    options = _checked_options(settings, base_dir)
+    return _enqueue_many_checked(conn, payloads, options, base_dir, unique_keys)
+
+
+def _enqueue_many_checked(
+    conn: psycopg.Connection,
+    payloads: Iterable[Mapping[str, Any]],
+    options: JobOptions,
+    base_dir: str | Path | None = None,
+    unique_keys: Sequence[str | None] | None = None,
+) -> Enqueued:
+    """enqueue_many, its options checked already (_checked_options)."""
     prepared: list[_Prepared] = []
     seen: dict[tuple[str, str | None], str | None] = {}
     for number, payload in enumerate(payloads, 1):
@@ -5828,7 +5874,7 @@ def _schedule_columns(
         raise InvalidJob(f"--catch-up is one of {', '.join(CATCH_UPS)}, not {catch_up!r}")
     if overlap not in OVERLAPS:
         raise InvalidJob(f"--overlap is one of {', '.join(OVERLAPS)}, not {overlap!r}")
-    options = _with_checked_callbacks(JobOptions.build(**settings), base_dir)
+    options = _checked_options(settings, base_dir)
     prepared = _prepare(options.kind, payload, base_dir)
     options = dataclasses.replace(options, **prepared.settings)  # (the payload's keys win)
     _row(options, prepared)  # (what only a whole job can check: a unique key's window)
@@ -10948,29 +10994,30 @@ def enqueue_command(
     one = text is not None or payload is not None
     _check_enqueue_flags(one, payload_file is not None, wait, as_json, no_concurrency_key, options)
     options["after"] = [job_id for each in after for job_id in each.split(",") if job_id.strip()]
-    job_options = JobOptions.build(**options)  # the options first, before reading input
+    job_options = _checked_options(options, None)  # the options first, before reading input
     extra = _claude_keys(job_options.kind, worktree, base, max_budget_usd, cwd)
     if one:  # (here, unless --cwd says where, or it continues a job: there)
         here = cwd is None and options["continue_from"] is None
         given = _payload_of(job_options.kind, text, payload, extra, here=here)
-        if options["continue_from"] is None:  # checked before the database is needed
-            given = prepare_payload(job_options.kind, given)  # (a continuation's, with its job)
-        jobs = [_enqueue_one(config, given, options, wait)]
+        if not isinstance(given, dict):
+            raise InvalidJob(f"the payload must be a JSON object, not {_json_type(given)}")
+        request = _job_request(given, None, job_options)  # checked before the database is needed
+        jobs = [_enqueue_one(config, request, wait)]
     else:
-        jobs = _enqueue_file(config, payload_file, extra, options, as_json)
+        jobs = _enqueue_file(config, payload_file, extra, job_options, as_json)
     for job in jobs:
         click.echo(_json_text(job.to_dict()) if as_json else job.id)
 
 
 def _enqueue_file(
-    config: _Config, stream: Any, extra: Mapping[str, Any], options: dict[str, Any], rows: bool
+    config: _Config, stream: Any, extra: Mapping[str, Any], options: JobOptions, rows: bool
 ) -> list[Job]:
     """Queue every job of a JSON Lines file, or none (an error names the line). Print their
     ids, or with ``rows`` return the jobs."""
     lines, payloads = _read_json_lines(stream, extra)
     with config.connect() as conn:
         try:
-            ids = enqueue_many(conn, payloads, **options)
+            ids = _enqueue_many_checked(conn, payloads, options)
         except InvalidJob as error:
             if error.position is None:
                 raise
@@ -11013,11 +11060,11 @@ def _check_enqueue_flags(
         options["concurrency_limit"] = 0
 
 
-def _enqueue_one(config: _Config, payload: Any, options: dict[str, Any], wait: bool) -> Job:
+def _enqueue_one(config: _Config, request: _JobRequest, wait: bool) -> Job:
     """Queue one job; say what a continuation widens; with ``wait``, follow it to its end
     (and exit as it ended)."""
     with config.connect() as conn:
-        job = enqueue(conn, payload, **options)
+        job = _enqueue_checked(conn, request)
         if job.duplicate:
             _note_duplicate(job)
         if job.widens:
