@@ -1443,6 +1443,17 @@ CREATE INDEX claude_jobs_newest_ended_badly ON claude_jobs (created_at DESC, seq
     WHERE status IN ('failed', 'cancelled');
 """,
     ),
+    (
+        11,
+        """\
+-- A concurrency limit of 0 means no key: enqueue stores none then, and the table says so, once
+-- for every statement (which look at the key alone from now on).
+UPDATE claude_jobs SET concurrency_key = NULL
+WHERE concurrency_limit = 0 AND concurrency_key IS NOT NULL;
+ALTER TABLE claude_jobs ADD CONSTRAINT claude_jobs_no_key_without_a_limit
+    CHECK (concurrency_limit > 0 OR concurrency_key IS NULL);
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -1680,7 +1691,7 @@ UPDATE claude_jobs
 SET status = 'cancelled', finished_at = now(), updated_at = now(),
     last_error = 'cancelled before it ran'
 WHERE id = ANY(%(ids)s::uuid[]) AND status = 'queued'
-RETURNING id, CASE WHEN concurrency_limit > 0 THEN concurrency_key END AS slot_key
+RETURNING id, concurrency_key
 """
 
 REQUEST_CANCEL = """
@@ -2038,7 +2049,7 @@ DELETE FROM claude_jobs WHERE id IN (
     SELECT id FROM claude_jobs
     WHERE queue = %(queue)s AND status = 'queued' AND seq < %(bound)s
     LIMIT %(batch)s FOR UPDATE SKIP LOCKED)
-RETURNING id, CASE WHEN concurrency_limit > 0 THEN concurrency_key END AS slot_key
+RETURNING id, concurrency_key
 """
 
 FOLLOW_JOB = f"""
@@ -2071,7 +2082,7 @@ WITH me AS (
           WHERE p.id = c.continue_from))
       -- its concurrency key has a free slot (taking it, admission makes sure), and no job of
       -- the key ahead of it was claimed and waits to be admitted (it would be refused: ADMIT)
-      AND (c.concurrency_key IS NULL OR c.concurrency_limit = 0 OR (c.concurrency_limit > (
+      AND (c.concurrency_key IS NULL OR (c.concurrency_limit > (
           SELECT count(*) FROM claude_jobs r
           WHERE r.status = 'running' AND r.key_held AND r.concurrency_key = c.concurrency_key)
         AND NOT EXISTS (
@@ -2269,7 +2280,7 @@ _UNBLOCK = f"""
 -- that was never marked, a race the janitor would fix, is found at the next poll).
 WITH cleared AS (
     SELECT w.id, w.concurrency_key, w.concurrency_limit,
-        CASE WHEN w.concurrency_key IS NOT NULL AND w.concurrency_limit > 0 THEN 'key' END
+        CASE WHEN w.concurrency_key IS NOT NULL THEN 'key' END
             AS blocked
     FROM claude_jobs w
     WHERE w.status = 'queued' AND w.blocked = 'jobs'
@@ -2380,7 +2391,7 @@ FROM doomed
 WHERE j.id = ANY(ARRAY(SELECT id FROM doomed WHERE reason IS NOT NULL)) AND j.id = doomed.id
   AND j.status = 'queued'
 RETURNING j.id, j.queue, j.kind, j.last_error, pg_notify(%(output)s, j.id::text),
-    CASE WHEN j.concurrency_limit > 0 THEN j.concurrency_key END AS slot_key
+    j.concurrency_key
 """
 
 SET_HOLD = """
@@ -2583,7 +2594,7 @@ SET status = CASE WHEN cancel_requested_at IS NOT NULL THEN 'cancelled'
         'error', 'interrupted: worker ' || coalesce(worker, '?') || ' {why}'))
 WHERE status = 'running' AND {condition}
 RETURNING id, queue, kind, attempts, max_attempts, status, worker,
-    CASE WHEN concurrency_limit > 0 THEN concurrency_key END AS slot_key
+    concurrency_key
 """
 RECOVER_JOBS_OF = _REQUEUE_INTERRUPTED.format(
     purpose="recover_jobs_of: a dead worker's running jobs go back, the attempt counted",
@@ -3212,7 +3223,7 @@ def _db_recovered(conn: psycopg.Connection, jobs: Sequence[Mapping[str, Any]]) -
     _db_notify_queues(conn, jobs)
     ended = [job for job in jobs if job["status"] != JobStatus.QUEUED]
     if ended:
-        _db_unblock(conn, [job["id"] for job in ended], [job["slot_key"] for job in ended])
+        _db_unblock(conn, [job["id"] for job in ended], [job["concurrency_key"] for job in ended])
 
 
 def _db_stale_workers(
@@ -3266,7 +3277,7 @@ def _db_cancel_blocked(conn: psycopg.Connection) -> list[dict[str, Any]]:
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
         jobs = cur.execute(CANCEL_BLOCKED, {"output": OUTPUT_CHANNEL}).fetchall()
         if jobs:  # their continuations may run now, and what was behind them in their keys
-            _db_unblock(conn, [job["id"] for job in jobs], [job["slot_key"] for job in jobs])
+            _db_unblock(conn, [job["id"] for job in jobs], [job["concurrency_key"] for job in jobs])
     return jobs
 
 
@@ -3352,11 +3363,6 @@ class _Row:
     outcome: Outcome | None
     progress: Progress
     key: str | None = None  # the concurrency key whose slot it gives up when it ends
-
-
-def _slot_key(job: Job) -> str | None:
-    """The concurrency key of which the job takes a slot while it runs (None: no limit)."""
-    return job.concurrency_key if job.concurrency_limit else None
 
 
 #: The outcome columns of a row that brings progress only.
@@ -4735,7 +4741,7 @@ def _waiting_for_others(job: Job, seen: _Circumstances) -> Waiting | None:
         until = f"{hold['until'].astimezone():%Y-%m-%d %H:%M %Z} ({_ago(hold['until'], seen.now)})"
         return Waiting("held", f"no worker starts {job.kind} jobs until {until}: {hold['reason']}")
     held_by = seen.holders.get(job.concurrency_key or "", ())
-    if job.concurrency_key and job.concurrency_limit and len(held_by) >= job.concurrency_limit:
+    if job.concurrency_key and len(held_by) >= job.concurrency_limit:
         jobs = ", ".join(map(str, held_by))
         return Waiting(
             "key busy",
@@ -4902,7 +4908,7 @@ def _blocked(
         return ["jobs"] * len(keys)
     limit = options.concurrency_limit
     distinct = {key for key in keys if key is not None}
-    if not limit or not distinct:
+    if not distinct:
         return [None] * len(keys)
     taken = _db_key_taken(conn, distinct, options.priority, options.run_at, limit)
     marks: list[str | None] = []
@@ -7666,7 +7672,7 @@ class _Writer:
             for fallback in (Outcome(Verdict.FAILED, error=message, permanent=True),
                              Outcome(Verdict.RELEASED)):  # fmt: skip
                 job = attempt.job
-                row = _Row(job.id, job.claim, fallback, Progress(), _slot_key(job))
+                row = _Row(job.id, job.claim, fallback, Progress(), job.concurrency_key)
                 with contextlib.suppress(psycopg.Error), conn.transaction():
                     written.update(_db_recorded(_db_record(conn, [row], self.host)))
                     attempt.outcome = fallback
@@ -7688,7 +7694,8 @@ class _Writer:
         progress += attempt.context.take_progress()
         if progress:
             self._unsaved[attempt.job.id] = progress  # until it is written
-        return _Row(attempt.job.id, attempt.job.claim, outcome, progress, _slot_key(attempt.job))
+        job = attempt.job
+        return _Row(job.id, job.claim, outcome, progress, job.concurrency_key)
 
 
 class _Session(threading.Thread):
@@ -8378,7 +8385,7 @@ class _Runners:
     def _admit(self, job: Job) -> bool:
         """Take a slot of the job's concurrency key (True when it has none to take): under
         the key's lock, so that admissions on every worker see each other."""
-        if job.concurrency_key is None or job.concurrency_limit == 0:
+        if job.concurrency_key is None:
             return True
         assert job.claim is not None
         try:

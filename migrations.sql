@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 10.
+-- The claude-jobs schema, version 11.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -625,4 +625,17 @@ CREATE INDEX claude_jobs_newest_ended_badly ON claude_jobs (created_at DESC, seq
 INSERT INTO claude_jobs_schema (version) VALUES (10);
 END IF;
 END $migration_10$;
+
+-- version 11
+DO $migration_11$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 11) THEN
+-- A concurrency limit of 0 means no key: enqueue stores none then, and the table says so, once
+-- for every statement (which look at the key alone from now on).
+UPDATE claude_jobs SET concurrency_key = NULL
+WHERE concurrency_limit = 0 AND concurrency_key IS NOT NULL;
+ALTER TABLE claude_jobs ADD CONSTRAINT claude_jobs_no_key_without_a_limit
+    CHECK (concurrency_limit > 0 OR concurrency_key IS NULL);
+INSERT INTO claude_jobs_schema (version) VALUES (11);
+END IF;
+END $migration_11$;
 COMMIT;

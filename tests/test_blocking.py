@@ -62,8 +62,7 @@ SUCCEEDED = Outcome(Verdict.SUCCEEDED)
 def finish(conn: psycopg.Connection, row: dict[str, Any], outcome: Outcome = SUCCEEDED) -> None:
     """Record a claimed job's outcome, as a worker's round does."""
     job = Job.from_row(row)
-    record = claude_jobs._Row(job.id, job.claim, outcome, Progress(),
-                              claude_jobs._slot_key(job))  # fmt: skip
+    record = claude_jobs._Row(job.id, job.claim, outcome, Progress(), job.concurrency_key)
     with conn.transaction():
         claude_jobs._db_record(conn, [record], "here")
 
