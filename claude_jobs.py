@@ -675,7 +675,7 @@ class Schedule:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Schedule:
-        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
         if last := values["last_run"]:  # (as JSON: text for the time and the id)
             values["last_run"] = {
                 **last,
@@ -714,7 +714,7 @@ class Batch:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Batch:
-        values = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {f.name: row.get(f.name) for f in dataclasses.fields(cls)}
         values["counts"] = {k: int(v) for k, v in (values["counts"] or {}).items()}
         values["cost_usd"] = float(values["cost_usd"] or 0)
         values["callbacks"] = list(values["callbacks"] or ())
@@ -789,13 +789,14 @@ class Spend:
         if isinstance(models, dict) and models:
             names = ("costUSD", "inputTokens", "outputTokens", "cacheReadInputTokens",
                      "cacheCreationInputTokens")  # fmt: skip
-            spent = [
+            per_model = [
                 cls._of(_storable(str(model))[:200], used, *names)
                 for model, used in models.items()
                 if isinstance(used, dict)
             ]
-            return [dataclasses.replace(spent[0], runs=1), *spent[1:]] if spent else []
-        usage = result.get("usage") if isinstance(result.get("usage"), dict) else {}
+            return [dataclasses.replace(per_model[0], runs=1), *per_model[1:]] if per_model else []
+        given = result.get("usage")
+        usage: Mapping[str, Any] = given if isinstance(given, dict) else {}
         names = ("total_cost_usd", "input_tokens", "output_tokens", "cache_read_input_tokens",
                  "cache_creation_input_tokens")  # fmt: skip
         spent = cls._of("", {**usage, "total_cost_usd": result.get("total_cost_usd")}, *names)
@@ -808,8 +809,9 @@ class Spend:
 
         def number(name: str) -> float:
             value = numbers.get(name)
-            ok = isinstance(value, int | float) and not isinstance(value, bool)
-            return float(value) if ok and 0 <= value < 1e15 else 0.0
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                return 0.0
+            return float(value) if 0 <= value < 1e15 else 0.0
 
         return cls(model, 0, number(cost), *(int(number(name)) for name in tokens))
 
@@ -7613,6 +7615,119 @@ class _Holds:
         return hold.why
 
 
+class _Shared:
+    """What the worker's parts share, handed to each of them (so its constructor shows what it
+    may touch): the worker's settings, name and host; the book, the holds and the pulse, each
+    behind a lock of its own; the events of its life (``stop``: claim no more; ``force``: stop
+    the running jobs too; ``closed``: the parts' loops end); its pool and session once they
+    exist; the threads it started; and what a part may ask of the worker as a whole: start a
+    thread, hold a kind here or lift that, fence a lease, drain. The Worker makes it."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        conninfo: str,
+        kinds: Iterable[str],
+        policies: Mapping[str, ClaudePolicy],
+    ) -> None:
+        self.settings = settings
+        self.conninfo = conninfo
+        self.host = socket.gethostname()
+        self.name = _worker_name()
+        self.policies = policies
+        self.book = _Book()
+        self.pulse = _Pulse()
+        self.holds = _Holds(kinds, policies, self.worker_id)
+        self.stop = threading.Event()  # claim no more
+        self.force = threading.Event()  # stop the running jobs too
+        self.closed = threading.Event()  # the worker closes: the parts' loops end
+        self.pool: ConnectionPool | None = None
+        self.session: _Session | None = None
+        self.threads: list[threading.Thread] = []
+
+    def worker_id(self) -> uuid.UUID | None:
+        """The worker's current registration, once connected."""
+        return self.session.worker_id if self.session else None
+
+    def spawn(self, target: Callable[[], None], name: str) -> None:
+        """Start a thread of the worker; should it end by an error, the pulse says it died."""
+
+        def run() -> None:
+            try:
+                target()
+            except BaseException as error:
+                logger.exception("the worker's thread %s stopped", name)
+                self.pulse.died(name.removeprefix("claude-jobs-"), error)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.start()
+        self.threads.append(thread)
+
+    def hold_here(self, kind: str, seconds: float, reason: str, unfit: bool = False) -> None:
+        """This worker starts no ``kind`` job for ``seconds`` (``unfit``: it cannot run them);
+        say so (`workers` too)."""
+        assert self.pool is not None
+        held = False
+        with contextlib.suppress(*_TRANSIENT), self.pool.connection() as conn:
+            held = self.holds.hold_here(conn, kind, seconds, reason, unfit)
+        if not held and not self.holds.hold_here(None, kind, seconds, reason, unfit):
+            return
+        logger.warning(
+            "this worker starts no %s job until %s: %s",
+            kind,
+            _clock_time(time.monotonic() + seconds),
+            reason,
+            extra={"fields": {"event": "paused", "kind": kind, "reason": reason}},
+        )
+        self.book.wake_in(seconds)
+
+    def lift_hold_here(self, kind: str, reason: str) -> None:
+        """This worker's back-off from ``kind`` (for ``reason``) is over: `workers` says so."""
+        assert self.pool is not None
+        policy, worker_id = self.policies.get(kind), self.worker_id()
+        if policy is not None and worker_id is not None:
+            with contextlib.suppress(*_TRANSIENT), self.pool.connection() as conn:
+                policy.show_lifted(conn, worker_id, reason)
+        logger.info(
+            "this worker runs %s jobs again", kind,
+            extra={"fields": {"event": "refit", "kind": kind}},
+        )  # fmt: skip
+
+    def fence(self, epoch: int, why: str) -> None:
+        """End the lease ``epoch`` and stop every job claimed under it, now: other workers
+        may run them from here on."""
+        assert self.session is not None
+        with self.session.lease_lock:
+            if not self.session.end_lease(epoch):
+                return
+            attempts = self.book.attempts()
+        for attempt in attempts:
+            attempt.context.request_stop(STOP_LOST)
+        logger.error(
+            "%s: stopped %d running job(s), which other workers may run now",
+            why,
+            len(attempts),
+            extra={"fields": {"event": "lease lost", "jobs": len(attempts)}},
+        )
+
+    def request_stop(self, force: bool = False) -> None:
+        """Claim no more and let running jobs finish; with ``force``, stop them now too."""
+        self.stop.set()
+        if force:
+            self.force.set()
+        self.book.wake.set()
+
+    def drain(self) -> None:
+        """Asked to drain (`claude-jobs drain`): claim no more, and exit once the running jobs
+        end."""
+        if not self.stop.is_set():
+            logger.warning(
+                "asked to drain: claiming no more jobs; exiting once the running ones end",
+                extra={"fields": {"event": "draining"}},
+            )
+        self.request_stop()
+
+
 class _Writer:
     """Writes what attempts produce: outcomes and progress, in one record statement per round
     (RECORD, which also keeps what outlives the jobs: spend, worktrees), sent in one pipeline
@@ -7979,17 +8094,29 @@ class _Dispatcher:
     has to write and tries again.
 
     Runs in the thread that calls Worker.run() or run_once(); the session thread calls
-    on_notify() and flush(). It owns the wake-up times (in the book) and the writer."""
+    on_notify() and flush(). It owns the wake-up times (in the book) and the writer, and what a
+    burst found it could not run (``idle_because``)."""
 
-    def __init__(self, worker: Worker, pool: ConnectionPool, session: _Session) -> None:
-        self._worker = worker
-        self._pool = pool
+    def __init__(
+        self,
+        shared: _Shared,
+        session: _Session,
+        runners: _Runners,
+        queues: Sequence[str],
+        concurrency: int,
+    ) -> None:
+        assert shared.pool is not None
+        self._shared = shared
+        self._pool = shared.pool
         self._session = session
-        self._book = worker._book
-        self._holds = worker._holds
-        self._runners = worker._runners
-        self._writer = _Writer(worker.host)
-        self._queues: tuple[str | None, ...] = (None,) if worker.queues == ("*",) else worker.queues
+        self._book = shared.book
+        self._holds = shared.holds
+        self._runners = runners
+        self._concurrency = concurrency
+        self._writer = _Writer(shared.host)
+        self._queues: tuple[str | None, ...] = (None,) if tuple(queues) == ("*",) else tuple(queues)
+        #: After a burst: why it ran nothing though jobs were ready (it cannot run them).
+        self.idle_because: str | None = None
         self._hurry = threading.Event()  # flush(): write now, not after the back-off
         self._writing = False  # a round is writing outcomes it took from the book
         self._check_claims = False  # a claim's reply was lost: compare with the database
@@ -8005,7 +8132,7 @@ class _Dispatcher:
             self._book.wake.clear()
             if self._session.fatal:
                 logger.error("stopping: %s", self._session.fatal)
-                self._worker._fence(self._session.epoch, "it cannot go on")
+                self._shared.fence(self._session.epoch, "it cannot go on")
                 break
             claimed = self.round(claiming=True)
             if claimed is None:  # no lease: reconnecting
@@ -8013,7 +8140,7 @@ class _Dispatcher:
                 continue
             held, _, _ = self._book.counts()
             if burst and claimed == 0 and held == 0:
-                self._worker.idle_because = self._worker._why_idle()
+                self.idle_because = self._why_idle()
                 logger.info("nothing is ready: stopping (burst)")
                 break
             self._book.wake.wait(self._idle_wait())
@@ -8021,7 +8148,7 @@ class _Dispatcher:
     def finish(self, until: float | None) -> None:
         """Rounds that write and claim nothing, until nothing is held, or ``until``
         (time.monotonic()) passes, or the worker forces its stop."""
-        while self._book.counts()[0] and not self._worker._force.is_set():
+        while self._book.counts()[0] and not self._shared.force.is_set():
             if until is not None and time.monotonic() >= until:
                 return
             self._book.wake.clear()
@@ -8068,7 +8195,7 @@ class _Dispatcher:
                 self._check_claims = False
                 claimed = self._begin(conn, rows, lease[1]) if lease and rows else 0
                 if polling and lease:
-                    self._next_poll = time.monotonic() + self._worker.settings.poll_interval
+                    self._next_poll = time.monotonic() + self._shared.settings.poll_interval
                     due = _db_next_due(conn, self._holds.kinds, self._listened())
                     if due is not None:
                         self._book.wake_in(due)
@@ -8079,14 +8206,14 @@ class _Dispatcher:
         except Exception as error:  # the database went away, or a bug: the same round again
             self._book.give_back(finished)
             self._writing = False
-            failures = self._worker._pulse.failed("dispatcher", error)
+            failures = self._shared.pulse.failed("dispatcher", error)
             if not isinstance(error, _TRANSIENT) and _worth_a_traceback(failures):
                 logger.exception("a round of the dispatcher failed")
             self._wait_after(error, len(finished))
             return 0
         finally:
             self._writing = False
-        self._worker._pulse.passed("dispatcher")
+        self._shared.pulse.passed("dispatcher")
         if running:
             self._next_save = time.monotonic() + TRANSCRIPT_FLUSH_INTERVAL
         self._failures.reset()
@@ -8099,7 +8226,7 @@ class _Dispatcher:
         may start now)."""
         _, busy, _ = self._book.counts()
         kinds = self._holds.startable()
-        free = self._worker.concurrency - busy
+        free = self._concurrency - busy
         return (free, kinds) if lease is not None and free > 0 and kinds else (0, [])
 
     def _claim(
@@ -8109,8 +8236,8 @@ class _Dispatcher:
 
         def send(conn: psycopg.Connection) -> psycopg.Cursor[dict[str, Any]]:
             self._check_claims = True  # until the reply is in hand
-            worker = self._worker
-            return _db_claim(conn, worker_id=lease[0], worker=worker.name, host=worker.host,
+            shared = self._shared
+            return _db_claim(conn, worker_id=lease[0], worker=shared.name, host=shared.host,
                              kinds=kinds, queue=queue, limit=limit)  # fmt: skip
 
         return send
@@ -8158,7 +8285,7 @@ class _Dispatcher:
             _log_hold(kind, until, reason)
             self._book.wake_in(until - now)
         for kind, seconds, reason in own:
-            self._worker._hold_here(kind, seconds, reason)
+            self._shared.hold_here(kind, seconds, reason)
 
     def _listened(self) -> list[str] | None:
         return None if self._queues == (None,) else [q for q in self._queues if q]
@@ -8166,7 +8293,7 @@ class _Dispatcher:
     def _wait_after(self, error: BaseException, unwritten: int) -> None:
         """The database is away: wait before the next round (less when a flush waits), or
         give up what cannot be written if the worker forces its stop."""
-        if self._worker._force.is_set():
+        if self._shared.force.is_set():
             for attempt in self._book.take_finished(limit=10**9):  # recovered when we are gone
                 self._written(attempt, None)
             return
@@ -8174,15 +8301,26 @@ class _Dispatcher:
         logger.warning(
             "cannot %s yet: %s; retrying in %.1fs",
             f"record {unwritten} outcome(s)" if unwritten else "claim jobs",
-            _scrub(str(error), self._worker._conninfo),
+            _scrub(str(error), self._shared.conninfo),
             wait,
             extra={"fields": {"event": "db unavailable"}},
         )
         end = time.monotonic() + wait
-        while time.monotonic() < end and not self._worker._force.is_set():
+        while time.monotonic() < end and not self._shared.force.is_set():
             if self._hurry.is_set():  # a flush waits: soon, but not in a busy loop
                 end = min(end, time.monotonic() + 0.2)
-            self._worker._force.wait(0.05)
+            self._shared.force.wait(0.05)
+
+    def _why_idle(self) -> str | None:
+        """Why a burst ran nothing though jobs were ready for it: it is unfit for them."""
+        with self._book.lock:
+            ran = self._runners.ran
+        unfit = self._holds.unfit()
+        if ran or not unfit:
+            return None
+        with self._pool.connection() as conn:
+            kind = _db_ready_of_kinds(conn, sorted(unfit), self._listened())
+        return None if kind is None else f"this worker cannot run {kind} jobs: {unfit[kind]}"
 
     # -- what the session asks ----------------------------------------------------------------
 
@@ -8198,7 +8336,7 @@ class _Dispatcher:
             while time.monotonic() < deadline:
                 if not self._book.counts()[2] and not self._writing:
                     return True
-                self._worker._force.wait(0.05)
+                self._shared.force.wait(0.05)
             return False
         finally:
             self._hurry.clear()
@@ -8214,7 +8352,7 @@ class _Dispatcher:
                 return
             if isinstance(notice, dict) and "drain" in notice:
                 if notice["drain"] == str(self._session.worker_id):
-                    self._worker.drain()
+                    self._shared.drain()
                 return
             if isinstance(notice, dict) and "hold" in notice:
                 self._holds.changed = True  # learned at the next round, which this wakes
@@ -8273,7 +8411,7 @@ class _Dispatcher:
         else:
             _log_job("failed", job, logging.ERROR, duration=duration, error=outcome.error,
                      permanent=outcome.permanent or None)  # fmt: skip
-        policy = self._worker._policies.get(job.kind)
+        policy = self._shared.policies.get(job.kind)
         if policy is not None and policy.checks_each_start:
             self._holds.changed = True  # what it spent may hold the kind (a daily budget)
         self._book.wake.set()
@@ -8296,21 +8434,24 @@ class _Runners:
     (a usage limit: on every worker) or backs it off here (this worker is unfit for it). They
     own the attempt in hand, and nothing else; they hand attempts back through the book."""
 
-    def __init__(self, worker: Worker, pool: ConnectionPool) -> None:
-        self._worker = worker
-        self._pool = pool
+    def __init__(self, shared: _Shared, handlers: Mapping[str, Handler], concurrency: int) -> None:
+        assert shared.pool is not None
+        self._shared = shared
+        self._pool = shared.pool
+        self._handlers = handlers
+        self._concurrency = concurrency
         self._inbox: queue_module.SimpleQueue[_Attempt | None] = queue_module.SimpleQueue()
         self.ran = 0  # handlers that ran here (not giving their job back as unfit): the book's lock
 
     def start(self) -> None:
-        for number in range(1, self._worker.concurrency + 1):
-            self._worker._spawn(self._loop, f"claude-jobs-job-{number}")
+        for number in range(1, self._concurrency + 1):
+            self._shared.spawn(self._loop, f"claude-jobs-job-{number}")
 
     def submit(self, attempt: _Attempt) -> None:
         self._inbox.put(attempt)
 
     def stop(self) -> None:
-        for _ in range(self._worker.concurrency):
+        for _ in range(self._concurrency):
             self._inbox.put(None)
 
     def _loop(self) -> None:
@@ -8320,36 +8461,36 @@ class _Runners:
             except BaseException:  # a bug; the job stays claimed until reconciled or recovered
                 logger.exception("internal error while running job %s", attempt.job.id)
                 attempt.outcome = None
-            self._worker._book.finish(attempt)
+            self._shared.book.finish(attempt)
 
     def _run(self, attempt: _Attempt) -> Outcome:
         """Run one attempt: what it came to."""
-        job, context, worker = attempt.job, attempt.context, self._worker
-        policy = worker._policies.get(job.kind)
+        job, context, shared = attempt.job, attempt.context, self._shared
+        policy = shared.policies.get(job.kind)
         if policy is not None and policy.checks_each_start:  # a job that ended since this
             hold = None  # one was claimed may have spent the budget
             with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
                 hold = policy.held(conn)
             if hold is not None:
-                worker._hold_here(job.kind, *hold)
-        if job.kind not in worker._holds.startable():  # (or it was held since)
+                shared.hold_here(job.kind, *hold)
+        if job.kind not in shared.holds.startable():  # (or it was held since)
             return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
         if not self._admit(job):  # it keeps its place in the queue
             reason = f"concurrency key busy: {job.concurrency_key}"
             _log_job("deferred", job, logging.DEBUG, reason=reason)
             return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
-        _log_job("claimed", job, worker=worker.name, branch=job_branch(job))
+        _log_job("claimed", job, worker=shared.name, branch=job_branch(job))
         value: Any = None
         error: BaseException | None = None
         trace: str | None = None
         try:
             with self._batch_results(job, context):
-                value = worker.handlers[job.kind](job)
+                value = self._handlers[job.kind](job)
         except (_Interrupted, JobFailed, Postpone) as raised:
             error = raised
         except BaseException as raised:  # KeyboardInterrupt and SystemExit too: the thread goes on
             error, trace = raised, traceback.format_exc()[-8000:]
-        settings = worker.settings
+        settings = shared.settings
         outcome = decide(
             job, value=value, error=error, trace=trace, stop=context.stop_reason,
             retry_delay=backoff_delay(job.attempts, settings.backoff_base, settings.backoff_max),
@@ -8358,7 +8499,7 @@ class _Runners:
         if outcome.effect is not None:
             self._affected(job, outcome)
         if outcome.effect != Effect.BACK_OFF:
-            with worker._book.lock:
+            with shared.book.lock:
                 self.ran += 1
         if outcome.verdict == Verdict.ABANDONED:
             _log_job("abandoned", job, logging.WARNING, reason="the claim was lost")
@@ -8398,9 +8539,9 @@ class _Runners:
         """What an outcome does to the worker (see Effect): a usage limit holds the kind on
         every worker; a worker unfit for it stops taking it for a while; one that ran it is
         fit for it."""
-        holds, book, reason = self._worker._holds, self._worker._book, outcome.error or ""
+        holds, book, reason = self._shared.holds, self._shared.book, outcome.error or ""
         if outcome.effect == Effect.FIT and (was := holds.refit(job.kind)):
-            self._worker._lift_hold_here(job.kind, was)
+            self._shared.lift_hold_here(job.kind, was)
         elif outcome.effect == Effect.HOLD_EVERYWHERE and outcome.until is not None:
             when = None
             with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
@@ -8412,7 +8553,7 @@ class _Runners:
         elif outcome.effect == Effect.BACK_OFF:
             seconds = holds.back_off(job.kind)
             if seconds is not None:
-                self._worker._hold_here(job.kind, seconds, reason, unfit=True)
+                self._shared.hold_here(job.kind, seconds, reason, unfit=True)
 
 
 class _Part(threading.Thread):
@@ -8421,11 +8562,11 @@ class _Part(threading.Thread):
     for the database being away, which the session reports) and counted in the pulse, and the
     next pass comes as usual. Should the thread end all the same, the pulse says it died."""
 
-    def __init__(self, worker: Worker, part: str) -> None:
+    def __init__(self, shared: _Shared, part: str) -> None:
         super().__init__(name=f"claude-jobs-{part}", daemon=True)
         self.part = part
-        self._worker = worker
-        self._pulse = worker._pulse
+        self._shared = shared
+        self._pulse = shared.pulse
 
     def run(self) -> None:
         try:
@@ -8455,7 +8596,7 @@ class _Part(threading.Thread):
 
     def pooled(self, what: str, task: Callable[[psycopg.Connection], None]) -> bool:
         """A pass that runs ``task`` on a connection of the worker's pool (see attempt)."""
-        pool = self._worker._pool
+        pool = self._shared.pool
         assert pool is not None
 
         def with_connection() -> None:
@@ -8470,20 +8611,20 @@ class _Watchdog(_Part):
     reached the database for nearly the lock grace period, it fences the lease (and each
     job's supervisor does the same on its own). Owns nothing."""
 
-    def __init__(self, worker: Worker, session: _Session) -> None:
-        super().__init__(worker, "watchdog")
+    def __init__(self, shared: _Shared, session: _Session) -> None:
+        super().__init__(shared, "watchdog")
         self._session = session
 
     def work(self) -> None:
-        while not self._worker._closed.wait(0.25):
+        while not self._shared.closed.wait(0.25):
             self.attempt("watch the heartbeat", self._watch)
 
     def _watch(self) -> None:
         with self._session.lease_lock:
             alive, epoch = self._session.alive, self._session.epoch
             silent = _lease_clock() - self._session.last_ok
-        if alive and silent > self._worker.settings.lock_grace - FENCE_MARGIN:
-            self._worker._fence(epoch, f"no heartbeat reached the database for {silent:.1f}s")
+        if alive and silent > self._shared.settings.lock_grace - FENCE_MARGIN:
+            self._shared.fence(epoch, f"no heartbeat reached the database for {silent:.1f}s")
 
 
 class _Janitor(_Part):
@@ -8495,25 +8636,25 @@ class _Janitor(_Part):
     thread of its own, with a connection from the pool: none of it may hold up the heartbeat.
     Owns the times of its tasks."""
 
-    def __init__(self, worker: Worker) -> None:
-        super().__init__(worker, "janitor")
+    def __init__(self, shared: _Shared) -> None:
+        super().__init__(shared, "janitor")
         self._analyzed: float | None = None  # the unfinished jobs at its last ANALYZE
 
     def work(self) -> None:
         now = time.monotonic()
         next_unblock, next_cleanup = now, now + JANITOR_FIRST_PASS
-        assert self._worker._session is not None
-        self._worker._session.ready.wait(UNBLOCK_CHECK_INTERVAL)  # registered: it counts
+        assert self._shared.session is not None
+        self._shared.session.ready.wait(UNBLOCK_CHECK_INTERVAL)  # registered: it counts
         while True:  # (a first pass at once: what waited for a worker to exist)
             self.pooled("keep the planner's statistics", self._statistics)
             if time.monotonic() >= next_unblock:
                 next_unblock = time.monotonic() + UNBLOCK_CHECK_INTERVAL
                 self.pooled("unblock the jobs that may run", self._unblock)
                 self.pooled("fold the kept counts", fold_counts)
-            if self._worker.settings.retention and time.monotonic() >= next_cleanup:
+            if self._shared.settings.retention and time.monotonic() >= next_cleanup:
                 next_cleanup = time.monotonic() + JANITOR_INTERVAL
                 self.pooled("clean up finished jobs", self._clean_up)
-            if self._worker._closed.wait(STATISTICS_INTERVAL):
+            if self._shared.closed.wait(STATISTICS_INTERVAL):
                 return
 
     def _statistics(self, conn: psycopg.Connection) -> None:
@@ -8533,7 +8674,7 @@ class _Janitor(_Part):
             )  # fmt: skip
 
     def _clean_up(self, conn: psycopg.Connection) -> None:
-        retention = self._worker.settings.retention
+        retention = self._shared.settings.retention
         if deleted := cleanup_jobs(conn, retention, exclusive=True):
             logger.info(
                 "deleted %d succeeded or cancelled job(s) past the retention of %s",
@@ -8548,16 +8689,16 @@ class _Scheduler(_Part):
     are due (fire_due_schedules: each due time once, whichever worker gets there first).
     With a connection from the pool; owns the names of the schedules it cannot fire."""
 
-    def __init__(self, worker: Worker) -> None:
-        super().__init__(worker, "scheduler")
+    def __init__(self, shared: _Shared) -> None:
+        super().__init__(shared, "scheduler")
         self._unfit: dict[str, float] = {}  # the schedules it could not fire, and when
 
     def work(self) -> None:
-        while not self._worker._closed.wait(SCHEDULE_INTERVAL):
+        while not self._shared.closed.wait(SCHEDULE_INTERVAL):
             self.pooled("fire schedules", self._fire)
 
     def _fire(self, conn: psycopg.Connection) -> None:
-        for job in fire_due_schedules(conn, by=self._worker.name, unfit=self._unfit):
+        for job in fire_due_schedules(conn, by=self._shared.name, unfit=self._unfit):
             _log_job("scheduled", job, schedule=job.schedule, due=job.scheduled_for)
 
 
@@ -8776,23 +8917,16 @@ class Worker:
         )
         if not self.handlers:
             raise ConfigError("a worker needs at least one handler")
-        self.host = socket.gethostname()
-        self.name = _worker_name()
-        #: After a burst: why it ran nothing though jobs were ready (it cannot run them).
-        self.idle_because: str | None = None
         self._conninfo = database_url
-        self._policies: dict[str, ClaudePolicy] = (
-            {DEFAULT_KIND: ClaudePolicy(settings.daily_budget_usd)}
-            if DEFAULT_KIND in self.handlers
-            else {}
-        )
-        self._book = _Book()
-        self._pulse = _Pulse()
-        self._holds = _Holds(self.handlers, self._policies, lambda: self.id)
-        self._stop = threading.Event()  # stop claiming
-        self._force = threading.Event()  # stop running jobs too
-        self._closed = threading.Event()
-        self._threads: list[threading.Thread] = []
+        policies = {DEFAULT_KIND: ClaudePolicy(settings.daily_budget_usd)}
+        self._shared = shared = _Shared(
+            settings, database_url, self.handlers,
+            policies if DEFAULT_KIND in self.handlers else {},
+        )  # fmt: skip
+        self.host, self.name = shared.host, shared.name
+        # (what the worker's parts share, as the worker itself knows them)
+        self._book, self._holds, self._pulse = shared.book, shared.holds, shared.pulse
+        self._threads = shared.threads
         self._pool: ConnectionPool | None = None
         self._session: _Session | None = None
         self._runners: _Runners | None = None
@@ -8812,13 +8946,18 @@ class Worker:
         """What made the worker stop on its own (its session failed), if anything."""
         return self._session.fatal if self._session else None
 
+    @property
+    def idle_because(self) -> str | None:
+        """After a burst: why it ran nothing though jobs were ready (it cannot run them)."""
+        return self._dispatcher.idle_because if self._dispatcher else None
+
     def run(self) -> None:
         """Work until stop() (in burst mode: until nothing is ready), then shut down cleanly:
         running jobs finish, or on a forced stop go back to the queue unspent."""
         try:
             if self._open():
                 assert self._dispatcher is not None
-                self._dispatcher.work(self._stop, self.settings.burst)
+                self._dispatcher.work(self._shared.stop, self.settings.burst)
         except BaseException:
             self.stop(force=True)  # going down on an error: stop the jobs, put them back
             raise
@@ -8841,20 +8980,12 @@ class Worker:
     def stop(self, force: bool = False) -> None:
         """Stop claiming and let running jobs finish; with ``force``, stop them now and put
         them back in the queue without spending an attempt. Safe from any thread."""
-        self._stop.set()
-        if force:
-            self._force.set()
-        self._book.wake.set()
+        self._shared.request_stop(force)
 
     def drain(self) -> None:
         """Asked to drain (`claude-jobs drain`): stop claiming, and exit once the running jobs
         end (as stop() does). Safe from any thread."""
-        if not self._stop.is_set():
-            logger.warning(
-                "asked to drain: claiming no more jobs; exiting once the running ones end",
-                extra={"fields": {"event": "draining"}},
-            )
-        self.stop()
+        self._shared.drain()
 
     def health(self) -> dict[str, Any]:
         """What a supervisor probes (--health-port): ``ready`` while the lease holds, the last
@@ -8864,7 +8995,7 @@ class Worker:
         session = self._session
         silent = _lease_clock() - session.last_ok if session is not None else None
         lease = bool(session is not None and session.alive)
-        draining = self._stop.is_set()
+        draining = self._shared.stop.is_set()
         fresh = silent is not None and silent < self.settings.lock_grace
         trouble = self._pulse.trouble()
         return {
@@ -8878,15 +9009,16 @@ class Worker:
     def close(self, leave: bool = True) -> None:
         """Stop the threads, deregister (unless ``leave`` is False: then the registration is
         left for other workers to reap) and close the connections. Idempotent."""
-        if self._closed.is_set() or self._session is None:
-            self._closed.set()
+        shared = self._shared
+        if shared.closed.is_set() or self._session is None:
+            shared.closed.set()
             if self._health is not None:
                 self._health.close()
                 self._health = None
             return
-        if self._dispatcher is not None and not self._force.is_set():
+        if self._dispatcher is not None and not shared.force.is_set():
             self._dispatcher.finish(until=time.monotonic() + 5.0)  # what is left to write
-        self._closed.set()
+        shared.closed.set()
         assert self._pool is not None and self._runners is not None
         self._runners.stop()
         deadline = time.monotonic() + 2.0
@@ -8916,7 +9048,7 @@ class Worker:
         while not self._session.ready.wait(0.1):
             if self._session.fatal:
                 raise self._session.fatal
-            if self._stop.is_set():
+            if self._shared.stop.is_set():
                 return False
         if not self._checked:
             self._checked = True
@@ -8934,7 +9066,8 @@ class Worker:
         options = {"application_name": f"claude-jobs worker {token} {self.name}"[:63]}
         from psycopg_pool import ConnectionPool
 
-        self._pool = ConnectionPool(
+        shared = self._shared
+        self._pool = shared.pool = ConnectionPool(
             self._conninfo,
             min_size=1,
             max_size=self.concurrency + 3,  # (and the dispatcher, janitor and scheduler)
@@ -8945,27 +9078,29 @@ class Worker:
             timeout=10.0,
         )
         self._pool.open(wait=False)
-        self._runners = _Runners(self, self._pool)
-        self._session = _Session(
+        self._runners = _Runners(shared, self.handlers, self.concurrency)
+        self._session = shared.session = _Session(
             self._conninfo,
             identity={"host": self.host, "pid": os.getpid(), "queues": list(self.queues),
                       "kinds": self._holds.kinds, "concurrency": self.concurrency},
             options=options,
             on_notify=lambda payload: self._dispatcher and self._dispatcher.on_notify(payload),
-            on_reaped=lambda epoch: self._fence(epoch, "another worker declared it dead"),
-            on_drain=self.drain,
+            on_reaped=lambda epoch: shared.fence(epoch, "another worker declared it dead"),
+            on_drain=shared.drain,
             before_leaving=lambda: self._dispatcher and self._dispatcher.flush(LEAVE_FLUSH_TIMEOUT),
             grace=self.settings.lock_grace,
             heartbeat_timeout=self.settings.heartbeat_timeout,
-            pulse=self._pulse,
+            pulse=shared.pulse,
         )  # fmt: skip
-        self._dispatcher = _Dispatcher(self, self._pool, self._session)
+        self._dispatcher = _Dispatcher(
+            shared, self._session, self._runners, self.queues, self.concurrency
+        )
         self._session.start()
         self._runners.start()
-        self._threads.append(_Watchdog(self, self._session))
-        self._threads.append(_Janitor(self))
+        self._threads.append(_Watchdog(shared, self._session))
+        self._threads.append(_Janitor(shared))
         if self.settings.schedules:
-            self._threads.append(_Scheduler(self))
+            self._threads.append(_Scheduler(shared))
         for thread in self._threads[self.concurrency :]:
             thread.start()
         logger.info(
@@ -8978,70 +9113,13 @@ class Worker:
                               "kinds": self._holds.kinds, "concurrency": self.concurrency}},
         )  # fmt: skip
 
-    def _spawn(self, target: Callable[[], None], name: str) -> None:
-        """Start a thread of the worker; should it end by an error, the pulse says it died."""
-
-        def run() -> None:
-            try:
-                target()
-            except BaseException as error:
-                logger.exception("the worker's thread %s stopped", name)
-                self._pulse.died(name.removeprefix("claude-jobs-"), error)
-
-        thread = threading.Thread(target=run, name=name, daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
     def _check_fitness(self) -> None:
         """Before any job comes: a handler that cannot run at all on this worker (claude is
         missing, say) makes the worker back off its kind as after a WorkerUnfit."""
         for kind, reason in _unfit_handlers(self.handlers):
             seconds = self._holds.back_off(kind)
             if seconds is not None:
-                self._hold_here(kind, seconds, reason, unfit=True)
-
-    def _why_idle(self) -> str | None:
-        """Why a burst ran nothing though jobs were ready for it: it is unfit for them."""
-        assert self._runners is not None and self._pool is not None
-        with self._book.lock:
-            ran = self._runners.ran
-        unfit = self._holds.unfit()
-        if ran or not unfit:
-            return None
-        queues = None if self.queues == ("*",) else list(self.queues)
-        with self._pool.connection() as conn:
-            kind = _db_ready_of_kinds(conn, sorted(unfit), queues)
-        return None if kind is None else f"this worker cannot run {kind} jobs: {unfit[kind]}"
-
-    def _hold_here(self, kind: str, seconds: float, reason: str, unfit: bool = False) -> None:
-        """This worker starts no ``kind`` job for ``seconds`` (``unfit``: it cannot run them);
-        say so (`workers` too)."""
-        assert self._pool is not None
-        held = False
-        with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
-            held = self._holds.hold_here(conn, kind, seconds, reason, unfit)
-        if not held and not self._holds.hold_here(None, kind, seconds, reason, unfit):
-            return
-        logger.warning(
-            "this worker starts no %s job until %s: %s",
-            kind,
-            _clock_time(time.monotonic() + seconds),
-            reason,
-            extra={"fields": {"event": "paused", "kind": kind, "reason": reason}},
-        )
-        self._book.wake_in(seconds)
-
-    def _lift_hold_here(self, kind: str, reason: str) -> None:
-        """This worker's back-off from ``kind`` (for ``reason``) is over: `workers` says so."""
-        assert self._pool is not None
-        policy, worker_id = self._policies.get(kind), self.id
-        if policy is not None and worker_id is not None:
-            with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
-                policy.show_lifted(conn, worker_id, reason)
-        logger.info(
-            "this worker runs %s jobs again", kind,
-            extra={"fields": {"event": "refit", "kind": kind}},
-        )  # fmt: skip
+                self._shared.hold_here(kind, seconds, reason, unfit=True)
 
     def _drain(self) -> int:
         """Wait for running jobs to finish and their outcomes to be written; at the shutdown
@@ -9049,8 +9127,9 @@ class Worker:
         how many are still running in handlers that ignore their stop event."""
         if self._dispatcher is None:
             return 0
+        force = self._shared.force
         held, busy, _ = self._book.counts()
-        if held and not self._force.is_set():
+        if held and not force.is_set():
             logger.info(
                 "stopping: waiting for %d running job(s) to finish%s; a second Ctrl-C (or "
                 "SIGTERM) stops them now and puts them back in the queue",
@@ -9064,9 +9143,9 @@ class Worker:
         self._dispatcher.finish(until=None if timeout is None else time.monotonic() + timeout)
         if not self._book.counts()[0]:
             return 0
-        if not self._force.is_set():
+        if not force.is_set():
             logger.warning("the shutdown timeout has passed")
-        self._force.set()
+        force.set()
         if self._book.counts()[1]:
             logger.warning(
                 "stopping %d running job(s) now; they go back to the queue",
@@ -9088,23 +9167,6 @@ class Worker:
                 leftovers,
             )
         return leftovers
-
-    def _fence(self, epoch: int, why: str) -> None:
-        """End the lease ``epoch`` and stop every job claimed under it, now: other workers
-        may run them from here on."""
-        assert self._session is not None
-        with self._session.lease_lock:
-            if not self._session.end_lease(epoch):
-                return
-            attempts = self._book.attempts()
-        for attempt in attempts:
-            attempt.context.request_stop(STOP_LOST)
-        logger.error(
-            "%s: stopped %d running job(s), which other workers may run now",
-            why,
-            len(attempts),
-            extra={"fields": {"event": "lease lost", "jobs": len(attempts)}},
-        )
 
 
 ###############################################################################
