@@ -54,7 +54,8 @@ stands above it, never what stands below (but the assets, last of all).
                                          means (claude_outcome); the run context
     Execution: the claude handler      its supervisor, claude's flags, worktrees;
                                        ClaudeHandler, ClaudePolicy, ClaudeSettings
-    Worker: what its parts share       the book, the holds, the pulse; the writer; _Session
+    Worker: what its parts share       _Shared (all a part may touch): the book, the holds,
+                                       the pulse, stop and force; the writer; _Session
     Worker: the dispatcher, ...        _Dispatcher, _Runners, _Watchdog, _Janitor,
                                        _Scheduler, the health server; WorkerSettings, Worker
     Logging                    configure_logging (the command line's: the library never does)
@@ -83,7 +84,9 @@ The worker's parts, each with one job, and the thread it runs on:
     _Janitor      "claude-jobs-janitor": unblocks jobs races left blocked; deletes old jobs;
                   keeps the planner's statistics true to the backlog
     _Scheduler    "claude-jobs-scheduler": fires due schedules, each due time once
-    _Book, _Holds, _Pulse   what those threads share, each behind its own lock
+    _Shared       what those parts share, handed to each (its constructor shows what it may
+                  touch): settings, the book, the holds and the pulse (each behind its own
+                  lock), the stop and force events, hold a kind here, fence the lease
 
 The path of a job: ``enqueue`` inserts it (``blocked`` when it waits for another job or a busy
 concurrency key) and NOTIFYs; a dispatcher's round claims it (CLAIM: ``FOR UPDATE SKIP
@@ -2955,7 +2958,7 @@ def migrate(
                 f"the database schema is version {before}, newer than this claude-jobs "
                 f"({target}): upgrade claude-jobs"
             )
-        conn.execute(script)  # type: ignore[arg-type]  # a script, not a parametrized query
+        conn.execute(script)  # (a script, not a parametrized query)
     return before, target
 
 
@@ -2977,7 +2980,7 @@ def _forget_dead_users(pgdata: Path) -> None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # platformdirs warns without XDG_RUNTIME_DIR
-            from pgserver.postgres_server import PostgresServer  # type: ignore[import-untyped]
+            from pgserver.postgres_server import PostgresServer
         lock = PostgresServer._lock
     except (ImportError, AttributeError):
         return
@@ -3011,7 +3014,7 @@ def start_embedded(home: Path) -> str:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pgserver's platformdirs warns without XDG_RUNTIME_DIR
         try:
-            import pgserver  # type: ignore[import-untyped]
+            import pgserver
         except ImportError:
             raise DatabaseUnavailable(
                 "no database configured: set DATABASE_URL (or --database-url), or install the "
@@ -3073,6 +3076,15 @@ def _configure_worker_connection(conn: psycopg.Connection) -> None:
 # it): the only place where that statement's parameters are built. Callers pass Python values.
 
 
+def _the_row(cursor: psycopg.Cursor[Any]) -> Any:
+    """The one row of a statement that always returns one: an aggregate, a lock function's
+    answer, an upsert's RETURNING."""
+    row = cursor.fetchone()
+    if row is None:  # (a statement given here cannot return none; a change that made it must)
+        raise RuntimeError("a statement that always returns a row returned none")
+    return row
+
+
 def _db_claim(
     conn: psycopg.Connection,
     *,
@@ -3129,7 +3141,7 @@ def _db_ready_of_kinds(
 ) -> str | None:
     """A kind of ``kinds`` of which a job is ready in ``queues`` (None: any)."""
     params = {"kinds": list(kinds), "queues": None if queues is None else list(queues)}
-    return conn.execute(READY_OF_KINDS, params).fetchone()[0]  # type: ignore[index]
+    return _the_row(conn.execute(READY_OF_KINDS, params))[0]
 
 
 def _db_holds(conn: psycopg.Connection) -> list[tuple[str, datetime, float, str]]:
@@ -3163,7 +3175,7 @@ def _db_worker_paused(conn: psycopg.Connection, worker_id: uuid.UUID) -> bool:
 
 def _db_spent_today(conn: psycopg.Connection) -> float:
     """What claude spent since midnight UTC, by the ledger."""
-    return float(conn.execute(SPENT_TODAY).fetchone()[0])  # type: ignore[index]
+    return float(_the_row(conn.execute(SPENT_TODAY))[0])
 
 
 def _db_listen(conn: psycopg.Connection, channel: str) -> None:
@@ -3180,7 +3192,7 @@ def _db_notify_queues(conn: psycopg.Connection, jobs: Iterable[Mapping[str, Any]
 def _db_try_lock(conn: psycopg.Connection, key: int) -> bool:
     """Take a worker's session advisory lock, if free."""
     params = {"namespace": LOCK_NAMESPACE, "key": key}
-    return bool(conn.execute(TRY_LOCK, params).fetchone()[0])  # type: ignore[index]
+    return bool(_the_row(conn.execute(TRY_LOCK, params))[0])
 
 
 def _db_register_worker(
@@ -3188,7 +3200,7 @@ def _db_register_worker(
 ) -> int:
     """Take a fresh advisory lock key, then register the worker under it; the key."""
     while True:
-        key = conn.execute(NEXT_WORKER_KEY).fetchone()[0]  # type: ignore[index]
+        key = _the_row(conn.execute(NEXT_WORKER_KEY))[0]
         if _db_try_lock(conn, key):
             break
     conn.execute(REGISTER_WORKER, {"id": worker_id, "key": key, **identity})
@@ -3244,7 +3256,7 @@ def _db_reap(
     None when it is alive after all."""
     key = {"namespace": LOCK_NAMESPACE, "key": worker["lock_key"]}
     with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        if not cur.execute(TRY_LOCK_FOR_REAPING, key).fetchone()["locked"]:  # type: ignore[index]
+        if not _the_row(cur.execute(TRY_LOCK_FOR_REAPING, key))["locked"]:
             if not worker["vanished"]:
                 return None  # its session holds the lock: alive, only slow (or being reaped)
             params = {**key, "backend_pid": worker["backend_pid"],
@@ -3286,7 +3298,7 @@ def _db_cancel_blocked(conn: psycopg.Connection) -> list[dict[str, Any]]:
 def _db_try_task_lock(conn: psycopg.Connection, task: int) -> bool:
     """Whether this transaction may do ``task`` (no other one does it now)."""
     params = {"namespace": LOCK_NAMESPACE, "task": task}
-    return bool(conn.execute(TRY_TASK_LOCK, params).fetchone()[0])  # type: ignore[index]
+    return bool(_the_row(conn.execute(TRY_TASK_LOCK, params))[0])
 
 
 def _db_unblock(
@@ -3307,7 +3319,7 @@ def _db_unblock_all(conn: psycopg.Connection) -> int:
         if not _db_try_task_lock(conn, UNBLOCK_TASK):
             return 0
         params = {"ended": [], "keys": [], "channel": NOTIFY_CHANNEL}
-        return conn.execute(UNBLOCK_ALL, params).fetchone()[0]  # type: ignore[index]
+        return _the_row(conn.execute(UNBLOCK_ALL, params))[0]
 
 
 def fold_counts(conn: psycopg.Connection) -> None:
@@ -3331,7 +3343,7 @@ def _db_refresh_statistics(conn: psycopg.Connection, analyzed: float | None) -> 
     stay fast with any plan (see _configure_worker_connection), and this brings the plans
     themselves back to what the backlog is, within seconds of a burst: autovacuum would wait
     for a share of the whole table to change, which a burst beside a long history is not."""
-    actual, believed = conn.execute(BACKLOG_BELIEF).fetchone()  # type: ignore[misc]
+    actual, believed = _the_row(conn.execute(BACKLOG_BELIEF))
     floor = max(believed, analyzed or 0.0, ANALYZE_MIN_JOBS / ANALYZE_GROWTH)
     if actual < ANALYZE_GROWTH * floor:
         return None
@@ -3852,7 +3864,7 @@ class JobOptions:
         unknown = sorted(set(values) - {each.name for each in dataclasses.fields(cls)})
         if unknown:
             raise InvalidJob(f"not a job option: {', '.join(unknown)}")
-        hints = _field_types(cls)
+        hints = _option_types()
         for name, value in values.items():
             if hints[name] is int and isinstance(value, float) and value.is_integer():
                 values[name] = value = int(value)  # (JSON and TOML may say 3.0)
@@ -3864,9 +3876,9 @@ class JobOptions:
 
 
 @functools.cache
-def _field_types(cls: type) -> dict[str, Any]:
-    """The types of a dataclass's fields (for _check_type)."""
-    return typing.get_type_hints(cls)
+def _option_types() -> dict[str, Any]:
+    """The types of JobOptions' fields (for _check_type)."""
+    return typing.get_type_hints(JobOptions)
 
 
 #: How a message names a value of each type.
@@ -4125,7 +4137,7 @@ def _as_prepared(kind: str, checked: Mapping[str, Any]) -> _Prepared:
 def _with_checked_callbacks(options: JobOptions, base_dir: str | Path | None) -> JobOptions:
     """``options`` with the payloads of its batch's callbacks checked (as enqueue checks a
     payload of its kind: a claude callback's cwd made absolute)."""
-    changes = {}
+    changes: dict[str, Any] = {}
     for name in ("on_finish", "on_success"):
         if (payload := getattr(options, name)) is not None:
             try:
@@ -4169,8 +4181,8 @@ def _checked_payload(
         where = (checked["cwd"], checked.get("base"))
         if where not in seen:
             seen[where] = _worktree_problem(*where)
-        if seen[where]:
-            raise InvalidJob(seen[where])
+        if problem := seen[where]:
+            raise InvalidJob(problem)
     return checked
 
 
@@ -4589,7 +4601,7 @@ def list_workers(conn: psycopg.Connection) -> list[dict[str, Any]]:
 def queue_known(conn: psycopg.Connection, queue: str) -> bool:
     """Whether any job (or what claude spent) ever used ``queue``: a name that none did is
     likely a typo."""
-    return bool(conn.execute(QUEUE_KNOWN, {"queue": queue}).fetchone()[0])  # type: ignore[index]
+    return bool(_the_row(conn.execute(QUEUE_KNOWN, {"queue": queue}))[0])
 
 
 def known_queues(conn: psycopg.Connection) -> list[str]:
@@ -4599,7 +4611,7 @@ def known_queues(conn: psycopg.Connection) -> list[str]:
 
 def count_queued(conn: psycopg.Connection, queue: str) -> int:
     """How many jobs wait in ``queue``."""
-    return conn.execute(COUNT_QUEUED, {"queue": queue}).fetchone()[0]  # type: ignore[index]
+    return _the_row(conn.execute(COUNT_QUEUED, {"queue": queue}))[0]
 
 
 @dataclass(frozen=True)
@@ -5295,7 +5307,7 @@ def cancel_jobs(
     keys = list(dict.fromkeys(resolve_job_id(conn, job_id) for job_id in job_ids))
     done: dict[uuid.UUID, JobStatus] = {}
     with _atomic(conn):
-        found = dict(conn.execute(LOCK_JOBS, {"ids": keys}).fetchall())
+        found: dict[uuid.UUID, str] = dict(conn.execute(LOCK_JOBS, {"ids": keys}).fetchall())
         for key in keys:
             if key not in found:
                 raise JobNotFound(f"no job {key}")
@@ -5304,7 +5316,9 @@ def cancel_jobs(
                     f"job {key} is {found[key]}: only queued or running jobs can be cancelled"
                     + ("; nothing was cancelled" if len(keys) > 1 else "")
                 )
-        cancelled = dict(conn.execute(CANCEL_QUEUED, {"ids": keys}).fetchall())
+        cancelled: dict[uuid.UUID, str] = dict(
+            conn.execute(CANCEL_QUEUED, {"ids": keys}).fetchall()
+        )
         for key in keys:
             if key in cancelled:
                 done[key] = JobStatus.CANCELLED
@@ -5429,7 +5443,7 @@ def lift_hold(conn: psycopg.Connection, kind: str = DEFAULT_KIND) -> Lifted | No
         "kind": kind, "met": USAGE_LIMIT_NOTE, "channel": NOTIFY_CHANNEL,
         "refit": kind == DEFAULT_KIND, "budget": BUDGET_NOTE,
     }  # fmt: skip
-    held, sooner, refit, _ = conn.execute(LIFT_HOLD, params).fetchone()  # type: ignore[misc]
+    held, sooner, refit, _ = _the_row(conn.execute(LIFT_HOLD, params))
     lifted = Lifted(bool(held), int(sooner), int(refit))
     return lifted if lifted.hold or lifted.workers else None
 
@@ -5552,7 +5566,7 @@ def purge_queue(conn: psycopg.Connection, queue: str, *, batch: int = 1000) -> i
     """Delete every queued job of ``queue`` (those enqueued before it began: not the
     callbacks of batches it ends), ``batch`` at a time; returns how many."""
     deleted = 0
-    bound = conn.execute(PURGE_BOUND).fetchone()[0]  # type: ignore[index]
+    bound = _the_row(conn.execute(PURGE_BOUND))[0]
     params = {"queue": queue, "batch": batch, "bound": bound}
     while True:
         with _atomic(conn):
@@ -5660,7 +5674,7 @@ def prune_worktrees(
         if not row["here"] or row["used_at"] > since:
             continue
         busy = conn.execute(WORKTREE_BUSY, {"job": row["job_id"], "path": row["path"]})
-        if busy.fetchone()[0]:  # type: ignore[index]
+        if _the_row(busy)[0]:
             done.append(f"kept {row['path']}: a job that is not over needs it")
             continue
         try:
@@ -6486,9 +6500,9 @@ def claude_outcome(
     errors = (result or {}).get("errors") or []
     detail = said or "; ".join(map(str, errors))
     if ended.timed_out:
-        limit = f" after {_duration_text(time_limit)}, its time limit" if time_limit else ""
+        within = f" after {_duration_text(time_limit)}, its time limit" if time_limit else ""
         raise JobFailed(
-            f"timed out{limit}: claude and what it started were terminated", result=result
+            f"timed out{within}: claude and what it started were terminated", result=result
         )
     if ended.returncode == 0 and result is not None and result.get("is_error") is False:
         return result
@@ -6770,12 +6784,12 @@ class _SupervisedRun:
             self._pending = self._pending[written:]
             if not self._pending:
                 self._selector.unregister(stream)
-                stream.close()  # type: ignore[union-attr]
+                stream.close()
             return
         data = os.read(key.fd, 65536)
         if not data:
             self._selector.unregister(stream)
-            stream.close()  # type: ignore[union-attr]
+            stream.close()  # type: ignore[union-attr]  # (we register files, not descriptors)
         elif stream is self._process.stderr:
             self._stderr_tail = (self._stderr_tail + data)[-8192:]
         else:
@@ -6788,7 +6802,7 @@ class _SupervisedRun:
     def _close(self) -> str:
         """Close the pipes and wait for the supervisor; what it reported."""
         for key in list(self._selector.get_map().values()):
-            key.fileobj.close()  # type: ignore[union-attr]
+            key.fileobj.close()  # type: ignore[union-attr]  # (files, not descriptors)
         self._selector.close()
         os.close(self._steer)  # a supervisor still at work takes this as its worker gone: all die
         self._process.wait()
@@ -8186,12 +8200,10 @@ class _Dispatcher:
                 free, kinds = self._free(lease) if claiming else (0, [])
                 if not (finished or running or free):
                     return 0 if lease else None
-                first = self._claim(lease, kinds, self._queues[0], free) if free else None
+                first = self._claim(lease, kinds, self._queues[0], free) if lease and free else None
                 written, rows = self._writer.round(conn, finished, running, first)
-                for queue in self._queues[1:] if len(rows) < free else ():  # the next queues
-                    rows += self._claim(lease, kinds, queue, free - len(rows))(conn).fetchall()
-                    if len(rows) >= free:
-                        break
+                if lease and len(rows) < free:
+                    rows += self._claim_further(conn, lease, kinds, free - len(rows))
                 self._check_claims = False
                 claimed = self._begin(conn, rows, lease[1]) if lease and rows else 0
                 if polling and lease:
@@ -8241,6 +8253,17 @@ class _Dispatcher:
                              kinds=kinds, queue=queue, limit=limit)  # fmt: skip
 
         return send
+
+    def _claim_further(
+        self, conn: psycopg.Connection, lease: tuple[uuid.UUID, int], kinds: list[str], free: int
+    ) -> list[dict[str, Any]]:
+        """Claim from the next queues in order, while the first left runners free."""
+        rows: list[dict[str, Any]] = []
+        for queue in self._queues[1:]:
+            rows += self._claim(lease, kinds, queue, free - len(rows))(conn).fetchall()
+            if len(rows) >= free:
+                break
+        return rows
 
     def _begin(self, conn: psycopg.Connection, rows: list[dict[str, Any]], epoch: int) -> int:
         """Hand claimed jobs to the runners, if the lease they were claimed under still holds;
@@ -9084,10 +9107,10 @@ class Worker:
             identity={"host": self.host, "pid": os.getpid(), "queues": list(self.queues),
                       "kinds": self._holds.kinds, "concurrency": self.concurrency},
             options=options,
-            on_notify=lambda payload: self._dispatcher and self._dispatcher.on_notify(payload),
+            on_notify=self._notified,
             on_reaped=lambda epoch: shared.fence(epoch, "another worker declared it dead"),
             on_drain=shared.drain,
-            before_leaving=lambda: self._dispatcher and self._dispatcher.flush(LEAVE_FLUSH_TIMEOUT),
+            before_leaving=self._leaving,
             grace=self.settings.lock_grace,
             heartbeat_timeout=self.settings.heartbeat_timeout,
             pulse=shared.pulse,
@@ -9112,6 +9135,15 @@ class Worker:
             extra={"fields": {"event": "started", "worker": self.name, "queues": self.queues,
                               "kinds": self._holds.kinds, "concurrency": self.concurrency}},
         )  # fmt: skip
+
+    def _notified(self, payload: str) -> None:
+        if self._dispatcher is not None:
+            self._dispatcher.on_notify(payload)
+
+    def _leaving(self) -> None:
+        """Before the session lets its lock go: write what the runners finished."""
+        if self._dispatcher is not None:
+            self._dispatcher.flush(LEAVE_FLUSH_TIMEOUT)
 
     def _check_fitness(self) -> None:
         """Before any job comes: a handler that cannot run at all on this worker (claude is
@@ -9251,7 +9283,7 @@ class _LogWriter(logging.Handler):
         self._thread = threading.Thread(target=self._write, name="claude-jobs-log", daemon=True)
         self._thread.start()
 
-    def handle(self, record: logging.LogRecord) -> bool:  # type: ignore[override]
+    def handle(self, record: logging.LogRecord) -> bool:
         # (no handler lock: formatting is thread-safe, and so is the queue)
         if self.filter(record):
             self.emit(record)
@@ -9906,13 +9938,15 @@ def _overview(conn: psycopg.Connection) -> dict[str, Any]:
                       "batches": batches, "schedules": schedules})  # fmt: skip
 
 
-def _job_summary(job: Job, paused: Collection[str] = (), why: str | None = None) -> dict[str, Any]:
+def _job_summary(
+    job: Job, paused: Collection[str] = (), why: Waiting | None = None
+) -> dict[str, Any]:
     """A job as the API lists it: everything but its transcript, its prompt on one line, what
     its status reads as (paused, for a queued job of a paused queue), and why it waits."""
     data = job.to_dict()
     del data["transcript"]
     excerpt = _cut(_excerpt(job), EXCERPT_LIMIT)
-    data.update(excerpt=excerpt, shown_status=_status_of(job, paused), why=why)
+    data.update(excerpt=excerpt, shown_status=_status_of(job, paused), why=why and why.text)
     return data
 
 
@@ -10104,7 +10138,7 @@ def web_app(
                 return _prometheus_families(conn)
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(Collector())  # type: ignore[arg-type]
+    registry.register(Collector())
 
     def database(call: Callable[..., Any], created: int = 200) -> Callable[[Request], Any]:
         """An endpoint that runs ``call(conn, request, body)`` on a thread with a pooled
@@ -10484,7 +10518,7 @@ def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
     seen = _circumstances(conn, jobs)
     reasons = _explained(jobs, seen)
     return {
-        "jobs": [_job_summary(j, seen.paused, (r := reasons.get(j.id)) and r.text) for j in jobs],
+        "jobs": [_job_summary(j, seen.paused, reasons.get(j.id)) for j in jobs],
         "next": _cursor_text(jobs[-1]) if len(jobs) == limit else None,
     }
 
@@ -10500,7 +10534,7 @@ def _api_job(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any
     except JobsError:  # (the worktree is on another host, or gone)
         diff_stat = None
     return {
-        **_job_summary(job, seen.paused, reason and reason.text),
+        **_job_summary(job, seen.paused, reason),
         "rows": _job_rows(job, seen, reason),
         "attempt_errors": _attempt_lines(job),
         "diff_stat": diff_stat,
@@ -10671,7 +10705,7 @@ class _Cli(click.Group):
     """Every error is one line on stderr, never a traceback: exit status 2 for bad input,
     1 for an operation that failed."""
 
-    def main(  # type: ignore[override]
+    def main(
         self,
         args: Sequence[str] | None = None,
         prog_name: str | None = None,
@@ -12005,9 +12039,9 @@ def _table(
     then the widest columns are cut with … (not below 8 characters); the last one gets what
     is left (at least 10). Piped, to no terminal, nothing is left out or cut (unless
     COLUMNS asks for a width). Column ``paint`` (a status) is coloured."""
-    width: float = shutil.get_terminal_size((120, 24)).columns
+    width = shutil.get_terminal_size((120, 24)).columns
     if not (_stdout_is_terminal() or os.environ.get("COLUMNS")):
-        width = math.inf
+        width = sys.maxsize  # (no limit)
     rows = [[_printable(cell) for cell in row] for row in rows]
     optional = [name for name in optional if name in headers]
     natural = {h: max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)}
@@ -12024,10 +12058,10 @@ def _table(
         shown.remove(name)
     widths = {h: natural[h] for h in shown}
     while wide(shown, widths) > width:  # cut the widest, never below 8 (an id prefix)
-        name = max(shown[:-1], key=lambda h: widths[h] - max(len(h), 8), default=None)
-        if name is None or widths[name] <= max(len(name), 8):
+        widest = max(shown[:-1], key=lambda h: widths[h] - max(len(h), 8), default=None)
+        if widest is None or widths[widest] <= max(len(widest), 8):
             break
-        widths[name] -= 1
+        widths[widest] -= 1
     room = max(10, width - sum(widths[h] + 2 for h in shown[:-1]))
     widths[shown[-1]] = room
 
@@ -12612,22 +12646,23 @@ def resume_command(config: _Config, queue: str | None, kind: str | None) -> None
       claude-jobs resume nightly
       claude-jobs resume --hold claude
     """
-    if (queue is None) == (kind is None):
-        raise InvalidJob("give a QUEUE to resume, or --hold KIND")
-    with config.connect() as conn:
-        if kind is not None:
+    if queue is not None and kind is None:
+        with config.connect() as conn:
+            resumed = resume_queue(conn, queue)
+        click.echo(f"queue {queue} {'resumed' if resumed else 'was not paused'}")
+    elif kind is not None and queue is None:
+        with config.connect() as conn:
             lifted = lift_hold(conn, kind)
-            if lifted is None:
-                raise WrongState(f"no hold is on {kind} jobs")
-            said = [f"workers start {kind} jobs again"]
-            if lifted.hold:
-                said.append(f"{lifted.sooner} job(s) put off by it run now")
-            if lifted.workers:
-                said.append(f"{lifted.workers} worker(s) that could not run {kind} try again")
-            click.echo(_printable("; ".join(said)))
-            return
-        resumed = resume_queue(conn, queue)
-    click.echo(f"queue {queue} {'resumed' if resumed else 'was not paused'}")
+        if lifted is None:
+            raise WrongState(f"no hold is on {kind} jobs")
+        said = [f"workers start {kind} jobs again"]
+        if lifted.hold:
+            said.append(f"{lifted.sooner} job(s) put off by it run now")
+        if lifted.workers:
+            said.append(f"{lifted.workers} worker(s) that could not run {kind} try again")
+        click.echo(_printable("; ".join(said)))
+    else:
+        raise InvalidJob("give a QUEUE to resume, or --hold KIND")
 
 
 @cli.command("diff")
