@@ -3824,6 +3824,8 @@ class JobOptions:
             raise InvalidJob("a concurrency key must not be empty")
         if self.concurrency_key is not None and "\x00" in self.concurrency_key:
             raise InvalidJob("a concurrency key contains a NUL character, which cannot be stored")
+        if isinstance(self.continue_from, str) and not self.continue_from.strip():
+            raise InvalidJob("continue_from is empty: give the id of the job to continue")
         if self.continue_from is not None and self.kind != DEFAULT_KIND:
             raise InvalidJob("only claude jobs can continue another job's session")
         _check_unique(self.unique_key, self.unique_for)
@@ -4653,7 +4655,7 @@ def _circumstances(conn: psycopg.Connection, jobs: Sequence[Job]) -> _Circumstan
         holders = dict(conn.execute(KEY_HOLDERS, {"keys": keys}).fetchall())
     return _Circumstances(
         now=datetime.now(UTC),
-        paused=frozenset(paused_queues(conn)) if open_jobs else frozenset(),
+        paused=frozenset(paused_queues(conn)) if jobs else frozenset(),
         holds={hold["kind"]: hold for hold in list_holds(conn)} if open_jobs else {},
         workers=[w for w in list_workers(conn) if not w["lost"]] if open_jobs else [],
         awaited=job_statuses(conn, [each for job in jobs for each in job.awaits]),
@@ -4868,7 +4870,7 @@ def job_update(conn: psycopg.Connection, job_id: uuid.UUID, seen: int = 0) -> Fo
         last_error=job.last_error, run_at=job.run_at, worker=job.worker, queue=job.queue,
         text=text, skipped=max(0, job.transcript_size - seen - len(text)),
         worker_lost=_worker_lost(job, circumstances),
-        paused=_status_of(job, circumstances.paused) == "paused",
+        paused=job.queue in circumstances.paused,
         why=reason.text if reason else None, gist=reason.gist if reason else None,
     )  # fmt: skip
 
@@ -6307,15 +6309,14 @@ def decide(
 ) -> Outcome:
     """What an attempt of ``job`` came to, from what its handler returned (``value``) or
     raised (``error``, with its ``trace``), and why it was told to stop, if it was (``stop``):
-    a lost claim writes nothing; a cancel or a forced shutdown that interrupted it (or that it
+    a lost claim writes nothing (but a usage limit or an unfit worker it met still has its
+    effect on the worker); a cancel or a forced shutdown that interrupted it (or that it
     failed on) cancels it or puts it back unspent; Postpone puts it back unspent for later
     (a usage limit ``jitter`` seconds later still, and no worker starts the kind before the
     limit resets; WorkerUnfit: this worker backs off from the kind); JobFailed and any other
     exception fail the attempt (PermanentError for good) and it is retried after
     ``retry_delay``; a success shows the worker fit for the kind. A pure function: the
     worker's decision logic, tested without a database."""
-    if stop == STOP_LOST:
-        return Outcome(Verdict.ABANDONED)
     if isinstance(error, Postpone):
         run_at = None if error.run_at is None else _within_reach(error.run_at)
         said, effect, until = _storable(str(error)), None, None
@@ -6324,8 +6325,12 @@ def decide(
             run_at += timedelta(seconds=jitter)  # the workers waiting for it do not all start
         elif isinstance(error, WorkerUnfit):
             effect = Effect.BACK_OFF
+        if stop == STOP_LOST:  # (nothing to write; what it says of the worker holds all the same)
+            return Outcome(Verdict.ABANDONED, error=said, effect=effect, until=until)
         return Outcome(Verdict.RELEASED, error=said, run_at=run_at, quiet=True, effect=effect,
                        until=until)  # fmt: skip
+    if stop == STOP_LOST:
+        return Outcome(Verdict.ABANDONED)
     interrupted = isinstance(error, _Interrupted)
     if stop == STOP_CANCEL and error is not None:
         return Outcome(Verdict.CANCELLED)
@@ -8526,8 +8531,8 @@ class _Runners:
                 self.ran += 1
         if outcome.verdict == Verdict.ABANDONED:
             _log_job("abandoned", job, logging.WARNING, reason="the claim was lost")
-        elif outcome.verdict == Verdict.RELEASED and outcome.error:  # (a Postpone's)
-            _log_job("postponed", job, logging.WARNING, until=outcome.run_at, reason=outcome.error)
+        elif isinstance(error, Postpone):
+            _log_job("postponed", job, logging.WARNING, until=outcome.run_at, reason=str(error))
         return outcome
 
     @contextlib.contextmanager
@@ -11105,22 +11110,27 @@ def enqueue_command(
         if not isinstance(given, dict):
             raise InvalidJob(f"the payload must be a JSON object, not {_json_type(given)}")
         request = _job_request(given, None, job_options)  # checked before the database is needed
-        jobs = [_enqueue_one(config, request, wait)]
+        jobs = [_enqueue_one(config, request, wait, options["delay"])]
     else:
-        jobs = _enqueue_file(config, payload_file, extra, job_options, as_json)
+        jobs = _enqueue_file(config, payload_file, extra, job_options, as_json, options["delay"])
     for job in jobs:
         click.echo(_json_text(job.to_dict()) if as_json else job.id)
 
 
 def _enqueue_file(
-    config: _Config, stream: Any, extra: Mapping[str, Any], options: JobOptions, rows: bool
+    config: _Config,
+    stream: Any,
+    extra: Mapping[str, Any],
+    options: JobOptions,
+    rows: bool,
+    delay: float | None,
 ) -> list[Job]:
     """Queue every job of a JSON Lines file, or none (an error names the line). Print their
     ids, or with ``rows`` return the jobs."""
     lines, payloads = _read_json_lines(stream, extra)
     with config.connect() as conn:
         try:
-            ids = _enqueue_many_checked(conn, payloads, options)
+            ids = _enqueue_many_checked(conn, payloads, _from_now(options, delay))
         except InvalidJob as error:
             if error.position is None:
                 raise
@@ -11146,6 +11156,12 @@ def _note_duplicate(holder: Job, where: str = "") -> None:
     )
 
 
+def _from_now(options: JobOptions, delay: float | None) -> JobOptions:
+    """``options`` with their --delay counted from now, when the job is about to be queued
+    (the command checked them before it read its input and connected)."""
+    return options if delay is None else dataclasses.replace(options, run_at=_due_at(None, delay))
+
+
 def _check_enqueue_flags(
     one: bool, many: bool, wait: bool, as_json: bool, no_key: bool, options: dict[str, Any]
 ) -> None:
@@ -11163,11 +11179,12 @@ def _check_enqueue_flags(
         options["concurrency_limit"] = 0
 
 
-def _enqueue_one(config: _Config, request: _JobRequest, wait: bool) -> Job:
+def _enqueue_one(config: _Config, request: _JobRequest, wait: bool, delay: float | None) -> Job:
     """Queue one job; say what a continuation widens; with ``wait``, follow it to its end
     (and exit as it ended)."""
     with config.connect() as conn:
-        job = _enqueue_checked(conn, request)
+        options = _from_now(request.options, delay)
+        job = _enqueue_checked(conn, dataclasses.replace(request, options=options))
         if job.duplicate:
             _note_duplicate(job)
         if job.widens:

@@ -3,11 +3,13 @@ password masking, help, and the embedded database used with no DATABASE_URL."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,6 +54,30 @@ def test_enqueue_options_land_on_the_job(invoke, conn: psycopg.Connection) -> No
     assert 295 < wait < 305
     at = invoke("enqueue", "--payload", '{"prompt": "x"}', "--run-at", "2031-01-02T03:04:05Z")
     assert job_row(conn, at.output.strip())["run_at"] == datetime(2031, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+class _SlowInput(io.BytesIO):
+    """Standard input whose writer takes a while to write its first line."""
+
+    def __iter__(self) -> _SlowInput:
+        time.sleep(1.5)
+        return self
+
+
+def test_a_delay_counts_from_when_the_jobs_are_queued_not_from_the_command_start(
+    invoke, conn: psycopg.Connection, db_url: str
+) -> None:
+    lines = _SlowInput(b'{"prompt": "x"}\n')
+    command = ["--database-url", db_url, "enqueue", "--file", "-", "--delay", "5m"]
+    result = CliRunner().invoke(claude_jobs.cli, command, input=lines)
+    assert result.exit_code == 0, result.output
+    row = job_row(conn, result.output.strip())
+    assert 299.0 < (row["run_at"] - row["created_at"]).total_seconds() <= 300.5
+
+
+def test_a_continuation_of_no_job_is_refused_before_the_database(conn: psycopg.Connection) -> None:
+    with pytest.raises(claude_jobs.InvalidJob, match="continue_from is empty"):
+        claude_jobs.enqueue(conn, {"prompt": "x"}, continue_from="")
 
 
 def test_a_backslash_u0000_that_is_text_is_not_a_nul(invoke, conn: psycopg.Connection) -> None:

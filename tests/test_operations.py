@@ -501,6 +501,8 @@ def test_a_paused_queue_keeps_its_jobs_queued_until_resumed(invoke, conn, db_url
         paused = claude_jobs.enqueue(conn, {}, kind="note", queue="slow")
         other = claude_jobs.enqueue(conn, {}, kind="note", queue="fast")
         wait_for(lambda: status_of(conn, other.id) == "succeeded", what="the other queue")
+        invoke("pause", "fast")  # (what `list --json` says of a finished job's queue)
+        assert json.loads(invoke("list", "--queue", "fast", "--json").output)["paused"] is True
         time.sleep(1.0)  # five polls: nothing claims from the paused queue
         assert status_of(conn, paused.id) == "queued"
         listed = json.loads(invoke("list", "--queue", "slow", "--json").output)

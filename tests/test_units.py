@@ -109,6 +109,14 @@ def test_what_an_outcome_does_to_the_worker_is_decided_with_it() -> None:
     assert (limited.effect, limited.until) == (claude_jobs.Effect.HOLD_EVERYWHERE, later)
     assert decide(a_job(), error=WorkerUnfit("not logged in")).effect == claude_jobs.Effect.BACK_OFF
     assert decide(a_job(), value=1).effect == claude_jobs.Effect.FIT
+    lost = decide(a_job(), error=WorkerUnfit("not logged in"), stop=claude_jobs.STOP_LOST)
+    assert (lost.verdict, lost.effect) == (Verdict.ABANDONED, claude_jobs.Effect.BACK_OFF)
+    lost = decide(
+        a_job(), error=UsageLimitReached("limit", run_at=later), stop=claude_jobs.STOP_LOST
+    )
+    assert (lost.verdict, lost.effect, lost.until) == (
+        Verdict.ABANDONED, claude_jobs.Effect.HOLD_EVERYWHERE, later)  # fmt: skip
+    assert decide(a_job(), value=1, stop=claude_jobs.STOP_LOST).effect is None
     for kwargs in ({"error": ValueError()}, {"error": Postpone("busy")},
                    {"error": RuntimeError(), "stop": claude_jobs.STOP_SHUTDOWN}):  # fmt: skip
         assert decide(a_job(), **kwargs).effect is None

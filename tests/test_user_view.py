@@ -160,6 +160,15 @@ def test_follow_says_the_real_reason_and_updates_it(conn: psycopg.Connection) ->
     )
 
 
+def test_a_followed_running_job_says_that_its_queue_was_paused(conn: psycopg.Connection) -> None:
+    worker = register_worker(conn)
+    job = make_job(conn, status="running", worker_id=worker, started_at=datetime.now(UTC))
+    assert claude_jobs.job_update(conn, job).paused is False
+    claude_jobs.pause_queue(conn, "default")
+    update = claude_jobs.job_update(conn, job)
+    assert (update.paused, update.to_dict()["paused"], update.why) == (True, True, None)
+
+
 def test_a_job_handed_back_for_its_busy_key_is_not_logged_as_claimed(
     conn: psycopg.Connection, start_worker, claude_log: Path, tmp_path: Path
 ) -> None:
