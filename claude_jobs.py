@@ -2680,6 +2680,21 @@ WHERE batch_id = %(id)s AND status = 'failed'
 ORDER BY coalesce(unique_key, id::text), created_at DESC
 """
 
+LOCK_RETRIED_BATCHES = """
+-- lock_retried_batches: the batches of the jobs a retry is to take (as RETRY chooses them, or
+-- more), locked in one order before it takes them: a transaction that ends the last other
+-- job of one meanwhile waits for the retry, then sees its jobs queued (and does not finish
+-- the batch under them, with its callbacks)
+SELECT b.id FROM claude_jobs_batches b
+WHERE b.id IN (
+    SELECT c.batch_id FROM claude_jobs c
+    WHERE c.status IN ('failed', 'cancelled') AND c.status = ANY(%(statuses)s::text[])
+      AND (%(ids)s::uuid[] IS NULL OR c.id = ANY(%(ids)s::uuid[]))
+      AND (%(queue)s::text IS NULL OR c.queue = %(queue)s::text))
+ORDER BY b.id
+FOR UPDATE OF b
+"""
+
 REOPEN_BATCHES = """
 -- reopen_batches: the finished batches of these jobs (retried) take jobs again: their
 -- callbacks are queued again when they finish again (not on-success, if jobs of them were
@@ -3332,10 +3347,14 @@ def fold_counts(conn: psycopg.Connection) -> None:
             conn.execute(FOLD_RUN_TIMES)
 
 
-def _db_refresh_statistics(conn: psycopg.Connection, analyzed: float | None) -> int | None:
+def _db_refresh_statistics(
+    conn: psycopg.Connection, analyzed: float | None
+) -> tuple[float | None, bool]:
     """Analyze the jobs table if the backlog has outgrown what its statistics say of it (and
-    what it was at this worker's last analysis, ``analyzed``) ANALYZE_GROWTH times over, and
-    no other worker is at it: how many unfinished jobs there were then (None: not analyzed).
+    the backlog at this worker's last analysis, ``analyzed``) ANALYZE_GROWTH times over, and
+    no other worker is at it. Returns what to remember for the next call (the backlog now if
+    it analyzed; None once the backlog has drained below a tenth of what it was: the next
+    burst is measured afresh), and whether it analyzed.
 
     The worker's statements run as generic plans, made once from the statistics of their
     time: those of a queue that was nearly empty when the worker started would walk a whole
@@ -3344,14 +3363,16 @@ def _db_refresh_statistics(conn: psycopg.Connection, analyzed: float | None) -> 
     themselves back to what the backlog is, within seconds of a burst: autovacuum would wait
     for a share of the whole table to change, which a burst beside a long history is not."""
     actual, believed = _the_row(conn.execute(BACKLOG_BELIEF))
+    if analyzed and actual * ANALYZE_GROWTH < analyzed:
+        analyzed = None  # (that backlog is gone)
     floor = max(believed, analyzed or 0.0, ANALYZE_MIN_JOBS / ANALYZE_GROWTH)
     if actual < ANALYZE_GROWTH * floor:
-        return None
+        return analyzed, False
     with conn.transaction():
         if not _db_try_task_lock(conn, ANALYZE_TASK):
-            return None
+            return analyzed, False
         conn.execute(ANALYZE_JOBS)
-    return int(actual)
+    return actual, True
 
 
 def _db_key_taken(
@@ -5352,6 +5373,7 @@ def retry_jobs(
         "channel": NOTIFY_CHANNEL,
     }
     with conn.transaction():  # all of these ids, or none
+        conn.execute(LOCK_RETRIED_BATCHES, params)
         try:
             again = [row[0] for row in conn.execute(RETRY, params).fetchall()]
         except psycopg.errors.UniqueViolation:
@@ -6958,7 +6980,7 @@ def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | 
         _git_retrying(common, top, "worktree", "prune")
         if Path(tree.path, ".git").exists():
             if _git(tree.path, "branch", "--show-current") != tree.branch:
-                raise PermanentError(f"{tree.path} is a worktree, but not on {tree.branch}")
+                raise PermanentError(_off_its_branch(tree))
         elif _git_ok(top, "rev-parse", "--verify", "--quiet", f"refs/heads/{tree.branch}"):
             _git_retrying(common, top, "worktree", "add", tree.path, tree.branch)
         elif resumed:  # made again from the base, it would lack the work the session did
@@ -6972,6 +6994,20 @@ def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | 
     if not Path(tree.cwd).is_dir():
         raise PermanentError(f"{subdir} is not in the worktree of {tree.branch} ({tree.path})")
     return tree
+
+
+def _off_its_branch(tree: _Worktree) -> str:
+    """Why a job cannot go on in its worktree, left off its branch by an earlier attempt (kept
+    for what only it holds: see _close_worktree), and what to do."""
+    left, earlier = "", ": an earlier attempt left it"
+    if doing := _unfinished_operation(tree.path):
+        left = f"{earlier} in the middle of {doing}"
+    elif commits := _detached_commits(tree.path):
+        left = f"{earlier} on a detached HEAD with {commits} commit(s) no branch holds"
+    return (
+        f"the worktree {tree.path} is not on the job's branch {tree.branch}{left}; finish or "
+        f"undo that there and check out {tree.branch}, then retry the job"
+    )
 
 
 def _close_worktree(tree: _Worktree, keep: bool) -> dict[str, Any]:
@@ -7370,24 +7406,26 @@ def _kill_leftovers(jobs: Iterable[Mapping[str, Any]]) -> int:
 
 
 class _Pulse:
-    """How the worker's long-lived parts fare: for each, how many passes in a row failed and
-    why, and whether its thread died. Every part reports here; the heartbeat shows what is
-    wrong in `workers`, and `health()` (so /readyz) reads it. One lock guards it."""
+    """How the worker's long-lived parts fare: for each of their tasks, how many passes in a
+    row failed and why (a task that always fails is not hidden by another of its part that
+    goes through), and whether a part's thread died. Every part reports here; the heartbeat
+    shows what is wrong in `workers`, and `health()` (so /readyz) reads it. One lock guards it."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._failing: dict[str, tuple[int, str]] = {}  # part: (passes failed in a row, why)
+        #: (part, task): (passes failed in a row, why)
+        self._failing: dict[tuple[str, str], tuple[int, str]] = {}
         self._dead: dict[str, str] = {}  # part: what ended its thread
 
-    def passed(self, part: str) -> None:
+    def passed(self, part: str, task: str = "") -> None:
         with self._lock:
-            self._failing.pop(part, None)
+            self._failing.pop((part, task), None)
 
-    def failed(self, part: str, error: BaseException) -> int:
-        """A pass of ``part`` failed; how many in a row have now."""
+    def failed(self, part: str, error: BaseException, task: str = "") -> int:
+        """A pass of ``part``'s ``task`` failed; how many in a row have now."""
         with self._lock:
-            count = self._failing.get(part, (0, ""))[0] + 1
-            self._failing[part] = (count, _error_text(error))
+            count = self._failing.get((part, task), (0, ""))[0] + 1
+            self._failing[part, task] = (count, _error_text(error))
         return count
 
     def died(self, part: str, error: BaseException) -> None:
@@ -7401,7 +7439,7 @@ class _Pulse:
             said = [f"its {part} died ({why})" for part, why in sorted(self._dead.items())]
             said += [
                 f"its {part} failed {count} passes in a row ({why})"
-                for part, (count, why) in sorted(self._failing.items())
+                for (part, _), (count, why) in sorted(self._failing.items())
                 if count >= FAILING_PASSES
             ]
         return "; ".join(said) or None
@@ -8612,14 +8650,14 @@ class _Part(threading.Thread):
             task()
         except _TRANSIENT as error:
             logger.debug("cannot %s for now: %s", what, error)
-            self._pulse.failed(self.part, error)
+            self._pulse.failed(self.part, error, what)
             return False
         except Exception as error:
-            failures = self._pulse.failed(self.part, error)
+            failures = self._pulse.failed(self.part, error, what)
             if _worth_a_traceback(failures):
                 logger.exception("cannot %s (%d time(s) in a row)", what, failures)
             return False
-        self._pulse.passed(self.part)
+        self._pulse.passed(self.part, what)
         return True
 
     def pooled(self, what: str, task: Callable[[psycopg.Connection], None]) -> bool:
@@ -8686,12 +8724,12 @@ class _Janitor(_Part):
                 return
 
     def _statistics(self, conn: psycopg.Connection) -> None:
-        analyzed = _db_refresh_statistics(conn, self._analyzed)
-        if analyzed is not None:
-            self._analyzed = analyzed
+        self._analyzed, analyzed = _db_refresh_statistics(conn, self._analyzed)
+        if analyzed:
+            jobs = int(self._analyzed or 0)
             logger.info(
                 "analyzed the jobs table: %d unfinished job(s), many more than its statistics "
-                "said", analyzed, extra={"fields": {"event": "analyzed", "jobs": analyzed}},
+                "said", jobs, extra={"fields": {"event": "analyzed", "jobs": jobs}},
             )  # fmt: skip
 
     def _unblock(self, conn: psycopg.Connection) -> None:
@@ -10068,7 +10106,8 @@ def _prometheus_families(conn: psycopg.Connection) -> list[Any]:
         cost.add_metric([queue], float(spent))
     workers = GaugeMetricFamily("claude_jobs_workers", "Registered workers, alive or lost.",
                                 labels=["state"])  # fmt: skip
-    states = [worker["state"] for worker in list_workers(conn)]
+    # (registered ones: not those already found dead and recovered, listed for a while)
+    states = [worker["state"] for worker in list_workers(conn) if worker["lost_at"] is None]
     for state in ("alive", "lost", "failing", "draining"):
         workers.add_metric([state], float(states.count(state)))
     holds = GaugeMetricFamily("claude_jobs_hold_until_seconds",
@@ -10375,8 +10414,9 @@ def _check_text_given(request: Any) -> None:
 
 async def _json_body(request: Any, limit: int, timeout: float) -> Any:
     """A request's JSON body ({} when empty): 413 past ``limit`` bytes (refused before it is
-    read whole), 408 when the client pauses for longer than ``timeout`` seconds, 400 when it
-    is not JSON (or nests so deep that Python cannot read it) or the client went away."""
+    read whole), 408 when it has not come whole within ``timeout`` seconds (a slow client holds
+    a connection no longer), 400 when it is not JSON (or nests so deep that Python cannot read
+    it) or the client went away."""
     import asyncio
 
     from starlette.requests import ClientDisconnect
@@ -10386,10 +10426,11 @@ async def _json_body(request: Any, limit: int, timeout: float) -> Any:
     if declared.isdigit() and int(declared) > limit:
         raise too_big
     pieces, size, stream = [], 0, request.stream()
+    deadline = time.monotonic() + timeout
     try:
         while True:
             try:
-                piece = await asyncio.wait_for(anext(stream), timeout)
+                piece = await asyncio.wait_for(anext(stream), deadline - time.monotonic())
             except StopAsyncIteration:
                 break
             size += len(piece)
@@ -10397,7 +10438,7 @@ async def _json_body(request: Any, limit: int, timeout: float) -> Any:
                 raise too_big
             pieces.append(piece)
     except TimeoutError:
-        raise _HTTPError(408, f"no part of the body came for {timeout:g}s") from None
+        raise _HTTPError(408, f"the body did not come whole within {timeout:g}s") from None
     except ClientDisconnect:
         raise _HTTPError(400, "the client went away before its body arrived whole") from None
     raw = b"".join(pieces)

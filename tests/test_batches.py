@@ -184,6 +184,41 @@ def test_retry_of_a_job_of_a_finished_batch_reopens_it_as_batch_retry_does(
     assert batch_of(conn, other.id) != batch.id
 
 
+def test_a_retry_as_the_batchs_last_other_job_ends_leaves_the_batch_open(
+    conn: psycopg.Connection, db_url: str
+) -> None:
+    """The job that ends the batch's last other job must see the retried one queued, not
+    finish the batch under it (and queue its on-finish) while the retry is not committed."""
+    ids = claude_jobs.enqueue_many(
+        conn, [{"n": 1}, {"n": 2}], kind="record", batch="b", on_finish={"then": "finish"}
+    )
+    conn.execute("UPDATE claude_jobs SET status = 'failed', finished_at = now() WHERE id = %s",
+                 (ids[0],))  # fmt: skip
+    conn.execute("UPDATE claude_jobs SET status = 'running' WHERE id = %s", (ids[1],))
+    ended = threading.Event()
+
+    def end_the_other() -> None:
+        with psycopg.connect(db_url, autocommit=True) as worker:
+            worker.execute("UPDATE claude_jobs SET status = 'succeeded', finished_at = now() "
+                           "WHERE id = %s", (ids[1],))  # fmt: skip
+        ended.set()
+
+    with psycopg.connect(db_url) as retrying, retrying.transaction():  # (committed at the end)
+        assert claude_jobs.retry_jobs(retrying, [ids[0]]) == [ids[0]]
+        thread = threading.Thread(target=end_the_other)
+        thread.start()
+
+        def waiting() -> bool:  # (for the retry's lock on the batch: what the fix makes it do)
+            query = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            return ended.is_set() or conn.execute(query).fetchone()[0] > 0
+
+        wait_for(waiting, what="the worker's end to be written or to wait")
+    thread.join(10)
+    assert ended.is_set() and claude_jobs.get_job(conn, ids[0]).status == "queued"
+    assert claude_jobs.get_batch(conn, "b").finished_at is None
+    assert callbacks(conn, batch_of(conn, ids[0])) == []
+
+
 def test_batch_retry_puts_back_the_newest_of_failed_jobs_sharing_a_unique_key(
     conn: psycopg.Connection,
 ) -> None:

@@ -314,3 +314,23 @@ def test_the_plans_a_warm_worker_prepared_on_an_empty_queue_serve_a_burst(
         faults = {name: found for name, plan in plans.items() if (found := _plan_faults(plan))}
         assert faults == {}
         assert len(claim(warm, worker_id)) == 10
+
+
+def test_the_statistics_are_refreshed_for_each_burst_not_only_the_first(
+    conn: psycopg.Connection,
+) -> None:
+    """The janitor analyzes the table when the backlog outgrows what the statistics believe
+    tenfold; once a burst has drained, what it analyzed then must not hold off the next."""
+    conn.execute("ALTER TABLE claude_jobs SET (autovacuum_enabled = false)")  # (no analysis)
+    refresh = claude_jobs._db_refresh_statistics
+    assert refresh(conn, None) == (None, False)  # (nothing queued)
+    claude_jobs.enqueue_many(conn, [{"n": n} for n in range(2_000)], kind=KIND)
+    remembered, analyzed = refresh(conn, None)
+    assert (remembered, analyzed) == (2_000, True)
+    assert refresh(conn, remembered) == (2_000, False)  # (done: the same backlog)
+    conn.execute("UPDATE claude_jobs SET status = 'cancelled', finished_at = now()")
+    conn.execute("ANALYZE claude_jobs")  # (as autovacuum would, once the burst was over)
+    remembered, analyzed = refresh(conn, remembered)  # (the janitor's pass meanwhile)
+    assert (remembered, analyzed) == (None, False)
+    claude_jobs.enqueue_many(conn, [{"n": n} for n in range(2_000)], kind=KIND)
+    assert refresh(conn, remembered) == (2_000, True)

@@ -730,7 +730,18 @@ def test_a_slow_or_vanishing_client_is_dropped_and_leaves_no_traceback(serve) ->
     assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
     import socket
 
-    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1][:-1]))) as gone:
+    port = int(server.url.rsplit(":", 1)[1][:-1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as trickle:
+        trickle.sendall(head)  # then a byte at a time, each well within the timeout
+        started, answer = time.monotonic(), b""
+        while not answer and time.monotonic() - started < 8:
+            with contextlib.suppress(OSError):
+                trickle.sendall(b" ")
+            trickle.settimeout(0.3)
+            with contextlib.suppress(TimeoutError):
+                answer = trickle.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 408") and time.monotonic() - started < 5
+    with socket.create_connection(("127.0.0.1", port)) as gone:
         gone.sendall(head + b'{"payload": {"pro')  # and goes away mid-body
     assert httpx.get(f"{server.url}healthz", timeout=5).status_code == 200
     time.sleep(0.5)

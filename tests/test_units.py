@@ -420,3 +420,13 @@ def test_every_exception_class_an_except_clause_names_exists() -> None:
         value = eval(compile(ast.Expression(clause), "<clause>", "eval"), namespace)
         for each in _caught(value):
             assert isinstance(each, type) and issubclass(each, BaseException), ast.unparse(clause)
+
+
+def test_a_task_that_always_fails_makes_its_part_failing_whatever_its_other_tasks_do() -> None:
+    pulse, passes = claude_jobs._Pulse(), claude_jobs.FAILING_PASSES
+    for _ in range(passes):
+        pulse.failed("janitor", RuntimeError("no"), "clean up finished jobs")
+        pulse.passed("janitor", "keep the planner's statistics")
+    assert pulse.trouble() == f"its janitor failed {passes} passes in a row (RuntimeError: no)"
+    pulse.passed("janitor", "clean up finished jobs")
+    assert pulse.trouble() is None

@@ -494,6 +494,12 @@ def test_a_worktree_with_commits_no_branch_holds_or_a_rebase_half_done_is_not_lo
     assert not Path(trees[detached.id]).exists()
     assert git(repo, "rev-parse", saved).strip() == lost
     assert f"kept {again}: it is in the middle of a rebase" in pruned.output and again.exists()
+    goes_on = claude_jobs.enqueue(conn, {"prompt": fake()}, continue_from=rebasing.id)
+    start_worker("--burst", CLAUDE_JOBS_HOME=str(home)).wait()
+    assert status_of(conn, goes_on.id) == "failed"  # (for good: no retry can fix it)
+    said = claude_jobs.get_job(conn, goes_on.id).last_error or ""
+    assert f"the worktree {again} is not on the job's branch {branch}: an earlier attempt " in said
+    assert "left it in the middle of a rebase; finish or undo that there" in said
 
 
 @claude_jobs.handler("flaky-once")

@@ -329,6 +329,9 @@ def test_a_killed_worker_is_listed_lost_at_once_and_for_a_while_after_its_recove
     table = invoke("workers").output
     assert "lost" in table and "1 running job(s) went back" in table
     assert json.loads(invoke("workers", "--json").output.splitlines()[0])["lost_at"] is not None
+    families = {family.name: family for family in claude_jobs._prometheus_families(conn)}
+    gauge = {s.labels["state"]: s.value for s in families["claude_jobs_workers"].samples}
+    assert (gauge["lost"], gauge["alive"]) == (0, 1)  # recovered: no lost worker to alert on
 
 
 def test_sigterm_stops_claiming_and_lets_running_jobs_finish(
