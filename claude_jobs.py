@@ -43,17 +43,20 @@ stands above it, never what stands below (but the assets, last of all).
     Statements                 ``_db_*``: one small typed function per statement the worker
                                runs, the only place its parameters are built; RECORD's rows
     Handler registry           @handler: the Python job kinds
-    Git                        what worktree jobs need of git
+    Git                        what worktree jobs need of git; remotes on GitHub
     Queue API: options and payloads    JobOptions, a claude payload's keys and their checks
     Queue API: reading and explaining  get, list, stats, workers; why a job waits; follow one
     Queue API: enqueue, batches...     enqueue, enqueue_many, batches, unique keys
     Queue API: operations              cancel, retry, holds, run now, pause, cleanup, purge
     Queue API: worktrees               diff, list and prune the worktrees jobs left
+    Queue API: delivery                push a branch, open its pull request (GitHub's REST
+                                       API), look at it now and then
     Queue API: schedules               add, edit, fire (the due-time arithmetic is _Timing)
     Execution: what an attempt came to   decide (a pure function), and what a claude exit
                                          means (claude_outcome); the run context
-    Execution: the claude handler      its supervisor, claude's flags, worktrees;
-                                       ClaudeHandler, ClaudePolicy, ClaudeSettings
+    Execution: the claude handler      its supervisor, claude's flags, worktrees, checks
+                                       and their rounds of repair (_Checks); ClaudeHandler,
+                                       ClaudePolicy, ClaudeSettings
     Worker: what its parts share       _Shared (all a part may touch): the book, the holds,
                                        the pulse, stop and force; the writer; _Session
     Worker: the dispatcher, ...        _Dispatcher, _Runners, _Watchdog, _Janitor,
@@ -82,7 +85,8 @@ The worker's parts, each with one job, and the thread it runs on:
                   recovery of dead workers' jobs
     _Watchdog     "claude-jobs-watchdog": fences the lease when heartbeats stop getting through
     _Janitor      "claude-jobs-janitor": unblocks jobs races left blocked; deletes old jobs;
-                  keeps the planner's statistics true to the backlog
+                  keeps the planner's statistics true to the backlog; looks at open pull
+                  requests
     _Scheduler    "claude-jobs-scheduler": fires due schedules, each due time once
     _Shared       what those parts share, handed to each (its constructor shows what it may
                   touch): settings, the book, the holds and the pulse (each behind its own
@@ -107,6 +111,7 @@ import functools
 import gc
 import heapq
 import hmac
+import http.client
 import importlib
 import ipaddress
 import itertools
@@ -129,6 +134,9 @@ import time
 import traceback
 import types
 import typing
+import urllib.error
+import urllib.parse
+import urllib.request
 import uuid
 import warnings
 import zoneinfo
@@ -159,6 +167,7 @@ __all__ = [
     "ClaudeSettings",
     "ConfigError",
     "DatabaseUnavailable",
+    "DeliveryError",
     "Enqueued",
     "InvalidJob",
     "Job",
@@ -199,6 +208,7 @@ __all__ = [
     "cost_stats",
     "default_handlers",
     "default_home",
+    "deliver",
     "drain_worker",
     "edit_schedule",
     "enqueue",
@@ -210,6 +220,8 @@ __all__ = [
     "get_batch",
     "get_job",
     "get_schedule",
+    "github_api_url",
+    "github_token",
     "handler",
     "job_branch",
     "job_counts",
@@ -252,6 +264,7 @@ __all__ = [
     "set_priority",
     "start_embedded",
     "sync_schedules",
+    "track_pull_requests",
     "worktree_diff",
 ]
 
@@ -273,7 +286,7 @@ KEY_LOCK_NAMESPACE = 0x636B6579
 UNIQUE_LOCK_NAMESPACE = 0x63756E71
 MIGRATION_LOCK_KEY = 0
 #: Second keys of the locks that let one worker at a time do a task.
-CLEANUP_TASK, UNBLOCK_TASK, FOLD_TASK, ANALYZE_TASK = -1, -2, -3, -4
+CLEANUP_TASK, UNBLOCK_TASK, FOLD_TASK, ANALYZE_TASK, TRACK_TASK = -1, -2, -3, -4, -5
 
 DEFAULT_QUEUE = "default"
 DEFAULT_KIND = "claude"
@@ -356,6 +369,29 @@ MAX_OUTPUT_LINE = 16 * 1024 * 1024
 TRANSCRIPT_FLUSH_INTERVAL = 0.5
 #: Write at most this many outcomes in one statement.
 RECORD_BATCH = 500
+#: Keep this much of the output of one check in one round (the tail: it is what claude is
+#: shown to repair a failure, and what `show` quotes).
+CHECK_OUTPUT_LIMIT = 64 * 1024
+#: Rounds of repair after a check fails, unless the job says (0: none).
+DEFAULT_CHECK_ROUNDS = 2
+#: A pull request's title is claude's first line of result cut here (GitHub shows ~72).
+PR_TITLE_LIMIT = 72
+#: GitHub's REST API, unless GITHUB_API_URL names another (GitHub Enterprise, a test's mock).
+GITHUB_API_URL = "https://api.github.com"
+#: Waits between tries of a GitHub request that failed for a while (5xx, a rate limit).
+GITHUB_RETRY_DELAYS = (1.0, 3.0, 9.0)
+#: The longest a Retry-After from GitHub is waited for within a delivery.
+GITHUB_RETRY_AFTER_LIMIT = 60.0
+#: Each GitHub request gives up after this long.
+GITHUB_TIMEOUT = 20.0
+#: Open pull requests are looked at this often (workers, one at a time; conditional
+#: requests, so an unchanged answer costs no rate limit).
+DEFAULT_PR_POLL_INTERVAL = 180.0
+#: At most this many pull requests are looked at in one pass, for at most this long.
+PR_POLL_BATCH = 50
+PR_POLL_BUDGET = 60.0
+#: What a job's pull request may be, as last looked at.
+PR_STATES = ("open", "merged", "closed", "gone")
 
 PG_INT_MIN, PG_INT_MAX = -(2**31), 2**31 - 1
 #: The longest concurrency or unique key (indexed: PostgreSQL's B-trees take about 2.7 kB a row).
@@ -521,6 +557,8 @@ class Job:
     worktree: dict[str, Any] | None = None
     widens: list[str] | None = None  # what a continuation may do that its job could not
     resumes: dict[str, Any] | None = None  # claimed continuations: what they continue
+    checks: dict[str, Any] | None = None  # its checks: the round, and each one's results
+    delivery: dict[str, Any] | None = None  # its branch pushed, its pull request (see deliver)
     transcript: str | None = None
     transcript_size: int = 0  # characters ever written to the transcript (it keeps the tail)
     unique_key: str | None = None  # no second job of the key while this one is unfinished
@@ -640,6 +678,13 @@ def _ago(moment: datetime | None, now: datetime | None = None) -> str:
     seconds = ((now or datetime.now(UTC)) - moment).total_seconds()
     text = _duration_text(abs(seconds))
     return f"in {text}" if seconds < -0.5 else f"{text} ago"
+
+
+def _cut(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and how many more there were."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} … ({len(text) - limit:,} more characters not kept)"
 
 
 def _money(amount: float) -> str:
@@ -828,6 +873,8 @@ class Progress:
     cost_usd: float = 0.0
     worktree: str | None = None  # JSON: the git worktree and branch the job runs in
     spend: tuple[Spend, ...] = ()  # for the ledger
+    checks: str | None = None  # JSON: the state of its checks (see _Checks)
+    delivery: str | None = None  # JSON: what was delivered (see _deliver)
 
     def __add__(self, later: Progress) -> Progress:
         text = (self.transcript or "") + (later.transcript or "")
@@ -837,12 +884,15 @@ class Progress:
             self.cost_usd + later.cost_usd,
             later.worktree or self.worktree,
             self.spend + later.spend,
+            later.checks or self.checks,
+            later.delivery or self.delivery,
         )
 
     def __bool__(self) -> bool:
         return bool(
             self.transcript or self.session_id or self.cost_usd or self.worktree or self.spend
-        )
+            or self.checks or self.delivery
+        )  # fmt: skip
 
 
 ###############################################################################
@@ -1459,6 +1509,17 @@ ALTER TABLE claude_jobs ADD CONSTRAINT claude_jobs_no_key_without_a_limit
     CHECK (concurrency_limit > 0 OR concurrency_key IS NULL);
 """,
     ),
+    (
+        12,
+        """\
+-- The last mile: a job's checks (the round it is in, each check's result per round), and its
+-- delivery (the branch pushed, its pull request and what became of it).
+ALTER TABLE claude_jobs ADD COLUMN checks jsonb, ADD COLUMN delivery jsonb;
+-- Workers look at the open pull requests now and then through this one (few rows).
+CREATE INDEX claude_jobs_open_pull_requests ON claude_jobs ((delivery->'pr'->>'polled_at'))
+    WHERE delivery->'pr'->>'state' = 'open';
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -1505,7 +1566,7 @@ _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, 
     timeout, last_error, errors, worker_id, worker, result, session_id, cost_usd, created_at,
     started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
     concurrency_limit, after, continue_from, session_host, worktree, widens, unique_key,
-    schedule, scheduled_for, batch_id, callback_of, seq, claim"""
+    schedule, scheduled_for, batch_id, callback_of, seq, claim, checks, delivery"""
 
 JOB_STATUSES = """
 -- job_statuses: the status of each of these jobs, and the host that keeps its claude session
@@ -1678,6 +1739,7 @@ WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(text)s::text IS NULL OR strpos(lower(payload->>'prompt'), lower(%(text)s::text)) > 0)
   AND (%(cwd)s::text IS NULL OR payload->>'cwd' = %(cwd)s::text)
   AND (%(batch)s::uuid IS NULL OR batch_id = %(batch)s::uuid)
+  AND (%(pr)s::text IS NULL OR delivery->'pr'->>'state' = %(pr)s::text)
   AND (%(before_at)s::timestamptz IS NULL OR (created_at, seq, id)
        < (%(before_at)s::timestamptz, %(before_seq)s::bigint, %(before_id)s::uuid))
 ORDER BY created_at DESC, seq DESC, id DESC
@@ -1741,7 +1803,7 @@ WITH chosen AS (
     UPDATE claude_jobs j
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
         cancel_requested_at = NULL, claim = NULL, worker_id = NULL, worker = NULL,
-        last_error = NULL, updated_at = now(),
+        last_error = NULL, updated_at = now(), checks = NULL,  -- (its checks start over)
         -- (still waiting for a job not over, or continuing one retried here with it)
         blocked = CASE WHEN {_WAITS_FOR_JOBS.format(w="j")}
                             OR j.continue_from IN (SELECT id FROM chosen) THEN 'jobs' END
@@ -2020,8 +2082,10 @@ _WORKTREE_BUSY = """(
 
 LIST_WORKTREES = f"""
 -- list_worktrees: the worktrees jobs ran in, newest first, with the status of the job that
--- made them (NULL: deleted since) and whether an unfinished job needs them (busy)
+-- made them (NULL: deleted since), the state of that job's pull request (as last looked at),
+-- and whether an unfinished job needs them (busy)
 SELECT w.host, w.path, w.repo, w.branch, w.base, w.job_id, w.created_at, w.used_at, j.status,
+    j.delivery->'pr'->>'state' AS pr_state,
     {_WORKTREE_BUSY.format(job="w.job_id", path="w.path")} AS busy
 FROM claude_jobs_worktrees w LEFT JOIN claude_jobs j ON j.id = w.job_id
 ORDER BY w.created_at DESC
@@ -2106,7 +2170,8 @@ SET status = 'running', attempts = j.attempts + 1, claim = gen_random_uuid(),
 FROM ready WHERE j.id = ready.id
 RETURNING {", ".join("j." + c.strip() for c in _JOB_COLUMNS.split(","))},
     -- a continuation gets the session and worktree of the job it continues
-    (SELECT jsonb_build_object('id', p.id, 'session_id', p.session_id, 'worktree', p.worktree)
+    (SELECT jsonb_build_object('id', p.id, 'session_id', p.session_id, 'worktree', p.worktree,
+                               'delivery', p.delivery)
      FROM claude_jobs p WHERE p.id = j.continue_from) AS resumes
 """
 CLAIM_FROM_QUEUE = _CLAIM.format(queue_filter="AND c.queue = %(queue)s")
@@ -2152,10 +2217,11 @@ RECORD = f"""
 WITH o AS (
     SELECT o.id, o.claim, o.verdict, o.result::jsonb AS result, o.error, o.traceback,
         o.permanent, o.delay, o.run_at, o.transcript, o.session_id, o.cost_usd,
-        o.worktree::jsonb AS worktree
+        o.worktree::jsonb AS worktree, o.checks::jsonb AS checks, o.delivery::jsonb AS delivery
     FROM jsonb_to_recordset(%(rows)s::jsonb) AS o(id uuid, claim uuid, verdict text,
         result text, error text, traceback text, permanent boolean, delay float8,
-        run_at timestamptz, transcript text, session_id text, cost_usd numeric, worktree text)
+        run_at timestamptz, transcript text, session_id text, cost_usd numeric, worktree text,
+        checks text, delivery text)
 ), m AS (
     -- the rows still claimed so, locked, with the status each comes to (`live`: it runs). Found
     -- by a walk of the primary key, whatever the table's size or statistics: no condition here
@@ -2207,6 +2273,8 @@ SET status = m.status,
                         ELSE split_part(j.worker, ':', 1) END,
     cost_usd = j.cost_usd + coalesce(m.cost_usd, 0),
     worktree = coalesce(m.worktree, j.worktree),
+    checks = coalesce(m.checks, j.checks),
+    delivery = coalesce(m.delivery, j.delivery),
     updated_at = now()
 FROM m WHERE j.id = m.id AND m.live
 {_OUTCOME_RETURNING}, j.queue
@@ -3420,6 +3488,7 @@ def _record_params(rows: Sequence[_Row], host: str) -> dict[str, Any]:
             "run_at": outcome.run_at.isoformat() if outcome.run_at else None,
             "transcript": progress.transcript, "session_id": progress.session_id,
             "cost_usd": progress.cost_usd, "worktree": progress.worktree,
+            "checks": progress.checks, "delivery": progress.delivery,
         })  # fmt: skip
         spent += [{"job_id": job_id, "model": each.model, "runs": each.runs,
                    "cost": each.cost_usd, "input": each.input_tokens,
@@ -3644,6 +3713,106 @@ def _detached_commits(path: str | Path) -> int:
         return 0
     return int(_git(path, "rev-list", "--count", "HEAD", "--not", "--branches", "--tags",
                     "--remotes"))  # fmt: skip
+
+
+# -- remotes on GitHub (delivery: see deliver) ---------------------------------------------------
+
+#: What a remote's name and a branch's name may look like (they reach git as arguments).
+_REMOTE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_BRANCH_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,199}")
+#: A GitHub repository's URL as a remote has it: https://HOST/OWNER/NAME(.git),
+#: ssh://git@HOST(:port)/OWNER/NAME(.git) or git@HOST:OWNER/NAME(.git).
+_GITHUB_URL = re.compile(
+    r"(?:(?:https?|ssh|git)://(?:[^/@]*@)?(?P<host>[^/:]+)(?::\d+)?/|[^/@:]+@(?P<scp>[^/:]+):)"
+    r"(?P<owner>[A-Za-z0-9_.-]+)/(?P<name>[A-Za-z0-9_.-]+?)(?:\.git)?/?"
+)
+
+
+def _without_credentials(text: str) -> str:
+    """``text`` with what a URL in it carries before its host (a user, a token) masked."""
+    return re.sub(r"://[^/\s@]+@", "://***@", text)
+
+
+def _remote_url(repo: str | Path, remote: str) -> str | None:
+    """The URL of ``remote`` as it is configured (before git's insteadOf rewriting)."""
+    try:
+        return _git(repo, "config", "--get", f"remote.{remote}.url") or None
+    except _GitError:
+        return None
+
+
+def github_api_url() -> str:
+    """GitHub's REST API: $GITHUB_API_URL (as GitHub Actions sets it), or api.github.com."""
+    return (os.environ.get("GITHUB_API_URL") or GITHUB_API_URL).rstrip("/")
+
+
+#: The variables that may hold a GitHub token (gh's and GitHub Actions' names).
+_TOKEN_VARIABLES = ("GH_TOKEN", "GITHUB_TOKEN", "GH_ENTERPRISE_TOKEN", "GITHUB_ENTERPRISE_TOKEN")
+
+
+def _without_secrets(text: str) -> str:
+    """``text`` with the GitHub tokens of this process's environment masked: what claude and
+    the checks print goes into the transcript, the database and claude's next prompt, and
+    they run with that environment."""
+    for name in _TOKEN_VARIABLES:
+        token = os.environ.get(name, "")
+        if len(token) >= 8 and token in text:
+            text = text.replace(token, f"***{name}***")
+    return text
+
+
+def _github_hosts() -> set[str]:
+    """The hosts whose repositories are on GitHub here: github.com, and a GitHub Enterprise
+    server's (the host of $GITHUB_API_URL or $GITHUB_SERVER_URL)."""
+    hosts = {"github.com"}
+    for name in ("GITHUB_API_URL", "GITHUB_SERVER_URL"):
+        if host := urllib.parse.urlsplit(os.environ.get(name) or "").hostname:
+            hosts.add("github.com" if host == "api.github.com" else host)
+    return hosts
+
+
+def _github_repository(url: str) -> tuple[str, str] | None:
+    """(owner, name) of a remote's URL on GitHub; None when it is not on GitHub."""
+    found = _GITHUB_URL.fullmatch(url.strip())
+    if found is None or (found["host"] or found["scp"]).lower() not in _github_hosts():
+        return None
+    return found["owner"], found["name"]
+
+
+def _delivery_checked(payload: Mapping[str, Any]) -> dict[str, Any]:
+    """What delivering a worktree job of ``payload`` needs, checked where it is queued: its
+    remote is there; with "pr", on GitHub, and the pull request's base ("pr_base": by
+    default the branch the worktree starts from). The payload's keys to store (InvalidJob
+    for what is wrong)."""
+    remote, cwd = payload["push"], payload["cwd"]
+    try:
+        top, _ = _repository_of(cwd)
+    except _GitError:
+        return {}  # (the worktree's own check says why)
+    url = _remote_url(top, remote)
+    if url is None:
+        raise InvalidJob(f"the repository {top} has no remote {remote!r} to push to")
+    if not payload.get("pr"):
+        return {}
+    if _github_repository(url) is None:
+        raise InvalidJob(
+            f"the remote {remote} ({_without_credentials(url)}) is not on GitHub (github.com, or "
+            "the host of GITHUB_API_URL): claude-jobs opens pull requests on GitHub only"
+        )
+    if payload.get("pr_base"):
+        return {}
+    base = payload.get("base")
+    if base is None:
+        branch = _git(cwd, "symbolic-ref", "--quiet", "--short", "HEAD") if _git_ok(
+            cwd, "symbolic-ref", "--quiet", "HEAD") else ""  # fmt: skip
+        if not branch:
+            raise InvalidJob(f"{top} is on a detached HEAD: give the pull request --pr-base BRANCH")
+        return {"pr_base": branch}
+    if _git_ok(top, "rev-parse", "--verify", "--quiet", f"refs/heads/{base}"):
+        return {"pr_base": base}
+    if _git_ok(top, "rev-parse", "--verify", "--quiet", f"refs/remotes/{base}"):
+        return {"pr_base": base.split("/", 1)[1]}
+    raise InvalidJob(f"the worktree's base {base} is not a branch: give the pull request --pr-base")
 
 
 ###############################################################################
@@ -4090,6 +4259,32 @@ def _check_key(name: str, value: Any, base_dir: Path) -> str | None:
     return None if value is None else _check_text(name, value, base_dir)
 
 
+def _check_commands(name: str, value: Any, base_dir: Path) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(each, str) for each in value):
+        raise InvalidJob(f'"{name}" must be a list of shell commands (strings)')
+    if not all(each.strip() for each in value):
+        raise InvalidJob(f'"{name}": a check is a shell command, and one is empty')
+    return value
+
+
+def _check_rounds(name: str, value: Any, base_dir: Path) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+        raise InvalidJob(f'"{name}" must be a whole number from 0 to 100')
+    return value
+
+
+def _check_remote(name: str, value: Any, base_dir: Path) -> str:
+    if not isinstance(value, str) or not _REMOTE_NAME.fullmatch(value):
+        raise InvalidJob(f'"{name}" must name a git remote (such as "origin")')
+    return value
+
+
+def _check_branch(name: str, value: Any, base_dir: Path) -> str:
+    if not isinstance(value, str) or not _BRANCH_NAME.fullmatch(value) or ".." in value:
+        raise InvalidJob(f'"{name}" must be a branch name')
+    return value
+
+
 #: What a claude job's payload may hold: how each key is checked (and stored), and the claude
 #: flag it becomes. Any other key is refused, so that a typo does not pass unseen.
 CLAUDE_PAYLOAD: dict[str, tuple[Check, str | None]] = {
@@ -4114,9 +4309,18 @@ CLAUDE_PAYLOAD: dict[str, tuple[Check, str | None]] = {
     "add_dirs": (_check_dirs, "--add-dir"),
     "mcp_config": (_check_mcp_config, "--mcp-config"),
     "effort": (_check_choice(EFFORT_LEVELS), "--effort"),
+    "checks": (_check_commands, None),  # shell commands that must pass after claude
+    "check_rounds": (_check_rounds, None),  # rounds of repair (default DEFAULT_CHECK_ROUNDS)
+    "push": (_check_remote, None),  # push a worktree job's branch to this remote
+    "pr": (_check_flag, None),  # and open a pull request on GitHub (push defaults to origin)
+    "pr_base": (_check_branch, None),  # its base (default: the branch the worktree left)
+    "pr_ready": (_check_flag, None),  # ready for review, not a draft
+    "pr_title": (_check_text, None),  # its title (default: claude's result's first line)
 }
 #: Payload keys that are the job's settings rather than claude's.
 _JOB_KEYS = ("concurrency_key", "timeout", "unique_key", "unique_for")
+#: Payload keys of a worktree job's delivery (see _deliver).
+_DELIVERY_KEYS = ("push", "pr", "pr_base", "pr_ready", "pr_title")
 
 
 def prepare_payload(kind: str, payload: Any, base_dir: str | Path | None = None) -> dict[str, Any]:
@@ -4192,6 +4396,16 @@ def _checked_payload(
         raise InvalidJob('a claude job needs "prompt": a non-empty string')
     if "base" in payload and not payload.get("worktree"):
         raise InvalidJob('"base" is the starting point of a worktree: it needs "worktree": true')
+    delivered = [key for key in _DELIVERY_KEYS if payload.get(key) not in (None, False)]
+    if delivered and not payload.get("worktree"):
+        raise InvalidJob(
+            f'"{delivered[0]}" delivers the branch of a worktree job: it needs "worktree": true '
+            "(--worktree)"
+        )
+    if (of_pr := [key for key in delivered if key.startswith("pr_")]) and not payload.get("pr"):
+        raise InvalidJob(f'"{of_pr[0]}" is for a pull request: it needs "pr": true (--pr)')
+    if "check_rounds" in payload and not payload.get("checks"):
+        raise InvalidJob('"check_rounds" counts the rounds of repair of checks: it needs "checks"')
     if _too_deep(payload):  # (before anything walks it: it may even hold itself)
         raise InvalidJob(f"the payload nests more than {MAX_PAYLOAD_DEPTH} levels deep")
     for key, value in payload.items():
@@ -4206,6 +4420,10 @@ def _checked_payload(
             seen[where] = _worktree_problem(*where)
         if problem := seen[where]:
             raise InvalidJob(problem)
+    if checked.get("pr") and not checked.get("push"):
+        checked["push"] = "origin"
+    if checked.get("push") and checked.get("cwd"):
+        checked.update(_delivery_checked(checked))
     return checked
 
 
@@ -4487,12 +4705,14 @@ def list_jobs(
     text: str | None = None,
     cwd: str | None = None,
     batch: uuid.UUID | None = None,
+    pr: str | None = None,
     before: Job | tuple[datetime, int, uuid.UUID] | None = None,
     limit: int = 50,
 ) -> list[Job]:
     """Jobs newest first, in enqueue order (without their transcripts), filtered by each
     given argument: ``text`` found in the prompt (any case), ``cwd`` the prompt's directory,
-    ``batch`` the batch's id; ``before``: the page after the one that ended with this job (or
+    ``batch`` the batch's id, ``pr`` the state of its pull request (open, merged, closed)
+    when last looked at; ``before``: the page after the one that ended with this job (or
     its (created_at, seq, id))."""
     if isinstance(before, Job):
         before = (before.created_at, before.seq, before.id)
@@ -4504,6 +4724,7 @@ def list_jobs(
         "text": text,
         "cwd": cwd,
         "batch": batch,
+        "pr": pr,
         "before_at": before and before[0],
         "before_seq": before and before[1],
         "before_id": before and before[2],
@@ -5691,7 +5912,8 @@ def prune_worktrees(
     them (asked again right before each is removed), last used more than ``older_than`` seconds
     ago, and no uncommitted changes in them (git refuses to remove those; ``force``: those
     too). Their branches stay (they hold the work) unless ``merged``: then branches merged into
-    their repository's HEAD go too. Returns what it did, and what it kept and why, a line each."""
+    their repository's HEAD go too, and those whose pull request was merged (a squash merge
+    leaves no trace in git). Returns what it did, and what it kept and why, a line each."""
     done: list[str] = []
     since = datetime.now(UTC) - timedelta(seconds=older_than)
     for row in list_worktrees(conn):
@@ -5702,7 +5924,9 @@ def prune_worktrees(
             done.append(f"kept {row['path']}: a job that is not over needs it")
             continue
         try:
-            done.extend(_prune_worktree(_checked_record(row), merged=merged, force=force))
+            pr_merged = row["pr_state"] == "merged"
+            record = _checked_record(row)
+            done.extend(_prune_worktree(record, merged=merged, force=force, pr_merged=pr_merged))
         except (_GitError, WorkerUnfit) as error:
             done.append(f"cannot prune {row['path']}: {error}")
             continue
@@ -5712,8 +5936,11 @@ def prune_worktrees(
     return done
 
 
-def _prune_worktree(tree: Mapping[str, Any], *, merged: bool, force: bool) -> list[str]:
-    """Prune one worktree of this machine (see prune_worktrees)."""
+def _prune_worktree(
+    tree: Mapping[str, Any], *, merged: bool, force: bool, pr_merged: bool = False
+) -> list[str]:
+    """Prune one worktree of this machine (see prune_worktrees; ``pr_merged``: the branch's
+    pull request was merged)."""
     done = []
     repo, path, branch = tree["repo"], tree["path"], tree["branch"]
     if Path(path).is_dir():
@@ -5734,10 +5961,15 @@ def _prune_worktree(tree: Mapping[str, Any], *, merged: bool, force: bool) -> li
         _git_retrying(common, repo, "worktree", "remove", *(["--force"] * force), path)
         done.append(f"removed worktree {path}")
     known = _git_ok(repo, "rev-parse", "--verify", "--quiet", f"refs/heads/{branch}")
-    if merged and known and _git_ok(repo, "merge-base", "--is-ancestor", branch, "HEAD"):
+    if (
+        merged
+        and known
+        and (pr_merged or _git_ok(repo, "merge-base", "--is-ancestor", branch, "HEAD"))
+    ):
         _, common = _repository_of(repo)
         _git_retrying(common, repo, "branch", "-D", branch)
-        done.append(f"deleted branch {branch} (merged)")
+        how = "its pull request was merged" if pr_merged else "merged"
+        done.append(f"deleted branch {branch} ({how})")
     return done
 
 
@@ -5751,6 +5983,505 @@ def _save_detached(common: str, repo: str, path: str, branch: str) -> str:
             _git_retrying(common, repo, "branch", name, head)
             return name
     raise AssertionError("unreachable")
+
+
+###############################################################################
+# Queue API: delivery (a worktree job's branch pushed, its pull request on GitHub, tracked)
+###############################################################################
+
+SET_DELIVERY = """
+-- set_delivery: what `deliver` did for a finished job, by hand
+UPDATE claude_jobs SET delivery = %(delivery)s::jsonb, updated_at = now()
+WHERE id = %(id)s AND status IN ('succeeded', 'failed', 'cancelled')
+RETURNING id
+"""
+
+DUE_PULL_REQUESTS = """
+-- due_pull_requests: open pull requests not looked at since `before`, taken for a look now
+-- (another worker skips them: they are locked, then no longer due)
+WITH due AS (
+    SELECT id FROM claude_jobs
+    WHERE delivery->'pr'->>'state' = 'open'
+      AND coalesce(delivery->'pr'->>'polled_at', '') < %(before)s
+    ORDER BY delivery->'pr'->>'polled_at' NULLS FIRST
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE claude_jobs j
+SET delivery = jsonb_set(j.delivery, '{pr,polled_at}', to_jsonb(%(now)s::text))
+FROM due WHERE j.id = due.id
+RETURNING j.id, j.delivery
+"""
+
+ANY_DUE_PULL_REQUEST = """
+-- any_due_pull_request: whether an open pull request is due for a look (see due_pull_requests)
+SELECT FROM claude_jobs
+WHERE delivery->'pr'->>'state' = 'open' AND coalesce(delivery->'pr'->>'polled_at', '') < %(before)s
+LIMIT 1
+"""
+
+RECORD_PULL_REQUEST = """
+-- record_pull_request: what a look at a job's pull request found
+UPDATE claude_jobs SET delivery = jsonb_set(delivery, '{pr}', delivery->'pr' || %(pr)s::jsonb)
+WHERE id = %(id)s AND delivery ? 'pr'
+"""
+
+
+class DeliveryError(JobsError):
+    """A branch could not be pushed, or its pull request not opened (the job keeps its work)."""
+
+
+def github_token() -> str | None:
+    """The token for GitHub's API: $GH_TOKEN, $GITHUB_TOKEN, or what `gh auth token` says
+    when the gh CLI is installed and logged in. It is never printed, logged or stored."""
+    for name in ("GH_TOKEN", "GITHUB_TOKEN"):
+        if token := os.environ.get(name, "").strip():
+            return token
+    gh = shutil.which("gh")
+    if gh is None:
+        return None
+    host = urllib.parse.urlsplit(github_api_url()).hostname or "api.github.com"
+    hostname = [] if host == "api.github.com" else ["--hostname", host]
+    try:
+        done = subprocess.run([gh, "auth", "token", *hostname], capture_output=True, text=True,
+                              timeout=30, stdin=subprocess.DEVNULL)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+class _GitHub:
+    """GitHub's REST API, the few calls delivery and tracking make. A request that fails for
+    a while (a connection error, a timeout, 5xx, a rate limit) is tried again after each of
+    ``delays`` (or the Retry-After GitHub gives) before DeliveryError; other answers are
+    returned as they are."""
+
+    def __init__(
+        self,
+        token: str | None,
+        api_url: str | None = None,
+        delays: Sequence[float] | None = None,
+        sleep: Callable[[float], Any] = time.sleep,
+    ) -> None:
+        if not token:
+            raise DeliveryError(
+                "no GitHub token: set GH_TOKEN or GITHUB_TOKEN for the worker (a token that may "
+                "write contents and pull requests), or log in with `gh auth login`"
+            )
+        self.api_url = (api_url or github_api_url()).rstrip("/")
+        if not re.match(r"https?://[^/]", self.api_url):
+            raise DeliveryError(
+                f"GitHub's API must be an http(s) URL: {_without_credentials(self.api_url)} "
+                "(GITHUB_API_URL)"
+            )
+        self._delays = GITHUB_RETRY_DELAYS if delays is None else delays
+        self._token, self._sleep = token, sleep
+
+    def call(
+        self, method: str, path: str, body: Any = None, etag: str | None = None
+    ) -> tuple[int, Mapping[str, str], Any]:
+        """(status, headers, JSON answer or None)."""
+        for delay in (*self._delays, None):
+            try:
+                status, headers, answer = self._once(method, path, body, etag)
+            except (OSError, http.client.HTTPException) as error:  # (URLError is an OSError)
+                reason = getattr(error, "reason", None) or error
+                if delay is None:
+                    where = _without_credentials(self.api_url)
+                    raise DeliveryError(f"cannot reach GitHub at {where}: {reason}") from None
+                self._sleep(delay)
+                continue
+            wait = self._transient(status, headers)
+            if wait is None:
+                return status, headers, answer
+            if delay is None:
+                raise DeliveryError(f"GitHub answered {method} {path} with {status} "
+                                    f"{self.message(answer)} (tried {len(self._delays) + 1} "
+                                    "times)")  # fmt: skip
+            if wait > GITHUB_RETRY_AFTER_LIMIT:
+                raise DeliveryError(f"GitHub's rate limit is spent for {wait:.0f}s more "
+                                    f"({method} {path} answered {status})")  # fmt: skip
+            self._sleep(max(wait, delay))
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def message(answer: Any) -> str:
+        """What GitHub's error answer says, on one line."""
+        if not isinstance(answer, dict):
+            return ""
+        said = [str(answer.get("message") or "")]
+        for error in answer.get("errors") or []:
+            said.append(str(error.get("message") or error) if isinstance(error, dict) else error)
+        return _cut(" ".join(" · ".join(part for part in said if part).split()), 300)
+
+    @staticmethod
+    def _transient(status: int, headers: Mapping[str, str]) -> float | None:
+        """Seconds to wait before trying again, for an answer that may change by itself (a
+        spent rate limit: until its reset)."""
+        retry_after = headers.get("retry-after", "")
+        spent = headers.get("x-ratelimit-remaining") == "0"
+        if not (status >= 500 or status == 429 or (status == 403 and (retry_after or spent))):
+            return None
+        if retry_after.isdigit():
+            return float(retry_after)
+        reset = headers.get("x-ratelimit-reset", "")
+        if spent and reset.isdigit():
+            return max(0.0, float(reset) - time.time())
+        return 0.0
+
+    def _once(
+        self, method: str, path: str, body: Any, etag: str | None
+    ) -> tuple[int, Mapping[str, str], Any]:
+        headers = {"Accept": "application/vnd.github+json", "User-Agent": "claude-jobs",
+                   "X-GitHub-Api-Version": "2022-11-28"}  # fmt: skip
+        data = None
+        if body is not None:
+            data = json.dumps(body).encode()
+            headers["Content-Type"] = "application/json"
+        if etag:
+            headers["If-None-Match"] = etag
+        request = urllib.request.Request(self.api_url + path, data, headers, method=method)
+        # (never sent on to where a redirect points)
+        request.add_unredirected_header("Authorization", f"Bearer {self._token}")
+        try:
+            with urllib.request.urlopen(request, timeout=GITHUB_TIMEOUT) as response:
+                status, answer_headers, raw = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as error:  # (an answer all the same: 304, 4xx, 5xx)
+            status, answer_headers, raw = error.code, error.headers, error.read()
+        try:
+            answer = json.loads(raw) if raw else None
+        except ValueError:
+            answer = None
+        return status, {name.lower(): value for name, value in answer_headers.items()}, answer
+
+
+def _pr_title(job: Job, result: Any) -> str:
+    """--pr-title, else the first line of claude's result, else the prompt's (72 characters)."""
+    said = result.get("result") if isinstance(result, dict) else None
+    for text in (job.payload.get("pr_title"), said, job.payload.get("prompt")):
+        lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
+        if lines:
+            first = lines[0].lstrip("#").strip() or lines[0]
+            return first if len(first) <= PR_TITLE_LIMIT else first[: PR_TITLE_LIMIT - 1] + "…"
+    return f"claude-jobs {job.id}"
+
+
+def _pr_round(job: Job, result: Any, checks: Mapping[str, Any] | None, cost: float) -> str:
+    """A job's part of its pull request's body, in Markdown: claude's result, the checks that
+    passed (and in which round), the cost, the job and the chain it belongs to."""
+    said = result.get("result") if isinstance(result, dict) else None
+    parts = [str(said).strip() if said else "_(claude gave no result text)_"]
+    if checks:
+        passed = [run for run in checks.get("runs", []) if run.get("status") == 0
+                  and run.get("round") == checks.get("round")]  # fmt: skip
+        if passed:
+            rounds = checks.get("round", 0)
+            after = f", after {rounds} round{'s' * (rounds != 1)} of repair" if rounds else ""
+            lines = [f"- `{run['command']}` ({run.get('seconds', 0):.1f}s)" for run in passed]
+            parts.append(f"**Checks passed**{after}:\n" + "\n".join(lines))
+    chain = f", continuing job `{job.continue_from}`" if job.continue_from else ""
+    parts.append(f"Job `{job.id}`{chain} · cost {_money(cost)} · made by claude-jobs")
+    return "\n\n".join(parts)
+
+
+def _commit_leftovers(path: str, title: str) -> None:
+    """Commit what claude left uncommitted in the worktree at ``path`` (checked as it is: it
+    goes with the branch)."""
+    if not _git(path, "status", "--porcelain"):
+        return
+    identity: list[str] = []
+    if not _git_ok(path, "config", "user.email"):
+        identity = ["-c", "user.name=claude-jobs", "-c", "user.email=claude-jobs@localhost"]
+    _git(path, "add", "-A")
+    _git(path, *identity, "commit", "--quiet", "--no-verify", "-m", title,
+         "-m", "(committed by claude-jobs: what the job left uncommitted)")  # fmt: skip
+
+
+def _push(repo: str, remote: str, branch: str) -> None:
+    """Push ``branch`` to ``remote`` (git's own credentials; it never asks: no terminal)."""
+    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0"}
+    ref = f"refs/heads/{branch}"
+    try:
+        done = subprocess.run(["git", "push", "--porcelain", remote, f"{ref}:{ref}"], cwd=repo,
+                              capture_output=True, text=True, timeout=600, env=env,
+                              stdin=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as error:
+        raise DeliveryError(f"cannot push {branch} to {remote}: {error}") from None
+    if done.returncode != 0:
+        lines = [line.strip() for line in (done.stdout + "\n" + done.stderr).splitlines()]
+        said = [line for line in lines if line.startswith(("!", "fatal:", "error:", "remote:"))]
+        detail = "; ".join(said[:3]) or f"git push exited {done.returncode}"
+        raise DeliveryError(_without_credentials(f"push of {branch} to {remote} failed: {detail}"))
+
+
+def _open_pull_request(
+    github: _GitHub,
+    job: Job,
+    repository: tuple[str, str],
+    branch: str,
+    body: str,
+    previous: Mapping[str, Any] | None,
+    title: str,
+    own: bool = False,
+) -> dict[str, Any]:
+    """Open the pull request of ``branch``, or update the one a job before it in the chain
+    opened (its body gains this job's part; ``own``: the job opened it itself, and it is only
+    read again); what it is now."""
+    owner, name = repository
+    pulls = f"/repos/{owner}/{name}/pulls"
+    if previous and previous.get("number") and previous.get("repo") == f"{owner}/{name}":
+        status, _, answer = github.call("GET", f"{pulls}/{previous['number']}")
+        if status == 200 and isinstance(answer, dict) and not own:
+            body = f"{answer.get('body') or ''}\n\n---\n\n{body}"
+            status, _, answer = github.call("PATCH", f"{pulls}/{previous['number']}",
+                                            {"body": body})  # fmt: skip
+        if status != 200 or not isinstance(answer, dict):
+            raise DeliveryError(f"GitHub refused to update pull request #{previous['number']} "
+                                f"({status}): {github.message(answer)}")  # fmt: skip
+        return _pull_request_fields(answer, owner, name, updated=not own)
+    base = job.payload.get("pr_base")
+    if not base:
+        status, _, answer = github.call("GET", f"/repos/{owner}/{name}")
+        base = answer.get("default_branch") if isinstance(answer, dict) else None
+        if status != 200 or not base:
+            raise DeliveryError(f"cannot read {owner}/{name} on GitHub ({status}): "
+                                f"{github.message(answer)}")  # fmt: skip
+    request = {"title": title, "head": branch, "base": base, "body": body,
+               "draft": not job.payload.get("pr_ready", False)}  # fmt: skip
+    status, _, answer = github.call("POST", pulls, request)
+    if status == 422 and "already exists" in github.message(answer):
+        query = urllib.parse.urlencode({"head": f"{owner}:{branch}", "state": "open"})
+        found_status, _, found = github.call("GET", f"{pulls}?{query}")
+        if found_status == 200 and isinstance(found, list) and found and isinstance(found[0], dict):
+            return _pull_request_fields(found[0], owner, name)
+    if status != 201 or not isinstance(answer, dict):
+        raise DeliveryError(f"GitHub refused the pull request ({status}): "
+                            f"{github.message(answer)}")  # fmt: skip
+    return _pull_request_fields(answer, owner, name)
+
+
+def _pull_request_fields(
+    answer: Mapping[str, Any], owner: str, name: str, updated: bool = False
+) -> dict[str, Any]:
+    """What a job keeps of its pull request (see deliver)."""
+    fields = {
+        "number": answer.get("number"),
+        "url": answer.get("html_url"),
+        "repo": f"{owner}/{name}",
+        "draft": bool(answer.get("draft")),
+        "state": "merged" if answer.get("merged_at") else answer.get("state", "open"),
+        "base": (answer.get("base") or {}).get("ref"),
+    }
+    return {**fields, "updated": True} if updated else fields
+
+
+def _deliver(
+    job: Job,
+    tree: Mapping[str, Any],
+    result: Any,
+    checks: Mapping[str, Any] | None,
+    *,
+    remote: str,
+    pr: bool,
+    previous: Mapping[str, Any] | None,
+    own: bool = False,
+    cost: float | None = None,
+    stopped: Callable[[], str | None] = lambda: None,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> dict[str, Any]:
+    """Deliver a worktree job's branch: commit what it left uncommitted (a job with checks that
+    pushes committed it before they ran: what they made is not the job's), push the branch to
+    ``remote``, and with ``pr`` open its pull request on GitHub, or update the one of the job
+    it continues (``previous``: that job's delivery; ``own``: the job's own, read again).
+    ``cost``: the job's, to say (default: as its row has it); ``stopped``: why the attempt
+    must stop now, if it must (checked between the steps: raises _Interrupted).
+
+    What was done, as the job keeps it: the remote, branch and commit pushed, the pull
+    request; ``error`` when it failed (the job's work stays on its branch)."""
+    repo, branch = tree["repo"], tree["branch"]
+    delivery: dict[str, Any] = {"remote": remote, "branch": branch,
+                                "at": datetime.now(UTC).isoformat(timespec="seconds")}  # fmt: skip
+    title = _pr_title(job, result)
+
+    def go_on() -> None:
+        if reason := stopped():
+            raise _Interrupted(reason)
+
+    try:
+        committed = job.payload.get("checks") and job.payload.get("push")  # (before the checks)
+        if not committed and tree.get("path") and Path(tree["path"]).is_dir():
+            _commit_leftovers(tree["path"], title)
+        delivery["sha"] = _git(repo, "rev-parse", f"refs/heads/{branch}")
+        go_on()
+        _push(repo, remote, branch)
+        delivery["pushed"] = True
+        if pr:
+            url = _remote_url(repo, remote) or ""
+            repository = _github_repository(url)
+            if repository is None:
+                raise DeliveryError(f"the remote {remote} ({_without_credentials(url)}) is not "
+                                    "on GitHub: no pull request")  # fmt: skip
+            go_on()
+            github = _GitHub(github_token(), sleep=sleep)
+            body = _pr_round(job, result, checks, job.cost_usd if cost is None else cost)
+            opened = _open_pull_request(github, job, repository, branch, body,
+                                        (previous or {}).get("pr"), title, own)  # fmt: skip
+            delivery["pr"] = {**opened, "api": _without_credentials(github.api_url)}
+    except _Interrupted:
+        raise
+    except Exception as error:  # (whatever it was, the job's work is done and kept)
+        said = str(error) if isinstance(error, JobsError | _GitError) else (
+            f"{type(error).__name__}: {error}")  # fmt: skip
+        delivery["error"] = _without_secrets(_without_credentials(said))
+        logger.warning("job %s: delivery failed: %s", job.id, delivery["error"])
+    return delivery
+
+
+def deliver(
+    conn: psycopg.Connection,
+    job_id: uuid.UUID | str,
+    *,
+    pr: bool = False,
+    remote: str | None = None,
+    sleep: Callable[[float], Any] = time.sleep,
+) -> dict[str, Any]:
+    """(Re)deliver a finished worktree job by hand, from the machine that has its repository:
+    push its branch to ``remote`` (default: the job's, else origin) and, with ``pr``, when it
+    was queued with one or has one, open its pull request (or read again the one it has).
+    What was delivered (also kept on the job); DeliveryError when it failed, WrongState for
+    a job that cannot be delivered (not finished, no worktree, its worktree in use by a job
+    that continues it)."""
+    job = get_job(conn, resolve_job_id(conn, job_id), transcript=False)
+    if job.status not in FINISHED_STATUSES:
+        raise WrongState(f"job {job.id} is {job.status}: deliver it once it has finished")
+    if not job.payload.get("worktree"):
+        raise WrongState(f"job {job.id} is not a worktree job: it has no branch to deliver")
+    if not job.worktree or "branch" not in job.worktree:
+        raise WrongState(f"job {job.id} made no worktree: it has no branch to deliver")
+    tree = _checked_record(job.worktree)
+    if not Path(tree["repo"]).is_dir():
+        raise WrongState(f"the repository {tree['repo']} of job {job.id} is not on this machine")
+    if _the_row(conn.execute(WORKTREE_BUSY, {"job": job.id, "path": tree["path"]}))[0]:
+        raise WrongState(
+            f"a job that continues job {job.id} works in its worktree now: deliver once it ends"
+        )
+    remote = remote or job.payload.get("push") or "origin"
+    if _remote_url(tree["repo"], remote) is None:
+        raise InvalidJob(f"the repository {tree['repo']} has no remote {remote!r} to push to")
+    previous, own = job.delivery, bool((job.delivery or {}).get("pr"))
+    if not own and job.continue_from:
+        with contextlib.suppress(NotFound):
+            previous = get_job(conn, job.continue_from, transcript=False).delivery
+    delivery = _deliver(job, tree, job.result, job.checks, remote=remote,
+                        pr=pr or own or bool(job.payload.get("pr")), previous=previous, own=own,
+                        sleep=sleep)  # fmt: skip
+    with _atomic(conn):
+        conn.execute(SET_DELIVERY, {"id": job.id, "delivery": json.dumps(_storable(delivery))})
+    if "error" in delivery:
+        raise DeliveryError(delivery["error"])
+    return delivery
+
+
+def track_pull_requests(
+    conn: psycopg.Connection,
+    *,
+    interval: float = DEFAULT_PR_POLL_INTERVAL,
+    limit: int = PR_POLL_BATCH,
+    token: str | None = None,
+    budget: float = PR_POLL_BUDGET,
+) -> int:
+    """Look at the open pull requests of jobs not looked at for ``interval`` seconds (workers
+    do it now and then, one at a time): whether each is still open, merged or closed, and the
+    combined state of its head commit's checks (commit statuses and check runs: pending,
+    success, failure). Conditional requests: an answer that did not change costs no rate
+    limit. A pull request GitHub will not show (gone, no access) is marked so, with why; a
+    pass ends when GitHub cannot be reached or after ``budget`` seconds (the rest wait for
+    the next). How many were taken to be looked at (0 without a token)."""
+    now = datetime.now(UTC)
+    before = now - timedelta(seconds=interval)  # (times as text, all in one format: in order)
+    params = {"before": before.isoformat(timespec="microseconds"),
+              "now": now.isoformat(timespec="microseconds"), "limit": limit}  # fmt: skip
+    with _atomic(conn):
+        if not _db_try_task_lock(conn, TRACK_TASK):
+            return 0
+        if conn.execute(ANY_DUE_PULL_REQUEST, params).fetchone() is None:
+            return 0
+        token = token or github_token()
+        if token is None:
+            return 0
+        due = conn.execute(DUE_PULL_REQUESTS, params).fetchall()
+    ends = time.monotonic() + budget
+    for job_id, delivery in due:
+        pr = delivery["pr"]
+        try:
+            found = _look_at_pull_request(_GitHub(token, pr.get("api"), delays=()), pr)
+        except DeliveryError as error:  # (GitHub is away: the rest waits for the next pass)
+            logger.info("cannot look at pull request %s: %s", pr.get("url"), error)
+            break
+        with _atomic(conn):
+            conn.execute(RECORD_PULL_REQUEST, {"id": job_id, "pr": json.dumps(found)})
+        if time.monotonic() > ends:
+            break
+    return len(due)
+
+
+def _look_at_pull_request(github: _GitHub, pr: Mapping[str, Any]) -> dict[str, Any]:
+    """What changed of a pull request (see track_pull_requests): its state, head, checks, and
+    the ETags of the answers (so that asking again costs nothing while nothing changes)."""
+    etags, parts = dict(pr.get("etags") or {}), dict(pr.get("ci_parts") or {})
+    found: dict[str, Any] = {}
+    status, headers, answer = github.call("GET", f"/repos/{pr['repo']}/pulls/{pr['number']}",
+                                          etag=etags.get("pull"))  # fmt: skip
+    head = pr.get("head")
+    if status == 200 and isinstance(answer, dict):
+        etags["pull"] = headers.get("etag")
+        found["state"] = "merged" if answer.get("merged_at") else answer.get("state", "open")
+        found["draft"] = bool(answer.get("draft"))
+        head = found["head"] = (answer.get("head") or {}).get("sha")
+    elif status in (404, 410):  # (deleted, or its repository: nothing more to look at)
+        return {"state": "gone", "error": f"GitHub answered {status} {github.message(answer)}"}
+    elif status != 304:  # (no access, say: said, and looked at again next time)
+        return {"error": f"GitHub answered {status} {github.message(answer)}"}
+    if head:
+        base = f"/repos/{pr['repo']}/commits/{head}"
+        for part, path in (("status", "/status"), ("runs", "/check-runs")):
+            seen_head, etag = etags.get(part) or (None, None)
+            status, headers, answer = github.call(
+                "GET", base + path, etag=etag if seen_head == head else None
+            )
+            if status == 200 and isinstance(answer, dict):
+                etags[part] = (head, headers.get("etag"))
+                parts[part] = _ci_state(part, answer)
+    found["ci"] = _combined(parts.values())
+    return {**found, "etags": etags, "ci_parts": parts, "error": None}
+
+
+def _ci_state(part: str, answer: Mapping[str, Any]) -> str | None:
+    """pending, success or failure (None: nothing reported) of a combined commit status
+    (``part`` "status") or of a commit's check runs ("runs")."""
+    if part == "status":
+        if not answer.get("total_count") and not answer.get("statuses"):
+            return None
+        state = answer.get("state")
+        return "failure" if state in ("failure", "error") else state
+    runs = [run for run in answer.get("check_runs") or [] if isinstance(run, dict)]
+    if not runs:
+        return None
+    if any(run.get("conclusion") in ("failure", "timed_out", "cancelled", "action_required")
+           for run in runs):  # fmt: skip
+        return "failure"
+    if any(run.get("status") != "completed" for run in runs):
+        return "pending"
+    return "success"
+
+
+def _combined(states: Iterable[str | None]) -> str | None:
+    """The worst of several CI states: failure, then pending, then success (None: none)."""
+    given = [state for state in states if state]
+    for state in ("failure", "pending", "success"):
+        if state in given:
+            return state
+    return None
 
 
 ###############################################################################
@@ -6589,6 +7320,7 @@ class RunContext:
         self._lease = lease
         self._lock = threading.Lock()
         self._gathered = Progress()
+        self.spent_usd = 0.0  # what this attempt has cost so far
         self.batch_results: Path | None = None
 
     def request_stop(self, reason: str) -> None:
@@ -6615,6 +7347,7 @@ class RunContext:
     ) -> None:
         """Note the claude session id, or a cost to add to the job's, and what was spent on
         which model (for the ledger)."""
+        self.spent_usd += cost_usd or 0.0
         self._gather(
             Progress(session_id=_storable(session_id), cost_usd=cost_usd or 0.0, spend=tuple(spend))
         )
@@ -6622,6 +7355,14 @@ class RunContext:
     def note_worktree(self, worktree: Mapping[str, Any]) -> None:
         """Note the git worktree and branch the job runs in."""
         self._gather(Progress(worktree=json.dumps(_storable(dict(worktree)))))
+
+    def note_checks(self, state: Mapping[str, Any]) -> None:
+        """Note where the job's checks are (see _Checks): a later attempt goes on from there."""
+        self._gather(Progress(checks=json.dumps(_storable(dict(state)))))
+
+    def note_delivery(self, delivery: Mapping[str, Any]) -> None:
+        """Note what was delivered: the branch pushed, the pull request (see _deliver)."""
+        self._gather(Progress(delivery=json.dumps(_storable(dict(delivery)))))
 
     def take_progress(self) -> Progress:
         """What was gathered since the last call (for the worker to write)."""
@@ -6764,7 +7505,7 @@ class _SupervisedRun:
             said = self._close()
         lines.flush()
         self._result.returncode = process.returncode
-        self._result.stderr = self._stderr_tail.decode("utf-8", "replace")
+        self._result.stderr = _without_secrets(self._stderr_tail.decode("utf-8", "replace"))
         for line in said.splitlines():
             word, _, text = line.partition(" ")
             if word == "lease":
@@ -6888,7 +7629,7 @@ class _ClaudeStream:
         self.rate_limit_reset: float | None = None  # a usage limit was hit: when it resets
 
     def feed(self, raw: bytes) -> None:
-        text = raw.decode("utf-8", "replace").rstrip("\r")
+        text = _without_secrets(raw.decode("utf-8", "replace").rstrip("\r"))
         self.context.append_transcript(_cut(text, TRANSCRIPT_LINE_LIMIT) + "\n")
         try:
             event = json.loads(text)
@@ -6920,13 +7661,6 @@ class _ClaudeStream:
             self.context.record(cost_usd=float(cost), spend=Spend.of_result(event))
 
 
-def _cut(text: str, limit: int) -> str:
-    """``text``, or its first ``limit`` characters and how many more there were."""
-    if len(text) <= limit:
-        return text
-    return f"{text[:limit]} … ({len(text) - limit:,} more characters not kept)"
-
-
 # -- git worktrees ------------------------------------------------------------------------------
 
 
@@ -6940,6 +7674,7 @@ class _Worktree:
     branch: str
     base: str  # the commit the branch started from
     subdir: str  # where the job's cwd is within the repository
+    fresh: bool = False  # its branch was made now, from the base (not found again)
 
     @property
     def cwd(self) -> str:
@@ -6989,6 +7724,7 @@ def _open_worktree(job: Job, cwd: str, root: Path, resumed: Mapping[str, Any] | 
             )
         else:
             _git_retrying(common, top, "worktree", "add", "-b", tree.branch, tree.path, tree.base)
+            tree.fresh = True
     except _GitError as error:
         raise JobFailed(f"cannot make the worktree {tree.path}: {error}") from None
     if not Path(tree.cwd).is_dir():
@@ -7024,6 +7760,174 @@ def _close_worktree(tree: _Worktree, keep: bool) -> dict[str, Any]:
         logger.warning("cannot tidy up the worktree %s: %s", tree.path, error)
         return tree.record()
     return tree.record(commits=commits, kept=keep or held, uncommitted=dirty)
+
+
+# -- checks and their rounds of repair ----------------------------------------------------------
+
+
+def _first_line(text: str) -> str:
+    """The first line of ``text`` with something on it, cut short."""
+    return next((_cut(line.strip(), 200) for line in text.splitlines() if line.strip()), "")
+
+
+class _Checks:
+    """A claude job's checks (payload "checks": shell commands) and its rounds of repair,
+    as a state that is noted on the job as it moves, so that a later attempt (after a kill, a
+    usage limit, a restart) goes on from the round it was in:
+
+        {"phase": "checks" | "repair" | "passed" | "failed", "round": 0.., "rounds": N,
+         "result": claude's result, "session": the claude session to resume for a repair,
+         "runs": [{"round", "command", "status", "seconds", "failure"}...],
+         "repair": {"command", "status", "output"} (while a repair is due)}
+
+    Round 0 runs the checks after claude's own run; round k (1..N) is a repair (claude's
+    session resumed with what failed) and the checks again. Checks run one after another and
+    a round stops at the first that fails. A job that delivers its branch has what claude left
+    uncommitted committed before each round (what is checked is what is pushed; what the
+    checks make is not)."""
+
+    def __init__(
+        self,
+        job: Job,
+        cwd: str,
+        env: Mapping[str, str],
+        kill_grace: float,
+        time_limit: float,
+        fresh_tree: bool = False,
+        commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.commands: list[str] = list(job.payload.get("checks") or [])
+        self._commit = commit  # what to do before each round's checks
+        self.rounds: int = job.payload.get("check_rounds", DEFAULT_CHECK_ROUNDS)
+        self._job, self._cwd, self._env = job, cwd, env
+        self._kill_grace, self._time_limit = kill_grace, time_limit
+        # An earlier attempt's state holds only where its work is: on this host (claude keeps
+        # sessions per machine), and in its worktree, found again (not made afresh).
+        state = job.checks or {}
+        here = state.get("host") == socket.gethostname() and not fresh_tree
+        going = state.get("phase") in ("checks", "repair", "passed")
+        self.state: dict[str, Any] | None = dict(state) if here and going else None
+
+    def begin(self, result: Any, context: RunContext) -> None:
+        """claude's own run ended with ``result``: round 0 of the checks is next."""
+        session = result.get("session_id") if isinstance(result, dict) else None
+        self.state = {"phase": "checks", "round": 0, "rounds": self.rounds, "result": result,
+                      "session": session or self._job.session_id, "runs": [],
+                      "host": socket.gethostname()}  # fmt: skip
+        context.note_checks(self.state)
+
+    def run(self, context: RunContext) -> tuple[str, int] | None:
+        """Run this round's checks in order; None when all passed, else the command that
+        failed and its exit status (each run is noted, with its output in the transcript)."""
+        state = self.state
+        assert state is not None
+        if self._commit is not None:
+            self._commit()
+        number = state["round"]
+        state["runs"] = [run for run in state["runs"] if run["round"] < number]  # (run again)
+        for command in self.commands:
+            status, seconds, output = self._run_one(command, number, context)
+            failure = _first_line(output) if status else None
+            state["runs"].append({"round": number, "command": command, "status": status,
+                                  "seconds": round(seconds, 3), "failure": failure})  # fmt: skip
+            if status:
+                state["repair"] = {"command": command, "status": status, "output": output}
+                context.note_checks(state)
+                return command, status
+            context.note_checks(state)
+        state.pop("repair", None)
+        state["phase"] = "passed"
+        context.note_checks(state)
+        return None
+
+    def repair_due(self, context: RunContext) -> bool:
+        """After a failed round: whether a round of repair is left (noted as due), or the
+        job fails (noted so)."""
+        state = self.state
+        assert state is not None
+        if state["round"] >= self.rounds:
+            state["phase"] = "failed"
+            state.pop("repair", None)
+            context.note_checks(state)
+            return False
+        state["round"] += 1
+        state["phase"] = "repair"
+        context.note_checks(state)
+        return True
+
+    def repair_prompt(self) -> str:
+        """What claude is told in a round of repair: which check failed, how, and its output."""
+        assert self.state is not None
+        failed = self.state.get("repair") or {}
+        listed = "\n".join(f"- `{command}`" for command in self.commands)
+        return (
+            f"A check of your work failed: the command `{failed.get('command')}` exited with "
+            f"status {failed.get('status')}. The end of its output:\n\n```\n"
+            f"{failed.get('output', '')}\n```\n\nFind the cause and fix it. When you are done, "
+            f"every check runs again, in this order:\n{listed}\n"
+        )
+
+    def repaired(self, context: RunContext) -> None:
+        """The round's repair ran: its checks are next."""
+        assert self.state is not None
+        self.state["phase"] = "checks"
+        context.note_checks(self.state)
+
+    def _run_one(self, command: str, number: int, context: RunContext) -> tuple[int, float, str]:
+        """Run one check under a supervisor, as claude runs (its time limit, cancel,
+        containment); its exit status (negative: killed by that signal), seconds, and the tail
+        of its output (stdout and stderr together), which goes to the transcript too."""
+        mark = {"type": "check", "round": number, "command": command}
+        context.append_transcript(json.dumps({**mark, "event": "start"}) + "\n")
+        tail = bytearray()
+
+        def on_line(raw: bytes) -> None:
+            tail.extend(raw[-CHECK_OUTPUT_LIMIT:] + b"\n")
+            if len(tail) > 2 * CHECK_OUTPUT_LIMIT:
+                del tail[:-CHECK_OUTPUT_LIMIT]
+            text = _cut(raw.decode("utf-8", "replace").rstrip("\r"), TRANSCRIPT_LINE_LIMIT)
+            line = {"type": "check_output", "line": _without_secrets(text)}
+            context.append_transcript(json.dumps(line) + "\n")
+
+        if not Path(self._cwd).is_dir():
+            raise PermanentError(f"the check `{command}` cannot start: {self._cwd} is gone")
+        started = time.monotonic()
+        job = self._job
+        try:
+            ended = _run_process(
+                ["/bin/sh", "-c", f"exec 2>&1\n{command}"],  # (its stderr with its stdout)
+                cwd=self._cwd,
+                env=self._env,
+                stdin=b"",
+                context=context,
+                on_line=on_line,
+                kill_grace=self._kill_grace,
+                marks={"CLAUDE_JOBS_JOB_ID": str(job.id), "CLAUDE_JOBS_ATTEMPT": str(job.attempts)},
+            )
+        except OSError as error:
+            raise PermanentError(
+                f"the check `{command}` cannot start: {error.strerror or error}"
+            ) from None
+        seconds = time.monotonic() - started
+        if ended.cannot_run:
+            raise PermanentError(f"the check `{command}` cannot start: {ended.cannot_run}")
+        if ended.stopped:
+            raise _Interrupted(ended.stopped)
+        if ended.lease_ran_out:
+            raise JobFailed(
+                "interrupted: no heartbeat of its worker reached the database in time, so its "
+                f"lease ran out and the check `{command}` was stopped"
+            )
+        if ended.timed_out:
+            within = f" after {_duration_text(self._time_limit)}, its time limit"
+            raise JobFailed(
+                f"timed out{within}, in the check `{command}`: it and what it started were "
+                "terminated"
+            )
+        output = _without_secrets(tail[-CHECK_OUTPUT_LIMIT:].decode("utf-8", "replace"))
+        end = {**mark, "event": "end", "status": ended.returncode, "seconds": round(seconds, 3)}
+        context.append_transcript(json.dumps(end) + "\n")
+        return ended.returncode, seconds, output
 
 
 # -- the claude handler -------------------------------------------------------------------------
@@ -7124,13 +8028,18 @@ class ClaudeHandler:
             context.note_worktree(tree.record())
             cwd = tree.cwd
         try:
-            return self._run(job, argv, cwd, context)
+            fresh = tree is not None and tree.fresh
+            result, checks = self._checked(job, argv, cwd, context, fresh)
+            if tree is not None and job.payload.get("push"):
+                context.note_delivery(self._deliver_branch(job, tree, result, checks, context))
+            return result
         finally:
             if tree is not None:
                 context.note_worktree(_close_worktree(tree, self.keep_worktrees))
 
-    def arguments(self, job: Job) -> list[str]:
-        """claude's arguments for ``job`` (the prompt goes on stdin)."""
+    def arguments(self, job: Job, session: str | None = None) -> list[str]:
+        """claude's arguments for ``job`` (the prompt goes on stdin); ``session``: resume
+        that one (a round of repair), not the one of the job it continues."""
         options = {key: job.payload[key] for key in _PAYLOAD_FLAGS.values() if key in job.payload}
         argv = list(CLAUDE_ARGS)
         if not any(key == "permission_mode" for key, _ in [*self.defaults, *options.items()]):
@@ -7140,22 +8049,101 @@ class ClaudeHandler:
                 argv += arguments
         for key, value in options.items():
             argv += _flag_arguments(key, value)
-        if job.resumes is not None:
+        if session is not None:
+            if not _SESSION_ID.fullmatch(session):
+                raise PermanentError(f"claude left no session to resume for a repair: {session}")
+            argv += ["--resume", session]
+        elif job.resumes is not None:
             session = job.resumes.get("session_id")
             if not session or not _SESSION_ID.fullmatch(session):
                 raise PermanentError(f"job {job.resumes['id']} left no claude session to continue")
             argv += ["--resume", session]
         return argv
 
-    def _run(self, job: Job, argv: list[str], cwd: str, context: RunContext) -> Any:
+    @staticmethod
+    def _deliver_branch(
+        job: Job,
+        tree: _Worktree,
+        result: Any,
+        checks: Mapping[str, Any] | None,
+        context: RunContext,
+    ) -> dict[str, Any]:
+        """Deliver the branch of a worktree job that succeeded (see _deliver): on to the pull
+        request of the job it continues, or its own, opened by an earlier attempt."""
+        own = bool((job.delivery or {}).get("pr"))
+        previous = job.delivery if own else (job.resumes or {}).get("delivery")
+        return _deliver(
+            job, tree.record(), result, checks, remote=job.payload["push"],
+            pr=bool(job.payload.get("pr")), previous=previous, own=own,
+            cost=job.cost_usd + context.spent_usd,  # (this attempt's is not written yet)
+            stopped=lambda: context.stop_reason if context.stop.is_set() else None,
+            sleep=context.stop.wait,
+        )  # fmt: skip
+
+    def _checked(
+        self, job: Job, argv: list[str], cwd: str, context: RunContext, fresh_tree: bool = False
+    ) -> tuple[Any, dict[str, Any] | None]:
+        """claude's run, then the job's checks and rounds of repair, from where an earlier
+        attempt left them (see _Checks); claude's result once every check passed, and the
+        checks' state."""
+        limit = job.timeout or self.default_timeout
+        env = {**os.environ, **job.payload.get("env", {})}
+
+        def commit() -> None:  # (before each round's checks, for a job that pushes)
+            assert checks.state is not None
+            with contextlib.suppress(_GitError):  # (the push will say what is wrong)
+                _commit_leftovers(cwd, _pr_title(job, checks.state["result"]))
+
+        pushes = bool(job.payload.get("push") and job.payload.get("worktree"))
+        checks = _Checks(
+            job, cwd, env, self.kill_grace, limit, fresh_tree, commit if pushes else None
+        )
+        if not checks.commands:
+            return self._run(job, argv, cwd, context), None
+        if checks.state is None:
+            checks.begin(self._run(job, argv, cwd, context), context)
+        assert checks.state is not None
+        while checks.state["phase"] != "passed":
+            if checks.state["phase"] == "repair":
+                session = checks.state.get("session") or ""
+                repair = [argv[0], *self.arguments(job, session=session)]
+                prompt = checks.repair_prompt()
+                self._run(job, repair, cwd, context, prompt, repair=checks.state["round"])
+                checks.repaired(context)
+            failed = checks.run(context)
+            if failed is not None and not checks.repair_due(context):
+                command, status = failed
+                rounds = checks.rounds
+                raise PermanentError(
+                    f"checks failed after {rounds} round{'s' * (rounds != 1)}: {command} "
+                    f"exited {status}"
+                )
+        return checks.state["result"], checks.state
+
+    def _run(
+        self,
+        job: Job,
+        argv: list[str],
+        cwd: str,
+        context: RunContext,
+        prompt: str | None = None,
+        repair: int | None = None,
+    ) -> Any:
+        """One run of claude (``prompt``: this one, not the job's own: round ``repair``)."""
         stream = _ClaudeStream(context)
-        mark = {"type": "claude_jobs", "attempt": job.attempts, "worker": _worker_name()}
+        mark: dict[str, Any] = {
+            "type": "claude_jobs", "attempt": job.attempts, "worker": _worker_name()
+        }  # fmt: skip
+        if repair is not None:
+            mark["repair"] = repair
         context.append_transcript(json.dumps(mark) + "\n")
-        prompt, env = job.payload["prompt"], {**os.environ, **job.payload.get("env", {})}
-        if context.batch_results is not None:  # (a batch's callback: where its outcome is)
-            argv = [*argv, "--add-dir", str(context.batch_results.parent)]
-            env["CLAUDE_JOBS_BATCH_RESULTS"] = str(context.batch_results)
-            prompt += BATCH_RESULTS_NOTE.format(path=context.batch_results)
+        env = {**os.environ, **job.payload.get("env", {})}
+        if prompt is None:
+            prompt = job.payload["prompt"]
+            if context.batch_results is not None:  # (a batch's callback: where its outcome is)
+                argv = [*argv, "--add-dir", str(context.batch_results.parent)]
+                env["CLAUDE_JOBS_BATCH_RESULTS"] = str(context.batch_results)
+                prompt += BATCH_RESULTS_NOTE.format(path=context.batch_results)
         try:
             ended = _run_process(
                 argv,
@@ -8698,9 +9686,10 @@ class _Janitor(_Part):
     the blocked jobs that may run and that nothing unblocked (two transactions at once may
     each leave one to the other), and it deletes succeeded and cancelled jobs older than the
     retention (failed ones stay for people to look at), in small batches; and it keeps the
-    planner's statistics of the jobs true to the backlog (see _db_refresh_statistics). On a
-    thread of its own, with a connection from the pool: none of it may hold up the heartbeat.
-    Owns the times of its tasks."""
+    planner's statistics of the jobs true to the backlog (see _db_refresh_statistics); and it
+    looks at the open pull requests of jobs (see track_pull_requests). On a thread of its
+    own, with a connection from the pool: none of it may hold up the heartbeat. Owns the
+    times of its tasks."""
 
     def __init__(self, shared: _Shared) -> None:
         super().__init__(shared, "janitor")
@@ -8709,6 +9698,7 @@ class _Janitor(_Part):
     def work(self) -> None:
         now = time.monotonic()
         next_unblock, next_cleanup = now, now + JANITOR_FIRST_PASS
+        next_track = now + JANITOR_FIRST_PASS
         assert self._shared.session is not None
         self._shared.session.ready.wait(UNBLOCK_CHECK_INTERVAL)  # registered: it counts
         while True:  # (a first pass at once: what waited for a worker to exist)
@@ -8720,6 +9710,10 @@ class _Janitor(_Part):
             if self._shared.settings.retention and time.monotonic() >= next_cleanup:
                 next_cleanup = time.monotonic() + JANITOR_INTERVAL
                 self.pooled("clean up finished jobs", self._clean_up)
+            polling = self._shared.settings.pr_poll_interval
+            if polling and time.monotonic() >= next_track:
+                next_track = time.monotonic() + min(polling, JANITOR_INTERVAL)
+                self.pooled("look at pull requests", self._track)
             if self._shared.closed.wait(STATISTICS_INTERVAL):
                 return
 
@@ -8738,6 +9732,11 @@ class _Janitor(_Part):
                 "unblocked %d job(s) that may run", unblocked,
                 extra={"fields": {"event": "unblocked", "jobs": unblocked}},
             )  # fmt: skip
+
+    def _track(self, conn: psycopg.Connection) -> None:
+        interval = self._shared.settings.pr_poll_interval
+        if looked := track_pull_requests(conn, interval=interval):
+            logger.debug("looked at %d pull request(s)", looked)
 
     def _clean_up(self, conn: psycopg.Connection) -> None:
         retention = self._shared.settings.retention
@@ -8873,6 +9872,12 @@ class WorkerSettings:
         "Delete succeeded and cancelled jobs that finished longer ago (0: keep everything).",
         env="RETENTION",
         value="duration, unit needed",
+    )
+    pr_poll_interval: float = _option(
+        DEFAULT_PR_POLL_INTERVAL,
+        "Look at each open pull request of a job this often (its state, its CI; 0: never).",
+        env="PR_POLL_INTERVAL",
+        value="duration",
     )
     health_port: int | None = _option(
         None,
@@ -9422,8 +10427,18 @@ def _render_event(line: str, last_words: str = "") -> tuple[list[str], str | Non
 
 def _render_parsed(event: Mapping[str, Any], last_words: str) -> list[str]:
     kind, subtype = event.get("type"), event.get("subtype")
-    if kind == "claude_jobs":  # the worker's mark: an attempt begins
-        return [f"── attempt {event.get('attempt', '?')} (worker {event.get('worker', '?')}) ──"]
+    if kind == "claude_jobs":  # the worker's mark: an attempt (or a round of repair) begins
+        repair = f", repair round {event['repair']}" if "repair" in event else ""
+        worker = event.get("worker", "?")
+        return [f"── attempt {event.get('attempt', '?')}{repair} (worker {worker}) ──"]
+    if kind == "check":  # a check begins or ends (see _Checks)
+        if event.get("event") == "start":
+            return [f"── check, round {event.get('round', '?')}: $ {event.get('command', '?')}"]
+        status, seconds = event.get("status"), event.get("seconds") or 0
+        verdict = "passed" if status == 0 else f"failed: exited {status}"
+        return [f"   check {verdict} ({seconds:.1f}s)"]
+    if kind == "check_output":
+        return [f"   │ {event.get('line', '')}"]
     if kind == "system" and subtype == "init":
         model, cwd = event.get("model", "?"), event.get("cwd", "?")
         return [f"· session {event.get('session_id', '?')} · model {model} · {cwd}"]
@@ -9630,7 +10645,77 @@ def _content_rows(job: Job) -> list[tuple[str, str]]:
     if job.kind == DEFAULT_KIND:
         rows.append(("cost", _money(job.cost_usd)))
         rows.append(("session", job.session_id or "-"))
+    if job.payload.get("checks") and job.kind == DEFAULT_KIND:
+        rows.append(("checks", _checks_text(job)))
+    if job.delivery or (job.payload.get("push") and job.kind == DEFAULT_KIND):
+        rows.append(("delivery", _delivery_text(job)))
     return rows
+
+
+def _checks_mark(job: Job) -> str:
+    """A job's checks in a word or two (for `list`): passed, failed, or the round it is in."""
+    state = job.checks or {}
+    phase, number = state.get("phase"), state.get("round", 0)
+    if not job.payload.get("checks"):
+        return "-"
+    if phase in ("passed", "failed"):
+        return f"{phase}" + (f" (round {number})" if number else "")
+    if phase in ("checks", "repair"):
+        return f"round {number}" if number else "running"
+    return "to run"
+
+
+def _checks_text(job: Job) -> str:
+    """Each check of a job with its result per round (for `show`)."""
+    state = job.checks or {}
+    rounds = job.payload.get("check_rounds", DEFAULT_CHECK_ROUNDS)
+    lines = [f"{_checks_mark(job)}; at most {rounds} round{'s' * (rounds != 1)} of repair"]
+    for run in state.get("runs") or []:
+        verdict = "passed" if run.get("status") == 0 else f"exited {run.get('status')}"
+        took = f"{run.get('seconds', 0):.1f}s"
+        line = f"round {run.get('round')}: {run.get('command')} {verdict} ({took})"
+        lines.append(line + (f": {run['failure']}" if run.get("failure") else ""))
+    if not state.get("runs"):
+        lines += [f"{command} (not run yet)" for command in job.payload.get("checks") or []]
+    return "\n".join(lines)
+
+
+def _pr_mark(job: Job) -> str:
+    """A job's delivery in a few words (for `list`): its pull request and its state, or how
+    far it got."""
+    delivery = job.delivery or {}
+    pr = delivery.get("pr")
+    if pr:
+        ci = f", CI {pr['ci']}" if pr.get("ci") else ""
+        return f"#{pr.get('number')} {pr.get('state', 'open')}{ci}"
+    if delivery.get("error"):
+        return "delivery failed"
+    return "pushed" if delivery.get("pushed") else "-"
+
+
+def _delivery_text(job: Job) -> str:
+    """What was delivered of a job, or why not (for `show`)."""
+    delivery = job.delivery
+    if not delivery:
+        to = "a pull request" if job.payload.get("pr") else f"a push to {job.payload.get('push')}"
+        return f"{to}, once the job succeeds"
+    lines = []
+    if delivery.get("pushed"):
+        sha = str(delivery.get("sha", ""))[:12]
+        lines.append(f"pushed {delivery.get('branch')} ({sha}) to {delivery.get('remote')}")
+    if pr := delivery.get("pr"):
+        draft = " (draft)" if pr.get("draft") else ""
+        lines.append(f"pull request #{pr.get('number')}{draft}: {pr.get('url')}")
+        state = f"{pr.get('state', 'open')}" + (f", CI {pr['ci']}" if pr.get("ci") else "")
+        polled = ""
+        if pr.get("polled_at"):
+            polled = f" (looked at {_ago(datetime.fromisoformat(pr['polled_at']))})"
+        lines.append(f"state: {state}{polled}" + (f": {pr['error']}" if pr.get("error") else ""))
+    if delivery.get("error"):
+        lines.append(
+            f"failed: {delivery['error']} (deliver it again: claude-jobs deliver {job.id})"
+        )
+    return "\n".join(lines)
 
 
 def _attempt_lines(job: Job) -> list[str]:
@@ -9716,6 +10801,7 @@ _HTTP_STATUS: tuple[tuple[type[BaseException], int], ...] = (
     (InvalidJob, 422),
     (ConfigError, 422),
     (DatabaseUnavailable, 503),
+    (DeliveryError, 502),  # GitHub or the remote refused, or cannot be reached
     (psycopg.DataError, 400),  # a value PostgreSQL cannot take
     (psycopg.errors.ProgramLimitExceeded, 400),  # one too large for its index
     (psycopg.OperationalError, 503),
@@ -10596,8 +11682,9 @@ def _api_enqueue(conn: psycopg.Connection, request: Any, body: Any) -> dict[str,
 
 
 def _api_job_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
-    """POST /api/jobs/{id}/cancel|retry|run-now|reschedule|priority."""
-    action, actions = request.path_params["action"], ("cancel", "retry", "run-now", "reschedule")
+    """POST /api/jobs/{id}/cancel|retry|run-now|reschedule|deliver|priority."""
+    action = request.path_params["action"]
+    actions = ("cancel", "retry", "run-now", "reschedule", "deliver")
     if action not in (*actions, "priority"):
         raise _HTTPError(404, f"no action {action!r}: {', '.join(actions)} or priority")
     key = resolve_job_id(conn, request.path_params["job"])
@@ -10610,6 +11697,10 @@ def _api_job_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[s
         return {"id": str(run_now(conn, key)), "due": "now"}
     if action == "reschedule":  # {"at": ISO 8601} or {"delay": 3600 or "1h"}
         return {"id": str(key), "run_at": _api_reschedule(conn, key, body)}
+    if action == "deliver":  # {"pr": true} or ?pr=true: open its pull request too (see deliver)
+        pr = (isinstance(body, dict) and body.get("pr") is True) or (
+            request.query_params.get("pr") == "true")  # fmt: skip
+        return {"id": str(key), "delivery": deliver(conn, key, pr=pr)}
     priority = body.get("priority") if isinstance(body, dict) else None  # {"priority": N}
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise _HTTPError(400, 'give "priority", a whole number')
@@ -11075,9 +12166,52 @@ def _payload_flags(command: Any) -> Any:
             type=click.FloatRange(0, min_open=True),
             help='claude stops once the job has cost this much (payload "max_budget_usd").',
         ),
+        click.option(
+            "--check", "checks", multiple=True, metavar="CMD",
+            help="After claude, run this shell command in the job's directory (repeatable, "
+            "in order); one that fails goes back to claude to fix (payload \"checks\").",
+        ),
+        click.option(
+            "--check-rounds", type=int, metavar="N",
+            help=f"Rounds of repair after a check fails [default: {DEFAULT_CHECK_ROUNDS}; 0: "
+            "none].",
+        ),
+        click.option(
+            "--push", is_flag=False, flag_value="origin", metavar="[REMOTE]",
+            help="After success, push the worktree job's branch to REMOTE [default: origin] "
+            "(--push=REMOTE before a prompt).",
+        ),
+        click.option(
+            "--pr", is_flag=True,
+            help="Push, then open a GitHub pull request from the branch (draft unless "
+            "--pr-ready).",
+        ),
+        click.option(
+            "--pr-base", metavar="BRANCH",
+            help="The pull request's base [default: the branch the worktree started from].",
+        ),
+        click.option("--pr-ready", is_flag=True, help="Open the pull request ready for review."),
+        click.option(
+            "--pr-title", metavar="TEXT",
+            help="The pull request's title [default: claude's result's first line].",
+        ),
     ]):  # fmt: skip
         command = option(command)
     return command
+
+
+#: The options of _payload_flags that stand for keys of a claude payload, by payload key.
+_PAYLOAD_OPTIONS = {"worktree": "--worktree", "base": "--base",
+                    "max_budget_usd": "--max-budget-usd", "checks": "--check",
+                    "check_rounds": "--check-rounds", "push": "--push", "pr": "--pr",
+                    "pr_base": "--pr-base", "pr_ready": "--pr-ready",
+                    "pr_title": "--pr-title"}  # fmt: skip
+
+
+def _payload_options(options: dict[str, Any], only_given: bool = False) -> dict[str, Any]:
+    """Take the values of _PAYLOAD_OPTIONS out of a command's ``options`` (``only_given``: of
+    those that are there, as schedule edit has them)."""
+    return {key: options.pop(key) for key in _PAYLOAD_OPTIONS if not only_given or key in options}
 
 
 @cli.command("enqueue")
@@ -11115,9 +12249,6 @@ def enqueue_command(
     as_json: bool,
     wait: bool,
     no_concurrency_key: bool,
-    worktree: bool,
-    base: str | None,
-    max_budget_usd: float | None,
     after: Sequence[str],
     **options: Any,
 ) -> None:
@@ -11137,14 +12268,22 @@ def enqueue_command(
       claude-jobs enqueue "add type hints" --worktree --payload '{"model": "opus"}'
       claude-jobs enqueue --file reviews.jsonl --queue nightly --delay 8h --priority 10
       claude-jobs enqueue --continue-from 3f2a9c "now write the tests"
+      claude-jobs enqueue "fix the flaky test" --worktree --check 'pytest -q' --pr
     """
     _import_modules(imports)
+    payload_options = _payload_options(options)
+    pushed = payload_options["push"]
+    if prompt is None and pushed is not None and not _REMOTE_NAME.fullmatch(pushed):
+        raise InvalidJob(
+            f"--push took {pushed!r} for its remote: put --push after the prompt, or write "
+            "--push=REMOTE"
+        )
     text = _prompt_given(prompt, prompt_file, payload_file)
     one = text is not None or payload is not None
     _check_enqueue_flags(one, payload_file is not None, wait, as_json, no_concurrency_key, options)
     options["after"] = [job_id for each in after for job_id in each.split(",") if job_id.strip()]
     job_options = _checked_options(options, None)  # the options first, before reading input
-    extra = _claude_keys(job_options.kind, worktree, base, max_budget_usd, cwd)
+    extra = _claude_keys(job_options.kind, cwd, payload_options)
     if one:  # (here, unless --cwd says where, or it continues a job: there)
         here = cwd is None and options["continue_from"] is None
         given = _payload_of(job_options.kind, text, payload, extra, here=here)
@@ -11252,18 +12391,17 @@ def _parse_json(text: str, where: str) -> Any:
         raise InvalidJob(f"{where} nests more than {MAX_PAYLOAD_DEPTH} levels deep") from None
 
 
-def _claude_keys(
-    kind: str, worktree: bool, base: str | None, max_budget_usd: float | None, cwd: str | None
-) -> dict[str, Any]:
-    """The payload keys that --worktree, --base, --max-budget-usd and --cwd stand for (a
-    payload's own keys win over them)."""
-    extra: dict[str, Any] = {"worktree": True} if worktree else {}
-    if base is not None:
-        extra["base"] = base
-    if max_budget_usd is not None:
-        extra["max_budget_usd"] = max_budget_usd
+def _claude_keys(kind: str, cwd: str | None, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The payload keys that --cwd and the _PAYLOAD_OPTIONS ``options`` stand for (a
+    payload's own keys win over them; an option not given is none)."""
+    extra = {
+        key: list(value) if key == "checks" else value
+        for key, value in options.items()
+        if not (value is None or value is False or value == ())  # (0 is a value)
+    }
     if extra and kind != DEFAULT_KIND:
-        raise InvalidJob("--worktree, --base and --max-budget-usd are for claude jobs")
+        given = ", ".join(_PAYLOAD_OPTIONS[key] for key in extra)
+        raise InvalidJob(f"{given} {'is' if len(extra) == 1 else 'are'} for claude jobs")
     if cwd is not None and kind != DEFAULT_KIND:
         raise InvalidJob("--cwd is for claude jobs")
     return extra if cwd is None else {**extra, "cwd": cwd}
@@ -11439,9 +12577,6 @@ def schedule_add_command(
     prompt_file: str | None,
     cwd: str | None,
     payload: str | None,
-    worktree: bool,
-    base: str | None,
-    max_budget_usd: float | None,
     no_concurrency_key: bool,
     imports: Sequence[str],
     as_json: bool,
@@ -11466,7 +12601,7 @@ def schedule_add_command(
     job = {key: options.pop(key) for key in _RUN_SETTINGS}
     if no_concurrency_key:
         job["concurrency_limit"] = 0
-    extra = _claude_keys(job["kind"], worktree, base, max_budget_usd, cwd)
+    extra = _claude_keys(job["kind"], cwd, _payload_options(options))
     given = _payload_of(job["kind"], text, payload, extra, here=cwd is None)
     with config.connect() as conn:
         schedule = add_schedule(conn, name, given, **options, **job)
@@ -11510,19 +12645,16 @@ def schedule_edit_command(
     changes = _given(ctx, options)
     if changes.pop("no_concurrency_key", False):
         changes["concurrency_limit"] = 0
-    keys = {key: changes.pop(key) for key in ("cwd", "worktree", "base", "max_budget_usd")
-            if key in changes}  # fmt: skip
-    if not changes and not keys and text is None and payload is None:
+    keys = _payload_options(changes, only_given=True)
+    cwd = changes.pop("cwd", None)
+    if not changes and not keys and cwd is None and text is None and payload is None:
         raise InvalidJob("nothing to change: give the options to change")
     with config.connect() as conn:
         old = get_schedule(conn, name)
         new_payload = None
-        if keys or text is not None or payload is not None:
+        if keys or cwd is not None or text is not None or payload is not None:
             kind = changes.get("kind", old.kind)
-            extra = _claude_keys(
-                kind, keys.get("worktree", False), keys.get("base"),
-                keys.get("max_budget_usd"), keys.get("cwd"),
-            )  # fmt: skip
+            extra = _claude_keys(kind, cwd, keys)
             merged = {**old.payload, **_payload_of(kind, text, payload, extra, here=False)}
             new_payload = {key: value for key, value in merged.items() if value is not None}
         schedule = edit_schedule(conn, name, payload=new_payload, **changes)
@@ -11836,7 +12968,7 @@ def batch_retry_command(config: _Config, batch: str) -> None:
 @_flags(WorkerSettings, "shutdown_timeout")
 @_flags(ClaudeSettings)
 @_flags(WorkerSettings, "daily_budget_usd", "heartbeat_timeout", "backoff_base", "backoff_max",
-        "retention", "health_port", "health_host", "schedules")  # fmt: skip
+        "retention", "pr_poll_interval", "health_port", "health_host", "schedules")  # fmt: skip
 @_setting(
     "--log-format",
     env="LOG_FORMAT",
@@ -12199,6 +13331,10 @@ def _job_ids_argument(function: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--search", "text", metavar="TEXT", help="Only jobs whose prompt has this text.")
 @click.option("--cwd", help="Only jobs whose prompt runs in this directory.")
 @click.option("--batch", metavar="NAME|ID", help="Only jobs of this batch.")
+@click.option(
+    "--pr", type=click.Choice(PR_STATES),
+    help="Only jobs whose pull request is in this state (as last looked at).",
+)  # fmt: skip
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one job a line.")
 @click.pass_obj
@@ -12211,6 +13347,7 @@ def list_command(
     text: str | None,
     cwd: str | None,
     batch: str | None,
+    pr: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
@@ -12223,6 +13360,7 @@ def list_command(
       claude-jobs list --status running --json | jq -r .id
       claude-jobs list --search "security review" --cwd ~/src/api
       claude-jobs list --batch nightly-review --status failed
+      claude-jobs list --pr open
     """
     after = datetime.now(UTC) - timedelta(seconds=since) if since is not None else None
     if cwd is not None:
@@ -12231,7 +13369,7 @@ def list_command(
         batch_id = resolve_batch(conn, batch) if batch is not None else None
         jobs = list_jobs(
             conn, statuses=statuses, queue=queue, kind=kind, since=after, text=text, cwd=cwd,
-            batch=batch_id, limit=limit,
+            batch=batch_id, pr=pr, limit=limit,
         )  # fmt: skip
         _print_jobs(conn, jobs, as_json)
 
@@ -12273,7 +13411,13 @@ def _print_jobs(conn: psycopg.Connection, jobs: Sequence[Job], as_json: bool) ->
         headers.insert(-1, "BRANCH")
         for row, job in zip(rows, jobs, strict=True):
             row.insert(-1, job_branch(job) or "-")
-    optional = ("PRI", "TRIES", "KIND", "BRANCH", "WAITS FOR")
+    for header, mark, shown in (("CHECKS", _checks_mark, "checks"), ("PR", _pr_mark, "push")):
+        if any(job.payload.get(shown) or (shown == "push" and job.delivery) for job in jobs
+               if job.kind == DEFAULT_KIND):  # fmt: skip
+            headers.insert(-1, header)
+            for row, job in zip(rows, jobs, strict=True):
+                row.insert(-1, mark(job) if job.kind == DEFAULT_KIND else "-")
+    optional = ("PRI", "TRIES", "KIND", "BRANCH", "WAITS FOR", "CHECKS", "PR")
     click.echo(_table(headers, rows, paint="STATUS", optional=optional))
 
 
@@ -12746,6 +13890,42 @@ def diff_command(config: _Config, job_id: str, stat: bool) -> None:
         click.echo(_printable(changes.decode("utf-8", "replace")), nl=False)
     else:  # byte for byte, so that it applies as a patch
         sys.stdout.buffer.write(changes)
+
+
+@cli.command("deliver")
+@click.argument("job_id", metavar="ID")
+@click.option("--pr", is_flag=True, help="Open (or update) its GitHub pull request too.")
+@click.option("--remote", metavar="REMOTE", help="Push here [default: the job's, else origin].")
+@click.option("--json", "as_json", is_flag=True, help="Print the delivery as JSON.")
+@click.pass_obj
+def deliver_command(
+    config: _Config, job_id: str, pr: bool, remote: str | None, as_json: bool
+) -> None:
+    """Deliver a finished worktree job by hand, on the machine that has its repository: push
+    its branch (what it left uncommitted is committed first) and, with --pr or when it was
+    queued with one, open its pull request or update the one it has. Also for a job queued
+    without --push, or whose delivery failed. The token comes from GH_TOKEN, GITHUB_TOKEN or
+    `gh auth token`.
+
+    \b
+    Examples:
+      claude-jobs deliver 6f1c2e9a --pr
+      claude-jobs deliver 6f1c2e9a --remote fork
+    """
+    if remote is not None and not _REMOTE_NAME.fullmatch(remote):
+        raise InvalidJob(f"--remote {remote!r} is not a git remote's name")
+    with config.connect() as conn:
+        delivery = deliver(conn, job_id, pr=pr, remote=remote)
+    if as_json:
+        click.echo(_json_text(delivery))
+        return
+    click.echo(
+        f"pushed {delivery['branch']} ({str(delivery.get('sha'))[:12]}) to {delivery['remote']}"
+    )
+    if found := delivery.get("pr"):
+        how = "updated" if found.get("updated") else "opened"
+        draft = " (draft)" if found.get("draft") else ""
+        click.echo(f"{how} pull request #{found['number']}{draft}: {found['url']}")
 
 
 @cli.group("worktrees", invoke_without_command=True)
@@ -13321,12 +14501,22 @@ function jobFilters(section) {
   load();
   return { load, firstPage: () => pages.length === 1 };
 }
+// A job's pull request as a link (only to an http(s) address), its state and its CI.
+function prBadge(job) {
+  const pr = job.delivery && job.delivery.pr;
+  if (!pr) return job.delivery && job.delivery.error
+    ? $("span", { class: "error", title: job.delivery.error }, "delivery failed") : null;
+  const text = "PR #" + pr.number + " " + (pr.state || "open") + (pr.ci ? ", CI " + pr.ci : "");
+  return /^https?:[/][/]/.test(pr.url || "")
+    ? $("a", { href: pr.url, class: "pr", rel: "noopener noreferrer", target: "_blank" }, text)
+    : $("span", { class: "pr" }, text);
+}
 function jobTable(jobs) {
   if (!jobs.length) return $("p", { class: "dim" }, "no jobs");
   return table(["id", "queue", "·kind", "status", "·tries", "when", "prompt / payload"],
     jobs.map(j => $("tr", {}, $("td", {}, $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8))),
       $("td", {}, j.queue), $("td", { class: "wide" }, j.kind),
-      $("td", { title: j.why || "" }, status(j.shown_status)),
+      $("td", { title: j.why || "" }, status(j.shown_status), " ", prBadge(j)),
       $("td", { class: "num wide" }, j.attempts + "/" + j.max_attempts),
       $("td", {}, ago(j.status === "queued" && Date.parse(j.run_at) > Date.now() ? j.run_at
         : j.finished_at || j.started_at || j.created_at)),
@@ -13355,9 +14545,14 @@ function jobPage(id) {
           ? action("retry", () => act("api/jobs/" + job.id + "/retry", () => location.reload()))
           : null, " ",
         job.status === "queued" && Date.parse(job.run_at) > Date.now()
-          ? action("run now", () => act("api/jobs/" + job.id + "/run-now", refresh)) : null);
-      fill(facts, $("h2", {}, "Job ", job.id), actions, $("dl", {}, rows.flat()),
-        ...extra, job.diff_stat ? $("pre", {}, job.diff_stat) : null);
+          ? action("run now", () => act("api/jobs/" + job.id + "/run-now", refresh)) : null, " ",
+        job.payload.worktree && job.worktree && ["succeeded", "failed", "cancelled"]
+          .includes(job.status) ? [action(job.delivery ? "deliver again" : "deliver",
+            () => act("api/jobs/" + job.id + "/deliver", refresh)), " ",
+            job.payload.pr || (job.delivery && job.delivery.pr) ? null : action("open a PR",
+            () => act("api/jobs/" + job.id + "/deliver?pr=true", refresh))] : null);
+      fill(facts, $("h2", {}, "Job ", job.id), actions, $("p", {}, prBadge(job)),
+        $("dl", {}, rows.flat()), ...extra, job.diff_stat ? $("pre", {}, job.diff_stat) : null);
     } catch (e) { say(e.message, true); }
   };
   refresh();

@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 11.
+-- The claude-jobs schema, version 12.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -638,4 +638,17 @@ ALTER TABLE claude_jobs ADD CONSTRAINT claude_jobs_no_key_without_a_limit
 INSERT INTO claude_jobs_schema (version) VALUES (11);
 END IF;
 END $migration_11$;
+
+-- version 12
+DO $migration_12$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 12) THEN
+-- The last mile: a job's checks (the round it is in, each check's result per round), and its
+-- delivery (the branch pushed, its pull request and what became of it).
+ALTER TABLE claude_jobs ADD COLUMN checks jsonb, ADD COLUMN delivery jsonb;
+-- Workers look at the open pull requests now and then through this one (few rows).
+CREATE INDEX claude_jobs_open_pull_requests ON claude_jobs ((delivery->'pr'->>'polled_at'))
+    WHERE delivery->'pr'->>'state' = 'open';
+INSERT INTO claude_jobs_schema (version) VALUES (12);
+END IF;
+END $migration_12$;
 COMMIT;

@@ -162,13 +162,15 @@ argv lists, to run in the working directory first), track (a directory: while it
 of its own is there, and on start it appends how many there are to <track>.counts), unless
 (a path: when it exists, every other directive is ignored: a plain success), big_line (print
 one line of that many "x" before the result), copy_results (a path: copy the file that
-$CLAUDE_JOBS_BATCH_RESULTS names there, as a batch's callback would read it). The directives
-are the first line of the prompt (the worker may add lines after it).
+$CLAUDE_JOBS_BATCH_RESULTS names there, as a batch's callback would read it), repairs (a
+list of directives: a run that resumes this session with a prompt of no directives, as a
+round of repair does, takes the next of them; kept in $FAKE_CLAUDE_LOG), print_env (names of
+variables to print as NAME=value lines). The directives are
+the first line of the prompt (the worker may add lines after it).
 """
 import base64, json, os, signal, subprocess, sys, time, uuid
 
 prompt = sys.stdin.buffer.read()
-log = os.environ.get("FAKE_CLAUDE_LOG")
 record = {{
     "argv": sys.argv, "cwd": os.getcwd(), "pid": os.getpid(), "pgid": os.getpgid(0),
     "started": time.time(),
@@ -178,6 +180,15 @@ record = {{
 }}
 text = prompt.decode("utf-8", "replace")
 directives = json.loads(text[5:].partition(chr(10))[0]) if text.startswith("FAKE:") else {{}}
+log = os.environ.get("FAKE_CLAUDE_LOG")
+resumed = sys.argv[sys.argv.index("--resume") + 1] if "--resume" in sys.argv else None
+if resumed and not directives and log and os.path.exists(os.path.join(log, f"session-{{resumed}}")):
+    with open(os.path.join(log, f"session-{{resumed}}")) as f:
+        repairs = json.load(f)
+    directives = repairs.pop(0) if repairs else {{}}
+    with open(os.path.join(log, f"session-{{resumed}}"), "w") as f:
+        json.dump(repairs, f)
+    directives.setdefault("session", resumed)
 if "copy_results" in directives:
     with open(os.environ["CLAUDE_JOBS_BATCH_RESULTS"], "rb") as f:
         results = f.read()
@@ -213,12 +224,15 @@ if log:
         json.dump(record, f)
     os.replace(os.path.join(log, name + ".tmp"), os.path.join(log, name))  # whole, or not there
 session = directives.get("session") or str(uuid.uuid4())
+if "repairs" in directives and log:
+    with open(os.path.join(log, f"session-{{session}}"), "w") as f:
+        json.dump(directives["repairs"], f)
 if "emit" in directives:
     with open(os.path.join({fixtures!r}, directives["emit"])) as f:
         sys.stdout.write(f.read())
 elif "stdout" not in directives:
     lines = [
-        {{"type": "system", "subtype": "init", "cwd": os.getcwd(), "session_id": session,
+        {{"type": "system", "subtype": "init", "cwd": record["cwd"], "session_id": session,
           "tools": ["Bash"], "model": "fake"}},
         {{"type": "assistant", "session_id": session, "message": {{"role": "assistant",
           "content": [{{"type": "text", "text": "working on it"}}]}}}},
@@ -229,6 +243,8 @@ if "big_line" in directives:
     for _ in range(directives["big_line"] // 65536):
         sys.stdout.write("x" * 65536)
     print(flush=True)
+for name in directives.get("print_env", []):
+    print(f"{{name}}={{os.environ.get(name)}}", flush=True)
 for line in directives.get("stream", []):
     print(json.dumps(line) if not isinstance(line, str) else line, flush=True)
     time.sleep(directives.get("interval", 0))

@@ -595,7 +595,7 @@ def test_enqueue_max_budget_usd_sets_each_jobs_budget_unless_the_payload_has_one
     assert budgets == [2.5, 9]
     refused = invoke("enqueue", "--kind", "chore", "--max-budget-usd", "1", "--payload", "{}")
     assert (refused.exit_code, refused.output) == (
-        2, "Error: --worktree, --base and --max-budget-usd are for claude jobs\n",
+        2, "Error: --max-budget-usd is for claude jobs\n",
     )  # fmt: skip
 
 

@@ -430,3 +430,62 @@ def test_a_task_that_always_fails_makes_its_part_failing_whatever_its_other_task
     assert pulse.trouble() == f"its janitor failed {passes} passes in a row (RuntimeError: no)"
     pulse.passed("janitor", "clean up finished jobs")
     assert pulse.trouble() is None
+
+
+# -- delivery ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "found"),
+    [
+        ("https://github.com/octo/shop.git", ("octo", "shop")),
+        ("https://github.com/octo/shop", ("octo", "shop")),
+        ("https://x-access-token:abc@github.com/octo/shop.git", ("octo", "shop")),
+        ("git@github.com:octo/shop.git", ("octo", "shop")),
+        ("ssh://git@github.com/octo/shop.git", ("octo", "shop")),
+        ("ssh://git@github.com:22/octo/my.repo", ("octo", "my.repo")),
+        ("https://ghe.example.com/octo/shop.git", ("octo", "shop")),  # (GITHUB_API_URL's host)
+        ("https://gitlab.com/octo/shop.git", None),
+        ("git@gitlab.com:octo/shop.git", None),
+        ("/srv/git/shop.git", None),
+        ("https://github.com/octo", None),
+    ],
+)
+def test_a_remote_s_owner_and_name_come_from_its_url_when_it_is_on_github(
+    url: str, found: tuple[str, str] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GITHUB_API_URL", "https://ghe.example.com/api/v3")
+    assert claude_jobs._github_repository(url) == found
+
+
+def test_credentials_in_a_url_are_masked_wherever_one_is_quoted() -> None:
+    said = "fatal: unable to access 'https://x:ghp_SECRET@github.com/o/r.git/': 403"
+    assert claude_jobs._without_credentials(said) == (
+        "fatal: unable to access 'https://***@github.com/o/r.git/': 403"
+    )
+
+
+def test_a_pull_request_s_title_is_the_first_line_of_claude_s_answer_cut_at_72() -> None:
+    job = claude_jobs.Job.from_row(
+        {"id": uuid.uuid4(), "queue": "q", "kind": "claude", "priority": 0,
+         "payload": {"prompt": "the prompt\nmore"}, "status": "succeeded",
+         "run_at": datetime.now(UTC), "attempts": 1, "max_attempts": 1, "errors": [],
+         "cost_usd": 0, "created_at": datetime.now(UTC), "updated_at": datetime.now(UTC)}
+    )  # fmt: skip
+    assert claude_jobs._pr_title(job, {"result": "\n## Fix the cache\n\nbody"}) == "Fix the cache"
+    long = claude_jobs._pr_title(job, {"result": "x" * 100})
+    assert len(long) == 72 and long.endswith("…")
+    assert claude_jobs._pr_title(job, {"result": ""}) == "the prompt"
+    assert claude_jobs._pr_title(job, None) == "the prompt"
+
+
+def test_ci_states_combine_to_the_worst() -> None:
+    assert claude_jobs._ci_state("runs", {"check_runs": []}) is None
+    runs = {"check_runs": [{"status": "completed", "conclusion": "success"},
+                           {"status": "in_progress", "conclusion": None}]}  # fmt: skip
+    assert claude_jobs._ci_state("runs", runs) == "pending"
+    assert claude_jobs._ci_state("status", {"state": "error", "total_count": 1}) == "failure"
+    assert claude_jobs._ci_state("status", {"state": "pending", "total_count": 0}) is None
+    assert claude_jobs._combined(["success", None, "pending"]) == "pending"
+    assert claude_jobs._combined(["success", "failure"]) == "failure"
+    assert claude_jobs._combined([None]) is None
