@@ -405,3 +405,43 @@ def pid_alive(pid: int) -> bool:
 
 def dedent(text: str) -> str:
     return textwrap.dedent(text).lstrip()
+
+
+# -- a real browser -----------------------------------------------------------------------------
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[Any]:
+    """Headless Chromium from the distribution's packages (.ci/run installs them), driven by
+    Selenium through the distribution's chromedriver."""
+    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
+        pytest.skip("no Chromium: apt-get install chromium chromium-driver (as .ci/run does)")
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--disable-background-networking", "--disable-component-update",
+                     "--disable-sync", "--no-first-run", "--window-size=1280,900",
+                     f"--user-data-dir={tmp_path / 'chromium'}"):  # fmt: skip
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def until(driver: Any, condition: Callable[[Any], Any], what: str, timeout: float = 20) -> Any:
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
+        condition, f"waiting for {what}"
+    )
+
+
+def page_text(driver: Any) -> str:
+    return driver.find_element("tag name", "body").text

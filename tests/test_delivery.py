@@ -18,10 +18,11 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import LOCAL, claude_runs, fake, job_row, pid_alive, wait_for
+from conftest import LOCAL, claude_runs, fake, job_row, page_text, pid_alive, until, wait_for
 from mock_github import TOKEN, MockGitHub
 from mock_messages_api import Bash, MockMessagesAPI, Text
 from starlette.testclient import TestClient
+from test_serve import Serve
 
 import claude_jobs
 from claude_jobs import ClaudeHandler, Worker
@@ -660,3 +661,32 @@ def test_a_cancel_during_a_check_stops_it_and_what_it_started(
     claude_jobs.cancel_jobs(conn, [job.id])
     wait_for(lambda: job_row(conn, job.id)["status"] == "cancelled", 30, "the job cancelled")
     wait_for(lambda: not pid_alive(background), 15, "the check's background process killed")
+
+
+def test_in_a_browser_a_job_page_shows_its_checks_and_pull_request_and_opens_one(
+    conn: psycopg.Connection, db_url: str, fake_claude: Path, claude_log: Path, repo: Path,
+    tmp_path: Path, github: MockGitHub, browser,
+) -> None:  # fmt: skip
+    delivered = run_worktree_job(conn, db_url, fake_claude, repo, tmp_path, pr=True,
+                                 checks=["test -f a.txt"])  # fmt: skip
+    kept = run_worktree_job(conn, db_url, fake_claude, repo, tmp_path)
+    server = Serve(db_url, tmp_path / "serve.log", GITHUB_API_URL=github.url, GH_TOKEN=TOKEN)
+    try:
+        browser.get(f"{server.url}#/jobs/{delivered.id}")
+        link = until(browser, lambda d: d.execute_script(  # (the page is redrawn as it moves)
+            "const a = document.querySelector('a.pr'); return a && [a.href, a.textContent]"),
+            "the pull request's link")  # fmt: skip
+        assert link == ["https://github.com/octo/shop/pull/1", "PR #1 open"]
+        until(browser, lambda d: "round 0: test -f a.txt passed" in page_text(d), "the checks")
+        browser.get(server.url)
+        until(browser, lambda d: "PR #1 open" in d.find_element("id", "jobs").text, "the badge")
+        browser.get(f"{server.url}#/jobs/{kept.id}")
+        until(browser, lambda d: d.execute_script(
+            "const b = [...document.querySelectorAll('button')]"
+            ".find(b => b.textContent === 'open a PR'); if (b) b.click(); return !!b"),
+            "the open-a-PR button")  # fmt: skip
+        wait_for(lambda: (job_row(conn, kept.id)["delivery"] or {}).get("pr"), 20, "its PR")
+        until(browser, lambda d: "PR #2 open" in page_text(d), "the new PR on the page")
+        assert TOKEN not in page_text(browser)
+    finally:
+        server.stop()

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx2 as httpx
 import pytest
-from conftest import LOCAL, TESTS, fake, status_of, wait_for
+from conftest import LOCAL, TESTS, fake, page_text, status_of, until, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 from test_operations import hours_ago, make_job
@@ -293,14 +293,14 @@ def test_the_histogram_bounds_match_the_schema(conn) -> None:
 class Serve:
     """`claude-jobs serve` as a real process on a free port."""
 
-    def __init__(self, db_url: str, log: Path, *args: str) -> None:
+    def __init__(self, db_url: str, log: Path, *args: str, **env: str) -> None:
         self._log = log.open("wb")
         self.log_path = log
         self.process = subprocess.Popen(
             [sys.executable, "-m", "claude_jobs", "--database-url", db_url, "serve", "--port",
              "0", *args],
             stdout=self._log, stderr=subprocess.STDOUT, env={"PYTHONPATH": str(TESTS.parent),
-            "PATH": "/usr/bin:/bin"},
+            "PATH": "/usr/bin:/bin", **env},
         )  # fmt: skip
         found = wait_for(
             lambda: re.search(r"http://127\.0\.0\.1:\d+/", log.read_text()), 20, "serve to start"
@@ -515,43 +515,6 @@ def test_run_now_makes_a_delayed_job_due(invoke, conn) -> None:
 
 
 # -- a real browser -----------------------------------------------------------------------------
-
-CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-
-
-@pytest.fixture
-def browser(tmp_path: Path) -> Iterator[Any]:
-    """Headless Chromium from the distribution's packages (.ci/run installs them), driven by
-    Selenium through the distribution's chromedriver."""
-    if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("no Chromium: apt-get install chromium chromium-driver (as .ci/run does)")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--disable-background-networking", "--disable-component-update",
-                     "--disable-sync", "--no-first-run", "--window-size=1280,900",
-                     f"--user-data-dir={tmp_path / 'chromium'}"):  # fmt: skip
-        options.add_argument(argument)
-    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
-    try:
-        yield driver
-    finally:
-        driver.quit()
-
-
-def until(driver: Any, condition: Callable[[Any], Any], what: str, timeout: float = 20) -> Any:
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    return WebDriverWait(driver, timeout, poll_frequency=0.1).until(
-        condition, f"waiting for {what}"
-    )
-
-
-def page_text(driver: Any) -> str:
-    return driver.find_element("tag name", "body").text
 
 
 def screenshot(driver: Any, name: str, tmp_path: Path) -> None:
