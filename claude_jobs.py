@@ -65,6 +65,7 @@ stands above it, never what stands below (but the assets, last of all).
     Presentation               how jobs and transcripts read to people (the command line,
                                the dashboard)
     HTTP                       web_app: the dashboard, the JSON API, /metrics, health checks
+    MCP                        mcp_server: the queue's tools for MCP clients (claude-jobs mcp)
     Command line (4 sections)  the click commands, each a few lines over the public API:
                                the group and enqueue; schedules and batches; worker and serve;
                                seeing and steering jobs
@@ -178,6 +179,7 @@ __all__ = [
     "JobStatus",
     "JobsError",
     "Lifted",
+    "McpLimits",
     "NotFound",
     "PermanentError",
     "Postpone",
@@ -236,6 +238,7 @@ __all__ = [
     "list_worktrees",
     "main",
     "mask_url",
+    "mcp_server",
     "migrate",
     "parse_duration",
     "parse_time",
@@ -11834,6 +11837,189 @@ def _api_stats(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, A
 
 
 ###############################################################################
+# MCP: the queue as tools for Claude Code and other MCP clients (claude-jobs mcp)
+###############################################################################
+
+MCP_EXTRA_HINT = "claude-jobs mcp needs the mcp extra: pip install 'claude-jobs[mcp]'"
+#: The longest wait_for_jobs waits (an MCP client has its own time limits).
+MCP_WAIT_LIMIT = 3600.0
+#: How much of a job's transcript job_logs gives at most, in rendered lines.
+MCP_LOG_LINES = 500
+
+
+@dataclass(frozen=True)
+class McpLimits:
+    """What `claude-jobs mcp` lets its client do: ``read_only`` (no enqueue, cancel or
+    retry); ``queues`` (the only queues it may enqueue to; empty: any); ``cwd_under`` (the
+    only directory trees a job may run in; empty: any)."""
+
+    read_only: bool = False
+    queues: tuple[str, ...] = ()
+    cwd_under: tuple[str, ...] = ()
+
+    def check_enqueue(self, queue: str, cwd: str) -> str:
+        """The job's directory, resolved; InvalidJob when these limits refuse it."""
+        if self.queues and queue not in self.queues:
+            raise InvalidJob(f"this server enqueues only to {', '.join(self.queues)}, not {queue}")
+        if not Path(cwd).is_absolute():
+            raise InvalidJob(f"cwd must be an absolute path, not {cwd!r}")
+        resolved = Path(cwd).resolve()
+        allowed = [Path(each).expanduser().resolve() for each in self.cwd_under]
+        if allowed and not any(resolved.is_relative_to(each) for each in allowed):
+            raise InvalidJob(
+                f"cwd {resolved} is outside what this server allows: "
+                + ", ".join(map(str, allowed))
+            )
+        return str(resolved)
+
+
+def _mcp_job(conn: psycopg.Connection, job: Job) -> dict[str, Any]:
+    """A job as the MCP tools give it: its state, why it waits or ended so, its answer, cost,
+    checks and delivery (no transcript: job_logs)."""
+    seen = _circumstances(conn, [job])
+    reason = _explained([job], seen).get(job.id)
+    result = job.result
+    answer = result.get("result") if isinstance(result, dict) else result
+    return {
+        "id": str(job.id), "status": _status_of(job, seen.paused), "queue": job.queue,
+        "kind": job.kind, "prompt": _cut(_excerpt(job), EXCERPT_LIMIT),
+        "why": reason.text if reason else None, "error": job.last_error, "result": answer,
+        "cost_usd": job.cost_usd, "attempts": job.attempts, "branch": job_branch(job),
+        "checks": _checks_mark(job) if job.payload.get("checks") else None,
+        "pull_request": ((job.delivery or {}).get("pr") or {}).get("url"),
+        "created_at": job.created_at.isoformat(),
+        "finished_at": job.finished_at.isoformat() if job.finished_at else None,
+    }  # fmt: skip
+
+
+def mcp_server(url: str, limits: McpLimits = McpLimits()) -> Any:
+    """The MCP server of `claude-jobs mcp` (mcp's MCPServer; run it with ``.run("stdio")``):
+    tools over the queue API on the database at ``url`` (a connection per call), within
+    ``limits``. Errors are tool errors with the message the command line would print."""
+    try:
+        from mcp.server.mcpserver import MCPServer
+        from mcp.server.mcpserver.exceptions import ToolError
+    except ImportError:
+        raise ConfigError(MCP_EXTRA_HINT) from None
+    server = MCPServer(
+        "claude-jobs",
+        instructions="A durable queue of Claude Code jobs on PostgreSQL: enqueue prompts to run "
+        "unattended in a directory, follow them, wait for them, read what they answered.",
+    )
+
+    def tool(function: Callable[..., Any]) -> Callable[..., Any]:
+        """Register ``function`` as the tool of its name without ``tool_``, whose answer is
+        JSON and whose errors read as the command line's."""
+
+        @functools.wraps(function)
+        def answered(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return _jsonable(function(*args, **kwargs))
+            except (JobsError, psycopg.Error) as error:
+                raise ToolError(_scrub(str(error), url)) from None
+
+        answered.__name__ = function.__name__.removeprefix("tool_")  # (its schema's title)
+        return server.tool(name=answered.__name__)(answered)
+
+    def database() -> psycopg.Connection:
+        conn = connect(url, autocommit=True)
+        check_schema(conn)
+        return conn
+
+    @tool
+    def tool_list_jobs(
+        status: str | None = None, queue: str | None = None, limit: int = 20
+    ) -> list[dict[str, Any]]:
+        """Jobs, newest first: id, status, queue, prompt, why each waits or how it ended."""
+        if status is not None and status not in [each.value for each in JobStatus]:
+            raise InvalidJob(f"status must be one of {', '.join(JobStatus)}, not {status!r}")
+        with database() as conn:
+            statuses = [status] if status else None
+            jobs = list_jobs(conn, statuses=statuses, queue=queue, limit=max(1, min(limit, 500)))
+            return [_mcp_job(conn, job) for job in jobs]
+
+    @tool
+    def tool_get_job(id: str) -> dict[str, Any]:
+        """One job (an id or a unique prefix of 6 or more characters): status, why it waits or
+        ended so, claude's answer, its cost, branch, checks and pull request."""
+        with database() as conn:
+            return _mcp_job(conn, get_job(conn, resolve_job_id(conn, id), transcript=False))
+
+    @tool
+    def tool_job_logs(id: str, lines: int = 50) -> str:
+        """The end of a job's transcript, as `claude-jobs logs` prints it."""
+        with database() as conn:
+            job = get_job(conn, resolve_job_id(conn, id))
+        shown = _stored_transcript(job)[-max(1, min(lines, MCP_LOG_LINES)) :]
+        return "\n".join(shown) or "(no transcript yet)"
+
+    @tool
+    def tool_wait_for_jobs(ids: list[str], timeout: float = 600) -> dict[str, Any]:
+        """Wait until every one of these jobs has finished, or ``timeout`` seconds passed (at
+        most an hour); each job's status then, and whether all finished."""
+        ends = time.monotonic() + max(0.0, min(timeout, MCP_WAIT_LIMIT))
+        with database() as conn:
+            keys = [resolve_job_id(conn, each) for each in ids]
+            while True:
+                statuses = {key: status for key, (status, _) in job_statuses(conn, keys).items()}
+                done = all(statuses.get(key) in FINISHED_STATUSES for key in keys)
+                if done or time.monotonic() >= ends:
+                    return {"finished": done, "jobs": {str(key): statuses.get(key, "gone")
+                                                       for key in keys}}  # fmt: skip
+                time.sleep(min(1.0, max(0.0, ends - time.monotonic())))
+
+    @tool
+    def tool_stats() -> list[dict[str, Any]]:
+        """Per queue: how many jobs are queued, running, succeeded, failed, cancelled."""
+        with database() as conn:
+            return queue_stats(conn)
+
+    if limits.read_only:
+        return server
+
+    @tool
+    def tool_enqueue(
+        prompt: str,
+        cwd: str,
+        queue: str = DEFAULT_QUEUE,
+        priority: int = 0,
+        worktree: bool = False,
+        after: list[str] | None = None,
+        checks: list[str] | None = None,
+        pr: bool = False,
+        model: str | None = None,
+        max_budget_usd: float | None = None,
+    ) -> dict[str, Any]:
+        """Queue a claude job: ``prompt`` to run in ``cwd`` (an absolute path), optionally in
+        a git worktree of its own, after other jobs, with checks to pass and a pull request
+        to open. Its id and status."""
+        where = limits.check_enqueue(queue, cwd)
+        payload = {"prompt": prompt, "cwd": where, "worktree": worktree or None,
+                   "checks": checks, "pr": pr or None, "model": model,
+                   "max_budget_usd": max_budget_usd}  # fmt: skip
+        payload = {key: value for key, value in payload.items() if value is not None}
+        with database() as conn:
+            job = enqueue(conn, payload, queue=queue, priority=priority, after=after or [])
+            return _mcp_job(conn, job)
+
+    @tool
+    def tool_cancel_job(id: str) -> dict[str, Any]:
+        """Cancel a queued or running job (a running one is stopped by its worker)."""
+        with database() as conn:
+            key = resolve_job_id(conn, id)
+            return {"id": str(key), "status": cancel_job(conn, key)}
+
+    @tool
+    def tool_retry_job(id: str) -> dict[str, Any]:
+        """Put a failed or cancelled job back in the queue, with fresh attempts."""
+        with database() as conn, conn.transaction():
+            key = resolve_job_id(conn, id)
+            return {"id": str(key), "retried": bool(retry_jobs(conn, [key]))}
+
+    return server
+
+
+###############################################################################
 # Command line: the group, its types, migrate and enqueue
 ###############################################################################
 
@@ -13187,6 +13373,38 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+@cli.command("mcp")
+@_setting("--read-only", env="MCP_READ_ONLY", is_flag=True,
+          help="Only the tools that read: no enqueue, cancel or retry.")  # fmt: skip
+@_setting("--queue", "queues", env="MCP_QUEUES", multiple=True, metavar="QUEUE",
+          help="Enqueue only to this queue (repeatable) [default: any].")  # fmt: skip
+@_setting("--cwd-under", env="MCP_CWD_UNDER", multiple=True, metavar="DIR",
+          type=click.Path(exists=True, file_okay=False),
+          help="Enqueue only jobs whose cwd is in DIR or below (repeatable) "
+          "[default: any].")  # fmt: skip
+@click.pass_obj
+def mcp_command(
+    config: _Config, read_only: bool, queues: Sequence[str], cwd_under: Sequence[str]
+) -> None:
+    """Serve the queue to an MCP client over stdio (Claude Code, Claude Desktop...): tools
+    enqueue, list_jobs, get_job, wait_for_jobs, cancel_job, retry_job, job_logs and stats.
+    Whoever talks to it can start agents, as an enqueuer: narrow it with --queue and
+    --cwd-under, or --read-only.
+
+    \b
+    Examples:
+      claude mcp add claude-jobs -- claude-jobs mcp --queue agents --cwd-under ~/src
+      claude-jobs mcp --read-only
+    """
+    for queue in queues:
+        check_queue(queue)
+    limits = McpLimits(read_only, tuple(queues), tuple(cwd_under))
+    server = mcp_server(config.url(), limits)
+    config.connect().close()  # a missing or old schema: say so before serving
+    logging.basicConfig(stream=sys.stderr, level=logging.WARNING)  # (stdout: the protocol's)
+    server.run("stdio")
 
 
 ###############################################################################
