@@ -51,6 +51,8 @@ stands above it, never what stands below (but the assets, last of all).
     Queue API: worktrees               diff, list and prune the worktrees jobs left
     Queue API: delivery                push a branch, open its pull request (GitHub's REST
                                        API), look at it now and then
+    Queue API: notifications           what --notify sends (Standard Webhooks, Slack,
+                                       Discord), tried again until delivered
     Queue API: schedules               add, edit, fire (the due-time arithmetic is _Timing)
     Execution: what an attempt came to   decide (a pure function), and what a claude exit
                                          means (claude_outcome); the run context
@@ -88,6 +90,7 @@ The worker's parts, each with one job, and the thread it runs on:
     _Janitor      "claude-jobs-janitor": unblocks jobs races left blocked; deletes old jobs;
                   keeps the planner's statistics true to the backlog; looks at open pull
                   requests
+    _Notifier     "claude-jobs-notifier": sends the due notifications (--notify)
     _Scheduler    "claude-jobs-scheduler": fires due schedules, each due time once
     _Shared       what those parts share, handed to each (its constructor shows what it may
                   touch): settings, the book, the holds and the pulse (each behind its own
@@ -105,11 +108,13 @@ session puts its jobs back (REAP_WORKER, RECOVER_JOBS_OF).
 from __future__ import annotations
 
 import atexit
+import base64
 import contextlib
 import dataclasses
 import enum
 import functools
 import gc
+import hashlib
 import heapq
 import hmac
 import http.client
@@ -233,6 +238,7 @@ __all__ = [
     "list_batches",
     "list_holds",
     "list_jobs",
+    "list_notifications",
     "list_schedules",
     "list_workers",
     "list_worktrees",
@@ -258,12 +264,14 @@ __all__ = [
     "resume_schedule",
     "retry_batch",
     "retry_jobs",
+    "retry_notification",
     "run_now",
     "run_schedule",
     "run_times",
     "schedule_runs",
     "schema_sql",
     "schema_version",
+    "send_due_notifications",
     "set_priority",
     "start_embedded",
     "sync_schedules",
@@ -393,6 +401,19 @@ DEFAULT_PR_POLL_INTERVAL = 180.0
 #: At most this many pull requests are looked at in one pass, for at most this long.
 PR_POLL_BATCH = 50
 PR_POLL_BUDGET = 60.0
+#: What a job's --notify can be told of, and what it is told of unless --notify-on says.
+NOTIFY_EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "job.needs_attention")
+DEFAULT_NOTIFY_EVENTS = NOTIFY_EVENTS
+#: A notification not delivered after this long is abandoned (retried until then).
+NOTIFY_GIVE_UP = 24 * 3600.0
+#: Its first retry comes after this long, each next one after twice as long, up to the max.
+NOTIFY_RETRY_FIRST, NOTIFY_RETRY_MAX = 5.0, 3600.0
+#: A receiver gets this long to answer; a send is leased this long (a worker that dies while
+#: sending leaves it to be sent again after that).
+NOTIFY_TIMEOUT, NOTIFY_LEASE = 10.0, 60.0
+#: Workers look for notifications to send this often (and when told: NOTIFICATIONS_CHANNEL).
+NOTIFY_INTERVAL = 1.0
+NOTIFICATIONS_CHANNEL = "claude_jobs_notifications"
 #: What a job's pull request may be, as last looked at.
 PR_STATES = ("open", "merged", "closed", "gone")
 
@@ -562,6 +583,7 @@ class Job:
     resumes: dict[str, Any] | None = None  # claimed continuations: what they continue
     checks: dict[str, Any] | None = None  # its checks: the round, and each one's results
     delivery: dict[str, Any] | None = None  # its branch pushed, its pull request (see deliver)
+    notify: dict[str, Any] | None = None  # whom it tells when it ends, of what (see --notify)
     transcript: str | None = None
     transcript_size: int = 0  # characters ever written to the transcript (it keeps the tail)
     unique_key: str | None = None  # no second job of the key while this one is unfinished
@@ -1523,6 +1545,68 @@ CREATE INDEX claude_jobs_open_pull_requests ON claude_jobs ((delivery->'pr'->>'p
     WHERE delivery->'pr'->>'state' = 'open';
 """,
     ),
+    (
+        13,
+        """\
+-- Notifications: whom a job tells when it ends ({"urls": [...], "on": [events]}; NULL: none),
+-- and an outbox of what to tell them, written by a trigger in the transaction that ends the
+-- job (so a notification exists if and only if its job's end committed), sent by workers.
+ALTER TABLE claude_jobs ADD COLUMN notify jsonb;
+CREATE TABLE claude_jobs_notifications (
+    id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),  -- the webhook-id of every try
+    seq         bigint GENERATED ALWAYS AS IDENTITY,          -- the order of a job's
+    event       text NOT NULL,
+    job_id      uuid,                                         -- (the job may be deleted since)
+    url         text NOT NULL,
+    body        jsonb NOT NULL,
+    state       text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'sent', 'failed', 'abandoned')),
+    attempts    integer NOT NULL DEFAULT 0,
+    next_at     timestamptz NOT NULL DEFAULT now(),           -- pending: not sent before
+    last_error  text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    sent_at     timestamptz
+);
+CREATE INDEX claude_jobs_notifications_due ON claude_jobs_notifications (next_at)
+    WHERE state = 'pending';
+CREATE INDEX claude_jobs_notifications_order ON claude_jobs_notifications (job_id, url, seq)
+    WHERE state = 'pending';
+CREATE INDEX claude_jobs_notifications_sent ON claude_jobs_notifications (sent_at)
+    WHERE state = 'sent';
+CREATE FUNCTION claude_jobs_notify_ended() RETURNS trigger LANGUAGE plpgsql AS $notify$
+DECLARE
+    events text[] := ARRAY['job.' || NEW.status];
+BEGIN
+    IF (NEW.status = 'failed' AND NEW.checks->>'phase' = 'failed')
+       OR (NEW.status = 'succeeded' AND NEW.delivery ? 'error') THEN
+        events := events || 'job.needs_attention'::text;  -- checks or delivery failed
+    END IF;
+    INSERT INTO claude_jobs_notifications (event, job_id, url, body)
+    SELECT e.event, NEW.id, u.url, jsonb_build_object(
+        'type', e.event,
+        'timestamp', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        'data', jsonb_build_object(
+            'id', NEW.id, 'status', NEW.status, 'queue', NEW.queue, 'kind', NEW.kind,
+            'prompt', left(split_part(NEW.payload->>'prompt', E'\n', 1), 300),
+            'result', left(split_part(CASE jsonb_typeof(NEW.result) WHEN 'object'
+                                      THEN NEW.result->>'result' END, E'\n', 1), 300),
+            'error', left(NEW.last_error, 1000), 'cost_usd', NEW.cost_usd,
+            'attempts', NEW.attempts, 'branch', NEW.worktree->>'branch',
+            'pull_request', NEW.delivery->'pr'->>'url', 'finished_at', NEW.finished_at))
+    FROM unnest(events) WITH ORDINALITY AS e(event, n),
+         jsonb_array_elements_text(NEW.notify->'urls') WITH ORDINALITY AS u(url, m)
+    WHERE coalesce(jsonb_array_length(NEW.notify->'on'), 0) = 0 OR NEW.notify->'on' ? e.event
+    ORDER BY e.n, u.m;
+    PERFORM pg_notify('claude_jobs_notifications', '');
+    RETURN NULL;
+END
+$notify$;
+CREATE TRIGGER claude_jobs_notify_ended AFTER UPDATE OF status ON claude_jobs
+    FOR EACH ROW WHEN (NEW.notify IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status
+                       AND NEW.status IN ('succeeded', 'failed', 'cancelled'))
+    EXECUTE FUNCTION claude_jobs_notify_ended();
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -1569,7 +1653,7 @@ _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, 
     timeout, last_error, errors, worker_id, worker, result, session_id, cost_usd, created_at,
     started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
     concurrency_limit, after, continue_from, session_host, worktree, widens, unique_key,
-    schedule, scheduled_for, batch_id, callback_of, seq, claim, checks, delivery"""
+    schedule, scheduled_for, batch_id, callback_of, seq, claim, checks, delivery, notify"""
 
 JOB_STATUSES = """
 -- job_statuses: the status of each of these jobs, and the host that keeps its claude session
@@ -1592,11 +1676,12 @@ ENQUEUE = f"""
 WITH job AS (
     INSERT INTO claude_jobs (id, queue, kind, priority, payload, run_at, max_attempts, timeout,
         concurrency_key, concurrency_limit, after, continue_from, widens, blocked, unique_key,
-        schedule, scheduled_for, batch_id)
+        schedule, scheduled_for, batch_id, notify)
     VALUES (%(id)s, %(queue)s, %(kind)s, %(priority)s, %(payload)s::jsonb,
             coalesce(%(run_at)s, now()), %(max_attempts)s, %(timeout)s, %(concurrency_key)s,
             %(concurrency_limit)s, %(after)s::uuid[], %(continue_from)s, %(widens)s::text[],
-            %(blocked)s, %(unique_key)s, %(schedule)s, %(scheduled_for)s, %(batch_id)s)
+            %(blocked)s, %(unique_key)s, %(schedule)s, %(scheduled_for)s, %(batch_id)s,
+            %(notify)s::jsonb)
     ON CONFLICT (unique_key) WHERE status IN ('queued', 'running') DO NOTHING
     RETURNING {_JOB_COLUMNS}
 )
@@ -1660,13 +1745,13 @@ DELETE FROM claude_jobs_unique_windows WHERE until < now()
 COPY_JOBS = """
 -- copy_jobs: bulk insert (enqueue_many) of jobs ready now, by the database's clock
 COPY claude_jobs (id, queue, kind, priority, max_attempts, payload, timeout, concurrency_key,
-    concurrency_limit, after, blocked, batch_id) FROM STDIN
+    concurrency_limit, after, blocked, batch_id, notify) FROM STDIN
 """
 
 COPY_SCHEDULED_JOBS = """
 -- copy_scheduled_jobs: bulk insert (enqueue_many) of jobs that wait for their run_at
 COPY claude_jobs (id, queue, kind, priority, max_attempts, payload, timeout, concurrency_key,
-    concurrency_limit, after, blocked, batch_id, run_at) FROM STDIN
+    concurrency_limit, after, blocked, batch_id, notify, run_at) FROM STDIN
 """
 
 FIND_BATCH = """
@@ -2919,6 +3004,11 @@ WHERE r.schedule = %(name)s AND j.status = 'succeeded' AND r.head IS NOT NULL
 ORDER BY r.due_at DESC LIMIT 1
 """
 
+OLD_NOTIFICATIONS = """
+-- old_notifications: forget the notifications delivered before `before` (with old jobs)
+DELETE FROM claude_jobs_notifications WHERE state = 'sent' AND sent_at < %(before)s
+"""
+
 OLD_SCHEDULE_RUNS = """
 -- old_schedule_runs: forget runs older than the retention, but each schedule's latest
 DELETE FROM claude_jobs_schedule_runs r
@@ -3876,6 +3966,13 @@ def _checked_time(when: datetime, what: str = "invalid time") -> datetime:
     return when
 
 
+def _check_notify_url(url: Any) -> None:
+    """Refuse a --notify that is not an http(s) URL (said with its credentials masked)."""
+    parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise InvalidJob(f"--notify {_without_credentials(str(url))!r}: not an http(s) URL")
+
+
 def check_queue(name: str) -> str:
     """``name``, if it can name a queue: not empty, not `*` (every queue, to a worker), no
     comma (the separator of --queues); InvalidJob otherwise."""
@@ -3916,6 +4013,8 @@ class JobSettings(TypedDict, total=False):
     batch: str | None
     on_finish: Mapping[str, Any] | None
     on_success: Mapping[str, Any] | None
+    notify: Sequence[str] | str
+    notify_on: Sequence[str] | str
 
 
 @dataclass(frozen=True)
@@ -3996,6 +4095,21 @@ class JobOptions:
     on_success: Mapping[str, Any] | None = _option(
         None, "With --batch: the same, only if every job of the batch succeeded.", value="payload"
     )
+    notify: tuple[str, ...] = _option(
+        (),
+        "Tell this URL when the job ends (repeatable): a webhook (Standard Webhooks, signed "
+        "with CLAUDE_JOBS_WEBHOOK_SECRET), or a Slack or Discord incoming webhook.",
+        metavar="URL",
+        multiple=True,
+    )
+    notify_on: tuple[str, ...] = _option(
+        (),
+        "Tell --notify only of these events (comma-separated): "
+        + ", ".join(NOTIFY_EVENTS)
+        + " [default: all].",
+        metavar="EVENTS",
+        multiple=True,
+    )
 
     def __post_init__(self) -> None:
         check_queue(self.queue)
@@ -4034,6 +4148,15 @@ class JobOptions:
                 raise InvalidJob(f"--{name.replace('_', '-')} is a batch's callback: give --batch")
             if callback is not None and not isinstance(callback, Mapping):
                 raise InvalidJob(f"{name} must be a payload: a JSON object")
+        for url in self.notify:
+            _check_notify_url(url)
+        for event in self.notify_on:
+            if event not in NOTIFY_EVENTS:
+                raise InvalidJob(
+                    f"--notify-on {event!r}: not an event (they are {', '.join(NOTIFY_EVENTS)})"
+                )
+        if self.notify_on and not self.notify:
+            raise InvalidJob("--notify-on narrows --notify: give --notify URL too")
 
     @classmethod
     def build(cls, **settings: Unpack[JobSettings]) -> JobOptions:
@@ -4056,6 +4179,13 @@ class JobOptions:
         if isinstance(values.get("after"), str):
             raise InvalidJob("after must be a list of job ids, not a string")
         values["after"] = tuple(values.get("after") or ())
+        for name in ("notify", "notify_on"):  # (a string is one; --notify-on takes commas)
+            given = values.get(name) or ()
+            given = (given,) if isinstance(given, str) else tuple(given)
+            if name == "notify_on":
+                words = (word.strip() for each in given for word in str(each).split(","))
+                given = tuple(word for word in words if word)
+            values[name] = given
         unknown = sorted(set(values) - {each.name for each in dataclasses.fields(cls)})
         if unknown:
             raise InvalidJob(f"not a job option: {', '.join(unknown)}")
@@ -5342,6 +5472,13 @@ def _enqueue_prepared(
     return _into_batch(conn, options, insert)
 
 
+def _notify_json(options: JobOptions) -> str | None:
+    """A job's ``notify`` column: whom it tells of what (None: nobody)."""
+    if not options.notify:
+        return None
+    return json.dumps({"urls": list(options.notify), "on": list(options.notify_on)})
+
+
 def _enqueue_params(
     options: JobOptions,
     row: dict[str, Any],
@@ -5364,6 +5501,7 @@ def _enqueue_params(
         "schedule": schedule,
         "scheduled_for": due,
         "batch_id": batch,
+        "notify": _notify_json(options),
     }
 
 
@@ -5499,7 +5637,8 @@ def _copy_jobs(
                 for job_id, row, blocked in zip(ids, rows, marks, strict=True):
                     copy.write_row(
                         (job_id, *common, row["payload"], row["timeout"], row["concurrency_key"],
-                         row["concurrency_limit"], chain.after, blocked, batch, *scheduled)
+                         row["concurrency_limit"], chain.after, blocked, batch,
+                         _notify_json(options), *scheduled)
                     )  # fmt: skip
             cur.execute(
                 NOTIFY_QUEUE,
@@ -5805,6 +5944,7 @@ def cleanup_jobs(
         if count < batch:
             conn.execute(CLOSED_UNIQUE_WINDOWS)
             conn.execute(OLD_LOST_WORKERS)
+            conn.execute(OLD_NOTIFICATIONS, {"before": before})
             conn.execute(OLD_SCHEDULE_RUNS, {"before": before})
             conn.execute(OLD_BATCHES, {"before": before})
             return deleted
@@ -6485,6 +6625,183 @@ def _combined(states: Iterable[str | None]) -> str | None:
         if state in given:
             return state
     return None
+
+
+###############################################################################
+# Queue API: notifications (whom a job tells when it ends: Standard Webhooks, Slack, Discord)
+###############################################################################
+
+TAKE_NOTIFICATIONS = """
+-- take_notifications: the due notifications, each the oldest pending one of its job and URL
+-- (a job's are sent in order), leased for a while (a worker that dies while sending leaves
+-- them to be sent again: at least once); another worker skips them
+WITH due AS (
+    SELECT n.id FROM claude_jobs_notifications n
+    WHERE n.state = 'pending' AND n.next_at <= now()
+      AND NOT EXISTS (SELECT FROM claude_jobs_notifications o
+                      WHERE o.state = 'pending' AND o.job_id = n.job_id AND o.url = n.url
+                        AND o.seq < n.seq)
+    ORDER BY n.next_at, n.seq
+    LIMIT %(limit)s
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE claude_jobs_notifications n
+SET next_at = now() + make_interval(secs => %(lease)s), attempts = n.attempts + 1
+FROM due WHERE n.id = due.id
+RETURNING n.id, n.event, n.url, n.body::text AS body, n.attempts,
+    extract(epoch FROM now() - n.created_at)::float8 AS age
+"""
+
+NOTIFICATION_SENT = """
+-- notification_sent: delivered
+UPDATE claude_jobs_notifications SET state = 'sent', sent_at = now(), last_error = NULL
+WHERE id = %(id)s
+"""
+
+NOTIFICATION_NOT_SENT = """
+-- notification_not_sent: tried again after `delay` (state pending), or given up
+UPDATE claude_jobs_notifications
+SET state = %(state)s, last_error = %(error)s,
+    next_at = CASE WHEN %(state)s = 'pending' THEN now() + make_interval(secs => %(delay)s)
+                   ELSE next_at END
+WHERE id = %(id)s
+"""
+
+LIST_NOTIFICATIONS = """
+-- list_notifications: those not delivered (pending, failed, abandoned), newest first
+SELECT id, event, job_id, url, state, attempts, next_at, last_error, created_at
+FROM claude_jobs_notifications WHERE state <> 'sent'
+ORDER BY created_at DESC, seq DESC LIMIT %(limit)s
+"""
+
+RETRY_NOTIFICATION = """
+-- retry_notification: a failed or abandoned notification to be sent again now
+UPDATE claude_jobs_notifications
+SET state = 'pending', next_at = now(), attempts = 0, created_at = now()
+WHERE id = %(id)s AND state IN ('failed', 'abandoned')
+RETURNING id
+"""
+
+
+def _webhook_key() -> bytes | None:
+    """The key that signs webhooks: CLAUDE_JOBS_WEBHOOK_SECRET, in Standard Webhooks'
+    ``whsec_<base64>`` form (None: unsigned). ConfigError when it is not that."""
+    secret = os.environ.get("CLAUDE_JOBS_WEBHOOK_SECRET", "").strip()
+    if not secret:
+        return None
+    try:
+        return base64.b64decode(secret.removeprefix("whsec_"), validate=True)
+    except ValueError:
+        raise ConfigError(
+            "CLAUDE_JOBS_WEBHOOK_SECRET must be whsec_ and base64 (as Standard Webhooks says)"
+        ) from None
+
+
+def _webhook_signature(key: bytes, message_id: str, timestamp: int, body: bytes) -> str:
+    """Standard Webhooks' signature: v1, and the base64 HMAC-SHA256 of "id.timestamp.body"."""
+    signed = f"{message_id}.{timestamp}.".encode() + body
+    return "v1," + base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+
+
+def _chat_message(url: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A short message in the format of a Slack or Discord incoming webhook (known by its
+    host), or None for any other URL (it gets the event as it is)."""
+    parts = urllib.parse.urlsplit(url)
+    data = body.get("data") or {}
+    event = str(body.get("type", "")).removeprefix("job.")
+    text = f"claude-jobs: job {str(data.get('id'))[:8]} {event}"
+    for name in ("prompt", "result", "error", "pull_request"):
+        if data.get(name):
+            text += f"\n{name}: {_cut(str(data[name]), 300)}"
+    if parts.hostname == "hooks.slack.com":
+        return {"text": text}
+    if parts.hostname in ("discord.com", "discordapp.com") and "/api/webhooks/" in parts.path:
+        return {"content": text}
+    return None
+
+
+def _retry_after(headers: Mapping[str, str]) -> float:
+    value = headers.get("retry-after", "")
+    return float(value) if value.isdigit() else 0.0
+
+
+def _send_notification(row: Mapping[str, Any], key: bytes | None) -> tuple[str, str | None, float]:
+    """POST one notification; (what became of it: sent, pending or failed; the error; when to
+    try again). 2xx is sent; a connection error, a timeout, 408, 429 and 5xx are tried again;
+    other answers are not."""
+    body = row["body"].encode()
+    chat = _chat_message(row["url"], json.loads(row["body"]))
+    headers = {"Content-Type": "application/json", "User-Agent": "claude-jobs"}
+    if chat is not None:
+        body = json.dumps(chat).encode()
+    else:
+        message_id, timestamp = f"msg_{row['id']}", int(time.time())
+        headers.update({"webhook-id": message_id, "webhook-timestamp": str(timestamp)})
+        if key is not None:
+            headers["webhook-signature"] = _webhook_signature(key, message_id, timestamp, body)
+    delay = min(NOTIFY_RETRY_FIRST * 2 ** (row["attempts"] - 1), NOTIFY_RETRY_MAX)
+    delay *= 1 + random.random() / 10
+    request = urllib.request.Request(row["url"], body, headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=NOTIFY_TIMEOUT) as response:
+            status, answer = response.status, {k.lower(): v for k, v in response.headers.items()}
+    except urllib.error.HTTPError as error:
+        status, answer = error.code, {k.lower(): v for k, v in error.headers.items()}
+    except (OSError, http.client.HTTPException, ValueError) as error:
+        reason = getattr(error, "reason", None) or error
+        return "pending", _without_credentials(f"cannot reach it: {reason}"), delay
+    if 200 <= status < 300:
+        return "sent", None, 0.0
+    said = f"it answered {status}"
+    if status in (408, 429) or status >= 500:
+        return "pending", said, max(delay, min(_retry_after(answer), NOTIFY_RETRY_MAX))
+    return "failed", said + " (not tried again)", 0.0
+
+
+def send_due_notifications(conn: psycopg.Connection, limit: int = 20) -> int:
+    """Send the notifications that are due (workers do it every second; several share the
+    work, each notification taken by one), each job's in order; how many were tried. Signed
+    with CLAUDE_JOBS_WEBHOOK_SECRET when it is set."""
+    key = _webhook_key()
+    with _atomic(conn):
+        taken = conn.execute(TAKE_NOTIFICATIONS, {"limit": limit, "lease": NOTIFY_LEASE})
+        rows = taken.fetchall()
+        names = [column.name for column in taken.description or ()]
+    for values in rows:
+        row = dict(zip(names, values, strict=True))
+        state, error, delay = _send_notification(row, key)
+        if state == "pending" and row["age"] + delay > NOTIFY_GIVE_UP:
+            state, error = "abandoned", f"{error}; tried for {_duration_text(NOTIFY_GIVE_UP)}"
+        with _atomic(conn):
+            if state == "sent":
+                conn.execute(NOTIFICATION_SENT, {"id": row["id"]})
+            else:
+                not_sent = {"id": row["id"], "state": state, "error": error, "delay": delay}
+                conn.execute(NOTIFICATION_NOT_SENT, not_sent)
+        if state != "sent":
+            logger.info("notification %s of %s to %s: %s", row["id"], row["event"],
+                        _without_credentials(row["url"]), error)  # fmt: skip
+    return len(rows)
+
+
+def list_notifications(conn: psycopg.Connection, limit: int = 100) -> list[dict[str, Any]]:
+    """The notifications not delivered yet (pending, failed, abandoned), newest first, their
+    URLs with credentials masked."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(LIST_NOTIFICATIONS, {"limit": limit}).fetchall()
+    return [{**row, "url": _without_credentials(row["url"])} for row in rows]
+
+
+def retry_notification(conn: psycopg.Connection, notification_id: uuid.UUID | str) -> None:
+    """Send a failed or abandoned notification again (NotFound if there is none such)."""
+    try:
+        key = uuid.UUID(str(notification_id))
+    except ValueError:
+        raise InvalidJob(f"{notification_id!r} is not a notification's id") from None
+    with _atomic(conn):
+        if conn.execute(RETRY_NOTIFICATION, {"id": key}).fetchone() is None:
+            raise NotFound(f"no failed or abandoned notification {key}")
+        conn.execute("SELECT pg_notify(%s, '')", [NOTIFICATIONS_CHANNEL])
 
 
 ###############################################################################
@@ -9752,6 +10069,23 @@ class _Janitor(_Part):
             )
 
 
+class _Notifier(_Part):
+    """The thread "claude-jobs-notifier": sends the notifications that are due, every
+    NOTIFY_INTERVAL (see send_due_notifications), off the claim's path: a receiver that is
+    slow or down holds up this thread alone. With a connection from the pool."""
+
+    def __init__(self, shared: _Shared) -> None:
+        super().__init__(shared, "notifier")
+
+    def work(self) -> None:
+        while not self._shared.closed.wait(NOTIFY_INTERVAL):
+            self.pooled("send notifications", self._send)
+
+    def _send(self, conn: psycopg.Connection) -> None:
+        while send_due_notifications(conn) and not self._shared.closed.is_set():
+            pass
+
+
 class _Scheduler(_Part):
     """The thread "claude-jobs-scheduler": every SCHEDULE_INTERVAL, fires the schedules that
     are due (fire_due_schedules: each due time once, whichever worker gets there first).
@@ -9991,6 +10325,7 @@ class Worker:
         )
         if not self.handlers:
             raise ConfigError("a worker needs at least one handler")
+        _webhook_key()  # (a CLAUDE_JOBS_WEBHOOK_SECRET that is none: said before anything starts)
         self._conninfo = database_url
         policies = {DEFAULT_KIND: ClaudePolicy(settings.daily_budget_usd)}
         self._shared = shared = _Shared(
@@ -10144,7 +10479,7 @@ class Worker:
         self._pool = shared.pool = ConnectionPool(
             self._conninfo,
             min_size=1,
-            max_size=self.concurrency + 3,  # (and the dispatcher, janitor and scheduler)
+            max_size=self.concurrency + 4,  # (and the dispatcher, janitor, scheduler, notifier)
             open=False,
             kwargs={"autocommit": True, **_CONNECT_OPTIONS, **options},
             configure=_configure_worker_connection,
@@ -10173,6 +10508,7 @@ class Worker:
         self._runners.start()
         self._threads.append(_Watchdog(shared, self._session))
         self._threads.append(_Janitor(shared))
+        self._threads.append(_Notifier(shared))
         if self.settings.schedules:
             self._threads.append(_Scheduler(shared))
         for thread in self._threads[self.concurrency :]:
@@ -10652,6 +10988,9 @@ def _content_rows(job: Job) -> list[tuple[str, str]]:
         rows.append(("checks", _checks_text(job)))
     if job.delivery or (job.payload.get("push") and job.kind == DEFAULT_KIND):
         rows.append(("delivery", _delivery_text(job)))
+    if job.notify:
+        urls = ", ".join(_without_credentials(url) for url in job.notify.get("urls", []))
+        rows.append(("notifies", f"{urls} of {', '.join(job.notify.get('on') or ['its end'])}"))
     return rows
 
 
@@ -14144,6 +14483,47 @@ def deliver_command(
         how = "updated" if found.get("updated") else "opened"
         draft = " (draft)" if found.get("draft") else ""
         click.echo(f"{how} pull request #{found['number']}{draft}: {found['url']}")
+
+
+@cli.group("notifications", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one a line.")
+@click.pass_context
+def notifications_command(ctx: click.Context, as_json: bool) -> None:
+    """The notifications of jobs (--notify) not delivered yet: pending (with when they are
+    tried next), failed (the receiver refused: not tried again) and abandoned (tried for a
+    day). `notifications retry ID` sends one again.
+
+    \b
+    Examples:
+      claude-jobs notifications
+      claude-jobs notifications retry 0b6f1e2a-...
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    with ctx.obj.connect() as conn:
+        found = list_notifications(conn)
+    if as_json:
+        for each in found:
+            click.echo(_json_text(_jsonable(each)))
+        return
+    if not found:
+        click.echo("no notifications waiting or failed", err=True)
+        return
+    headers = ["ID", "EVENT", "JOB", "STATE", "TRIES", "NEXT", "URL", "LAST ERROR"]
+    rows = [[str(each["id"]), each["event"], str(each["job_id"])[:8], each["state"],
+             str(each["attempts"]), _ago(each["next_at"]) if each["state"] == "pending" else "-",
+             each["url"], each["last_error"] or "-"] for each in found]  # fmt: skip
+    click.echo(_table(headers, rows, optional=("TRIES", "NEXT")))
+
+
+@notifications_command.command("retry")
+@click.argument("notification_id", metavar="ID")
+@click.pass_obj
+def notifications_retry_command(config: _Config, notification_id: str) -> None:
+    """Send a failed or abandoned notification again, now."""
+    with config.connect() as conn:
+        retry_notification(conn, notification_id)
+    click.echo(f"notification {notification_id} is sent again")
 
 
 @cli.group("worktrees", invoke_without_command=True)

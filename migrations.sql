@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 12.
+-- The claude-jobs schema, version 13.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -651,4 +651,70 @@ CREATE INDEX claude_jobs_open_pull_requests ON claude_jobs ((delivery->'pr'->>'p
 INSERT INTO claude_jobs_schema (version) VALUES (12);
 END IF;
 END $migration_12$;
+
+-- version 13
+DO $migration_13$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 13) THEN
+-- Notifications: whom a job tells when it ends ({"urls": [...], "on": [events]}; NULL: none),
+-- and an outbox of what to tell them, written by a trigger in the transaction that ends the
+-- job (so a notification exists if and only if its job's end committed), sent by workers.
+ALTER TABLE claude_jobs ADD COLUMN notify jsonb;
+CREATE TABLE claude_jobs_notifications (
+    id          uuid PRIMARY KEY DEFAULT gen_random_uuid(),  -- the webhook-id of every try
+    seq         bigint GENERATED ALWAYS AS IDENTITY,          -- the order of a job's
+    event       text NOT NULL,
+    job_id      uuid,                                         -- (the job may be deleted since)
+    url         text NOT NULL,
+    body        jsonb NOT NULL,
+    state       text NOT NULL DEFAULT 'pending'
+                    CHECK (state IN ('pending', 'sent', 'failed', 'abandoned')),
+    attempts    integer NOT NULL DEFAULT 0,
+    next_at     timestamptz NOT NULL DEFAULT now(),           -- pending: not sent before
+    last_error  text,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    sent_at     timestamptz
+);
+CREATE INDEX claude_jobs_notifications_due ON claude_jobs_notifications (next_at)
+    WHERE state = 'pending';
+CREATE INDEX claude_jobs_notifications_order ON claude_jobs_notifications (job_id, url, seq)
+    WHERE state = 'pending';
+CREATE INDEX claude_jobs_notifications_sent ON claude_jobs_notifications (sent_at)
+    WHERE state = 'sent';
+CREATE FUNCTION claude_jobs_notify_ended() RETURNS trigger LANGUAGE plpgsql AS $notify$
+DECLARE
+    events text[] := ARRAY['job.' || NEW.status];
+BEGIN
+    IF (NEW.status = 'failed' AND NEW.checks->>'phase' = 'failed')
+       OR (NEW.status = 'succeeded' AND NEW.delivery ? 'error') THEN
+        events := events || 'job.needs_attention'::text;  -- checks or delivery failed
+    END IF;
+    INSERT INTO claude_jobs_notifications (event, job_id, url, body)
+    SELECT e.event, NEW.id, u.url, jsonb_build_object(
+        'type', e.event,
+        'timestamp', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        'data', jsonb_build_object(
+            'id', NEW.id, 'status', NEW.status, 'queue', NEW.queue, 'kind', NEW.kind,
+            'prompt', left(split_part(NEW.payload->>'prompt', E'
+', 1), 300),
+            'result', left(split_part(CASE jsonb_typeof(NEW.result) WHEN 'object'
+                                      THEN NEW.result->>'result' END, E'
+', 1), 300),
+            'error', left(NEW.last_error, 1000), 'cost_usd', NEW.cost_usd,
+            'attempts', NEW.attempts, 'branch', NEW.worktree->>'branch',
+            'pull_request', NEW.delivery->'pr'->>'url', 'finished_at', NEW.finished_at))
+    FROM unnest(events) WITH ORDINALITY AS e(event, n),
+         jsonb_array_elements_text(NEW.notify->'urls') WITH ORDINALITY AS u(url, m)
+    WHERE coalesce(jsonb_array_length(NEW.notify->'on'), 0) = 0 OR NEW.notify->'on' ? e.event
+    ORDER BY e.n, u.m;
+    PERFORM pg_notify('claude_jobs_notifications', '');
+    RETURN NULL;
+END
+$notify$;
+CREATE TRIGGER claude_jobs_notify_ended AFTER UPDATE OF status ON claude_jobs
+    FOR EACH ROW WHEN (NEW.notify IS NOT NULL AND OLD.status IS DISTINCT FROM NEW.status
+                       AND NEW.status IN ('succeeded', 'failed', 'cancelled'))
+    EXECUTE FUNCTION claude_jobs_notify_ended();
+INSERT INTO claude_jobs_schema (version) VALUES (13);
+END IF;
+END $migration_13$;
 COMMIT;

@@ -1,0 +1,227 @@
+"""Notifications (--notify): written with the change they report, sent by workers as Standard
+Webhooks (checked here by an implementation of the spec's signature of the test's own), tried
+again while the receiver is down, in order per job, never for a receiver that said 410."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from conftest import fake, job_row, wait_for
+
+import claude_jobs
+from claude_jobs import ClaudeHandler, Worker
+
+SECRET = "whsec_" + base64.b64encode(b"a secret of the tests, 32 bytes!").decode()
+
+
+@dataclass
+class Receiver:
+    """An HTTP server that records what is POSTed to it and answers ``status`` (a list: the
+    next answers, then 200)."""
+
+    answers: list[int] = field(default_factory=list)
+    received: list[dict[str, Any]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        receiver = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                with receiver.lock:
+                    status = receiver.answers.pop(0) if receiver.answers else 200
+                    receiver.received.append(
+                        {"path": self.path, "body": body, "status": status,
+                         "headers": {k.lower(): v for k, v in self.headers.items()}}
+                    )  # fmt: skip
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+        self.lock = threading.Lock()
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def url(self, path: str = "/hook") -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}{path}"
+
+    def delivered(self) -> list[dict[str, Any]]:
+        with self.lock:
+            return [json.loads(r["body"]) for r in self.received if r["status"] == 200]
+
+
+@pytest.fixture
+def receiver(monkeypatch: pytest.MonkeyPatch) -> Iterator[Receiver]:
+    monkeypatch.setenv("CLAUDE_JOBS_WEBHOOK_SECRET", SECRET)
+    found = Receiver()
+    yield found
+    found.server.shutdown()
+
+
+def verified(request: dict[str, Any]) -> bool:
+    """The Standard Webhooks signature check, as a receiver would write it from the spec."""
+    headers = request["headers"]
+    key = base64.b64decode(SECRET.split("_", 1)[1])
+    signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + request["body"]
+    expected = base64.b64encode(hmac.new(key, signed, hashlib.sha256).digest()).decode()
+    return any(
+        hmac.compare_digest(each.split(",", 1)[1], expected)
+        for each in headers["webhook-signature"].split()
+        if each.startswith("v1,")
+    )
+
+
+def run_jobs(db_url: str, fake_claude: Path) -> None:
+    handler = ClaudeHandler(str(fake_claude))
+    Worker(db_url, burst=True, handlers={"claude": handler}, backoff_base=60).run()
+
+
+def test_a_success_a_failure_and_a_cancel_are_each_told_once_signed(
+    conn: psycopg.Connection, db_url: str, fake_claude: Path, claude_log: Path, tmp_path: Path,
+    receiver: Receiver,
+) -> None:  # fmt: skip
+    hook = [receiver.url()]
+    succeeded = claude_jobs.enqueue(conn, {"prompt": "fine\nmore", "cwd": str(tmp_path)},
+                                    notify=hook)  # fmt: skip
+    failed = claude_jobs.enqueue(conn, {"prompt": fake(exit=3, stdout=""), "cwd": str(tmp_path)},
+                                 notify=hook, max_attempts=1)  # fmt: skip
+    cancelled = claude_jobs.enqueue(conn, {"prompt": "never", "cwd": str(tmp_path)}, notify=hook,
+                                    delay=3600)  # fmt: skip
+    quiet = claude_jobs.enqueue(conn, {"prompt": "nobody asked", "cwd": str(tmp_path)})
+    claude_jobs.cancel_jobs(conn, [cancelled.id])
+    run_jobs(db_url, fake_claude)
+    while claude_jobs.send_due_notifications(conn):
+        pass
+    assert job_row(conn, quiet.id)["status"] == "succeeded"
+    got = {(each["type"], each["data"]["id"]) for each in receiver.delivered()}
+    assert got == {("job.succeeded", str(succeeded.id)), ("job.failed", str(failed.id)),
+                   ("job.cancelled", str(cancelled.id))}  # fmt: skip
+    assert all(verified(request) for request in receiver.received)
+    told = next(e for e in receiver.delivered() if e["type"] == "job.succeeded")
+    assert told["data"]["prompt"] == "fine" and told["data"]["result"].startswith("echo: fine")
+    assert told["data"]["status"] == "succeeded" and told["data"]["cost_usd"] > 0
+    assert claude_jobs.list_notifications(conn) == []
+
+
+def test_a_receiver_down_for_a_while_gets_every_notification_in_order_and_410_is_final(
+    conn: psycopg.Connection, db_url: str, fake_claude: Path, claude_log: Path, tmp_path: Path,
+    receiver: Receiver, start_worker, invoke,
+) -> None:  # fmt: skip
+    receiver.answers = [503, 503, 500]  # down, then up
+    job = claude_jobs.enqueue(conn, {"prompt": "p", "cwd": str(tmp_path)}, delay=3600,
+                              notify=[receiver.url()])  # fmt: skip
+    claude_jobs.cancel_jobs(conn, [job.id])
+    claude_jobs.retry_jobs(conn, [job.id])  # (queued again: it will end a second time)
+    start_worker(CLAUDE_JOBS_WEBHOOK_SECRET=SECRET)
+    wait_for(lambda: len(receiver.delivered()) == 2, 60, "both notifications, in the end")
+    assert [each["type"] for each in receiver.delivered()] == ["job.cancelled", "job.succeeded"]
+    tries = [r for r in receiver.received if json.loads(r["body"])["type"] == "job.cancelled"]
+    assert len(tries) == 4 and len({r["headers"]["webhook-id"] for r in tries}) == 1
+    gone = claude_jobs.enqueue(conn, {"prompt": "p"}, delay=3600,
+                               notify=[receiver.url("/gone")])  # fmt: skip
+    receiver.answers = [410]
+    claude_jobs.cancel_jobs(conn, [gone.id])
+    wait_for(
+        lambda: [n for n in claude_jobs.list_notifications(conn) if n["state"] == "failed"],
+        30,
+        "the refused notification",
+    )
+    [refused] = claude_jobs.list_notifications(conn)
+    assert (refused["state"], refused["last_error"]) == (
+        "failed",
+        "it answered 410 (not tried again)",
+    )
+    listed = invoke("notifications")
+    assert "failed" in listed.output and "/gone" in listed.output
+    assert invoke("notifications", "retry", str(refused["id"])).exit_code == 0
+    wait_for(lambda: not claude_jobs.list_notifications(conn), 30, "the retried notification")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--notify", "not-a-url"], "--notify 'not-a-url': not an http(s) URL"),
+        (["--notify", "ftp://example.com/x"], "not an http(s) URL"),
+        (["--notify", "https://example.com/h", "--notify-on", "nonsense"],
+         "--notify-on 'nonsense': not an event"),
+        (["--notify-on", "job.failed"], "--notify-on narrows --notify: give --notify URL too"),
+    ],
+)  # fmt: skip
+def test_bad_notify_options_exit_2_with_one_line(
+    invoke, conn: psycopg.Connection, args: list[str], message: str
+) -> None:
+    result = invoke("enqueue", "p", *args)
+    assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+    assert message in result.output
+    assert conn.execute("SELECT count(*) FROM claude_jobs").fetchone() == (0,)
+
+
+def test_a_url_s_credentials_are_masked_and_notify_on_narrows(
+    conn: psycopg.Connection, invoke, receiver: Receiver
+) -> None:
+    url = receiver.url().replace("http://", "http://user:s3cret@")
+    queued = invoke("enqueue", "p", "--notify", url, "--notify-on", "job.failed,job.cancelled",
+                    "--delay", "1h")  # fmt: skip
+    assert queued.exit_code == 0, queued.output
+    shown = invoke("show", queued.output.strip()).output
+    assert "s3cret" not in shown and "http://***@127.0.0.1" in shown
+    assert "job.failed, job.cancelled" in shown
+    job_id = queued.output.strip()
+    claude_jobs.cancel_jobs(conn, [job_id])
+    row = conn.execute("SELECT event, url FROM claude_jobs_notifications").fetchall()
+    assert row == [("job.cancelled", url)]
+
+
+def test_a_hanging_receiver_does_not_hold_up_the_jobs(
+    conn: psycopg.Connection, start_worker, claude_log: Path, tmp_path: Path, receiver: Receiver
+) -> None:
+    release = threading.Event()
+    hanging = ThreadingHTTPServer(("127.0.0.1", 0), _hanging_handler(release))
+    threading.Thread(target=hanging.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{hanging.server_address[1]}/slow"
+    jobs = [claude_jobs.enqueue(conn, {"prompt": f"job {n}", "cwd": str(tmp_path)}, notify=[url])
+            for n in range(6)]  # fmt: skip
+    try:
+        start_worker("--concurrency", "2")
+        wait_for(lambda: all(job_row(conn, j.id)["status"] == "succeeded" for j in jobs), 60,
+                 "every job to succeed while the receiver hangs")  # fmt: skip
+        assert all(n["state"] == "pending" for n in claude_jobs.list_notifications(conn))
+    finally:
+        release.set()
+        hanging.shutdown()
+
+
+def _hanging_handler(release: threading.Event) -> type[BaseHTTPRequestHandler]:
+    class Hanging(BaseHTTPRequestHandler):
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            release.wait(120)
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+    return Hanging
+
+
+def test_a_webhook_secret_that_is_none_stops_the_worker_before_it_starts(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("CLAUDE_JOBS_WEBHOOK_SECRET", "whsec_not base64!")
+    with pytest.raises(claude_jobs.ConfigError, match="must be whsec_ and base64"):
+        Worker(db_url, burst=True)
