@@ -401,9 +401,8 @@ DEFAULT_PR_POLL_INTERVAL = 180.0
 #: At most this many pull requests are looked at in one pass, for at most this long.
 PR_POLL_BATCH = 50
 PR_POLL_BUDGET = 60.0
-#: What a job's --notify can be told of, and what it is told of unless --notify-on says.
+#: What a job's --notify can be told of (all of it, unless --notify-on says).
 NOTIFY_EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "job.needs_attention")
-DEFAULT_NOTIFY_EVENTS = NOTIFY_EVENTS
 #: A notification not delivered after this long is abandoned (retried until then).
 NOTIFY_GIVE_UP = 24 * 3600.0
 #: Its first retry comes after this long, each next one after twice as long, up to the max.
@@ -411,9 +410,8 @@ NOTIFY_RETRY_FIRST, NOTIFY_RETRY_MAX = 5.0, 3600.0
 #: A receiver gets this long to answer; a send is leased this long (a worker that dies while
 #: sending leaves it to be sent again after that).
 NOTIFY_TIMEOUT, NOTIFY_LEASE = 10.0, 60.0
-#: Workers look for notifications to send this often (and when told: NOTIFICATIONS_CHANNEL).
+#: Workers look for notifications to send this often.
 NOTIFY_INTERVAL = 1.0
-NOTIFICATIONS_CHANNEL = "claude_jobs_notifications"
 #: What a job's pull request may be, as last looked at.
 PR_STATES = ("open", "merged", "closed", "gone")
 
@@ -1597,7 +1595,6 @@ BEGIN
          jsonb_array_elements_text(NEW.notify->'urls') WITH ORDINALITY AS u(url, m)
     WHERE coalesce(jsonb_array_length(NEW.notify->'on'), 0) = 0 OR NEW.notify->'on' ? e.event
     ORDER BY e.n, u.m;
-    PERFORM pg_notify('claude_jobs_notifications', '');
     RETURN NULL;
 END
 $notify$;
@@ -3896,11 +3893,12 @@ def _delivery_checked(payload: Mapping[str, Any]) -> dict[str, Any]:
         return {}
     base = payload.get("base")
     if base is None:
-        branch = _git(cwd, "symbolic-ref", "--quiet", "--short", "HEAD") if _git_ok(
-            cwd, "symbolic-ref", "--quiet", "HEAD") else ""  # fmt: skip
-        if not branch:
-            raise InvalidJob(f"{top} is on a detached HEAD: give the pull request --pr-base BRANCH")
-        return {"pr_base": branch}
+        try:
+            return {"pr_base": _git(cwd, "symbolic-ref", "--quiet", "--short", "HEAD")}
+        except _GitError:
+            raise InvalidJob(
+                f"{top} is on a detached HEAD: give the pull request --pr-base BRANCH"
+            ) from None
     if _git_ok(top, "rev-parse", "--verify", "--quiet", f"refs/heads/{base}"):
         return {"pr_base": base}
     if _git_ok(top, "rev-parse", "--verify", "--quiet", f"refs/remotes/{base}"):
@@ -6136,7 +6134,6 @@ SET_DELIVERY = """
 -- set_delivery: what `deliver` did for a finished job, by hand
 UPDATE claude_jobs SET delivery = %(delivery)s::jsonb, updated_at = now()
 WHERE id = %(id)s AND status IN ('succeeded', 'failed', 'cancelled')
-RETURNING id
 """
 
 DUE_PULL_REQUESTS = """
@@ -6156,13 +6153,6 @@ FROM due WHERE j.id = due.id
 RETURNING j.id, j.delivery
 """
 
-ANY_DUE_PULL_REQUEST = """
--- any_due_pull_request: whether an open pull request is due for a look (see due_pull_requests)
-SELECT FROM claude_jobs
-WHERE delivery->'pr'->>'state' = 'open' AND coalesce(delivery->'pr'->>'polled_at', '') < %(before)s
-LIMIT 1
-"""
-
 RECORD_PULL_REQUEST = """
 -- record_pull_request: what a look at a job's pull request found
 UPDATE claude_jobs SET delivery = jsonb_set(delivery, '{pr}', delivery->'pr' || %(pr)s::jsonb)
@@ -6172,6 +6162,23 @@ WHERE id = %(id)s AND delivery ? 'pr'
 
 class DeliveryError(JobsError):
     """A branch could not be pushed, or its pull request not opened (the job keeps its work)."""
+
+
+def _exchange(request: urllib.request.Request, timeout: float) -> tuple[int, dict[str, str], bytes]:
+    """Send an HTTP request: (status, headers with lower-case names, body), whatever the
+    status (an error answer is an answer too); OSError or HTTPException when none came."""
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, headers, raw = response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:  # (304, 4xx, 5xx)
+        status, headers, raw = error.code, error.headers, error.read()
+    return status, {name.lower(): value for name, value in headers.items()}, raw
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    """The seconds an answer's Retry-After asks to wait (None: it asks nothing)."""
+    value = headers.get("retry-after", "")
+    return float(value) if value.isdigit() else None
 
 
 def github_token() -> str | None:
@@ -6261,12 +6268,13 @@ class _GitHub:
     def _transient(status: int, headers: Mapping[str, str]) -> float | None:
         """Seconds to wait before trying again, for an answer that may change by itself (a
         spent rate limit: until its reset)."""
-        retry_after = headers.get("retry-after", "")
+        retry_after = _retry_after(headers)
         spent = headers.get("x-ratelimit-remaining") == "0"
-        if not (status >= 500 or status == 429 or (status == 403 and (retry_after or spent))):
+        asks = retry_after is not None
+        if not (status >= 500 or status == 429 or (status == 403 and (asks or spent))):
             return None
-        if retry_after.isdigit():
-            return float(retry_after)
+        if retry_after is not None:
+            return retry_after
         reset = headers.get("x-ratelimit-reset", "")
         if spent and reset.isdigit():
             return max(0.0, float(reset) - time.time())
@@ -6286,16 +6294,12 @@ class _GitHub:
         request = urllib.request.Request(self.api_url + path, data, headers, method=method)
         # (never sent on to where a redirect points)
         request.add_unredirected_header("Authorization", f"Bearer {self._token}")
-        try:
-            with urllib.request.urlopen(request, timeout=GITHUB_TIMEOUT) as response:
-                status, answer_headers, raw = response.status, response.headers, response.read()
-        except urllib.error.HTTPError as error:  # (an answer all the same: 304, 4xx, 5xx)
-            status, answer_headers, raw = error.code, error.headers, error.read()
+        status, answer_headers, raw = _exchange(request, GITHUB_TIMEOUT)
         try:
             answer = json.loads(raw) if raw else None
         except ValueError:
             answer = None
-        return status, {name.lower(): value for name, value in answer_headers.items()}, answer
+        return status, answer_headers, answer
 
 
 def _pr_title(job: Job, result: Any) -> str:
@@ -6547,12 +6551,10 @@ def track_pull_requests(
     with _atomic(conn):
         if not _db_try_task_lock(conn, TRACK_TASK):
             return 0
-        if conn.execute(ANY_DUE_PULL_REQUEST, params).fetchone() is None:
-            return 0
-        token = token or github_token()
-        if token is None:
-            return 0
         due = conn.execute(DUE_PULL_REQUESTS, params).fetchall()
+    token = (token or github_token()) if due else None  # (gh is asked only when it is needed)
+    if token is None:  # (without one, nothing can be looked at: they wait for the next pass)
+        return 0
     ends = time.monotonic() + budget
     for job_id, delivery in due:
         pr = delivery["pr"]
@@ -6720,11 +6722,6 @@ def _chat_message(url: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def _retry_after(headers: Mapping[str, str]) -> float:
-    value = headers.get("retry-after", "")
-    return float(value) if value.isdigit() else 0.0
-
-
 def _send_notification(row: Mapping[str, Any], key: bytes | None) -> tuple[str, str | None, float]:
     """POST one notification; (what became of it: sent, pending or failed; the error; when to
     try again). 2xx is sent; a connection error, a timeout, 408, 429 and 5xx are tried again;
@@ -6743,10 +6740,7 @@ def _send_notification(row: Mapping[str, Any], key: bytes | None) -> tuple[str, 
     delay *= 1 + random.random() / 10
     request = urllib.request.Request(row["url"], body, headers, method="POST")
     try:
-        with urllib.request.urlopen(request, timeout=NOTIFY_TIMEOUT) as response:
-            status, answer = response.status, {k.lower(): v for k, v in response.headers.items()}
-    except urllib.error.HTTPError as error:
-        status, answer = error.code, {k.lower(): v for k, v in error.headers.items()}
+        status, answer, _ = _exchange(request, NOTIFY_TIMEOUT)
     except (OSError, http.client.HTTPException, ValueError) as error:
         reason = getattr(error, "reason", None) or error
         return "pending", _without_credentials(f"cannot reach it: {reason}"), delay
@@ -6754,7 +6748,7 @@ def _send_notification(row: Mapping[str, Any], key: bytes | None) -> tuple[str, 
         return "sent", None, 0.0
     said = f"it answered {status}"
     if status in (408, 429) or status >= 500:
-        return "pending", said, max(delay, min(_retry_after(answer), NOTIFY_RETRY_MAX))
+        return "pending", said, max(delay, min(_retry_after(answer) or 0.0, NOTIFY_RETRY_MAX))
     return "failed", said + " (not tried again)", 0.0
 
 
@@ -6763,12 +6757,10 @@ def send_due_notifications(conn: psycopg.Connection, limit: int = 20) -> int:
     work, each notification taken by one), each job's in order; how many were tried. Signed
     with CLAUDE_JOBS_WEBHOOK_SECRET when it is set."""
     key = _webhook_key()
-    with _atomic(conn):
-        taken = conn.execute(TAKE_NOTIFICATIONS, {"limit": limit, "lease": NOTIFY_LEASE})
-        rows = taken.fetchall()
-        names = [column.name for column in taken.description or ()]
-    for values in rows:
-        row = dict(zip(names, values, strict=True))
+    params = {"limit": limit, "lease": NOTIFY_LEASE}
+    with _atomic(conn), conn.cursor(row_factory=dict_row) as cur:
+        rows = cur.execute(TAKE_NOTIFICATIONS, params).fetchall()
+    for row in rows:
         state, error, delay = _send_notification(row, key)
         if state == "pending" and row["age"] + delay > NOTIFY_GIVE_UP:
             state, error = "abandoned", f"{error}; tried for {_duration_text(NOTIFY_GIVE_UP)}"
@@ -6801,7 +6793,6 @@ def retry_notification(conn: psycopg.Connection, notification_id: uuid.UUID | st
     with _atomic(conn):
         if conn.execute(RETRY_NOTIFICATION, {"id": key}).fetchone() is None:
             raise NotFound(f"no failed or abandoned notification {key}")
-        conn.execute("SELECT pg_notify(%s, '')", [NOTIFICATIONS_CHANNEL])
 
 
 ###############################################################################
@@ -7566,13 +7557,7 @@ def claude_outcome(
     """
     if ended.cannot_run:
         raise WorkerUnfit(ended.cannot_run)
-    if ended.stopped:
-        raise _Interrupted(ended.stopped)
-    if ended.lease_ran_out:  # (if the lease is truly lost, the watchdog says so too, and
-        raise JobFailed(  # nothing is written: another worker may run the job now)
-            "interrupted: no heartbeat of its worker reached the database in time, so its "
-            "lease ran out and every process of the attempt was stopped"
-        )
+    ended.raise_if_stopped()
     said = (result or {}).get("result")
     said = said if isinstance(said, str) else ""
     errors = (result or {}).get("errors") or []
@@ -7708,6 +7693,17 @@ class _ProcessExit:
     stopped: str | None = None  # the stop reason, when stopped from outside
     lease_ran_out: bool = False  # its supervisor ended it: the worker's lease ran out
     cannot_run: str | None = None  # its supervisor could not start it: why
+
+    def raise_if_stopped(self) -> None:
+        """Raise what the attempt comes to when the process was stopped from outside (a stop
+        of the run context: _Interrupted) or by its supervisor as the lease ran out."""
+        if self.stopped:
+            raise _Interrupted(self.stopped)
+        if self.lease_ran_out:  # (if the lease is truly lost, the watchdog says so too, and
+            raise JobFailed(  # nothing is written: another worker may run the job now)
+                "interrupted: no heartbeat of its worker reached the database in time, so its "
+                "lease ran out and every process of the attempt was stopped"
+            )
 
 
 def _pipe(nonblocking_end: int) -> tuple[int, int]:
@@ -8231,13 +8227,7 @@ class _Checks:
         seconds = time.monotonic() - started
         if ended.cannot_run:
             raise PermanentError(f"the check `{command}` cannot start: {ended.cannot_run}")
-        if ended.stopped:
-            raise _Interrupted(ended.stopped)
-        if ended.lease_ran_out:
-            raise JobFailed(
-                "interrupted: no heartbeat of its worker reached the database in time, so its "
-                f"lease ran out and the check `{command}` was stopped"
-            )
+        ended.raise_if_stopped()
         if ended.timed_out:
             within = f" after {_duration_text(self._time_limit)}, its time limit"
             raise JobFailed(
@@ -12274,7 +12264,9 @@ def mcp_server(url: str, limits: McpLimits = McpLimits()) -> Any:
             raise InvalidJob(f"status must be one of {', '.join(JobStatus)}, not {status!r}")
         with database() as conn:
             statuses = [status] if status else None
-            jobs = list_jobs(conn, statuses=statuses, queue=queue, limit=max(1, min(limit, 500)))
+            jobs = list_jobs(
+                conn, statuses=statuses, queue=queue, limit=max(1, min(limit, MAX_PAGE))
+            )
             return [_mcp_job(conn, job) for job in jobs]
 
     @tool

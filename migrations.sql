@@ -706,7 +706,6 @@ BEGIN
          jsonb_array_elements_text(NEW.notify->'urls') WITH ORDINALITY AS u(url, m)
     WHERE coalesce(jsonb_array_length(NEW.notify->'on'), 0) = 0 OR NEW.notify->'on' ? e.event
     ORDER BY e.n, u.m;
-    PERFORM pg_notify('claude_jobs_notifications', '');
     RETURN NULL;
 END
 $notify$;
