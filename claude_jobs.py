@@ -51,6 +51,8 @@ stands above it, never what stands below (but the assets, last of all).
     Queue API: worktrees               diff, list and prune the worktrees jobs left
     Queue API: delivery                push a branch, open its pull request (GitHub's REST
                                        API), look at it now and then
+    Queue API: review                  what needs people ("Needs you"): a worktree job's
+                                       diff by file; reply, discard, mark seen
     Queue API: notifications           what --notify sends (Standard Webhooks, Slack,
                                        Discord), tried again until delivered
     Queue API: schedules               add, edit, fire (the due-time arithmetic is _Timing)
@@ -216,6 +218,8 @@ __all__ = [
     "default_handlers",
     "default_home",
     "deliver",
+    "diff_files",
+    "discard",
     "drain_worker",
     "edit_schedule",
     "enqueue",
@@ -243,9 +247,12 @@ __all__ = [
     "list_workers",
     "list_worktrees",
     "main",
+    "mark_reviewed",
     "mask_url",
     "mcp_server",
     "migrate",
+    "needs_you",
+    "notification_counts",
     "parse_duration",
     "parse_time",
     "pause_queue",
@@ -257,6 +264,7 @@ __all__ = [
     "queue_stats",
     "registered_kinds",
     "remove_schedule",
+    "reply",
     "reschedule",
     "resolve_batch",
     "resolve_job_id",
@@ -273,8 +281,10 @@ __all__ = [
     "schema_version",
     "send_due_notifications",
     "set_priority",
+    "set_public_url",
     "start_embedded",
     "sync_schedules",
+    "timeline",
     "track_pull_requests",
     "worktree_diff",
 ]
@@ -401,8 +411,13 @@ DEFAULT_PR_POLL_INTERVAL = 180.0
 #: At most this many pull requests are looked at in one pass, for at most this long.
 PR_POLL_BATCH = 50
 PR_POLL_BUDGET = 60.0
-#: What a job's --notify can be told of (all of it, unless --notify-on says).
-NOTIFY_EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "job.needs_attention")
+#: What --notify can be told of (all of it, unless --notify-on says): the ends of jobs and
+#: batches (`finished` names them all in --notify-on), and what needs people (`attention`).
+NOTIFY_GROUPS = {
+    "finished": ("job.succeeded", "job.failed", "job.cancelled", "batch.finished"),
+    "attention": ("job.needs_attention", "worker.unfit", "hold.started", "hold.ended"),
+}
+NOTIFY_EVENTS = NOTIFY_GROUPS["finished"] + NOTIFY_GROUPS["attention"]
 #: A notification not delivered after this long is abandoned (retried until then).
 NOTIFY_GIVE_UP = 24 * 3600.0
 #: Its first retry comes after this long, each next one after twice as long, up to the max.
@@ -582,6 +597,7 @@ class Job:
     checks: dict[str, Any] | None = None  # its checks: the round, and each one's results
     delivery: dict[str, Any] | None = None  # its branch pushed, its pull request (see deliver)
     notify: dict[str, Any] | None = None  # whom it tells when it ends, of what (see --notify)
+    reviewed_at: datetime | None = None  # replied to, delivered, discarded or marked seen
     transcript: str | None = None
     transcript_size: int = 0  # characters ever written to the transcript (it keeps the tail)
     unique_key: str | None = None  # no second job of the key while this one is unfinished
@@ -1604,6 +1620,174 @@ CREATE TRIGGER claude_jobs_notify_ended AFTER UPDATE OF status ON claude_jobs
     EXECUTE FUNCTION claude_jobs_notify_ended();
 """,
     ),
+    (
+        14,
+        """\
+-- Notifications of more than a job's end: a batch's end (enqueue --batch --notify), the holds
+-- of a usage limit or a daily budget and a worker that cannot run claude (told to its own
+-- `worker --notify`, also the default of the jobs it runs), a continuation that widens what
+-- its job may do. `subject` is what a notification is about (a job's id, batch:ID, hold:KIND,
+-- worker:ID): each subject's are sent in order. `worker_id`: the worker sending it now (a
+-- worker found dead leaves it to the others at once). A link to the dashboard goes in each
+-- body once `serve --public-url` has said where it is (in claude_jobs_settings).
+ALTER TABLE claude_jobs_workers ADD COLUMN notify jsonb;
+ALTER TABLE claude_jobs_batches ADD COLUMN notify jsonb;
+-- (a hold's: whom its end is told, the workers' --notify when it started)
+ALTER TABLE claude_jobs_holds ADD COLUMN notify jsonb;
+-- Review: when someone replied to a finished job, delivered it, discarded its worktree or
+-- marked it seen (a retry clears it). The dashboard's "Needs you" lists, through this index,
+-- the jobs not reviewed that failed, or succeeded with a worktree not delivered (a delivered
+-- one is reviewed where it went), or whose delivery failed.
+ALTER TABLE claude_jobs ADD COLUMN reviewed_at timestamptz;
+CREATE INDEX claude_jobs_needs_you ON claude_jobs (finished_at DESC, id)
+    WHERE reviewed_at IS NULL AND (status = 'failed' OR (status = 'succeeded'
+        AND ((worktree IS NOT NULL AND delivery IS NULL) OR delivery ? 'error')));
+ALTER TABLE claude_jobs_notifications ADD COLUMN subject text, ADD COLUMN worker_id uuid;
+UPDATE claude_jobs_notifications SET subject = job_id::text;
+ALTER TABLE claude_jobs_notifications ALTER COLUMN subject SET NOT NULL;
+DROP INDEX claude_jobs_notifications_order;
+CREATE INDEX claude_jobs_notifications_order ON claude_jobs_notifications (subject, url, seq)
+    WHERE state = 'pending';
+CREATE INDEX claude_jobs_notifications_given_up ON claude_jobs_notifications (created_at)
+    WHERE state IN ('failed', 'abandoned');
+CREATE TABLE claude_jobs_settings (
+    name   text PRIMARY KEY,
+    value  text NOT NULL
+);
+-- Notifications ever sent, tried again and abandoned (counters for /metrics: cleanup deletes
+-- the sent ones, not these).
+CREATE TABLE claude_jobs_notification_counts (
+    outcome  text PRIMARY KEY,
+    count    bigint NOT NULL DEFAULT 0
+);
+-- Write one notification of `event` about `subject` to each URL of `notify` that wants it
+-- ({"urls": [...], "on": [events]}: no "on", every event); `data` is its body's data, with a
+-- link to the dashboard's `path` when its public URL is known.
+CREATE FUNCTION claude_jobs_tell(event text, subject text, job uuid, notify jsonb, data jsonb,
+                                 path text) RETURNS void LANGUAGE sql AS $tell$
+    INSERT INTO claude_jobs_notifications (event, subject, job_id, url, body)
+    SELECT $1, $2, $3, u.url, jsonb_build_object(
+        'type', $1,
+        'timestamp', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        'data', $5 || coalesce((SELECT jsonb_build_object('url', rtrim(s.value, '/') || $6)
+                                FROM claude_jobs_settings s WHERE s.name = 'public_url'), '{}'))
+    FROM jsonb_array_elements_text($4->'urls') WITH ORDINALITY AS u(url, n)
+    WHERE coalesce(jsonb_array_length($4->'on'), 0) = 0 OR $4->'on' ? $1
+    ORDER BY u.n
+$tell$;
+-- The URLs of every live worker's `worker --notify` (as one notify value).
+CREATE FUNCTION claude_jobs_workers_notify(event text) RETURNS jsonb LANGUAGE sql AS $all$
+    SELECT jsonb_build_object('urls', coalesce(jsonb_agg(DISTINCT u.url), '[]'))
+    FROM claude_jobs_workers w, jsonb_array_elements_text(w.notify->'urls') AS u(url)
+    WHERE coalesce(jsonb_array_length(w.notify->'on'), 0) = 0 OR w.notify->'on' ? event
+$all$;
+CREATE OR REPLACE FUNCTION claude_jobs_notify_ended() RETURNS trigger LANGUAGE plpgsql
+AS $notify$
+DECLARE
+    event text;
+    data jsonb := jsonb_build_object(
+        'id', NEW.id, 'status', NEW.status, 'queue', NEW.queue, 'kind', NEW.kind,
+        'prompt', left(split_part(NEW.payload->>'prompt', E'\n', 1), 300),
+        'result', left(split_part(CASE jsonb_typeof(NEW.result) WHEN 'object'
+                                  THEN NEW.result->>'result' END, E'\n', 1), 300),
+        'error', left(NEW.last_error, 1000), 'cost_usd', NEW.cost_usd,
+        'attempts', NEW.attempts, 'branch', NEW.worktree->>'branch',
+        'pull_request', NEW.delivery->'pr'->>'url', 'finished_at', NEW.finished_at);
+BEGIN
+    IF TG_OP = 'INSERT' THEN  -- a continuation that may do more than the job it continues
+        PERFORM claude_jobs_tell('job.needs_attention', NEW.id::text, NEW.id, NEW.notify,
+            data || jsonb_build_object('attention', 'it may do more than the job it continues: '
+                                       || array_to_string(NEW.widens, '; ')),
+            '/#/jobs/' || NEW.id);
+        RETURN NULL;
+    END IF;
+    PERFORM claude_jobs_tell('job.' || NEW.status, NEW.id::text, NEW.id, NEW.notify, data,
+                             '/#/jobs/' || NEW.id);
+    event := CASE WHEN NEW.status = 'failed' AND NEW.checks->>'phase' = 'failed'
+                  THEN 'its checks failed'
+                  WHEN NEW.status = 'succeeded' AND NEW.delivery ? 'error'
+                  THEN 'its delivery failed: ' || left(NEW.delivery->>'error', 500) END;
+    IF event IS NOT NULL THEN
+        PERFORM claude_jobs_tell('job.needs_attention', NEW.id::text, NEW.id, NEW.notify,
+                                 data || jsonb_build_object('attention', event),
+                                 '/#/jobs/' || NEW.id);
+    END IF;
+    RETURN NULL;
+END
+$notify$;
+CREATE TRIGGER claude_jobs_notify_widened AFTER INSERT ON claude_jobs
+    FOR EACH ROW WHEN (NEW.notify IS NOT NULL AND NEW.widens IS NOT NULL)
+    EXECUTE FUNCTION claude_jobs_notify_ended();
+-- A batch's end.
+CREATE FUNCTION claude_jobs_notify_batch() RETURNS trigger LANGUAGE plpgsql AS $batch$
+BEGIN
+    PERFORM claude_jobs_tell('batch.finished', 'batch:' || NEW.id, NULL, NEW.notify,
+        jsonb_build_object('id', NEW.id, 'name', NEW.name, 'created_at', NEW.created_at,
+                           'finished_at', NEW.finished_at, 'purged', NEW.purged)
+        || (SELECT jsonb_build_object(
+                'jobs', jsonb_object_agg(status, jobs), 'cost_usd', sum(cost))
+            FROM (SELECT status, count(*) AS jobs, sum(cost_usd) AS cost FROM claude_jobs
+                  WHERE batch_id = NEW.id GROUP BY status) counted),
+        '/#/batch/' || NEW.id);
+    RETURN NULL;
+END
+$batch$;
+CREATE TRIGGER claude_jobs_notify_batch AFTER UPDATE OF finished_at ON claude_jobs_batches
+    FOR EACH ROW WHEN (NEW.notify IS NOT NULL AND OLD.finished_at IS NULL
+                       AND NEW.finished_at IS NOT NULL)
+    EXECUTE FUNCTION claude_jobs_notify_batch();
+-- A hold on every worker (a usage limit) that starts (or starts again after it ran out), and
+-- one that ends (lifted by `resume --hold`, or run out: workers delete those), told to those
+-- its `notify` names (SET_HOLD: the workers' when it started).
+CREATE FUNCTION claude_jobs_notify_hold() RETURNS trigger LANGUAGE plpgsql AS $hold$
+BEGIN
+    IF TG_OP <> 'INSERT' AND (TG_OP = 'DELETE' OR OLD.until <= now()) THEN
+        PERFORM claude_jobs_tell('hold.ended', 'hold:' || OLD.kind, NULL, OLD.notify,
+            jsonb_build_object('kind', OLD.kind, 'scope', 'every worker', 'until', OLD.until,
+                               'reason', OLD.reason,
+                               'ended', CASE WHEN OLD.until <= now() THEN 'ran out'
+                                             ELSE 'lifted' END), '/');
+    END IF;
+    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND OLD.until <= now()) THEN
+        PERFORM claude_jobs_tell('hold.started', 'hold:' || NEW.kind, NULL,
+            claude_jobs_workers_notify('hold.started'),
+            jsonb_build_object('kind', NEW.kind, 'scope', 'every worker', 'until', NEW.until,
+                               'reason', NEW.reason), '/');
+    END IF;
+    RETURN NULL;
+END
+$hold$;
+CREATE TRIGGER claude_jobs_notify_hold AFTER INSERT OR UPDATE OR DELETE ON claude_jobs_holds
+    FOR EACH ROW EXECUTE FUNCTION claude_jobs_notify_hold();
+-- A worker that stops starting claude jobs: it cannot run them (worker.unfit, once until it
+-- can again), or its daily budget is spent (hold.started; hold.ended when that is over).
+CREATE FUNCTION claude_jobs_notify_paused() RETURNS trigger LANGUAGE plpgsql AS $paused$
+DECLARE
+    budget boolean := starts_with(coalesce(NEW.claude_paused_reason, OLD.claude_paused_reason),
+                                  'the daily budget of ');
+    data jsonb := jsonb_build_object('worker', NEW.id, 'host', NEW.host, 'pid', NEW.pid,
+                                     'kind', 'claude');
+BEGIN
+    IF NEW.claude_paused_until IS NOT NULL AND OLD.claude_paused_until IS NULL THEN
+        PERFORM claude_jobs_tell(CASE WHEN budget THEN 'hold.started' ELSE 'worker.unfit' END,
+            'worker:' || NEW.id, NULL, NEW.notify,
+            data || jsonb_build_object('scope', 'this worker', 'until', NEW.claude_paused_until,
+                                       'reason', NEW.claude_paused_reason), '/');
+    ELSIF NEW.claude_paused_until IS NULL AND OLD.claude_paused_until IS NOT NULL AND budget THEN
+        PERFORM claude_jobs_tell('hold.ended', 'worker:' || NEW.id, NULL, NEW.notify,
+            data || jsonb_build_object('scope', 'this worker', 'reason',
+                                       OLD.claude_paused_reason), '/');
+    END IF;
+    RETURN NULL;
+END
+$paused$;
+CREATE TRIGGER claude_jobs_notify_paused AFTER UPDATE OF claude_paused_until
+    ON claude_jobs_workers
+    FOR EACH ROW WHEN (NEW.notify IS NOT NULL
+                       AND (OLD.claude_paused_until IS NULL) <> (NEW.claude_paused_until IS NULL))
+    EXECUTE FUNCTION claude_jobs_notify_paused();
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -1650,7 +1834,8 @@ _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, 
     timeout, last_error, errors, worker_id, worker, result, session_id, cost_usd, created_at,
     started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
     concurrency_limit, after, continue_from, session_host, worktree, widens, unique_key,
-    schedule, scheduled_for, batch_id, callback_of, seq, claim, checks, delivery, notify"""
+    schedule, scheduled_for, batch_id, callback_of, seq, claim, checks, delivery, notify,
+    reviewed_at"""
 
 JOB_STATUSES = """
 -- job_statuses: the status of each of these jobs, and the host that keeps its claude session
@@ -1758,8 +1943,8 @@ SELECT id FROM claude_jobs_batches WHERE name = %(name)s AND finished_at IS NULL
 
 OPEN_BATCH = """
 -- open_batch: a new batch of a name, unless one of that name is open (no row then)
-INSERT INTO claude_jobs_batches (id, name, on_finish, on_success)
-VALUES (%(id)s, %(name)s, %(on_finish)s::jsonb, %(on_success)s::jsonb)
+INSERT INTO claude_jobs_batches (id, name, on_finish, on_success, notify)
+VALUES (%(id)s, %(name)s, %(on_finish)s::jsonb, %(on_success)s::jsonb, %(notify)s::jsonb)
 ON CONFLICT (name) WHERE finished_at IS NULL DO NOTHING
 RETURNING id
 """
@@ -1771,14 +1956,17 @@ SELECT id FROM claude_jobs_batches WHERE id = %(id)s AND finished_at IS NULL FOR
 """
 
 CHANGE_BATCH_CALLBACKS = """
--- change_batch_callbacks: replace an open batch's callbacks by those given, if they differ
--- (its row then locked until the end of the transaction); no row if they do not
+-- change_batch_callbacks: replace an open batch's callbacks (and whom its end is told) by
+-- those given, if they differ (its row then locked until the end of the transaction); no row
+-- if they do not
 UPDATE claude_jobs_batches
 SET on_finish = coalesce(%(on_finish)s::jsonb, on_finish),
-    on_success = coalesce(%(on_success)s::jsonb, on_success)
+    on_success = coalesce(%(on_success)s::jsonb, on_success),
+    notify = coalesce(%(notify)s::jsonb, notify)
 WHERE id = %(id)s AND finished_at IS NULL
-  AND (on_finish, on_success) IS DISTINCT FROM
-      (coalesce(%(on_finish)s::jsonb, on_finish), coalesce(%(on_success)s::jsonb, on_success))
+  AND (on_finish, on_success, notify) IS DISTINCT FROM
+      (coalesce(%(on_finish)s::jsonb, on_finish), coalesce(%(on_success)s::jsonb, on_success),
+       coalesce(%(notify)s::jsonb, notify))
 RETURNING id
 """
 
@@ -1812,8 +2000,8 @@ JOBS_IN_RANGE = """
 SELECT id FROM claude_jobs WHERE id BETWEEN %(low)s AND %(high)s ORDER BY id LIMIT 6
 """
 
-LIST_JOBS = f"""
--- list_jobs: jobs newest first (in enqueue order), filtered, from where the last page ended
+_LIST_JOBS = f"""
+-- list_jobs: jobs {{what}} (in enqueue order), filtered, from where the last page ended
 -- (keyset paging through claude_jobs_newest: a page costs the same at the millionth job as at
 -- the first)
 SELECT {_JOB_COLUMNS} FROM claude_jobs
@@ -1826,10 +2014,14 @@ WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(batch)s::uuid IS NULL OR batch_id = %(batch)s::uuid)
   AND (%(pr)s::text IS NULL OR delivery->'pr'->>'state' = %(pr)s::text)
   AND (%(before_at)s::timestamptz IS NULL OR (created_at, seq, id)
-       < (%(before_at)s::timestamptz, %(before_seq)s::bigint, %(before_id)s::uuid))
-ORDER BY created_at DESC, seq DESC, id DESC
+       {{beyond}} (%(before_at)s::timestamptz, %(before_seq)s::bigint, %(before_id)s::uuid))
+ORDER BY created_at {{order}}, seq {{order}}, id {{order}}
 LIMIT %(limit)s
 """
+LIST_JOBS = _LIST_JOBS.format(what="newest first", beyond="<", order="DESC")
+LIST_NEWER_JOBS = _LIST_JOBS.format(  # (the page before: the oldest of the newer ones first)
+    what="oldest first, newer than a page's first", beyond=">", order="ASC"
+)
 
 LOCK_JOBS = """
 -- lock_jobs: the status of each of these jobs, locked until the end of the transaction
@@ -1889,6 +2081,7 @@ WITH chosen AS (
     SET status = 'queued', attempts = 0, run_at = now(), started_at = NULL, finished_at = NULL,
         cancel_requested_at = NULL, claim = NULL, worker_id = NULL, worker = NULL,
         last_error = NULL, updated_at = now(), checks = NULL,  -- (its checks start over)
+        reviewed_at = NULL,  -- (its next end is to be looked at)
         -- (still waiting for a job not over, or continuing one retried here with it)
         blocked = CASE WHEN {_WAITS_FOR_JOBS.format(w="j")}
                             OR j.continue_from IN (SELECT id FROM chosen) THEN 'jobs' END
@@ -1967,6 +2160,17 @@ JOB_COUNTS = """
 SELECT queue, status, sum(jobs)::bigint AS jobs, sum(entered)::bigint AS entered,
     sum(cost_usd) AS cost_usd, sum(run_seconds) AS run_seconds
 FROM claude_jobs_counts GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+TIMELINE = """
+-- timeline: the jobs that ended (succeeded, failed) per minute or hour since a time, through
+-- the index of finished jobs
+SELECT date_trunc(%(step)s, finished_at) AS at,
+    count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
+    count(*) FILTER (WHERE status = 'failed') AS failed
+FROM claude_jobs
+WHERE status IN ('succeeded', 'failed') AND finished_at >= %(since)s
+GROUP BY 1 ORDER BY 1
 """
 
 RUN_TIMES = """
@@ -2220,7 +2424,7 @@ _CLAIM = f"""
 -- first, then oldest run_at, then first enqueued; skip rows other workers are claiming now.
 WITH me AS (
     -- a worker declared dead must not claim; the share lock makes its reaper wait for us
-    SELECT id FROM claude_jobs_workers WHERE id = %(worker_id)s FOR KEY SHARE
+    SELECT id, notify FROM claude_jobs_workers WHERE id = %(worker_id)s FOR KEY SHARE
 ), ready AS (
     SELECT c.id FROM claude_jobs c
     WHERE c.status = 'queued' AND c.blocked IS NULL AND c.run_at <= now() {{queue_filter}}
@@ -2251,7 +2455,8 @@ WITH me AS (
 UPDATE claude_jobs j
 SET status = 'running', attempts = j.attempts + 1, claim = gen_random_uuid(),
     worker_id = %(worker_id)s, worker = %(worker)s, started_at = now(), finished_at = NULL,
-    key_held = false, updated_at = now()
+    key_held = false, updated_at = now(),
+    notify = coalesce(j.notify, (SELECT notify FROM me))  -- (the worker's --notify: a default)
 FROM ready WHERE j.id = ready.id
 RETURNING {", ".join("j." + c.strip() for c in _JOB_COLUMNS.split(","))},
     -- a continuation gets the session and worktree of the job it continues
@@ -2554,12 +2759,13 @@ RETURNING j.id, j.queue, j.kind, j.last_error, pg_notify(%(output)s, j.id::text)
 
 SET_HOLD = """
 -- set_hold: no worker starts jobs of this kind before `until` (a hold only ever lengthens),
--- and every worker hears of it
+-- and every worker hears of it; its end is told to the workers' --notify of when it started
 WITH held AS (
-    INSERT INTO claude_jobs_holds AS h (kind, until, reason)
-    VALUES (%(kind)s, %(until)s, %(reason)s)
+    INSERT INTO claude_jobs_holds AS h (kind, until, reason, notify)
+    VALUES (%(kind)s, %(until)s, %(reason)s, claude_jobs_workers_notify('hold.ended'))
     ON CONFLICT (kind) DO UPDATE
-    SET until = greatest(h.until, excluded.until), reason = excluded.reason, set_at = now()
+    SET until = greatest(h.until, excluded.until), reason = excluded.reason, set_at = now(),
+        notify = CASE WHEN h.until <= now() THEN excluded.notify ELSE h.notify END
     RETURNING kind
 )
 SELECT pg_notify(%(channel)s, json_build_object('hold', kind)::text) FROM held
@@ -2606,6 +2812,16 @@ UNPAUSE_WORKER_KIND = """
 -- over: a job ran)
 UPDATE claude_jobs_workers SET claude_paused_until = NULL, claude_paused_reason = NULL
 WHERE id = %(id)s AND claude_paused_reason = %(reason)s
+"""
+
+HOLDS_OVER = """
+-- holds_over: the holds on every worker that ran out are over (deleted, which tells their
+-- end: claude_jobs_notify_hold), and so is this worker's daily budget spent on a day gone by
+WITH gone AS (
+    DELETE FROM claude_jobs_holds WHERE until <= now() RETURNING kind
+)
+UPDATE claude_jobs_workers SET claude_paused_until = NULL, claude_paused_reason = NULL
+WHERE id = %(id)s AND claude_paused_until <= now() AND starts_with(claude_paused_reason, %(budget)s)
 """
 
 WORKER_PAUSED = """
@@ -2657,9 +2873,9 @@ SELECT pg_try_advisory_lock(%(namespace)s, %(key)s) AS locked
 REGISTER_WORKER = """
 -- register_worker: announce a worker (it already holds its lock)
 INSERT INTO claude_jobs_workers
-    (id, lock_key, host, pid, queues, kinds, concurrency, backend_pid, session_name)
+    (id, lock_key, host, pid, queues, kinds, concurrency, backend_pid, session_name, notify)
 VALUES (%(id)s, %(key)s, %(host)s, %(pid)s, %(queues)s, %(kinds)s, %(concurrency)s,
-        pg_backend_pid(), current_setting('application_name'))
+        pg_backend_pid(), current_setting('application_name'), %(notify)s::jsonb)
 """
 
 HEARTBEAT = """
@@ -3340,6 +3556,10 @@ def _db_unpause_worker_kind(conn: psycopg.Connection, worker_id: uuid.UUID, reas
     conn.execute(UNPAUSE_WORKER_KIND, {"id": worker_id, "reason": reason})
 
 
+def _db_holds_over(conn: psycopg.Connection, worker_id: uuid.UUID) -> None:
+    conn.execute(HOLDS_OVER, {"id": worker_id, "budget": BUDGET_NOTE})
+
+
 def _db_worker_paused(conn: psycopg.Connection, worker_id: uuid.UUID) -> bool:
     """Whether this worker's row says it starts no claude job now."""
     row = conn.execute(WORKER_PAUSED, {"id": worker_id}).fetchone()
@@ -3376,7 +3596,7 @@ def _db_register_worker(
         key = _the_row(conn.execute(NEXT_WORKER_KEY))[0]
         if _db_try_lock(conn, key):
             break
-    conn.execute(REGISTER_WORKER, {"id": worker_id, "key": key, **identity})
+    conn.execute(REGISTER_WORKER, {"id": worker_id, "key": key, "notify": None, **identity})
     return key
 
 
@@ -3964,11 +4184,37 @@ def _checked_time(when: datetime, what: str = "invalid time") -> datetime:
     return when
 
 
-def _check_notify_url(url: Any) -> None:
-    """Refuse a --notify that is not an http(s) URL (said with its credentials masked)."""
-    parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise InvalidJob(f"--notify {_without_credentials(str(url))!r}: not an http(s) URL")
+#: The events a job is told of itself.
+_JOB_EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "job.needs_attention")
+
+
+def _notify_events(on: Iterable[str], told: Collection[str]) -> list[str]:
+    """The events of --notify-on's words (a group stands for those of its events that are
+    ``told``), in NOTIFY_EVENTS' order; [] for all."""
+    given = {event for word in on for event in NOTIFY_GROUPS.get(word, (word,)) if event in told}
+    return [event for event in NOTIFY_EVENTS if event in given]
+
+
+def _check_notify(urls: Sequence[str], on: Sequence[str], told: Collection[str],
+                  who: str) -> None:  # fmt: skip
+    """Refuse a --notify that is not an http(s) URL (said with its credentials masked), and a
+    --notify-on word that is no event or group, or an event not ``told`` to ``who``."""
+    for url in urls:
+        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidJob(f"--notify {_without_credentials(str(url))!r}: not an http(s) URL")
+    for word in on:
+        if word not in NOTIFY_EVENTS and word not in NOTIFY_GROUPS:
+            raise InvalidJob(
+                f"--notify-on {word!r}: not an event (they are {', '.join(NOTIFY_EVENTS)}; "
+                "finished and attention name groups of them)"
+            )
+        if word in NOTIFY_EVENTS and word not in told:
+            batch = word == "batch.finished" and who.startswith("a job")
+            where = "the end of a --batch: give --batch" if batch else f"not told to {who}"
+            raise InvalidJob(f"--notify-on {word}: {where}")
+    if on and not urls:
+        raise InvalidJob("--notify-on narrows --notify: give --notify URL too")
 
 
 def check_queue(name: str) -> str:
@@ -4096,15 +4342,16 @@ class JobOptions:
     notify: tuple[str, ...] = _option(
         (),
         "Tell this URL when the job ends (repeatable): a webhook (Standard Webhooks, signed "
-        "with CLAUDE_JOBS_WEBHOOK_SECRET), or a Slack or Discord incoming webhook.",
+        "with CLAUDE_JOBS_WEBHOOK_SECRET), or a Slack or Discord incoming webhook. With "
+        "--batch: when the batch ends (its jobs tell only job.needs_attention).",
         metavar="URL",
         multiple=True,
     )
     notify_on: tuple[str, ...] = _option(
         (),
         "Tell --notify only of these events (comma-separated): "
-        + ", ".join(NOTIFY_EVENTS)
-        + " [default: all].",
+        + ", ".join(_JOB_EVENTS)
+        + ", batch.finished; or finished, attention [default: all].",
         metavar="EVENTS",
         multiple=True,
     )
@@ -4146,15 +4393,8 @@ class JobOptions:
                 raise InvalidJob(f"--{name.replace('_', '-')} is a batch's callback: give --batch")
             if callback is not None and not isinstance(callback, Mapping):
                 raise InvalidJob(f"{name} must be a payload: a JSON object")
-        for url in self.notify:
-            _check_notify_url(url)
-        for event in self.notify_on:
-            if event not in NOTIFY_EVENTS:
-                raise InvalidJob(
-                    f"--notify-on {event!r}: not an event (they are {', '.join(NOTIFY_EVENTS)})"
-                )
-        if self.notify_on and not self.notify:
-            raise InvalidJob("--notify-on narrows --notify: give --notify URL too")
+        told = _JOB_EVENTS + (("batch.finished",) if self.batch is not None else ())
+        _check_notify(self.notify, self.notify_on, told, "a job (a worker's --notify is)")
 
     @classmethod
     def build(cls, **settings: Unpack[JobSettings]) -> JobOptions:
@@ -4839,12 +5079,15 @@ def list_jobs(
     pr: str | None = None,
     before: Job | tuple[datetime, int, uuid.UUID] | None = None,
     limit: int = 50,
+    after: Job | tuple[datetime, int, uuid.UUID] | None = None,
 ) -> list[Job]:
     """Jobs newest first, in enqueue order (without their transcripts), filtered by each
     given argument: ``text`` found in the prompt (any case), ``cwd`` the prompt's directory,
     ``batch`` the batch's id, ``pr`` the state of its pull request (open, merged, closed)
     when last looked at; ``before``: the page after the one that ended with this job (or
-    its (created_at, seq, id))."""
+    its (created_at, seq, id)); ``after``: the page before the one that began with it."""
+    query = LIST_NEWER_JOBS if after is not None else LIST_JOBS
+    before = after if after is not None else before
     if isinstance(before, Job):
         before = (before.created_at, before.seq, before.id)
     params = {
@@ -4862,7 +5105,8 @@ def list_jobs(
         "limit": limit,
     }
     with conn.cursor(row_factory=dict_row) as cur:
-        return [Job.from_row(row) for row in cur.execute(LIST_JOBS, params).fetchall()]
+        jobs = [Job.from_row(row) for row in cur.execute(query, params).fetchall()]
+    return jobs[::-1] if after is not None else jobs
 
 
 def resolve_batch(conn: psycopg.Connection, text: str | uuid.UUID) -> uuid.UUID:
@@ -4934,6 +5178,19 @@ def run_times(conn: psycopg.Connection) -> list[dict[str, Any]]:
     seconds, for each bound of the histogram (the last one: infinity)."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(RUN_TIMES).fetchall()
+
+
+def timeline(conn: psycopg.Connection, hours: int = 6) -> dict[str, Any]:
+    """The jobs that succeeded and failed in the last ``hours``, per minute (per hour beyond a
+    day): ``step``, ``since`` and ``points`` (at, succeeded, failed; only where some ended).
+    Jobs deleted by cleanup are not counted."""
+    step = "minute" if hours <= 24 else "hour"
+    since = (datetime.now(UTC) - timedelta(hours=hours)).replace(second=0, microsecond=0)
+    if step == "hour":
+        since = since.replace(minute=0)
+    with conn.cursor(row_factory=dict_row) as cur:
+        points = cur.execute(TIMELINE, {"step": step, "since": since}).fetchall()
+    return {"step": step, "since": since, "points": points}
 
 
 def cost_stats(conn: psycopg.Connection, days: int = 7) -> list[dict[str, Any]]:
@@ -5334,8 +5591,9 @@ def _into_batch(
         "name": options.batch,
         "on_finish": _callback_spec(options, options.on_finish),
         "on_success": _callback_spec(options, options.on_success),
+        "notify": _batch_notify(options),
     }
-    callbacks = params["on_finish"] is not None or params["on_success"] is not None
+    callbacks = any(params[name] is not None for name in ("on_finish", "on_success", "notify"))
     while True:
         with _savepoint(conn) as savepoint:
             batch = _open_batch(conn, params)
@@ -5470,11 +5728,28 @@ def _enqueue_prepared(
     return _into_batch(conn, options, insert)
 
 
-def _notify_json(options: JobOptions) -> str | None:
-    """A job's ``notify`` column: whom it tells of what (None: nobody)."""
+def _notify_json(options: JobOptions, previous: Job | None = None) -> str | None:
+    """A job's ``notify`` column: whom it tells of what (None: nobody; a continuation that
+    names none tells whom the job it continues told). A job of a batch tells only what needs
+    attention, unless --notify-on names more: its batch tells of its end (_batch_notify)."""
     if not options.notify:
+        return json.dumps(previous.notify) if previous and previous.notify else None
+    on = _notify_events(options.notify_on, _JOB_EVENTS)
+    if options.batch is not None and not on:
+        if options.notify_on:  # (batch.finished alone)
+            return None
+        on = ["job.needs_attention"]
+    return json.dumps({"urls": list(options.notify), "on": on})
+
+
+def _batch_notify(options: JobOptions) -> str | None:
+    """A batch's ``notify`` column (see _notify_json): whom its end is told."""
+    if not options.notify or options.batch is None:
         return None
-    return json.dumps({"urls": list(options.notify), "on": list(options.notify_on)})
+    told = _notify_events(options.notify_on, NOTIFY_EVENTS)
+    if options.notify_on and "batch.finished" not in told:
+        return None
+    return json.dumps({"urls": list(options.notify), "on": []})
 
 
 def _enqueue_params(
@@ -5499,7 +5774,7 @@ def _enqueue_params(
         "schedule": schedule,
         "scheduled_for": due,
         "batch_id": batch,
-        "notify": _notify_json(options),
+        "notify": _notify_json(options, chain.previous),
     }
 
 
@@ -6630,51 +6905,217 @@ def _combined(states: Iterable[str | None]) -> str | None:
 
 
 ###############################################################################
+# Queue API: review (what needs people: a worktree job's diff; reply, discard, mark seen)
+###############################################################################
+
+# (the predicate of the index claude_jobs_needs_you, which these statements go through)
+_NEEDS_YOU = """reviewed_at IS NULL AND (status = 'failed' OR (status = 'succeeded'
+        AND ((worktree IS NOT NULL AND delivery IS NULL) OR delivery ? 'error')))"""
+
+NEEDS_YOU = f"""
+-- needs_you: the newest jobs that failed, or succeeded with a worktree not delivered or a
+-- delivery that failed, and nobody reviewed yet (replied to, delivered, discarded, seen)
+SELECT {_JOB_COLUMNS} FROM claude_jobs
+WHERE {_NEEDS_YOU}
+ORDER BY finished_at DESC, id DESC LIMIT %(limit)s
+"""
+
+COUNT_NEEDS_YOU = f"""
+-- count_needs_you: how many jobs need_you lists (up to a limit: the index tells)
+SELECT count(*) FROM (SELECT FROM claude_jobs WHERE {_NEEDS_YOU} LIMIT %(limit)s) found
+"""
+
+MARK_REVIEWED = """
+-- mark_reviewed: someone looked at this finished job (replied, discarded, marked it seen)
+UPDATE claude_jobs SET reviewed_at = now()
+WHERE id = %(id)s AND status IN ('succeeded', 'failed', 'cancelled') AND reviewed_at IS NULL
+"""
+
+MARK_WORKTREE_REVIEWED = f"""
+-- mark_worktree_reviewed: the jobs that worked in a worktree just discarded are reviewed
+UPDATE claude_jobs SET reviewed_at = now()
+WHERE {_NEEDS_YOU} AND worktree->>'path' = %(path)s
+"""
+
+#: The most "Needs you" counts (the page title says 99+ beyond).
+NEEDS_YOU_COUNTED = 100
+
+
+def needs_you(conn: psycopg.Connection, limit: int = 50) -> tuple[int, list[Job]]:
+    """What needs people, newest first: jobs that failed (their checks too), worktree jobs that
+    succeeded and were not delivered, jobs whose delivery failed, none of them reviewed yet (see
+    mark_reviewed); and how many there are (up to NEEDS_YOU_COUNTED)."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        jobs = [Job.from_row(row) for row in cur.execute(NEEDS_YOU, {"limit": limit})]
+        count = _the_row(cur.execute(COUNT_NEEDS_YOU, {"limit": NEEDS_YOU_COUNTED}))["count"]
+    return count, jobs
+
+
+def mark_reviewed(conn: psycopg.Connection, job_id: uuid.UUID | str) -> None:
+    """Someone looked at a finished job: it leaves "Needs you" (until a retry ends it again).
+    WrongState for a job that has not finished."""
+    job = get_job(conn, resolve_job_id(conn, job_id), transcript=False)
+    if job.status not in FINISHED_STATUSES:
+        raise WrongState(f"job {job.id} is {job.status}: it has not finished")
+    with _atomic(conn):
+        conn.execute(MARK_REVIEWED, {"id": job.id})
+
+
+def reply(conn: psycopg.Connection, job_id: uuid.UUID | str, prompt: str) -> Job:
+    """Answer a finished claude job: queue a continuation of it with ``prompt`` (in the same
+    session and directory, its worktree too, with its options), and mark the job reviewed.
+    The new job; InvalidJob for an empty prompt, WrongState for a job that cannot be
+    continued (see enqueue's continue_from)."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise InvalidJob("a reply needs a prompt: what claude should do next")
+    key = resolve_job_id(conn, job_id)
+    with _atomic(conn):
+        job = enqueue(conn, {"prompt": prompt}, continue_from=key)
+        conn.execute(MARK_REVIEWED, {"id": key})
+    return job
+
+
+def discard(conn: psycopg.Connection, job_id: uuid.UUID | str) -> list[str]:
+    """Throw away what a finished worktree job made, from the machine that has it: remove its
+    worktree (uncommitted changes too) and delete its branch, and mark it reviewed. What it
+    did, a line each. WrongState while a job needs the worktree (it, or one that continues
+    it, is not over), or for one that has none here."""
+    job = get_job(conn, resolve_job_id(conn, job_id), transcript=False)
+    if job.status not in FINISHED_STATUSES:
+        raise WrongState(f"job {job.id} is {job.status}: discard it once it has finished")
+    if not job.payload.get("worktree") or not job.worktree or "branch" not in job.worktree:
+        raise WrongState(f"job {job.id} made no worktree: there is nothing to discard")
+    tree = _checked_record(job.worktree)
+    if _the_row(conn.execute(WORKTREE_BUSY, {"job": job.id, "path": tree["path"]}))[0]:
+        raise WrongState(f"a job that continues job {job.id} needs its worktree: not discarded")
+    if not Path(tree["repo"]).is_dir():
+        raise WrongState(f"the repository {tree['repo']} of job {job.id} is not on this machine")
+    done = []
+    _, common = _repository_of(tree["repo"])
+    if Path(tree["path"]).is_dir():
+        _git_retrying(common, tree["repo"], "worktree", "remove", "--force", tree["path"])
+        done.append(f"removed worktree {tree['path']}")
+    if _git_ok(tree["repo"], "rev-parse", "--verify", "--quiet", f"refs/heads/{tree['branch']}"):
+        _git_retrying(common, tree["repo"], "branch", "-D", tree["branch"])
+        done.append(f"deleted branch {tree['branch']}")
+    with _atomic(conn):
+        conn.execute(FORGET_WORKTREE, {"host": socket.gethostname(), "path": tree["path"]})
+        conn.execute(MARK_REVIEWED, {"id": job.id})
+        conn.execute(MARK_WORKTREE_REVIEWED, {"path": tree["path"]})
+    return done or ["its worktree and branch were gone already"]
+
+
+#: A file's diff is shown folded beyond this many lines, and cut beyond MAX_DIFF_LINES.
+DIFF_FOLD_LINES, MAX_DIFF_LINES = 400, 5000
+
+_DIFF_PATH = re.compile(r"^diff --git a/(.*) b/(.*)$")
+
+
+def diff_files(diff: str) -> list[dict[str, Any]]:
+    """A unified diff (worktree_diff's) as its files: path, lines added and removed, whether
+    it is binary, its lines (cut at MAX_DIFF_LINES: ``cut`` says how many were left out) and
+    whether to show it folded (a large one)."""
+    files: list[dict[str, Any]] = []
+    for line in diff.splitlines():
+        if match := _DIFF_PATH.match(line):
+            files.append({"path": match[2], "added": 0, "removed": 0, "binary": False,
+                          "lines": [line], "cut": 0})  # fmt: skip
+            continue
+        if not files:
+            continue
+        each = files[-1]
+        if line.startswith("Binary files ") and line.endswith(" differ"):
+            each["binary"] = True
+        elif line.startswith("+") and not line.startswith("+++ "):
+            each["added"] += 1
+        elif line.startswith("-") and not line.startswith("--- "):
+            each["removed"] += 1
+        if len(each["lines"]) < MAX_DIFF_LINES:
+            each["lines"].append(line)
+        else:
+            each["cut"] += 1
+    for each in files:
+        each["folded"] = len(each["lines"]) > DIFF_FOLD_LINES
+    return files
+
+
+###############################################################################
 # Queue API: notifications (whom a job tells when it ends: Standard Webhooks, Slack, Discord)
 ###############################################################################
 
 TAKE_NOTIFICATIONS = """
--- take_notifications: the due notifications, each the oldest pending one of its job and URL
--- (a job's are sent in order), leased for a while (a worker that dies while sending leaves
--- them to be sent again: at least once); another worker skips them
+-- take_notifications: the due notifications, each the oldest pending one of its subject and
+-- URL (a job's are sent in order), leased for a while to this worker (one that dies while
+-- sending leaves them to the others once it is found dead, or the lease ran out: at least
+-- once); another worker skips them
 WITH due AS (
     SELECT n.id FROM claude_jobs_notifications n
-    WHERE n.state = 'pending' AND n.next_at <= now()
+    WHERE n.state = 'pending'
+      AND (n.next_at <= now() OR (n.worker_id IS NOT NULL AND NOT EXISTS (
+               SELECT FROM claude_jobs_workers w WHERE w.id = n.worker_id)))
       AND NOT EXISTS (SELECT FROM claude_jobs_notifications o
-                      WHERE o.state = 'pending' AND o.job_id = n.job_id AND o.url = n.url
+                      WHERE o.state = 'pending' AND o.subject = n.subject AND o.url = n.url
                         AND o.seq < n.seq)
     ORDER BY n.next_at, n.seq
     LIMIT %(limit)s
     FOR UPDATE SKIP LOCKED
 )
 UPDATE claude_jobs_notifications n
-SET next_at = now() + make_interval(secs => %(lease)s), attempts = n.attempts + 1
+SET next_at = now() + make_interval(secs => %(lease)s), attempts = n.attempts + 1,
+    worker_id = %(worker_id)s
 FROM due WHERE n.id = due.id
-RETURNING n.id, n.event, n.url, n.body::text AS body, n.attempts,
+RETURNING n.id, n.seq, n.event, n.url, n.body::text AS body, n.attempts,
     extract(epoch FROM now() - n.created_at)::float8 AS age
 """
 
 NOTIFICATION_SENT = """
--- notification_sent: delivered
-UPDATE claude_jobs_notifications SET state = 'sent', sent_at = now(), last_error = NULL
-WHERE id = %(id)s
+-- notification_sent: delivered (and counted)
+WITH sent AS (
+    UPDATE claude_jobs_notifications
+    SET state = 'sent', sent_at = now(), last_error = NULL, worker_id = NULL
+    WHERE id = %(id)s AND state = 'pending'
+    RETURNING id
+)
+INSERT INTO claude_jobs_notification_counts AS c (outcome, count)
+SELECT 'sent', count(*) FROM sent HAVING count(*) > 0
+ON CONFLICT (outcome) DO UPDATE SET count = c.count + excluded.count
 """
 
 NOTIFICATION_NOT_SENT = """
--- notification_not_sent: tried again after `delay` (state pending), or given up
-UPDATE claude_jobs_notifications
-SET state = %(state)s, last_error = %(error)s,
-    next_at = CASE WHEN %(state)s = 'pending' THEN now() + make_interval(secs => %(delay)s)
-                   ELSE next_at END
-WHERE id = %(id)s
+-- notification_not_sent: to be tried again after `delay` (state pending: `retried`), or
+-- given up (failed; abandoned): counted
+WITH not_sent AS (
+    UPDATE claude_jobs_notifications
+    SET state = %(state)s, last_error = %(error)s, worker_id = NULL,
+        next_at = CASE WHEN %(state)s = 'pending'
+                       THEN now() + make_interval(secs => %(delay)s) ELSE next_at END
+    WHERE id = %(id)s AND state = 'pending'
+    RETURNING state
+)
+INSERT INTO claude_jobs_notification_counts AS c (outcome, count)
+SELECT CASE state WHEN 'pending' THEN 'retried' ELSE state END, 1 FROM not_sent
+ON CONFLICT (outcome) DO UPDATE SET count = c.count + excluded.count
 """
 
-LIST_NOTIFICATIONS = """
--- list_notifications: those not delivered (pending, failed, abandoned), newest first
-SELECT id, event, job_id, url, state, attempts, next_at, last_error, created_at
-FROM claude_jobs_notifications WHERE state <> 'sent'
+NOTIFICATION_COUNTS = """
+-- notification_counts: notifications ever sent, tried again, failed and abandoned; and those
+-- pending now
+SELECT outcome, count FROM claude_jobs_notification_counts
+UNION ALL SELECT 'pending', count(*) FROM claude_jobs_notifications WHERE state = 'pending'
+"""
+
+_LIST_NOTIFICATIONS = """
+-- list_notifications: those not delivered ({what}), newest first
+SELECT id, event, subject, job_id, url, state, attempts, next_at, last_error, created_at
+FROM claude_jobs_notifications WHERE {where}
 ORDER BY created_at DESC, seq DESC LIMIT %(limit)s
 """
+LIST_NOTIFICATIONS = _LIST_NOTIFICATIONS.format(
+    what="pending, failed, abandoned", where="state <> 'sent'"
+)
+LIST_GIVEN_UP_NOTIFICATIONS = _LIST_NOTIFICATIONS.format(  # (through their index)
+    what="failed, abandoned", where="state IN ('failed', 'abandoned')"
+)
 
 RETRY_NOTIFICATION = """
 -- retry_notification: a failed or abandoned notification to be sent again now
@@ -6683,6 +7124,29 @@ SET state = 'pending', next_at = now(), attempts = 0, created_at = now()
 WHERE id = %(id)s AND state IN ('failed', 'abandoned')
 RETURNING id
 """
+
+
+SET_PUBLIC_URL = """
+-- set_public_url: where people reach the dashboard (links in notifications; NULL: nowhere)
+WITH gone AS (
+    DELETE FROM claude_jobs_settings WHERE name = 'public_url' AND %(url)s::text IS NULL
+)
+INSERT INTO claude_jobs_settings (name, value) SELECT 'public_url', %(url)s::text
+WHERE %(url)s::text IS NOT NULL
+ON CONFLICT (name) DO UPDATE SET value = excluded.value
+"""
+
+
+def set_public_url(conn: psycopg.Connection, url: str | None) -> None:
+    """Where people reach the dashboard (`serve --public-url`): notifications link their job
+    (or batch) there from now on; None: no links. InvalidJob for what is no http(s) URL."""
+    if url is not None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.password:
+            raise InvalidJob(f"--public-url {_without_credentials(url)!r}: not an http(s) URL "
+                             "(without credentials)")  # fmt: skip
+    with _atomic(conn):
+        conn.execute(SET_PUBLIC_URL, {"url": url})
 
 
 def _webhook_key() -> bytes | None:
@@ -6752,15 +7216,18 @@ def _send_notification(row: Mapping[str, Any], key: bytes | None) -> tuple[str, 
     return "failed", said + " (not tried again)", 0.0
 
 
-def send_due_notifications(conn: psycopg.Connection, limit: int = 20) -> int:
+def send_due_notifications(
+    conn: psycopg.Connection, limit: int = 20, worker_id: uuid.UUID | None = None
+) -> int:
     """Send the notifications that are due (workers do it every second; several share the
     work, each notification taken by one), each job's in order; how many were tried. Signed
-    with CLAUDE_JOBS_WEBHOOK_SECRET when it is set."""
+    with CLAUDE_JOBS_WEBHOOK_SECRET when it is set. A worker gives its id: those it takes are
+    sent again by the others as soon as it is found dead."""
     key = _webhook_key()
-    params = {"limit": limit, "lease": NOTIFY_LEASE}
+    params = {"limit": limit, "lease": NOTIFY_LEASE, "worker_id": worker_id}
     with _atomic(conn), conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(TAKE_NOTIFICATIONS, params).fetchall()
-    for row in rows:
+    for row in sorted(rows, key=lambda row: row["seq"]):  # (as they were written)
         state, error, delay = _send_notification(row, key)
         if state == "pending" and row["age"] + delay > NOTIFY_GIVE_UP:
             state, error = "abandoned", f"{error}; tried for {_duration_text(NOTIFY_GIVE_UP)}"
@@ -6776,11 +7243,22 @@ def send_due_notifications(conn: psycopg.Connection, limit: int = 20) -> int:
     return len(rows)
 
 
-def list_notifications(conn: psycopg.Connection, limit: int = 100) -> list[dict[str, Any]]:
-    """The notifications not delivered yet (pending, failed, abandoned), newest first, their
-    URLs with credentials masked."""
+def notification_counts(conn: psycopg.Connection) -> dict[str, int]:
+    """Notifications ever sent, retried (tries that failed and will be made again), failed and
+    abandoned (counters: cleanup lowers none), and pending now."""
+    counts = dict.fromkeys(("sent", "retried", "failed", "abandoned", "pending"), 0)
+    counts.update(conn.execute(NOTIFICATION_COUNTS).fetchall())
+    return counts
+
+
+def list_notifications(
+    conn: psycopg.Connection, limit: int = 100, *, given_up: bool = False
+) -> list[dict[str, Any]]:
+    """The notifications not delivered yet (pending, failed, abandoned; ``given_up``: failed
+    and abandoned only), newest first, their URLs with credentials masked."""
+    query = LIST_GIVEN_UP_NOTIFICATIONS if given_up else LIST_NOTIFICATIONS
     with conn.cursor(row_factory=dict_row) as cur:
-        rows = cur.execute(LIST_NOTIFICATIONS, {"limit": limit}).fetchall()
+        rows = cur.execute(query, {"limit": limit}).fetchall()
     return [{**row, "url": _without_credentials(row["url"])} for row in rows]
 
 
@@ -10017,6 +10495,7 @@ class _Janitor(_Part):
                 next_unblock = time.monotonic() + UNBLOCK_CHECK_INTERVAL
                 self.pooled("unblock the jobs that may run", self._unblock)
                 self.pooled("fold the kept counts", fold_counts)
+                self.pooled("end the holds that ran out", self._holds_over)
             if self._shared.settings.retention and time.monotonic() >= next_cleanup:
                 next_cleanup = time.monotonic() + JANITOR_INTERVAL
                 self.pooled("clean up finished jobs", self._clean_up)
@@ -10042,6 +10521,10 @@ class _Janitor(_Part):
                 "unblocked %d job(s) that may run", unblocked,
                 extra={"fields": {"event": "unblocked", "jobs": unblocked}},
             )  # fmt: skip
+
+    def _holds_over(self, conn: psycopg.Connection) -> None:
+        if (worker_id := self._shared.worker_id()) is not None:
+            _db_holds_over(conn, worker_id)
 
     def _track(self, conn: psycopg.Connection) -> None:
         interval = self._shared.settings.pr_poll_interval
@@ -10072,8 +10555,10 @@ class _Notifier(_Part):
             self.pooled("send notifications", self._send)
 
     def _send(self, conn: psycopg.Connection) -> None:
-        while send_due_notifications(conn) and not self._shared.closed.is_set():
-            pass
+        worker_id = self._shared.worker_id()
+        while send_due_notifications(conn, worker_id=worker_id):
+            if self._shared.closed.is_set():
+                return
 
 
 class _Scheduler(_Part):
@@ -10138,6 +10623,16 @@ class _HealthServer(threading.Thread):
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+#: The events a worker's --notify is told of: its own, and the ends of the jobs it runs.
+_WORKER_EVENTS = (*_JOB_EVENTS, "worker.unfit", "hold.started", "hold.ended")
+
+
+def _comma_separated(given: str | Sequence[str]) -> list[str]:
+    """The words of a repeatable option whose values may each hold several, comma-separated."""
+    values = [given] if isinstance(given, str) else list(given)
+    return [word.strip() for value in values for word in str(value).split(",") if word.strip()]
 
 
 @dataclass(frozen=True)
@@ -10223,7 +10718,32 @@ class WorkerSettings:
         env="SCHEDULES",
         flag="--schedules/--no-schedules",
     )
+    notify: str | Sequence[str] = _option(
+        (),
+        "Tell this URL (repeatable, or comma-separated) when this worker cannot run claude "
+        "(worker.unfit) or holds (hold.started, hold.ended); and when a job it runs ends, "
+        "unless the job has a --notify of its own.",
+        env="NOTIFY",
+        metavar="URL",
+        multiple=True,
+    )
+    notify_on: str | Sequence[str] = _option(
+        (),
+        "Tell --notify only of these events (comma-separated): "
+        + ", ".join(_WORKER_EVENTS)
+        + "; or finished, attention [default: all].",
+        env="NOTIFY_ON",
+        metavar="EVENTS",
+        multiple=True,
+    )
     lock_grace: float = LOCK_GRACE  # (no option: how long a dead worker's lock may linger)
+
+    def notify_json(self) -> str | None:
+        """Its ``notify`` column (see _notify_json): whom it tells, of what."""
+        urls, on = _comma_separated(self.notify), _comma_separated(self.notify_on)
+        if not urls:
+            return None
+        return json.dumps({"urls": urls, "on": _notify_events(on, _WORKER_EVENTS)})
 
     def changed(self, **changes: Any) -> WorkerSettings:
         """These settings with ``changes`` (a ConfigError names a keyword that is none)."""
@@ -10237,6 +10757,11 @@ class WorkerSettings:
             raise ConfigError(f"the daily budget must be positive, not {self.daily_budget_usd}")
         if not 1 <= self.concurrency <= 1000:
             raise ConfigError(f"concurrency must be between 1 and 1000, not {self.concurrency}")
+        urls, on = _comma_separated(self.notify), _comma_separated(self.notify_on)
+        try:
+            _check_notify(urls, on, _WORKER_EVENTS, "a worker (a job's or batch's --notify is)")
+        except InvalidJob as error:
+            raise ConfigError(str(error)) from None
         durations = {
             "poll interval": self.poll_interval,
             "heartbeat timeout": self.heartbeat_timeout,
@@ -10481,7 +11006,8 @@ class Worker:
         self._session = shared.session = _Session(
             self._conninfo,
             identity={"host": self.host, "pid": os.getpid(), "queues": list(self.queues),
-                      "kinds": self._holds.kinds, "concurrency": self.concurrency},
+                      "kinds": self._holds.kinds, "concurrency": self.concurrency,
+                      "notify": self.settings.notify_json()},
             options=options,
             on_notify=self._notified,
             on_reaped=lambda epoch: shared.fence(epoch, "another worker declared it dead"),
@@ -10740,21 +11266,23 @@ def _when(job: Job, now: datetime) -> str:
     return _ago(job.finished_at or job.started_at or job.created_at, now)
 
 
-def _render_event(line: str, last_words: str = "") -> tuple[list[str], str | None]:
+def _render_event(
+    line: str, last_words: str = "", full: bool = False
+) -> tuple[list[str], str | None]:
     """One line of claude's stream-json transcript, as a person reads it, and claude's new
     last words when the line is a message of claude's. The result repeats ``last_words``:
-    they are not printed twice."""
+    they are not printed twice. ``full``: a tool's output whole (see _render_block)."""
     try:
         event = json.loads(line)
     except ValueError:
         return ([line] if line.strip() else []), None
     if not isinstance(event, dict):
         return [line], None
-    shown = _render_parsed(event, last_words)
+    shown = _render_parsed(event, last_words, full)
     return shown, "\n".join(shown) if event.get("type") == "assistant" else None
 
 
-def _render_parsed(event: Mapping[str, Any], last_words: str) -> list[str]:
+def _render_parsed(event: Mapping[str, Any], last_words: str, full: bool = False) -> list[str]:
     kind, subtype = event.get("type"), event.get("subtype")
     if kind == "claude_jobs":  # the worker's mark: an attempt (or a round of repair) begins
         repair = f", repair round {event['repair']}" if "repair" in event else ""
@@ -10786,7 +11314,10 @@ def _render_parsed(event: Mapping[str, Any], last_words: str) -> list[str]:
         content = (event.get("message") or {}).get("content")
         blocks = content if isinstance(content, list) else []
         return [
-            text for block in blocks if isinstance(block, dict) for text in _render_block(block)
+            text
+            for block in blocks
+            if isinstance(block, dict)
+            for text in _render_block(block, full)
         ]
     if kind == "result":
         said = event.get("result")
@@ -10803,7 +11334,14 @@ def _render_parsed(event: Mapping[str, Any], last_words: str) -> list[str]:
     return []
 
 
-def _render_block(block: Mapping[str, Any]) -> list[str]:
+#: A tool's output shown whole (logs --full, the dashboard): its lines after the first, each
+#: under its first line with this mark, at most MAX_TOOL_LINES of them.
+TOOL_OUTPUT_MARK, MAX_TOOL_LINES = "    │ ", 500
+
+
+def _render_block(block: Mapping[str, Any], full: bool = False) -> list[str]:
+    """One block of a message: text, a tool call on one line, a tool's output on one line
+    (``full``: and its other lines, marked; else how many there are)."""
     kind = block.get("type")
     if kind == "text":
         return str(block.get("text", "")).splitlines()
@@ -10824,16 +11362,24 @@ def _render_block(block: Mapping[str, Any]) -> list[str]:
         lines = str(result or "").splitlines() or [""]
         more = f" (+{len(lines) - 1} lines)" if len(lines) > 1 else ""
         mark = "✗" if block.get("is_error") else "←"
-        return [f"  {mark} {lines[0][:160]}{more}"]
+        head = f"  {mark} {lines[0][:160]}{more}"
+        if not full:
+            return [head]
+        rest = [TOOL_OUTPUT_MARK + line for line in lines[1 : MAX_TOOL_LINES + 1]]
+        if len(lines) > MAX_TOOL_LINES + 1:
+            rest.append(f"{TOOL_OUTPUT_MARK}… ({len(lines) - 1 - MAX_TOOL_LINES} more lines)")
+        return [head, *rest]
     return []
 
 
 class _TranscriptPrinter:
-    """Turns transcript text, however it arrives in pieces, into readable lines."""
+    """Turns transcript text, however it arrives in pieces, into readable lines (``full``:
+    tools' output whole)."""
 
-    def __init__(self) -> None:
+    def __init__(self, full: bool = False) -> None:
         self._partial = ""
         self._last_words = ""  # the text of claude's last message
+        self._full = full
 
     def feed(self, text: str) -> list[str]:
         lines = (self._partial + text).split("\n")
@@ -10850,20 +11396,21 @@ class _TranscriptPrinter:
         return self._render(rest) if rest else []
 
     def _render(self, line: str) -> list[str]:
-        shown, last_words = _render_event(line, self._last_words)
+        shown, last_words = _render_event(line, self._last_words, self._full)
         if last_words is not None:
             self._last_words = last_words
         return [_printable(each) for each in shown]
 
 
-def _stored_transcript(job: Job) -> list[str]:
-    """The kept tail of a job's transcript, rendered; its first line may have been cut."""
+def _stored_transcript(job: Job, full: bool = False) -> list[str]:
+    """The kept tail of a job's transcript, rendered (``full``: tools' output whole); its
+    first line may have been cut."""
     text = job.transcript or ""
     lines = []
     if job.transcript_size > len(text):
         lines.append(f"… ({job.transcript_size - len(text):,} earlier characters not kept)")
         text = text.split("\n", 1)[1] if "\n" in text else ""
-    printer = _TranscriptPrinter()
+    printer = _TranscriptPrinter(full)
     return [*lines, *printer.feed(text), *printer.flush()]
 
 
@@ -11371,13 +11918,16 @@ def _configure_web_connection(conn: psycopg.Connection) -> None:
 
 #: How many of the newest batches the overview shows.
 OVERVIEW_BATCHES = 10
+#: The overview lists this many of the jobs that need people.
+OVERVIEW_NEEDS_YOU = 20
 
 
 def _overview(conn: psycopg.Connection) -> dict[str, Any]:
     """What the dashboard's overview shows: per queue the counts by status, the oldest ready
     job, cost today and in the last 7 days, paused or not; live workers and the jobs they
-    run; the holds; the newest batches' progress; the schedules. Cheap at a million jobs
-    (kept counts, an index probe per queue, a batch's progress from its index)."""
+    run; the holds; the newest batches' progress; the schedules; the notifications given up
+    on; what needs people (see needs_you). Cheap at a million jobs (kept counts, an index
+    probe per queue, a batch's progress from its index, the unreviewed jobs' index)."""
     today = datetime.now(UTC).date()
     cost: dict[str, dict[str, float]] = {}
     for row in cost_stats(conn, 7):
@@ -11391,12 +11941,20 @@ def _overview(conn: psycopg.Connection) -> dict[str, Any]:
         queue["cost_today_usd"], queue["cost_7d_usd"] = spent["today"], spent["week"]
     running = list_jobs(conn, statuses=[JobStatus.RUNNING], limit=200)
     workers = list_workers(conn)
+    taken = {q for w in workers if w["state"] != "lost" for q in w["queues"]}
+    for queue in queues:  # (ready jobs that no live worker takes: flagged)
+        queue["no_worker"] = bool(queue["ready"]) and not ({"*", queue["queue"]} & taken)
     for worker in workers:
         worker["jobs"] = [_job_summary(job) for job in running if job.worker_id == worker["id"]]
     batches = [batch.to_dict() for batch in list_batches(conn, limit=OVERVIEW_BATCHES)]
-    schedules = [schedule.to_dict() for schedule in list_schedules(conn)]
+    schedules = [_schedule_view(schedule) for schedule in list_schedules(conn)]
+    undelivered = list_notifications(conn, OVERVIEW_BATCHES, given_up=True)
+    count, needing = needs_you(conn, OVERVIEW_NEEDS_YOU)
     return _jsonable({"queues": queues, "workers": workers, "holds": list_holds(conn),
-                      "batches": batches, "schedules": schedules})  # fmt: skip
+                      "batches": batches, "schedules": schedules,
+                      "notifications": undelivered,
+                      "needs_you": {"count": count,
+                                    "jobs": [_needing(job) for job in needing]}})  # fmt: skip
 
 
 def _job_summary(
@@ -11407,7 +11965,8 @@ def _job_summary(
     data = job.to_dict()
     del data["transcript"]
     excerpt = _cut(_excerpt(job), EXCERPT_LIMIT)
-    data.update(excerpt=excerpt, shown_status=_status_of(job, paused), why=why and why.text)
+    data.update(excerpt=excerpt, shown_status=_status_of(job, paused), why=why and why.text,
+                waits_for=_dependency(job))  # fmt: skip
     return data
 
 
@@ -11481,7 +12040,7 @@ def _enqueue_settings(settings: dict[str, Any]) -> dict[str, Any]:
 
 
 def _prometheus_families(conn: psycopg.Connection) -> list[Any]:
-    """The metrics of one scrape, from seven cheap queries (kept counts and run times, the
+    """The metrics of one scrape, from eight cheap queries (kept counts and run times, the
     oldest queued job per queue through its index, the spend ledger, the workers, the
     holds, the paused queues): the same few milliseconds at a million jobs as at ten."""
     from prometheus_client.core import (
@@ -11537,7 +12096,19 @@ def _prometheus_families(conn: psycopg.Connection) -> list[Any]:
                                labels=["queue"])  # fmt: skip
     for queue in sorted(paused_queues(conn)):
         paused.add_metric([queue], 1.0)
-    return [jobs, ended, run_time, ages, cost, workers, holds, paused]
+    told = CounterMetricFamily(
+        "claude_jobs_notifications", "Notifications (--notify) sent, tried again (each try "
+        "that failed and will be made again), failed (not tried again) and abandoned.",
+        labels=["outcome"],
+    )  # fmt: skip
+    counted = notification_counts(conn)
+    for outcome in ("sent", "retried", "failed", "abandoned"):
+        told.add_metric([outcome], float(counted[outcome]))
+    pending = GaugeMetricFamily(
+        "claude_jobs_notifications_pending", "Notifications waiting to be sent.",
+        value=counted["pending"],
+    )  # fmt: skip
+    return [jobs, ended, run_time, ages, cost, workers, holds, paused, told, pending]
 
 
 def _all_buckets(found: Sequence[tuple[str, float]]) -> list[tuple[str, float]]:
@@ -11710,12 +12281,20 @@ def web_app(
         Route("/api/jobs", database(_api_enqueue, created=201), methods=["POST"]),
         Route("/api/jobs/{job}", database(_api_job)),
         Route("/api/jobs/{job}/events", job_events),
+        Route("/api/jobs/{job}/diff", database(_api_diff)),
+        Route("/api/needs-you", database(_api_needs_you)),
+        Route("/api/timeline", database(_api_timeline)),
         Route("/api/jobs/{job}/{action}", database(_api_job_action), methods=["POST"]),
         Route("/api/queues", database(_api_queues)),
         Route("/api/queues/{queue}/{action}", database(_api_queue_action), methods=["POST"]),
         Route("/api/workers", database(lambda conn, request, body: list_workers(conn))),
         Route("/api/workers/{worker}/drain", database(_api_drain), methods=["POST"]),
         Route("/api/holds/{kind}/lift", database(_api_lift), methods=["POST"]),
+        Route(
+            "/api/notifications/{notification}/retry",
+            database(_api_retry_notification),
+            methods=["POST"],
+        ),
         Route("/api/stats", database(_api_stats)),
         Route("/api/batches", database(_api_batches)),
         Route("/api/batches/{batch}", database(_api_batch)),
@@ -11902,8 +12481,9 @@ _PAGE_HEADERS = {
 async def _job_stream(hub: _Hub, key: uuid.UUID, since: int) -> Any:
     """A job's events: ``status`` when its state changes, ``transcript`` with the lines it
     gained (rendered as `logs` renders them; the id is where a stream resumes with
-    Last-Event-ID), and ``end`` once it finished."""
-    printer, seen, told = _TranscriptPrinter(), since, None
+    Last-Event-ID; tools' output whole, for the page to fold), and ``end`` once it
+    finished."""
+    printer, seen, told = _TranscriptPrinter(full=True), since, None
     with hub.follow(key) as feed:
         await feed.ready()
         while not hub.ending:
@@ -11963,8 +12543,9 @@ def _query_int(request: Any, name: str, default: int, high: int = MAX_PAGE) -> i
 
 
 def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
-    """GET /api/jobs?status=&queue=&kind=&q=&cwd=&batch=&before=&limit=: a page of jobs,
-    newest first, and the cursor of the next (null on the last)."""
+    """GET /api/jobs?status=&queue=&kind=&q=&cwd=&batch=&before=&after=&limit=: a page of
+    jobs, newest first, the cursor of the next (``next``, older; null on the last) and of
+    the one before (``prev``, newer; null on the first)."""
     query = request.query_params
     statuses = [s for value in query.getlist("status") for s in value.split(",") if s]
     for status in statuses:
@@ -11973,17 +12554,21 @@ def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
                              + ", ".join(JobStatus))  # fmt: skip
     limit = _query_int(request, "limit", 50)
     before = _parse_cursor(query["before"]) if query.get("before") else None
+    after = _parse_cursor(query["after"]) if query.get("after") else None
     batch = resolve_batch(conn, query["batch"]) if query.get("batch") else None
     jobs = list_jobs(
         conn, statuses=statuses or None, queue=query.get("queue") or None,
-        kind=query.get("kind") or None, text=query.get("q") or None,
-        cwd=query.get("cwd") or None, batch=batch, before=before, limit=limit,
+        kind=query.get("kind") or None, text=query.get("q") or None, cwd=query.get("cwd") or None,
+        batch=batch, before=before, after=after, limit=limit + 1 if after else limit,
     )  # fmt: skip
+    newer = bool(before) or len(jobs) > limit  # (paging back: one more tells whether any are)
+    jobs = jobs[-limit:]
     seen = _circumstances(conn, jobs)
     reasons = _explained(jobs, seen)
     return {
         "jobs": [_job_summary(j, seen.paused, reasons.get(j.id)) for j in jobs],
-        "next": _cursor_text(jobs[-1]) if len(jobs) == limit else None,
+        "next": _cursor_text(jobs[-1]) if jobs and (len(jobs) == limit or after) else None,
+        "prev": _cursor_text(jobs[0]) if jobs and newer else None,
     }
 
 
@@ -12014,12 +12599,24 @@ def _api_enqueue(conn: psycopg.Connection, request: Any, body: Any) -> dict[str,
 
 
 def _api_job_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
-    """POST /api/jobs/{id}/cancel|retry|run-now|reschedule|deliver|priority."""
+    """POST /api/jobs/{id}/cancel|retry|run-now|reschedule|deliver|reply|discard|reviewed|
+    priority."""
     action = request.path_params["action"]
-    actions = ("cancel", "retry", "run-now", "reschedule", "deliver")
+    actions = ("cancel", "retry", "run-now", "reschedule", "deliver", "reply", "discard",
+               "reviewed")  # fmt: skip
     if action not in (*actions, "priority"):
         raise _HTTPError(404, f"no action {action!r}: {', '.join(actions)} or priority")
     key = resolve_job_id(conn, request.path_params["job"])
+    if action == "reply":  # {"prompt": "..."}: the continuation, as listed
+        prompt = body.get("prompt") if isinstance(body, dict) else None
+        if not isinstance(prompt, str):
+            raise _HTTPError(400, 'give "prompt": the reply, a string')
+        return _job_summary(reply(conn, key, prompt))
+    if action == "discard":
+        return {"id": str(key), "done": discard(conn, key)}
+    if action == "reviewed":
+        mark_reviewed(conn, key)
+        return {"id": str(key), "reviewed": True}
     if action == "cancel":
         return {"id": str(key), "status": cancel_job(conn, key)}
     if action == "retry":
@@ -12037,6 +12634,29 @@ def _api_job_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[s
     if not isinstance(priority, int) or isinstance(priority, bool):
         raise _HTTPError(400, 'give "priority", a whole number')
     return {"id": str(key), "priority": set_priority(conn, key, priority)}
+
+
+def _api_diff(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """GET /api/jobs/{id}/diff: what a worktree job changed, file by file (see diff_files)."""
+    job = get_job(conn, request.path_params["job"], transcript=False)
+    return {"id": str(job.id), "files": diff_files(worktree_diff(job).decode(errors="replace"))}
+
+
+def _api_needs_you(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """GET /api/needs-you: how many jobs need people (see needs_you), and the newest."""
+    count, jobs = needs_you(conn, _query_int(request, "limit", 50))
+    return {"count": count, "jobs": [_needing(job) for job in jobs]}
+
+
+def _needing(job: Job) -> dict[str, Any]:
+    """A job of "Needs you", as listed, with why it is there."""
+    if job.status == JobStatus.FAILED:
+        why = "checks failed" if (job.checks or {}).get("phase") == "failed" else "failed"
+    elif job.delivery and "error" in job.delivery:
+        why = "delivery failed"
+    else:
+        why = "to review"
+    return {**_job_summary(job), "why": why}
 
 
 def _api_reschedule(conn: psycopg.Connection, job: uuid.UUID, body: Any) -> datetime:
@@ -12079,6 +12699,12 @@ def _api_lift(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
     return dataclasses.asdict(lifted)
 
 
+def _api_retry_notification(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """POST /api/notifications/{id}/retry."""
+    retry_notification(conn, request.path_params["notification"])
+    return {"retried": request.path_params["notification"]}
+
+
 def _api_batches(conn: psycopg.Connection, request: Any, body: Any) -> list[dict[str, Any]]:
     """GET /api/batches?open=1&limit=50: the newest batches and their progress."""
     limit = _query_int(request, "limit", 50)
@@ -12105,16 +12731,27 @@ def _api_batch_action(conn: psycopg.Connection, request: Any, body: Any) -> dict
     raise _HTTPError(404, f"no action {action!r}: cancel or retry")
 
 
+def _schedule_view(schedule: Schedule) -> dict[str, Any]:
+    """A schedule as the API gives it: its fields, and ``when`` as people write it."""
+    return {**schedule.to_dict(), "when": schedule.when}
+
+
 def _api_schedules(conn: psycopg.Connection, request: Any, body: Any) -> list[dict[str, Any]]:
     """GET /api/schedules: every schedule, with its latest run."""
-    return [schedule.to_dict() for schedule in list_schedules(conn)]
+    return [_schedule_view(schedule) for schedule in list_schedules(conn)]
 
 
 def _api_schedule(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
-    """GET /api/schedules/{name}?runs=20: a schedule and its latest runs."""
+    """GET /api/schedules/{name}?runs=20: a schedule and its latest runs (each with the
+    status of the job it made)."""
     name = request.path_params["name"]
     limit = _query_int(request, "runs", 20, high=10_000)
-    return {**get_schedule(conn, name).to_dict(), "runs": schedule_runs(conn, name, limit)}
+    return {**_schedule_view(get_schedule(conn, name)), "runs": schedule_runs(conn, name, limit)}
+
+
+def _api_timeline(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """GET /api/timeline?hours=6: the jobs that succeeded and failed over time (timeline)."""
+    return timeline(conn, _query_int(request, "hours", 6, high=24 * 31))
 
 
 def _schedule_request(body: Any, fields: str = "") -> tuple[Any, dict[str, Any]]:
@@ -13020,6 +13657,7 @@ def _read_json_lines(
 _RUN_SETTINGS = (
     "kind", "queue", "priority", "max_attempts", "timeout", "concurrency_key",
     "concurrency_limit", "unique_key", "unique_for", "batch", "on_finish", "on_success",
+    "notify", "notify_on",
 )  # fmt: skip
 
 
@@ -13485,7 +14123,8 @@ def batch_retry_command(config: _Config, batch: str) -> None:
 @_flags(WorkerSettings, "shutdown_timeout")
 @_flags(ClaudeSettings)
 @_flags(WorkerSettings, "daily_budget_usd", "heartbeat_timeout", "backoff_base", "backoff_max",
-        "retention", "pr_poll_interval", "health_port", "health_host", "schedules")  # fmt: skip
+        "retention", "pr_poll_interval", "notify", "notify_on", "health_port", "health_host",
+        "schedules")  # fmt: skip
 @_setting(
     "--log-format",
     env="LOG_FORMAT",
@@ -13555,12 +14194,15 @@ def _stop_on_signals(worker: Worker) -> None:
 @_setting("--client-timeout", env="CLIENT_TIMEOUT", type=_DURATION_TYPE, default="10s",
           show_default=True, help="Drop a client that takes longer than this to send a "
           "request's headers, or the next piece of its body.")  # fmt: skip
+@_setting("--public-url", env="PUBLIC_URL", metavar="URL",
+          help="Where people reach this dashboard (https://jobs.example.com/): notifications "
+          "link their job there (kept in the database for every worker).")  # fmt: skip
 @click.option("--open", "open_browser", is_flag=True, help="Open the dashboard in a browser.")
 @click.pass_obj
 def serve_command(
     config: _Config, host: str, port: int, token: str | None, read_only: bool,
     public_metrics: bool, allowed_hosts: Sequence[str], max_body: int, client_timeout: float,
-    open_browser: bool,
+    public_url: str | None, open_browser: bool,
 ) -> None:  # fmt: skip
     """Serve the dashboard, the JSON API, /metrics and health checks: watch and steer every
     job and worker from a browser, a script or Prometheus. Whoever can reach it can start
@@ -13587,7 +14229,9 @@ def serve_command(
         allowed_hosts=[*allowed_hosts, *_names_of(host)], max_body=max_body,
         client_timeout=client_timeout,
     )  # fmt: skip
-    config.connect().close()  # a missing or old schema: say so before serving
+    with config.connect() as conn:  # (a missing or old schema: said before serving)
+        if public_url is not None:
+            set_public_url(conn, public_url)
     listener = _listening_socket(host, port)
     address = f"http://{f'[{host}]' if ':' in host else host}:{listener.getsockname()[1]}/"
     # (a stop asked for from here on, even before uvicorn listens for it, and the signal that
@@ -13822,11 +14466,12 @@ def _table(
     return "\n".join(lines)
 
 
-def _follow(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> int:
+def _follow(conn: psycopg.Connection, job_id: uuid.UUID, since: int, full: bool = False) -> int:
     """Print a job's transcript as it grows and say what happens to it, until it finishes;
-    returns its exit status: 0 when it succeeded, else 1 (130 when Ctrl-C stopped it)."""
+    returns its exit status: 0 when it succeeded, else 1 (130 when Ctrl-C stopped it).
+    ``full``: tools' output whole."""
     try:
-        return _print_followed(conn, job_id, since)
+        return _print_followed(conn, job_id, since, full)
     except KeyboardInterrupt:
         click.echo(
             f"stopped following job {job_id}, which goes on (`claude-jobs logs -f {job_id}`)",
@@ -13835,8 +14480,10 @@ def _follow(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> int:
         return 128 + signal.SIGINT
 
 
-def _print_followed(conn: psycopg.Connection, job_id: uuid.UUID, since: int) -> int:
-    printer = _TranscriptPrinter()
+def _print_followed(
+    conn: psycopg.Connection, job_id: uuid.UUID, since: int, full: bool = False
+) -> int:
+    printer = _TranscriptPrinter(full)
     said = ""
     for update in follow_job(conn, job_id, since=since):
         if update.skipped:
@@ -13999,22 +14646,27 @@ def show_command(config: _Config, job_id: str, as_json: bool) -> None:
     "-f", "--follow", is_flag=True,
     help="Keep printing as the job runs, until it ends; exit 0 only if it succeeded.",
 )  # fmt: skip
+@click.option(
+    "--full", is_flag=True,
+    help=f"Print tools' output whole (up to {MAX_TOOL_LINES} lines each), not its first line.",
+)  # fmt: skip
 @click.pass_obj
-def logs_command(config: _Config, job_id: str, follow: bool) -> None:
+def logs_command(config: _Config, job_id: str, follow: bool, full: bool) -> None:
     """Print a job's transcript as a person reads it: claude's text, one line per tool call,
-    tool results cut short, the result and its cost.
+    tool results cut short (--full: whole), the result and its cost.
 
     \b
     Examples:
       claude-jobs logs 6f1c2e9a
       claude-jobs logs -f 6f1c2e9a
+      claude-jobs logs --full 6f1c2e9a
     """
     with config.connect() as conn:
         job = get_job(conn, job_id)
-        for line in _stored_transcript(job):
+        for line in _stored_transcript(job, full):
             click.echo(line)
         if follow:
-            sys.exit(_follow(conn, job.id, since=job.transcript_size))
+            sys.exit(_follow(conn, job.id, since=job.transcript_size, full=full))
     if not job.transcript:
         click.echo(
             _printable(f"job {job.id} has no transcript yet ({job.kind}, {job.status})"), err=True
@@ -14477,13 +15129,36 @@ def deliver_command(
         click.echo(f"{how} pull request #{found['number']}{draft}: {found['url']}")
 
 
+@cli.command("discard")
+@click.argument("job_id", metavar="ID")
+@click.option("--yes", is_flag=True, help="Really delete; without it, only say what it would.")
+@click.pass_obj
+def discard_command(config: _Config, job_id: str, yes: bool) -> None:
+    """Throw away what a finished worktree job made, on the machine that has it: remove its
+    worktree (with anything not committed) and delete its branch. Refused while a job that
+    continues it needs them. The job leaves the dashboard's "Needs you".
+
+    \b
+    Examples:
+      claude-jobs discard 6f1c2e9a --yes
+    """
+    with config.connect() as conn:
+        if not yes:
+            job = get_job(conn, resolve_job_id(conn, job_id), transcript=False)
+            click.echo(f"would remove the worktree and branch of job {job.id} "
+                       f"({_branch_text(job)}): add --yes to do it")  # fmt: skip
+            return
+        for line in discard(conn, job_id):
+            click.echo(line)
+
+
 @cli.group("notifications", invoke_without_command=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one a line.")
 @click.pass_context
 def notifications_command(ctx: click.Context, as_json: bool) -> None:
-    """The notifications of jobs (--notify) not delivered yet: pending (with when they are
-    tried next), failed (the receiver refused: not tried again) and abandoned (tried for a
-    day). `notifications retry ID` sends one again.
+    """The notifications (--notify) not delivered yet: pending (with when they are tried
+    next), failed (the receiver refused: not tried again) and abandoned (tried for a day).
+    `notifications retry ID` sends one again. ABOUT: the job, batch:ID, hold:KIND, worker:ID.
 
     \b
     Examples:
@@ -14501,11 +15176,19 @@ def notifications_command(ctx: click.Context, as_json: bool) -> None:
     if not found:
         click.echo("no notifications waiting or failed", err=True)
         return
-    headers = ["ID", "EVENT", "JOB", "STATE", "TRIES", "NEXT", "URL", "LAST ERROR"]
-    rows = [[str(each["id"]), each["event"], str(each["job_id"])[:8], each["state"],
+    headers = ["ID", "EVENT", "ABOUT", "STATE", "TRIES", "NEXT", "URL", "LAST ERROR"]
+    rows = [[str(each["id"]), each["event"], _subject_text(each["subject"]), each["state"],
              str(each["attempts"]), _ago(each["next_at"]) if each["state"] == "pending" else "-",
              each["url"], each["last_error"] or "-"] for each in found]  # fmt: skip
     click.echo(_table(headers, rows, optional=("TRIES", "NEXT")))
+
+
+def _subject_text(subject: str) -> str:
+    """What a notification is about, short: a job's id or a batch's, or hold:KIND."""
+    kind, _, key = subject.rpartition(":")
+    if kind in ("batch", "worker"):
+        return f"{kind}:{key[:8]}"
+    return subject if kind else subject[:8]
 
 
 @notifications_command.command("retry")
@@ -14862,9 +15545,24 @@ pre { margin: 0; white-space: pre-wrap; overflow-wrap: anywhere; font: 12.5px/1.
 .dim { color: var(--dim); } .error { color: var(--failed); } #message:empty { display: none; }
 #message { position: fixed; bottom: 1rem; right: 1rem; background: var(--card); padding: .5rem 1rem;
   border: 1px solid var(--line); border-radius: 6px; max-width: 90vw; }
+.add { color: var(--succeeded); } .del { color: var(--failed); } .hunk { color: var(--running); }
+details { margin: .3rem 0; } details.tool { margin: 0; } .tool-output { color: var(--dim); }
+summary { cursor: pointer; font-family: ui-monospace, monospace; }
+textarea { font: inherit; width: 100%; box-sizing: border-box; padding: .3rem .4rem;
+  border: 1px solid var(--line); border-radius: 5px; background: var(--bg); color: var(--fg); }
+.reply { display: flex; gap: .4rem; align-items: flex-start; margin: .5rem 0; }
+.bar-succeeded { fill: var(--succeeded); } .bar-failed { fill: var(--failed); }
+.axis { fill: var(--dim); font-size: 11px; } .plot svg { width: 100%; max-height: 12rem; }
 .read-only .action { display: none; }  /* (a --read-only server refuses them anyway) */
 a { color: var(--running); text-decoration: none; } a:hover { text-decoration: underline; }
 @media (max-width: 700px) { main { padding: .5rem; } .wide { display: none; } }
+@media (max-width: 480px) {  /* rows as cards, not tables scrolling sideways */
+  table, tbody, tr, td { display: block; } thead { display: none; }
+  tr { border: 1px solid var(--line); border-radius: 6px; margin: .4rem 0; padding: .3rem .5rem; }
+  td { border: none; padding: .1rem 0; white-space: normal; max-width: none; }
+  td[data-label]::before { content: attr(data-label) ": "; color: var(--dim); }
+  td.wide { display: none; }
+}
 </style></head>
 <body>
 <header><h1><a href="#/">claude-jobs</a></h1><span id="live">connecting…</span></header>
@@ -14896,9 +15594,12 @@ function askToken() {
   const t = prompt("This server needs its token:");
   if (t) sessionStorage.setItem("claude-jobs-token", t.trim());
 }
-async function api(path, method = "GET") {
+async function api(path, method = "GET", sent = undefined) {
   for (let tries = 0; tries < 3; tries++) {
-    const r = await fetch(path, { method, headers: headers() });
+    const h = headers();
+    if (sent !== undefined) h["Content-Type"] = "application/json";
+    const r = await fetch(path, { method, headers: h,
+      body: sent === undefined ? undefined : JSON.stringify(sent) });
     if (r.status === 401) { askToken(); continue; }
     const body = await r.json().catch(() => ({ error: r.statusText }));
     if (!r.ok) throw new Error(body.error || r.statusText);
@@ -14908,6 +15609,11 @@ async function api(path, method = "GET") {
 }
 async function act(path, done) {
   try { await api(path, "POST"); say("done: " + path.split("/").slice(-1)[0]);
+        if (done) done(); }
+  catch (e) { say(e.message, true); }
+}
+async function post(path, sent, done) {  // an action with a JSON body
+  try { await api(path, "POST", sent); say("done: " + path.split("/").slice(-1)[0]);
         if (done) done(); }
   catch (e) { say(e.message, true); }
 }
@@ -14960,26 +15666,41 @@ const secs = v => v === null || v === undefined ? "-" : v >= 60 ? (v / 60).toFix
   : Number(v).toFixed(1) + "s";
 const money = v => "$" + Number(v || 0).toFixed(2);
 const status = s => $("span", { class: "s s-" + s }, s);
-const table = (heads, rows) => $("table", {}, $("thead", {}, $("tr", {},
-  heads.map(h => $("th", { class: h.startsWith("·") ? "wide" : "" }, h.replace("·", ""))))),
-  $("tbody", {}, rows));
+// (on a phone, each row is a card: its cells say their column's name)
+const table = (heads, rows) => {
+  const labels = heads.map(h => h.replace("·", ""));
+  for (const row of rows.flat()) {
+    [...row.children].forEach((cell, i) => { if (labels[i]) cell.dataset.label = labels[i]; });
+  }
+  return $("table", {}, $("thead", {}, $("tr", {},
+    heads.map(h => $("th", { class: h.startsWith("·") ? "wide" : "" }, h.replace("·", ""))))),
+    $("tbody", {}, rows));
+};
 
 // -- the overview and the jobs ---------------------------------------------------------------
 let view = null;
-function overviewPage() {
+function overviewPage(params) {
   const stop = new AbortController();
+  const needing = $("section", { id: "needs-you" });
   const queues = $("section", {}, $("h2", {}, "Queues"), $("p", { class: "dim" }, "loading…"));
+  const chart = $("section", { id: "chart" }, $("h2", {}, "Finished over time"));
   const workers = $("section", {}, $("h2", {}, "Workers"));
   const batches = $("section", { id: "batches" }, $("h2", {}, "Batches"));
   const schedules = $("section", { id: "schedules" }, $("h2", {}, "Schedules"));
   const jobs = $("section", { id: "jobs" }, $("h2", {}, "Jobs"));
-  fill(main, queues, workers, batches, schedules, jobs);
-  const filters = jobFilters(jobs);
+  fill(main, needing, queues, chart, workers, batches, schedules, jobs);
+  const filters = jobFilters(jobs, params);
+  const timer = timelineChart(chart);
   let lastCounts = "";
   follow("api/events", (event, data) => {
     if (event === "error") { say(data.error, true); return; }
     if (event !== "overview") return;
-    fill(queues, $("h2", {}, "Queues"), queueTable(data), holdList(data.holds));
+    const n = data.needs_you.count;
+    document.title = (n ? "(" + (n >= 100 ? "99+" : n) + ") " : "") + "claude-jobs";
+    fill(needing, n ? [$("h2", {}, "Needs you (" + (n >= 100 ? "99+" : n) + ")"),
+      needsYouTable(data.needs_you.jobs)] : []);
+    fill(queues, $("h2", {}, "Queues"), queueTable(data), holdList(data.holds),
+      undelivered(data.notifications));
     fill(workers, $("h2", {}, "Workers"), workerTable(data.workers));
     fill(batches, $("h2", {}, "Batches"), batchTable(data.batches));
     fill(schedules, $("h2", {}, "Schedules"), scheduleTable(data.schedules));
@@ -14988,14 +15709,67 @@ function overviewPage() {
     if (counts !== lastCounts && filters.firstPage()) filters.load();
     lastCounts = counts;
   }, stop.signal);
-  return () => stop.abort();
+  return () => { stop.abort(); clearInterval(timer); };
+}
+// Jobs that succeeded and failed over time, per minute (6 h) or per hour (7 d): an SVG of
+// stacked bars, drawn here from GET api/timeline, again every minute.
+function timelineChart(section) {
+  let hours = 6;
+  const picker = $("select", { id: "span" }, $("option", { value: 6 }, "last 6 hours"),
+    $("option", { value: 24 }, "last 24 hours"), $("option", { value: 168 }, "last 7 days"));
+  const plot = $("div", { class: "plot" });
+  section.append(picker, plot);
+  picker.onchange = () => { hours = Number(picker.value); draw(); };
+  async function draw() {
+    try {
+      const data = await api("api/timeline?hours=" + hours);
+      const step = data.step === "minute" ? 60e3 : 3600e3;
+      const start = Date.parse(data.since), buckets = Math.ceil((Date.now() - start) / step);
+      const counts = Array.from({ length: buckets }, () => [0, 0]);
+      for (const p of data.points) {
+        const i = Math.floor((Date.parse(p.at) - start) / step);
+        if (i >= 0 && i < buckets) counts[i] = [p.succeeded, p.failed];
+      }
+      const top = Math.max(1, ...counts.map(([ok, bad]) => ok + bad));
+      const width = 720, height = 120, bar = width / buckets;
+      const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+      svg.setAttribute("viewBox", "0 0 " + width + " " + (height + 16));
+      svg.setAttribute("role", "img");
+      const total = counts.reduce((n, [ok, bad]) => [n[0] + ok, n[1] + bad], [0, 0]);
+      svg.setAttribute("aria-label", total[0] + " succeeded, " + total[1] + " failed");
+      const rect = (x, y, h, cls, title) => {
+        const r = document.createElementNS(svg.namespaceURI, "rect");
+        for (const [k, v] of Object.entries({ x, y, width: Math.max(bar - 0.5, 0.5), height: h,
+          class: cls })) r.setAttribute(k, v);
+        const t = document.createElementNS(svg.namespaceURI, "title");
+        t.textContent = title; r.append(t); svg.append(r);
+      };
+      counts.forEach(([ok, bad], i) => {
+        if (!ok && !bad) return;
+        const when = new Date(start + i * step).toLocaleString();
+        const okH = ok / top * height, badH = bad / top * height;
+        rect(i * bar, height - okH - badH, badH, "bar-failed", when + ": " + bad + " failed");
+        rect(i * bar, height - okH, okH, "bar-succeeded", when + ": " + ok + " succeeded");
+      });
+      const label = document.createElementNS(svg.namespaceURI, "text");
+      label.setAttribute("x", 0); label.setAttribute("y", height + 13);
+      label.setAttribute("class", "axis");
+      label.textContent = "max " + top + " per " + data.step + " · " + total[0]
+        + " succeeded, " + total[1] + " failed";
+      svg.append(label);
+      fill(plot, svg);
+    } catch (e) { say(e.message, true); }
+  }
+  draw();
+  return setInterval(draw, 60000);
 }
 function queueTable(data) {
   if (!data.queues.length) return $("p", { class: "dim" }, "no jobs yet");
   return table(["queue", "state", "ready", "·later", "running", "succeeded", "failed",
     "·cancelled", "oldest ready", "·ok/1h", "·fail/1h", "·median", "cost today", "·cost 7d", ""],
     data.queues.map(q => $("tr", {},
-      $("td", {}, q.queue), $("td", {}, status(q.paused ? "paused" : "active")),
+      $("td", {}, q.queue), $("td", {}, status(q.paused ? "paused" : "active"),
+        q.no_worker ? $("div", { class: "error no-worker" }, "no live worker takes it") : null),
       ...[q.ready, q.scheduled, q.running, q.succeeded, q.failed, q.cancelled].map((v, i) =>
         $("td", { class: "num" + ([1, 5].includes(i) ? " wide" : "") }, v)),
       $("td", { class: "num" }, secs(q.oldest_ready_seconds)),
@@ -15013,12 +15787,35 @@ function holdList(holds) {
     ago(h.until), ": ", h.reason, " ",
     action("lift", () => act("api/holds/" + encodeURIComponent(h.kind) + "/lift")))));
 }
+function undelivered(list) {
+  if (!list.length) return null;
+  return $("div", { id: "undelivered" }, $("h3", {}, "Notifications not delivered"),
+    table(["event", "about", "url", "state", "·tries", "error", ""], list.map(n => $("tr", {},
+      $("td", {}, n.event),
+      $("td", {}, n.job_id ? $("a", { href: "#/jobs/" + n.job_id }, n.job_id.slice(0, 8))
+        : n.subject),
+      $("td", { class: "text" }, n.url), $("td", {}, $("span", { class: "s s-failed" }, n.state)),
+      $("td", { class: "num wide" }, n.attempts),
+      $("td", { class: "text" }, n.last_error || ""),
+      $("td", {}, action("retry", () => act("api/notifications/" + n.id + "/retry")))))));
+}
+function needsYouTable(jobs) {
+  return table(["id", "why", "finished", "prompt / payload", ""], jobs.map(j => $("tr", {},
+    $("td", {}, $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8))),
+    $("td", {}, $("span", { class: "s s-" + (j.why === "to review" ? "running" : "failed") },
+      j.why), " ", prBadge(j)),
+    $("td", {}, ago(j.finished_at)), $("td", { class: "text" }, j.excerpt.slice(0, 200)),
+    $("td", {}, action("seen", () => act("api/jobs/" + j.id + "/reviewed"))))));
+}
 function workerTable(list) {
   if (!list.length) return $("p", { class: "dim" }, "no workers");
   return table(["worker", "state", "running", "·queues", "heartbeat", "jobs", ""],
     list.map(w => $("tr", {}, $("td", { title: w.id }, w.host + ":" + w.pid),
         $("td", {}, status(w.state),
           w.trouble ? $("div", { class: "dim" }, w.trouble) : null,
+          w.claude_paused_until ? $("div", { class: "error unfit" }, "no claude jobs until ",
+            ago(w.claude_paused_until), ": ", w.claude_paused_reason, " ",
+            action("try again", () => act("api/holds/claude/lift"))) : null,
           w.lost_at ? $("div", { class: "dim" }, "found dead ", ago(w.lost_at), ": ",
             w.lost_because + "; " + w.recovered + " running job(s) went back") : null),
         $("td", { class: "num" }, w.running + "/" + w.concurrency),
@@ -15034,7 +15831,8 @@ function batchTable(list) {
   const shown = ["succeeded", "failed", "cancelled", "running", "queued"];
   return table(["batch", "progress", "jobs", "cost", "created", "finished", "callbacks", ""],
     list.map(b => $("tr", {},
-      $("td", { title: b.id }, $("a", { href: "#/batch/" + b.id }, b.name)),
+      $("td", { title: b.id }, $("a", { href: "#/batch/" + encodeURIComponent(b.name) },
+        b.name)),
       $("td", {}, $("progress", { max: b.jobs || 1, value: b.ended }), " ",
         b.ended + " of " + b.jobs),
       $("td", {}, ...shown.filter(s => b.counts[s]).map(s =>
@@ -15051,8 +15849,9 @@ function batchTable(list) {
 function scheduleTable(list) {
   if (!list.length) return $("p", { class: "dim" }, "no schedules");
   return table(["schedule", "when", "next run", "last run", ""],
-    list.map(s => $("tr", {}, $("td", {}, s.name),
-      $("td", {}, (s.cron ? s.cron : "every " + secs(s.every)) + " (" + s.timezone + ")"),
+    list.map(s => $("tr", {},
+      $("td", {}, $("a", { href: "#/schedule/" + encodeURIComponent(s.name) }, s.name)),
+      $("td", {}, s.when + " (" + s.timezone + ")"),
       $("td", {}, s.paused_at ? status("paused") : ago(s.next_run_at)),
       $("td", { class: "text" }, !s.last_run ? "-" : [ago(s.last_run.due_at), " ",
         s.last_run.job_id ? $("a", { href: "#/jobs/" + s.last_run.job_id },
@@ -15063,33 +15862,43 @@ function scheduleTable(list) {
         action(s.paused_at ? "resume" : "pause", () => act("api/schedules/"
           + encodeURIComponent(s.name) + (s.paused_at ? "/resume" : "/pause")))))));
 }
-function jobFilters(section) {
+// The jobs table's filters and page live in the URL (#/?status=failed&queue=nightly&before=...):
+// a view can be bookmarked and shared. Paged both ways by keyset (older, newer).
+function jobFilters(section, params) {
   const field = (name, hint) => $("input", { name, placeholder: hint, size: 12 });
   const statusSelect = $("select", { name: "status" }, $("option", { value: "" }, "any status"),
     ["queued", "running", "succeeded", "failed", "cancelled"].map(s => $("option", {}, s)));
   const form = $("form", {}, statusSelect, field("queue", "queue"), field("kind", "kind"),
     field("q", "text in the prompt"), field("cwd", "cwd"), field("batch", "batch"),
     $("button", {}, "filter"));
+  for (const el of form.elements) {
+    if (el.name && params.has(el.name)) el.value = params.get(el.name);
+  }
   const body = $("div", {});
-  const more = $("button", {}, "older →");
-  section.append(form, body, more);
-  let pages = [null];
+  const newer = $("button", { id: "newer" }, "← newer");
+  const older = $("button", { id: "older" }, "older →");
+  section.append(form, body, $("p", {}, newer, " ", older));
+  let page = { before: params.get("before"), after: params.get("after") };
   const query = () => { const p = new URLSearchParams();
     for (const el of form.elements) if (el.name && el.value) p.set(el.name, el.value);
     return p; };
   async function load() {
-    const p = query(); const before = pages[pages.length - 1];
-    if (before) p.set("before", before);
+    const p = query();
+    for (const key of ["before", "after"]) if (page[key]) p.set(key, page[key]);
+    history.replaceState(null, "", "#/" + (String(p) ? "?" + p : ""));
     try {
       const data = await api("api/jobs?" + p);
+      if (!data.jobs.length && page.after) { page = {}; return load(); }  // (past the newest)
       fill(body, jobTable(data.jobs));
-      more.style.display = data.next ? "" : "none";
-      more.onclick = () => { pages.push(data.next); load(); };
+      older.style.display = data.next ? "" : "none";
+      newer.style.display = data.prev ? "" : "none";
+      older.onclick = () => { page = { before: data.next }; load(); };
+      newer.onclick = () => { page = { after: data.prev }; load(); };
     } catch (e) { say(e.message, true); }
   }
-  form.onsubmit = e => { e.preventDefault(); pages = [null]; load(); };
+  form.onsubmit = e => { e.preventDefault(); page = {}; load(); };
   load();
-  return { load, firstPage: () => pages.length === 1 };
+  return { load, firstPage: () => !page.before && !page.after };
 }
 // A job's pull request as a link (only to an http(s) address), its state and its CI.
 function prBadge(job) {
@@ -15103,13 +15912,15 @@ function prBadge(job) {
 }
 function jobTable(jobs) {
   if (!jobs.length) return $("p", { class: "dim" }, "no jobs");
-  return table(["id", "queue", "·kind", "status", "·tries", "when", "prompt / payload"],
+  return table(["id", "queue", "·kind", "status", "·tries", "when", "·waits for",
+    "prompt / payload"],
     jobs.map(j => $("tr", {}, $("td", {}, $("a", { href: "#/jobs/" + j.id }, j.id.slice(0, 8))),
       $("td", {}, j.queue), $("td", { class: "wide" }, j.kind),
       $("td", { title: j.why || "" }, status(j.shown_status), " ", prBadge(j)),
       $("td", { class: "num wide" }, j.attempts + "/" + j.max_attempts),
       $("td", {}, ago(j.status === "queued" && Date.parse(j.run_at) > Date.now() ? j.run_at
         : j.finished_at || j.started_at || j.created_at)),
+      $("td", { class: "wide" }, j.waits_for || ""),
       $("td", { class: "text" }, j.excerpt.slice(0, 200)))));
 }
 
@@ -15120,17 +15931,33 @@ function jobPage(id) {
   const actions = $("p", {});
   const transcript = $("pre", { id: "transcript" });
   const outcome = $("p", { id: "outcome", class: "dim" }, "following…");
-  fill(main, facts, $("section", {}, $("h2", {}, "Transcript"), transcript, outcome));
+  const review = $("section", { id: "review" });
+  fill(main, facts, review, $("section", {}, $("h2", {}, "Transcript"), transcript, outcome));
+  let reviewed = null;  // (built once the job has finished: what is typed in it stays)
   const refresh = async () => {
     try {
       const job = await api("api/jobs/" + encodeURIComponent(id));
+      if (reviewed !== job.id && ["succeeded", "failed", "cancelled"].includes(job.status)) {
+        reviewed = job.id;
+        reviewPanel(review, job, refresh);
+      }
       const rows = job.rows.map(([name, value]) => [$("dt", {}, name),
         $("dd", {}, name === "status" ? status(job.shown_status) : value,
           name === "status" ? value.slice(job.shown_status.length) : "")]);
       const extra = job.attempt_errors.map(line => $("div", { class: "error" }, line));
       fill(actions,
-        ["queued", "running"].includes(job.status)
-          ? action("cancel", () => act("api/jobs/" + job.id + "/cancel", refresh)) : null, " ",
+        ["queued", "running"].includes(job.status) ? action("cancel", () => {
+          if (job.status !== "running" || confirm("Cancel job " + job.id.slice(0, 8) + "? It is "
+            + "running: claude is stopped, and what it did so far stays where it is."))
+            act("api/jobs/" + job.id + "/cancel", refresh); }) : null, " ",
+        job.status === "queued" ? [action("reschedule", () => {
+          const when = prompt("Run it when? A delay (30m, 2h) or a time (2026-12-24T09:00Z):");
+          if (when) post("api/jobs/" + job.id + "/reschedule", /^\\d+(\\.\\d+)?[smhd]?$/
+            .test(when.trim()) ? { delay: when.trim() } : { at: when.trim() }, refresh); }), " ",
+          action("priority", () => {
+            const value = prompt("Its priority (higher runs first; now " + job.priority + "):");
+            if (value !== null && value.trim()) post("api/jobs/" + job.id + "/priority",
+              { priority: Number(value) }, refresh); })] : null, " ",
         ["failed", "cancelled"].includes(job.status)
           ? action("retry", () => act("api/jobs/" + job.id + "/retry", () => location.reload()))
           : null, " ",
@@ -15141,6 +15968,17 @@ function jobPage(id) {
             () => act("api/jobs/" + job.id + "/deliver", refresh)), " ",
             job.payload.pr || (job.delivery && job.delivery.pr) ? null : action("open a PR",
             () => act("api/jobs/" + job.id + "/deliver?pr=true", refresh))] : null);
+      if (["succeeded", "failed", "cancelled"].includes(job.status) && !job.reviewed_at) {
+        actions.append(" ", action("seen", () => act("api/jobs/" + job.id + "/reviewed",
+          refresh)));
+      }
+      if (job.payload.worktree && job.worktree && job.worktree.branch
+          && ["succeeded", "failed", "cancelled"].includes(job.status)) {
+        actions.append(" ", action("discard", () => {
+          if (confirm("Discard what job " + job.id.slice(0, 8) + " made? Its worktree (with "
+            + "anything not committed) and its branch " + job.worktree.branch + " are deleted."))
+            act("api/jobs/" + job.id + "/discard", refresh); }));
+      }
       fill(facts, $("h2", {}, "Job ", job.id), actions, $("p", {}, prBadge(job)),
         $("dl", {}, rows.flat()), ...extra, job.diff_stat ? $("pre", {}, job.diff_stat) : null);
     } catch (e) { say(e.message, true); }
@@ -15150,7 +15988,7 @@ function jobPage(id) {
     if (event === "transcript") {
       if (data.skipped) transcript.append("… (" + data.skipped + " characters not kept)\\n");
       const atEnd = transcript.scrollTop + transcript.clientHeight >= transcript.scrollHeight - 4;
-      transcript.append(data.lines.map(line => line + "\\n").join(""));
+      transcript.append(...foldToolOutput(data.lines));
       if (atEnd) transcript.scrollTop = transcript.scrollHeight;
     } else if (event === "status") {
       fill(outcome, status(data.status), " attempt " + data.attempts + " of "
@@ -15164,6 +16002,68 @@ function jobPage(id) {
     } else if (event === "error") { say(data.error, true); }
   }, stop.signal);
   return () => stop.abort();
+}
+
+// A transcript's lines, a tool's output folded under its first line (the lines the server
+// marks with TOOL_OUTPUT_MARK): open it to see the rest.
+const TOOL_MARK = "    \u2502 ";
+function foldToolOutput(lines) {
+  const nodes = [];
+  let body = null;
+  for (const line of lines) {
+    if (body && line.startsWith(TOOL_MARK)) {
+      body.append(line.slice(TOOL_MARK.length) + "\\n");
+      continue;
+    }
+    body = null;
+    if (/ \\(\\+\\d+ lines\\)$/.test(line)) {
+      body = $("div", { class: "tool-output" });
+      nodes.push($("details", { class: "tool" }, $("summary", {}, line), body));
+      continue;
+    }
+    nodes.push(line + "\\n");
+  }  // (a line that only looked like a tool's: not folded)
+  return nodes.map(n => n instanceof Node && !n.lastChild.firstChild
+    ? n.firstChild.textContent + "\\n" : n);
+}
+
+// What a finished job made, and the answer to it: its worktree's diff, file by file (a large
+// file's folded), and a reply that continues it (the page then follows the new job).
+function reviewPanel(section, job, refresh) {
+  const parts = [];
+  if (job.kind === "claude") {
+    const text = $("textarea", { id: "reply", rows: 3, placeholder: "Reply: what claude should "
+      + "do next, in the same session" + (job.payload.worktree ? " and worktree" : "") });
+    const send = async () => {
+      if (!text.value.trim()) { say("type a reply first", true); return; }
+      try {
+        const next = await api("api/jobs/" + job.id + "/reply", "POST", { prompt: text.value });
+        location.hash = "#/jobs/" + next.id;
+      } catch (e) { say(e.message, true); }
+    };
+    parts.push($("div", { class: "action reply" }, text, action("reply", send)));
+  }
+  const changes = $("div", { id: "changes" });
+  if (job.payload.worktree && job.worktree) parts.push($("h2", {}, "Changes"), changes);
+  fill(section, parts);
+  if (!job.payload.worktree || !job.worktree) return;
+  api("api/jobs/" + job.id + "/diff").then(d => {
+    if (!d.files.length) { fill(changes, $("p", { class: "dim" }, "no changes")); return; }
+    const added = d.files.reduce((n, f) => n + f.added, 0);
+    const removed = d.files.reduce((n, f) => n + f.removed, 0);
+    fill(changes, $("p", {}, d.files.length + " file(s), ", $("span", { class: "add" },
+      "+" + added), " ", $("span", { class: "del" }, "-" + removed)),
+      d.files.map(f => $("details", f.folded ? {} : { open: "" },
+        $("summary", {}, f.path, " ", f.binary ? $("span", { class: "dim" }, "(binary)")
+          : [$("span", { class: "add" }, "+" + f.added), " ",
+             $("span", { class: "del" }, "-" + f.removed)],
+          f.folded ? $("span", { class: "dim" }, " (large: open to see)") : null),
+        $("pre", { class: "diff" }, f.lines.map(line => $("span", { class:
+          line.startsWith("@@") ? "hunk" : line.startsWith("+++") || line.startsWith("---")
+          || line.startsWith("diff --git") ? "dim" : line.startsWith("+") ? "add"
+          : line.startsWith("-") ? "del" : "" }, line + "\\n")),
+          f.cut ? $("span", { class: "dim" }, "… " + f.cut + " more line(s)") : null))));
+  }).catch(e => fill(changes, $("p", { class: "dim" }, e.message)));
 }
 
 // -- a batch ---------------------------------------------------------------------------------
@@ -15194,11 +16094,53 @@ function batchPage(id) {
   return () => clearInterval(timer);
 }
 
+// -- a schedule ------------------------------------------------------------------------------
+function schedulePage(name) {
+  const facts = $("section", {}, $("h2", {}, "Schedule ", name));
+  const runs = $("section", { id: "runs" }, $("h2", {}, "Its runs"));
+  fill(main, facts, runs);
+  const refresh = async () => {
+    try {
+      const s = await api("api/schedules/" + encodeURIComponent(name) + "?runs=100");
+      const rows = [["when", s.when + " (" + s.timezone + ")"],
+        ["next run", s.paused_at ? "paused " + new Date(s.paused_at).toLocaleString()
+          : new Date(s.next_run_at).toLocaleString()],
+        ["kind", s.kind], ["catch up", s.catch_up], ["overlap", s.overlap],
+        ["only if changed", s.only_if_changed ? "yes" : "no"],
+        ["payload", JSON.stringify(s.payload)], ["options", JSON.stringify(s.options)]];
+      fill(facts, $("h2", {}, "Schedule ", s.name), $("p", {},
+        action("run now", () => act("api/schedules/" + encodeURIComponent(s.name) + "/run",
+          refresh)), " ",
+        action(s.paused_at ? "resume" : "pause", () => act("api/schedules/"
+          + encodeURIComponent(s.name) + (s.paused_at ? "/resume" : "/pause"), refresh))),
+        $("dl", {}, rows.map(([k, v]) => [$("dt", {}, k), $("dd", {}, v)]).flat()));
+      fill(runs, $("h2", {}, "Its runs"), !s.runs.length ? $("p", { class: "dim" }, "none yet")
+        : table(["due", "outcome", "job", "status", "·cost", "note"], s.runs.map(r =>
+          $("tr", {}, $("td", {}, ago(r.due_at)),
+            $("td", {}, $("span", { class: "s s-" + (r.outcome === "enqueued" || r.outcome
+              === "manual" ? "succeeded" : r.outcome === "missed" ? "failed" : "paused") },
+              r.outcome === "enqueued" ? "fired" : r.outcome)),
+            $("td", {}, r.job_id ? $("a", { href: "#/jobs/" + r.job_id }, r.job_id.slice(0, 8))
+              : "-"),
+            $("td", {}, r.status ? status(r.status) : "-"),
+            $("td", { class: "num wide" }, r.cost_usd === null ? "-" : money(r.cost_usd)),
+            $("td", { class: "text" }, r.note || "")))));
+    } catch (e) { say(e.message, true); }
+  };
+  refresh();
+  const timer = setInterval(refresh, 5000);
+  return () => clearInterval(timer);
+}
+
 function route() {
   if (view) view();
-  const job = location.hash.match(/^#\\/jobs\\/([0-9a-fA-F-]+)$/);
-  const batch = location.hash.match(/^#\\/batch\\/([0-9a-fA-F-]+)$/);
-  view = job ? jobPage(job[1]) : batch ? batchPage(batch[1]) : overviewPage();
+  const hash = location.hash;
+  const job = hash.match(/^#\\/jobs\\/([0-9a-fA-F-]+)$/);
+  const batch = hash.match(/^#\\/batch\\/([^?]+)$/);
+  const schedule = hash.match(/^#\\/schedule\\/([^?]+)$/);
+  const params = new URLSearchParams(hash.includes("?") ? hash.slice(hash.indexOf("?")) : "");
+  view = job ? jobPage(job[1]) : batch ? batchPage(decodeURIComponent(batch[1]))
+    : schedule ? schedulePage(decodeURIComponent(schedule[1])) : overviewPage(params);
 }
 window.addEventListener("hashchange", route);
 route();

@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 13.
+-- The claude-jobs schema, version 14.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -716,4 +716,176 @@ CREATE TRIGGER claude_jobs_notify_ended AFTER UPDATE OF status ON claude_jobs
 INSERT INTO claude_jobs_schema (version) VALUES (13);
 END IF;
 END $migration_13$;
+
+-- version 14
+DO $migration_14$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 14) THEN
+-- Notifications of more than a job's end: a batch's end (enqueue --batch --notify), the holds
+-- of a usage limit or a daily budget and a worker that cannot run claude (told to its own
+-- `worker --notify`, also the default of the jobs it runs), a continuation that widens what
+-- its job may do. `subject` is what a notification is about (a job's id, batch:ID, hold:KIND,
+-- worker:ID): each subject's are sent in order. `worker_id`: the worker sending it now (a
+-- worker found dead leaves it to the others at once). A link to the dashboard goes in each
+-- body once `serve --public-url` has said where it is (in claude_jobs_settings).
+ALTER TABLE claude_jobs_workers ADD COLUMN notify jsonb;
+ALTER TABLE claude_jobs_batches ADD COLUMN notify jsonb;
+-- (a hold's: whom its end is told, the workers' --notify when it started)
+ALTER TABLE claude_jobs_holds ADD COLUMN notify jsonb;
+-- Review: when someone replied to a finished job, delivered it, discarded its worktree or
+-- marked it seen (a retry clears it). The dashboard's "Needs you" lists, through this index,
+-- the jobs not reviewed that failed, or succeeded with a worktree not delivered (a delivered
+-- one is reviewed where it went), or whose delivery failed.
+ALTER TABLE claude_jobs ADD COLUMN reviewed_at timestamptz;
+CREATE INDEX claude_jobs_needs_you ON claude_jobs (finished_at DESC, id)
+    WHERE reviewed_at IS NULL AND (status = 'failed' OR (status = 'succeeded'
+        AND ((worktree IS NOT NULL AND delivery IS NULL) OR delivery ? 'error')));
+ALTER TABLE claude_jobs_notifications ADD COLUMN subject text, ADD COLUMN worker_id uuid;
+UPDATE claude_jobs_notifications SET subject = job_id::text;
+ALTER TABLE claude_jobs_notifications ALTER COLUMN subject SET NOT NULL;
+DROP INDEX claude_jobs_notifications_order;
+CREATE INDEX claude_jobs_notifications_order ON claude_jobs_notifications (subject, url, seq)
+    WHERE state = 'pending';
+CREATE INDEX claude_jobs_notifications_given_up ON claude_jobs_notifications (created_at)
+    WHERE state IN ('failed', 'abandoned');
+CREATE TABLE claude_jobs_settings (
+    name   text PRIMARY KEY,
+    value  text NOT NULL
+);
+-- Notifications ever sent, tried again and abandoned (counters for /metrics: cleanup deletes
+-- the sent ones, not these).
+CREATE TABLE claude_jobs_notification_counts (
+    outcome  text PRIMARY KEY,
+    count    bigint NOT NULL DEFAULT 0
+);
+-- Write one notification of `event` about `subject` to each URL of `notify` that wants it
+-- ({"urls": [...], "on": [events]}: no "on", every event); `data` is its body's data, with a
+-- link to the dashboard's `path` when its public URL is known.
+CREATE FUNCTION claude_jobs_tell(event text, subject text, job uuid, notify jsonb, data jsonb,
+                                 path text) RETURNS void LANGUAGE sql AS $tell$
+    INSERT INTO claude_jobs_notifications (event, subject, job_id, url, body)
+    SELECT $1, $2, $3, u.url, jsonb_build_object(
+        'type', $1,
+        'timestamp', to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        'data', $5 || coalesce((SELECT jsonb_build_object('url', rtrim(s.value, '/') || $6)
+                                FROM claude_jobs_settings s WHERE s.name = 'public_url'), '{}'))
+    FROM jsonb_array_elements_text($4->'urls') WITH ORDINALITY AS u(url, n)
+    WHERE coalesce(jsonb_array_length($4->'on'), 0) = 0 OR $4->'on' ? $1
+    ORDER BY u.n
+$tell$;
+-- The URLs of every live worker's `worker --notify` (as one notify value).
+CREATE FUNCTION claude_jobs_workers_notify(event text) RETURNS jsonb LANGUAGE sql AS $all$
+    SELECT jsonb_build_object('urls', coalesce(jsonb_agg(DISTINCT u.url), '[]'))
+    FROM claude_jobs_workers w, jsonb_array_elements_text(w.notify->'urls') AS u(url)
+    WHERE coalesce(jsonb_array_length(w.notify->'on'), 0) = 0 OR w.notify->'on' ? event
+$all$;
+CREATE OR REPLACE FUNCTION claude_jobs_notify_ended() RETURNS trigger LANGUAGE plpgsql
+AS $notify$
+DECLARE
+    event text;
+    data jsonb := jsonb_build_object(
+        'id', NEW.id, 'status', NEW.status, 'queue', NEW.queue, 'kind', NEW.kind,
+        'prompt', left(split_part(NEW.payload->>'prompt', E'
+', 1), 300),
+        'result', left(split_part(CASE jsonb_typeof(NEW.result) WHEN 'object'
+                                  THEN NEW.result->>'result' END, E'
+', 1), 300),
+        'error', left(NEW.last_error, 1000), 'cost_usd', NEW.cost_usd,
+        'attempts', NEW.attempts, 'branch', NEW.worktree->>'branch',
+        'pull_request', NEW.delivery->'pr'->>'url', 'finished_at', NEW.finished_at);
+BEGIN
+    IF TG_OP = 'INSERT' THEN  -- a continuation that may do more than the job it continues
+        PERFORM claude_jobs_tell('job.needs_attention', NEW.id::text, NEW.id, NEW.notify,
+            data || jsonb_build_object('attention', 'it may do more than the job it continues: '
+                                       || array_to_string(NEW.widens, '; ')),
+            '/#/jobs/' || NEW.id);
+        RETURN NULL;
+    END IF;
+    PERFORM claude_jobs_tell('job.' || NEW.status, NEW.id::text, NEW.id, NEW.notify, data,
+                             '/#/jobs/' || NEW.id);
+    event := CASE WHEN NEW.status = 'failed' AND NEW.checks->>'phase' = 'failed'
+                  THEN 'its checks failed'
+                  WHEN NEW.status = 'succeeded' AND NEW.delivery ? 'error'
+                  THEN 'its delivery failed: ' || left(NEW.delivery->>'error', 500) END;
+    IF event IS NOT NULL THEN
+        PERFORM claude_jobs_tell('job.needs_attention', NEW.id::text, NEW.id, NEW.notify,
+                                 data || jsonb_build_object('attention', event),
+                                 '/#/jobs/' || NEW.id);
+    END IF;
+    RETURN NULL;
+END
+$notify$;
+CREATE TRIGGER claude_jobs_notify_widened AFTER INSERT ON claude_jobs
+    FOR EACH ROW WHEN (NEW.notify IS NOT NULL AND NEW.widens IS NOT NULL)
+    EXECUTE FUNCTION claude_jobs_notify_ended();
+-- A batch's end.
+CREATE FUNCTION claude_jobs_notify_batch() RETURNS trigger LANGUAGE plpgsql AS $batch$
+BEGIN
+    PERFORM claude_jobs_tell('batch.finished', 'batch:' || NEW.id, NULL, NEW.notify,
+        jsonb_build_object('id', NEW.id, 'name', NEW.name, 'created_at', NEW.created_at,
+                           'finished_at', NEW.finished_at, 'purged', NEW.purged)
+        || (SELECT jsonb_build_object(
+                'jobs', jsonb_object_agg(status, jobs), 'cost_usd', sum(cost))
+            FROM (SELECT status, count(*) AS jobs, sum(cost_usd) AS cost FROM claude_jobs
+                  WHERE batch_id = NEW.id GROUP BY status) counted),
+        '/#/batch/' || NEW.id);
+    RETURN NULL;
+END
+$batch$;
+CREATE TRIGGER claude_jobs_notify_batch AFTER UPDATE OF finished_at ON claude_jobs_batches
+    FOR EACH ROW WHEN (NEW.notify IS NOT NULL AND OLD.finished_at IS NULL
+                       AND NEW.finished_at IS NOT NULL)
+    EXECUTE FUNCTION claude_jobs_notify_batch();
+-- A hold on every worker (a usage limit) that starts (or starts again after it ran out), and
+-- one that ends (lifted by `resume --hold`, or run out: workers delete those), told to those
+-- its `notify` names (SET_HOLD: the workers' when it started).
+CREATE FUNCTION claude_jobs_notify_hold() RETURNS trigger LANGUAGE plpgsql AS $hold$
+BEGIN
+    IF TG_OP <> 'INSERT' AND (TG_OP = 'DELETE' OR OLD.until <= now()) THEN
+        PERFORM claude_jobs_tell('hold.ended', 'hold:' || OLD.kind, NULL, OLD.notify,
+            jsonb_build_object('kind', OLD.kind, 'scope', 'every worker', 'until', OLD.until,
+                               'reason', OLD.reason,
+                               'ended', CASE WHEN OLD.until <= now() THEN 'ran out'
+                                             ELSE 'lifted' END), '/');
+    END IF;
+    IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND OLD.until <= now()) THEN
+        PERFORM claude_jobs_tell('hold.started', 'hold:' || NEW.kind, NULL,
+            claude_jobs_workers_notify('hold.started'),
+            jsonb_build_object('kind', NEW.kind, 'scope', 'every worker', 'until', NEW.until,
+                               'reason', NEW.reason), '/');
+    END IF;
+    RETURN NULL;
+END
+$hold$;
+CREATE TRIGGER claude_jobs_notify_hold AFTER INSERT OR UPDATE OR DELETE ON claude_jobs_holds
+    FOR EACH ROW EXECUTE FUNCTION claude_jobs_notify_hold();
+-- A worker that stops starting claude jobs: it cannot run them (worker.unfit, once until it
+-- can again), or its daily budget is spent (hold.started; hold.ended when that is over).
+CREATE FUNCTION claude_jobs_notify_paused() RETURNS trigger LANGUAGE plpgsql AS $paused$
+DECLARE
+    budget boolean := starts_with(coalesce(NEW.claude_paused_reason, OLD.claude_paused_reason),
+                                  'the daily budget of ');
+    data jsonb := jsonb_build_object('worker', NEW.id, 'host', NEW.host, 'pid', NEW.pid,
+                                     'kind', 'claude');
+BEGIN
+    IF NEW.claude_paused_until IS NOT NULL AND OLD.claude_paused_until IS NULL THEN
+        PERFORM claude_jobs_tell(CASE WHEN budget THEN 'hold.started' ELSE 'worker.unfit' END,
+            'worker:' || NEW.id, NULL, NEW.notify,
+            data || jsonb_build_object('scope', 'this worker', 'until', NEW.claude_paused_until,
+                                       'reason', NEW.claude_paused_reason), '/');
+    ELSIF NEW.claude_paused_until IS NULL AND OLD.claude_paused_until IS NOT NULL AND budget THEN
+        PERFORM claude_jobs_tell('hold.ended', 'worker:' || NEW.id, NULL, NEW.notify,
+            data || jsonb_build_object('scope', 'this worker', 'reason',
+                                       OLD.claude_paused_reason), '/');
+    END IF;
+    RETURN NULL;
+END
+$paused$;
+CREATE TRIGGER claude_jobs_notify_paused AFTER UPDATE OF claude_paused_until
+    ON claude_jobs_workers
+    FOR EACH ROW WHEN (NEW.notify IS NOT NULL
+                       AND (OLD.claude_paused_until IS NULL) <> (NEW.claude_paused_until IS NULL))
+    EXECUTE FUNCTION claude_jobs_notify_paused();
+INSERT INTO claude_jobs_schema (version) VALUES (14);
+END IF;
+END $migration_14$;
 COMMIT;

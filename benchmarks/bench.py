@@ -739,6 +739,58 @@ def bench_warm(b: Bench) -> None:
                 conn.execute("ALTER TABLE claude_jobs RESET (autovacuum_enabled)")
 
 
+def bench_notify(b: Bench) -> None:
+    """8. 1,000 no-op jobs with --notify, run by a worker (concurrency 10), their 1,000
+    notifications sent to a local receiver: how long from the first job's end to the last
+    notification received, and each one's delay after its job ended."""
+    import http.server
+    import threading
+
+    count = 200 if b.quick else 1_000
+    received: list[tuple[float, str]] = []
+
+    class Receiver(http.server.BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            received.append((time.time(), body["data"]["finished_at"]))
+            self.send_response(204)
+            self.end_headers()
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    notify = json.dumps({"urls": [f"http://127.0.0.1:{server.server_address[1]}/"], "on": []})
+    try:
+        for _ in range(b.runs):
+            b.reset()
+            received.clear()
+            with b.connection() as conn:
+                conn.execute("TRUNCATE claude_jobs_notifications")
+                conn.execute(
+                    """INSERT INTO claude_jobs (kind, payload, notify)
+                       SELECT 'noop', '{}', %s::jsonb FROM generate_series(1, %s)""",
+                    [notify, count],
+                )
+            worker = b.worker("--concurrency", "10")
+            try:
+                b.wait_for(lambda: len(received) >= count, 300, "every notification")
+            finally:
+                worker.terminate()
+                worker.wait()
+            with b.connection() as conn:
+                first = conn.execute("SELECT min(finished_at) FROM claude_jobs").fetchone()[0]
+            delays = [(at - datetime.fromisoformat(ended).timestamp()) * 1000
+                      for at, ended in received]  # fmt: skip
+            took = max(at for at, _ in received) - first.timestamp()
+            b.record(f"notify {count}", "s", took)
+            b.record("notify delay p50", "ms", percentile(delays, 50))
+            b.record("notify delay p99", "ms", percentile(delays, 99))
+    finally:
+        server.shutdown()
+
+
 def bench_memory(b: Bench) -> None:
     """7. An idle worker's resident memory (the busy figure comes from the c50 drain)."""
     for _ in range(b.runs):
@@ -761,6 +813,7 @@ BENCHMARKS: dict[str, Callable[[Bench], None]] = {
     "latency": bench_latency,
     "backlog": bench_backlog,
     "memory": bench_memory,
+    "notify": bench_notify,
     "long_line": bench_long_line,
     "blocked": bench_blocked,
     "list": bench_list,

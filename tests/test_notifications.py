@@ -8,6 +8,7 @@ import base64
 import hashlib
 import hmac
 import json
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,7 +18,8 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import fake, job_row, wait_for
+from conftest import LOCAL, claude_runs, fake, job_row, status_of, wait_for
+from starlette.testclient import TestClient
 
 import claude_jobs
 from claude_jobs import ClaudeHandler, Worker
@@ -225,3 +227,197 @@ def test_a_webhook_secret_that_is_none_stops_the_worker_before_it_starts(
     monkeypatch.setenv("CLAUDE_JOBS_WEBHOOK_SECRET", "whsec_not base64!")
     with pytest.raises(claude_jobs.ConfigError, match="must be whsec_ and base64"):
         Worker(db_url, burst=True)
+
+
+def send_all(conn: psycopg.Connection) -> None:
+    while claude_jobs.send_due_notifications(conn):
+        pass
+
+
+def test_a_batch_s_end_is_told_once_with_a_link_and_its_jobs_only_what_needs_you(
+    conn: psycopg.Connection, db_url: str, fake_claude: Path, claude_log: Path, tmp_path: Path,
+    receiver: Receiver,
+) -> None:  # fmt: skip
+    claude_jobs.set_public_url(conn, "https://jobs.example.com/")
+    hook = [receiver.url()]
+    fine = claude_jobs.enqueue(conn, {"prompt": "fine", "cwd": str(tmp_path)}, batch="nightly",
+                               notify=hook)  # fmt: skip
+    claude_jobs.enqueue(conn, {"prompt": fake(exit=3, stdout=""), "cwd": str(tmp_path)},
+                        batch="nightly", notify=hook, max_attempts=1)  # fmt: skip
+    run_jobs(db_url, fake_claude)
+    send_all(conn)
+    [told] = receiver.delivered()
+    assert told["type"] == "batch.finished" and told["data"]["name"] == "nightly"
+    assert told["data"]["jobs"] == {"succeeded": 1, "failed": 1}
+    assert told["data"]["url"] == f"https://jobs.example.com/#/batch/{fine.batch_id}"
+    assert all(verified(request) for request in receiver.received)
+    assert claude_jobs.notification_counts(conn)["sent"] == 1
+    with TestClient(claude_jobs.web_app(db_url), base_url=LOCAL) as client:
+        metrics = client.get("/metrics").text
+    assert 'claude_jobs_notifications_total{outcome="sent"} 1.0' in metrics
+
+
+def test_a_usage_limit_hold_is_told_when_it_starts_and_when_it_is_lifted(
+    conn: psycopg.Connection, db_url: str, fake_claude: Path, claude_log: Path, tmp_path: Path,
+    receiver: Receiver, invoke,
+) -> None:  # fmt: skip
+    job = claude_jobs.enqueue(
+        conn, {"prompt": fake(emit="usage-limit.stream.jsonl", exit=1), "cwd": str(tmp_path)}
+    )
+    worker = Worker(db_url, burst=True, handlers={"claude": ClaudeHandler(str(fake_claude))},
+                    notify=[receiver.url()])  # fmt: skip
+    worker.run()
+    conn.execute(  # when run again, it succeeds
+        "UPDATE claude_jobs SET payload = jsonb_set(payload, '{prompt}', %s) WHERE id = %s",
+        [psycopg.types.json.Jsonb(fake(result="after the reset")), job.id],
+    )
+    assert invoke("resume", "--hold", "claude").exit_code == 0
+    Worker(db_url, burst=True, handlers={"claude": ClaudeHandler(str(fake_claude))}).run()
+    send_all(conn)
+    told = [each["type"] for each in receiver.delivered()]
+    assert sorted(told) == ["hold.ended", "hold.started", "job.succeeded"]
+    assert told.index("hold.started") < told.index("hold.ended"), "in order, per subject"
+    [started, ended] = [each for each in receiver.delivered() if each["type"].startswith("hold")]
+    assert started["data"]["kind"] == "claude" and "usage limit" in started["data"]["reason"]
+    assert ended["data"]["ended"] == "lifted"
+
+
+def test_a_worker_that_cannot_run_claude_tells_it_once_and_its_jobs_tell_its_default(
+    conn: psycopg.Connection, db_url: str, fake_claude: Path, claude_log: Path, tmp_path: Path,
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.setattr(claude_jobs, "UNFIT_BACKOFF", (0.3, 0.6))
+    logged_in = tmp_path / "logged-in"
+    prompt = fake(emit="not-logged-in.stream.jsonl", exit=1, unless=str(logged_in))
+    job = claude_jobs.enqueue(conn, {"prompt": prompt, "cwd": str(tmp_path)})
+    own = claude_jobs.enqueue(conn, {"prompt": "mine", "cwd": str(tmp_path)},
+                              notify=[receiver.url("/own")], delay=3600)  # fmt: skip
+    worker = Worker(db_url, handlers={"claude": ClaudeHandler(str(fake_claude))},
+                    notify=[receiver.url("/worker")])  # fmt: skip
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        wait_for(lambda: len(claude_runs(claude_log)) >= 3, 20, "three tries, backing off")
+        logged_in.touch()
+        wait_for(lambda: status_of(conn, job.id) == "succeeded", what="the job, once logged in")
+        claude_jobs.run_now(conn, own.id)
+        wait_for(lambda: len(receiver.delivered()) == 3, 30, "the three notifications")
+    finally:
+        worker.stop()
+        thread.join(10)
+    paths = [(r["path"], json.loads(r["body"])["type"]) for r in receiver.received]
+    assert paths == [("/worker", "worker.unfit"), ("/worker", "job.succeeded"),
+                     ("/own", "job.succeeded")]  # fmt: skip
+    unfit = receiver.delivered()[0]["data"]
+    assert "not logged in" in unfit["reason"] and unfit["scope"] == "this worker"
+
+
+def test_a_continuation_that_widens_what_the_job_may_do_needs_attention(
+    conn: psycopg.Connection, db_url: str, fake_claude: Path, claude_log: Path, tmp_path: Path,
+    receiver: Receiver,
+) -> None:  # fmt: skip
+    first = claude_jobs.enqueue(
+        conn, {"prompt": "look", "cwd": str(tmp_path), "allowed_tools": ["Read"]},
+        notify=[receiver.url()], notify_on="job.needs_attention",
+    )  # fmt: skip
+    run_jobs(db_url, fake_claude)
+    same = claude_jobs.enqueue(conn, {"prompt": "go on"}, continue_from=first.id)
+    wider = claude_jobs.enqueue(conn, {"prompt": "now fix it", "allowed_tools": ["Read", "Bash"]},
+                                continue_from=first.id)  # fmt: skip
+    send_all(conn)
+    [told] = receiver.delivered()
+    assert told["type"] == "job.needs_attention" and told["data"]["id"] == str(wider.id)
+    assert "allowed_tools: adds Bash" in told["data"]["attention"]
+    assert job_row(conn, same.id)["notify"] == job_row(conn, first.id)["notify"], "inherited"
+
+
+def test_a_worker_killed_while_sending_leaves_the_notification_to_another(
+    conn: psycopg.Connection, start_worker, claude_log: Path, tmp_path: Path, receiver: Receiver
+) -> None:
+    release = threading.Event()
+    hanging = ThreadingHTTPServer(("127.0.0.1", 0), _hanging_handler(release))
+    threading.Thread(target=hanging.serve_forever, daemon=True).start()
+    try:
+        port = hanging.server_address[1]
+        job = claude_jobs.enqueue(conn, {"prompt": "p", "cwd": str(tmp_path)},
+                                  notify=[f"http://127.0.0.1:{port}/hook"])  # fmt: skip
+        first = start_worker("--heartbeat-timeout", "5s")
+        wait_for(lambda: _sending(conn), 30, "the notification to be taken, its POST hanging")
+        first.signal(signal.SIGKILL)
+        first.wait()
+        hanging.shutdown()
+        hanging.server_close()
+        # the receiver comes back on the same port, answering at once
+        back = ThreadingHTTPServer(("127.0.0.1", port), receiver.server.RequestHandlerClass)
+        threading.Thread(target=back.serve_forever, daemon=True).start()
+        start_worker("--heartbeat-timeout", "5s")
+        wait_for(lambda: receiver.delivered(), 40, "the notification, sent by the other worker")
+        back.shutdown()
+    finally:
+        release.set()
+    [told] = receiver.delivered()
+    assert told["type"] == "job.succeeded" and told["data"]["id"] == str(job.id)
+    assert claude_jobs.list_notifications(conn) == []
+
+
+def _sending(conn: psycopg.Connection) -> bool:
+    row = conn.execute(
+        "SELECT worker_id IS NOT NULL AND next_at > now() FROM claude_jobs_notifications"
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def test_schedules_and_workers_take_notify_and_refuse_bad_ones(
+    conn: psycopg.Connection, invoke, tmp_path: Path
+) -> None:
+    added = invoke("schedule", "add", "nightly", "--every", "1d", "--cwd", str(tmp_path),
+                   "review", "--notify", "https://hooks.slack.com/services/T/B/x")  # fmt: skip
+    assert added.exit_code == 0, added.output
+    job = claude_jobs.run_schedule(conn, "nightly")
+    assert job_row(conn, job.id)["notify"]["urls"] == ["https://hooks.slack.com/services/T/B/x"]
+    edited = invoke("schedule", "edit", "nightly", "--notify", "https://example.com/h",
+                    "--notify-on", "failed")  # fmt: skip
+    assert edited.exit_code == 2 and "--notify-on 'failed': not an event" in edited.output
+    for args, message in [
+        (["schedule", "edit", "nightly", "--notify", "ftp://x/y"], "not an http(s) URL"),
+        (["worker", "--burst", "--notify", "not-a-url"], "--notify 'not-a-url': not an http"),
+        (["worker", "--burst", "--notify", "https://e.com/h", "--notify-on", "batch.finished"],
+         "--notify-on batch.finished: not told to a worker"),
+        (["enqueue", "p", "--notify", "https://e.com/h", "--notify-on", "hold.started"],
+         "--notify-on hold.started: not told to a job"),
+        (["enqueue", "p", "--notify", "https://e.com/h", "--notify-on", "batch.finished"],
+         "--notify-on batch.finished: the end of a --batch"),
+    ]:  # fmt: skip
+        result = invoke(*args)
+        assert result.exit_code == 2 and len(result.output.splitlines()) == 1, result.output
+        assert message in result.output, result.output
+    assert len(claude_jobs.list_jobs(conn)) == 1
+    assert claude_jobs.get_schedule(conn, "nightly").options["notify"] == [
+        "https://hooks.slack.com/services/T/B/x"
+    ]
+
+
+def test_the_dashboard_shows_what_was_given_up_and_sends_it_again(
+    conn: psycopg.Connection, db_url: str, receiver: Receiver
+) -> None:
+    job = claude_jobs.enqueue(conn, {"prompt": "p"}, delay=3600, notify=[receiver.url("/gone")])
+    receiver.answers = [410]
+    claude_jobs.cancel_jobs(conn, [job.id])
+    send_all(conn)
+    [shown] = claude_jobs._overview(conn)["notifications"]
+    assert (shown["event"], shown["job_id"], shown["state"]) == (
+        "job.cancelled", str(job.id), "failed",
+    )  # fmt: skip
+    with TestClient(claude_jobs.web_app(db_url), base_url=LOCAL) as client:
+        answer = client.post(f"/api/notifications/{shown['id']}/retry")
+        assert answer.status_code == 200, answer.text
+        again = client.post(f"/api/notifications/{shown['id']}/retry")
+        assert again.status_code == 404 and "no failed or abandoned" in again.json()["error"]
+    send_all(conn)
+    assert claude_jobs._overview(conn)["notifications"] == []
+    assert [each["type"] for each in receiver.delivered()] == ["job.cancelled"]
+
+
+def test_the_schema_knows_a_spent_budget_by_the_reason_the_worker_writes() -> None:
+    """(claude_jobs_notify_paused tells a budget's hold from an unfit worker by its reason)"""
+    assert f"'{claude_jobs.BUDGET_NOTE}'" in claude_jobs.MIGRATIONS[13][1]

@@ -60,6 +60,7 @@ def test_api_pages_jobs_newest_first_by_cursor_with_the_filters_of_list(client, 
     assert client.get("/api/jobs", params={"status": "running"}).json() == {
         "jobs": [],
         "next": None,
+        "prev": None,
     }
     for bad in ({"status": "done"}, {"limit": "0"}, {"limit": "x"}, {"before": "nonsense"}):
         response = client.get("/api/jobs", params=bad)
@@ -563,6 +564,11 @@ def test_in_a_browser_the_dashboard_lives_streams_and_cancels(
         (b for b in d.find_elements("tag name", "button") if b.text == "cancel"), None),
         "the cancel button")  # fmt: skip
     button.click()
+    from selenium.webdriver.support.expected_conditions import alert_is_present
+
+    asked = until(browser, alert_is_present(), "a confirmation: it is running")
+    assert "running" in asked.text
+    asked.accept()
     wait_for(lambda: status_of(conn, job.id) == "cancelled", 20, "the job to be cancelled")
     until(browser, lambda d: "job cancelled" in d.find_element("id", "outcome").text, "the end")
     assert "step 39" not in browser.find_element("id", "transcript").text
