@@ -305,6 +305,9 @@ LOCK_NAMESPACE = 0x636A6F62
 KEY_LOCK_NAMESPACE = 0x636B6579
 #: First key of the lock enqueue_many takes on a unique key ("cunq"); the second, its hash.
 UNIQUE_LOCK_NAMESPACE = 0x63756E71
+#: First key of the lock on a worktree, taken by what continues a job in it and by discard
+#: ("cwtr"); the second, its path's hash.
+WORKTREE_LOCK_NAMESPACE = 0x63777472
 MIGRATION_LOCK_KEY = 0
 #: Second keys of the locks that let one worker at a time do a task.
 CLEANUP_TASK, UNBLOCK_TASK, FOLD_TASK, ANALYZE_TASK, TRACK_TASK = -1, -2, -3, -4, -5
@@ -1639,7 +1642,10 @@ ALTER TABLE claude_jobs_holds ADD COLUMN notify jsonb;
 -- the jobs not reviewed that failed, or succeeded with a worktree not delivered (a delivered
 -- one is reviewed where it went), or whose delivery failed.
 ALTER TABLE claude_jobs ADD COLUMN reviewed_at timestamptz;
-CREATE INDEX claude_jobs_needs_you ON claude_jobs (finished_at DESC, id)
+-- (what ended before this version is not news: "Needs you" begins empty)
+UPDATE claude_jobs SET reviewed_at = finished_at
+WHERE status = 'failed' OR (status = 'succeeded' AND (worktree IS NOT NULL OR delivery ? 'error'));
+CREATE INDEX claude_jobs_needs_you ON claude_jobs (finished_at DESC, id DESC)
     WHERE reviewed_at IS NULL AND (status = 'failed' OR (status = 'succeeded'
         AND ((worktree IS NOT NULL AND delivery IS NULL) OR delivery ? 'error')));
 ALTER TABLE claude_jobs_notifications ADD COLUMN subject text, ADD COLUMN worker_id uuid;
@@ -1781,6 +1787,17 @@ BEGIN
     RETURN NULL;
 END
 $paused$;
+-- A worker that leaves, or is found dead, gives back the notifications it was sending: any
+-- other worker sends them at once (at least once: the same webhook-id).
+CREATE FUNCTION claude_jobs_release_sends() RETURNS trigger LANGUAGE plpgsql AS $release$
+BEGIN
+    UPDATE claude_jobs_notifications SET next_at = now(), worker_id = NULL
+    WHERE worker_id = OLD.id AND state = 'pending';
+    RETURN NULL;
+END
+$release$;
+CREATE TRIGGER claude_jobs_release_sends AFTER DELETE ON claude_jobs_workers
+    FOR EACH ROW EXECUTE FUNCTION claude_jobs_release_sends();
 CREATE TRIGGER claude_jobs_notify_paused AFTER UPDATE OF claude_paused_until
     ON claude_jobs_workers
     FOR EACH ROW WHEN (NEW.notify IS NOT NULL
@@ -2165,7 +2182,7 @@ FROM claude_jobs_counts GROUP BY 1, 2 ORDER BY 1, 2
 TIMELINE = """
 -- timeline: the jobs that ended (succeeded, failed) per minute or hour since a time, through
 -- the index of finished jobs
-SELECT date_trunc(%(step)s, finished_at) AS at,
+SELECT date_trunc(%(step)s, finished_at, 'UTC') AS at,
     count(*) FILTER (WHERE status = 'succeeded') AS succeeded,
     count(*) FILTER (WHERE status = 'failed') AS failed
 FROM claude_jobs
@@ -2721,6 +2738,12 @@ WHERE j.id = %(id)s AND j.claim = %(claim)s AND j.status = 'running'
 RETURNING j.id
 """
 
+LOCK_WORKTREE = """
+-- lock_worktree: one at a time continue a job in this worktree or discard it, until the end
+-- of the transaction
+SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(path)s))
+"""
+
 LOCK_KEY = """
 -- lock_key: one admission at a time per concurrency key, until the end of the transaction
 SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(key)s))
@@ -3218,8 +3241,11 @@ ORDER BY r.due_at DESC LIMIT 1
 """
 
 OLD_NOTIFICATIONS = """
--- old_notifications: forget the notifications delivered before `before` (with old jobs)
-DELETE FROM claude_jobs_notifications WHERE state = 'sent' AND sent_at < %(before)s
+-- old_notifications: forget the notifications delivered before `before` (with old jobs), and
+-- those given up on that were written before it
+DELETE FROM claude_jobs_notifications
+WHERE (state = 'sent' AND sent_at < %(before)s)
+   OR (state IN ('failed', 'abandoned') AND created_at < %(before)s)
 """
 
 OLD_SCHEDULE_RUNS = """
@@ -3688,6 +3714,10 @@ def _db_cancel_blocked(conn: psycopg.Connection) -> list[dict[str, Any]]:
     return jobs
 
 
+def _db_lock_worktree(conn: psycopg.Connection, path: str) -> None:
+    conn.execute(LOCK_WORKTREE, {"namespace": WORKTREE_LOCK_NAMESPACE, "path": path})
+
+
 def _db_try_task_lock(conn: psycopg.Connection, task: int) -> bool:
     """Whether this transaction may do ``task`` (no other one does it now)."""
     params = {"namespace": LOCK_NAMESPACE, "task": task}
@@ -3908,6 +3938,7 @@ def _git_bytes(cwd: str | Path, *args: str, env: Mapping[str, str] | None = None
     when ``cwd`` is not a directory), WorkerUnfit when git is not installed."""
     if not Path(cwd).is_dir():
         raise _GitError(f"{cwd} is not a directory (moved or deleted?)")
+    command = next((arg for arg in args if not arg.startswith("-") and "=" not in arg), "")
     try:
         done = subprocess.run(
             ["git", *args], cwd=cwd, capture_output=True, timeout=300, check=False,
@@ -3916,11 +3947,11 @@ def _git_bytes(cwd: str | Path, *args: str, env: Mapping[str, str] | None = None
     except FileNotFoundError:
         raise WorkerUnfit("git is not installed on this worker (a worktree job needs it)") from None
     except subprocess.TimeoutExpired:
-        raise _GitError(f"git {args[0]} took more than 5 minutes") from None
+        raise _GitError(f"git {command} took more than 5 minutes") from None
     if done.returncode != 0:
         output = done.stderr.strip() or done.stdout.strip()
         said = output.decode("utf-8", "replace").splitlines()
-        raise _GitError(f"git {args[0]}: {said[-1] if said else f'status {done.returncode}'}")
+        raise _GitError(f"git {command}: {said[-1] if said else f'status {done.returncode}'}")
     return done.stdout
 
 
@@ -5227,6 +5258,10 @@ def list_workers(conn: psycopg.Connection) -> list[dict[str, Any]]:
             "lost" if worker["lost"] else "failing" if worker["trouble"]
             else "draining" if worker["draining_since"] else "alive"
         )  # fmt: skip
+        reason = worker.get("claude_paused_reason") or ""
+        worker["unfit"] = bool(worker.get("claude_paused_until")) and not reason.startswith(
+            BUDGET_NOTE
+        )  # (it cannot run claude; not a spent budget)
     return workers
 
 
@@ -5699,6 +5734,8 @@ def _enqueue_checked(conn: psycopg.Connection, request: _JobRequest) -> Job:
     options, prepared, widens = request.options, request.prepared, None
     chain = _chain(conn, options)
     previous = chain.previous
+    if previous is not None and previous.worktree and "path" in previous.worktree:
+        _db_lock_worktree(conn, str(previous.worktree["path"]))  # (not discarded meanwhile)
     if previous is not None:
         payload = request.payload
         prepared = _prepare(options.kind, _continuing(payload, previous), request.base_dir)
@@ -6252,7 +6289,8 @@ def worktree_diff(job: Job, *, stat: bool = False) -> bytes:
         raise WrongState(f"job {job.id} is not a worktree job: it has no branch of its own")
     if not job.worktree:
         raise WrongState(f"job {job.id} has made no worktree yet: it has not run")
-    how = ["diff", "--stat"] if stat else ["diff"]
+    quoted = ["-c", "core.quotePath=false"]  # (names as they are, not octal escapes)
+    how = [*quoted, "diff", "--stat"] if stat else [*quoted, "diff"]
     tree = job.worktree
     try:
         tree = _checked_record(tree)
@@ -6986,20 +7024,24 @@ def discard(conn: psycopg.Connection, job_id: uuid.UUID | str) -> list[str]:
     if not job.payload.get("worktree") or not job.worktree or "branch" not in job.worktree:
         raise WrongState(f"job {job.id} made no worktree: there is nothing to discard")
     tree = _checked_record(job.worktree)
-    if _the_row(conn.execute(WORKTREE_BUSY, {"job": job.id, "path": tree["path"]}))[0]:
-        raise WrongState(f"a job that continues job {job.id} needs its worktree: not discarded")
-    if not Path(tree["repo"]).is_dir():
-        raise WrongState(f"the repository {tree['repo']} of job {job.id} is not on this machine")
+    here = socket.gethostname()
+    if job.session_host not in (None, here) or not Path(tree["repo"]).is_dir():
+        raise WrongState(f"the worktree of job {job.id} is on {job.session_host or 'another'} "
+                         "machine: discard it there")  # fmt: skip
     done = []
-    _, common = _repository_of(tree["repo"])
-    if Path(tree["path"]).is_dir():
-        _git_retrying(common, tree["repo"], "worktree", "remove", "--force", tree["path"])
-        done.append(f"removed worktree {tree['path']}")
-    if _git_ok(tree["repo"], "rev-parse", "--verify", "--quiet", f"refs/heads/{tree['branch']}"):
-        _git_retrying(common, tree["repo"], "branch", "-D", tree["branch"])
-        done.append(f"deleted branch {tree['branch']}")
-    with _atomic(conn):
-        conn.execute(FORGET_WORKTREE, {"host": socket.gethostname(), "path": tree["path"]})
+    with _atomic(conn):  # (no continuation of it is queued meanwhile: they take this lock too)
+        _db_lock_worktree(conn, tree["path"])
+        if _the_row(conn.execute(WORKTREE_BUSY, {"job": job.id, "path": tree["path"]}))[0]:
+            raise WrongState(f"a job that continues job {job.id} needs its worktree: not discarded")
+        _, common = _repository_of(tree["repo"])
+        if Path(tree["path"]).is_dir():
+            _git_retrying(common, tree["repo"], "worktree", "remove", "--force", tree["path"])
+            done.append(f"removed worktree {tree['path']}")
+        branch = f"refs/heads/{tree['branch']}"
+        if _git_ok(tree["repo"], "rev-parse", "--verify", "--quiet", branch):
+            _git_retrying(common, tree["repo"], "branch", "-D", tree["branch"])
+            done.append(f"deleted branch {tree['branch']}")
+        conn.execute(FORGET_WORKTREE, {"host": here, "path": tree["path"]})
         conn.execute(MARK_REVIEWED, {"id": job.id})
         conn.execute(MARK_WORKTREE_REVIEWED, {"path": tree["path"]})
     return done or ["its worktree and branch were gone already"]
@@ -7008,7 +7050,15 @@ def discard(conn: psycopg.Connection, job_id: uuid.UUID | str) -> list[str]:
 #: A file's diff is shown folded beyond this many lines, and cut beyond MAX_DIFF_LINES.
 DIFF_FOLD_LINES, MAX_DIFF_LINES = 400, 5000
 
-_DIFF_PATH = re.compile(r"^diff --git a/(.*) b/(.*)$")
+
+def _diff_path(header: str) -> str:
+    """The path of a file in git's ``diff --git a/PATH b/PATH`` line (its new path when it was
+    renamed; a name with " b/" in it is found when both paths are the same)."""
+    rest = header.removeprefix("diff --git a/")
+    half = (len(rest) - len(" b/")) // 2
+    if rest[half : half + 3] == " b/" and rest[:half] == rest[half + 3 :]:
+        return rest[:half]
+    return rest.rpartition(" b/")[2]
 
 
 def diff_files(diff: str) -> list[dict[str, Any]]:
@@ -7016,19 +7066,22 @@ def diff_files(diff: str) -> list[dict[str, Any]]:
     it is binary, its lines (cut at MAX_DIFF_LINES: ``cut`` says how many were left out) and
     whether to show it folded (a large one)."""
     files: list[dict[str, Any]] = []
+    in_hunks = False  # (past a file's header: ---, +++ and the like are its lines)
     for line in diff.splitlines():
-        if match := _DIFF_PATH.match(line):
-            files.append({"path": match[2], "added": 0, "removed": 0, "binary": False,
+        if line.startswith("diff --git a/"):
+            files.append({"path": _diff_path(line), "added": 0, "removed": 0, "binary": False,
                           "lines": [line], "cut": 0})  # fmt: skip
+            in_hunks = False
             continue
         if not files:
             continue
         each = files[-1]
-        if line.startswith("Binary files ") and line.endswith(" differ"):
+        in_hunks = in_hunks or line.startswith("@@")
+        if not in_hunks and line.startswith("Binary files ") and line.endswith(" differ"):
             each["binary"] = True
-        elif line.startswith("+") and not line.startswith("+++ "):
+        elif in_hunks and line.startswith("+"):
             each["added"] += 1
-        elif line.startswith("-") and not line.startswith("--- "):
+        elif in_hunks and line.startswith("-"):
             each["removed"] += 1
         if len(each["lines"]) < MAX_DIFF_LINES:
             each["lines"].append(line)
@@ -7046,13 +7099,11 @@ def diff_files(diff: str) -> list[dict[str, Any]]:
 TAKE_NOTIFICATIONS = """
 -- take_notifications: the due notifications, each the oldest pending one of its subject and
 -- URL (a job's are sent in order), leased for a while to this worker (one that dies while
--- sending leaves them to the others once it is found dead, or the lease ran out: at least
--- once); another worker skips them
+-- sending leaves them to the others once it is found dead, see claude_jobs_release_sends, or
+-- the lease ran out: at least once); another worker skips them
 WITH due AS (
     SELECT n.id FROM claude_jobs_notifications n
-    WHERE n.state = 'pending'
-      AND (n.next_at <= now() OR (n.worker_id IS NOT NULL AND NOT EXISTS (
-               SELECT FROM claude_jobs_workers w WHERE w.id = n.worker_id)))
+    WHERE n.state = 'pending' AND n.next_at <= now()
       AND NOT EXISTS (SELECT FROM claude_jobs_notifications o
                       WHERE o.state = 'pending' AND o.subject = n.subject AND o.url = n.url
                         AND o.seq < n.seq)
@@ -7066,6 +7117,14 @@ SET next_at = now() + make_interval(secs => %(lease)s), attempts = n.attempts + 
 FROM due WHERE n.id = due.id
 RETURNING n.id, n.seq, n.event, n.url, n.body::text AS body, n.attempts,
     extract(epoch FROM now() - n.created_at)::float8 AS age
+"""
+
+RELEASE_NOTIFICATIONS = """
+-- release_notifications: taken, not sent (the worker stops, or their lease would run out
+-- before it got to them): due again now, the try not counted
+UPDATE claude_jobs_notifications
+SET next_at = now(), worker_id = NULL, attempts = greatest(attempts - 1, 0)
+WHERE id = ANY(%(ids)s::uuid[]) AND state = 'pending'
 """
 
 NOTIFICATION_SENT = """
@@ -7174,9 +7233,17 @@ def _chat_message(url: str, body: Mapping[str, Any]) -> dict[str, Any] | None:
     host), or None for any other URL (it gets the event as it is)."""
     parts = urllib.parse.urlsplit(url)
     data = body.get("data") or {}
-    event = str(body.get("type", "")).removeprefix("job.")
-    text = f"claude-jobs: job {str(data.get('id'))[:8]} {event}"
-    for name in ("prompt", "result", "error", "pull_request"):
+    event = str(body.get("type", ""))
+    if event.startswith("job."):
+        text = f"claude-jobs: job {str(data.get('id'))[:8]} {event.removeprefix('job.')}"
+    elif event == "batch.finished":
+        counts = ", ".join(f"{n} {status}" for status, n in (data.get("jobs") or {}).items())
+        text = f"claude-jobs: batch {data.get('name')} finished ({counts or 'no jobs'})"
+    else:  # (hold.started, hold.ended, worker.unfit)
+        where = f" on {data['host']}" if data.get("host") else ""
+        text = f"claude-jobs: {event} for {data.get('kind')} jobs{where}"
+    for name in ("prompt", "result", "error", "attention", "reason", "until", "cost_usd",
+                 "pull_request", "url"):  # fmt: skip
         if data.get(name):
             text += f"\n{name}: {_cut(str(data[name]), 300)}"
     if parts.hostname == "hooks.slack.com":
@@ -7217,17 +7284,27 @@ def _send_notification(row: Mapping[str, Any], key: bytes | None) -> tuple[str, 
 
 
 def send_due_notifications(
-    conn: psycopg.Connection, limit: int = 20, worker_id: uuid.UUID | None = None
+    conn: psycopg.Connection,
+    limit: int = 20,
+    worker_id: uuid.UUID | None = None,
+    stopping: Callable[[], bool] = lambda: False,
 ) -> int:
     """Send the notifications that are due (workers do it every second; several share the
     work, each notification taken by one), each job's in order; how many were tried. Signed
     with CLAUDE_JOBS_WEBHOOK_SECRET when it is set. A worker gives its id: those it takes are
-    sent again by the others as soon as it is found dead."""
+    sent by the others as soon as it is found dead. Those not sent yet when ``stopping()``
+    or when their lease would run out before an answer are given back, due at once."""
     key = _webhook_key()
     params = {"limit": limit, "lease": NOTIFY_LEASE, "worker_id": worker_id}
     with _atomic(conn), conn.cursor(row_factory=dict_row) as cur:
         rows = cur.execute(TAKE_NOTIFICATIONS, params).fetchall()
-    for row in sorted(rows, key=lambda row: row["seq"]):  # (as they were written)
+    rows.sort(key=lambda row: row["seq"])  # (sent as they were written)
+    deadline = time.monotonic() + NOTIFY_LEASE - NOTIFY_TIMEOUT - 1
+    for done, row in enumerate(rows):
+        if stopping() or time.monotonic() > deadline:
+            with _atomic(conn):
+                conn.execute(RELEASE_NOTIFICATIONS, {"ids": [r["id"] for r in rows[done:]]})
+            return done
         state, error, delay = _send_notification(row, key)
         if state == "pending" and row["age"] + delay > NOTIFY_GIVE_UP:
             state, error = "abandoned", f"{error}; tried for {_duration_text(NOTIFY_GIVE_UP)}"
@@ -10555,9 +10632,9 @@ class _Notifier(_Part):
             self.pooled("send notifications", self._send)
 
     def _send(self, conn: psycopg.Connection) -> None:
-        worker_id = self._shared.worker_id()
-        while send_due_notifications(conn, worker_id=worker_id):
-            if self._shared.closed.is_set():
+        worker_id, closed = self._shared.worker_id(), self._shared.closed.is_set
+        while send_due_notifications(conn, worker_id=worker_id, stopping=closed):
+            if closed():
                 return
 
 
@@ -15813,9 +15890,10 @@ function workerTable(list) {
     list.map(w => $("tr", {}, $("td", { title: w.id }, w.host + ":" + w.pid),
         $("td", {}, status(w.state),
           w.trouble ? $("div", { class: "dim" }, w.trouble) : null,
-          w.claude_paused_until ? $("div", { class: "error unfit" }, "no claude jobs until ",
-            ago(w.claude_paused_until), ": ", w.claude_paused_reason, " ",
-            action("try again", () => act("api/holds/claude/lift"))) : null,
+          w.claude_paused_until ? $("div", { class: "error" + (w.unfit ? " unfit" : "") },
+            "no claude jobs until ", ago(w.claude_paused_until), ": ", w.claude_paused_reason,
+            " ", w.unfit ? action("try again", () => act("api/holds/claude/lift")) : null)
+            : null,
           w.lost_at ? $("div", { class: "dim" }, "found dead ", ago(w.lost_at), ": ",
             w.lost_because + "; " + w.recovered + " running job(s) went back") : null),
         $("td", { class: "num" }, w.running + "/" + w.concurrency),
@@ -15831,8 +15909,7 @@ function batchTable(list) {
   const shown = ["succeeded", "failed", "cancelled", "running", "queued"];
   return table(["batch", "progress", "jobs", "cost", "created", "finished", "callbacks", ""],
     list.map(b => $("tr", {},
-      $("td", { title: b.id }, $("a", { href: "#/batch/" + encodeURIComponent(b.name) },
-        b.name)),
+      $("td", { title: b.id }, $("a", { href: "#/batch/" + b.id }, b.name)),
       $("td", {}, $("progress", { max: b.jobs || 1, value: b.ended }), " ",
         b.ended + " of " + b.jobs),
       $("td", {}, ...shown.filter(s => b.counts[s]).map(s =>
@@ -15879,6 +15956,7 @@ function jobFilters(section, params) {
   const older = $("button", { id: "older" }, "older →");
   section.append(form, body, $("p", {}, newer, " ", older));
   let page = { before: params.get("before"), after: params.get("after") };
+  let asked = 0;  // (the latest request: an earlier one's answer that comes after is dropped)
   const query = () => { const p = new URLSearchParams();
     for (const el of form.elements) if (el.name && el.value) p.set(el.name, el.value);
     return p; };
@@ -15886,9 +15964,16 @@ function jobFilters(section, params) {
     const p = query();
     for (const key of ["before", "after"]) if (page[key]) p.set(key, page[key]);
     history.replaceState(null, "", "#/" + (String(p) ? "?" + p : ""));
+    const mine = ++asked;
     try {
       const data = await api("api/jobs?" + p);
-      if (!data.jobs.length && page.after) { page = {}; return load(); }  // (past the newest)
+      if (mine !== asked) return;
+      // (past either end, as an old bookmark may be: the first page)
+      if (!data.jobs.length && (page.after || page.before)) { page = {}; return load(); }
+      if (page.after && !data.prev) {  // (back on the first page: it follows the queue live)
+        page = {};
+        const q = query(); history.replaceState(null, "", "#/" + (String(q) ? "?" + q : ""));
+      }
       fill(body, jobTable(data.jobs));
       older.style.display = data.next ? "" : "none";
       newer.style.display = data.prev ? "" : "none";
@@ -16058,12 +16143,20 @@ function reviewPanel(section, job, refresh) {
           : [$("span", { class: "add" }, "+" + f.added), " ",
              $("span", { class: "del" }, "-" + f.removed)],
           f.folded ? $("span", { class: "dim" }, " (large: open to see)") : null),
-        $("pre", { class: "diff" }, f.lines.map(line => $("span", { class:
-          line.startsWith("@@") ? "hunk" : line.startsWith("+++") || line.startsWith("---")
-          || line.startsWith("diff --git") ? "dim" : line.startsWith("+") ? "add"
-          : line.startsWith("-") ? "del" : "" }, line + "\\n")),
+        $("pre", { class: "diff" }, diffLines(f.lines),
           f.cut ? $("span", { class: "dim" }, "… " + f.cut + " more line(s)") : null))));
   }).catch(e => fill(changes, $("p", { class: "dim" }, e.message)));
+}
+
+// A file's diff, each line marked: its header (before the first @@) dim, hunks, added, removed.
+function diffLines(lines) {
+  let inHunks = false;
+  return lines.map(line => {
+    inHunks = inHunks || line.startsWith("@@");
+    const kind = !inHunks ? "dim" : line.startsWith("@@") ? "hunk" : line.startsWith("+") ? "add"
+      : line.startsWith("-") ? "del" : "";
+    return $("span", { class: kind }, line + "\\n");
+  });
 }
 
 // -- a batch ---------------------------------------------------------------------------------
@@ -16139,8 +16232,9 @@ function route() {
   const batch = hash.match(/^#\\/batch\\/([^?]+)$/);
   const schedule = hash.match(/^#\\/schedule\\/([^?]+)$/);
   const params = new URLSearchParams(hash.includes("?") ? hash.slice(hash.indexOf("?")) : "");
-  view = job ? jobPage(job[1]) : batch ? batchPage(decodeURIComponent(batch[1]))
-    : schedule ? schedulePage(decodeURIComponent(schedule[1])) : overviewPage(params);
+  const decoded = text => { try { return decodeURIComponent(text); } catch { return text; } };
+  view = job ? jobPage(job[1]) : batch ? batchPage(decoded(batch[1]))
+    : schedule ? schedulePage(decoded(schedule[1])) : overviewPage(params);
 }
 window.addEventListener("hashchange", route);
 route();

@@ -736,7 +736,10 @@ ALTER TABLE claude_jobs_holds ADD COLUMN notify jsonb;
 -- the jobs not reviewed that failed, or succeeded with a worktree not delivered (a delivered
 -- one is reviewed where it went), or whose delivery failed.
 ALTER TABLE claude_jobs ADD COLUMN reviewed_at timestamptz;
-CREATE INDEX claude_jobs_needs_you ON claude_jobs (finished_at DESC, id)
+-- (what ended before this version is not news: "Needs you" begins empty)
+UPDATE claude_jobs SET reviewed_at = finished_at
+WHERE status = 'failed' OR (status = 'succeeded' AND (worktree IS NOT NULL OR delivery ? 'error'));
+CREATE INDEX claude_jobs_needs_you ON claude_jobs (finished_at DESC, id DESC)
     WHERE reviewed_at IS NULL AND (status = 'failed' OR (status = 'succeeded'
         AND ((worktree IS NOT NULL AND delivery IS NULL) OR delivery ? 'error')));
 ALTER TABLE claude_jobs_notifications ADD COLUMN subject text, ADD COLUMN worker_id uuid;
@@ -880,6 +883,17 @@ BEGIN
     RETURN NULL;
 END
 $paused$;
+-- A worker that leaves, or is found dead, gives back the notifications it was sending: any
+-- other worker sends them at once (at least once: the same webhook-id).
+CREATE FUNCTION claude_jobs_release_sends() RETURNS trigger LANGUAGE plpgsql AS $release$
+BEGIN
+    UPDATE claude_jobs_notifications SET next_at = now(), worker_id = NULL
+    WHERE worker_id = OLD.id AND state = 'pending';
+    RETURN NULL;
+END
+$release$;
+CREATE TRIGGER claude_jobs_release_sends AFTER DELETE ON claude_jobs_workers
+    FOR EACH ROW EXECUTE FUNCTION claude_jobs_release_sends();
 CREATE TRIGGER claude_jobs_notify_paused AFTER UPDATE OF claude_paused_until
     ON claude_jobs_workers
     FOR EACH ROW WHEN (NEW.notify IS NOT NULL

@@ -143,6 +143,26 @@ def status_of(conn: psycopg.Connection, job_id: Any) -> str:
     return job_row(conn, job_id)["status"]
 
 
+# -- git -------------------------------------------------------------------------------------
+
+
+def git(cwd: Path, *args: str) -> str:
+    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
+    return done.stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Path:
+    """A git repository on main with one commit (app.py)."""
+    path = tmp_path / "repo"
+    path.mkdir()
+    (path / "app.py").write_text("print('hi')\n")
+    git(path, "init", "-q", "-b", "main")
+    git(path, "add", ".")
+    git(path, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "first")
+    return path
+
+
 # -- the fake claude ----------------------------------------------------------------------
 
 FAKE_CLAUDE = '''\

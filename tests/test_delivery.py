@@ -12,13 +12,22 @@ import base64
 import json
 import os
 import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import LOCAL, claude_runs, fake, job_row, page_text, pid_alive, until, wait_for
+from conftest import (
+    LOCAL,
+    claude_runs,
+    fake,
+    git,
+    job_row,
+    page_text,
+    pid_alive,
+    until,
+    wait_for,
+)
 from mock_github import TOKEN, MockGitHub
 from mock_messages_api import Bash, MockMessagesAPI, Text
 from starlette.testclient import TestClient
@@ -26,11 +35,6 @@ from test_serve import Serve
 
 import claude_jobs
 from claude_jobs import ClaudeHandler, Worker
-
-
-def git(cwd: Path, *args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
-    return done.stdout.strip()
 
 
 def commit_file(name: str) -> list[str]:

@@ -421,3 +421,25 @@ def test_the_dashboard_shows_what_was_given_up_and_sends_it_again(
 def test_the_schema_knows_a_spent_budget_by_the_reason_the_worker_writes() -> None:
     """(claude_jobs_notify_paused tells a budget's hold from an unfit worker by its reason)"""
     assert f"'{claude_jobs.BUDGET_NOTE}'" in claude_jobs.MIGRATIONS[13][1]
+
+
+def test_slack_and_discord_get_a_short_message_of_each_kind_of_event() -> None:
+    slack, discord = (
+        "https://hooks.slack.com/services/T/B/x",
+        "https://discord.com/api/webhooks/1/x",
+    )
+    failed = {"type": "job.failed", "data": {"id": "0123456789", "prompt": "fix it",
+              "error": "exit 3", "url": "https://jobs.example.com/#/jobs/0123456789"}}  # fmt: skip
+    assert claude_jobs._chat_message(slack, failed) == {"text": (
+        "claude-jobs: job 01234567 failed\nprompt: fix it\nerror: exit 3\n"
+        "url: https://jobs.example.com/#/jobs/0123456789")}  # fmt: skip
+    batch = {"type": "batch.finished", "data": {"name": "nightly", "jobs": {"succeeded": 3}}}
+    assert claude_jobs._chat_message(discord, batch) == {
+        "content": "claude-jobs: batch nightly finished (3 succeeded)"
+    }
+    held = {"type": "hold.started", "data": {"kind": "claude", "reason": "usage limit",
+            "until": "2030-03-17T17:46:00+00:00"}}  # fmt: skip
+    assert claude_jobs._chat_message(slack, held)["text"].startswith(
+        "claude-jobs: hold.started for claude jobs\nreason: usage limit\nuntil: 2030"
+    )
+    assert claude_jobs._chat_message("https://example.com/hook", failed) is None

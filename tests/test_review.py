@@ -8,23 +8,12 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from conftest import LOCAL, fake, job_row, page_text, status_of, until, wait_for
+from conftest import LOCAL, fake, git, job_row, page_text, status_of, until, wait_for
 from starlette.testclient import TestClient
-from test_delivery import commit_file, git, run_jobs, run_worktree_job
+from test_delivery import commit_file, run_jobs, run_worktree_job
 from test_serve import Serve
 
 import claude_jobs
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    path = tmp_path / "repo"
-    path.mkdir()
-    (path / "app.py").write_text("print('hi')\n")
-    git(path, "init", "-q", "-b", "main")
-    git(path, "add", ".")
-    git(path, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "first")
-    return path
 
 
 @pytest.fixture
@@ -71,6 +60,10 @@ def test_a_worktree_job_is_reviewed_replied_to_and_discarded_from_the_dashboard(
 
     tree = job_row(conn, continuation)["worktree"]
     assert (Path(tree["path"]) / "wip.txt").exists()
+    conn.execute("UPDATE claude_jobs SET session_host = 'elsewhere' WHERE id = %s", [continuation])
+    away = client.post(f"/api/jobs/{continuation}/discard")
+    assert away.status_code == 409 and "is on elsewhere machine" in away.json()["error"]
+    conn.execute("UPDATE claude_jobs SET session_host = NULL WHERE id = %s", [continuation])
     asked = invoke("discard", continuation)
     assert asked.exit_code == 0 and "add --yes to do it" in asked.output
     assert Path(tree["path"]).exists()
@@ -107,6 +100,14 @@ def test_a_diff_is_split_into_files_a_large_one_folded_and_cut() -> None:
     assert (big["added"], big["folded"], len(big["lines"])) == (6000, True, 5000)
     assert big["cut"] == 6004 - 5000
     assert (binary["path"], binary["binary"]) == ("logo.png", True)
+    tricky = "\n".join([
+        "diff --git a/db/a b/c.sql b/db/a b/c.sql", "--- a/db/a b/c.sql", "+++ b/db/a b/c.sql",
+        "@@ -1,2 +1 @@", "--- a comment removed", "-select 1;", "+++ a comment added",
+        "diff --git a/old.txt b/new.txt", "similarity index 90%",
+    ])  # fmt: skip
+    sql, renamed = claude_jobs.diff_files(tricky)
+    assert (sql["path"], sql["added"], sql["removed"]) == ("db/a b/c.sql", 1, 2)
+    assert renamed["path"] == "new.txt"
 
 
 def test_in_a_browser_a_reply_becomes_a_running_continuation_that_streams_on_the_page(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -729,3 +730,15 @@ def test_serve_stops_on_sigterm_within_seconds_ending_its_streams(serve) -> None
     assert time.monotonic() - started < 3
     log = server.log_path.read_text()
     assert "timeout graceful shutdown exceeded" not in log and "Traceback" not in log
+
+
+def test_the_page_s_script_parses(tmp_path: Path) -> None:
+    """(a syntax error leaves the whole dashboard blank: node says where, when it is here)"""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed")
+    page = claude_jobs._PAGE
+    script = tmp_path / "page.js"
+    script.write_text(page[page.index("<script>") + len("<script>") : page.rindex("</script>")])
+    checked = subprocess.run([node, "--check", str(script)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr

@@ -20,7 +20,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import TESTS, claude_runs, fake, job_row, status_of, wait_for
+from conftest import TESTS, claude_runs, fake, git, job_row, status_of, wait_for
 from test_operations import make_job
 
 import claude_jobs
@@ -335,22 +335,6 @@ def test_money_below_a_cent_keeps_four_significant_digits(amount: float, shown: 
 
 
 # -- worktrees ---------------------------------------------------------------------------------
-
-
-def git(cwd: Path, *args: str) -> str:
-    done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, check=True)
-    return done.stdout.strip()
-
-
-@pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    path = tmp_path / "repo"
-    path.mkdir()
-    (path / "app.py").write_text("print('hi')\n")
-    git(path, "init", "-q", "-b", "main")
-    git(path, "add", ".")
-    git(path, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "first")
-    return path
 
 
 def commit_file(name: str) -> list[str]:
