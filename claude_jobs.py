@@ -1643,7 +1643,7 @@ ALTER TABLE claude_jobs_holds ADD COLUMN notify jsonb;
 -- one is reviewed where it went), or whose delivery failed.
 ALTER TABLE claude_jobs ADD COLUMN reviewed_at timestamptz;
 -- (what ended before this version is not news: "Needs you" begins empty)
-UPDATE claude_jobs SET reviewed_at = finished_at
+UPDATE claude_jobs SET reviewed_at = coalesce(finished_at, now())
 WHERE status = 'failed' OR (status = 'succeeded' AND (worktree IS NOT NULL OR delivery ? 'error'));
 CREATE INDEX claude_jobs_needs_you ON claude_jobs (finished_at DESC, id DESC)
     WHERE reviewed_at IS NULL AND (status = 'failed' OR (status = 'succeeded'

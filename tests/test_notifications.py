@@ -10,6 +10,7 @@ import hmac
 import json
 import signal
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -443,3 +444,30 @@ def test_slack_and_discord_get_a_short_message_of_each_kind_of_event() -> None:
         "claude-jobs: hold.started for claude jobs\nreason: usage limit\nuntil: 2030"
     )
     assert claude_jobs._chat_message("https://example.com/hook", failed) is None
+
+
+def test_what_a_sender_cannot_send_in_time_or_leaves_behind_goes_to_the_others_at_once(
+    conn: psycopg.Connection, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for n in range(3):
+        job = claude_jobs.enqueue(conn, {"prompt": f"p{n}"}, delay=3600, notify=[receiver.url()])
+        claude_jobs.cancel_jobs(conn, [job.id])
+    pending = (
+        "SELECT count(*) FROM claude_jobs_notifications WHERE state = 'pending' "
+        "AND next_at <= now() AND attempts = 0 AND worker_id IS NULL"
+    )
+    # stopping after the first: the other two are given back, their try not counted
+    sent = claude_jobs.send_due_notifications(conn, stopping=lambda: bool(receiver.received))
+    assert sent == 1 and conn.execute(pending).fetchone() == (2,)
+    # a lease too short to wait for an answer: nothing is sent, all given back
+    monkeypatch.setattr(claude_jobs, "NOTIFY_LEASE", claude_jobs.NOTIFY_TIMEOUT + 1)
+    assert claude_jobs.send_due_notifications(conn) == 0
+    assert conn.execute(pending).fetchone() == (2,) and len(receiver.received) == 1
+    # a worker that leaves (or is found dead) gives back what it took
+    worker = uuid.uuid4()
+    identity = {"host": "h", "pid": 1, "queues": ["*"], "kinds": ["claude"], "concurrency": 1}
+    claude_jobs._db_register_worker(conn, worker, identity)
+    conn.execute("UPDATE claude_jobs_notifications SET worker_id = %s, next_at = now() + "
+                 "interval '1 hour' WHERE state = 'pending'", [worker])  # fmt: skip
+    conn.execute("DELETE FROM claude_jobs_workers WHERE id = %s", [worker])
+    assert conn.execute(pending).fetchone() == (2,)

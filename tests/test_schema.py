@@ -121,6 +121,7 @@ def test_a_version_1_database_is_upgraded_in_place_with_its_jobs(
         {"prompt": "from version 1"}, "failed", "old output",
     )  # fmt: skip
     assert (job.transcript_size, job.cancel_requested_at) == (0, None)
+    assert claude_jobs.needs_you(unmigrated) == (0, []), "what ended before is not news"
     assert claude_jobs.retry_jobs(unmigrated, [job_id]) == [job_id]
 
 
