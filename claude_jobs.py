@@ -255,6 +255,7 @@ __all__ = [
     "notification_counts",
     "parse_duration",
     "parse_time",
+    "pause_kind",
     "pause_queue",
     "pause_schedule",
     "prepare_payload",
@@ -5419,7 +5420,7 @@ def _waiting_for_others(job: Job, seen: _Circumstances) -> Waiting | None:
             )
     hold = seen.holds.get(job.kind)
     if hold is not None:
-        until = f"{hold['until'].astimezone():%Y-%m-%d %H:%M %Z} ({_ago(hold['until'], seen.now)})"
+        until = _hold_end(job.kind, hold["until"], seen.now)
         return Waiting("held", f"no worker starts {job.kind} jobs until {until}: {hold['reason']}")
     held_by = seen.holders.get(job.concurrency_key or "", ())
     if job.concurrency_key and len(held_by) >= job.concurrency_limit:
@@ -6216,6 +6217,26 @@ def pause_queue(conn: psycopg.Connection, queue: str, by: str | None = None) -> 
     False when it was paused already."""
     row = conn.execute(PAUSE_QUEUE, {"queue": check_queue(queue), "by": by}).fetchone()
     return bool(row and row[0])
+
+
+def pause_kind(conn: psycopg.Connection, kind: str, by: str | None = None) -> bool:
+    """No worker starts ``kind`` jobs until `resume --kind` (lift_hold): a hold on every worker
+    without an end (a broken handler, a claude that needs logging in again), running jobs
+    finish. False when it was paused already. InvalidJob for an empty kind."""
+    if not isinstance(kind, str) or not kind.strip() or "\x00" in kind:
+        raise InvalidJob(f"invalid kind {kind!r}")
+    with _atomic(conn):
+        held = {hold["kind"]: hold["until"] for hold in list_holds(conn)}
+        _db_set_hold(conn, kind, LATEST_TIME, f"paused{f' by {by}' if by else ''}")
+    return held.get(kind, EARLIEST_TIME) < LATEST_TIME
+
+
+def _hold_end(kind: str, until: datetime, now: datetime | None = None) -> str:
+    """When a hold ends, as people read it: a time and how far it is, or, for a kind paused
+    with `pause --kind`, when it is resumed."""
+    if until >= LATEST_TIME:
+        return f"it is resumed (`claude-jobs resume --kind {kind}`)"
+    return f"{until.astimezone():%Y-%m-%d %H:%M %Z} ({_ago(until, now)})"
 
 
 def resume_queue(conn: psycopg.Connection, queue: str) -> bool:
@@ -10337,10 +10358,11 @@ class _Dispatcher:
 
 
 def _log_hold(kind: str, until: float, reason: str) -> None:
+    paused = until - time.monotonic() > 100 * 365 * 86400  # (pause --kind: no end)
     logger.warning(
         "no worker starts %s jobs until %s: %s",
         kind,
-        _clock_time(until),
+        "it is resumed" if paused else _clock_time(until),
         reason,
         extra={"fields": {"event": "held", "kind": kind, "reason": reason}},
     )
@@ -14907,11 +14929,10 @@ def stats_command(config: _Config, cost: bool, days: int, as_json: bool) -> None
 def _print_holds(holds: Sequence[Mapping[str, Any]]) -> None:
     """One line per kind no worker starts now, on stderr (the table stays parseable)."""
     for hold in holds:
-        until = f"{hold['until'].astimezone():%Y-%m-%d %H:%M %Z}"
+        until = _hold_end(hold["kind"], hold["until"])
         click.echo(
             _printable(
-                f"held: no worker starts {hold['kind']} jobs until {until} "
-                f"({_ago(hold['until'])}): {hold['reason']}"
+                f"held: no worker starts {hold['kind']} jobs until {until}: {hold['reason']}"
             ),
             err=True,
         )
@@ -15074,17 +15095,35 @@ def _worker_note(worker: Mapping[str, Any]) -> str:
 
 
 @cli.command("pause")
-@click.argument("queue")
+@click.argument("queue", required=False)
+@click.option("--kind", metavar="KIND",
+              help="Instead, stop every worker starting KIND jobs, in every queue.")  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print what happened as a JSON object.")
 @click.pass_obj
-def pause_command(config: _Config, queue: str, as_json: bool) -> None:
+def pause_command(config: _Config, queue: str | None, kind: str | None, as_json: bool) -> None:
     """Stop workers taking jobs from QUEUE; its jobs stay queued, running ones finish. A queue
-    no job has used yet can be paused ahead (with a warning: it may be a typo).
+    no job has used yet can be paused ahead (with a warning: it may be a typo). With --kind,
+    no worker starts jobs of that kind, in any queue, until `resume --kind` (a broken handler,
+    a claude that needs logging in again).
 
     \b
-    Example:
+    Examples:
       claude-jobs pause nightly
+      claude-jobs pause --kind claude
     """
+    if (queue is None) == (kind is None):
+        raise InvalidJob("give a QUEUE to pause, or --kind KIND")
+    if kind is not None:
+        with config.connect() as conn:
+            newly = pause_kind(conn, kind, by=f"{socket.gethostname()}:{os.getpid()}")
+        if as_json:
+            click.echo(_json_text({"kind": kind, "paused": True, "newly": newly}))
+        else:
+            state = "paused" if newly else "were already paused"
+            click.echo(_printable(f"{kind} jobs {state} on every worker until "
+                                  f"`claude-jobs resume --kind {kind}`"))  # fmt: skip
+        return
+    assert queue is not None
     with config.connect() as conn:
         newly = pause_queue(conn, queue, by=f"{socket.gethostname()}:{os.getpid()}")
         waiting = count_queued(conn, queue)
@@ -15112,9 +15151,11 @@ def pause_command(config: _Config, queue: str, as_json: bool) -> None:
 @click.argument("queue", required=False)
 @click.option(
     "--hold",
+    "--kind",
     "kind",
     metavar="KIND",
-    help="Instead, lift the hold on KIND jobs (claude's usage limit) before its end.",
+    help="Instead, lift the hold on KIND jobs (claude's usage limit; `pause --kind`) before "
+    "its end.",
 )
 @click.pass_obj
 def resume_command(config: _Config, queue: str | None, kind: str | None) -> None:
@@ -15125,6 +15166,7 @@ def resume_command(config: _Config, queue: str | None, kind: str | None) -> None
     Examples:
       claude-jobs resume nightly
       claude-jobs resume --hold claude
+      claude-jobs resume --kind resize
     """
     if queue is not None and kind is None:
         with config.connect() as conn:
@@ -15142,7 +15184,7 @@ def resume_command(config: _Config, queue: str | None, kind: str | None) -> None
             said.append(f"{lifted.workers} worker(s) that could not run {kind} try again")
         click.echo(_printable("; ".join(said)))
     else:
-        raise InvalidJob("give a QUEUE to resume, or --hold KIND")
+        raise InvalidJob("give a QUEUE to resume, or --kind KIND")
 
 
 @cli.command("diff")
@@ -15861,7 +15903,7 @@ function queueTable(data) {
 function holdList(holds) {
   if (!holds.length) return null;
   return $("p", {}, ...holds.map(h => $("span", {}, "hold on ", $("b", {}, h.kind), " until ",
-    ago(h.until), ": ", h.reason, " ",
+    h.until.startsWith("9999") ? "resumed" : ago(h.until), ": ", h.reason, " ",
     action("lift", () => act("api/holds/" + encodeURIComponent(h.kind) + "/lift")))));
 }
 function undelivered(list) {

@@ -520,6 +520,38 @@ def _note(job: claude_jobs.Job) -> None:
     """Registered so these tests may enqueue kind "note"."""
 
 
+def test_pause_kind_stops_that_kind_on_every_worker_until_resume_kind(
+    conn: psycopg.Connection, db_url: str, invoke, fake_claude: Path, claude_log: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    held = claude_jobs.enqueue(conn, {"prompt": "p", "cwd": str(tmp_path)})
+    other = claude_jobs.enqueue(conn, {}, kind="note")
+    paused = invoke("pause", "--kind", "claude")
+    assert paused.exit_code == 0, paused.output
+    assert (
+        paused.output
+        == "claude jobs paused on every worker until `claude-jobs resume --kind claude`\n"
+    )
+    assert "were already paused" in invoke("pause", "--kind", "claude").output
+    handlers = {"claude": claude_jobs.ClaudeHandler(str(fake_claude)), "note": _note}
+    claude_jobs.Worker(db_url, burst=True, handlers=handlers).run()
+    assert (status_of(conn, held.id), status_of(conn, other.id)) == ("queued", "succeeded")
+    shown = invoke("show", str(held.id)).output
+    assert (
+        "no worker starts claude jobs until it is resumed (`claude-jobs resume --kind claude`)"
+        in shown
+    )
+    resumed = invoke("resume", "--kind", "claude")
+    assert resumed.exit_code == 0 and "workers start claude jobs again" in resumed.output
+    claude_jobs.Worker(db_url, burst=True, handlers=handlers).run()
+    assert status_of(conn, held.id) == "succeeded"
+    for args in (["pause"], ["pause", "nightly", "--kind", "claude"]):
+        refused = invoke(*args)
+        assert (refused.exit_code, refused.output) == (
+            2, "Error: give a QUEUE to pause, or --kind KIND\n",
+        )  # fmt: skip
+
+
 # -- cleanup and purge --------------------------------------------------------------------------
 
 
