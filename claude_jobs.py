@@ -285,6 +285,7 @@ __all__ = [
     "set_public_url",
     "start_embedded",
     "sync_schedules",
+    "tag_counts",
     "timeline",
     "track_pull_requests",
     "worktree_diff",
@@ -437,6 +438,8 @@ PR_STATES = ("open", "merged", "closed", "gone")
 PG_INT_MIN, PG_INT_MAX = -(2**31), 2**31 - 1
 #: The longest concurrency or unique key (indexed: PostgreSQL's B-trees take about 2.7 kB a row).
 MAX_KEY_BYTES = 1024
+#: A tag (enqueue --tag) is at most this many characters.
+MAX_TAG = 100
 #: The longest duration anything accepts (ten years).
 MAX_DURATION = 10 * 365 * 86400.0
 
@@ -602,6 +605,7 @@ class Job:
     delivery: dict[str, Any] | None = None  # its branch pushed, its pull request (see deliver)
     notify: dict[str, Any] | None = None  # whom it tells when it ends, of what (see --notify)
     reviewed_at: datetime | None = None  # replied to, delivered, discarded or marked seen
+    tags: list[str] | None = None  # its labels (enqueue --tag)
     transcript: str | None = None
     transcript_size: int = 0  # characters ever written to the transcript (it keeps the tail)
     unique_key: str | None = None  # no second job of the key while this one is unfinished
@@ -1806,6 +1810,15 @@ CREATE TRIGGER claude_jobs_notify_paused AFTER UPDATE OF claude_paused_until
     EXECUTE FUNCTION claude_jobs_notify_paused();
 """,
     ),
+    (
+        15,
+        """\
+-- Tags: labels a job is enqueued with (enqueue --tag), to find and count its kind of work
+-- (list --tag, stats --tag). Only tagged jobs are in the index.
+ALTER TABLE claude_jobs ADD COLUMN tags text[];
+CREATE INDEX claude_jobs_tags ON claude_jobs USING gin (tags) WHERE tags IS NOT NULL;
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -1853,7 +1866,7 @@ _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, 
     started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
     concurrency_limit, after, continue_from, session_host, worktree, widens, unique_key,
     schedule, scheduled_for, batch_id, callback_of, seq, claim, checks, delivery, notify,
-    reviewed_at"""
+    reviewed_at, tags"""
 
 JOB_STATUSES = """
 -- job_statuses: the status of each of these jobs, and the host that keeps its claude session
@@ -1876,12 +1889,12 @@ ENQUEUE = f"""
 WITH job AS (
     INSERT INTO claude_jobs (id, queue, kind, priority, payload, run_at, max_attempts, timeout,
         concurrency_key, concurrency_limit, after, continue_from, widens, blocked, unique_key,
-        schedule, scheduled_for, batch_id, notify)
+        schedule, scheduled_for, batch_id, notify, tags)
     VALUES (%(id)s, %(queue)s, %(kind)s, %(priority)s, %(payload)s::jsonb,
             coalesce(%(run_at)s, now()), %(max_attempts)s, %(timeout)s, %(concurrency_key)s,
             %(concurrency_limit)s, %(after)s::uuid[], %(continue_from)s, %(widens)s::text[],
             %(blocked)s, %(unique_key)s, %(schedule)s, %(scheduled_for)s, %(batch_id)s,
-            %(notify)s::jsonb)
+            %(notify)s::jsonb, %(tags)s::text[])
     ON CONFLICT (unique_key) WHERE status IN ('queued', 'running') DO NOTHING
     RETURNING {_JOB_COLUMNS}
 )
@@ -1945,13 +1958,13 @@ DELETE FROM claude_jobs_unique_windows WHERE until < now()
 COPY_JOBS = """
 -- copy_jobs: bulk insert (enqueue_many) of jobs ready now, by the database's clock
 COPY claude_jobs (id, queue, kind, priority, max_attempts, payload, timeout, concurrency_key,
-    concurrency_limit, after, blocked, batch_id, notify) FROM STDIN
+    concurrency_limit, after, blocked, batch_id, notify, tags) FROM STDIN
 """
 
 COPY_SCHEDULED_JOBS = """
 -- copy_scheduled_jobs: bulk insert (enqueue_many) of jobs that wait for their run_at
 COPY claude_jobs (id, queue, kind, priority, max_attempts, payload, timeout, concurrency_key,
-    concurrency_limit, after, blocked, batch_id, notify, run_at) FROM STDIN
+    concurrency_limit, after, blocked, batch_id, notify, tags, run_at) FROM STDIN
 """
 
 FIND_BATCH = """
@@ -2031,6 +2044,7 @@ WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
   AND (%(cwd)s::text IS NULL OR payload->>'cwd' = %(cwd)s::text)
   AND (%(batch)s::uuid IS NULL OR batch_id = %(batch)s::uuid)
   AND (%(pr)s::text IS NULL OR delivery->'pr'->>'state' = %(pr)s::text)
+  AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
   AND (%(before_at)s::timestamptz IS NULL OR (created_at, seq, id)
        {{beyond}} (%(before_at)s::timestamptz, %(before_seq)s::bigint, %(before_id)s::uuid))
 ORDER BY created_at {{order}}, seq {{order}}, id {{order}}
@@ -2178,6 +2192,13 @@ JOB_COUNTS = """
 SELECT queue, status, sum(jobs)::bigint AS jobs, sum(entered)::bigint AS entered,
     sum(cost_usd) AS cost_usd, sum(run_seconds) AS run_seconds
 FROM claude_jobs_counts GROUP BY 1, 2 ORDER BY 1, 2
+"""
+
+TAG_COUNTS = """
+-- tag_counts: the jobs of a tag by queue and status, and what they cost (through its index)
+SELECT queue, status, count(*) AS jobs, coalesce(sum(cost_usd), 0) AS cost_usd
+FROM claude_jobs WHERE tags @> ARRAY[%(tag)s::text] AND tags IS NOT NULL
+GROUP BY queue, status ORDER BY queue, status
 """
 
 TIMELINE = """
@@ -4291,6 +4312,7 @@ class JobSettings(TypedDict, total=False):
     on_success: Mapping[str, Any] | None
     notify: Sequence[str] | str
     notify_on: Sequence[str] | str
+    tags: Sequence[str] | str
 
 
 @dataclass(frozen=True)
@@ -4356,6 +4378,13 @@ class JobOptions:
         "With --unique-key: also while the job with the key was enqueued less than this "
         "ago, whatever became of it (24h).",
         value="duration",
+    )
+    tags: tuple[str, ...] = _option(
+        (),
+        "Label the job (repeatable): list --tag and stats --tag find and count it.",
+        flag="--tag",
+        metavar="TAG",
+        multiple=True,
     )
     batch: str | None = _option(
         None,
@@ -4425,6 +4454,7 @@ class JobOptions:
                 raise InvalidJob(f"--{name.replace('_', '-')} is a batch's callback: give --batch")
             if callback is not None and not isinstance(callback, Mapping):
                 raise InvalidJob(f"{name} must be a payload: a JSON object")
+        _check_tags("--tag", list(self.tags), Path())
         told = _JOB_EVENTS + (("batch.finished",) if self.batch is not None else ())
         _check_notify(self.notify, self.notify_on, told, "a job (a worker's --notify is)")
 
@@ -4449,7 +4479,7 @@ class JobOptions:
         if isinstance(values.get("after"), str):
             raise InvalidJob("after must be a list of job ids, not a string")
         values["after"] = tuple(values.get("after") or ())
-        for name in ("notify", "notify_on"):  # (a string is one; --notify-on takes commas)
+        for name in ("notify", "notify_on", "tags"):  # (a string is one; --notify-on: commas)
             given = values.get(name) or ()
             given = (given,) if isinstance(given, str) else tuple(given)
             if name == "notify_on":
@@ -4662,6 +4692,16 @@ def _check_key(name: str, value: Any, base_dir: Path) -> str | None:
     return None if value is None else _check_text(name, value, base_dir)
 
 
+def _check_tags(name: str, value: Any, base_dir: Path) -> list[str]:
+    tags = [value] if isinstance(value, str) else value
+    if not isinstance(tags, list | tuple) or not all(isinstance(tag, str) for tag in tags):
+        raise InvalidJob(f'"{name}" must be a list of tags (strings)')
+    for tag in tags:
+        if not tag.strip() or len(tag) > MAX_TAG or "\x00" in tag:
+            raise InvalidJob(f"invalid tag {tag!r}: not empty, at most {MAX_TAG} characters")
+    return list(dict.fromkeys(tags))
+
+
 def _check_commands(name: str, value: Any, base_dir: Path) -> list[str]:
     if not isinstance(value, list) or not all(isinstance(each, str) for each in value):
         raise InvalidJob(f'"{name}" must be a list of shell commands (strings)')
@@ -4699,6 +4739,7 @@ CLAUDE_PAYLOAD: dict[str, tuple[Check, str | None]] = {
     "timeout": (_check_timeout, None),  # stored on the job, not in the payload
     "unique_key": (_check_key, None),  # stored on the job, not in the payload
     "unique_for": (_check_timeout, None),  # (the window of unique_key)
+    "tags": (_check_tags, None),  # stored on the job, not in the payload
     "env": (_check_env, None),  # extra environment for claude
     "model": (_check_text, "--model"),
     "fallback_model": (_check_text, "--fallback-model"),
@@ -4721,7 +4762,7 @@ CLAUDE_PAYLOAD: dict[str, tuple[Check, str | None]] = {
     "pr_title": (_check_text, None),  # its title (default: claude's result's first line)
 }
 #: Payload keys that are the job's settings rather than claude's.
-_JOB_KEYS = ("concurrency_key", "timeout", "unique_key", "unique_for")
+_JOB_KEYS = ("concurrency_key", "timeout", "unique_key", "unique_for", "tags")
 #: Payload keys of a worktree job's delivery (see _deliver).
 _DELIVERY_KEYS = ("push", "pr", "pr_base", "pr_ready", "pr_title")
 
@@ -4900,8 +4941,10 @@ def _row(options: JobOptions, prepared: _Prepared, previous: Job | None = None) 
                 f"the job's {what} is longer than {MAX_KEY_BYTES:,} bytes (a claude job's "
                 "concurrency key is its cwd unless it gives one)"
             )
+    tags = prepared.settings.get("tags", options.tags)
     return {
         "payload": prepared.text,
+        "tags": list(tags) or None,
         "timeout": prepared.settings.get("timeout", options.timeout),
         "concurrency_key": concurrency_key,
         "concurrency_limit": options.concurrency_limit,
@@ -5112,12 +5155,14 @@ def list_jobs(
     before: Job | tuple[datetime, int, uuid.UUID] | None = None,
     limit: int = 50,
     after: Job | tuple[datetime, int, uuid.UUID] | None = None,
+    tag: str | None = None,
 ) -> list[Job]:
     """Jobs newest first, in enqueue order (without their transcripts), filtered by each
     given argument: ``text`` found in the prompt (any case), ``cwd`` the prompt's directory,
     ``batch`` the batch's id, ``pr`` the state of its pull request (open, merged, closed)
-    when last looked at; ``before``: the page after the one that ended with this job (or
-    its (created_at, seq, id)); ``after``: the page before the one that began with it."""
+    when last looked at, ``tag`` one of its tags; ``before``: the page after the one that
+    ended with this job (or its (created_at, seq, id)); ``after``: the page before the one
+    that began with it."""
     query = LIST_NEWER_JOBS if after is not None else LIST_JOBS
     before = after if after is not None else before
     if isinstance(before, Job):
@@ -5131,6 +5176,7 @@ def list_jobs(
         "cwd": cwd,
         "batch": batch,
         "pr": pr,
+        "tag": tag,
         "before_at": before and before[0],
         "before_seq": before and before[1],
         "before_id": before and before[2],
@@ -5210,6 +5256,12 @@ def run_times(conn: psycopg.Connection) -> list[dict[str, Any]]:
     seconds, for each bound of the histogram (the last one: infinity)."""
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(RUN_TIMES).fetchall()
+
+
+def tag_counts(conn: psycopg.Connection, tag: str) -> list[dict[str, Any]]:
+    """The jobs with ``tag`` (still in the table), by queue and status: jobs, cost_usd."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(TAG_COUNTS, {"tag": tag}).fetchall()
 
 
 def timeline(conn: psycopg.Connection, hours: int = 6) -> dict[str, Any]:
@@ -5949,7 +6001,7 @@ def _copy_jobs(
                     copy.write_row(
                         (job_id, *common, row["payload"], row["timeout"], row["concurrency_key"],
                          row["concurrency_limit"], chain.after, blocked, batch,
-                         _notify_json(options), *scheduled)
+                         _notify_json(options), row["tags"], *scheduled)
                     )  # fmt: skip
             cur.execute(
                 NOTIFY_QUEUE,
@@ -11627,6 +11679,8 @@ def _content_rows(job: Job) -> list[tuple[str, str]]:
     if job.notify:
         urls = ", ".join(_without_credentials(url) for url in job.notify.get("urls", []))
         rows.append(("notifies", f"{urls} of {', '.join(job.notify.get('on') or ['its end'])}"))
+    if job.tags:
+        rows.append(("tags", ", ".join(job.tags)))
     return rows
 
 
@@ -12642,7 +12696,7 @@ def _query_int(request: Any, name: str, default: int, high: int = MAX_PAGE) -> i
 
 
 def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
-    """GET /api/jobs?status=&queue=&kind=&q=&cwd=&batch=&before=&after=&limit=: a page of
+    """GET /api/jobs?status=&queue=&kind=&q=&cwd=&batch=&tag=&before=&after=&limit=: a page of
     jobs, newest first, the cursor of the next (``next``, older; null on the last) and of
     the one before (``prev``, newer; null on the first)."""
     query = request.query_params
@@ -12659,6 +12713,7 @@ def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
         conn, statuses=statuses or None, queue=query.get("queue") or None,
         kind=query.get("kind") or None, text=query.get("q") or None, cwd=query.get("cwd") or None,
         batch=batch, before=before, after=after, limit=limit + 1 if after else limit,
+        tag=query.get("tag") or None,
     )  # fmt: skip
     newer = bool(before) or len(jobs) > limit  # (paging back: one more tells whether any are)
     jobs = jobs[-limit:]
@@ -13756,7 +13811,7 @@ def _read_json_lines(
 _RUN_SETTINGS = (
     "kind", "queue", "priority", "max_attempts", "timeout", "concurrency_key",
     "concurrency_limit", "unique_key", "unique_for", "batch", "on_finish", "on_success",
-    "notify", "notify_on",
+    "notify", "notify_on", "tags",
 )  # fmt: skip
 
 
@@ -14630,6 +14685,7 @@ def _job_ids_argument(function: Callable[..., Any]) -> Callable[..., Any]:
     "--pr", type=click.Choice(PR_STATES),
     help="Only jobs whose pull request is in this state (as last looked at).",
 )  # fmt: skip
+@click.option("--tag", metavar="TAG", help="Only jobs with this tag.")
 @click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one job a line.")
 @click.pass_obj
@@ -14643,6 +14699,7 @@ def list_command(
     cwd: str | None,
     batch: str | None,
     pr: str | None,
+    tag: str | None,
     limit: int,
     as_json: bool,
 ) -> None:
@@ -14656,6 +14713,7 @@ def list_command(
       claude-jobs list --search "security review" --cwd ~/src/api
       claude-jobs list --batch nightly-review --status failed
       claude-jobs list --pr open
+      claude-jobs list --tag nightly --status failed
     """
     after = datetime.now(UTC) - timedelta(seconds=since) if since is not None else None
     if cwd is not None:
@@ -14664,7 +14722,7 @@ def list_command(
         batch_id = resolve_batch(conn, batch) if batch is not None else None
         jobs = list_jobs(
             conn, statuses=statuses, queue=queue, kind=kind, since=after, text=text, cwd=cwd,
-            batch=batch_id, pr=pr, limit=limit,
+            batch=batch_id, pr=pr, limit=limit, tag=tag,
         )  # fmt: skip
         _print_jobs(conn, jobs, as_json)
 
@@ -14688,7 +14746,8 @@ def _print_jobs(conn: psycopg.Connection, jobs: Sequence[Job], as_json: bool) ->
     rows = [
         [
             str(job.id)[:8], job.queue, job.kind, _status_of(job, seen.paused), str(job.priority),
-            f"{job.attempts}/{job.max_attempts}", _when(job, now), _excerpt(job),
+            f"{job.attempts}/{job.max_attempts}", _when(job, now),
+            "".join(f"[{tag}] " for tag in job.tags or ()) + _excerpt(job),
         ]
         for job in jobs
     ]  # fmt: skip
@@ -14869,21 +14928,27 @@ def retry_command(
     show_default=True,
     help="With --cost: the last this many days, today included.",
 )
+@click.option("--tag", metavar="TAG", help="Instead, the jobs with this tag by queue and status.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one row a line.")
 @click.pass_obj
-def stats_command(config: _Config, cost: bool, days: int, as_json: bool) -> None:
+def stats_command(config: _Config, cost: bool, days: int, tag: str | None, as_json: bool) -> None:
     """Per queue: jobs by status, the oldest ready job's age, running now, the last hour's
     successes and failures, median and p95 run time (last day) and total cost; what no
     worker starts now (a usage limit); the open batches. With --cost: cost per day and queue.
+    With --tag: the jobs of a tag (still kept) by queue and status, and their cost.
 
     \b
     Examples:
       claude-jobs stats
       claude-jobs stats --cost --days 30
+      claude-jobs stats --tag nightly
     """
     with config.connect() as conn:
         if cost:
             _print_costs(cost_stats(conn, days), as_json)
+            return
+        if tag is not None:
+            _print_tag_counts(tag, tag_counts(conn, tag), as_json)
             return
         queues = queue_stats(conn)
         holds = list_holds(conn)
@@ -14936,6 +15001,26 @@ def _print_holds(holds: Sequence[Mapping[str, Any]]) -> None:
             ),
             err=True,
         )
+
+
+def _print_tag_counts(tag: str, rows: Sequence[Mapping[str, Any]], as_json: bool) -> None:
+    """`stats --tag`: a row per queue, a column per status, and the cost."""
+    if as_json:
+        for row in rows:
+            click.echo(_json_text({"tag": tag, **row}))
+        return
+    if not rows:
+        click.echo(_printable(f"no jobs with tag {tag}"), err=True)
+        return
+    queues: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        counts = queues.setdefault(row["queue"], {"cost": 0.0})
+        counts[row["status"]] = row["jobs"]
+        counts["cost"] += float(row["cost_usd"])
+    statuses = [status.value for status in JobStatus]
+    table = [[queue, *(str(counts.get(s, 0)) for s in statuses), _money(counts["cost"])]
+             for queue, counts in queues.items()]  # fmt: skip
+    click.echo(_table(["QUEUE", *(s.upper() for s in statuses), "COST"], table))
 
 
 #: The columns of `stats --cost` after day, queue and model: (header, key); the last is money.
@@ -15672,6 +15757,8 @@ textarea { font: inherit; width: 100%; box-sizing: border-box; padding: .3rem .4
 .reply { display: flex; gap: .4rem; align-items: flex-start; margin: .5rem 0; }
 .bar-succeeded { fill: var(--succeeded); } .bar-failed { fill: var(--failed); }
 .axis { fill: var(--dim); font-size: 11px; } .plot svg { width: 100%; max-height: 12rem; }
+.tag { border: 1px solid var(--line); border-radius: 4px; padding: 0 .3rem; margin-right: .3rem;
+  font-size: .8rem; color: var(--dim); }
 .read-only .action { display: none; }  /* (a --read-only server refuses them anyway) */
 a { color: var(--running); text-decoration: none; } a:hover { text-decoration: underline; }
 @media (max-width: 700px) { main { padding: .5rem; } .wide { display: none; } }
@@ -15989,7 +16076,7 @@ function jobFilters(section, params) {
     ["queued", "running", "succeeded", "failed", "cancelled"].map(s => $("option", {}, s)));
   const form = $("form", {}, statusSelect, field("queue", "queue"), field("kind", "kind"),
     field("q", "text in the prompt"), field("cwd", "cwd"), field("batch", "batch"),
-    $("button", {}, "filter"));
+    field("tag", "tag"), $("button", {}, "filter"));
   for (const el of form.elements) {
     if (el.name && params.has(el.name)) el.value = params.get(el.name);
   }
@@ -16048,7 +16135,8 @@ function jobTable(jobs) {
       $("td", {}, ago(j.status === "queued" && Date.parse(j.run_at) > Date.now() ? j.run_at
         : j.finished_at || j.started_at || j.created_at)),
       $("td", { class: "wide" }, j.waits_for || ""),
-      $("td", { class: "text" }, j.excerpt.slice(0, 200)))));
+      $("td", { class: "text" }, (j.tags || []).map(t => $("span", { class: "tag" }, t)),
+        j.excerpt.slice(0, 200)))));
 }
 
 // -- a job -----------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 14.
+-- The claude-jobs schema, version 15.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -902,4 +902,15 @@ CREATE TRIGGER claude_jobs_notify_paused AFTER UPDATE OF claude_paused_until
 INSERT INTO claude_jobs_schema (version) VALUES (14);
 END IF;
 END $migration_14$;
+
+-- version 15
+DO $migration_15$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 15) THEN
+-- Tags: labels a job is enqueued with (enqueue --tag), to find and count its kind of work
+-- (list --tag, stats --tag). Only tagged jobs are in the index.
+ALTER TABLE claude_jobs ADD COLUMN tags text[];
+CREATE INDEX claude_jobs_tags ON claude_jobs USING gin (tags) WHERE tags IS NOT NULL;
+INSERT INTO claude_jobs_schema (version) VALUES (15);
+END IF;
+END $migration_15$;
 COMMIT;

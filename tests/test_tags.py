@@ -1,0 +1,66 @@
+"""Tags: labels a job is enqueued with (enqueue --tag, a payload's "tags", the API, a
+schedule's runs), shown with it, and what finds and counts it (list --tag, stats --tag,
+GET /api/jobs?tag=)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import psycopg
+from conftest import LOCAL, job_row
+from starlette.testclient import TestClient
+
+import claude_jobs
+
+
+def test_tags_label_jobs_that_list_and_stats_find_and_count(
+    conn: psycopg.Connection, db_url: str, invoke, tmp_path: Path
+) -> None:
+    queued = invoke("enqueue", "--tag", "nightly", "--tag", "api", "--cwd", str(tmp_path),
+                    "--queue", "reviews", "review the API")  # fmt: skip
+    assert queued.exit_code == 0, queued.output
+    tagged = queued.output.strip()
+    lines = tmp_path / "jobs.jsonl"
+    lines.write_text("".join(
+        json.dumps({"prompt": f"fix {n}", "cwd": str(tmp_path), "tags": ["nightly"]}) + "\n"
+        for n in range(3)
+    ))  # fmt: skip
+    assert invoke("enqueue", "--file", str(lines)).exit_code == 0
+    claude_jobs.enqueue(conn, {"prompt": "untagged", "cwd": str(tmp_path)})
+    assert job_row(conn, tagged)["tags"] == ["nightly", "api"]
+    assert "nightly, api" in invoke("show", tagged).output
+    listed = invoke("list", "--tag", "api").output
+    assert "[nightly] [api] review the API" in listed and "fix 0" not in listed
+    found = [json.loads(line) for line in invoke("list", "--tag", "nightly", "--json").output
+             .splitlines()]  # fmt: skip
+    assert len(found) == 4 and all("nightly" in job["tags"] for job in found)
+    claude_jobs.cancel_jobs(conn, [tagged])
+    counted = [json.loads(line) for line in invoke("stats", "--tag", "nightly", "--json")
+               .output.splitlines()]  # fmt: skip
+    assert {(c["queue"], c["status"], c["jobs"]) for c in counted} == {
+        ("reviews", "cancelled", 1), ("default", "queued", 3),
+    }  # fmt: skip
+    table = invoke("stats", "--tag", "nightly").output
+    assert table.splitlines()[0].split()[:3] == ["QUEUE", "QUEUED", "RUNNING"]
+    with TestClient(claude_jobs.web_app(db_url), base_url=LOCAL) as client:
+        page = client.get("/api/jobs", params={"tag": "api"}).json()
+        assert [job["id"] for job in page["jobs"]] == [tagged]
+        made = client.post("/api/jobs", json={"payload": {"prompt": "p", "cwd": str(tmp_path)},
+                                              "tags": ["from-api"]})  # fmt: skip
+        assert made.status_code == 201 and made.json()["tags"] == ["from-api"]
+
+
+def test_a_schedule_s_runs_carry_its_tags_and_a_bad_tag_changes_nothing(
+    conn: psycopg.Connection, invoke, tmp_path: Path
+) -> None:
+    added = invoke("schedule", "add", "weekly", "--every", "7d", "--cwd", str(tmp_path),
+                   "--tag", "weekly", "bump the dependencies")  # fmt: skip
+    assert added.exit_code == 0, added.output
+    run = claude_jobs.run_schedule(conn, "weekly")
+    assert job_row(conn, run.id)["tags"] == ["weekly"]
+    for args in (["--tag", " "], ["--tag", "x" * 101]):
+        refused = invoke("enqueue", "p", *args)
+        assert refused.exit_code == 2 and len(refused.output.splitlines()) == 1, refused.output
+        assert "invalid tag" in refused.output
+    assert len(claude_jobs.list_jobs(conn)) == 1
