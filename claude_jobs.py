@@ -180,6 +180,7 @@ __all__ = [
     "InvalidJob",
     "Job",
     "JobFailed",
+    "JobFilter",
     "JobNotFound",
     "JobOptions",
     "JobSettings",
@@ -203,6 +204,7 @@ __all__ = [
     "add_schedule",
     "backoff_delay",
     "batch_results",
+    "bulk_action",
     "cancel_batch",
     "cancel_job",
     "cancel_jobs",
@@ -215,6 +217,7 @@ __all__ = [
     "configure_logging",
     "connect",
     "cost_stats",
+    "count_matching",
     "default_handlers",
     "default_home",
     "deliver",
@@ -2319,6 +2322,42 @@ WITH asked AS (
     WHERE id = %(id)s RETURNING id
 )
 SELECT id, pg_notify(%(channel)s, json_build_object('drain', id)::text) FROM asked
+"""
+
+_MATCHING_WHERE = """status = ANY(%(statuses)s::text[])
+  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
+  AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
+  AND (%(cwd)s::text IS NULL OR payload->>'cwd' = %(cwd)s::text)
+  AND (%(text)s::text IS NULL OR strpos(lower(payload->>'prompt'), lower(%(text)s::text)) > 0)
+  AND (%(before)s::timestamptz IS NULL OR created_at < %(before)s::timestamptz)"""
+
+COUNT_MATCHING = f"""
+-- count_matching: how many jobs a filter matches (what a bulk action would do, said first)
+SELECT count(*) FROM claude_jobs WHERE {_MATCHING_WHERE}
+"""
+
+MATCHING_CHUNK = f"""
+-- matching_chunk: the next jobs a filter matches, in id order after `last`, locked until the
+-- end of the transaction (a bulk action goes through them a chunk at a time: all or none)
+SELECT id FROM claude_jobs WHERE {_MATCHING_WHERE} AND id > %(last)s
+ORDER BY id LIMIT %(chunk)s
+FOR UPDATE
+"""
+
+CHANGE_QUEUED_MANY = """
+-- change_queued_many: these queued jobs' priority, or (`now`) those that wait for their time
+-- due now; how many; the workers of their queues wake
+WITH changed AS (
+    UPDATE claude_jobs
+    SET run_at = CASE WHEN %(now)s THEN now() ELSE run_at END,
+        priority = coalesce(%(priority)s, priority), updated_at = now()
+    WHERE id = ANY(%(ids)s::uuid[]) AND status = 'queued' AND (NOT %(now)s OR run_at > now())
+    RETURNING queue
+)
+SELECT (SELECT count(*) FROM changed),
+    (SELECT count(pg_notify(%(channel)s, json_build_object('queue', queue)::text))
+     FROM (SELECT DISTINCT queue FROM changed) queues)
 """
 
 CHANGE_QUEUED = """
@@ -6054,6 +6093,11 @@ def cancel_jobs(
     """Cancel these jobs, all or none (WrongState, and nothing changes, if one is finished):
     what each came to, as cancel_job says it."""
     keys = list(dict.fromkeys(resolve_job_id(conn, job_id) for job_id in job_ids))
+    return _cancel(conn, keys)
+
+
+def _cancel(conn: psycopg.Connection, keys: list[uuid.UUID]) -> dict[uuid.UUID, JobStatus]:
+    """cancel_jobs, of these ids."""
     done: dict[uuid.UUID, JobStatus] = {}
     with _atomic(conn):
         found: dict[uuid.UUID, str] = dict(conn.execute(LOCK_JOBS, {"ids": keys}).fetchall())
@@ -6244,6 +6288,88 @@ def _change_queued(
             why = "it is due already" if due else "only a queued job can run now"
         raise WrongState(f"job {key} is {status}: {why}")
     return row[1], row[2]
+
+
+@dataclass(frozen=True)
+class JobFilter:
+    """Which jobs a bulk action takes (as `list` filters them): of these statuses (the
+    action's own when empty), and each other field given; ``older_than``: enqueued longer ago
+    than so many seconds; ``text``: found in the prompt (any case)."""
+
+    statuses: tuple[str, ...] = ()
+    queue: str | None = None
+    kind: str | None = None
+    tag: str | None = None
+    cwd: str | None = None
+    text: str | None = None
+    older_than: float | None = None
+
+    def params(self, statuses: Sequence[str]) -> dict[str, Any]:
+        """The parameters of COUNT_MATCHING and MATCHING_CHUNK, among ``statuses`` (those
+        the action takes: the filter's must be among them)."""
+        wrong = sorted(set(self.statuses) - set(statuses))
+        if wrong:
+            raise InvalidJob(f"this takes jobs that are {' or '.join(statuses)}, not {wrong[0]}")
+        before = None
+        if self.older_than is not None:
+            before = datetime.now(UTC) - timedelta(seconds=self.older_than)
+        return {"statuses": list(self.statuses or statuses), "queue": self.queue,
+                "kind": self.kind, "tag": self.tag, "cwd": self.cwd, "text": self.text,
+                "before": before}  # fmt: skip
+
+
+#: A bulk action's statements take this many jobs at a time (one transaction for all).
+BULK_CHUNK = 5000
+#: The statuses each bulk action takes.
+BULK_STATUSES = {
+    "cancel": (JobStatus.QUEUED, JobStatus.RUNNING),
+    "retry": (JobStatus.FAILED, JobStatus.CANCELLED),
+    "run-now": (JobStatus.QUEUED,),
+    "set-priority": (JobStatus.QUEUED,),
+}
+
+
+def count_matching(conn: psycopg.Connection, action: str, where: JobFilter) -> int:
+    """How many jobs ``action`` (a key of BULK_STATUSES) would take by ``where``."""
+    return int(_the_row(conn.execute(COUNT_MATCHING, where.params(BULK_STATUSES[action])))[0])
+
+
+def bulk_action(
+    conn: psycopg.Connection, action: str, where: JobFilter, priority: int | None = None
+) -> int:
+    """Do ``action`` (cancel, retry, run-now, set-priority to ``priority``) to every job
+    ``where`` matches, all or none, in one transaction of statements of BULK_CHUNK jobs each
+    (a million jobs take neither a statement of minutes nor their ids in memory at once);
+    how many it changed. Retry passes over those a retry would refuse (see retry_jobs), and
+    run-now those due already."""
+    if action == "set-priority" and (priority is None or not PG_INT_MIN <= priority <= PG_INT_MAX):
+        raise InvalidJob(f"priority {priority} is out of range [{PG_INT_MIN}, {PG_INT_MAX}]")
+    params = {**where.params(BULK_STATUSES[action]), "chunk": BULK_CHUNK,
+              "last": uuid.UUID(int=0)}  # fmt: skip
+    changed = 0
+    with _atomic(conn):
+        while chunk := [row[0] for row in conn.execute(MATCHING_CHUNK, params).fetchall()]:
+            params["last"] = chunk[-1]
+            if action == "cancel":
+                changed += len(_cancel(conn, chunk))
+            elif action == "retry":
+                again = {"ids": chunk, "statuses": params["statuses"], "queue": None,
+                         "channel": NOTIFY_CHANNEL}  # fmt: skip
+                conn.execute(LOCK_RETRIED_BATCHES, again)
+                try:
+                    retried = [row[0] for row in conn.execute(RETRY, again).fetchall()]
+                except psycopg.errors.UniqueViolation:
+                    raise WrongState(
+                        "a job was enqueued with the unique key of one of these meanwhile: "
+                        "nothing was retried"
+                    ) from None
+                _reopen_batches(conn, retried)
+                changed += len(retried)
+            else:
+                many = {"ids": chunk, "now": action == "run-now", "priority": priority,
+                        "channel": NOTIFY_CHANNEL}  # fmt: skip
+                changed += int(_the_row(conn.execute(CHANGE_QUEUED_MANY, many))[0])
+    return changed
 
 
 def drain_worker(conn: psycopg.Connection, worker: str | uuid.UUID) -> dict[str, Any]:
@@ -14831,18 +14957,74 @@ def logs_command(config: _Config, job_id: str, follow: bool, full: bool) -> None
         )
 
 
+def _bulk_flags(command: Any) -> Any:
+    """--all and the filters of a bulk action (those of `list`), and --yes."""
+    for option in reversed([
+        click.option("--all", "everything", is_flag=True,
+                     help="Every job the filters match (all or none, in one transaction)."),
+        click.option("--queue", help="With --all: only this queue."),
+        click.option("--kind", help="With --all: only this kind."),
+        click.option("--tag", metavar="TAG", help="With --all: only jobs with this tag."),
+        click.option("--cwd", help="With --all: only jobs whose prompt runs in this directory."),
+        click.option("--search", "text", metavar="TEXT",
+                     help="With --all: only jobs whose prompt has this text."),
+        click.option("--older-than", type=_DURATION_TYPE,
+                     help="With --all: only jobs enqueued longer ago than this: 2h, 7d."),
+        click.option("--yes", is_flag=True, help="Do not ask on a terminal."),
+    ]):  # fmt: skip
+        command = option(command)
+    return command
+
+
+def _bulk(config: _Config, action: str, filters: dict[str, Any], statuses: Sequence[str] = (),
+          priority: int | None = None) -> int:  # fmt: skip
+    """A bulk action of the command line: how many it would take, asked on a terminal (unless
+    --yes); then done; how many it changed."""
+    cwd, yes = filters.pop("cwd"), filters.pop("yes")
+    where = JobFilter(
+        statuses=tuple(statuses), cwd=cwd and str(Path(cwd).expanduser().resolve()), **filters
+    )
+    with config.connect() as conn:
+        if not yes and sys.stdin.isatty():
+            count = count_matching(conn, action, where)
+            click.confirm(f"{action} {count} job(s)?", abort=True, err=True)
+        return bulk_action(conn, action, where, priority)
+
+
+def _no_filters(everything: bool, ids: Sequence[str], filters: Mapping[str, Any]) -> None:
+    """InvalidJob for job ids with --all, neither, or filters without --all."""
+    if bool(ids) == everything:
+        raise InvalidJob("give job ids, or --all (and filters)")
+    given = [name for name, value in filters.items() if value not in (None, False, ())]
+    if not everything and [name for name in given if name != "yes"]:
+        raise InvalidJob(f"--{given[0].replace('_', '-')} goes with --all, not with job ids")
+
+
 @cli.command("cancel")
-@_job_ids_argument
+@click.argument("job_ids", metavar="[ID...]", nargs=-1)
 @click.option("--no-wait", is_flag=True, help="Do not wait for running jobs to stop.")
+@click.option("--status", "statuses", multiple=True, metavar="STATUS",
+              type=click.Choice([JobStatus.QUEUED.value, JobStatus.RUNNING.value]),
+              help="With --all: only queued, or only running, jobs.")  # fmt: skip
+@_bulk_flags
 @click.pass_obj
-def cancel_command(config: _Config, job_ids: Sequence[str], no_wait: bool) -> None:
+def cancel_command(
+    config: _Config, job_ids: Sequence[str], no_wait: bool, statuses: Sequence[str],
+    everything: bool, **filters: Any,
+) -> None:  # fmt: skip
     """Cancel jobs: a queued one at once; a running one is stopped by its worker (claude and
-    every process it started are terminated) and is not retried.
+    every process it started are terminated) and is not retried. --all cancels every queued
+    and running job the filters match (running ones are asked to stop: not waited for).
 
     \b
-    Example:
+    Examples:
       claude-jobs cancel 6f1c2e9a 0b3d77c1
+      claude-jobs cancel --all --tag nightly --yes
     """
+    _no_filters(everything, job_ids, {**filters, "status": statuses})
+    if everything:
+        click.echo(f"cancelled {_bulk(config, 'cancel', filters, statuses)} job(s)")
+        return
     failures = []
     with config.connect() as conn:
         for key, status in cancel_jobs(conn, job_ids).items():  # all or none
@@ -14882,39 +15064,33 @@ def _await_cancel(conn: psycopg.Connection, key: uuid.UUID) -> str | None:
 
 @cli.command("retry")
 @click.argument("job_ids", metavar="[ID...]", nargs=-1)
-@click.option("--all", "everything", is_flag=True, help="Every job of --status (and --queue).")
 @click.option(
     "--status", type=click.Choice([JobStatus.FAILED.value, JobStatus.CANCELLED.value]),
     help="With --all: which jobs [default: failed].",
 )  # fmt: skip
-@click.option("--queue", help="With --all: only this queue.")
+@_bulk_flags
 @click.pass_obj
 def retry_command(
-    config: _Config,
-    job_ids: Sequence[str],
-    everything: bool,
-    status: str | None,
-    queue: str | None,
-) -> None:
-    """Put failed or cancelled jobs back in the queue now, with fresh attempts.
+    config: _Config, job_ids: Sequence[str], status: str | None, everything: bool,
+    **filters: Any,
+) -> None:  # fmt: skip
+    """Put failed or cancelled jobs back in the queue now, with fresh attempts. --all: every
+    one the filters match (but those a retry would refuse: see `retry ID`).
 
     \b
     Examples:
       claude-jobs retry 6f1c2e9a
       claude-jobs retry --all --status failed --queue nightly
+      claude-jobs retry --all --tag nightly --older-than 1h --yes
     """
-    if bool(job_ids) == everything:
-        raise InvalidJob("give job ids, or --all (with --status and --queue)")
-    if job_ids and (status or queue):
-        raise InvalidJob("--status and --queue go with --all, not with job ids")
-    status = status or JobStatus.FAILED
+    _no_filters(everything, job_ids, {**filters, "status": status})
+    if everything:
+        status = status or JobStatus.FAILED
+        click.echo(f"retried {_bulk(config, 'retry', filters, [status])} {status} job(s)")
+        return
     with config.connect() as conn:
-        if everything:
-            again = retry_jobs(conn, status=status, queue=queue)
-            click.echo(f"retried {len(again)} {status} job(s)")
-        else:
-            for job_id in retry_jobs(conn, job_ids):
-                click.echo(f"{job_id} queued again")
+        for job_id in retry_jobs(conn, job_ids):
+            click.echo(f"{job_id} queued again")
 
 
 @cli.command("stats")
@@ -15127,16 +15303,32 @@ def reschedule_command(
 
 
 @cli.command("set-priority")
-@click.argument("job_id", metavar="ID")
-@click.argument("priority", type=click.IntRange(PG_INT_MIN, PG_INT_MAX))
+@click.argument("given", metavar="[ID] PRIORITY", nargs=-1, required=True)
+@_bulk_flags
 @click.pass_obj
-def set_priority_command(config: _Config, job_id: str, priority: int) -> None:
-    """Give a queued job another priority (higher runs first).
+def set_priority_command(
+    config: _Config, given: Sequence[str], everything: bool, **filters: Any
+) -> None:
+    """Give a queued job another priority (higher runs first); --all: every queued job the
+    filters match.
 
     \b
-    Example:
+    Examples:
       claude-jobs set-priority 6f1c2e9a 10
+      claude-jobs set-priority --all --tag urgent 100
     """
+    if len(given) != (1 if everything else 2):
+        raise InvalidJob("give a job's ID and a PRIORITY, or --all (and filters) and a PRIORITY")
+    try:
+        priority = int(given[-1])
+    except ValueError:
+        raise InvalidJob(f"the priority must be a whole number, not {given[-1]!r}") from None
+    _no_filters(everything, given[:-1], filters)
+    if everything:
+        changed = _bulk(config, "set-priority", filters, priority=priority)
+        click.echo(f"{changed} job(s) have priority {priority}")
+        return
+    job_id = given[0]
     with config.connect() as conn:
         key = resolve_job_id(conn, job_id)
         set_priority(conn, key, priority)
@@ -15144,16 +15336,27 @@ def set_priority_command(config: _Config, job_id: str, priority: int) -> None:
 
 
 @cli.command("run-now")
-@click.argument("job_id", metavar="ID")
+@click.argument("job_ids", metavar="[ID]", nargs=-1)
+@_bulk_flags
 @click.pass_obj
-def run_now_command(config: _Config, job_id: str) -> None:
+def run_now_command(
+    config: _Config, job_ids: Sequence[str], everything: bool, **filters: Any
+) -> None:
     """Run a queued job that waits for its time (delayed, or retrying after a failure) as
-    soon as a worker is free.
+    soon as a worker is free; --all: every such job the filters match.
 
     \b
-    Example:
+    Examples:
       claude-jobs run-now 6f1c2e9a
+      claude-jobs run-now --all --queue nightly
     """
+    _no_filters(everything, job_ids, filters)
+    if everything:
+        click.echo(f"{_bulk(config, 'run-now', filters)} job(s) are due now")
+        return
+    if len(job_ids) != 1:
+        raise InvalidJob("give one job's ID (or --all)")
+    job_id = job_ids[0]
     with config.connect() as conn:
         key = run_now(conn, job_id)
     click.echo(f"job {key} is due now")

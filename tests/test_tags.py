@@ -64,3 +64,39 @@ def test_a_schedule_s_runs_carry_its_tags_and_a_bad_tag_changes_nothing(
         assert refused.exit_code == 2 and len(refused.output.splitlines()) == 1, refused.output
         assert "invalid tag" in refused.output
     assert len(claude_jobs.list_jobs(conn)) == 1
+
+
+def test_bulk_actions_take_what_the_filters_match_all_or_none(
+    conn: psycopg.Connection, invoke, tmp_path: Path
+) -> None:
+    many = 100_000
+    claude_jobs.enqueue_many(conn, [{"prompt": f"job {n}"} for n in range(many)], tags=["nightly"])
+    other = claude_jobs.enqueue(conn, {"prompt": "not nightly"})
+    cancelled = invoke("cancel", "--all", "--tag", "nightly", "--yes")
+    assert (cancelled.exit_code, cancelled.output) == (0, f"cancelled {many} job(s)\n")
+    counts = dict(conn.execute(
+        "SELECT status, count(*) FROM claude_jobs GROUP BY status").fetchall())  # fmt: skip
+    assert counts == {"cancelled": many, "queued": 1}
+    assert claude_jobs.get_job(conn, other.id).status == "queued"
+    later = [claude_jobs.enqueue(conn, {"prompt": f"later {n}"}, queue="later", delay=3600,
+                                 tags=["urgent"]) for n in range(3)]  # fmt: skip
+    assert invoke("set-priority", "--all", "--tag", "urgent", "7").output == (
+        "3 job(s) have priority 7\n"
+    )
+    assert invoke("run-now", "--all", "--queue", "later").output == "3 job(s) are due now\n"
+    rows = conn.execute("SELECT priority, run_at <= now() FROM claude_jobs WHERE queue = 'later'")
+    assert set(rows.fetchall()) == {(7, True)}
+    assert invoke("run-now", "--all", "--queue", "later").output == "0 job(s) are due now\n"
+    claude_jobs.cancel_jobs(conn, [job.id for job in later])
+    retried = invoke("retry", "--all", "--status", "cancelled", "--tag", "urgent")
+    assert retried.output == "retried 3 cancelled job(s)\n"
+    for args, message in [
+        (["cancel", str(other.id), "--all"], "give job ids, or --all"),
+        (["cancel", "--tag", "nightly"], "give job ids, or --all"),
+        (["cancel", str(other.id), "--tag", "nightly"], "--tag goes with --all, not with job ids"),
+        (["retry", "--all", "--status", "failed", "--older-than", "soon"], "soon"),
+        (["set-priority", "--all", "high"], "the priority must be a whole number"),
+    ]:  # fmt: skip
+        refused = invoke(*args)
+        assert refused.exit_code == 2 and len(refused.output.splitlines()) == 1, refused.output
+        assert message in refused.output, refused.output
