@@ -450,6 +450,8 @@ MAX_DURATION = 10 * 365 * 86400.0
 USAGE_LIMIT_NOTE = "claude's usage limit: "
 #: How the reason a worker starts no claude job begins when its daily budget is spent.
 BUDGET_NOTE = "the daily budget of "
+#: How the reason of a hold of --leave-headroom begins (claude warned of a window's end).
+HEADROOM_NOTE = "headroom for people: "
 #: claude's arguments on every run; the options of the job and the worker follow (and
 #: SKIP_PERMISSIONS, unless they give a permission mode).
 CLAUDE_ARGS = (
@@ -8381,6 +8383,8 @@ class RunContext:
         self._gathered = Progress()
         self.spent_usd = 0.0  # what this attempt has cost so far
         self.batch_results: Path | None = None
+        # (a handler asks its worker to hold its kind on every worker: until when, and why)
+        self.hold_after: tuple[datetime, str] | None = None
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -8697,6 +8701,7 @@ class _ClaudeStream:
         self.result: dict[str, Any] | None = None
         self.plain: list[str] = []  # lines that are not JSON (error messages, mostly)
         self.rate_limit_reset: float | None = None  # a usage limit was hit: when it resets
+        self.warned: dict[str, Any] | None = None  # a window nearly used up (allowed_warning)
 
     def feed(self, raw: bytes) -> None:
         text = _without_secrets(raw.decode("utf-8", "replace").rstrip("\r"))
@@ -8721,6 +8726,10 @@ class _ClaudeStream:
             info = event.get("rate_limit_info") or {}
             if info.get("status") == "rejected":
                 self.rate_limit_reset = info.get("resetsAt") or self.rate_limit_reset
+            elif info.get("status") == "allowed_warning" and isinstance(
+                info.get("resetsAt"), int | float
+            ):
+                self.warned = info
         if event.get("type") == "result":
             self.result = event
             cost = event.get("total_cost_usd")
@@ -8729,6 +8738,17 @@ class _ClaudeStream:
             ):
                 cost = 0.0
             self.context.record(cost_usd=float(cost), spend=Spend.of_result(event))
+
+
+def _headroom(info: Mapping[str, Any]) -> tuple[datetime, str]:
+    """The hold of --leave-headroom after claude warned that a window of its usage is nearly
+    used up (a rate_limit_event ``allowed_warning``): until the window resets, and why."""
+    window = str(info.get("rateLimitType") or "usage").replace("_", "-")
+    try:
+        until = _within_reach(datetime.fromtimestamp(float(info["resetsAt"]), UTC))
+    except (OverflowError, ValueError, OSError):  # (a reset no clock can hold: an hour)
+        until = datetime.now(UTC) + timedelta(hours=1)
+    return until, f"{HEADROOM_NOTE}claude's {window} window is nearly used up (allowed_warning)"
 
 
 # -- git worktrees ------------------------------------------------------------------------------
@@ -9059,8 +9079,10 @@ class ClaudeHandler:
         keep_worktrees: bool = False,
         worktree_dir: str | Path | None = None,
         kill_grace: float = KILL_GRACE,
+        leave_headroom: bool = False,
     ) -> None:
         self.claude_bin = claude_bin
+        self.leave_headroom = leave_headroom
         self.default_timeout = default_timeout
         self.allow_dirs = [Path(d).expanduser().resolve() for d in allow_dirs]
         self.defaults = _claude_arg_units([*claude_args, *(["--model", model] if model else [])])
@@ -9222,6 +9244,8 @@ class ClaudeHandler:
         except OSError as error:
             raise WorkerUnfit(f"cannot run {argv[0]}: {error.strerror or error}") from None
         limit = job.timeout or self.default_timeout
+        if self.leave_headroom and stream.warned is not None:
+            context.hold_after = _headroom(stream.warned)
         return claude_outcome(ended, stream.result, stream.plain, stream.rate_limit_reset, limit)
 
     def unfit(self) -> str | None:
@@ -9322,6 +9346,13 @@ class ClaudeSettings:
         False,
         "Keep the git worktrees of worktree jobs (their branches are always kept).",
         env="KEEP_WORKTREES",
+        is_flag=True,
+    )
+    leave_headroom: bool = _option(
+        False,
+        "When claude warns that a window of its usage is nearly used up, start no claude job "
+        "on any worker until it resets (running ones finish): the rest is left for people.",
+        env="LEAVE_HEADROOM",
         is_flag=True,
     )
 
@@ -10658,21 +10689,28 @@ class _Runners:
         """What an outcome does to the worker (see Effect): a usage limit holds the kind on
         every worker; a worker unfit for it stops taking it for a while; one that ran it is
         fit for it."""
-        holds, book, reason = self._shared.holds, self._shared.book, outcome.error or ""
+        holds, reason = self._shared.holds, outcome.error or ""
+        if job.context is not None and job.context.hold_after is not None:  # --leave-headroom
+            self._hold_everywhere(job.kind, *job.context.hold_after)
         if outcome.effect == Effect.FIT and (was := holds.refit(job.kind)):
             self._shared.lift_hold_here(job.kind, was)
         elif outcome.effect == Effect.HOLD_EVERYWHERE and outcome.until is not None:
-            when = None
-            with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
-                when = holds.hold_everywhere(conn, job.kind, outcome.until, reason)
-            if when is None:  # the database is away: the others learn it from their own jobs
-                when = holds.hold_everywhere(None, job.kind, outcome.until, reason)
-            _log_hold(job.kind, when, reason)
-            book.wake_in(when - time.monotonic())
+            self._hold_everywhere(job.kind, outcome.until, reason)
         elif outcome.effect == Effect.BACK_OFF:
             seconds = holds.back_off(job.kind)
             if seconds is not None:
                 self._shared.hold_here(job.kind, seconds, reason, unfit=True)
+
+    def _hold_everywhere(self, kind: str, until: datetime, reason: str) -> None:
+        """No worker starts ``kind`` jobs before ``until`` (a usage limit, or headroom)."""
+        holds = self._shared.holds
+        when = None
+        with contextlib.suppress(*_TRANSIENT), self._pool.connection() as conn:
+            when = holds.hold_everywhere(conn, kind, until, reason)
+        if when is None:  # the database is away: the others learn it from their own jobs
+            when = holds.hold_everywhere(None, kind, until, reason)
+        _log_hold(kind, when, reason)
+        self._shared.book.wake_in(when - time.monotonic())
 
 
 class _Part(threading.Thread):

@@ -999,3 +999,29 @@ def test_stats_cost_adds_up_the_stored_costs_per_day_and_queue(
     assert table[0].split()[:6] == ["DAY", "(UTC)", "QUEUE", "MODEL", "RUNS", "INPUT"]
     assert table[-1].split() == ["total", "5", "50", "25", "10", "5", "$3.75"]
     assert len(invoke("stats", "--cost", "--days", "1", "--json").output.splitlines()) == 2
+
+
+def test_leave_headroom_holds_claude_jobs_everywhere_after_a_warning_until_its_reset(
+    conn: psycopg.Connection, db_url: str, fake_claude: Path, claude_log: Path, tmp_path: Path,
+    invoke,
+) -> None:  # fmt: skip
+    resets = int(datetime.now(UTC).timestamp()) + 7200
+    warning = {"type": "rate_limit_event", "rate_limit_info": {
+        "status": "allowed_warning", "resetsAt": resets, "rateLimitType": "five_hour"}}  # fmt: skip
+    warned = claude_jobs.enqueue(conn, {"prompt": fake(stream=[warning]), "cwd": str(tmp_path)})
+    run_burst(db_url, fake_claude)  # (a worker without --leave-headroom: no hold)
+    assert status_of(conn, warned.id) == "succeeded" and claude_jobs.list_holds(conn) == []
+    again = claude_jobs.enqueue(conn, {"prompt": fake(stream=[warning]), "cwd": str(tmp_path)})
+    handler = ClaudeHandler(str(fake_claude), leave_headroom=True)
+    Worker(db_url, burst=True, handlers={"claude": handler}).run()
+    assert status_of(conn, again.id) == "succeeded", "the warned run finishes"
+    [hold] = claude_jobs.list_holds(conn)
+    assert hold["kind"] == "claude" and int(hold["until"].timestamp()) == resets
+    assert hold["reason"].startswith("headroom for people: claude's five-hour window")
+    later = claude_jobs.enqueue(conn, {"prompt": "later", "cwd": str(tmp_path)})
+    Worker(db_url, burst=True, handlers={"claude": handler}).run()
+    assert status_of(conn, later.id) == "queued"
+    assert "headroom for people" in invoke("show", str(later.id)).output
+    assert invoke("resume", "--hold", "claude").exit_code == 0
+    Worker(db_url, burst=True, handlers={"claude": handler}).run()
+    assert status_of(conn, later.id) == "succeeded"
