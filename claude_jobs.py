@@ -12601,6 +12601,8 @@ def web_app(
         Route("/api/jobs/{job}/diff", database(_api_diff)),
         Route("/api/needs-you", database(_api_needs_you)),
         Route("/api/timeline", database(_api_timeline)),
+        Route("/api/bulk", database(_api_bulk_count), methods=["GET"]),
+        Route("/api/bulk", database(_api_bulk), methods=["POST"]),
         Route("/api/jobs/{job}/{action}", database(_api_job_action), methods=["POST"]),
         Route("/api/queues", database(_api_queues)),
         Route("/api/queues/{queue}/{action}", database(_api_queue_action), methods=["POST"]),
@@ -13015,6 +13017,41 @@ def _api_lift(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
     if lifted is None:
         raise WrongState(f"nothing holds {request.path_params['kind']} jobs")
     return dataclasses.asdict(lifted)
+
+
+def _bulk_request(params: Mapping[str, Any]) -> tuple[str, JobFilter]:
+    """The action and filter of GET/POST /api/bulk (the filters of GET /api/jobs, and
+    ``older_than`` in seconds or as 2h)."""
+    action = params.get("action")
+    if action not in BULK_STATUSES:
+        raise _HTTPError(400, f"give an action: {', '.join(BULK_STATUSES)}")
+    statuses = [each for value in [params.get("status") or ""] for each in value.split(",") if each]
+    older = params.get("older_than")
+    where = JobFilter(
+        statuses=tuple(statuses), queue=params.get("queue") or None,
+        kind=params.get("kind") or None, tag=params.get("tag") or None,
+        cwd=params.get("cwd") or None, text=params.get("q") or None,
+        older_than=_enqueue_settings({"timeout": older})["timeout"] if older else None,
+    )  # fmt: skip
+    return str(action), where
+
+
+def _api_bulk_count(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """GET /api/bulk?action=&...filters: how many jobs the bulk action would take."""
+    action, where = _bulk_request(request.query_params)
+    return {"action": action, "count": count_matching(conn, action, where)}
+
+
+def _api_bulk(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
+    """POST /api/bulk {"action": ..., the filters, "priority": N}: the bulk action, all or
+    none (see bulk_action); how many jobs it changed."""
+    if not isinstance(body, dict):
+        raise _HTTPError(400, 'the body must be a JSON object: {"action": ..., filters}')
+    action, where = _bulk_request({k: v for k, v in body.items() if isinstance(v, str)})
+    priority = body.get("priority")
+    if action == "set-priority" and (not isinstance(priority, int) or isinstance(priority, bool)):
+        raise _HTTPError(400, 'give "priority", a whole number')
+    return {"action": action, "changed": bulk_action(conn, action, where, priority)}
 
 
 def _api_retry_notification(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
@@ -16324,7 +16361,28 @@ function jobFilters(section, params) {
   const body = $("div", {});
   const newer = $("button", { id: "newer" }, "← newer");
   const older = $("button", { id: "older" }, "older →");
-  section.append(form, body, $("p", {}, newer, " ", older));
+  // every job the filters match, not only this page: asked with their number first
+  const bulk = (which, label) => action(label, async () => {
+    const p = query(); p.set("action", which);
+    try {
+      const { count } = await api("api/bulk?" + p);
+      if (!count) { say("no job matches to " + label); return; }
+      let priority;
+      if (which === "set-priority") {
+        priority = Number(prompt("The priority of the " + count + " queued job(s) matching:"));
+        if (!Number.isInteger(priority)) return;
+      } else if (!confirm(label[0].toUpperCase() + label.slice(1) + " " + count
+                          + " job(s) matching these filters?")) return;
+      const sent = { action: which, priority };
+      for (const [k, v] of query()) sent[k] = v;
+      const done = await api("api/bulk", "POST", sent);
+      say(label + ": " + done.changed + " job(s)"); load();
+    } catch (e) { say(e.message, true); }
+  });
+  section.append(form, body, $("p", {}, newer, " ", older),
+    $("p", { id: "bulk", class: "dim" }, "all matching: ", bulk("cancel", "cancel"), " ",
+      bulk("retry", "retry"), " ", bulk("run-now", "run now"), " ",
+      bulk("set-priority", "set priority")));
   let page = { before: params.get("before"), after: params.get("after") };
   let asked = 0;  // (the latest request: an earlier one's answer that comes after is dropped)
   const query = () => { const p = new URLSearchParams();

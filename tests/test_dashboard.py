@@ -148,6 +148,12 @@ def test_in_a_browser_the_dashboard_is_one_a_good_job_user_knows(
         answer_prompt(browser, "reschedule", "2h")
         wait_for(lambda: job_row(conn, orphan.id)["run_at"] > datetime.now(UTC)
                  + timedelta(minutes=110), 10, "the new due time")  # fmt: skip
+        # every job matching the filters, not only this page, cancelled after a confirmation
+        browser.get(f"{server.url}#/?queue=paged")
+        until(browser, lambda d: "paged job 54" in d.find_element("id", "jobs").text, "jobs")
+        answer_prompt(browser, "cancel", None, within="#bulk")
+        wait_for(lambda: not claude_jobs.list_jobs(conn, queue="paged", statuses=["queued"]),
+                 10, "the 55 paged jobs cancelled")  # fmt: skip
         # on a phone, rows are cards
         browser.set_window_size(420, 900)
         browser.get(f"{server.url}#/?queue=paged")
@@ -166,15 +172,16 @@ def test_in_a_browser_the_dashboard_is_one_a_good_job_user_knows(
         server.stop()
 
 
-def answer_prompt(browser, button: str, text: str) -> None:
+def answer_prompt(browser, button: str, text: str | None, within: str = "") -> None:
     """Click a button of the page that asks for a value, and give it."""
     from selenium.webdriver.support.expected_conditions import alert_is_present
 
     click = (
-        "const b = [...document.querySelectorAll('button')].find(b => b.textContent === "
-        "arguments[0]); if (b) setTimeout(() => b.click()); return !!b"
+        "const b = [...document.querySelectorAll(arguments[1] + ' button')].find(b => "
+        "b.textContent === arguments[0]); if (b) setTimeout(() => b.click()); return !!b"
     )  # (the page redraws its buttons; the click returns at once: then the prompt is open)
-    until(browser, lambda d: d.execute_script(click, button), f"the {button} button")
+    until(browser, lambda d: d.execute_script(click, button, within), f"the {button} button")
     asked = until(browser, alert_is_present(), f"the {button} prompt")
-    asked.send_keys(text)
+    if text is not None:  # (a prompt; else a confirmation)
+        asked.send_keys(text)
     asked.accept()

@@ -100,3 +100,23 @@ def test_bulk_actions_take_what_the_filters_match_all_or_none(
         refused = invoke(*args)
         assert refused.exit_code == 2 and len(refused.output.splitlines()) == 1, refused.output
         assert message in refused.output, refused.output
+
+
+def test_the_api_counts_and_does_a_bulk_action_by_filter(
+    conn: psycopg.Connection, db_url: str
+) -> None:
+    jobs = [claude_jobs.enqueue(conn, {"prompt": f"p{n}"}, tags=["web"], delay=3600)
+            for n in range(4)]  # fmt: skip
+    claude_jobs.enqueue(conn, {"prompt": "other"}, delay=3600)
+    with TestClient(claude_jobs.web_app(db_url), base_url=LOCAL) as client:
+        counted = client.get("/api/bulk", params={"action": "run-now", "tag": "web"}).json()
+        assert counted == {"action": "run-now", "count": 4}
+        done = client.post("/api/bulk", json={"action": "set-priority", "tag": "web",
+                                              "priority": 5})  # fmt: skip
+        assert done.json() == {"action": "set-priority", "changed": 4}
+        wrong = client.post("/api/bulk", json={"action": "retry", "status": "queued"})
+        assert wrong.status_code == 422 and "not queued" in wrong.json()["error"]
+        assert client.post("/api/bulk", json={"action": "explode"}).status_code == 400
+        with TestClient(claude_jobs.web_app(db_url, read_only=True), base_url=LOCAL) as watcher:
+            assert watcher.post("/api/bulk", json={"action": "cancel"}).status_code == 403
+    assert {job_row(conn, job.id)["priority"] for job in jobs} == {5}
