@@ -6145,15 +6145,7 @@ def retry_jobs(
         "channel": NOTIFY_CHANNEL,
     }
     with conn.transaction():  # all of these ids, or none
-        conn.execute(LOCK_RETRIED_BATCHES, params)
-        try:
-            again = [row[0] for row in conn.execute(RETRY, params).fetchall()]
-        except psycopg.errors.UniqueViolation:
-            raise WrongState(
-                "a job was enqueued with the unique key of one of these meanwhile: "
-                "nothing was retried"
-            ) from None
-        _reopen_batches(conn, again)
+        again = _retry(conn, params)
         if keys is not None and len(again) < len(set(keys)):
             wrong = [get_job(conn, key) for key in keys if key not in again]
             for job in wrong:
@@ -6161,6 +6153,20 @@ def retry_jobs(
                     raise WrongState(_why_blocked(conn, job))
             states = ", ".join(f"{job.id} is {job.status}" for job in wrong)
             raise WrongState(f"{states}: only failed or cancelled jobs can be retried")
+    return again
+
+
+def _retry(conn: psycopg.Connection, params: Mapping[str, Any]) -> list[uuid.UUID]:
+    """RETRY (its batches locked first), the finished batches of the retried jobs opened
+    again; the ids retried. WrongState when a job took the unique key of one meanwhile."""
+    conn.execute(LOCK_RETRIED_BATCHES, params)
+    try:
+        again = [row[0] for row in conn.execute(RETRY, params).fetchall()]
+    except psycopg.errors.UniqueViolation:
+        raise WrongState(
+            "a job was enqueued with the unique key of one of these meanwhile: nothing was retried"
+        ) from None
+    _reopen_batches(conn, again)
     return again
 
 
@@ -6357,16 +6363,7 @@ def bulk_action(
             elif action == "retry":
                 again = {"ids": chunk, "statuses": params["statuses"], "queue": None,
                          "channel": NOTIFY_CHANNEL}  # fmt: skip
-                conn.execute(LOCK_RETRIED_BATCHES, again)
-                try:
-                    retried = [row[0] for row in conn.execute(RETRY, again).fetchall()]
-                except psycopg.errors.UniqueViolation:
-                    raise WrongState(
-                        "a job was enqueued with the unique key of one of these meanwhile: "
-                        "nothing was retried"
-                    ) from None
-                _reopen_batches(conn, retried)
-                changed += len(retried)
+                changed += len(_retry(conn, again))
             else:
                 many = {"ids": chunk, "now": action == "run-now", "priority": priority,
                         "channel": NOTIFY_CHANNEL}  # fmt: skip
