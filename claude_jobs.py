@@ -2332,7 +2332,8 @@ _MATCHING_WHERE = """status = ANY(%(statuses)s::text[])
   AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
   AND (%(cwd)s::text IS NULL OR payload->>'cwd' = %(cwd)s::text)
   AND (%(text)s::text IS NULL OR strpos(lower(payload->>'prompt'), lower(%(text)s::text)) > 0)
-  AND (%(before)s::timestamptz IS NULL OR created_at < %(before)s::timestamptz)"""
+  AND (%(before)s::timestamptz IS NULL OR created_at < %(before)s::timestamptz)
+  AND (%(batch)s::uuid IS NULL OR batch_id = %(batch)s::uuid)"""
 
 COUNT_MATCHING = f"""
 -- count_matching: how many jobs a filter matches (what a bulk action would do, said first)
@@ -2340,10 +2341,13 @@ SELECT count(*) FROM claude_jobs WHERE {_MATCHING_WHERE}
 """
 
 MATCHING_CHUNK = f"""
--- matching_chunk: the next jobs a filter matches, in id order after `last`, locked until the
--- end of the transaction (a bulk action goes through them a chunk at a time: all or none)
-SELECT id FROM claude_jobs WHERE {_MATCHING_WHERE} AND id > %(last)s
-ORDER BY id LIMIT %(chunk)s
+-- matching_chunk: the next jobs a filter matches, newest first (of several of one unique key,
+-- the newest is retried) after the last one taken, locked until the end of the transaction (a
+-- bulk action goes through them a chunk at a time: all or none)
+SELECT id, created_at, seq FROM claude_jobs WHERE {_MATCHING_WHERE}
+  AND (%(last_at)s::timestamptz IS NULL
+       OR (created_at, seq, id) < (%(last_at)s::timestamptz, %(last_seq)s::bigint, %(last)s::uuid))
+ORDER BY created_at DESC, seq DESC, id DESC LIMIT %(chunk)s
 FOR UPDATE
 """
 
@@ -2850,7 +2854,9 @@ WITH held AS (
     INSERT INTO claude_jobs_holds AS h (kind, until, reason, notify)
     VALUES (%(kind)s, %(until)s, %(reason)s, claude_jobs_workers_notify('hold.ended'))
     ON CONFLICT (kind) DO UPDATE
-    SET until = greatest(h.until, excluded.until), reason = excluded.reason, set_at = now(),
+    SET until = greatest(h.until, excluded.until), set_at = now(),
+        reason = CASE WHEN excluded.until >= h.until OR h.until <= now() THEN excluded.reason
+                      ELSE h.reason END,  -- (the reason of the hold that ends last)
         notify = CASE WHEN h.until <= now() THEN excluded.notify ELSE h.notify END
     RETURNING kind
 )
@@ -4522,6 +4528,8 @@ class JobOptions:
         values["after"] = tuple(values.get("after") or ())
         for name in ("notify", "notify_on", "tags"):  # (a string is one; --notify-on: commas)
             given = values.get(name) or ()
+            if not isinstance(given, str | list | tuple):
+                raise InvalidJob(f"{name} must be a list of strings, not {_json_type(given)}")
             given = (given,) if isinstance(given, str) else tuple(given)
             if name == "notify_on":
                 words = (word.strip() for each in given for word in str(each).split(","))
@@ -6311,6 +6319,11 @@ class JobFilter:
     cwd: str | None = None
     text: str | None = None
     older_than: float | None = None
+    batch: uuid.UUID | None = None
+
+    def given(self) -> bool:
+        """Whether it narrows anything (a bulk action takes no filter at all for everything)."""
+        return any(value not in (None, ()) for value in dataclasses.astuple(self))
 
     def params(self, statuses: Sequence[str]) -> dict[str, Any]:
         """The parameters of COUNT_MATCHING and MATCHING_CHUNK, among ``statuses`` (those
@@ -6323,7 +6336,7 @@ class JobFilter:
             before = datetime.now(UTC) - timedelta(seconds=self.older_than)
         return {"statuses": list(self.statuses or statuses), "queue": self.queue,
                 "kind": self.kind, "tag": self.tag, "cwd": self.cwd, "text": self.text,
-                "before": before}  # fmt: skip
+                "before": before, "batch": self.batch}  # fmt: skip
 
 
 #: A bulk action's statements take this many jobs at a time (one transaction for all).
@@ -6348,26 +6361,46 @@ def bulk_action(
     """Do ``action`` (cancel, retry, run-now, set-priority to ``priority``) to every job
     ``where`` matches, all or none, in one transaction of statements of BULK_CHUNK jobs each
     (a million jobs take neither a statement of minutes nor their ids in memory at once);
-    how many it changed. Retry passes over those a retry would refuse (see retry_jobs), and
-    run-now those due already."""
-    if action == "set-priority" and (priority is None or not PG_INT_MIN <= priority <= PG_INT_MAX):
+    how many it changed. Retry passes over those a retry would refuse (see retry_jobs; it goes
+    over them again while that retries more: a job and the one it waits for, taken in
+    different chunks), and run-now those due already. InvalidJob for a filter that narrows
+    nothing: that is every job, said with a filter (a status) or not at all."""
+    if not where.given():
+        raise InvalidJob("give a filter (--status, --queue, --tag...): --all alone is every job")
+    if (action == "set-priority") != (priority is not None):
+        raise InvalidJob("a priority goes with set-priority, and set-priority needs one")
+    if priority is not None and not PG_INT_MIN <= priority <= PG_INT_MAX:
         raise InvalidJob(f"priority {priority} is out of range [{PG_INT_MIN}, {PG_INT_MAX}]")
-    params = {**where.params(BULK_STATUSES[action]), "chunk": BULK_CHUNK,
-              "last": uuid.UUID(int=0)}  # fmt: skip
     changed = 0
     with _atomic(conn):
-        while chunk := [row[0] for row in conn.execute(MATCHING_CHUNK, params).fetchall()]:
-            params["last"] = chunk[-1]
-            if action == "cancel":
-                changed += len(_cancel(conn, chunk))
-            elif action == "retry":
-                again = {"ids": chunk, "statuses": params["statuses"], "queue": None,
-                         "channel": NOTIFY_CHANNEL}  # fmt: skip
-                changed += len(_retry(conn, again))
-            else:
-                many = {"ids": chunk, "now": action == "run-now", "priority": priority,
-                        "channel": NOTIFY_CHANNEL}  # fmt: skip
-                changed += int(_the_row(conn.execute(CHANGE_QUEUED_MANY, many))[0])
+        while more := _bulk_pass(conn, action, where, priority):
+            changed += more
+            if action != "retry":
+                break
+    return changed
+
+
+def _bulk_pass(
+    conn: psycopg.Connection, action: str, where: JobFilter, priority: int | None
+) -> int:
+    """One pass of bulk_action over the jobs ``where`` matches, newest first; how many it
+    changed."""
+    params = {**where.params(BULK_STATUSES[action]), "chunk": BULK_CHUNK,
+              "last_at": None, "last_seq": None, "last": None}  # fmt: skip
+    changed = 0
+    while rows := conn.execute(MATCHING_CHUNK, params).fetchall():
+        chunk = [row[0] for row in rows]
+        params["last"], params["last_at"], params["last_seq"] = rows[-1]
+        if action == "cancel":
+            changed += len(_cancel(conn, chunk))
+        elif action == "retry":
+            again = {"ids": chunk, "statuses": params["statuses"], "queue": None,
+                     "channel": NOTIFY_CHANNEL}  # fmt: skip
+            changed += len(_retry(conn, again))
+        else:
+            many = {"ids": chunk, "now": action == "run-now", "priority": priority,
+                    "channel": NOTIFY_CHANNEL}  # fmt: skip
+            changed += int(_the_row(conn.execute(CHANGE_QUEUED_MANY, many))[0])
     return changed
 
 
@@ -8720,7 +8753,8 @@ class _ClaudeStream:
             self.session_id = session_id
             self.context.record(session_id=session_id)
         if event.get("type") == "rate_limit_event":
-            info = event.get("rate_limit_info") or {}
+            info = event.get("rate_limit_info")
+            info = info if isinstance(info, dict) else {}
             if info.get("status") == "rejected":
                 self.rate_limit_reset = info.get("resetsAt") or self.rate_limit_reset
             elif info.get("status") == "allowed_warning" and isinstance(
@@ -11617,10 +11651,12 @@ def _render_parsed(event: Mapping[str, Any], last_words: str, full: bool = False
             f"retry {event.get('attempt', '?')} of {event.get('max_retries', '?')}"
         ]
     if kind == "rate_limit_event":
-        info = event.get("rate_limit_info") or {}
+        info = event.get("rate_limit_info")
+        info = info if isinstance(info, dict) else {}
         resets = info.get("resetsAt")
         if isinstance(resets, int | float):
-            resets = f"{datetime.fromtimestamp(resets).astimezone():%Y-%m-%d %H:%M %Z}"
+            with contextlib.suppress(OverflowError, ValueError, OSError):  # (none a clock holds)
+                resets = f"{datetime.fromtimestamp(resets).astimezone():%Y-%m-%d %H:%M %Z}"
         return [f"· rate limit {info.get('status', '?')}, resets {resets or '?'}"]
     if kind in ("assistant", "user"):
         content = (event.get("message") or {}).get("content")
@@ -13016,26 +13052,41 @@ def _api_lift(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
     return dataclasses.asdict(lifted)
 
 
-def _bulk_request(params: Mapping[str, Any]) -> tuple[str, JobFilter]:
-    """The action and filter of GET/POST /api/bulk (the filters of GET /api/jobs, and
-    ``older_than`` in seconds or as 2h)."""
+#: The filters of GET and POST /api/bulk (those of GET /api/jobs, and older_than).
+_BULK_FILTERS = ("status", "queue", "kind", "tag", "cwd", "q", "batch", "older_than")
+
+
+def _bulk_request(conn: psycopg.Connection, params: Mapping[str, Any]) -> tuple[str, JobFilter]:
+    """The action and filter of GET/POST /api/bulk: ``status`` (commas), ``queue``, ``kind``,
+    ``tag``, ``cwd``, ``q`` (text in the prompt), ``batch`` (name or id), ``older_than``
+    (seconds, or 2h); no other key. A retry with no status takes the failed jobs."""
     action = params.get("action")
     if action not in BULK_STATUSES:
         raise _HTTPError(400, f"give an action: {', '.join(BULK_STATUSES)}")
-    statuses = [each for value in [params.get("status") or ""] for each in value.split(",") if each]
+    _check_keys({k: v for k, v in params.items() if k not in ("action", "priority")},
+                _BULK_FILTERS)  # fmt: skip
+    for key in _BULK_FILTERS:
+        value = params.get(key)
+        if value is not None and not isinstance(value, str) and key != "older_than":
+            raise _HTTPError(400, f'"{key}" must be a string')
+    statuses = [each for each in str(params.get("status") or "").split(",") if each]
+    if action == "retry" and not statuses:
+        statuses = [JobStatus.FAILED]
     older = params.get("older_than")
+    batch = params.get("batch")
     where = JobFilter(
         statuses=tuple(statuses), queue=params.get("queue") or None,
         kind=params.get("kind") or None, tag=params.get("tag") or None,
         cwd=params.get("cwd") or None, text=params.get("q") or None,
         older_than=_enqueue_settings({"timeout": older})["timeout"] if older else None,
+        batch=resolve_batch(conn, batch) if batch else None,
     )  # fmt: skip
     return str(action), where
 
 
 def _api_bulk_count(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
     """GET /api/bulk?action=&...filters: how many jobs the bulk action would take."""
-    action, where = _bulk_request(request.query_params)
+    action, where = _bulk_request(conn, request.query_params)
     return {"action": action, "count": count_matching(conn, action, where)}
 
 
@@ -13044,9 +13095,9 @@ def _api_bulk(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
     none (see bulk_action); how many jobs it changed."""
     if not isinstance(body, dict):
         raise _HTTPError(400, 'the body must be a JSON object: {"action": ..., filters}')
-    action, where = _bulk_request({k: v for k, v in body.items() if isinstance(v, str)})
+    action, where = _bulk_request(conn, body)
     priority = body.get("priority")
-    if action == "set-priority" and (not isinstance(priority, int) or isinstance(priority, bool)):
+    if priority is not None and (not isinstance(priority, int) or isinstance(priority, bool)):
         raise _HTTPError(400, 'give "priority", a whole number')
     return {"action": action, "changed": bulk_action(conn, action, where, priority)}
 
@@ -15042,6 +15093,7 @@ def _bulk_flags(command: Any) -> Any:
                      help="With --all: only jobs whose prompt has this text."),
         click.option("--older-than", type=_DURATION_TYPE,
                      help="With --all: only jobs enqueued longer ago than this: 2h, 7d."),
+        click.option("--batch", metavar="NAME|ID", help="With --all: only jobs of this batch."),
         click.option("--yes", is_flag=True, help="Do not ask on a terminal."),
     ]):  # fmt: skip
         command = option(command)
@@ -15052,11 +15104,12 @@ def _bulk(config: _Config, action: str, filters: dict[str, Any], statuses: Seque
           priority: int | None = None) -> int:  # fmt: skip
     """A bulk action of the command line: how many it would take, asked on a terminal (unless
     --yes); then done; how many it changed."""
-    cwd, yes = filters.pop("cwd"), filters.pop("yes")
-    where = JobFilter(
-        statuses=tuple(statuses), cwd=cwd and str(Path(cwd).expanduser().resolve()), **filters
-    )
+    cwd, yes, batch = filters.pop("cwd"), filters.pop("yes"), filters.pop("batch")
     with config.connect() as conn:
+        where = JobFilter(
+            statuses=tuple(statuses), cwd=cwd and str(Path(cwd).expanduser().resolve()),
+            batch=resolve_batch(conn, batch) if batch else None, **filters,
+        )  # fmt: skip
         if not yes and sys.stdin.isatty():
             count = count_matching(conn, action, where)
             click.confirm(f"{action} {count} job(s)?", abort=True, err=True)
@@ -15067,9 +15120,11 @@ def _no_filters(everything: bool, ids: Sequence[str], filters: Mapping[str, Any]
     """InvalidJob for job ids with --all, neither, or filters without --all."""
     if bool(ids) == everything:
         raise InvalidJob("give job ids, or --all (and filters)")
-    given = [name for name, value in filters.items() if value not in (None, False, ())]
-    if not everything and [name for name in given if name != "yes"]:
-        raise InvalidJob(f"--{given[0].replace('_', '-')} goes with --all, not with job ids")
+    given = [name for name, value in filters.items()
+             if value not in (None, False, ()) and name != "yes"]  # fmt: skip
+    if not everything and given:
+        flag = {"text": "search"}.get(given[0], given[0]).replace("_", "-")
+        raise InvalidJob(f"--{flag} goes with --all, not with job ids")
 
 
 @cli.command("cancel")
@@ -16366,11 +16421,13 @@ function jobFilters(section, params) {
       if (!count) { say("no job matches to " + label); return; }
       let priority;
       if (which === "set-priority") {
-        priority = Number(prompt("The priority of the " + count + " queued job(s) matching:"));
-        if (!Number.isInteger(priority)) return;
+        const given = prompt("The priority of the " + count + " queued job(s) matching:");
+        if (given === null || !given.trim()) return;
+        priority = Number(given);
+        if (!Number.isInteger(priority)) { say("a priority is a whole number", true); return; }
       } else if (!confirm(label[0].toUpperCase() + label.slice(1) + " " + count
                           + " job(s) matching these filters?")) return;
-      const sent = { action: which, priority };
+      const sent = which === "set-priority" ? { action: which, priority } : { action: which };
       for (const [k, v] of query()) sent[k] = v;
       const done = await api("api/bulk", "POST", sent);
       say(label + ": " + done.changed + " job(s)"); load();

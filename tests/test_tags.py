@@ -5,9 +5,11 @@ GET /api/jobs?tag=)."""
 from __future__ import annotations
 
 import json
+import uuid
 from pathlib import Path
 
 import psycopg
+import pytest
 from conftest import LOCAL, job_row
 from starlette.testclient import TestClient
 
@@ -117,6 +119,53 @@ def test_the_api_counts_and_does_a_bulk_action_by_filter(
         wrong = client.post("/api/bulk", json={"action": "retry", "status": "queued"})
         assert wrong.status_code == 422 and "not queued" in wrong.json()["error"]
         assert client.post("/api/bulk", json={"action": "explode"}).status_code == 400
+        unknown = client.post("/api/bulk", json={"action": "cancel", "colour": "red"})
+        assert unknown.status_code == 422 and "colour" in unknown.json()["error"]
+        listed = client.post("/api/bulk", json={"action": "cancel", "status": ["queued"]})
+        assert listed.status_code == 400 and listed.json()["error"] == '"status" must be a string'
+        everything = client.post("/api/bulk", json={"action": "cancel"})
+        assert everything.status_code == 422 and "give a filter" in everything.json()["error"]
         with TestClient(claude_jobs.web_app(db_url, read_only=True), base_url=LOCAL) as watcher:
-            assert watcher.post("/api/bulk", json={"action": "cancel"}).status_code == 403
+            assert (
+                watcher.post("/api/bulk", json={"action": "cancel", "tag": "web"}).status_code
+                == 403
+            )
     assert {job_row(conn, job.id)["priority"] for job in jobs} == {5}
+
+
+def test_a_bulk_retry_goes_over_what_one_chunk_could_not_take_and_keeps_the_newest_of_a_key(
+    conn: psycopg.Connection, invoke, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(claude_jobs, "BULK_CHUNK", 1)  # (each job a chunk of its own)
+    first = claude_jobs.enqueue(conn, {"prompt": "first"}, tags=["chain"], delay=3600)
+    then = claude_jobs.enqueue(conn, {"prompt": "then"}, tags=["chain"], after=[first.id])
+    older = claude_jobs.enqueue(conn, {"prompt": "older"}, tags=["key"], unique_key="k")
+    claude_jobs.cancel_jobs(conn, [then.id, first.id, older.id])
+    newer = claude_jobs.enqueue(conn, {"prompt": "newer"}, tags=["key"], unique_key="k")
+    claude_jobs.cancel_jobs(conn, [newer.id])
+    assert job_row(conn, then.id)["status"] == "cancelled"
+    retried = invoke("retry", "--all", "--status", "cancelled", "--tag", "chain")
+    assert retried.output == "retried 2 cancelled job(s)\n", "the job, then what waited for it"
+    assert invoke("retry", "--all", "--status", "cancelled", "--tag", "key").output == (
+        "retried 1 cancelled job(s)\n"
+    )
+    assert (job_row(conn, newer.id)["status"], job_row(conn, older.id)["status"]) == (
+        "queued", "cancelled",
+    )  # fmt: skip
+    for args, message in [
+        (["cancel", "--all", "--yes"], "give a filter (--status, --queue, --tag...)"),
+        (["cancel", str(first.id), "--search", "x"], "--search goes with --all"),
+    ]:
+        refused = invoke(*args)
+        assert refused.exit_code == 2 and message in refused.output, refused.output
+
+
+def test_a_rate_limit_event_of_another_shape_breaks_nothing() -> None:
+    odd = json.dumps({"type": "rate_limit_event", "rate_limit_info": "soon"})
+    huge = json.dumps({"type": "rate_limit_event", "rate_limit_info": {"resetsAt": 1e300}})
+    assert claude_jobs._render_event(odd)[0] == ["· rate limit ?, resets ?"]
+    assert claude_jobs._render_event(huge)[0][0].startswith("· rate limit ?, resets 1e+300")
+    context = claude_jobs.RunContext(uuid.uuid4(), 1, None)
+    stream = claude_jobs._ClaudeStream(context)
+    stream.feed(odd.encode())
+    assert stream.warned is None and stream.rate_limit_reset is None
