@@ -2036,20 +2036,22 @@ JOBS_IN_RANGE = """
 SELECT id FROM claude_jobs WHERE id BETWEEN %(low)s AND %(high)s ORDER BY id LIMIT 6
 """
 
+# The filters `list` and the bulk actions share (each NULL: not given).
+_JOB_FILTERS = """(%(queue)s::text IS NULL OR queue = %(queue)s::text)
+  AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
+  AND (%(text)s::text IS NULL OR strpos(lower(payload->>'prompt'), lower(%(text)s::text)) > 0)
+  AND (%(cwd)s::text IS NULL OR payload->>'cwd' = %(cwd)s::text)
+  AND (%(batch)s::uuid IS NULL OR batch_id = %(batch)s::uuid)
+  AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])"""
+
 _LIST_JOBS = f"""
 -- list_jobs: jobs {{what}} (in enqueue order), filtered, from where the last page ended
 -- (keyset paging through claude_jobs_newest: a page costs the same at the millionth job as at
 -- the first)
 SELECT {_JOB_COLUMNS} FROM claude_jobs
-WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[]))
-  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
-  AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
+WHERE (%(statuses)s::text[] IS NULL OR status = ANY(%(statuses)s::text[])) AND {_JOB_FILTERS}
   AND (%(since)s::timestamptz IS NULL OR created_at >= %(since)s::timestamptz)
-  AND (%(text)s::text IS NULL OR strpos(lower(payload->>'prompt'), lower(%(text)s::text)) > 0)
-  AND (%(cwd)s::text IS NULL OR payload->>'cwd' = %(cwd)s::text)
-  AND (%(batch)s::uuid IS NULL OR batch_id = %(batch)s::uuid)
   AND (%(pr)s::text IS NULL OR delivery->'pr'->>'state' = %(pr)s::text)
-  AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
   AND (%(before_at)s::timestamptz IS NULL OR (created_at, seq, id)
        {{beyond}} (%(before_at)s::timestamptz, %(before_seq)s::bigint, %(before_id)s::uuid))
 ORDER BY created_at {{order}}, seq {{order}}, id {{order}}
@@ -2326,14 +2328,8 @@ WITH asked AS (
 SELECT id, pg_notify(%(channel)s, json_build_object('drain', id)::text) FROM asked
 """
 
-_MATCHING_WHERE = """status = ANY(%(statuses)s::text[])
-  AND (%(queue)s::text IS NULL OR queue = %(queue)s::text)
-  AND (%(kind)s::text IS NULL OR kind = %(kind)s::text)
-  AND (%(tag)s::text IS NULL OR tags @> ARRAY[%(tag)s::text])
-  AND (%(cwd)s::text IS NULL OR payload->>'cwd' = %(cwd)s::text)
-  AND (%(text)s::text IS NULL OR strpos(lower(payload->>'prompt'), lower(%(text)s::text)) > 0)
-  AND (%(before)s::timestamptz IS NULL OR created_at < %(before)s::timestamptz)
-  AND (%(batch)s::uuid IS NULL OR batch_id = %(batch)s::uuid)"""
+_MATCHING_WHERE = f"""status = ANY(%(statuses)s::text[]) AND {_JOB_FILTERS}
+  AND (%(before)s::timestamptz IS NULL OR created_at < %(before)s::timestamptz)"""
 
 COUNT_MATCHING = f"""
 -- count_matching: how many jobs a filter matches (what a bulk action would do, said first)
@@ -4295,6 +4291,12 @@ def _notify_events(on: Iterable[str], told: Collection[str]) -> list[str]:
     return [event for event in NOTIFY_EVENTS if event in given]
 
 
+def _comma_separated(given: str | Sequence[str]) -> list[str]:
+    """The words of a repeatable option whose values may each hold several, comma-separated."""
+    values = [given] if isinstance(given, str) else list(given)
+    return [word.strip() for value in values for word in str(value).split(",") if word.strip()]
+
+
 def _check_notify(urls: Sequence[str], on: Sequence[str], told: Collection[str],
                   who: str) -> None:  # fmt: skip
     """Refuse a --notify that is not an http(s) URL (said with its credentials masked), and a
@@ -4531,10 +4533,7 @@ class JobOptions:
             if not isinstance(given, str | list | tuple):
                 raise InvalidJob(f"{name} must be a list of strings, not {_json_type(given)}")
             given = (given,) if isinstance(given, str) else tuple(given)
-            if name == "notify_on":
-                words = (word.strip() for each in given for word in str(each).split(","))
-                given = tuple(word for word in words if word)
-            values[name] = given
+            values[name] = tuple(_comma_separated(given)) if name == "notify_on" else given
         unknown = sorted(set(values) - {each.name for each in dataclasses.fields(cls)})
         if unknown:
             raise InvalidJob(f"not a job option: {', '.join(unknown)}")
@@ -7028,6 +7027,25 @@ def _deliver(
     return delivery
 
 
+def _finished_worktree(
+    conn: psycopg.Connection, job_id: uuid.UUID | str, doing: str
+) -> tuple[Job, dict[str, Any]]:
+    """A finished worktree job whose worktree and branch are on this machine, and its
+    worktree's record: what deliver and discard (``doing``) take; WrongState, said, else."""
+    job = get_job(conn, resolve_job_id(conn, job_id), transcript=False)
+    if job.status not in FINISHED_STATUSES:
+        raise WrongState(f"job {job.id} is {job.status}: {doing} it once it has finished")
+    if not job.payload.get("worktree"):
+        raise WrongState(f"job {job.id} is not a worktree job: it has no branch to {doing}")
+    if not job.worktree or "branch" not in job.worktree:
+        raise WrongState(f"job {job.id} made no worktree: it has no branch to {doing}")
+    tree = _checked_record(job.worktree)
+    if job.session_host not in (None, socket.gethostname()) or not Path(tree["repo"]).is_dir():
+        raise WrongState(f"the worktree of job {job.id} is on {job.session_host or 'another'} "
+                         f"machine: {doing} it there")  # fmt: skip
+    return job, tree
+
+
 def deliver(
     conn: psycopg.Connection,
     job_id: uuid.UUID | str,
@@ -7042,16 +7060,7 @@ def deliver(
     What was delivered (also kept on the job); DeliveryError when it failed, WrongState for
     a job that cannot be delivered (not finished, no worktree, its worktree in use by a job
     that continues it)."""
-    job = get_job(conn, resolve_job_id(conn, job_id), transcript=False)
-    if job.status not in FINISHED_STATUSES:
-        raise WrongState(f"job {job.id} is {job.status}: deliver it once it has finished")
-    if not job.payload.get("worktree"):
-        raise WrongState(f"job {job.id} is not a worktree job: it has no branch to deliver")
-    if not job.worktree or "branch" not in job.worktree:
-        raise WrongState(f"job {job.id} made no worktree: it has no branch to deliver")
-    tree = _checked_record(job.worktree)
-    if not Path(tree["repo"]).is_dir():
-        raise WrongState(f"the repository {tree['repo']} of job {job.id} is not on this machine")
+    job, tree = _finished_worktree(conn, job_id, "deliver")
     if _the_row(conn.execute(WORKTREE_BUSY, {"job": job.id, "path": tree["path"]}))[0]:
         raise WrongState(
             f"a job that continues job {job.id} works in its worktree now: deliver once it ends"
@@ -7249,16 +7258,7 @@ def discard(conn: psycopg.Connection, job_id: uuid.UUID | str) -> list[str]:
     worktree (uncommitted changes too) and delete its branch, and mark it reviewed. What it
     did, a line each. WrongState while a job needs the worktree (it, or one that continues
     it, is not over), or for one that has none here."""
-    job = get_job(conn, resolve_job_id(conn, job_id), transcript=False)
-    if job.status not in FINISHED_STATUSES:
-        raise WrongState(f"job {job.id} is {job.status}: discard it once it has finished")
-    if not job.payload.get("worktree") or not job.worktree or "branch" not in job.worktree:
-        raise WrongState(f"job {job.id} made no worktree: there is nothing to discard")
-    tree = _checked_record(job.worktree)
-    here = socket.gethostname()
-    if job.session_host not in (None, here) or not Path(tree["repo"]).is_dir():
-        raise WrongState(f"the worktree of job {job.id} is on {job.session_host or 'another'} "
-                         "machine: discard it there")  # fmt: skip
+    job, tree = _finished_worktree(conn, job_id, "discard")
     done = []
     with _atomic(conn):  # (no continuation of it is queued meanwhile: they take this lock too)
         _db_lock_worktree(conn, tree["path"])
@@ -7272,7 +7272,7 @@ def discard(conn: psycopg.Connection, job_id: uuid.UUID | str) -> list[str]:
         if _git_ok(tree["repo"], "rev-parse", "--verify", "--quiet", branch):
             _git_retrying(common, tree["repo"], "branch", "-D", tree["branch"])
             done.append(f"deleted branch {tree['branch']}")
-        conn.execute(FORGET_WORKTREE, {"host": here, "path": tree["path"]})
+        conn.execute(FORGET_WORKTREE, {"host": socket.gethostname(), "path": tree["path"]})
         conn.execute(MARK_REVIEWED, {"id": job.id})
         conn.execute(MARK_WORKTREE_REVIEWED, {"path": tree["path"]})
     return done or ["its worktree and branch were gone already"]
@@ -10975,12 +10975,6 @@ class _HealthServer(threading.Thread):
 _WORKER_EVENTS = (*_JOB_EVENTS, "worker.unfit", "hold.started", "hold.ended")
 
 
-def _comma_separated(given: str | Sequence[str]) -> list[str]:
-    """The words of a repeatable option whose values may each hold several, comma-separated."""
-    values = [given] if isinstance(given, str) else list(given)
-    return [word.strip() for value in values for word in str(value).split(",") if word.strip()]
-
-
 @dataclass(frozen=True)
 class WorkerSettings:
     """How a worker works: the keywords of Worker, and the options of `claude-jobs worker`
@@ -12899,7 +12893,7 @@ def _api_jobs(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, An
     jobs, newest first, the cursor of the next (``next``, older; null on the last) and of
     the one before (``prev``, newer; null on the first)."""
     query = request.query_params
-    statuses = [s for value in query.getlist("status") for s in value.split(",") if s]
+    statuses = _comma_separated(query.getlist("status"))
     for status in statuses:
         if status not in JobStatus.__members__.values():
             raise _HTTPError(400, f"unknown status {status!r}: one of "
@@ -13069,7 +13063,7 @@ def _bulk_request(conn: psycopg.Connection, params: Mapping[str, Any]) -> tuple[
         value = params.get(key)
         if value is not None and not isinstance(value, str) and key != "older_than":
             raise _HTTPError(400, f'"{key}" must be a string')
-    statuses = [each for each in str(params.get("status") or "").split(",") if each]
+    statuses = _comma_separated(str(params.get("status") or ""))
     if action == "retry" and not statuses:
         statuses = [JobStatus.FAILED]
     older = params.get("older_than")

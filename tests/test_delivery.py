@@ -63,21 +63,15 @@ def runs_in_order(log: Path) -> list[dict]:
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Path:
-    """A repository on main whose remote `origin` is on GitHub (github.com/octo/shop), pushed
+def repo(repo: Path, tmp_path: Path) -> Path:
+    """conftest's repository, whose remote `origin` is on GitHub (github.com/octo/shop), pushed
     to a local bare repository instead (insteadOf), as a user's clone would be set up."""
     bare = tmp_path / "remote.git"
     git(tmp_path, "init", "-q", "--bare", "-b", "main", str(bare))
-    path = tmp_path / "repo"
-    path.mkdir()
-    (path / "app.py").write_text("print('hi')\n")
-    git(path, "init", "-q", "-b", "main")
-    git(path, "add", ".")
-    git(path, "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "first")
-    git(path, "remote", "add", "origin", "https://github.com/octo/shop.git")
-    git(path, "config", f"url.{bare.as_uri()}.insteadOf", "https://github.com/octo/shop.git")
-    git(path, "push", "-q", "origin", "main")
-    return path
+    git(repo, "remote", "add", "origin", "https://github.com/octo/shop.git")
+    git(repo, "config", f"url.{bare.as_uri()}.insteadOf", "https://github.com/octo/shop.git")
+    git(repo, "push", "-q", "origin", "main")
+    return repo
 
 
 @pytest.fixture
