@@ -313,6 +313,9 @@ UNIQUE_LOCK_NAMESPACE = 0x63756E71
 #: First key of the lock on a worktree, taken by what continues a job in it and by discard
 #: ("cwtr"); the second, its path's hash.
 WORKTREE_LOCK_NAMESPACE = 0x63777472
+#: First key of the lock of a limiter: a limited queue or the claude starts ("clim"); the
+#: second, the hash of its name in claude_jobs_starts ('queue NAME', 'kind claude').
+LIMITER_LOCK_NAMESPACE = 0x636C696D
 MIGRATION_LOCK_KEY = 0
 #: Second keys of the locks that let one worker at a time do a task.
 CLEANUP_TASK, UNBLOCK_TASK, FOLD_TASK, ANALYZE_TASK, TRACK_TASK = -1, -2, -3, -4, -5
@@ -452,6 +455,13 @@ USAGE_LIMIT_NOTE = "claude's usage limit: "
 BUDGET_NOTE = "the daily budget of "
 #: How the reason of a hold of --leave-headroom begins (claude warned of a window's end).
 HEADROOM_NOTE = "headroom for people: "
+#: How the reason a worker starts no claude job begins when its --max-starts are used up.
+MAX_STARTS_NOTE = "its cap on claude starts: "
+#: The limiter of claude starts in claude_jobs_starts (a worker's --max-starts counts them).
+CLAUDE_LIMITER = f"kind {DEFAULT_KIND}"
+#: The longest window of a rate (queue set --rate, worker --max-starts): the janitor keeps
+#: the starts of that long.
+MAX_RATE_SECONDS = 7 * 86400.0
 #: claude's arguments on every run; the options of the job and the worker follow (and
 #: SKIP_PERMISSIONS, unless they give a permission mode).
 CLAUDE_ARGS = (
@@ -621,6 +631,7 @@ class Job:
     duplicate: bool = False  # enqueue made no job: this one, queued before, holds its unique key
     seq: int = 0  # enqueue order (of jobs enqueued at one time: created_at is the same)
     claim: uuid.UUID | None = field(default=None, repr=False)
+    admitted: bool = field(default=True, repr=False)  # False: claimed, its queue to admit it
     context: RunContext | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -633,6 +644,7 @@ class Job:
         values["seq"] = values["seq"] or 0
         if values["concurrency_limit"] is None:
             values["concurrency_limit"] = 1
+        values["admitted"] = values["admitted"] is not False
         return cls(**values, context=context)
 
     @property
@@ -642,7 +654,7 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         """The job as JSON-able values (ISO 8601 times, string ids)."""
-        return _fields_of(self, skip={"claim", "context"})
+        return _fields_of(self, skip={"claim", "admitted", "context"})
 
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job) if f.name != "context")
@@ -1824,6 +1836,35 @@ ALTER TABLE claude_jobs ADD COLUMN tags text[];
 CREATE INDEX claude_jobs_tags ON claude_jobs USING gin (tags) WHERE tags IS NOT NULL;
 """,
     ),
+    (
+        16,
+        """\
+-- Queue limits that every worker obeys (`claude-jobs queue set`): at most max_running jobs of
+-- the queue running at once, at most `rate` starts in any window of rate_seconds (per value
+-- of rate_by, when set: a job's concurrency key, kind or cwd).
+ALTER TABLE claude_jobs_queues
+    ADD COLUMN max_running integer CHECK (max_running > 0),
+    ADD COLUMN rate integer CHECK (rate > 0),
+    ADD COLUMN rate_seconds double precision CHECK (rate_seconds > 0),
+    ADD COLUMN rate_by text CHECK (rate_by IN ('key', 'kind', 'cwd')),
+    ADD COLUMN changed_at timestamptz,
+    ADD CHECK ((rate IS NULL) = (rate_seconds IS NULL) AND (rate_by IS NULL OR rate IS NOT NULL));
+-- false while a job claimed from a limited queue waits to be admitted (ADMIT_TO_QUEUE): only
+-- admitted running jobs take a slot
+ALTER TABLE claude_jobs ADD COLUMN admitted boolean NOT NULL DEFAULT true;
+-- the running jobs of a queue (its limit counts them)
+CREATE INDEX claude_jobs_running_in_queue ON claude_jobs (queue) WHERE status = 'running';
+-- When jobs started, for rates: of a rate-limited queue ('queue NAME', per part of rate_by)
+-- and of every claude job ('kind claude': a worker's --max-starts). The janitor deletes what
+-- no window can reach.
+CREATE TABLE claude_jobs_starts (
+    limiter  text NOT NULL,
+    part     text NOT NULL DEFAULT '',
+    at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX claude_jobs_starts_window ON claude_jobs_starts (limiter, part, at);
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -1871,7 +1912,30 @@ _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, 
     started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
     concurrency_limit, after, continue_from, session_host, worktree, widens, unique_key,
     schedule, scheduled_for, batch_id, callback_of, seq, claim, checks, delivery, notify,
-    reviewed_at, tags"""
+    reviewed_at, tags, admitted"""
+
+# The part of a rate's window that a job {j} of a queue with settings {q} starts in: the
+# whole queue's, or its concurrency key's, kind's or cwd's (rate_by).
+_RATE_PART = """CASE {q}.rate_by WHEN 'key' THEN coalesce({j}.concurrency_key, '')
+                WHEN 'kind' THEN {j}.kind WHEN 'cwd' THEN coalesce({j}.payload->>'cwd', '')
+                ELSE '' END"""
+
+# How many jobs started in the window of the rate of queue settings {q}, in its {part}.
+_RATE_USED = """(SELECT count(*) FROM claude_jobs_starts s
+                WHERE s.limiter = 'queue ' || {q}.queue AND s.part = {part}
+                  AND s.at > {now} - make_interval(secs => {q}.rate_seconds))"""
+
+# When the window of the rate of queue settings {q}, in its {part}, has room for one more
+# start: when the rate-th newest start in it leaves it. NULL: it has room now.
+_RATE_OPENS = """(SELECT s.at + make_interval(secs => {q}.rate_seconds) FROM claude_jobs_starts s
+                WHERE s.limiter = 'queue ' || {q}.queue AND s.part = {part}
+                  AND s.at > {now} - make_interval(secs => {q}.rate_seconds)
+                ORDER BY s.at DESC OFFSET {q}.rate - 1 LIMIT 1)"""
+# (of the whole queue, of a job j's part, of the job being admitted: see ADMIT_TO_QUEUE)
+_QUEUE_RATE_OPENS = _RATE_OPENS.format(q="q", part="''", now="now()")
+_JOB_RATE_OPENS = _RATE_OPENS.format(q="q", part=_RATE_PART.format(q="q", j="j"), now="now()")
+_ADMISSION_RATE_OPENS = _RATE_OPENS.format(q="j", part="j.part", now="clock_timestamp()")
+_CLAIM_RATE_USED = _RATE_USED.format(q="q", part=_RATE_PART.format(q="q", j="c"), now="now()")
 
 JOB_STATUSES = """
 -- job_statuses: the status of each of these jobs, and the host that keeps its claude session
@@ -2144,11 +2208,13 @@ _OLDEST_READY = """(
 
 QUEUE_STATS = f"""
 -- queue_stats: per queue: jobs by status (kept counts: see migration 7), the oldest ready
--- job, the last hour, run times of the last day, what claude cost; paused queues even when
--- empty. Cost at 1M jobs: the counts; an index range over the jobs due later; an index probe
--- per queue; an index range over the jobs that ended in the last day.
+-- job, the last hour, run times of the last day, what claude cost; its settings (paused,
+-- limits), and the queues that have settings even when empty. Cost at 1M jobs: the counts;
+-- an index range over the jobs due later; an index probe per queue; an index range over the
+-- jobs that ended in the last day.
 WITH counts AS (
-    SELECT queue, status, sum(jobs)::bigint AS jobs, sum(cost_usd) AS cost_usd
+    SELECT queue, status, sum(jobs)::bigint AS jobs, sum(entered) AS entered,
+        sum(cost_usd) AS cost_usd
     FROM claude_jobs_counts GROUP BY 1, 2
 ), queues AS (
     SELECT queue, sum(jobs) FILTER (WHERE status = 'queued')::bigint AS queued,
@@ -2157,7 +2223,7 @@ WITH counts AS (
         sum(jobs) FILTER (WHERE status = 'failed')::bigint AS failed,
         sum(jobs) FILTER (WHERE status = 'cancelled')::bigint AS cancelled,
         sum(cost_usd) AS cost_usd
-    FROM counts GROUP BY queue HAVING sum(jobs) <> 0
+    FROM counts GROUP BY queue HAVING sum(jobs) <> 0 OR sum(entered) <> 0  -- (ever used)
 ), later AS (
     -- (through claude_jobs_scheduled: only the jobs due later)
     SELECT queue, count(*) AS scheduled FROM claude_jobs
@@ -2176,10 +2242,12 @@ WITH counts AS (
     FROM claude_jobs
     WHERE status IN ('succeeded', 'failed', 'cancelled') AND finished_at > now() - interval '1 day'
     GROUP BY queue
-), paused AS (
-    SELECT queue FROM claude_jobs_queues WHERE paused_at IS NOT NULL
+), settings AS (
+    SELECT queue, paused_at IS NOT NULL AS paused, max_running, rate, rate_seconds, rate_by
+    FROM claude_jobs_queues
 )
-SELECT coalesce(queues.queue, paused.queue) AS queue, paused.queue IS NOT NULL AS paused,
+SELECT coalesce(queues.queue, settings.queue) AS queue, coalesce(paused, false) AS paused,
+    max_running, rate, rate_seconds, rate_by,
     coalesce(queued, 0) - coalesce(scheduled, 0) AS ready, coalesce(scheduled, 0) AS scheduled,
     coalesce(running, 0) AS running, coalesce(succeeded, 0) AS succeeded,
     coalesce(failed, 0) AS failed, coalesce(cancelled, 0) AS cancelled,
@@ -2187,7 +2255,7 @@ SELECT coalesce(queues.queue, paused.queue) AS queue, paused.queue IS NOT NULL A
     coalesce(failed_last_hour, 0) AS failed_last_hour,
     {_OLDEST_READY.format(q="queues.queue")} AS oldest_ready_seconds,
     median_run_seconds, p95_run_seconds, coalesce(cost_usd, 0) AS cost_usd
-FROM queues FULL JOIN paused ON paused.queue = queues.queue
+FROM queues FULL JOIN settings ON settings.queue = queues.queue
     LEFT JOIN later ON later.queue = queues.queue
     LEFT JOIN recent ON recent.queue = queues.queue
 ORDER BY 1
@@ -2399,6 +2467,55 @@ WITH resumed AS (
 SELECT queue, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM resumed
 """
 
+QUEUE_SETTINGS = """
+-- queue_settings: a queue's settings row, if it has one (locked: see set_queue_limits)
+SELECT * FROM claude_jobs_queues WHERE queue = %(queue)s FOR UPDATE
+"""
+
+SET_QUEUE_LIMITS = """
+-- set_queue_limits: a queue's limits, and the workers woken to claim under them
+WITH set AS (
+    INSERT INTO claude_jobs_queues AS q (queue, max_running, rate, rate_seconds, rate_by,
+        changed_at)
+    VALUES (%(queue)s, %(max_running)s, %(rate)s, %(rate_seconds)s, %(rate_by)s, now())
+    ON CONFLICT (queue) DO UPDATE
+    SET max_running = excluded.max_running, rate = excluded.rate,
+        rate_seconds = excluded.rate_seconds, rate_by = excluded.rate_by, changed_at = now()
+    RETURNING queue
+)
+SELECT pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM set
+"""
+
+QUEUE_NOW = f"""
+-- queue_now: how a limited queue stands: its jobs running admitted, the starts in the
+-- window of its rate (every part), and, for a rate of the whole queue, when it has room
+SELECT (SELECT count(*) FROM claude_jobs r
+        WHERE r.status = 'running' AND r.admitted AND r.queue = q.queue) AS running_admitted,
+    (SELECT count(*) FROM claude_jobs_starts s
+     WHERE s.limiter = 'queue ' || q.queue
+       AND s.at > now() - make_interval(secs => q.rate_seconds)) AS started_in_window,
+    CASE WHEN q.rate IS NOT NULL AND q.rate_by IS NULL THEN {_QUEUE_RATE_OPENS} END
+        AS rate_opens
+FROM claude_jobs_queues q WHERE q.queue = %(queue)s
+"""
+
+JOB_LIMITS = f"""
+-- job_limits: for each of these jobs in a limited queue, its queue's limits, how many of the
+-- queue's jobs run admitted, and when the part of its rate's window that it starts in has
+-- room for one more (NULL: now)
+SELECT j.id, q.queue, q.max_running, q.rate, q.rate_seconds, q.rate_by,
+    (SELECT count(*) FROM claude_jobs r
+     WHERE r.status = 'running' AND r.admitted AND r.queue = q.queue) AS running,
+    CASE WHEN q.rate IS NOT NULL THEN {_JOB_RATE_OPENS} END AS opens
+FROM claude_jobs j JOIN claude_jobs_queues q ON q.queue = j.queue
+WHERE j.id = ANY(%(ids)s::uuid[]) AND (q.max_running IS NOT NULL OR q.rate IS NOT NULL)
+"""
+
+FORGET_STARTS = """
+-- forget_starts: delete the starts no window can reach any more
+DELETE FROM claude_jobs_starts WHERE at < now() - make_interval(secs => %(seconds)s)
+"""
+
 # The ids that unfinished jobs wait for (--after) or continue, through claude_jobs_waiting;
 # uncorrelated, so that PostgreSQL builds the set once per statement and probes it by hash.
 _AWAITED_IDS = """(
@@ -2506,11 +2623,19 @@ WITH me AS (
     -- a worker declared dead must not claim; the share lock makes its reaper wait for us
     SELECT id, notify FROM claude_jobs_workers WHERE id = %(worker_id)s FOR KEY SHARE
 ), ready AS (
-    SELECT c.id FROM claude_jobs c
+    SELECT c.id, c.queue, c.priority, c.run_at, c.seq, q.room, q.part, q.rate_room
+    FROM claude_jobs c LEFT JOIN LATERAL (
+        -- its queue's settings: paused, or limited: how many more may run (room), how many
+        -- more may start in the window of its rate (in its part: rate_room); NULL: no limit
+        SELECT q.paused_at, {_RATE_PART.format(q="q", j="c")} AS part,
+            CASE WHEN q.max_running IS NOT NULL THEN q.max_running - (
+                SELECT count(*) FROM claude_jobs r
+                WHERE r.status = 'running' AND r.queue = c.queue) END AS room,
+            CASE WHEN q.rate IS NOT NULL THEN q.rate - {_CLAIM_RATE_USED} END AS rate_room
+        FROM claude_jobs_queues q WHERE q.queue = c.queue) q ON true
     WHERE c.status = 'queued' AND c.blocked IS NULL AND c.run_at <= now() {{queue_filter}}
       AND c.kind = ANY(%(kinds)s) AND EXISTS (SELECT FROM me)
-      AND NOT EXISTS (SELECT FROM claude_jobs_queues q
-                      WHERE q.queue = c.queue AND q.paused_at IS NOT NULL)
+      AND q.paused_at IS NULL AND NOT coalesce(q.room <= 0 OR q.rate_room <= 0, false)
       -- (checked here too for a job not marked blocked yet: the marks only save work)
       -- the jobs it waits for all succeeded, and the job it continues finished
       AND NOT {_WAITS_FOR_JOBS.format(w="c")}
@@ -2531,13 +2656,22 @@ WITH me AS (
     ORDER BY c.priority DESC, c.run_at, c.seq
     LIMIT %(limit)s
     FOR UPDATE OF c SKIP LOCKED
+), taken AS (
+    -- no more of a limited queue than it has room for (admission makes sure, under its lock)
+    SELECT id, room IS NULL AND rate_room IS NULL AS free FROM (
+        SELECT *, row_number() OVER (PARTITION BY queue ORDER BY priority DESC, run_at, seq)
+                AS n,
+            row_number() OVER (PARTITION BY queue, part ORDER BY priority DESC, run_at, seq)
+                AS n_in_part
+        FROM ready) r
+    WHERE (room IS NULL OR n <= room) AND (rate_room IS NULL OR n_in_part <= rate_room)
 )
 UPDATE claude_jobs j
 SET status = 'running', attempts = j.attempts + 1, claim = gen_random_uuid(),
     worker_id = %(worker_id)s, worker = %(worker)s, started_at = now(), finished_at = NULL,
-    key_held = false, updated_at = now(),
+    key_held = false, admitted = taken.free, updated_at = now(),
     notify = coalesce(j.notify, (SELECT notify FROM me))  -- (the worker's --notify: a default)
-FROM ready WHERE j.id = ready.id
+FROM taken WHERE j.id = taken.id
 RETURNING {", ".join("j." + c.strip() for c in _JOB_COLUMNS.split(","))},
     -- a continuation gets the session and worktree of the job it continues
     (SELECT jsonb_build_object('id', p.id, 'session_id', p.session_id, 'worktree', p.worktree,
@@ -2807,9 +2941,53 @@ LOCK_WORKTREE = """
 SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(path)s))
 """
 
-LOCK_KEY = """
--- lock_key: one admission at a time per concurrency key, until the end of the transaction
-SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(key)s))
+
+ADMIT_TO_QUEUE = f"""
+-- admit_to_queue: a job claimed from a limited queue takes a slot of it, if fewer than
+-- max_running of its jobs run admitted, and a start in the window of its rate, if that has
+-- room; run after taking the queue's lock, so that it sees every admission before it. Its
+-- row: whether it was admitted; if not, whether the queue is full, and when the window
+-- has room. No row: the claim was lost.
+WITH j AS (
+    SELECT j.id, j.queue, q.max_running, q.rate, q.rate_seconds,
+        {_RATE_PART.format(q="q", j="j")} AS part
+    FROM claude_jobs j LEFT JOIN claude_jobs_queues q ON q.queue = j.queue
+    WHERE j.id = %(id)s AND j.claim = %(claim)s AND j.status = 'running'
+), verdict AS (
+    SELECT j.*, coalesce(j.max_running <= (SELECT count(*) FROM claude_jobs r
+        WHERE r.status = 'running' AND r.admitted AND r.queue = j.queue), false) AS is_full,
+        CASE WHEN j.rate IS NOT NULL THEN {_ADMISSION_RATE_OPENS} END AS opens
+    FROM j
+), admitted AS (
+    UPDATE claude_jobs x SET admitted = true FROM verdict v
+    WHERE x.id = v.id AND NOT v.is_full AND v.opens IS NULL
+    RETURNING x.id
+), started AS (
+    INSERT INTO claude_jobs_starts (limiter, part, at)
+    SELECT 'queue ' || v.queue, v.part, clock_timestamp() FROM verdict v
+    WHERE v.rate IS NOT NULL AND EXISTS (SELECT FROM admitted)
+)
+SELECT EXISTS (SELECT FROM admitted) AS admitted, is_full, opens FROM verdict
+"""
+
+LOCK_LIMITER = """
+-- lock_limiter: one admission at a time per concurrency key, limited queue ('queue NAME') or
+-- capped kind ('kind claude'), until the end of the transaction
+SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(limiter)s))
+"""
+
+STARTS_OPEN = """
+-- starts_open: when the window of at most `rate` starts per `seconds` of a limiter has room
+-- for one more: when the rate-th newest start in it leaves it (NULL: now)
+SELECT (SELECT s.at + make_interval(secs => %(seconds)s) FROM claude_jobs_starts s
+        WHERE s.limiter = %(limiter)s AND s.part = ''
+          AND s.at > clock_timestamp() - make_interval(secs => %(seconds)s)
+        ORDER BY s.at DESC OFFSET %(rate)s - 1 LIMIT 1) AS opens
+"""
+
+RECORD_START = """
+-- record_start: one more start of a limiter, now
+INSERT INTO claude_jobs_starts (limiter, at) VALUES (%(limiter)s, clock_timestamp())
 """
 
 CANCEL_BLOCKED = """
@@ -3599,12 +3777,51 @@ def _db_my_running_jobs(
     return conn.execute(MY_RUNNING_JOBS, {"worker_id": worker_id}).fetchall()
 
 
-def _db_admit(conn: psycopg.Connection, job_id: uuid.UUID, claim: uuid.UUID, key: str) -> bool:
-    """Let a claimed job take a slot of its concurrency ``key`` (see ADMIT), under the key's
-    lock; whether it did."""
+@dataclass(frozen=True)
+class _Refused:
+    """Why a claimed job may not start now (it goes back to the queue unspent), and when it
+    may, when that is known. ``capped``: by the worker's --max-starts."""
+
+    reason: str
+    until: datetime | None = None
+    capped: bool = False
+
+
+def _db_admit(conn: psycopg.Connection, job: Job, cap: Rate | None) -> _Refused | None:
+    """Let a claimed job start, or say why not: under the locks of what limits it, taken in
+    one order, in one transaction (a refusal takes nothing). The claude starts in a window,
+    when the worker caps them (``cap``: --max-starts; every claude start is counted, for the
+    workers that do); its queue's limits (see ADMIT_TO_QUEUE); a slot of its concurrency key
+    (see ADMIT)."""
+    locks = [(LIMITER_LOCK_NAMESPACE, CLAUDE_LIMITER)] if cap and job.kind == DEFAULT_KIND else []
+    if not job.admitted:
+        locks.append((LIMITER_LOCK_NAMESPACE, f"queue {job.queue}"))
+    if job.concurrency_key is not None:
+        locks.append((KEY_LOCK_NAMESPACE, job.concurrency_key))
+    refused = None
     with conn.transaction():
-        conn.execute(LOCK_KEY, {"namespace": KEY_LOCK_NAMESPACE, "key": key})
-        return conn.execute(ADMIT, {"id": job_id, "claim": claim}).fetchone() is not None
+        for namespace, name in locks:
+            conn.execute(LOCK_LIMITER, {"namespace": namespace, "limiter": name})
+        if cap is not None and job.kind == DEFAULT_KIND:
+            params = {"limiter": CLAUDE_LIMITER, "rate": cap.count, "seconds": cap.seconds}
+            opens = _the_row(conn.execute(STARTS_OPEN, params))[0]
+            if opens is not None:
+                refused = _Refused(f"{MAX_STARTS_NOTE}{cap} (on this worker)", opens, True)
+        if refused is None and not job.admitted:
+            row = conn.execute(ADMIT_TO_QUEUE, {"id": job.id, "claim": job.claim}).fetchone()
+            if row is None:
+                refused = _Refused("the claim was lost")
+            elif not row[0]:
+                why = f"queue {job.queue} runs its most" if row[1] else "rate limited"
+                refused = _Refused(why, row[2])
+        admit = {"id": job.id, "claim": job.claim}
+        if refused is None and job.concurrency_key and not conn.execute(ADMIT, admit).fetchone():
+            refused = _Refused(f"concurrency key busy: {job.concurrency_key}")
+        if refused is None and job.kind == DEFAULT_KIND:
+            conn.execute(RECORD_START, {"limiter": CLAUDE_LIMITER})
+        if refused is not None:
+            raise psycopg.Rollback()
+    return refused
 
 
 def _db_next_due(
@@ -3808,6 +4025,11 @@ def _db_unblock_all(conn: psycopg.Connection) -> int:
             return 0
         params = {"ended": [], "keys": [], "channel": NOTIFY_CHANNEL}
         return _the_row(conn.execute(UNBLOCK_ALL, params))[0]
+
+
+def _db_forget_starts(conn: psycopg.Connection) -> None:
+    """Delete the starts older than the longest window of a rate."""
+    conn.execute(FORGET_STARTS, {"seconds": MAX_RATE_SECONDS})
 
 
 def fold_counts(conn: psycopg.Connection) -> None:
@@ -4251,6 +4473,47 @@ def parse_duration(text: str) -> float:
     if not 0 <= seconds <= MAX_DURATION:  # NaN fails too
         raise InvalidJob(f"invalid duration {text!r}: from 0 up to ten years")
     return seconds
+
+
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(\d*)\s*([a-z]+)\s*")
+_PERIOD_UNITS = {
+    **dict.fromkeys(("s", "sec", "secs", "second", "seconds"), 1),
+    **dict.fromkeys(("m", "min", "mins", "minute", "minutes"), 60),
+    **dict.fromkeys(("h", "hr", "hour", "hours"), 3600),
+    **dict.fromkeys(("d", "day", "days"), 86400),
+}
+
+
+@dataclass(frozen=True)
+class Rate:
+    """At most ``count`` starts in any window of ``seconds``, written N/PERIOD (``30/h``,
+    ``5/m``, ``1/10s``): a queue's rate (`queue set --rate`), a worker's --max-starts."""
+
+    count: int
+    seconds: float
+
+    @classmethod
+    def parse(cls, text: str) -> Rate:
+        match = _RATE.fullmatch(text.lower())
+        if match is None or int(match[1]) < 1 or int(match[2] or 1) < 1:
+            raise InvalidJob(
+                f"invalid rate {text!r}: N/PERIOD, at least 1 start per period, like 30/h, "
+                "5/m or 1/10s"
+            )
+        unit = _PERIOD_UNITS.get(match[3])
+        if unit is None:
+            raise InvalidJob(f"invalid rate {text!r}: the period's unit is s, m, h or d (1/10s)")
+        seconds = int(match[2] or 1) * unit
+        if seconds > MAX_RATE_SECONDS:
+            raise InvalidJob(f"invalid rate {text!r}: the longest period is 7d")
+        return cls(int(match[1]), float(seconds))
+
+    def __str__(self) -> str:
+        for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+            if self.seconds % size == 0:
+                times = int(self.seconds // size)
+                return f"{self.count}/{times if times > 1 else ''}{unit}"
+        return f"{self.count}/{self.seconds:g}s"
 
 
 def parse_time(text: str) -> datetime:
@@ -5285,9 +5548,14 @@ def paused_queues(conn: psycopg.Connection) -> set[str]:
 
 def queue_stats(conn: psycopg.Connection) -> list[dict[str, Any]]:
     """Per queue: jobs by status, the oldest ready job's age, the last hour's outcomes, the
-    median and p95 run time of the last day, and the cost of its claude jobs."""
+    median and p95 run time of the last day, the cost of its claude jobs, and its settings
+    (paused, max_running, rate as N/PERIOD, rate_by)."""
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(QUEUE_STATS).fetchall()
+        rows = cur.execute(QUEUE_STATS).fetchall()
+    for row in rows:  # (the rate as people write it)
+        row["rate"] = _rate_text(row)
+        del row["rate_seconds"]
+    return rows
 
 
 def job_counts(conn: psycopg.Connection) -> list[dict[str, Any]]:
@@ -5409,6 +5677,7 @@ class _Circumstances:
     workers: Sequence[Mapping[str, Any]]  # the live ones, as list_workers gives them
     awaited: Mapping[uuid.UUID, tuple[str, str | None]]  # job: status, host of its session
     holders: Mapping[str, Sequence[uuid.UUID]]  # concurrency key: running jobs holding it
+    limits: Mapping[uuid.UUID, Mapping[str, Any]]  # queued job: its queue's limits (JOB_LIMITS)
 
 
 def _circumstances(conn: psycopg.Connection, jobs: Sequence[Job]) -> _Circumstances:
@@ -5419,6 +5688,10 @@ def _circumstances(conn: psycopg.Connection, jobs: Sequence[Job]) -> _Circumstan
     holders: dict[str, list[uuid.UUID]] = {}
     if keys:
         holders = dict(conn.execute(KEY_HOLDERS, {"keys": keys}).fetchall())
+    limits: dict[uuid.UUID, dict[str, Any]] = {}
+    if queued := [job.id for job in open_jobs if job.status == JobStatus.QUEUED]:
+        with conn.cursor(row_factory=dict_row) as cur:
+            limits = {row["id"]: row for row in cur.execute(JOB_LIMITS, {"ids": queued})}
     return _Circumstances(
         now=datetime.now(UTC),
         paused=frozenset(paused_queues(conn)) if jobs else frozenset(),
@@ -5426,6 +5699,7 @@ def _circumstances(conn: psycopg.Connection, jobs: Sequence[Job]) -> _Circumstan
         workers=[w for w in list_workers(conn) if not w["lost"]] if open_jobs else [],
         awaited=job_statuses(conn, [each for job in jobs for each in job.awaits]),
         holders=holders,
+        limits=limits,
     )
 
 
@@ -5497,7 +5771,8 @@ def _waiting_for_time(job: Job, now: datetime) -> Waiting:
 
 def _waiting_for_others(job: Job, seen: _Circumstances) -> Waiting | None:
     """What a ready job waits for that other jobs hold: jobs it waits for, the job it
-    continues (and the host of its session), a hold on its kind, its concurrency key."""
+    continues (and the host of its session), its queue's limits, a hold on its kind, its
+    concurrency key."""
     blocking = [
         (each, seen.awaited.get(each, ("gone", None))[0])
         for each in job.after or ()
@@ -5518,6 +5793,21 @@ def _waiting_for_others(job: Job, seen: _Circumstances) -> Waiting | None:
                 f"it runs only on {host}, where the claude session of job {job.continue_from} "
                 "is kept, and no live worker there takes it",
             )
+    limits = seen.limits.get(job.id)
+    if limits is not None and limits["running"] >= (limits["max_running"] or math.inf):
+        return Waiting(
+            "queue full",
+            f"queue {job.queue} runs its most: {limits['running']} of --max-running "
+            f"{limits['max_running']} (`claude-jobs queue show {job.queue}`)",
+        )
+    if limits is not None and limits["opens"] is not None:
+        until = f"{limits['opens'].astimezone():%H:%M:%S}"
+        per = f" per {limits['rate_by']}" if limits["rate_by"] else ""
+        return Waiting(
+            f"rate limited until {until}",
+            f"rate limited until {until} ({_ago(limits['opens'], seen.now)}): queue "
+            f"{job.queue} starts at most {_rate_text(limits)}{per}",
+        )
     hold = seen.holds.get(job.kind)
     if hold is not None:
         until = _hold_end(job.kind, hold["until"], seen.now)
@@ -6452,6 +6742,95 @@ def resume_queue(conn: psycopg.Connection, queue: str) -> bool:
     """Let workers claim from ``queue`` again; False when it was not paused."""
     params = {"queue": check_queue(queue), "channel": NOTIFY_CHANNEL}
     return conn.execute(RESUME_QUEUE, params).fetchone() is not None
+
+
+#: What `queue reset` removes: a setting's name as the options say it, and its columns.
+QUEUE_SETTINGS_RESET = {
+    "max_running": ("max_running",),
+    "rate": ("rate", "rate_seconds", "rate_by"),
+    "rate_by": ("rate_by",),
+}
+
+
+def set_queue_limits(
+    conn: psycopg.Connection,
+    queue: str,
+    *,
+    max_running: int | None = None,
+    rate: Rate | str | None = None,
+    rate_by: str | None = None,
+    reset: Collection[str] = (),
+) -> dict[str, Any]:
+    """Limit ``queue`` on every worker at once: at most ``max_running`` of its jobs running,
+    at most ``rate`` starts per window (per concurrency key, kind or cwd: ``rate_by``;
+    "queue" for the whole queue again); ``reset`` removes settings first (names of
+    QUEUE_SETTINGS_RESET). None leaves a setting as it is. The queue's settings after."""
+    queue = check_queue(queue)
+    if max_running is not None and (isinstance(max_running, bool) or max_running < 1):
+        raise InvalidJob(f"invalid --max-running {max_running}: at least 1 (or pause the queue)")
+    if rate_by not in (None, "queue", "key", "kind", "cwd"):
+        raise InvalidJob(f"invalid --rate-by {rate_by!r}: queue, key, kind or cwd")
+    if unknown := sorted(set(reset) - set(QUEUE_SETTINGS_RESET)):
+        raise InvalidJob(f"no setting {unknown[0]!r} to reset")
+    limit = Rate.parse(rate) if isinstance(rate, str) else rate
+    with _atomic(conn):
+        conn.execute(
+            LOCK_LIMITER, {"namespace": LIMITER_LOCK_NAMESPACE, "limiter": f"queue {queue}"}
+        )
+        row = conn.cursor(row_factory=dict_row).execute(QUEUE_SETTINGS, {"queue": queue}).fetchone()
+        values = {k: (row or {}).get(k) for k in ("max_running", "rate", "rate_seconds", "rate_by")}
+        for name in reset:
+            values.update(dict.fromkeys(QUEUE_SETTINGS_RESET[name]))
+        if max_running is not None:
+            values["max_running"] = max_running
+        if limit is not None:
+            values["rate"], values["rate_seconds"] = limit.count, limit.seconds
+        if rate_by is not None:
+            if values["rate"] is None:
+                raise InvalidJob("--rate-by goes with a rate: give --rate N/PERIOD too")
+            values["rate_by"] = None if rate_by == "queue" else rate_by
+        conn.execute(SET_QUEUE_LIMITS, {"queue": queue, "channel": NOTIFY_CHANNEL, **values})
+    return queue_settings(conn, queue)
+
+
+def reset_queue(conn: psycopg.Connection, queue: str, settings: Collection[str]) -> dict[str, Any]:
+    """Remove these ``settings`` of ``queue`` (names of QUEUE_SETTINGS_RESET, and "paused"):
+    the queue's settings after. InvalidJob for a queue no job has used that has no settings
+    (a typo, surely)."""
+    queue = check_queue(queue)
+    if not settings:
+        raise InvalidJob("give what to reset: --max-running, --rate, --rate-by, --paused or --all")
+    row = conn.execute(QUEUE_SETTINGS, {"queue": queue}).fetchone()
+    if row is None and not queue_known(conn, queue):
+        known = ", ".join(known_queues(conn)) or "none"
+        raise InvalidJob(f"no queue {queue}: no job has used it, nothing set it (queues: {known})")
+    with _atomic(conn):
+        if "paused" in settings:
+            resume_queue(conn, queue)
+        set_queue_limits(conn, queue, reset=[each for each in settings if each != "paused"])
+    return queue_settings(conn, queue)
+
+
+def queue_settings(conn: psycopg.Connection, queue: str) -> dict[str, Any]:
+    """A queue as `queues` shows it (counts, settings; see queue_stats), and how its limits
+    stand now: its jobs running admitted, the starts in its rate's window and, for a rate of
+    the whole queue, when it has room for one more (``rate_opens``; None: now)."""
+    queue = check_queue(queue)
+    found = [row for row in queue_stats(conn) if row["queue"] == queue]
+    if not found:
+        raise NotFound(f"no queue {queue}: no job has used it and it has no settings")
+    with conn.cursor(row_factory=dict_row) as cur:
+        now = cur.execute(QUEUE_NOW, {"queue": queue}).fetchone() or {}
+    return {**found[0], "running_admitted": now.get("running_admitted", found[0]["running"]),
+            "started_in_window": now.get("started_in_window"),
+            "rate_opens": now.get("rate_opens")}  # fmt: skip
+
+
+def _rate_text(row: Mapping[str, Any]) -> str | None:
+    """A settings row's rate as N/PERIOD, or None."""
+    if row.get("rate") is None:
+        return None
+    return str(Rate(row["rate"], row["rate_seconds"]))
 
 
 def cleanup_jobs(
@@ -9096,7 +9475,9 @@ class ClaudeHandler:
     the job it continues; a ``worktree`` job in a git worktree of its own under
     ``worktree_dir``. The transcript and session id are saved as they arrive; the final result
     object is the job's result and its cost is added to the job. ``allow_dirs``, when given,
-    confines jobs to those directory trees.
+    confines jobs to those directory trees. ``max_starts`` caps the claude starts in a window
+    across every worker of the database (--max-starts): over it, this worker starts no claude
+    job until the window has room.
     """
 
     def __init__(
@@ -9111,9 +9492,11 @@ class ClaudeHandler:
         worktree_dir: str | Path | None = None,
         kill_grace: float = KILL_GRACE,
         leave_headroom: bool = False,
+        max_starts: Rate | str | None = None,
     ) -> None:
         self.claude_bin = claude_bin
         self.leave_headroom = leave_headroom
+        self.max_starts = Rate.parse(max_starts) if isinstance(max_starts, str) else max_starts
         self.default_timeout = default_timeout
         self.allow_dirs = [Path(d).expanduser().resolve() for d in allow_dirs]
         self.defaults = _claude_arg_units([*claude_args, *(["--model", model] if model else [])])
@@ -9385,6 +9768,15 @@ class ClaudeSettings:
         "on any worker until it resets (running ones finish): the rest is left for people.",
         env="LEAVE_HEADROOM",
         is_flag=True,
+    )
+    max_starts: str | None = _option(
+        None,
+        "Start at most N claude jobs in any window of PERIOD, counting the starts of every "
+        "worker of the database (N/PERIOD: 30/h, 100/5h, 1/10s); a cap known from experience "
+        "of a subscription's limit.",
+        env="MAX_STARTS",
+        metavar="N/PERIOD",
+        value="rate",
     )
 
 
@@ -10622,6 +11014,7 @@ class _Runners:
         self._handlers = handlers
         self._concurrency = concurrency
         self._inbox: queue_module.SimpleQueue[_Attempt | None] = queue_module.SimpleQueue()
+        self._max_starts: Rate | None = getattr(handlers.get(DEFAULT_KIND), "max_starts", None)
         self.ran = 0  # handlers that ran here (not giving their job back as unfit): the book's lock
 
     def start(self) -> None:
@@ -10656,9 +11049,14 @@ class _Runners:
                 shared.hold_here(job.kind, *hold)
         if job.kind not in shared.holds.startable():  # (or it was held since)
             return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
-        if not self._admit(job):  # it keeps its place in the queue
-            reason = f"concurrency key busy: {job.concurrency_key}"
-            _log_job("deferred", job, logging.DEBUG, reason=reason)
+        refused = self._admit(job)
+        if refused is not None:  # it keeps its place in the queue
+            _log_job("deferred", job, logging.DEBUG, reason=refused.reason, until=refused.until)
+            if refused.until is not None:  # this worker claims again when it may start
+                seconds = (refused.until - datetime.now(UTC)).total_seconds()
+                if refused.capped:
+                    shared.hold_here(job.kind, seconds, refused.reason)
+                shared.book.wake_in(seconds)
             return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
         _log_job("claimed", job, worker=shared.name, branch=job_branch(job))
         value: Any = None
@@ -10704,17 +11102,16 @@ class _Runners:
             context.batch_results = path
             yield
 
-    def _admit(self, job: Job) -> bool:
-        """Take a slot of the job's concurrency key (True when it has none to take): under
-        the key's lock, so that admissions on every worker see each other."""
-        if job.concurrency_key is None:
-            return True
-        assert job.claim is not None
+    def _admit(self, job: Job) -> _Refused | None:
+        """Let the job start, if what limits it across workers allows (see _db_admit): None
+        when it may (at once when nothing limits it)."""
+        if job.admitted and job.concurrency_key is None and job.kind != DEFAULT_KIND:
+            return None
         try:
             with self._pool.connection() as conn:
-                return _db_admit(conn, job.id, job.claim, job.concurrency_key)
-        except _TRANSIENT:
-            return False  # the job goes back; the database decides when it is back
+                return _db_admit(conn, job, self._max_starts)
+        except _TRANSIENT:  # the job goes back; the database decides when it is back
+            return _Refused("the database is away")
 
     def _affected(self, job: Job, outcome: Outcome) -> None:
         """What an outcome does to the worker (see Effect): a usage limit holds the kind on
@@ -10819,7 +11216,8 @@ class _Janitor(_Part):
     """Keeps the queue tidy, one worker at a time for each task: now and then it unblocks
     the blocked jobs that may run and that nothing unblocked (two transactions at once may
     each leave one to the other), and it deletes succeeded and cancelled jobs older than the
-    retention (failed ones stay for people to look at), in small batches; and it keeps the
+    retention (failed ones stay for people to look at), in small batches, and the starts no
+    rate's window reaches (claude_jobs_starts); and it keeps the
     planner's statistics of the jobs true to the backlog (see _db_refresh_statistics); and it
     looks at the open pull requests of jobs (see track_pull_requests). On a thread of its
     own, with a connection from the pool: none of it may hold up the heartbeat. Owns the
@@ -10842,9 +11240,11 @@ class _Janitor(_Part):
                 self.pooled("unblock the jobs that may run", self._unblock)
                 self.pooled("fold the kept counts", fold_counts)
                 self.pooled("end the holds that ran out", self._holds_over)
-            if self._shared.settings.retention and time.monotonic() >= next_cleanup:
+            if time.monotonic() >= next_cleanup:
                 next_cleanup = time.monotonic() + JANITOR_INTERVAL
-                self.pooled("clean up finished jobs", self._clean_up)
+                if self._shared.settings.retention:
+                    self.pooled("clean up finished jobs", self._clean_up)
+                self.pooled("forget the starts no rate counts", _db_forget_starts)
             polling = self._shared.settings.pr_poll_interval
             if polling and time.monotonic() >= next_track:
                 next_track = time.monotonic() + min(polling, JANITOR_INTERVAL)
@@ -13023,13 +13423,34 @@ def _api_queues(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, 
 
 
 def _api_queue_action(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
-    """POST /api/queues/{name}/pause|resume."""
+    """POST /api/queues/{name}/pause|resume|settings."""
     queue, action = check_queue(request.path_params["queue"]), request.path_params["action"]
     if action == "pause":
         return {"queue": queue, "paused": True, "changed": pause_queue(conn, queue, "serve")}
     if action == "resume":
         return {"queue": queue, "paused": False, "changed": resume_queue(conn, queue)}
-    raise _HTTPError(404, f"no action {action!r}: pause or resume")
+    if action == "settings":
+        return _api_queue_settings(conn, queue, body)
+    raise _HTTPError(404, f"no action {action!r}: pause, resume or settings")
+
+
+def _api_queue_settings(conn: psycopg.Connection, queue: str, body: Any) -> dict[str, Any]:
+    """POST /api/queues/{name}/settings: ``max_running`` (a number), ``rate`` (N/PERIOD),
+    ``rate_by`` (queue, key, kind or cwd), each left as it is when absent and removed when
+    null. The queue's settings after."""
+    if not isinstance(body, dict) or not body:
+        raise _HTTPError(400, 'give "max_running", "rate" or "rate_by" (null removes one)')
+    if unknown := sorted(set(body) - set(QUEUE_SETTINGS_RESET)):
+        raise _HTTPError(400, f"not a queue setting: {', '.join(map(repr, unknown))}")
+    max_running, rate, rate_by = (body.get(key) for key in QUEUE_SETTINGS_RESET)
+    if max_running is not None and (type(max_running) is not int):
+        raise _HTTPError(400, '"max_running" must be a whole number, or null')
+    for key, value in (("rate", rate), ("rate_by", rate_by)):
+        if value is not None and not isinstance(value, str):
+            raise _HTTPError(400, f'"{key}" must be a string, or null')
+    reset = [key for key in QUEUE_SETTINGS_RESET if key in body and body[key] is None]
+    return set_queue_limits(conn, queue, max_running=max_running, rate=rate, rate_by=rate_by,
+                            reset=reset)  # fmt: skip
 
 
 def _api_drain(conn: psycopg.Connection, request: Any, body: Any) -> dict[str, Any]:
@@ -13559,8 +13980,23 @@ class _SizeType(click.ParamType):
 
 
 _DURATION_TYPE = _DurationType()
+
+
+class _RateType(click.ParamType):
+    name = "rate"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, Rate):
+            return str(value)
+        try:
+            return str(Rate.parse(value))
+        except InvalidJob as error:
+            self.fail(str(error), param, ctx)
+
+
 _TIME_TYPE = _TimeType()
 _VALUE_TYPES = {
+    "rate": _RateType(),
     "payload": _PayloadType(),
     "duration": _DURATION_TYPE,
     "duration, unit needed": _DurationType(unit_needed=True),
@@ -15596,6 +16032,204 @@ def resume_command(config: _Config, queue: str | None, kind: str | None) -> None
         raise InvalidJob("give a QUEUE to resume, or --kind KIND")
 
 
+@cli.command("queues")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON Lines, one queue a line.")
+@click.pass_obj
+def queues_command(config: _Config, as_json: bool) -> None:
+    """Every queue that jobs used or that has settings: its jobs by status and its settings
+    (paused; --max-running; --rate, and what it counts per). Change them with `queue set`.
+
+    \b
+    Example:
+      claude-jobs queues
+    """
+    with config.connect() as conn:
+        queues = queue_stats(conn)
+    if as_json:
+        for queue in queues:
+            click.echo(_json_text(queue))
+        return
+    if not queues:
+        click.echo("no queues: no job was enqueued and no queue has settings", err=True)
+        return
+    rows = [
+        [q["queue"], "paused" if q["paused"] else "active",
+         *(str(q[k] or 0) for k in ("ready", "scheduled", "running", "succeeded", "failed")),
+         str(q["max_running"] or "-"), _rate_cell(q)]
+        for q in queues
+    ]  # fmt: skip
+    headers = ["QUEUE", "STATE", "READY", "LATER", "RUNNING", "SUCCEEDED", "FAILED",
+               "MAX RUNNING", "RATE"]  # fmt: skip
+    click.echo(_table(headers, rows, paint="STATE", optional=("LATER", "SUCCEEDED", "FAILED")))
+
+
+def _rate_cell(queue: Mapping[str, Any]) -> str:
+    """A queue's rate as `queues` shows it: 30/h, 5/m per key, or -."""
+    if not queue["rate"]:
+        return "-"
+    return queue["rate"] + (f" per {queue['rate_by']}" if queue["rate_by"] else "")
+
+
+@cli.group("queue")
+def queue_group() -> None:
+    """Settings of a queue, stored in the database: every worker obeys them at once.
+
+    \b
+    Examples:
+      claude-jobs queue set reviews --max-running 4 --rate 30/h
+      claude-jobs queue show reviews
+      claude-jobs queue reset reviews --rate
+    """
+
+
+@queue_group.command("set")
+@click.argument("queue")
+@click.option(
+    "--max-running",
+    type=int,
+    metavar="N",
+    help="At most N jobs of the queue running at once, on all workers together.",
+)
+@click.option(
+    "--rate",
+    metavar="N/PERIOD",
+    help="At most N job starts in any window of PERIOD, on all workers together: "
+    "30/h, 5/m, 1/10s (s, m, h or d; at most 7d).",
+)
+@click.option(
+    "--rate-by",
+    type=click.Choice(["queue", "key", "kind", "cwd"]),
+    help="Count the rate per concurrency key, per kind or per cwd (repository) "
+    "instead of for the whole queue.",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the queue's settings as JSON.")
+@click.pass_obj
+def queue_set_command(
+    config: _Config,
+    queue: str,
+    max_running: int | None,
+    rate: str | None,
+    rate_by: str | None,
+    as_json: bool,
+) -> None:
+    """Limit QUEUE on every worker: what is not given stays as it was. A job that may not
+    start yet is not claimed (`list` and `show` say until when); its wait spends no attempt.
+    Pause and resume it with `pause` and `resume`.
+
+    \b
+    Examples:
+      claude-jobs queue set reviews --max-running 4
+      claude-jobs queue set nightly --rate 30/h --rate-by cwd
+    """  # fmt: skip
+    if max_running is None and rate is None and rate_by is None:
+        raise InvalidJob("give a setting: --max-running N, --rate N/PERIOD or --rate-by")
+    with config.connect() as conn:
+        known = queue_known(conn, queue)
+        settings = set_queue_limits(conn, queue, max_running=max_running, rate=rate,
+                                    rate_by=rate_by)  # fmt: skip
+    _print_queue(settings, as_json)
+    if not known and not as_json:
+        click.echo(_printable(f"warning: no job has used queue {queue} yet; it is set for the "
+                              "jobs to come"), err=True)  # fmt: skip
+
+
+@queue_group.command("show")
+@click.argument("queue")
+@click.option("--json", "as_json", is_flag=True, help="Print the queue as JSON.")
+@click.pass_obj
+def queue_show_command(config: _Config, queue: str, as_json: bool) -> None:
+    """QUEUE's jobs by status, its settings, and how its limits stand now.
+
+    \b
+    Example:
+      claude-jobs queue show reviews
+    """
+    with config.connect() as conn:
+        settings = queue_settings(conn, queue)
+    _print_queue(settings, as_json)
+
+
+@queue_group.command("reset")
+@click.argument("queue")
+@click.option(
+    "--max-running",
+    "settings",
+    flag_value="max_running",
+    multiple=True,
+    help="Remove the limit on running jobs.",
+)
+@click.option(
+    "--rate",
+    "settings",
+    flag_value="rate",
+    multiple=True,
+    help="Remove the rate (and what it counts per).",
+)
+@click.option(
+    "--rate-by",
+    "settings",
+    flag_value="rate_by",
+    multiple=True,
+    help="Count the rate for the whole queue again.",
+)
+@click.option(
+    "--paused",
+    "settings",
+    flag_value="paused",
+    multiple=True,
+    help="Resume the queue (as `resume` does).",
+)
+@click.option("--all", "settings", flag_value="all", multiple=True, help="All of them.")
+@click.option("--json", "as_json", is_flag=True, help="Print the queue's settings after as JSON.")
+@click.pass_obj
+def queue_reset_command(
+    config: _Config, queue: str, settings: Sequence[str], as_json: bool
+) -> None:
+    """Remove settings of QUEUE: it runs as if they had never been set.
+
+    \b
+    Examples:
+      claude-jobs queue reset reviews --max-running
+      claude-jobs queue reset nightly --all
+    """  # fmt: skip
+    chosen = set(settings)
+    if "all" in chosen:
+        chosen = {*QUEUE_SETTINGS_RESET, "paused"}
+    with config.connect() as conn:
+        after = reset_queue(conn, queue, chosen)
+    _print_queue(after, as_json)
+
+
+def _print_queue(queue: Mapping[str, Any], as_json: bool) -> None:
+    """A queue's settings, counts and limits as `queue show` prints them."""
+    if as_json:
+        click.echo(_json_text(queue))
+        return
+    lines = [
+        ("queue", queue["queue"]),
+        ("state", "paused" if queue["paused"] else "active"),
+        ("jobs", f"{queue['ready']} ready, {queue['scheduled']} later, {queue['running']} "
+                 f"running, {queue['succeeded']} succeeded, {queue['failed']} failed, "
+                 f"{queue['cancelled']} cancelled"),
+    ]  # fmt: skip
+    if queue["max_running"]:
+        lines.append(("max running", f"{queue['max_running']} on all workers "
+                                     f"({queue['running_admitted']} running now)"))  # fmt: skip
+    else:
+        lines.append(("max running", "- (as many as workers take)"))
+    if queue["rate"]:
+        window = f"{queue['started_in_window']} started in the window now"
+        if queue["rate_opens"] is not None:
+            window += f"; rate limited until {queue['rate_opens'].astimezone():%H:%M:%S}"
+        per = f" per {queue['rate_by']}" if queue["rate_by"] else ""
+        lines.append(("rate", f"{queue['rate']}{per} ({window})"))
+    else:
+        lines.append(("rate", "- (no limit)"))
+    width = max(len(name) for name, _ in lines)
+    for name, value in lines:
+        click.echo(_printable(f"{name + ':':<{width + 1}} {value}"))
+
+
 @cli.command("diff")
 @click.argument("job_id", metavar="ID")
 @click.option("--stat", is_flag=True, help="Only which files changed, and how much.")
@@ -16293,10 +16927,28 @@ function timelineChart(section) {
   draw();
   return setInterval(draw, 60000);
 }
+// A queue's limits, asked for in two prompts (empty: none); cancelled: nothing changes.
+function editLimits(q) {
+  const running = prompt("Queue " + q.queue + ": at most how many jobs running at once, on "
+    + "all workers? (empty: no limit)", q.max_running || "");
+  if (running === null) return;
+  const rate = prompt("At most how many starts per period, N/PERIOD like 30/h or 1/10s, "
+    + "optionally counted per key, kind or cwd (30/h per key)? (empty: no limit)",
+    q.rate ? q.rate + (q.rate_by ? " per " + q.rate_by : "") : "");
+  if (rate === null) return;
+  const [given, by] = rate.trim().split(/\\s+per\\s+/);
+  const sent = { max_running: running.trim() ? Number(running) : null, rate: given || null };
+  if (given) sent.rate_by = by || "queue";
+  post("api/queues/" + encodeURIComponent(q.queue) + "/settings", sent);
+}
+const limitsText = q => [q.max_running ? "≤ " + q.max_running + " running" : null,
+  q.rate ? q.rate + (q.rate_by ? " per " + q.rate_by : "") : null].filter(x => x)
+  .join(", ") || "-";
 function queueTable(data) {
   if (!data.queues.length) return $("p", { class: "dim" }, "no jobs yet");
   return table(["queue", "state", "ready", "·later", "running", "succeeded", "failed",
-    "·cancelled", "oldest ready", "·ok/1h", "·fail/1h", "·median", "cost today", "·cost 7d", ""],
+    "·cancelled", "oldest ready", "·ok/1h", "·fail/1h", "·median", "cost today", "·cost 7d",
+    "limits", ""],
     data.queues.map(q => $("tr", {},
       $("td", {}, q.queue), $("td", {}, status(q.paused ? "paused" : "active"),
         q.no_worker ? $("div", { class: "error no-worker" }, "no live worker takes it") : null),
@@ -16308,8 +16960,10 @@ function queueTable(data) {
       $("td", { class: "num wide" }, secs(q.median_run_seconds)),
       $("td", { class: "num" }, money(q.cost_today_usd)),
       $("td", { class: "num wide" }, money(q.cost_7d_usd)),
+      $("td", { class: "limits" }, limitsText(q)),
       $("td", {}, action(q.paused ? "resume" : "pause", () => act("api/queues/"
-        + encodeURIComponent(q.queue) + (q.paused ? "/resume" : "/pause")))))));
+        + encodeURIComponent(q.queue) + (q.paused ? "/resume" : "/pause"))), " ",
+        action("limits", () => editLimits(q))))));
 }
 function holdList(holds) {
   if (!holds.length) return null;

@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 15.
+-- The claude-jobs schema, version 16.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -913,4 +913,35 @@ CREATE INDEX claude_jobs_tags ON claude_jobs USING gin (tags) WHERE tags IS NOT 
 INSERT INTO claude_jobs_schema (version) VALUES (15);
 END IF;
 END $migration_15$;
+
+-- version 16
+DO $migration_16$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 16) THEN
+-- Queue limits that every worker obeys (`claude-jobs queue set`): at most max_running jobs of
+-- the queue running at once, at most `rate` starts in any window of rate_seconds (per value
+-- of rate_by, when set: a job's concurrency key, kind or cwd).
+ALTER TABLE claude_jobs_queues
+    ADD COLUMN max_running integer CHECK (max_running > 0),
+    ADD COLUMN rate integer CHECK (rate > 0),
+    ADD COLUMN rate_seconds double precision CHECK (rate_seconds > 0),
+    ADD COLUMN rate_by text CHECK (rate_by IN ('key', 'kind', 'cwd')),
+    ADD COLUMN changed_at timestamptz,
+    ADD CHECK ((rate IS NULL) = (rate_seconds IS NULL) AND (rate_by IS NULL OR rate IS NOT NULL));
+-- false while a job claimed from a limited queue waits to be admitted (ADMIT_TO_QUEUE): only
+-- admitted running jobs take a slot
+ALTER TABLE claude_jobs ADD COLUMN admitted boolean NOT NULL DEFAULT true;
+-- the running jobs of a queue (its limit counts them)
+CREATE INDEX claude_jobs_running_in_queue ON claude_jobs (queue) WHERE status = 'running';
+-- When jobs started, for rates: of a rate-limited queue ('queue NAME', per part of rate_by)
+-- and of every claude job ('kind claude': a worker's --max-starts). The janitor deletes what
+-- no window can reach.
+CREATE TABLE claude_jobs_starts (
+    limiter  text NOT NULL,
+    part     text NOT NULL DEFAULT '',
+    at       timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX claude_jobs_starts_window ON claude_jobs_starts (limiter, part, at);
+INSERT INTO claude_jobs_schema (version) VALUES (16);
+END IF;
+END $migration_16$;
 COMMIT;

@@ -140,9 +140,10 @@ class Bench:
             yield conn
 
     def reset(self) -> None:
-        """An empty queue, with fresh statistics."""
+        """An empty queue without settings, with fresh statistics."""
         with self.connection() as conn:
-            conn.execute("TRUNCATE claude_jobs, claude_jobs_workers")
+            conn.execute("TRUNCATE claude_jobs, claude_jobs_workers, claude_jobs_starts")
+            conn.execute("DELETE FROM claude_jobs_queues")
             conn.execute("VACUUM ANALYZE claude_jobs")
 
     def fill(self, count: int, kind: str = "noop", status: str = "queued") -> None:
@@ -289,6 +290,28 @@ def bench_drain(b: Bench) -> None:
             b.record(f"drain c{concurrency}", "jobs/s", b.drain_rate())
             if concurrency == 50:
                 b.record("memory c50", "MB", peak)
+
+
+def bench_limits(b: Bench) -> None:
+    """9. The drain at concurrency 10 of a queue without settings, with --max-running 8 and
+    with a rate that never binds, rounds interleaved: what admission under a queue's limits
+    costs."""
+    count = 5_000 if b.quick else 50_000
+    variants = {
+        "limits: none": {},
+        "limits: max-running 8": {"max_running": 8},
+        "limits: rate unbound": {"rate": "1000000/h"},
+    }
+    for _ in range(b.runs):
+        for name, settings in variants.items():
+            b.reset()
+            b.fill(count)
+            if settings:
+                with b.connection() as conn:
+                    claude_jobs.set_queue_limits(conn, "default", **settings)
+            b.run_burst("--concurrency", "10")
+            assert b.count("succeeded") == count
+            b.record(name, "jobs/s", b.drain_rate())
 
 
 def bench_floor(b: Bench) -> None:
@@ -820,6 +843,7 @@ BENCHMARKS: dict[str, Callable[[Bench], None]] = {
     "web": bench_web,
     "batch": bench_batch,
     "warm": bench_warm,
+    "limits": bench_limits,
 }
 
 
@@ -828,6 +852,8 @@ def report(b: Bench, started: datetime, settings: dict[str, object]) -> dict[str
     b.ratio("backlog 1M / 10k", "backlog 1M", "backlog 10k")
     b.ratio("claude / raw spawn", "claude", "raw spawn")
     b.ratio("warm burst / fresh", "warm burst", "fresh burst")
+    b.ratio("max-running 8 / none", "limits: max-running 8", "limits: none")
+    b.ratio("rate unbound / none", "limits: rate unbound", "limits: none")
     print(f"\n{'figure':<22} {'median':>12} {'min':>12} {'max':>12}  unit")
     for figure in b.figures.values():
         values = figure.values

@@ -284,6 +284,9 @@ if "emit" not in directives and "stdout" not in directives:
         "modelUsage": {{"claude-fake": {{"inputTokens": 10, "outputTokens": 5,
             "cacheReadInputTokens": 2, "cacheCreationInputTokens": 1,
             "costUSD": directives.get("cost", 0.0125)}}}}}}), flush=True)
+if log:  # when it ended (a file beside the record: <record>.ended)
+    with open(os.path.join(log, name[:-5] + ".ended"), "w") as f:
+        f.write(repr(time.time()))
 sys.exit(directives.get("exit", 0))
 '''
 
@@ -309,6 +312,20 @@ def claude_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def claude_runs(log: Path) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(log.glob("*.json"))]
+
+
+def claude_spans(log: Path) -> list[tuple[float, float]]:
+    """(started, ended) of each fake claude run that ended, by its own clock."""
+    return sorted(
+        (json.loads(p.read_text())["started"], float(p.with_suffix(".ended").read_text()))
+        for p in log.glob("*.json")
+        if p.with_suffix(".ended").exists()
+    )
+
+
+def most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most of these (start, end) spans that were under way at one moment."""
+    return max((sum(1 for s, e in spans if s <= start < e) for start, _ in spans), default=0)
 
 
 def fake(**directives: Any) -> str:

@@ -52,7 +52,7 @@ def claim(conn: psycopg.Connection, worker_id: uuid.UUID, limit: int = 10) -> li
         rows = cursor.fetchall()
     for row in rows:
         if row["concurrency_key"]:
-            assert claude_jobs._db_admit(conn, row["id"], row["claim"], row["concurrency_key"])
+            assert claude_jobs._db_admit(conn, Job.from_row(row), None) is None  # admitted
     return rows
 
 

@@ -126,6 +126,18 @@ def test_in_a_browser_the_dashboard_is_one_a_good_job_user_knows(
             "chart",
         )
         assert chart == "1 succeeded, 0 failed"
+        # a queue's limits, edited in two prompts, shown in its row
+        from selenium.webdriver.support.expected_conditions import alert_is_present
+
+        answer_prompt(browser, "limits", "3")
+        until(browser, alert_is_present(), "the rate's prompt").send_keys("10/h per key")
+        browser.switch_to.alert.accept()
+        wait_for(lambda: claude_jobs.queue_settings(conn, "default")["rate_by"] == "key", 10,
+                 "the limits stored")  # fmt: skip
+        assert claude_jobs.queue_settings(conn, "default")["max_running"] == 3
+        until(browser, lambda d: d.execute_script(
+            "const c = document.querySelector('td.limits'); return c && c.textContent"
+            ) == "≤ 3 running, 10/h per key", "the limits shown")  # fmt: skip
         # a schedule's page with its runs; a batch's page by its name
         assert "every 7d" in browser.find_element("id", "schedules").text
         link = browser.execute_script("return document.querySelector('#schedules a').hash")

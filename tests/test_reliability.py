@@ -284,6 +284,8 @@ def snapshot(conn: psycopg.Connection) -> tuple[Any, ...]:
         """SELECT (SELECT md5(coalesce(string_agg(j::text, '|' ORDER BY id), ''))
                    FROM claude_jobs j),
                   (SELECT count(*) FROM claude_jobs_workers),
+                  (SELECT md5(coalesce(string_agg(q::text, '|' ORDER BY queue), ''))
+                   FROM claude_jobs_queues q),
                   (SELECT max(version) FROM claude_jobs_schema)"""
     ).fetchone()
 
@@ -356,6 +358,14 @@ def bad_inputs(tmp: Path) -> list[tuple[list[str], str | None, int, str]]:
         (["pause", "--kind", ""], None, 2, "invalid kind"),
         (["enqueue", *payload, "--tag", ""], None, 2, "invalid tag"),
         (["enqueue", *payload, "--notify", "ftp://example.com/x"], None, 2, "not an http(s) URL"),
+        (["queue", "set", "reviews", "--rate", "0/h"], None, 2, "invalid rate '0/h'"),
+        (["queue", "set", "reviews", "--rate", "5/fortnight"], None, 2, "the period's unit"),
+        (["queue", "set", "reviews", "--max-running", "-1"], None, 2, "invalid --max-running"),
+        (["queue", "set", "reviews", "--rate-by", "key"], None, 2, "goes with a rate"),
+        (["queue", "set", "reviews"], None, 2, "give a setting"),
+        (["queue", "reset", "no-such-queue", "--all"], None, 2, "no queue no-such-queue"),
+        (["queue", "reset", "default"], None, 2, "give what to reset"),
+        (["worker", "--max-starts", "30/fortnight"], None, 2, "the period's unit"),
         (["resume", "--hold", "claude"], None, 1, "no hold is on claude jobs"),
         (["purge", "*", "--yes"], None, 2, "invalid queue name"),
         (["show", "12345"], None, 2, "not a job id"),
