@@ -1935,6 +1935,7 @@ _RATE_OPENS = """(SELECT s.at + make_interval(secs => {q}.rate_seconds) FROM cla
 _QUEUE_RATE_OPENS = _RATE_OPENS.format(q="q", part="''", now="now()")
 _JOB_RATE_OPENS = _RATE_OPENS.format(q="q", part=_RATE_PART.format(q="q", j="j"), now="now()")
 _ADMISSION_RATE_OPENS = _RATE_OPENS.format(q="j", part="j.part", now="clock_timestamp()")
+_QUEUE_RATE_USED = _RATE_USED.format(q="q", part="''", now="now()")
 _CLAIM_RATE_USED = _RATE_USED.format(q="q", part=_RATE_PART.format(q="q", j="c"), now="now()")
 
 JOB_STATUSES = """
@@ -2622,20 +2623,30 @@ _CLAIM = f"""
 WITH me AS (
     -- a worker declared dead must not claim; the share lock makes its reaper wait for us
     SELECT id, notify FROM claude_jobs_workers WHERE id = %(worker_id)s FOR KEY SHARE
+), closed AS MATERIALIZED (
+    -- the queues no job is claimed from now, found once: paused, every slot taken, or no
+    -- start left in the window of a rate of the whole queue (a rate per key, kind or cwd is
+    -- looked at per job, below)
+    SELECT q.queue FROM claude_jobs_queues q
+    WHERE q.paused_at IS NOT NULL
+       OR q.max_running <= (SELECT count(*) FROM claude_jobs r
+                            WHERE r.status = 'running' AND r.queue = q.queue)
+       OR (q.rate_by IS NULL AND q.rate <= {_QUEUE_RATE_USED})
 ), ready AS (
     SELECT c.id, c.queue, c.priority, c.run_at, c.seq, q.room, q.part, q.rate_room
     FROM claude_jobs c LEFT JOIN LATERAL (
-        -- its queue's settings: paused, or limited: how many more may run (room), how many
-        -- more may start in the window of its rate (in its part: rate_room); NULL: no limit
-        SELECT q.paused_at, {_RATE_PART.format(q="q", j="c")} AS part,
+        -- its limited queue's room: how many more may run, how many more may start in the
+        -- window of its rate (in its part: rate_room); NULL: no limit
+        SELECT {_RATE_PART.format(q="q", j="c")} AS part,
             CASE WHEN q.max_running IS NOT NULL THEN q.max_running - (
                 SELECT count(*) FROM claude_jobs r
                 WHERE r.status = 'running' AND r.queue = c.queue) END AS room,
             CASE WHEN q.rate IS NOT NULL THEN q.rate - {_CLAIM_RATE_USED} END AS rate_room
-        FROM claude_jobs_queues q WHERE q.queue = c.queue) q ON true
+        FROM claude_jobs_queues q
+        WHERE q.queue = c.queue AND (q.max_running IS NOT NULL OR q.rate IS NOT NULL)) q ON true
     WHERE c.status = 'queued' AND c.blocked IS NULL AND c.run_at <= now() {{queue_filter}}
       AND c.kind = ANY(%(kinds)s) AND EXISTS (SELECT FROM me)
-      AND q.paused_at IS NULL AND NOT coalesce(q.room <= 0 OR q.rate_room <= 0, false)
+      AND NOT coalesce(q.room <= 0 OR q.rate_room <= 0, false)
       -- (checked here too for a job not marked blocked yet: the marks only save work)
       -- the jobs it waits for all succeeded, and the job it continues finished
       AND NOT {_WAITS_FOR_JOBS.format(w="c")}
@@ -2678,8 +2689,13 @@ RETURNING {", ".join("j." + c.strip() for c in _JOB_COLUMNS.split(","))},
                                'delivery', p.delivery)
      FROM claude_jobs p WHERE p.id = j.continue_from) AS resumes
 """
-CLAIM_FROM_QUEUE = _CLAIM.format(queue_filter="AND c.queue = %(queue)s")
-CLAIM_FROM_ANY_QUEUE = _CLAIM.format(queue_filter="")
+# (a closed queue: no walk over its jobs at all; of any queue: each job's queue looked up in
+# the closed ones found once)
+CLAIM_FROM_QUEUE = _CLAIM.format(
+    queue_filter="AND c.queue = %(queue)s AND NOT EXISTS (SELECT FROM closed "
+    "WHERE queue = %(queue)s)"
+)
+CLAIM_FROM_ANY_QUEUE = _CLAIM.format(queue_filter="AND c.queue NOT IN (SELECT queue FROM closed)")
 
 READY_OF_KINDS = """
 -- ready_of_kinds: one kind of these of which a job is ready in these queues (NULL: any), not
@@ -9998,7 +10014,7 @@ class _Book:
         with self.lock:
             self._busy -= 1
             if attempt.outcome is None or attempt.outcome.verdict == Verdict.ABANDONED:
-                self._running.pop(attempt.job.id, None)
+                self._forget(attempt)
             else:
                 self._finished.append(attempt)
         self.wake.set()
@@ -10013,9 +10029,15 @@ class _Book:
         with self.lock:
             self._finished[:0] = attempts
 
-    def forget(self, job_id: uuid.UUID) -> None:
+    def forget(self, attempt: _Attempt) -> None:
         with self.lock:
-            self._running.pop(job_id, None)
+            self._forget(attempt)
+
+    def _forget(self, attempt: _Attempt) -> None:
+        """(Only this attempt: its job, given back, may have been claimed again since, by the
+        round that wrote this one's outcome.)"""
+        if self._running.get(attempt.job.id) is attempt:
+            del self._running[attempt.job.id]
 
     def attempts(self) -> list[_Attempt]:
         with self.lock:
@@ -10963,7 +10985,7 @@ class _Dispatcher:
         job, outcome = attempt.job, attempt.outcome
         assert outcome is not None
         duration = time.monotonic() - attempt.started
-        self._book.forget(job.id)
+        self._book.forget(attempt)
         if status == "":  # written before: what it came to is what the verdict says
             status = {Verdict.SUCCEEDED: "succeeded", Verdict.RELEASED: "queued",
                       Verdict.CANCELLED: "cancelled"}.get(outcome.verdict, "recorded")  # fmt: skip

@@ -294,22 +294,24 @@ def bench_drain(b: Bench) -> None:
 
 def bench_limits(b: Bench) -> None:
     """9. The drain at concurrency 10 of a queue without settings, with --max-running 8 and
-    with a rate that never binds, rounds interleaved: what admission under a queue's limits
-    costs."""
+    with a rate that never binds, by a worker of that queue (--queues default), rounds
+    interleaved: what admission under a queue's limits costs; and with --max-running 8 by a
+    worker of every queue (its claims walk past the full queue's jobs)."""
     count = 5_000 if b.quick else 50_000
     variants = {
-        "limits: none": {},
-        "limits: max-running 8": {"max_running": 8},
-        "limits: rate unbound": {"rate": "1000000/h"},
+        "limits: none": ({}, "default"),
+        "limits: max-running 8": ({"max_running": 8}, "default"),
+        "limits: rate unbound": ({"rate": "1000000/h"}, "default"),
+        "limits: max-running 8, any queue": ({"max_running": 8}, "*"),
     }
     for _ in range(b.runs):
-        for name, settings in variants.items():
+        for name, (settings, queues) in variants.items():
             b.reset()
             b.fill(count)
             if settings:
                 with b.connection() as conn:
                     claude_jobs.set_queue_limits(conn, "default", **settings)
-            b.run_burst("--concurrency", "10")
+            b.run_burst("--concurrency", "10", "--queues", queues)
             assert b.count("succeeded") == count
             b.record(name, "jobs/s", b.drain_rate())
 

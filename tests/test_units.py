@@ -87,6 +87,23 @@ def test_a_cancel_cancels_a_job_that_stopped_on_it_but_not_one_that_finished() -
     assert decide(a_job(), value=1, stop=claude_jobs.STOP_CANCEL).verdict == Verdict.SUCCEEDED
 
 
+def test_a_job_given_back_and_claimed_again_in_one_round_stays_known_to_the_worker() -> None:
+    """The round that writes an attempt's release may claim the same job again: writing the
+    first attempt must not forget the second (the worker would put it back as unknown)."""
+    book, job = claude_jobs._Book(), a_job()
+    first = claude_jobs._Attempt(job, claude_jobs.RunContext(job.id, 1, uuid.uuid4()))
+    book.begin(first)
+    first.outcome = Outcome(Verdict.RELEASED, quiet=True)
+    book.finish(first)
+    second = claude_jobs._Attempt(job, claude_jobs.RunContext(job.id, 1, uuid.uuid4()))
+    book.begin(second)  # (claimed again by the round that writes the first's release)
+    book.forget(first)  # (that release written)
+    assert book.get(job.id) is second
+    second.outcome = None  # a runner's bug: the attempt is dropped, its own
+    book.finish(second)
+    assert not book.knows(job.id)
+
+
 def test_a_forced_shutdown_puts_the_job_back_unspent() -> None:
     outcome = decide(a_job(), error=RuntimeError("killed"), stop=claude_jobs.STOP_SHUTDOWN)
     assert outcome == Outcome(Verdict.RELEASED)
