@@ -459,6 +459,9 @@ HEADROOM_NOTE = "headroom for people: "
 MAX_STARTS_NOTE = "its cap on claude starts: "
 #: The limiter of claude starts in claude_jobs_starts (a worker's --max-starts counts them).
 CLAUDE_LIMITER = f"kind {DEFAULT_KIND}"
+#: The seconds of a bucket of claude starts (claude_jobs_starts): a worker's --max-starts
+#: counts a start as long as any of its bucket is in the window (at most this much longer).
+CLAUDE_START_BUCKET = 1.0
 #: The longest window of a rate (queue set --rate, worker --max-starts): the janitor keeps
 #: the starts of that long.
 MAX_RATE_SECONDS = 7 * 86400.0
@@ -631,7 +634,6 @@ class Job:
     duplicate: bool = False  # enqueue made no job: this one, queued before, holds its unique key
     seq: int = 0  # enqueue order (of jobs enqueued at one time: created_at is the same)
     claim: uuid.UUID | None = field(default=None, repr=False)
-    admitted: bool = field(default=True, repr=False)  # False: claimed, its queue to admit it
     context: RunContext | None = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -644,7 +646,6 @@ class Job:
         values["seq"] = values["seq"] or 0
         if values["concurrency_limit"] is None:
             values["concurrency_limit"] = 1
-        values["admitted"] = values["admitted"] is not False
         return cls(**values, context=context)
 
     @property
@@ -654,7 +655,7 @@ class Job:
 
     def to_dict(self) -> dict[str, Any]:
         """The job as JSON-able values (ISO 8601 times, string ids)."""
-        return _fields_of(self, skip={"claim", "admitted", "context"})
+        return _fields_of(self, skip={"claim", "context"})
 
 
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(Job) if f.name != "context")
@@ -1849,20 +1850,21 @@ ALTER TABLE claude_jobs_queues
     ADD COLUMN rate_by text CHECK (rate_by IN ('key', 'kind', 'cwd')),
     ADD COLUMN changed_at timestamptz,
     ADD CHECK ((rate IS NULL) = (rate_seconds IS NULL) AND (rate_by IS NULL OR rate IS NOT NULL));
--- false while a job claimed from a limited queue waits to be admitted (ADMIT_TO_QUEUE): only
--- admitted running jobs take a slot
-ALTER TABLE claude_jobs ADD COLUMN admitted boolean NOT NULL DEFAULT true;
 -- the running jobs of a queue (its limit counts them)
 CREATE INDEX claude_jobs_running_in_queue ON claude_jobs (queue) WHERE status = 'running';
--- When jobs started, for rates: of a rate-limited queue ('queue NAME', per part of rate_by)
--- and of every claude job ('kind claude': a worker's --max-starts). The janitor deletes what
--- no window can reach.
+-- How many jobs started, for rates, in buckets of a sixtieth of the rate's period (so that a
+-- window is at most 61 rows however many it allows): of a rate-limited queue ('queue NAME',
+-- per part of rate_by) and of every claude job ('kind claude': a worker's --max-starts). A
+-- window counts every bucket that reaches into it (never fewer starts than there were). The
+-- janitor deletes the buckets no window can reach.
 CREATE TABLE claude_jobs_starts (
     limiter  text NOT NULL,
     part     text NOT NULL DEFAULT '',
-    at       timestamptz NOT NULL DEFAULT now()
+    at       timestamptz NOT NULL,                 -- the bucket's start
+    ends     timestamptz NOT NULL,
+    starts   integer NOT NULL,
+    PRIMARY KEY (limiter, part, at)
 );
-CREATE INDEX claude_jobs_starts_window ON claude_jobs_starts (limiter, part, at);
 """,
     ),
 )
@@ -1912,7 +1914,7 @@ _JOB_COLUMNS = """id, queue, kind, priority, payload, status, run_at, attempts, 
     started_at, finished_at, updated_at, cancel_requested_at, transcript_size, concurrency_key,
     concurrency_limit, after, continue_from, session_host, worktree, widens, unique_key,
     schedule, scheduled_for, batch_id, callback_of, seq, claim, checks, delivery, notify,
-    reviewed_at, tags, admitted"""
+    reviewed_at, tags"""
 
 # The part of a rate's window that a job {j} of a queue with settings {q} starts in: the
 # whole queue's, or its concurrency key's, kind's or cwd's (rate_by).
@@ -1920,23 +1922,44 @@ _RATE_PART = """CASE {q}.rate_by WHEN 'key' THEN coalesce({j}.concurrency_key, '
                 WHEN 'kind' THEN {j}.kind WHEN 'cwd' THEN coalesce({j}.payload->>'cwd', '')
                 ELSE '' END"""
 
-# How many jobs started in the window of the rate of queue settings {q}, in its {part}.
-_RATE_USED = """(SELECT count(*) FROM claude_jobs_starts s
+# How many jobs started in the window of the rate of queue settings {q}, in its {part}: the
+# buckets that reach into it.
+_RATE_USED = """(SELECT coalesce(sum(s.starts), 0) FROM claude_jobs_starts s
                 WHERE s.limiter = 'queue ' || {q}.queue AND s.part = {part}
-                  AND s.at > {now} - make_interval(secs => {q}.rate_seconds))"""
+                  AND s.ends > clock_timestamp() - make_interval(secs => {q}.rate_seconds))"""
 
-# When the window of the rate of queue settings {q}, in its {part}, has room for one more
-# start: when the rate-th newest start in it leaves it. NULL: it has room now.
-_RATE_OPENS = """(SELECT s.at + make_interval(secs => {q}.rate_seconds) FROM claude_jobs_starts s
-                WHERE s.limiter = 'queue ' || {q}.queue AND s.part = {part}
-                  AND s.at > {now} - make_interval(secs => {q}.rate_seconds)
-                ORDER BY s.at DESC OFFSET {q}.rate - 1 LIMIT 1)"""
-# (of the whole queue, of a job j's part, of the job being admitted: see ADMIT_TO_QUEUE)
-_QUEUE_RATE_OPENS = _RATE_OPENS.format(q="q", part="''", now="now()")
-_JOB_RATE_OPENS = _RATE_OPENS.format(q="q", part=_RATE_PART.format(q="q", j="j"), now="now()")
-_ADMISSION_RATE_OPENS = _RATE_OPENS.format(q="j", part="j.part", now="clock_timestamp()")
-_QUEUE_RATE_USED = _RATE_USED.format(q="q", part="''", now="now()")
-_CLAIM_RATE_USED = _RATE_USED.format(q="q", part=_RATE_PART.format(q="q", j="c"), now="now()")
+# When the window of {limiter} ({part}), of at most {rate} starts per {seconds}, has room for
+# one more: when the newest bucket that leaves fewer than {rate} starts newer than itself
+# leaves it. NULL: it has room now.
+_RATE_OPENS = """(SELECT b.ends + make_interval(secs => {seconds}) FROM (
+                    SELECT s.ends, sum(s.starts) OVER (ORDER BY s.at DESC) AS newer
+                    FROM claude_jobs_starts s
+                    WHERE s.limiter = {limiter} AND s.part = {part}
+                      AND s.ends > clock_timestamp() - make_interval(secs => {seconds})) b
+                WHERE b.newer >= {rate} ORDER BY b.ends DESC LIMIT 1)"""
+# (of the whole queue; of a job j's part)
+_QUEUE_RATE_OPENS = _RATE_OPENS.format(limiter="'queue ' || q.queue", part="''",
+                                       seconds="q.rate_seconds", rate="q.rate")  # fmt: skip
+_JOB_RATE_OPENS = _RATE_OPENS.format(limiter="'queue ' || q.queue",
+                                     part=_RATE_PART.format(q="q", j="j"),
+                                     seconds="q.rate_seconds", rate="q.rate")  # fmt: skip
+_QUEUE_RATE_USED = _RATE_USED.format(q="q", part="''")
+_CLAIM_RATE_USED = _RATE_USED.format(q="q", part=_RATE_PART.format(q="q", j="c"))
+
+# Add {starts} (a query of limiter, part, width in seconds, count) to their buckets.
+_ADD_STARTS = """INSERT INTO claude_jobs_starts AS s (limiter, part, at, ends, starts)
+    SELECT n.limiter, n.part, b.at, b.at + make_interval(secs => n.width), n.count
+    FROM (
+        {starts}
+    ) n(limiter, part, width, count),
+    LATERAL (SELECT to_timestamp(floor(extract(epoch FROM clock_timestamp()) / n.width)
+                                 * n.width) AS at) b
+    ON CONFLICT (limiter, part, at) DO UPDATE SET starts = s.starts + excluded.starts"""
+# (the claim's: of the jobs it takes from rate-limited queues, per queue and part)
+_CLAIMED_STARTS = _ADD_STARTS.format(
+    starts="""SELECT 'queue ' || queue, part, rate_seconds / 60, count(*) FROM taken
+        WHERE rated GROUP BY queue, part, rate_seconds"""
+)
 
 JOB_STATUSES = """
 -- job_statuses: the status of each of these jobs, and the host that keeps its claude session
@@ -2488,13 +2511,12 @@ SELECT pg_notify(%(channel)s, json_build_object('queue', queue)::text) FROM set
 """
 
 QUEUE_NOW = f"""
--- queue_now: how a limited queue stands: its jobs running admitted, the starts in the
--- window of its rate (every part), and, for a rate of the whole queue, when it has room
-SELECT (SELECT count(*) FROM claude_jobs r
-        WHERE r.status = 'running' AND r.admitted AND r.queue = q.queue) AS running_admitted,
-    (SELECT count(*) FROM claude_jobs_starts s
-     WHERE s.limiter = 'queue ' || q.queue
-       AND s.at > now() - make_interval(secs => q.rate_seconds)) AS started_in_window,
+-- queue_now: how a limited queue stands: the starts in the window of its rate (every part),
+-- and, for a rate of the whole queue, when it has room for one more
+SELECT (SELECT coalesce(sum(s.starts), 0) FROM claude_jobs_starts s
+        WHERE s.limiter = 'queue ' || q.queue
+          AND s.ends > clock_timestamp() - make_interval(secs => q.rate_seconds))
+        AS started_in_window,
     CASE WHEN q.rate IS NOT NULL AND q.rate_by IS NULL THEN {_QUEUE_RATE_OPENS} END
         AS rate_opens
 FROM claude_jobs_queues q WHERE q.queue = %(queue)s
@@ -2502,11 +2524,11 @@ FROM claude_jobs_queues q WHERE q.queue = %(queue)s
 
 JOB_LIMITS = f"""
 -- job_limits: for each of these jobs in a limited queue, its queue's limits, how many of the
--- queue's jobs run admitted, and when the part of its rate's window that it starts in has
--- room for one more (NULL: now)
+-- queue's jobs run, and when the part of its rate's window that it starts in has room for
+-- one more (NULL: now)
 SELECT j.id, q.queue, q.max_running, q.rate, q.rate_seconds, q.rate_by,
-    (SELECT count(*) FROM claude_jobs r
-     WHERE r.status = 'running' AND r.admitted AND r.queue = q.queue) AS running,
+    (SELECT count(*) FROM claude_jobs r WHERE r.status = 'running' AND r.queue = q.queue)
+        AS running,
     CASE WHEN q.rate IS NOT NULL THEN {_JOB_RATE_OPENS} END AS opens
 FROM claude_jobs j JOIN claude_jobs_queues q ON q.queue = j.queue
 WHERE j.id = ANY(%(ids)s::uuid[]) AND (q.max_running IS NOT NULL OR q.rate IS NOT NULL)
@@ -2514,7 +2536,7 @@ WHERE j.id = ANY(%(ids)s::uuid[]) AND (q.max_running IS NOT NULL OR q.rate IS NO
 
 FORGET_STARTS = """
 -- forget_starts: delete the starts no window can reach any more
-DELETE FROM claude_jobs_starts WHERE at < now() - make_interval(secs => %(seconds)s)
+DELETE FROM claude_jobs_starts WHERE ends < now() - make_interval(secs => %(seconds)s)
 """
 
 # The ids that unfinished jobs wait for (--after) or continue, through claude_jobs_waiting;
@@ -2633,11 +2655,12 @@ WITH me AS (
                             WHERE r.status = 'running' AND r.queue = q.queue)
        OR (q.rate_by IS NULL AND q.rate <= {_QUEUE_RATE_USED})
 ), ready AS (
-    SELECT c.id, c.queue, c.priority, c.run_at, c.seq, q.room, q.part, q.rate_room
+    SELECT c.id, c.queue, c.priority, c.run_at, c.seq, q.room, q.part, q.rate_room,
+        q.rate_seconds
     FROM claude_jobs c LEFT JOIN LATERAL (
         -- its limited queue's room: how many more may run, how many more may start in the
         -- window of its rate (in its part: rate_room); NULL: no limit
-        SELECT {_RATE_PART.format(q="q", j="c")} AS part,
+        SELECT {_RATE_PART.format(q="q", j="c")} AS part, q.rate_seconds,
             CASE WHEN q.max_running IS NOT NULL THEN q.max_running - (
                 SELECT count(*) FROM claude_jobs r
                 WHERE r.status = 'running' AND r.queue = c.queue) END AS room,
@@ -2668,19 +2691,22 @@ WITH me AS (
     LIMIT %(limit)s
     FOR UPDATE OF c SKIP LOCKED
 ), taken AS (
-    -- no more of a limited queue than it has room for (admission makes sure, under its lock)
-    SELECT id, room IS NULL AND rate_room IS NULL AS free FROM (
+    -- no more of a limited queue than it has room for (under its lock: LOCK_LIMITED_QUEUES)
+    SELECT id, queue, part, rate_room IS NOT NULL AS rated, rate_seconds FROM (
         SELECT *, row_number() OVER (PARTITION BY queue ORDER BY priority DESC, run_at, seq)
                 AS n,
             row_number() OVER (PARTITION BY queue, part ORDER BY priority DESC, run_at, seq)
                 AS n_in_part
         FROM ready) r
     WHERE (room IS NULL OR n <= room) AND (rate_room IS NULL OR n_in_part <= rate_room)
+), started AS (
+    -- the starts that a rate counts
+    {_CLAIMED_STARTS}
 )
 UPDATE claude_jobs j
 SET status = 'running', attempts = j.attempts + 1, claim = gen_random_uuid(),
     worker_id = %(worker_id)s, worker = %(worker)s, started_at = now(), finished_at = NULL,
-    key_held = false, admitted = taken.free, updated_at = now(),
+    key_held = false, updated_at = now(),
     notify = coalesce(j.notify, (SELECT notify FROM me))  -- (the worker's --notify: a default)
 FROM taken WHERE j.id = taken.id
 RETURNING {", ".join("j." + c.strip() for c in _JOB_COLUMNS.split(","))},
@@ -2958,52 +2984,36 @@ SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(path)s))
 """
 
 
-ADMIT_TO_QUEUE = f"""
--- admit_to_queue: a job claimed from a limited queue takes a slot of it, if fewer than
--- max_running of its jobs run admitted, and a start in the window of its rate, if that has
--- room; run after taking the queue's lock, so that it sees every admission before it. Its
--- row: whether it was admitted; if not, whether the queue is full, and when the window
--- has room. No row: the claim was lost.
-WITH j AS (
-    SELECT j.id, j.queue, q.max_running, q.rate, q.rate_seconds,
-        {_RATE_PART.format(q="q", j="j")} AS part
-    FROM claude_jobs j LEFT JOIN claude_jobs_queues q ON q.queue = j.queue
-    WHERE j.id = %(id)s AND j.claim = %(claim)s AND j.status = 'running'
-), verdict AS (
-    SELECT j.*, coalesce(j.max_running <= (SELECT count(*) FROM claude_jobs r
-        WHERE r.status = 'running' AND r.admitted AND r.queue = j.queue), false) AS is_full,
-        CASE WHEN j.rate IS NOT NULL THEN {_ADMISSION_RATE_OPENS} END AS opens
-    FROM j
-), admitted AS (
-    UPDATE claude_jobs x SET admitted = true FROM verdict v
-    WHERE x.id = v.id AND NOT v.is_full AND v.opens IS NULL
-    RETURNING x.id
-), started AS (
-    INSERT INTO claude_jobs_starts (limiter, part, at)
-    SELECT 'queue ' || v.queue, v.part, clock_timestamp() FROM verdict v
-    WHERE v.rate IS NOT NULL AND EXISTS (SELECT FROM admitted)
-)
-SELECT EXISTS (SELECT FROM admitted) AS admitted, is_full, opens FROM verdict
+LOCK_LIMITED_QUEUES = """
+-- lock_limited_queues: one claim at a time of a limited queue (of `queue`; NULL: of every
+-- queue), until the end of the claim's transaction, so that it counts every job the others
+-- claimed and every start they made; in one order (by name), so that no two claims wait for
+-- each other
+SELECT pg_advisory_xact_lock(%(namespace)s, hashtext('queue ' || queue)) FROM (
+    SELECT queue FROM claude_jobs_queues
+    WHERE (max_running IS NOT NULL OR rate IS NOT NULL)
+      AND (queue = %(queue)s OR %(queue)s::text IS NULL)
+    ORDER BY queue) limited
 """
 
 LOCK_LIMITER = """
--- lock_limiter: one admission at a time per concurrency key, limited queue ('queue NAME') or
--- capped kind ('kind claude'), until the end of the transaction
+-- lock_limiter: one at a time per concurrency key (admission), limited queue ('queue NAME':
+-- its claims, a change of its settings) or capped kind ('kind claude': admission), until
+-- the end of the transaction
 SELECT pg_advisory_xact_lock(%(namespace)s, hashtext(%(limiter)s))
 """
 
-STARTS_OPEN = """
+STARTS_OPEN = f"""
 -- starts_open: when the window of at most `rate` starts per `seconds` of a limiter has room
--- for one more: when the rate-th newest start in it leaves it (NULL: now)
-SELECT (SELECT s.at + make_interval(secs => %(seconds)s) FROM claude_jobs_starts s
-        WHERE s.limiter = %(limiter)s AND s.part = ''
-          AND s.at > clock_timestamp() - make_interval(secs => %(seconds)s)
-        ORDER BY s.at DESC OFFSET %(rate)s - 1 LIMIT 1) AS opens
+-- for one more (NULL: now)
+SELECT {
+    _RATE_OPENS.format(limiter="%(limiter)s", part="''", seconds="%(seconds)s", rate="%(rate)s")
+} AS opens
 """
 
-RECORD_START = """
+RECORD_START = f"""
 -- record_start: one more start of a limiter, now
-INSERT INTO claude_jobs_starts (limiter, at) VALUES (%(limiter)s, clock_timestamp())
+{_ADD_STARTS.format(starts="SELECT %(limiter)s::text, ''::text, %(width)s::float8, 1")}
 """
 
 CANCEL_BLOCKED = """
@@ -3770,7 +3780,9 @@ def _db_claim(
     limit: int,
 ) -> psycopg.Cursor[dict[str, Any]]:
     """Send the claim of up to ``limit`` ready jobs of ``kinds`` from ``queue`` (None: any),
-    for its rows to be fetched (in a pipeline, after it is synced)."""
+    for its rows to be fetched (in a pipeline, after it is synced), after the locks of the
+    limited queues it may take from: in one transaction with it (a pipeline's, or one begun)."""
+    conn.execute(LOCK_LIMITED_QUEUES, {"namespace": LIMITER_LOCK_NAMESPACE, "queue": queue})
     query = CLAIM_FROM_QUEUE if queue else CLAIM_FROM_ANY_QUEUE
     params = {"worker_id": worker_id, "worker": worker, "host": host, "kinds": list(kinds),
               "queue": queue, "limit": limit}  # fmt: skip
@@ -3804,37 +3816,28 @@ class _Refused:
 
 
 def _db_admit(conn: psycopg.Connection, job: Job, cap: Rate | None) -> _Refused | None:
-    """Let a claimed job start, or say why not: under the locks of what limits it, taken in
-    one order, in one transaction (a refusal takes nothing). The claude starts in a window,
-    when the worker caps them (``cap``: --max-starts; every claude start is counted, for the
-    workers that do); its queue's limits (see ADMIT_TO_QUEUE); a slot of its concurrency key
-    (see ADMIT)."""
-    locks = [(LIMITER_LOCK_NAMESPACE, CLAUDE_LIMITER)] if cap and job.kind == DEFAULT_KIND else []
-    if not job.admitted:
-        locks.append((LIMITER_LOCK_NAMESPACE, f"queue {job.queue}"))
-    if job.concurrency_key is not None:
-        locks.append((KEY_LOCK_NAMESPACE, job.concurrency_key))
+    """Let a claimed job start, or say why not: under the locks of what limits it, in one
+    transaction (a refusal takes nothing). The claude starts in a window, when the worker caps
+    them (``cap``: --max-starts; every claude start is counted, for the workers that do), and
+    a slot of its concurrency key (see ADMIT). (A queue's limits are the claim's.)"""
+    claude, capped = job.kind == DEFAULT_KIND, cap is not None and job.kind == DEFAULT_KIND
     refused = None
     with conn.transaction():
-        for namespace, name in locks:
-            conn.execute(LOCK_LIMITER, {"namespace": namespace, "limiter": name})
-        if cap is not None and job.kind == DEFAULT_KIND:
+        if capped:
+            assert cap is not None
+            conn.execute(LOCK_LIMITER, {"namespace": LIMITER_LOCK_NAMESPACE,
+                                        "limiter": CLAUDE_LIMITER})  # fmt: skip
             params = {"limiter": CLAUDE_LIMITER, "rate": cap.count, "seconds": cap.seconds}
             opens = _the_row(conn.execute(STARTS_OPEN, params))[0]
             if opens is not None:
                 refused = _Refused(f"{MAX_STARTS_NOTE}{cap} (on this worker)", opens, True)
-        if refused is None and not job.admitted:
-            row = conn.execute(ADMIT_TO_QUEUE, {"id": job.id, "claim": job.claim}).fetchone()
-            if row is None:
-                refused = _Refused("the claim was lost")
-            elif not row[0]:
-                why = f"queue {job.queue} runs its most" if row[1] else "rate limited"
-                refused = _Refused(why, row[2])
-        admit = {"id": job.id, "claim": job.claim}
-        if refused is None and job.concurrency_key and not conn.execute(ADMIT, admit).fetchone():
-            refused = _Refused(f"concurrency key busy: {job.concurrency_key}")
-        if refused is None and job.kind == DEFAULT_KIND:
-            conn.execute(RECORD_START, {"limiter": CLAUDE_LIMITER})
+        if refused is None and job.concurrency_key is not None:
+            conn.execute(LOCK_LIMITER, {"namespace": KEY_LOCK_NAMESPACE,
+                                        "limiter": job.concurrency_key})  # fmt: skip
+            if conn.execute(ADMIT, {"id": job.id, "claim": job.claim}).fetchone() is None:
+                refused = _Refused(f"concurrency key busy: {job.concurrency_key}")
+        if refused is None and claude:
+            conn.execute(RECORD_START, {"limiter": CLAUDE_LIMITER, "width": CLAUDE_START_BUCKET})
         if refused is not None:
             raise psycopg.Rollback()
     return refused
@@ -6828,17 +6831,16 @@ def reset_queue(conn: psycopg.Connection, queue: str, settings: Collection[str])
 
 
 def queue_settings(conn: psycopg.Connection, queue: str) -> dict[str, Any]:
-    """A queue as `queues` shows it (counts, settings; see queue_stats), and how its limits
-    stand now: its jobs running admitted, the starts in its rate's window and, for a rate of
-    the whole queue, when it has room for one more (``rate_opens``; None: now)."""
+    """A queue as `queues` shows it (counts, settings; see queue_stats), and how its rate
+    stands now: the starts in its window and, for a rate of the whole queue, when it has room
+    for one more (``rate_opens``; None: now)."""
     queue = check_queue(queue)
     found = [row for row in queue_stats(conn) if row["queue"] == queue]
     if not found:
         raise NotFound(f"no queue {queue}: no job has used it and it has no settings")
     with conn.cursor(row_factory=dict_row) as cur:
         now = cur.execute(QUEUE_NOW, {"queue": queue}).fetchone() or {}
-    return {**found[0], "running_admitted": now.get("running_admitted", found[0]["running"]),
-            "started_in_window": now.get("started_in_window"),
+    return {**found[0], "started_in_window": now.get("started_in_window"),
             "rate_opens": now.get("rate_opens")}  # fmt: skip
 
 
@@ -10831,7 +10833,8 @@ class _Dispatcher:
         """Claim from the next queues in order, while the first left runners free."""
         rows: list[dict[str, Any]] = []
         for queue in self._queues[1:]:
-            rows += self._claim(lease, kinds, queue, free - len(rows))(conn).fetchall()
+            with conn.transaction():  # (the claim and the locks it takes first)
+                rows += self._claim(lease, kinds, queue, free - len(rows))(conn).fetchall()
             if len(rows) >= free:
                 break
         return rows
@@ -11127,7 +11130,7 @@ class _Runners:
     def _admit(self, job: Job) -> _Refused | None:
         """Let the job start, if what limits it across workers allows (see _db_admit): None
         when it may (at once when nothing limits it)."""
-        if job.admitted and job.concurrency_key is None and job.kind != DEFAULT_KIND:
+        if job.concurrency_key is None and job.kind != DEFAULT_KIND:
             return None
         try:
             with self._pool.connection() as conn:
@@ -16236,7 +16239,7 @@ def _print_queue(queue: Mapping[str, Any], as_json: bool) -> None:
     ]  # fmt: skip
     if queue["max_running"]:
         lines.append(("max running", f"{queue['max_running']} on all workers "
-                                     f"({queue['running_admitted']} running now)"))  # fmt: skip
+                                     f"({queue['running']} running now)"))  # fmt: skip
     else:
         lines.append(("max running", "- (as many as workers take)"))
     if queue["rate"]:

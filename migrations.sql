@@ -927,20 +927,21 @@ ALTER TABLE claude_jobs_queues
     ADD COLUMN rate_by text CHECK (rate_by IN ('key', 'kind', 'cwd')),
     ADD COLUMN changed_at timestamptz,
     ADD CHECK ((rate IS NULL) = (rate_seconds IS NULL) AND (rate_by IS NULL OR rate IS NOT NULL));
--- false while a job claimed from a limited queue waits to be admitted (ADMIT_TO_QUEUE): only
--- admitted running jobs take a slot
-ALTER TABLE claude_jobs ADD COLUMN admitted boolean NOT NULL DEFAULT true;
 -- the running jobs of a queue (its limit counts them)
 CREATE INDEX claude_jobs_running_in_queue ON claude_jobs (queue) WHERE status = 'running';
--- When jobs started, for rates: of a rate-limited queue ('queue NAME', per part of rate_by)
--- and of every claude job ('kind claude': a worker's --max-starts). The janitor deletes what
--- no window can reach.
+-- How many jobs started, for rates, in buckets of a sixtieth of the rate's period (so that a
+-- window is at most 61 rows however many it allows): of a rate-limited queue ('queue NAME',
+-- per part of rate_by) and of every claude job ('kind claude': a worker's --max-starts). A
+-- window counts every bucket that reaches into it (never fewer starts than there were). The
+-- janitor deletes the buckets no window can reach.
 CREATE TABLE claude_jobs_starts (
     limiter  text NOT NULL,
     part     text NOT NULL DEFAULT '',
-    at       timestamptz NOT NULL DEFAULT now()
+    at       timestamptz NOT NULL,                 -- the bucket's start
+    ends     timestamptz NOT NULL,
+    starts   integer NOT NULL,
+    PRIMARY KEY (limiter, part, at)
 );
-CREATE INDEX claude_jobs_starts_window ON claude_jobs_starts (limiter, part, at);
 INSERT INTO claude_jobs_schema (version) VALUES (16);
 END IF;
 END $migration_16$;
