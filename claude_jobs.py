@@ -1867,6 +1867,23 @@ CREATE TABLE claude_jobs_starts (
 );
 """,
     ),
+    (
+        17,
+        """\
+-- Transcripts written once: each flush appends what is new as a chunk of its own, instead of
+-- rewriting the job row's kept tail (which grew the writes with the square of the output);
+-- the chunks wholly before the kept tail are deleted. `upto`: where the chunk ends, counted
+-- in the characters ever written to the job's transcript (transcript_size). A transcript
+-- written before stays in the job's row until its next flush moves it here (no rewrite of
+-- the table at the upgrade).
+CREATE TABLE claude_jobs_output (
+    job_id  uuid NOT NULL REFERENCES claude_jobs (id) ON DELETE CASCADE,
+    upto    bigint NOT NULL,
+    chunk   text NOT NULL,
+    PRIMARY KEY (job_id, upto)
+);
+""",
+    ),
 )
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -2103,8 +2120,12 @@ SELECT pg_notify(%(channel)s, json_build_object(
 """
 
 GET_JOB = f"""
--- get_job: one job with its transcript
-SELECT {_JOB_COLUMNS}, transcript FROM claude_jobs WHERE id = %(id)s
+-- get_job: one job with its transcript's kept tail: its chunks, or the tail in its row (a
+-- transcript written before the chunks were)
+SELECT {_JOB_COLUMNS}, right(coalesce(
+        (SELECT string_agg(o.chunk, '' ORDER BY o.upto) FROM claude_jobs_output o
+         WHERE o.job_id = j.id), j.transcript), {TRANSCRIPT_LIMIT}) AS transcript
+FROM claude_jobs j WHERE id = %(id)s
 """
 
 GET_JOB_STATE = f"""
@@ -2633,8 +2654,12 @@ RETURNING id, concurrency_key
 FOLLOW_JOB = f"""
 -- follow_job: a job (without its transcript) and what its transcript gained since `seen`
 -- characters
-SELECT {_JOB_COLUMNS},
-    right(j.transcript, least(j.transcript_size - %(seen)s, length(j.transcript))::integer)
+SELECT {_JOB_COLUMNS}, coalesce(
+        -- (the chunks that end after it, each from where it begins or `seen`)
+        (SELECT string_agg(right(o.chunk, least(o.upto - %(seen)s, length(o.chunk))::integer),
+                           '' ORDER BY o.upto)
+         FROM claude_jobs_output o WHERE o.job_id = j.id AND o.upto > %(seen)s),
+        right(j.transcript, least(j.transcript_size - %(seen)s, length(j.transcript))::integer))
         AS new
 FROM claude_jobs j WHERE j.id = %(id)s
 """
@@ -2773,7 +2798,8 @@ WITH o AS (
     -- by a walk of the primary key, whatever the table's size or statistics: no condition here
     -- that another index could serve (a partial index of unfinished jobs, walked whole, was the
     -- plan of a worker prepared while the queue was nearly empty)
-    SELECT o.*, j.status = 'running' AS live, CASE
+    SELECT o.*, j.status = 'running' AS live, j.transcript_size AS size_before,
+        j.transcript AS kept_before, CASE
             WHEN o.verdict = 'progress' THEN 'running'
             WHEN o.verdict = 'succeeded' THEN 'succeeded'
             WHEN o.verdict = 'cancelled' OR j.cancel_requested_at IS NOT NULL THEN 'cancelled'
@@ -2811,8 +2837,7 @@ SET status = m.status,
     result = CASE m.verdict WHEN 'succeeded' THEN m.result
                             WHEN 'failed' THEN coalesce(m.result, j.result)
                             ELSE j.result END,
-    transcript = CASE WHEN m.transcript IS NULL THEN j.transcript
-        ELSE right(coalesce(j.transcript, '') || m.transcript, %(limit)s) END,
+    transcript = CASE WHEN m.transcript IS NULL THEN j.transcript END,  -- (moved: appended)
     transcript_size = j.transcript_size + coalesce(length(m.transcript), 0),
     session_id = coalesce(m.session_id, j.session_id),
     session_host = CASE WHEN m.session_id IS NULL THEN j.session_host
@@ -2824,6 +2849,21 @@ SET status = m.status,
     updated_at = now()
 FROM m WHERE j.id = m.id AND m.live
 {_OUTCOME_RETURNING}, j.queue
+), appended AS (
+    -- the new output as a chunk (its tail, if longer than the kept tail), after the kept tail
+    -- that was in the job's row, if it was (written before these chunks were)
+    INSERT INTO claude_jobs_output (job_id, upto, chunk)
+    SELECT m.id, m.size_before + length(m.transcript), right(m.transcript, %(limit)s)
+    FROM m JOIN done ON done.id = m.id WHERE m.transcript IS NOT NULL
+    UNION ALL
+    SELECT m.id, m.size_before, m.kept_before
+    FROM m JOIN done ON done.id = m.id
+    WHERE m.transcript IS NOT NULL AND m.kept_before IS NOT NULL
+), trimmed AS (
+    -- the chunks now wholly before the kept tail
+    DELETE FROM claude_jobs_output c USING m
+    WHERE c.job_id = m.id AND m.live AND m.transcript IS NOT NULL
+      AND c.upto <= m.size_before + length(m.transcript) - %(limit)s
 ), spent AS (
     INSERT INTO claude_jobs_spend AS s (day, queue, model, runs, cost_usd, input_tokens,
         output_tokens, cache_read_tokens, cache_write_tokens)

@@ -1,5 +1,5 @@
 BEGIN;
--- The claude-jobs schema, version 16.
+-- The claude-jobs schema, version 17.
 -- Generated from claude_jobs.MIGRATIONS by `claude-jobs migrate --print-sql`; do not edit.
 -- Safe to run again and to run on an older claude-jobs schema: each version is applied once.
 -- One migration at a time (the lock lasts until the end of the transaction):
@@ -945,4 +945,23 @@ CREATE TABLE claude_jobs_starts (
 INSERT INTO claude_jobs_schema (version) VALUES (16);
 END IF;
 END $migration_16$;
+
+-- version 17
+DO $migration_17$ BEGIN
+IF NOT EXISTS (SELECT 1 FROM claude_jobs_schema WHERE version = 17) THEN
+-- Transcripts written once: each flush appends what is new as a chunk of its own, instead of
+-- rewriting the job row's kept tail (which grew the writes with the square of the output);
+-- the chunks wholly before the kept tail are deleted. `upto`: where the chunk ends, counted
+-- in the characters ever written to the job's transcript (transcript_size). A transcript
+-- written before stays in the job's row until its next flush moves it here (no rewrite of
+-- the table at the upgrade).
+CREATE TABLE claude_jobs_output (
+    job_id  uuid NOT NULL REFERENCES claude_jobs (id) ON DELETE CASCADE,
+    upto    bigint NOT NULL,
+    chunk   text NOT NULL,
+    PRIMARY KEY (job_id, upto)
+);
+INSERT INTO claude_jobs_schema (version) VALUES (17);
+END IF;
+END $migration_17$;
 COMMIT;

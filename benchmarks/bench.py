@@ -69,6 +69,7 @@ TARGETS = [
     ("sse db connections", "<=", 3, "200 event streams on at most 3 database connections"),
     ("sse delay p99", "<", 250, "200 event streams: event delay p99 under 250 ms"),
     ("warm burst / fresh", ">=", 0.9, "a warm worker drains a burst at 90% of a fresh one"),
+    ("transcript WAL / byte", "<=", 3, "a transcript's WAL at most 3 bytes per byte"),
 ]
 
 
@@ -142,7 +143,9 @@ class Bench:
     def reset(self) -> None:
         """An empty queue without settings, with fresh statistics."""
         with self.connection() as conn:
-            conn.execute("TRUNCATE claude_jobs, claude_jobs_workers, claude_jobs_starts")
+            conn.execute(
+                "TRUNCATE claude_jobs, claude_jobs_output, claude_jobs_workers, claude_jobs_starts"
+            )
             conn.execute("DELETE FROM claude_jobs_queues")
             conn.execute("VACUUM ANALYZE claude_jobs")
 
@@ -387,6 +390,104 @@ def bench_long_line(b: Bench) -> None:
             on_line=stream.feed, kill_grace=1,
         )  # fmt: skip
         b.record(f"one {megabytes} MB line", "s CPU", time.process_time() - started)
+
+
+STREAMER = """#!{python}
+import base64, json, os, sys, time
+sys.stdin.read()
+print(json.dumps({{"type": "system", "subtype": "init", "session_id": "bench"}}), flush=True)
+for n in range({lines}):
+    text = base64.b64encode(os.urandom(3000)).decode()  # (4,000 characters that hardly compress)
+    print(json.dumps({{"type": "assistant", "message": {{"content": [
+        {{"type": "text", "text": text}}]}}}}), flush=True)
+    time.sleep({interval})
+print(json.dumps({{"type": "result", "subtype": "success", "is_error": False, "result": "ok",
+                  "session_id": "bench", "total_cost_usd": 0, "num_turns": 1}}), flush=True)
+"""
+
+
+def bench_transcript(b: Bench) -> None:
+    """10. Five claude jobs at once that each stream 2.4 MB over 30 s (600 assistant lines of
+    4,000 random base64 characters, a fake claude): the WAL PostgreSQL writes per byte of
+    transcript, and what the jobs' tables grew by."""
+    lines = 120 if b.quick else 600
+    streamer = b.workdir / "streamer"
+    streamer.write_text(STREAMER.format(python=sys.executable, lines=lines, interval=0.05))
+    streamer.chmod(0o755)
+    for _ in range(b.runs):
+        b.reset()
+        with b.connection() as conn:
+            conn.execute("CHECKPOINT")
+            sizes = ("SELECT pg_total_relation_size('claude_jobs') + coalesce("
+                     "pg_total_relation_size(to_regclass('claude_jobs_output')), 0)")  # fmt: skip
+            before_size = conn.execute(sizes).fetchone()[0]
+            claude_jobs.enqueue_many(
+                conn, [{"prompt": "stream", "cwd": str(b.workdir)}] * 5, concurrency_limit=0
+            )
+            wal = conn.execute("SELECT pg_current_wal_lsn()").fetchone()[0]
+        b.run_burst("--concurrency", "5", "--claude-bin", str(streamer))
+        with b.connection() as conn:
+            written, transcript = conn.execute(
+                "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), %s), sum(transcript_size) "
+                "FROM claude_jobs",
+                [wal],
+            ).fetchone()
+            grown = conn.execute(sizes).fetchone()[0] - before_size
+        assert b.count("succeeded") == 5
+        b.record("transcript WAL / byte", "ratio", float(written) / float(transcript))
+        b.record("transcript tables grew", "MB", grown / 1e6)
+
+
+def bench_upgrade(b: Bench) -> None:
+    """11. The upgrade to transcripts in chunks (migration 17) of a database of 1,000,000 jobs
+    (100,000 of them with a 10 kB transcript in their row) while a worker's statements keep
+    writing jobs: how long `claude-jobs migrate` takes, and the longest a write waits."""
+    import threading
+
+    count = 100_000 if b.quick else 1_000_000
+    with b.connection() as conn:
+        conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+        claude_jobs.migrate(conn, claude_jobs.MIGRATIONS[:-1])
+        conn.execute(
+            """INSERT INTO claude_jobs (kind, payload, status, finished_at, transcript,
+                   transcript_size)
+               SELECT 'noop', '{}', CASE WHEN n %% 10 = 0 THEN 'queued' ELSE 'succeeded' END,
+                   CASE WHEN n %% 10 = 0 THEN NULL ELSE now() END,
+                   CASE WHEN n %% 10 = 1 THEN repeat(md5(n::text), 320) END,
+                   CASE WHEN n %% 10 = 1 THEN 10240 ELSE 0 END
+               FROM generate_series(1, %s) n""",
+            [count],
+        )
+        conn.execute("VACUUM ANALYZE claude_jobs")
+        ids = [row[0] for row in conn.execute("SELECT id FROM claude_jobs LIMIT 1000")]
+    waits: list[float] = []
+    stop = threading.Event()
+
+    def writer() -> None:  # (a worker's writes: a row updated and committed, again and again)
+        with b.connection() as conn:
+            while not stop.is_set():
+                for job_id in ids:
+                    started = time.perf_counter()
+                    conn.execute("UPDATE claude_jobs SET updated_at = now() WHERE id = %s",
+                                 [job_id])  # fmt: skip
+                    waits.append(time.perf_counter() - started)
+                    if stop.is_set():
+                        break
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    time.sleep(1)
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "claude_jobs", "--database-url", b.url, "migrate"],
+                   check=True, capture_output=True,
+                   env={**os.environ, "PYTHONPATH": str(HERE.parent)})  # fmt: skip
+    took = time.perf_counter() - started
+    time.sleep(1)
+    stop.set()
+    thread.join()
+    b.record("upgrade 1M: migrate", "s", took)
+    b.record("upgrade 1M: longest write", "ms", max(waits) * 1000)
+    b.reset()
 
 
 def bench_latency(b: Bench) -> None:
@@ -680,10 +781,11 @@ async def _follow_with_many(b: Bench, base: str, clients: int) -> tuple[list[flo
                     "message": {"content": [{"type": "text", "text": f"t={time.time()}"}]},
                 }
                 text = json.dumps(event) + "\n"
-                conn.execute(
-                    "UPDATE claude_jobs SET transcript = coalesce(transcript, '') || %s, "
-                    "transcript_size = transcript_size + length(%s) WHERE id = %s",
-                    [text, text, job_id],
+                conn.execute(  # (as a worker's flush: a chunk, the size)
+                    "WITH grown AS (UPDATE claude_jobs SET transcript_size = transcript_size "
+                    "+ length(%s) WHERE id = %s RETURNING transcript_size) "
+                    "INSERT INTO claude_jobs_output SELECT %s, transcript_size, %s FROM grown",
+                    [text, job_id, job_id, text],
                 )
                 conn.execute("SELECT pg_notify('claude_jobs_output', %s)", [str(job_id)])
                 await asyncio.sleep(0.1)
@@ -846,6 +948,8 @@ BENCHMARKS: dict[str, Callable[[Bench], None]] = {
     "batch": bench_batch,
     "warm": bench_warm,
     "limits": bench_limits,
+    "transcript": bench_transcript,
+    "upgrade": bench_upgrade,
 }
 
 

@@ -51,7 +51,7 @@ def server(workdir: Path) -> Any:
 def fresh(url: str, queued: int, finished: int = 0) -> None:
     with psycopg.connect(url, autocommit=True) as conn:
         claude_jobs.migrate(conn)
-        conn.execute("TRUNCATE claude_jobs, claude_jobs_workers")
+        conn.execute("TRUNCATE claude_jobs, claude_jobs_output, claude_jobs_workers")
         for status, count in (("succeeded", finished), ("queued", queued)):
             conn.execute(
                 """INSERT INTO claude_jobs (kind, payload, status, finished_at)

@@ -133,9 +133,11 @@ def wait_for(
 
 
 def job_row(conn: psycopg.Connection, job_id: Any) -> dict[str, Any]:
+    """A job's row, with its transcript's kept tail as stored (in chunks of its own)."""
     with conn.cursor(row_factory=psycopg.rows.dict_row) as cur:
         row = cur.execute("SELECT * FROM claude_jobs WHERE id = %s", (job_id,)).fetchone()
     assert row is not None
+    row["transcript"] = claude_jobs.get_job(conn, row["id"]).transcript
     return row
 
 

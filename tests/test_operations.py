@@ -453,7 +453,7 @@ def test_kept_counts_match_the_jobs_through_every_kind_of_change(invoke, conn) -
     buckets = {r["le"]: r["runs"] for r in claude_jobs.run_times(conn) if r["queue"] == "a"}
     assert 1800 not in buckets and 3600 not in buckets and buckets[7200] == 1
     assert buckets[float("inf")] == 1
-    conn.execute("TRUNCATE claude_jobs")
+    conn.execute("TRUNCATE claude_jobs CASCADE")  # (and the transcripts' chunks)
     assert kept() == counted() == {}
 
 
