@@ -319,6 +319,48 @@ def bench_limits(b: Bench) -> None:
             b.record(name, "jobs/s", b.drain_rate())
 
 
+def bench_peer(b: Bench) -> None:
+    """12. The peer: pgqueuer (asyncpg, its defaults, its own no-op entrypoint; the `bench`
+    extra) draining 50,000 jobs as one worker process, on the same database, rounds
+    interleaved with claude-jobs' drain at concurrency 10 (rates from each one's own
+    timestamps: first job taken to last one done)."""
+    import asyncio
+
+    import asyncpg
+    from pgqueuer import AsyncpgDriver, Queries
+
+    count = 5_000 if b.quick else 50_000
+
+    async def fill() -> None:
+        connection = await asyncpg.connect(b.url)
+        queries = Queries(AsyncpgDriver(connection))
+        if not await connection.fetchval("SELECT to_regclass('pgqueuer') IS NOT NULL"):
+            await queries.install()
+        await connection.execute("TRUNCATE pgqueuer, pgqueuer_log")
+        await queries.enqueue(["noop"] * count, [None] * count, [0] * count)
+        await connection.execute("VACUUM ANALYZE pgqueuer")
+        await connection.close()
+
+    for _ in range(b.runs):
+        b.reset()
+        b.fill(count)
+        b.run_burst("--concurrency", "10")
+        b.record("peer round: claude-jobs c10", "jobs/s", b.drain_rate())
+        asyncio.run(fill())
+        env = {**os.environ, "PGQ_DSN": b.url, "PYTHONPATH": str(HERE)}
+        with open(b.workdir / "pgqueuer.log", "ab") as out:
+            subprocess.run([sys.executable, str(HERE / "bench_pgq.py")], env=env, stdout=out,
+                           stderr=subprocess.STDOUT, check=True, timeout=600)  # fmt: skip
+        with b.connection() as conn:
+            done, first, last = conn.execute(
+                "SELECT count(*) FILTER (WHERE status = 'successful'), "
+                "min(created) FILTER (WHERE status = 'picked'), "
+                "max(created) FILTER (WHERE status = 'successful') FROM pgqueuer_log"
+            ).fetchone()
+        assert done == count, f"pgqueuer ran {done} of {count} jobs"
+        b.record("pgqueuer", "jobs/s", count / (last - first).total_seconds())
+
+
 def bench_floor(b: Bench) -> None:
     """6. The same drain as the simplest raw SQL loop: claim a batch with SKIP LOCKED (the
     batch as large as the worker's concurrency, 10), mark it done, on one connection."""
@@ -950,6 +992,7 @@ BENCHMARKS: dict[str, Callable[[Bench], None]] = {
     "limits": bench_limits,
     "transcript": bench_transcript,
     "upgrade": bench_upgrade,
+    "peer": bench_peer,
 }
 
 
@@ -958,6 +1001,8 @@ def report(b: Bench, started: datetime, settings: dict[str, object]) -> dict[str
     b.ratio("backlog 1M / 10k", "backlog 1M", "backlog 10k")
     b.ratio("claude / raw spawn", "claude", "raw spawn")
     b.ratio("warm burst / fresh", "warm burst", "fresh burst")
+    b.ratio("drain c10 / pgqueuer", "peer round: claude-jobs c10", "pgqueuer")
+    b.ratio("pgqueuer / floor", "pgqueuer", "floor")
     b.ratio("max-running 8 / none", "limits: max-running 8", "limits: none")
     b.ratio("rate unbound / none", "limits: rate unbound", "limits: none")
     print(f"\n{'figure':<22} {'median':>12} {'min':>12} {'max':>12}  unit")
