@@ -1939,6 +1939,10 @@ _RATE_PART = """CASE {q}.rate_by WHEN 'key' THEN coalesce({j}.concurrency_key, '
                 WHEN 'kind' THEN {j}.kind WHEN 'cwd' THEN coalesce({j}.payload->>'cwd', '')
                 ELSE '' END"""
 
+# How many jobs of queue {queue} run (through claude_jobs_running_in_queue).
+_RUNNING_IN_QUEUE = """(SELECT count(*) FROM claude_jobs r
+                WHERE r.status = 'running' AND r.queue = {queue})"""
+
 # How many jobs started in the window of the rate of queue settings {q}, in its {part}: the
 # buckets that reach into it.
 _RATE_USED = """(SELECT coalesce(sum(s.starts), 0) FROM claude_jobs_starts s
@@ -2513,8 +2517,8 @@ SELECT queue, pg_notify(%(channel)s, json_build_object('queue', queue)::text) FR
 """
 
 QUEUE_SETTINGS = """
--- queue_settings: a queue's settings row, if it has one (locked: see set_queue_limits)
-SELECT * FROM claude_jobs_queues WHERE queue = %(queue)s FOR UPDATE
+-- queue_settings: a queue's settings row, if it has one
+SELECT * FROM claude_jobs_queues WHERE queue = %(queue)s
 """
 
 SET_QUEUE_LIMITS = """
@@ -2548,8 +2552,7 @@ JOB_LIMITS = f"""
 -- queue's jobs run, and when the part of its rate's window that it starts in has room for
 -- one more (NULL: now)
 SELECT j.id, q.queue, q.max_running, q.rate, q.rate_seconds, q.rate_by,
-    (SELECT count(*) FROM claude_jobs r WHERE r.status = 'running' AND r.queue = q.queue)
-        AS running,
+    {_RUNNING_IN_QUEUE.format(queue="q.queue")} AS running,
     CASE WHEN q.rate IS NOT NULL THEN {_JOB_RATE_OPENS} END AS opens
 FROM claude_jobs j JOIN claude_jobs_queues q ON q.queue = j.queue
 WHERE j.id = ANY(%(ids)s::uuid[]) AND (q.max_running IS NOT NULL OR q.rate IS NOT NULL)
@@ -2676,8 +2679,7 @@ WITH me AS (
     -- looked at per job, below)
     SELECT q.queue FROM claude_jobs_queues q
     WHERE q.paused_at IS NOT NULL
-       OR q.max_running <= (SELECT count(*) FROM claude_jobs r
-                            WHERE r.status = 'running' AND r.queue = q.queue)
+       OR q.max_running <= {_RUNNING_IN_QUEUE.format(queue="q.queue")}
        OR (q.rate_by IS NULL AND q.rate <= {_QUEUE_RATE_USED})
 ), ready AS (
     SELECT c.id, c.queue, c.priority, c.run_at, c.seq, q.room, q.part, q.rate_room,
@@ -2686,9 +2688,8 @@ WITH me AS (
         -- its limited queue's room: how many more may run, how many more may start in the
         -- window of its rate (in its part: rate_room); NULL: no limit
         SELECT {_RATE_PART.format(q="q", j="c")} AS part, q.rate_seconds,
-            CASE WHEN q.max_running IS NOT NULL THEN q.max_running - (
-                SELECT count(*) FROM claude_jobs r
-                WHERE r.status = 'running' AND r.queue = c.queue) END AS room,
+            CASE WHEN q.max_running IS NOT NULL
+                THEN q.max_running - {_RUNNING_IN_QUEUE.format(queue="c.queue")} END AS room,
             CASE WHEN q.rate IS NOT NULL THEN q.rate - {_CLAIM_RATE_USED} END AS rate_room
         FROM claude_jobs_queues q
         WHERE q.queue = c.queue AND (q.max_running IS NOT NULL OR q.rate IS NOT NULL)) q ON true
@@ -3860,11 +3861,11 @@ def _db_admit(conn: psycopg.Connection, job: Job, cap: Rate | None) -> _Refused 
     transaction (a refusal takes nothing). The claude starts in a window, when the worker caps
     them (``cap``: --max-starts; every claude start is counted, for the workers that do), and
     a slot of its concurrency key (see ADMIT). (A queue's limits are the claim's.)"""
-    claude, capped = job.kind == DEFAULT_KIND, cap is not None and job.kind == DEFAULT_KIND
+    claude = job.kind == DEFAULT_KIND
+    cap = cap if claude else None
     refused = None
     with conn.transaction():
-        if capped:
-            assert cap is not None
+        if cap is not None:
             conn.execute(LOCK_LIMITER, {"namespace": LIMITER_LOCK_NAMESPACE,
                                         "limiter": CLAUDE_LIMITER})  # fmt: skip
             params = {"limiter": CLAUDE_LIMITER, "rate": cap.count, "seconds": cap.seconds}
@@ -4603,7 +4604,13 @@ def _checked_time(when: datetime, what: str = "invalid time") -> datetime:
 
 
 #: The events a job is told of itself.
-_JOB_EVENTS = ("job.succeeded", "job.failed", "job.cancelled", "job.needs_attention")
+_JOB_EVENTS = tuple(event for event in NOTIFY_EVENTS if event.startswith("job."))
+
+
+def _is_http_url(url: Any) -> bool:
+    """Whether ``url`` is an http(s) URL with a host (--notify, --public-url)."""
+    parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
+    return parts is not None and parts.scheme in ("http", "https") and bool(parts.hostname)
 
 
 def _notify_events(on: Iterable[str], told: Collection[str]) -> list[str]:
@@ -4624,8 +4631,7 @@ def _check_notify(urls: Sequence[str], on: Sequence[str], told: Collection[str],
     """Refuse a --notify that is not an http(s) URL (said with its credentials masked), and a
     --notify-on word that is no event or group, or an event not ``told`` to ``who``."""
     for url in urls:
-        parts = urllib.parse.urlsplit(url) if isinstance(url, str) else None
-        if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        if not _is_http_url(url):
             raise InvalidJob(f"--notify {_without_credentials(str(url))!r}: not an http(s) URL")
     for word in on:
         if word not in NOTIFY_EVENTS and word not in NOTIFY_GROUPS:
@@ -6866,8 +6872,7 @@ def reset_queue(conn: psycopg.Connection, queue: str, settings: Collection[str])
     with _atomic(conn):
         if "paused" in settings:
             resume_queue(conn, queue)
-        set_queue_limits(conn, queue, reset=[each for each in settings if each != "paused"])
-    return queue_settings(conn, queue)
+        return set_queue_limits(conn, queue, reset=[each for each in settings if each != "paused"])
 
 
 def queue_settings(conn: psycopg.Connection, queue: str) -> dict[str, Any]:
@@ -7867,11 +7872,9 @@ ON CONFLICT (name) DO UPDATE SET value = excluded.value
 def set_public_url(conn: psycopg.Connection, url: str | None) -> None:
     """Where people reach the dashboard (`serve --public-url`): notifications link their job
     (or batch) there from now on; None: no links. InvalidJob for what is no http(s) URL."""
-    if url is not None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname or parts.password:
-            raise InvalidJob(f"--public-url {_without_credentials(url)!r}: not an http(s) URL "
-                             "(without credentials)")  # fmt: skip
+    if url is not None and (not _is_http_url(url) or urllib.parse.urlsplit(url).password):
+        raise InvalidJob(f"--public-url {_without_credentials(url)!r}: not an http(s) URL "
+                         "(without credentials)")  # fmt: skip
     with _atomic(conn):
         conn.execute(SET_PUBLIC_URL, {"url": url})
 
@@ -11437,7 +11440,7 @@ class _HealthServer(threading.Thread):
 
 
 #: The events a worker's --notify is told of: its own, and the ends of the jobs it runs.
-_WORKER_EVENTS = (*_JOB_EVENTS, "worker.unfit", "hold.started", "hold.ended")
+_WORKER_EVENTS = tuple(event for event in NOTIFY_EVENTS if event != "batch.finished")
 
 
 @dataclass(frozen=True)
