@@ -401,6 +401,14 @@ MAX_OUTPUT_LINE = 16 * 1024 * 1024
 TRANSCRIPT_FLUSH_INTERVAL = 0.5
 #: Write at most this many outcomes in one statement.
 RECORD_BATCH = 500
+#: A worker claims jobs ahead of its runners (at most as many again as its concurrency) while
+#: the attempts it ran lately took less than this on average, so that quick jobs never wait
+#: for a round trip; other jobs are claimed only for a free runner (a job waiting for a runner
+#: is kept from the other workers, and a long one would keep it long).
+CLAIM_AHEAD_BELOW = 0.05
+#: A job claimed ahead that no runner started within this long goes back to the queue unspent
+#: (the runners turned to longer jobs).
+CLAIM_AHEAD_WAIT = 1.0
 #: Keep this much of the output of one check in one round (the tail: it is what claude is
 #: shown to repair a failure, and what `show` quotes).
 CHECK_OUTPUT_LIMIT = 64 * 1024
@@ -8845,6 +8853,7 @@ class RunContext:
         self.job_id = job_id
         self.attempt = attempt
         self.claim = claim
+        self._timeout = timeout
         self.deadline = time.monotonic() + timeout if timeout else None
         self.stop = threading.Event()
         self.stop_reason: str | None = None
@@ -8855,6 +8864,11 @@ class RunContext:
         self.batch_results: Path | None = None
         # (a handler asks its worker to hold its kind on every worker: until when, and why)
         self.hold_after: tuple[datetime, str] | None = None
+
+    def begin(self) -> None:
+        """The attempt starts now (a job claimed ahead waited for a runner): its time limit
+        runs from here."""
+        self.deadline = time.monotonic() + self._timeout if self._timeout else None
 
     def request_stop(self, reason: str) -> None:
         if self.stop_reason is None:
@@ -10031,33 +10045,70 @@ class _Attempt:
 
     job: Job
     context: RunContext
-    started: float = field(default_factory=time.monotonic)
+    started: float = field(default_factory=time.monotonic)  # handed over; then, begun
     outcome: Outcome | None = None
+    begun: bool = False  # a runner took it (one claimed ahead waits until then)
+    withdrawn: bool = False  # taken back before a runner took it: it goes back unspent
 
 
 class _Book:
     """What the worker's threads share: the attempts it holds (claimed, outcome not written
-    yet), how many of them run a handler now, the finished ones waiting to be written, and
-    when the dispatcher should wake up. Every thread may use it; ``lock`` guards it all."""
+    yet), how many of them are the runners' (running a handler, or claimed ahead and waiting
+    for a runner), the finished ones waiting to be written, how long attempts took lately,
+    and when the dispatcher should wake up. Every thread may use it; ``lock`` guards it all."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.wake = threading.Event()  # something for the dispatcher to do
         self._running: dict[uuid.UUID, _Attempt] = {}
-        self._busy = 0  # attempts whose handler runs now
+        self._busy = 0  # attempts handed to the runners, not finished (nor withdrawn)
         self._finished: list[_Attempt] = []  # outcome decided, not yet written
         self._wakeups: list[float] = []  # heap of time.monotonic() times with jobs due
+        self._pace: float | None = None  # how long attempts took lately (a moving average)
 
     def begin(self, attempt: _Attempt) -> None:
+        """``attempt`` is handed to the runners (the next free one starts it)."""
         with self.lock:
             self._running[attempt.job.id] = attempt
             self._busy += 1
 
+    def start(self, attempt: _Attempt) -> bool:
+        """A runner takes ``attempt``: False if it was withdrawn meanwhile."""
+        with self.lock:
+            if attempt.withdrawn:
+                return False
+            attempt.begun = True
+            attempt.started = time.monotonic()
+        return True
+
+    def withdraw(self, handed_before: float | None) -> list[_Attempt]:
+        """Take back the attempts no runner took, of those handed before ``handed_before``
+        (time.monotonic(); None: all of them)."""
+        with self.lock:
+            taken = [a for a in self._running.values()
+                     if not (a.begun or a.withdrawn or a.outcome)
+                     and (handed_before is None or a.started < handed_before)]  # fmt: skip
+            for attempt in taken:
+                attempt.withdrawn = True
+                self._busy -= 1
+            if taken and handed_before is not None:  # the runners are on longer jobs now
+                self._pace = None
+        return taken
+
+    def ahead(self, concurrency: int) -> int:
+        """How many jobs to claim beyond the free runners: as many again while attempts
+        are quick (see CLAIM_AHEAD_BELOW), else none."""
+        with self.lock:
+            quick = self._pace is not None and self._pace < CLAIM_AHEAD_BELOW
+        return concurrency if quick else 0
+
     def finish(self, attempt: _Attempt) -> None:
         """A runner is done with ``attempt``: its outcome is for the dispatcher to write (or,
         with none, it is forgotten: nothing may be written)."""
+        took = time.monotonic() - attempt.started
         with self.lock:
             self._busy -= 1
+            self._pace = took if self._pace is None else 0.8 * self._pace + 0.2 * took
             if attempt.outcome is None or attempt.outcome.verdict == Verdict.ABANDONED:
                 self._forget(attempt)
             else:
@@ -10097,7 +10148,7 @@ class _Book:
             return job_id in self._running
 
     def counts(self) -> tuple[int, int, int]:
-        """(held, running a handler, finished and not written)."""
+        """(held, the runners' (running or waiting for a runner), finished and not written)."""
         with self.lock:
             return len(self._running), self._busy, len(self._finished)
 
@@ -10717,7 +10768,8 @@ _CLAIM_GONE = (
 class _Dispatcher:
     """Claims jobs for the runners and writes what they did, in rounds. A round writes the
     outcomes decided since the last one (and, twice a second, the progress of running
-    attempts) and claims as many jobs as runners are free, earlier queues first: one round
+    attempts) and claims as many jobs as runners are free (while jobs are quick, as many
+    again ahead of them: see CLAIM_AHEAD_BELOW), earlier queues first: one round
     trip and one commit (see _Writer). Between rounds it waits for an outcome, a notice, a job
     coming due, the poll or a stop. At every poll it compares what it holds with what the
     database says it holds, and learns the holds. While the database is away it keeps what it
@@ -10809,7 +10861,7 @@ class _Dispatcher:
                     self._reconcile(conn, lease)
                 if polling or self._holds.changed:
                     self._learn_holds(conn)
-                finished = self._book.take_finished()
+                finished = self._book.take_finished() + self._withdrawn(now)
                 self._writing = bool(finished)
                 running = self._book.attempts() if now >= self._next_save else []
                 running = [a for a in running if a.outcome is None]  # (the others end now)
@@ -10854,8 +10906,18 @@ class _Dispatcher:
         may start now)."""
         _, busy, _ = self._book.counts()
         kinds = self._holds.startable()
-        free = self._concurrency - busy
+        free = self._concurrency + self._book.ahead(self._concurrency) - busy
         return (free, kinds) if lease is not None and free > 0 and kinds else (0, [])
+
+    def _withdrawn(self, now: float) -> list[_Attempt]:
+        """The jobs claimed ahead that no runner took, to go back to the queue unspent: all
+        of them once the worker claims no more; before that, those that waited
+        CLAIM_AHEAD_WAIT (the runners turned to longer jobs)."""
+        handed_before = None if self._shared.stop.is_set() else now - CLAIM_AHEAD_WAIT
+        withdrawn = self._book.withdraw(handed_before)
+        for attempt in withdrawn:
+            attempt.outcome = Outcome(Verdict.RELEASED, run_at=attempt.job.run_at, quiet=True)
+        return withdrawn
 
     def _claim(
         self, lease: tuple[uuid.UUID, int], kinds: list[str], queue: str | None, limit: int
@@ -11098,6 +11160,9 @@ class _Runners:
 
     def _loop(self) -> None:
         while (attempt := self._inbox.get()) is not None:
+            if not self._shared.book.start(attempt):
+                continue  # claimed ahead and taken back (see _Dispatcher._withdrawn)
+            attempt.context.begin()
             try:
                 attempt.outcome = self._run(attempt)
             except BaseException:  # a bug; the job stays claimed until reconciled or recovered
@@ -11108,6 +11173,10 @@ class _Runners:
     def _run(self, attempt: _Attempt) -> Outcome:
         """Run one attempt: what it came to."""
         job, context, shared = attempt.job, attempt.context, self._shared
+        if context.stop_reason == STOP_CANCEL:  # (claimed ahead, and stopped before it began)
+            return Outcome(Verdict.CANCELLED)
+        if context.stop_reason is not None:  # (a forced stop, a lost lease: back unspent)
+            return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
         policy = shared.policies.get(job.kind)
         if policy is not None and policy.checks_each_start:  # a job that ended since this
             hold = None  # one was claimed may have spent the budget
@@ -11700,8 +11769,9 @@ class Worker:
             raise self.failure
 
     def run_once(self) -> int:
-        """Claim the jobs that are ready now (up to the concurrency), run them to the end, and
-        return how many there were."""
+        """Claim the jobs that are ready now (up to the concurrency; once jobs showed they are
+        quick, as many again: see CLAIM_AHEAD_BELOW), run them to the end, and return how many
+        there were."""
         if not self._open():
             return 0
         assert self._dispatcher is not None

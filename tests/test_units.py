@@ -104,6 +104,39 @@ def test_a_job_given_back_and_claimed_again_in_one_round_stays_known_to_the_work
     assert not book.knows(job.id)
 
 
+def test_jobs_are_claimed_ahead_only_while_attempts_are_quick_and_withdrawn_unstarted() -> None:
+    """Claim-ahead: none until attempts have shown they are quick, none once they are slow;
+    a job no runner took can be withdrawn (then no runner starts it), one a runner took
+    cannot."""
+    book = claude_jobs._Book()
+    assert book.ahead(10) == 0  # nothing ran yet
+
+    def handed() -> claude_jobs._Attempt:
+        job = a_job()
+        attempt = claude_jobs._Attempt(job, claude_jobs.RunContext(job.id, 1, uuid.uuid4()))
+        book.begin(attempt)
+        return attempt
+
+    quick = handed()
+    assert book.start(quick)
+    quick.outcome = Outcome(Verdict.SUCCEEDED)
+    book.finish(quick)
+    assert book.ahead(10) == 10
+    taken, waiting = handed(), handed()
+    assert book.start(taken)
+    assert book.counts()[1] == 2
+    assert book.withdraw(handed_before=waiting.started) == []  # (not waited long enough)
+    assert book.withdraw(handed_before=None) == [waiting]
+    assert not book.start(waiting)  # a runner that picks it up later leaves it
+    assert book.counts()[1] == 1 and book.knows(
+        waiting.job.id
+    )  # written as released, then forgotten
+    taken.started -= 1.0  # it took a second: attempts are not quick any more
+    taken.outcome = Outcome(Verdict.SUCCEEDED)
+    book.finish(taken)
+    assert book.ahead(10) == 0
+
+
 def test_a_forced_shutdown_puts_the_job_back_unspent() -> None:
     outcome = decide(a_job(), error=RuntimeError("killed"), stop=claude_jobs.STOP_SHUTDOWN)
     assert outcome == Outcome(Verdict.RELEASED)

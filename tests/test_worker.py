@@ -623,6 +623,48 @@ def test_a_forced_stop_puts_back_a_job_whose_handler_gives_up_by_raising(
     assert (row["status"], row["attempts"], row["errors"]) == ("queued", 0, [])
 
 
+@pytest.mark.parametrize("wait", [60.0, 0.5])
+def test_jobs_claimed_ahead_of_busy_runners_go_back_unspent(
+    conn: psycopg.Connection, db_url: str, monkeypatch: pytest.MonkeyPatch, wait: float
+) -> None:
+    """Quick jobs make a worker claim ahead of its runners; once the runners are busy with a
+    long job, the jobs claimed ahead go back to the queue unspent, never having run: at a stop
+    (wait 60), or after waiting CLAIM_AHEAD_WAIT for a runner (wait 0.5), and are not claimed
+    again while the runners are slow."""
+    monkeypatch.setattr(claude_jobs, "CLAIM_AHEAD_WAIT", wait)
+    gate = threading.Event()
+
+    def handle(job: claude_jobs.Job) -> None:
+        if job.payload["name"].startswith("long"):
+            gate.wait(30)
+        else:
+            ran.append(job.payload["name"])
+
+    for name, priority in [*((f"quick {n}", 10) for n in range(6)), ("long 1", 5),
+                           ("long 2", 5), *((f"late {n}", 0) for n in range(4))]:  # fmt: skip
+        claude_jobs.enqueue(conn, {"name": name}, kind="note", priority=priority)
+    worker = Worker(db_url, concurrency=2, handlers={"note": handle})
+    thread = threading.Thread(target=worker.run)
+    thread.start()
+    try:
+        late = "SELECT status, attempts FROM claude_jobs WHERE payload->>'name' LIKE 'late %%'"
+        wait_for(lambda: ("running", 1) in conn.execute(late).fetchall(),
+                 what="a job claimed ahead of the busy runners")  # fmt: skip
+        if wait > 1:
+            worker.stop()
+        wait_for(lambda: set(conn.execute(late).fetchall()) == {("queued", 0)},
+                 what="the jobs claimed ahead to go back unspent")  # fmt: skip
+        time.sleep(1.0)  # (not claimed again: the runners are slow now)
+        assert set(conn.execute(late).fetchall()) == {("queued", 0)}
+        long = "SELECT status FROM claude_jobs WHERE payload->>'name' LIKE 'long %%'"
+        assert conn.execute(long).fetchall() == [("running",), ("running",)]
+        assert sorted(ran) == [f"quick {n}" for n in range(6)]  # (none of the late ones ran)
+    finally:
+        gate.set()
+        worker.stop()
+        thread.join(30)
+
+
 @pytest.mark.parametrize(
     "when",
     [
