@@ -646,7 +646,8 @@ class Job:
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any], context: RunContext | None = None) -> Job:
-        values: dict[str, Any] = {name: row.get(name) for name in _JOB_FIELDS}
+        values: dict[str, Any] = dict.fromkeys(_JOB_FIELDS)
+        values.update((name, row[name]) for name in row.keys() & values.keys())
         values["status"] = JobStatus(values["status"])
         values["cost_usd"] = float(values["cost_usd"] or 0)
         values["transcript_size"] = values["transcript_size"] or 0
@@ -10204,6 +10205,13 @@ class _Holds:
         self._unfit_for = UNFIT_BACKOFF[0]  # the next back-off
         self.changed = True  # learn them again at the next round (any thread may set it)
 
+    def may_start(self, kind: str) -> bool:
+        """Whether this worker may start a ``kind`` job now."""
+        now = time.monotonic()
+        with self._lock:
+            everywhere, here = self._everywhere.get(kind), self._here.get(kind)
+        return (everywhere is None or everywhere[0] <= now) and (here is None or here.until <= now)
+
     def startable(self) -> list[str]:
         """The kinds this worker may start now."""
         now = time.monotonic()
@@ -11184,7 +11192,7 @@ class _Runners:
                 hold = policy.held(conn)
             if hold is not None:
                 shared.hold_here(job.kind, *hold)
-        if job.kind not in shared.holds.startable():  # (or it was held since)
+        if not shared.holds.may_start(job.kind):  # (it was held since it was claimed)
             return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
         refused = self._admit(job)
         if refused is not None:  # it keeps its place in the queue
