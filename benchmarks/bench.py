@@ -24,10 +24,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -70,6 +71,11 @@ TARGETS = [
     ("sse delay p99", "<", 250, "200 event streams: event delay p99 under 250 ms"),
     ("warm burst / fresh", ">=", 0.9, "a warm worker drains a burst at 90% of a fresh one"),
     ("transcript WAL / byte", "<=", 3, "a transcript's WAL at most 3 bytes per byte"),
+    ("side by side: c10 / pgqueuer", ">=", 2, "no-op drain, concurrency 10: 2x the peer"),
+    ("side by side: c10 / floor", ">=", 0.5, "... and at least 50% of the floor"),
+    ("side by side: c10 / pgqueuer, busy core", ">=", 1.5, "one core kept busy: 1.5x the peer"),
+    ("latency p50 - floor", "<=", 1, "pickup latency p50 within 1 ms of the floor's"),
+    ("latency p99", "<", 10, "pickup latency p99 under 10 ms"),
 ]
 
 
@@ -128,10 +134,14 @@ class Bench:
         self.figures.setdefault(name, Figure(name, unit)).values.append(value)
         print(f"  {name}: {value:,.2f} {unit}", flush=True)
 
-    def ratio(self, name: str, numerator: str, denominator: str) -> None:
+    def ratio(self, name: str, numerator: str, denominator: str, difference: bool = False) -> None:
+        """A figure of two others' medians: their ratio (or ``difference``)."""
         if numerator in self.figures and denominator in self.figures:
-            value = self.figures[numerator].median / self.figures[denominator].median
-            self.figures[name] = Figure(name, "ratio", [value])
+            one, other = self.figures[numerator], self.figures[denominator]
+            if difference:
+                self.figures[name] = Figure(name, one.unit, [one.median - other.median])
+            else:
+                self.figures[name] = Figure(name, "ratio", [one.median / other.median])
 
     # -- database -------------------------------------------------------------------------
 
@@ -320,16 +330,41 @@ def bench_limits(b: Bench) -> None:
 
 
 def bench_peer(b: Bench) -> None:
-    """12. The peer: pgqueuer (asyncpg, its defaults, its own no-op entrypoint; the `bench`
-    extra) draining 50,000 jobs as one worker process, on the same database, rounds
-    interleaved with claude-jobs' drain at concurrency 10 (rates from each one's own
-    timestamps: first job taken to last one done)."""
+    """12. Side by side: the raw-SQL floor, claude-jobs' drain at concurrency 10 and the peer,
+    pgqueuer (asyncpg, its defaults, its own no-op entrypoint, one worker process: the `bench`
+    extra), 50,000 no-op jobs each on the same database, rounds interleaved; then the same
+    three with one core kept busy by another process for the whole round (rates from each
+    one's own timestamps: first job taken to last one done)."""
+    count = 5_000 if b.quick else 50_000
+    for _ in range(b.runs):
+        for label, busy in (("", False), (", busy core", True)):
+            with busy_core() if busy else contextlib.nullcontext():
+                b.record(f"side by side: floor{label}", "jobs/s", floor_drain(b, count))
+                b.reset()
+                b.fill(count)
+                b.run_burst("--concurrency", "10")
+                b.record(f"side by side: claude-jobs c10{label}", "jobs/s", b.drain_rate())
+                b.record(f"side by side: pgqueuer{label}", "jobs/s", pgqueuer_drain(b, count))
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[None]:
+    """Another process keeping one core busy (a Python loop), for as long as the block runs."""
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
+def pgqueuer_drain(b: Bench, count: int) -> float:
+    """pgqueuer's drain of ``count`` no-op jobs (benchmarks/bench_pgq.py), in jobs/s from its
+    log table: its first job picked to its last one done."""
     import asyncio
 
     import asyncpg
     from pgqueuer import AsyncpgDriver, Queries
-
-    count = 5_000 if b.quick else 50_000
 
     async def fill() -> None:
         connection = await asyncpg.connect(b.url)
@@ -341,24 +376,19 @@ def bench_peer(b: Bench) -> None:
         await connection.execute("VACUUM ANALYZE pgqueuer")
         await connection.close()
 
-    for _ in range(b.runs):
-        b.reset()
-        b.fill(count)
-        b.run_burst("--concurrency", "10")
-        b.record("peer round: claude-jobs c10", "jobs/s", b.drain_rate())
-        asyncio.run(fill())
-        env = {**os.environ, "PGQ_DSN": b.url, "PYTHONPATH": str(HERE)}
-        with open(b.workdir / "pgqueuer.log", "ab") as out:
-            subprocess.run([sys.executable, str(HERE / "bench_pgq.py")], env=env, stdout=out,
-                           stderr=subprocess.STDOUT, check=True, timeout=600)  # fmt: skip
-        with b.connection() as conn:
-            done, first, last = conn.execute(
-                "SELECT count(*) FILTER (WHERE status = 'successful'), "
-                "min(created) FILTER (WHERE status = 'picked'), "
-                "max(created) FILTER (WHERE status = 'successful') FROM pgqueuer_log"
-            ).fetchone()
-        assert done == count, f"pgqueuer ran {done} of {count} jobs"
-        b.record("pgqueuer", "jobs/s", count / (last - first).total_seconds())
+    asyncio.run(fill())
+    env = {**os.environ, "PGQ_DSN": b.url, "PYTHONPATH": str(HERE)}
+    with open(b.workdir / "pgqueuer.log", "ab") as out:
+        subprocess.run([sys.executable, str(HERE / "bench_pgq.py")], env=env, stdout=out,
+                       stderr=subprocess.STDOUT, check=True, timeout=600)  # fmt: skip
+    with b.connection() as conn:
+        done, first, last = conn.execute(
+            "SELECT count(*) FILTER (WHERE status = 'successful'), "
+            "min(created) FILTER (WHERE status = 'picked'), "
+            "max(created) FILTER (WHERE status = 'successful') FROM pgqueuer_log"
+        ).fetchone()
+    assert done == count, f"pgqueuer ran {done} of {count} jobs"
+    return count / (last - first).total_seconds()
 
 
 def bench_floor(b: Bench) -> None:
@@ -366,28 +396,29 @@ def bench_floor(b: Bench) -> None:
     batch as large as the worker's concurrency, 10), mark it done, on one connection."""
     count = 5_000 if b.quick else 50_000
     for _ in range(b.runs):
-        b.reset()
-        b.fill(count)
-        with b.connection() as conn:
-            started = time.perf_counter()
-            while True:
-                rows = conn.execute(
-                    """WITH batch AS (
-                           SELECT id FROM claude_jobs
-                           WHERE status = 'queued' AND blocked IS NULL AND run_at <= now()
-                           ORDER BY priority DESC, run_at, seq LIMIT 10
-                           FOR UPDATE SKIP LOCKED)
-                       UPDATE claude_jobs j SET status = 'running', started_at = now()
-                       FROM batch WHERE j.id = batch.id RETURNING j.id"""
-                ).fetchall()
-                if not rows:
-                    break
-                conn.execute(
-                    "UPDATE claude_jobs SET status = 'succeeded', finished_at = now() "
-                    "WHERE id = ANY(%s)",
-                    [[row[0] for row in rows]],
-                )
-            b.record("floor", "jobs/s", count / (time.perf_counter() - started))
+        b.record("floor", "jobs/s", floor_drain(b, count))
+
+
+#: The floor's claim: the simplest that takes what the worker's claim would (10 at a time).
+FLOOR_CLAIM = """WITH batch AS (
+    SELECT id FROM claude_jobs
+    WHERE status = 'queued' AND blocked IS NULL AND run_at <= now()
+    ORDER BY priority DESC, run_at, seq LIMIT 10
+    FOR UPDATE SKIP LOCKED)
+UPDATE claude_jobs j SET status = 'running', started_at = now()
+FROM batch WHERE j.id = batch.id RETURNING j.id"""
+FLOOR_DONE = "UPDATE claude_jobs SET status = 'succeeded', finished_at = now() WHERE id = ANY(%s)"
+
+
+def floor_drain(b: Bench, count: int) -> float:
+    """The floor's drain of ``count`` no-op jobs, in jobs/s (wall time of the loop)."""
+    b.reset()
+    b.fill(count)
+    with b.connection() as conn:
+        started = time.perf_counter()
+        while rows := conn.execute(FLOOR_CLAIM).fetchall():
+            conn.execute(FLOOR_DONE, [[row[0] for row in rows]])
+        return count / (time.perf_counter() - started)
 
 
 def bench_claude(b: Bench) -> None:
@@ -416,6 +447,171 @@ def bench_claude(b: Bench) -> None:
         with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
             list(pool.map(spawn, range(count)))
         b.record("raw spawn", "spawns/s", count / (time.perf_counter() - started))
+
+
+#: Where the tests install the real Claude Code CLI (tests/conftest.py, real_claude).
+REAL_CLAUDE = (
+    Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    / "claude-jobs-tests" / "node_modules" / ".bin" / "claude"
+)  # fmt: skip
+
+SLOW_CLAUDE = """#!/bin/sh
+cat > /dev/null
+echo '{"type":"system","subtype":"init","session_id":"bench"}'
+sleep 5
+echo '{"type":"result","subtype":"success","is_error":false,"result":"ok",'\
+'"session_id":"bench","total_cost_usd":0,"num_turns":1}'
+"""
+
+
+def bench_claude_real(b: Bench) -> None:
+    """13. The time a claude job adds to a bare `claude -p` run: the real CLI (the tests'
+    copy) against a local mock of the Messages API, a bare run and a job in turn, one at a
+    time (a worker at concurrency 1, waiting, takes each job as it is enqueued): claude's
+    part of a job from the database's timestamps, and a job from its enqueue to its end."""
+    cli = Path(os.environ.get("CLAUDE_JOBS_TEST_CLAUDE") or REAL_CLAUDE)
+    if not cli.exists():
+        print(f"  skipped: no Claude Code CLI at {cli} (the real_claude tests install it)")
+        return
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from mock_messages_api import MockMessagesAPI, Text
+
+    count = 5 if b.quick else 20
+    home, project = b.workdir / "claude-home", b.workdir / "claude-project"
+    home.mkdir(exist_ok=True)
+    project.mkdir(exist_ok=True)
+    argv = [str(cli), *claude_jobs.CLAUDE_ARGS, claude_jobs.SKIP_PERMISSIONS]
+    with MockMessagesAPI([Text("done")]) as api:  # (its last reply repeats: every turn)
+        variables = {**api.env(), "HOME": str(home), "CLAUDE_CODE_MAX_RETRIES": "0"}
+        with _environment(variables):  # (for the bare runs and b.worker's alike)
+
+            def bare() -> float:
+                started = time.perf_counter()
+                done = subprocess.run(
+                    argv, input=b"say done", capture_output=True, cwd=project,
+                    env=dict(os.environ), start_new_session=True, check=False,
+                )  # fmt: skip
+                took = time.perf_counter() - started
+                lines = done.stdout.decode(errors="replace").strip().splitlines()
+                last = json.loads(lines[-1]) if lines else {}
+                if done.returncode != 0 or last.get("is_error") is not False:
+                    raise SystemExit(f"a bare claude run failed: {done.stderr[-500:]!r}")
+                return took
+
+            def job(conn: psycopg.Connection) -> tuple[float, float]:
+                queued = claude_jobs.enqueue(conn, {"prompt": "say done", "cwd": str(project)})
+                b.wait_for(lambda: b.status(queued.id) in ("succeeded", "failed"), 60, "a job")
+                row = conn.execute(
+                    "SELECT status, started_at, finished_at, created_at FROM claude_jobs "
+                    "WHERE id = %s",
+                    [queued.id],
+                ).fetchone()
+                assert row[0] == "succeeded", f"a claude job failed (see {b.workdir})"
+                return (row[2] - row[1]).total_seconds(), (row[2] - row[3]).total_seconds()
+
+            for _ in range(b.runs):
+                b.reset()
+                worker = b.worker("--concurrency", "1", "--claude-bin", str(cli))
+                try:
+                    b.wait_for(lambda: b.count_workers() == 1, 30, "the worker to register")
+                    bare()  # (warm-up: node's caches, claude's first-run files in HOME)
+                    alone, inside, whole = [], [], []
+                    with b.connection() as conn:
+                        job(conn)  # (warm-up)
+                        for _ in range(count):
+                            alone.append(bare())
+                            run, queued_to_end = job(conn)
+                            inside.append(run)
+                            whole.append(queued_to_end)
+                finally:
+                    worker.terminate()
+                    worker.wait()
+                b.record("claude bare", "s", statistics.median(alone))
+                b.record("claude in claude-jobs", "s", statistics.median(inside))
+                b.record("claude in claude-jobs, enqueue to end", "s", statistics.median(whole))
+                overhead = statistics.median(inside) / statistics.median(alone) - 1
+                b.record("claude overhead", "fraction", overhead)
+
+
+def bench_claude_memory(b: Bench) -> None:
+    """14. The memory a running claude job adds beyond claude's own processes: its
+    supervisor's (resident, proportional and private) and the worker's growth, five fake
+    claudes of 5 s running at once."""
+    slow = b.workdir / "claude-slow"
+    slow.write_text(SLOW_CLAUDE)
+    slow.chmod(0o755)
+    running = 5
+    for _ in range(b.runs):
+        b.reset()
+        worker = b.worker("--concurrency", str(running), "--claude-bin", str(slow),
+                          log="claude-memory.log")  # fmt: skip
+        try:
+            b.wait_for(lambda: b.count_workers() == 1, 30, "the worker to register")
+            time.sleep(2.0)
+            idle = rss_mb(worker.pid)
+            with b.connection() as conn:
+                claude_jobs.enqueue_many(
+                    conn, [{"prompt": "bench", "cwd": str(b.workdir)}] * running,
+                    concurrency_limit=0,
+                )  # fmt: skip
+            b.wait_for(
+                lambda w=worker: len(_supervisors(w.pid)) == running, 30, "five claude jobs to run"
+            )
+            time.sleep(1.0)  # (claude's first line in; still 4 s to go)
+            rollups = [_smaps_rollup(pid) for pid in _supervisors(worker.pid)]
+            busy = rss_mb(worker.pid)
+            assert len(rollups) == running and b.count("running") == running
+            for name, field in (("rss", "Rss"), ("pss", "Pss"), ("uss", "Private")):
+                b.record(f"supervisor {name}", "MB",
+                         statistics.mean(r[field] for r in rollups) / 1024)  # fmt: skip
+            b.record("worker rss per running claude job", "MB", (busy - idle) / running)
+            b.wait_for(lambda: b.count("succeeded") == running, 60, "the slow claude jobs")
+        finally:
+            worker.terminate()
+            worker.wait()
+
+
+@contextlib.contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in os.environ meanwhile (b.worker passes os.environ on)."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def _supervisors(worker: int) -> list[int]:
+    """The worker's children that are claude supervisors (python -I -S -c, _supervised)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            stat = (entry / "stat").read_text()
+            parent = int(stat.rsplit(")", 1)[1].split()[1])
+            if parent == worker and (entry / "cmdline").read_bytes().split(b"\0")[1:4] == [
+                b"-I", b"-S", b"-c"
+            ]:  # fmt: skip
+                found.append(int(entry.name))
+    return found
+
+
+def _smaps_rollup(pid: int) -> dict[str, int]:
+    """A process's Rss, Pss and Private (clean + dirty) memory in kB."""
+    fields: dict[str, int] = {"Private": 0}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        kilobytes = int(rest.split()[0])
+        fields[name] = kilobytes
+        if name in ("Private_Clean", "Private_Dirty"):
+            fields["Private"] += kilobytes
+    return fields
 
 
 def bench_long_line(b: Bench) -> None:
@@ -533,7 +729,8 @@ def bench_upgrade(b: Bench) -> None:
 
 
 def bench_latency(b: Bench) -> None:
-    """4. An idle worker; 500 jobs enqueued 10 ms apart; start minus enqueue."""
+    """4. An idle worker; 500 jobs enqueued 10 ms apart; start minus enqueue. Then the same
+    for the floor: a loop that LISTENs and, woken, claims with the floor's statements."""
     count = 100 if b.quick else 500
     for _ in range(b.runs):
         b.reset()
@@ -541,23 +738,47 @@ def bench_latency(b: Bench) -> None:
         try:
             b.wait_for(lambda: b.count_workers() == 1, 30, "the worker to register")
             time.sleep(1.0)  # idle: no poll is due soon, so NOTIFY is what wakes it
-            with b.connection() as conn:
-                for n in range(count):
-                    claude_jobs.enqueue(conn, {"n": n}, kind="noop")
-                    time.sleep(0.01)
-            b.wait_for(lambda: b.count("succeeded") == count, 60, "the jobs to run")
-            with b.connection() as conn:
-                latencies = [
-                    row[0] * 1000
-                    for row in conn.execute(
-                        "SELECT extract(epoch FROM started_at - created_at) FROM claude_jobs"
-                    )
-                ]
+            latencies = enqueue_trickle(b, count)
         finally:
             worker.terminate()
             worker.wait()
         for p in (50, 95, 99):
             b.record(f"latency p{p}", "ms", float(percentile(latencies, p)))
+        b.reset()
+        stop = threading.Event()
+        listener = threading.Thread(target=floor_listener, args=(b, stop))
+        listener.start()
+        try:
+            time.sleep(1.0)
+            latencies = enqueue_trickle(b, count)
+        finally:
+            stop.set()
+            listener.join()
+        for p in (50, 99):
+            b.record(f"floor latency p{p}", "ms", float(percentile(latencies, p)))
+
+
+def enqueue_trickle(b: Bench, count: int) -> list[float]:
+    """Enqueue ``count`` no-op jobs 10 ms apart; once all ran, each one's start minus its
+    enqueue, in ms."""
+    with b.connection() as conn:
+        for n in range(count):
+            claude_jobs.enqueue(conn, {"n": n}, kind="noop")
+            time.sleep(0.01)
+    b.wait_for(lambda: b.count("succeeded") == count, 60, "the jobs to run")
+    with b.connection() as conn:
+        query = "SELECT extract(epoch FROM started_at - created_at) * 1000 FROM claude_jobs"
+        return [float(row[0]) for row in conn.execute(query)]
+
+
+def floor_listener(b: Bench, stop: threading.Event) -> None:
+    """The floor's pickup: LISTEN for new jobs, and, woken, claim (and finish) what is ready."""
+    with b.connection() as conn:
+        conn.execute(f"LISTEN {claude_jobs.NOTIFY_CHANNEL}")
+        while not stop.is_set():
+            if list(conn.notifies(timeout=0.2, stop_after=1)):  # (the connection is free after)
+                while rows := conn.execute(FLOOR_CLAIM).fetchall():
+                    conn.execute(FLOOR_DONE, [[row[0] for row in rows]])
 
 
 def bench_backlog(b: Bench) -> None:
@@ -993,6 +1214,8 @@ BENCHMARKS: dict[str, Callable[[Bench], None]] = {
     "transcript": bench_transcript,
     "upgrade": bench_upgrade,
     "peer": bench_peer,
+    "claude_real": bench_claude_real,
+    "claude_memory": bench_claude_memory,
 }
 
 
@@ -1001,15 +1224,20 @@ def report(b: Bench, started: datetime, settings: dict[str, object]) -> dict[str
     b.ratio("backlog 1M / 10k", "backlog 1M", "backlog 10k")
     b.ratio("claude / raw spawn", "claude", "raw spawn")
     b.ratio("warm burst / fresh", "warm burst", "fresh burst")
-    b.ratio("drain c10 / pgqueuer", "peer round: claude-jobs c10", "pgqueuer")
-    b.ratio("pgqueuer / floor", "pgqueuer", "floor")
+    for busy in ("", ", busy core"):
+        ours, peer = f"side by side: claude-jobs c10{busy}", f"side by side: pgqueuer{busy}"
+        floor = f"side by side: floor{busy}"
+        b.ratio(f"side by side: c10 / pgqueuer{busy}", ours, peer)
+        b.ratio(f"side by side: c10 / floor{busy}", ours, floor)
+        b.ratio(f"side by side: pgqueuer / floor{busy}", peer, floor)
+    b.ratio("latency p50 - floor", "latency p50", "floor latency p50", difference=True)
     b.ratio("max-running 8 / none", "limits: max-running 8", "limits: none")
     b.ratio("rate unbound / none", "limits: rate unbound", "limits: none")
-    print(f"\n{'figure':<22} {'median':>12} {'min':>12} {'max':>12}  unit")
+    print(f"\n{'figure':<40} {'median':>12} {'min':>12} {'max':>12}  unit")
     for figure in b.figures.values():
         values = figure.values
         print(
-            f"{figure.name:<22} {figure.median:>12,.2f} {min(values):>12,.2f} "
+            f"{figure.name:<40} {figure.median:>12,.2f} {min(values):>12,.2f} "
             f"{max(values):>12,.2f}  {figure.unit}"
         )
     print(f"\n{'target':<54} {'measured':>12}  met")

@@ -4,6 +4,8 @@
     python benchmarks/profiles.py drain spawn     # some of them
 
 drain    a worker's CPU per no-op job, with and without its log lines, and its busiest functions
+rounds   the dispatcher's rounds while 20,000 no-op jobs drain: how many, how long, how full
+sql      what PostgreSQL spends on a round's statements (EXPLAIN ANALYZE: claim, record of 20)
 spawn    starting the fake claude: bare, under the supervisor, and through the worker's runner
 enqueue  enqueue_many of 100,000 jobs under cProfile
 backlog  claim and completion round trips while draining 10,000 jobs from 10k and 1M backlogs
@@ -135,6 +137,92 @@ def profile_drain(workdir: Path) -> None:
     srv.cleanup()
 
 
+def profile_rounds(workdir: Path) -> None:
+    """The dispatcher's rounds (record what finished, claim, one round trip) while a worker
+    at concurrency 10 drains 20,000 no-op jobs: their number, their time (the Python around
+    the statements included) and how many jobs each wrote and claimed."""
+    srv = server(workdir)
+    url = srv.get_uri()
+    fresh(url, 20_000)
+    logging.getLogger("claude_jobs").setLevel(logging.WARNING)
+    rounds: list[tuple[float, int, int]] = []
+    original = claude_jobs._Writer.round
+
+    def timed_round(self: Any, conn: Any, finished: Any, running: Any, claim: Any) -> Any:
+        started = time.perf_counter()
+        result = original(self, conn, finished, running, claim)
+        rounds.append((time.perf_counter() - started, len(finished), len(result[1])))
+        return result
+
+    claude_jobs._Writer.round = timed_round  # type: ignore[method-assign]
+    try:
+        started = time.perf_counter()
+        rate = drain_in_process(url, 20_000)
+        elapsed = time.perf_counter() - started
+    finally:
+        claude_jobs._Writer.round = original  # type: ignore[method-assign]
+    times = [r[0] * 1000 for r in rounds]
+    median = statistics.median(times)
+    print(
+        f"  {rate:,.0f} jobs/s; {len(rounds):,} rounds, median {median:.2f} ms, "
+        f"p95 {sorted(times)[len(times) * 95 // 100]:.2f} ms; "
+        f"{statistics.mean(r[1] for r in rounds):.1f} written and "
+        f"{statistics.mean(r[2] for r in rounds):.1f} claimed a round; "
+        f"{sum(times) / 1000 / elapsed:.0%} of the drain's time in rounds"
+    )
+    srv.cleanup()
+
+
+def profile_sql(workdir: Path) -> None:
+    """EXPLAIN ANALYZE of a claim of 20 jobs and of the record of their 20 outcomes (as the
+    worker's connections run them), five times each: execution time and its triggers'."""
+    srv = server(workdir)
+    url = srv.get_uri()
+    fresh(url, 20_000)
+    worker_id = uuid.uuid4()
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(
+            "INSERT INTO claude_jobs_workers (id, lock_key, host, pid, queues, kinds, concurrency)"
+            " VALUES (%s, 1, 'bench', 1, '{*}', '{noop}', 10)",
+            [worker_id],
+        )
+    timings: dict[str, list[float]] = defaultdict(list)
+
+    def note(label: str, plan: list[tuple[str]]) -> None:
+        for (line,) in plan:
+            if line.startswith("Execution Time"):
+                timings[f"{label}: execution"].append(float(line.split()[2]))
+            elif line.startswith("Trigger"):
+                name = line.split()[1]
+                timings[f"{label}: trigger {name}"].append(float(line.split("time=")[1].split()[0]))
+
+    with psycopg.connect(url) as conn:
+        claude_jobs._configure_worker_connection(conn)
+        for _ in range(5):
+            params = {"worker_id": worker_id, "worker": "bench", "host": "bench",
+                      "kinds": ["noop"], "queue": None, "limit": 20}  # fmt: skip
+            explain = "EXPLAIN (ANALYZE) " + claude_jobs.CLAIM_FROM_ANY_QUEUE
+            note("claim of 20", conn.execute(explain, params).fetchall())
+            claimed = conn.execute(
+                "SELECT id, claim FROM claude_jobs WHERE status = 'running' AND worker_id = %s",
+                [worker_id],
+            ).fetchall()
+            conn.commit()
+            done = claude_jobs.Outcome(claude_jobs.Verdict.SUCCEEDED, result="null")
+            rows = [claude_jobs._Row(job_id, claim, done, claude_jobs.Progress())
+                    for job_id, claim in claimed]  # fmt: skip
+            text, names = claude_jobs._positional(claude_jobs.RECORD)
+            values = claude_jobs._record_params(rows, "bench")
+            plan = psycopg.RawCursor(conn).execute(
+                "EXPLAIN (ANALYZE) " + text, [values[name] for name in names]
+            )
+            note("record of 20", plan.fetchall())
+            conn.commit()
+    for label, values in timings.items():
+        print(f"  {label}: median {statistics.median(values):.2f} ms")
+    srv.cleanup()
+
+
 def profile_spawn(workdir: Path) -> None:
     """Starting the fake claude 300 times, 10 at a time: what each layer costs."""
     fake = workdir / "claude"
@@ -216,6 +304,8 @@ def profile_backlog(workdir: Path) -> None:
 
 PROFILES = {
     "drain": profile_drain,
+    "rounds": profile_rounds,
+    "sql": profile_sql,
     "spawn": profile_spawn,
     "enqueue": profile_enqueue,
     "backlog": profile_backlog,
