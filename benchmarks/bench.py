@@ -1,5 +1,7 @@
 """Benchmarks for claude-jobs: enqueue, drain, the claude subprocess path, pickup latency,
-backlog, the raw-SQL floor and a worker's memory. Prints a table and writes JSON.
+backlog, the raw-SQL floor and a worker's memory; the peer (pgqueuer, the `bench` extra) side
+by side with the floor; the real claude CLI against a local mock API. Prints a table and
+writes JSON.
 
     python benchmarks/bench.py                      # on a throwaway PostgreSQL, 3 runs each
     python benchmarks/bench.py --quick              # smaller counts, 1 run: a smoke test
