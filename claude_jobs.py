@@ -8855,7 +8855,8 @@ class RunContext:
         self.attempt = attempt
         self.claim = claim
         self._timeout = timeout
-        self.deadline = time.monotonic() + timeout if timeout else None
+        self.deadline: float | None = None
+        self.begin()
         self.stop = threading.Event()
         self.stop_reason: str | None = None
         self._lease = lease
@@ -10039,6 +10040,13 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0][:300]}" if text else type(error).__name__
 
 
+def _given_back(job: Job) -> Outcome:
+    """The outcome of an attempt that never ran its handler (held, refused a slot, claimed
+    ahead and taken back, stopped before it began): back to the queue unspent, in its place,
+    nothing said."""
+    return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
+
+
 @dataclass
 class _Attempt:
     """A claimed job this worker runs, from its claim until its outcome is written. Its
@@ -10209,16 +10217,20 @@ class _Holds:
         """Whether this worker may start a ``kind`` job now."""
         now = time.monotonic()
         with self._lock:
-            everywhere, here = self._everywhere.get(kind), self._here.get(kind)
-        return (everywhere is None or everywhere[0] <= now) and (here is None or here.until <= now)
+            return not self._held(kind, now)
 
     def startable(self) -> list[str]:
         """The kinds this worker may start now."""
         now = time.monotonic()
         with self._lock:
-            held = {k for k, (until, _) in self._everywhere.items() if until > now}
-            held |= {k for k, hold in self._here.items() if hold.until > now}
-        return [kind for kind in self.kinds if kind not in held]
+            return [kind for kind in self.kinds if not self._held(kind, now)]
+
+    def _held(self, kind: str, now: float) -> bool:
+        """(Under the lock.) Whether ``kind`` is held at ``now``, everywhere or here."""
+        everywhere, here = self._everywhere.get(kind), self._here.get(kind)
+        return (everywhere is not None and everywhere[0] > now) or (
+            here is not None and here.until > now
+        )
 
     def unfit(self) -> dict[str, str]:
         """The kinds this worker cannot run, and why (until one runs, or is lifted)."""
@@ -10924,7 +10936,7 @@ class _Dispatcher:
         handed_before = None if self._shared.stop.is_set() else now - CLAIM_AHEAD_WAIT
         withdrawn = self._book.withdraw(handed_before)
         for attempt in withdrawn:
-            attempt.outcome = Outcome(Verdict.RELEASED, run_at=attempt.job.run_at, quiet=True)
+            attempt.outcome = _given_back(attempt.job)
         return withdrawn
 
     def _claim(
@@ -11184,7 +11196,7 @@ class _Runners:
         if context.stop_reason == STOP_CANCEL:  # (claimed ahead, and stopped before it began)
             return Outcome(Verdict.CANCELLED)
         if context.stop_reason is not None:  # (a forced stop, a lost lease: back unspent)
-            return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
+            return _given_back(job)
         policy = shared.policies.get(job.kind)
         if policy is not None and policy.checks_each_start:  # a job that ended since this
             hold = None  # one was claimed may have spent the budget
@@ -11193,7 +11205,7 @@ class _Runners:
             if hold is not None:
                 shared.hold_here(job.kind, *hold)
         if not shared.holds.may_start(job.kind):  # (it was held since it was claimed)
-            return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
+            return _given_back(job)
         refused = self._admit(job)
         if refused is not None:  # it keeps its place in the queue
             _log_job("deferred", job, logging.DEBUG, reason=refused.reason, until=refused.until)
@@ -11202,7 +11214,7 @@ class _Runners:
                 if refused.capped:
                     shared.hold_here(job.kind, seconds, refused.reason)
                 shared.book.wake_in(seconds)
-            return Outcome(Verdict.RELEASED, run_at=job.run_at, quiet=True)
+            return _given_back(job)
         _log_job("claimed", job, worker=shared.name, branch=job_branch(job))
         value: Any = None
         error: BaseException | None = None

@@ -14,6 +14,7 @@ backlog  claim and completion round trips while draining 10,000 jobs from 10k an
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import cProfile
 import logging
 import os
@@ -28,7 +29,7 @@ import time
 import uuid
 import warnings
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,18 +65,24 @@ def fresh(url: str, queued: int, finished: int = 0) -> None:
         conn.execute("VACUUM ANALYZE claude_jobs")
 
 
-def timed(stats: dict[str, list[tuple[float, int]]], cls: type, name: str, key: str) -> None:
-    """Record the duration (and item count) of every call of cls.name."""
+@contextlib.contextmanager
+def timed(calls: list[tuple[float, int, Any]], cls: type, name: str) -> Iterator[None]:
+    """Meanwhile, record every call of cls.name: its duration, the length of its first list
+    argument, and what it returned."""
     original = getattr(cls, name)
 
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         started = time.perf_counter()
         result = original(self, *args, **kwargs)
         items = next((len(arg) for arg in args if isinstance(arg, list)), 0)
-        stats[key].append((time.perf_counter() - started, items))
+        calls.append((time.perf_counter() - started, items, result))
         return result
 
     setattr(cls, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(cls, name, original)
 
 
 def drain_in_process(url: str, count: int, until: int | None = None) -> float:
@@ -145,22 +152,12 @@ def profile_rounds(workdir: Path) -> None:
     url = srv.get_uri()
     fresh(url, 20_000)
     logging.getLogger("claude_jobs").setLevel(logging.WARNING)
-    rounds: list[tuple[float, int, int]] = []
-    original = claude_jobs._Writer.round
-
-    def timed_round(self: Any, conn: Any, finished: Any, running: Any, claim: Any) -> Any:
-        started = time.perf_counter()
-        result = original(self, conn, finished, running, claim)
-        rounds.append((time.perf_counter() - started, len(finished), len(result[1])))
-        return result
-
-    claude_jobs._Writer.round = timed_round  # type: ignore[method-assign]
-    try:
+    calls: list[tuple[float, int, Any]] = []
+    with timed(calls, claude_jobs._Writer, "round"):  # (its result: statuses, claimed rows)
         started = time.perf_counter()
         rate = drain_in_process(url, 20_000)
         elapsed = time.perf_counter() - started
-    finally:
-        claude_jobs._Writer.round = original  # type: ignore[method-assign]
+    rounds = [(seconds, written, len(result[1])) for seconds, written, result in calls]
     times = [r[0] * 1000 for r in rounds]
     median = statistics.median(times)
     print(
@@ -283,22 +280,20 @@ def profile_enqueue(workdir: Path) -> None:
 def profile_backlog(workdir: Path) -> None:
     """Claim and completion round trips while 10,000 jobs drain from each backlog."""
     logging.getLogger("claude_jobs").setLevel(logging.WARNING)
-    stats: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    timed(stats, claude_jobs._Writer, "round", "round (record and claim)")
     for label, queued, finished in (("10k", 10_000, 0), ("1M", 1_000_000, 1_000_000)):
         srv = server(workdir)
         url = srv.get_uri()
         fresh(url, queued, finished)
-        stats.clear()
-        rate = drain_in_process(url, 10_000, until=finished + 10_000)
+        calls: list[tuple[float, int, Any]] = []
+        with timed(calls, claude_jobs._Writer, "round"):
+            rate = drain_in_process(url, 10_000, until=finished + 10_000)
         print(f"  {label} backlog: {rate:,.0f} jobs/s")
-        for key, values in stats.items():
-            durations = [d * 1000 for d, _ in values]
-            print(
-                f"    {key}: median {statistics.median(durations):.2f} ms, "
-                f"mean {statistics.mean(durations):.2f} ms, "
-                f"p95 {sorted(durations)[len(durations) * 95 // 100]:.2f} ms"
-            )
+        durations = [seconds * 1000 for seconds, _, _ in calls]
+        print(
+            f"    round (record and claim): median {statistics.median(durations):.2f} ms, "
+            f"mean {statistics.mean(durations):.2f} ms, "
+            f"p95 {sorted(durations)[len(durations) * 95 // 100]:.2f} ms"
+        )
         srv.cleanup()
 
 
