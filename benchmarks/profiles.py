@@ -8,11 +8,13 @@ rounds   the dispatcher's rounds while 20,000 no-op jobs drain: how many, how lo
 sql      what PostgreSQL spends on a round's statements (EXPLAIN ANALYZE: claim, record of 20)
 spawn    starting the fake claude: bare, under the supervisor, and through the worker's runner
 enqueue  enqueue_many of 100,000 jobs under cProfile
-backlog  claim and completion round trips while draining 10,000 jobs from 10k and 1M backlogs
+backlog  claim and completion round trips while draining 10,000 jobs from 10k and 1M backlogs,
+         and the waits of the worker's PostgreSQL backends meanwhile
 """
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import cProfile
@@ -278,14 +280,15 @@ def profile_enqueue(workdir: Path) -> None:
 
 
 def profile_backlog(workdir: Path) -> None:
-    """Claim and completion round trips while 10,000 jobs drain from each backlog."""
+    """Claim and completion round trips while 10,000 jobs drain from each backlog, and what
+    the worker's PostgreSQL backends were doing meanwhile (sampled every millisecond)."""
     logging.getLogger("claude_jobs").setLevel(logging.WARNING)
     for label, queued, finished in (("10k", 10_000, 0), ("1M", 1_000_000, 1_000_000)):
         srv = server(workdir)
         url = srv.get_uri()
         fresh(url, queued, finished)
         calls: list[tuple[float, int, Any]] = []
-        with timed(calls, claude_jobs._Writer, "round"):
+        with timed(calls, claude_jobs._Writer, "round"), sampled_waits(url) as waits:
             rate = drain_in_process(url, 10_000, until=finished + 10_000)
         print(f"  {label} backlog: {rate:,.0f} jobs/s")
         durations = [seconds * 1000 for seconds, _, _ in calls]
@@ -294,7 +297,42 @@ def profile_backlog(workdir: Path) -> None:
             f"mean {statistics.mean(durations):.2f} ms, "
             f"p95 {sorted(durations)[len(durations) * 95 // 100]:.2f} ms"
         )
+        busy = sum(waits.values()) - waits["WAL written"]
+        print(
+            f"    backends busy: {busy:,} samples; WAL written {waits['WAL written'] / 1e6:.1f} MB"
+        )
+        for what, samples in waits.most_common(5):
+            if what != "WAL written":
+                print(f"      {what}: {samples / busy:.0%}")
         srv.cleanup()
+
+
+@contextlib.contextmanager
+def sampled_waits(url: str) -> Iterator[collections.Counter[str]]:
+    """Meanwhile, every millisecond, what each busy backend of a claude-jobs worker is doing
+    (on the CPU, or its wait event) counted; then the WAL written meanwhile, as "WAL written"."""
+    waits: collections.Counter[str] = collections.Counter()
+    stop = threading.Event()
+    query = """SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU')
+               FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()
+               AND application_name LIKE 'claude-jobs%' AND datname = current_database()"""
+
+    def sample() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while not stop.wait(0.001):
+                waits.update(event for (event,) in conn.execute(query).fetchall())
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        wal = "SELECT pg_current_wal_lsn() - '0/0'"
+        before = conn.execute(wal).fetchone()[0]
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        try:
+            yield waits
+        finally:
+            stop.set()
+            sampler.join()
+            waits["WAL written"] = int(conn.execute(wal).fetchone()[0] - before)
 
 
 PROFILES = {
