@@ -32,6 +32,7 @@ import uuid
 import warnings
 from collections import defaultdict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -297,21 +298,26 @@ def profile_backlog(workdir: Path) -> None:
             f"mean {statistics.mean(durations):.2f} ms, "
             f"p95 {sorted(durations)[len(durations) * 95 // 100]:.2f} ms"
         )
-        busy = sum(waits.values()) - waits["WAL written"]
-        print(
-            f"    backends busy: {busy:,} samples; WAL written {waits['WAL written'] / 1e6:.1f} MB"
-        )
-        for what, samples in waits.most_common(5):
-            if what != "WAL written":
-                print(f"      {what}: {samples / busy:.0%}")
+        busy = sum(waits.events.values())
+        print(f"    backends busy: {busy:,} samples; WAL written {waits.wal_bytes / 1e6:.1f} MB")
+        for what, samples in waits.events.most_common(4):
+            print(f"      {what}: {samples / busy:.0%}")
         srv.cleanup()
 
 
+@dataclass
+class Waits:
+    """What the busy backends of a claude-jobs worker were found doing, sample by sample (on
+    the CPU, or their wait event), and the WAL written meanwhile."""
+
+    events: collections.Counter[str] = field(default_factory=collections.Counter)
+    wal_bytes: int = 0
+
+
 @contextlib.contextmanager
-def sampled_waits(url: str) -> Iterator[collections.Counter[str]]:
-    """Meanwhile, every millisecond, what each busy backend of a claude-jobs worker is doing
-    (on the CPU, or its wait event) counted; then the WAL written meanwhile, as "WAL written"."""
-    waits: collections.Counter[str] = collections.Counter()
+def sampled_waits(url: str) -> Iterator[Waits]:
+    """Meanwhile, every millisecond, sample what the worker's backends are doing."""
+    waits = Waits()
     stop = threading.Event()
     query = """SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU')
                FROM pg_stat_activity WHERE state = 'active' AND pid <> pg_backend_pid()
@@ -320,7 +326,7 @@ def sampled_waits(url: str) -> Iterator[collections.Counter[str]]:
     def sample() -> None:
         with psycopg.connect(url, autocommit=True) as conn:
             while not stop.wait(0.001):
-                waits.update(event for (event,) in conn.execute(query).fetchall())
+                waits.events.update(event for (event,) in conn.execute(query).fetchall())
 
     with psycopg.connect(url, autocommit=True) as conn:
         wal = "SELECT pg_current_wal_lsn() - '0/0'"
@@ -332,7 +338,7 @@ def sampled_waits(url: str) -> Iterator[collections.Counter[str]]:
         finally:
             stop.set()
             sampler.join()
-            waits["WAL written"] = int(conn.execute(wal).fetchone()[0] - before)
+            waits.wal_bytes = int(conn.execute(wal).fetchone()[0] - before)
 
 
 PROFILES = {
