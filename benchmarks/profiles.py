@@ -299,7 +299,10 @@ def profile_backlog(workdir: Path) -> None:
             f"p95 {sorted(durations)[len(durations) * 95 // 100]:.2f} ms"
         )
         busy = sum(waits.events.values())
-        print(f"    backends busy: {busy:,} samples; WAL written {waits.wal_bytes / 1e6:.1f} MB")
+        print(
+            f"    backends busy: {busy:,} samples; WAL written {waits.wal_bytes / 1e6:.1f} MB "
+            f"in {waits.wal_syncs:,} fsyncs of {waits.wal_sync_ms / max(waits.wal_syncs, 1):.2f} ms"
+        )
         for what, samples in waits.events.most_common(4):
             print(f"      {what}: {samples / busy:.0%}")
         srv.cleanup()
@@ -312,11 +315,14 @@ class Waits:
 
     events: collections.Counter[str] = field(default_factory=collections.Counter)
     wal_bytes: int = 0
+    wal_syncs: int = 0  # the WAL's fsyncs, and the time they took (track_wal_io_timing)
+    wal_sync_ms: float = 0.0
 
 
 @contextlib.contextmanager
 def sampled_waits(url: str) -> Iterator[Waits]:
-    """Meanwhile, every millisecond, sample what the worker's backends are doing."""
+    """Meanwhile, every millisecond, sample what the worker's backends are doing; and the
+    WAL written and its fsyncs (the server's own counts, pg_stat_wal)."""
     waits = Waits()
     stop = threading.Event()
     query = """SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU')
@@ -329,8 +335,10 @@ def sampled_waits(url: str) -> Iterator[Waits]:
                 waits.events.update(event for (event,) in conn.execute(query).fetchall())
 
     with psycopg.connect(url, autocommit=True) as conn:
-        wal = "SELECT pg_current_wal_lsn() - '0/0'"
-        before = conn.execute(wal).fetchone()[0]
+        conn.execute("ALTER SYSTEM SET track_wal_io_timing = on")  # (a throwaway server)
+        conn.execute("SELECT pg_reload_conf()")
+        wal = "SELECT pg_current_wal_lsn() - '0/0', wal_sync, wal_sync_time FROM pg_stat_wal"
+        before = conn.execute(wal).fetchone()
         sampler = threading.Thread(target=sample)
         sampler.start()
         try:
@@ -338,7 +346,10 @@ def sampled_waits(url: str) -> Iterator[Waits]:
         finally:
             stop.set()
             sampler.join()
-            waits.wal_bytes = int(conn.execute(wal).fetchone()[0] - before)
+            after = conn.execute(wal).fetchone()
+            waits.wal_bytes = int(after[0] - before[0])
+            waits.wal_syncs = after[1] - before[1]
+            waits.wal_sync_ms = after[2] - before[2]
 
 
 PROFILES = {
