@@ -32,10 +32,11 @@ import time
 import urllib.parse
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from unittest import mock
 
 import psycopg
 from psycopg import sql
@@ -163,12 +164,16 @@ class Bench:
         not there): for states too big to rebuild between rounds taken in turn."""
         main = self.url
         with self.connection() as conn:
-            if not conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [name]).fetchone():
+            made = not conn.execute(
+                "SELECT 1 FROM pg_database WHERE datname = %s", [name]
+            ).fetchone()
+            if made:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
         self.url = urllib.parse.urlsplit(main)._replace(path=f"/{name}").geturl()
         try:
-            with self.connection() as conn:
-                claude_jobs.migrate(conn)
+            if made:
+                with self.connection() as conn:
+                    claude_jobs.migrate(conn)
             yield
         finally:
             self.url = main
@@ -526,7 +531,7 @@ def bench_claude_real(b: Bench) -> None:
     argv = [str(cli), *claude_jobs.CLAUDE_ARGS, claude_jobs.SKIP_PERMISSIONS]
     with MockMessagesAPI([Text("done")]) as api:  # (its last reply repeats: every turn)
         variables = {**api.env(), "HOME": str(home), "CLAUDE_CODE_MAX_RETRIES": "0"}
-        with _environment(variables):  # (for the bare runs and b.worker's alike)
+        with mock.patch.dict(os.environ, variables):  # (the bare runs' and b.worker's)
 
             def bare() -> float:
                 started = time.perf_counter()
@@ -626,21 +631,6 @@ def bench_claude_memory(b: Bench) -> None:
         finally:
             worker.terminate()
             worker.wait()
-
-
-@contextlib.contextmanager
-def _environment(values: Mapping[str, str]) -> Iterator[None]:
-    """``values`` in os.environ meanwhile (b.worker passes os.environ on)."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _supervisors(worker: int) -> list[int]:
